@@ -1,0 +1,166 @@
+//! Settings of the encoder and decoder state machines, with the defaults the
+//! binaries use and validation that names the configuration key to fix.
+
+use thiserror::Error;
+
+use crate::frame::{shard_size_for_mtu, MAX_SHARDS};
+use crate::{Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
+
+/// Deepest interleave accepted; the decoder also uses it to decide how far
+/// before the first block it sees a late-joined session may have started.
+pub const MAX_INTERLEAVE: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// The configuration key, as written in the TOML file (`fec.data_shards`).
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn fail(key: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError { key, message: message.into() })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncoderConfig {
+    /// Random at each sender start; tells the receiver a new session began.
+    pub session: u64,
+    /// Shard payload bytes per datagram; see [`shard_size_for_mtu`].
+    pub shard_size: usize,
+    pub data_shards: usize,
+    pub parity_shards: usize,
+    /// Blocks whose shards are sent round-robin, so a burst of B lost
+    /// datagrams costs each block about B / interleave shards.
+    pub interleave: usize,
+    /// Longest a record waits in a part-filled block, and a sealed block
+    /// waits for its interleave group, before being sent anyway.
+    pub flush_after: Nanos,
+    pub heartbeat_interval: Nanos,
+    /// No data frame for this long counts as idle: the next blocks get
+    /// `warmup_parity` because links lose a cluster of datagrams on wake-up.
+    pub idle_after: Nanos,
+    pub warmup_blocks: usize,
+    pub warmup_parity: usize,
+    /// Sealed blocks waiting for the pacer; `Encoder::is_backlogged` turns
+    /// true at this bound so memory stays bounded.
+    pub max_queued_blocks: usize,
+}
+
+impl EncoderConfig {
+    /// Defaults for a 1500-byte MTU: RS(64,16) is 20% of the wire as parity;
+    /// with interleave 8 it rebuilds a block that loses up to 16 of its 80
+    /// shards, e.g. 5% random loss together with a 20-datagram burst.
+    pub fn new(session: u64) -> Self {
+        EncoderConfig {
+            session,
+            shard_size: shard_size_for_mtu(1500).expect("1500 is a valid MTU"),
+            data_shards: 64,
+            parity_shards: 16,
+            interleave: 8,
+            flush_after: 5 * NANOS_PER_MILLI,
+            heartbeat_interval: NANOS_PER_SEC,
+            idle_after: NANOS_PER_SEC,
+            warmup_blocks: 4,
+            warmup_parity: 32,
+            max_queued_blocks: 64,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_shards == 0 {
+            return fail("fec.data_shards", "must be at least 1");
+        }
+        if self.data_shards + self.parity_shards > MAX_SHARDS {
+            return fail(
+                "fec.parity_shards",
+                format!(
+                    "data_shards + parity_shards is {} but Reed-Solomon over GF(256) allows at most 256",
+                    self.data_shards + self.parity_shards
+                ),
+            );
+        }
+        if self.interleave == 0 || self.interleave > MAX_INTERLEAVE {
+            return fail("fec.interleave", format!("must be between 1 and {MAX_INTERLEAVE}, got {}", self.interleave));
+        }
+        if self.shard_size < 64 || self.shard_size > u16::MAX as usize {
+            return fail("link.mtu", format!("gives a shard size of {} bytes; the MTU must be between 164 and 65535", self.shard_size));
+        }
+        if self.data_shards + self.warmup_parity > MAX_SHARDS {
+            return fail("fec.warmup_parity", "data_shards + warmup_parity must not exceed 256");
+        }
+        if self.heartbeat_interval == 0 {
+            return fail("heartbeat.interval", "must be greater than zero");
+        }
+        if self.max_queued_blocks < self.interleave {
+            return fail("internal.max_queued_blocks", "must hold at least one interleave group");
+        }
+        Ok(())
+    }
+
+    /// Bytes of records one full block carries (before entry headers).
+    pub fn block_capacity(&self) -> usize {
+        self.data_shards * self.shard_size
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecoderConfig {
+    /// Blocks held at once while waiting for missing shards or earlier
+    /// blocks; a block this far behind the newest is given up.
+    pub max_blocks_in_flight: usize,
+    /// A missing block is given up once a later block has waited this long.
+    pub block_timeout: Nanos,
+    /// Largest reassembled record accepted; bigger ones are dropped and counted.
+    pub max_record_size: usize,
+    /// Distinct stream names tracked; more are rejected and counted.
+    pub max_streams: usize,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        DecoderConfig {
+            // 256 blocks of RS(64,16) at 1436-byte shards is about 29 MiB.
+            max_blocks_in_flight: 256,
+            block_timeout: 300 * NANOS_PER_MILLI,
+            max_record_size: 16 << 20,
+            max_streams: 4096,
+        }
+    }
+}
+
+impl DecoderConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_blocks_in_flight < 2 * MAX_INTERLEAVE {
+            return fail("decoder.max_blocks_in_flight", format!("must be at least {}", 2 * MAX_INTERLEAVE));
+        }
+        if self.block_timeout == 0 {
+            return fail("decoder.block_timeout", "must be greater than zero");
+        }
+        if self.max_streams == 0 {
+            return fail("decoder.max_streams", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        EncoderConfig::new(1).validate().unwrap();
+        DecoderConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn too_many_shards_names_the_key() {
+        let mut c = EncoderConfig::new(1);
+        c.data_shards = 200;
+        c.parity_shards = 100;
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.key, "fec.parity_shards");
+        assert!(err.to_string().contains("256"));
+    }
+}

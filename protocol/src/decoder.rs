@@ -1,0 +1,730 @@
+//! The receiver's state machine: datagrams in, records and gaps out.
+//!
+//! Shards are collected per block; a block with k of its k + m shards is
+//! rebuilt and its records are released strictly in block order, so every
+//! stream keeps its order. A block still incomplete when a later block has
+//! waited `block_timeout`, or when it falls `max_blocks_in_flight` behind the
+//! newest, is given up. Losses are then found by sequence number: a record
+//! whose sequence jumps, or a heartbeat naming a later last sequence once
+//! every block it covers is resolved, yields a [`Gap`] with the exact range.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::bundle::{Entries, Entry};
+use crate::config::{DecoderConfig, MAX_INTERLEAVE};
+use crate::control::{Control, Heartbeat, StreamStatus};
+use crate::fec::Fec;
+use crate::frame::{FrameError, FrameHeader};
+use crate::record::{Record, RecordBody, StreamId, StreamInfo};
+use crate::Nanos;
+
+/// Past sessions remembered so their late or replayed frames are rejected.
+const RETIRED_SESSIONS: usize = 16;
+/// Heartbeat checks waiting for their blocks to resolve; a newer heartbeat
+/// covers everything an older one does, so dropping the oldest loses nothing.
+const MAX_PENDING_CHECKS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GapCause {
+    /// Blocks were lost on the link beyond what FEC could rebuild.
+    LinkLoss,
+    /// The records were sent while this receiver was not running.
+    ReceiverDown,
+}
+
+impl GapCause {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GapCause::LinkLoss => "link-loss",
+            GapCause::ReceiverDown => "receiver-down",
+        }
+    }
+}
+
+/// Records `from..=to` of `stream` will never be delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub stream: Arc<str>,
+    pub from: u64,
+    pub to: u64,
+    pub cause: GapCause,
+}
+
+impl Gap {
+    pub fn len(&self) -> u64 {
+        self.to - self.from + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub stream: Arc<str>,
+    pub source_type: Arc<str>,
+    pub session: u64,
+    pub seq: u64,
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Frames of a new sender session arrived. `joined_late` is true when it
+    /// had already sent many blocks before this receiver saw it.
+    SessionStarted { session: u64, joined_late: bool },
+    Record(Delivered),
+    Gap(Gap),
+    /// A new session restarted a stream's numbering at or below what was
+    /// already delivered (the sender lost its sequence state).
+    SequenceReset { stream: Arc<str>, last_delivered: u64, first_seq: u64 },
+    Heartbeat(Heartbeat),
+}
+
+/// Every datagram lands in exactly one of the first eleven counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DecoderStats {
+    pub datagrams: u64,
+    pub shards_accepted: u64,
+    pub control_frames: u64,
+    pub rejected_truncated: u64,
+    pub rejected_bad_magic: u64,
+    pub rejected_bad_version: u64,
+    pub rejected_length: u64,
+    pub rejected_crc: u64,
+    pub rejected_header: u64,
+    pub rejected_stale_session: u64,
+    /// Shards of blocks already delivered, given up, or duplicated.
+    pub late_or_duplicate_shards: u64,
+    pub inconsistent_shards: u64,
+    pub bad_control: u64,
+    pub blocks_decoded: u64,
+    /// Blocks that needed Reed-Solomon to rebuild missing data shards.
+    pub blocks_repaired: u64,
+    pub shards_rebuilt: u64,
+    /// Blocks given up with some but fewer than k shards.
+    pub blocks_lost: u64,
+    /// Blocks given up with no shard seen at all.
+    pub blocks_missing: u64,
+    pub records: u64,
+    pub duplicate_records: u64,
+    pub bad_entries: u64,
+    pub orphan_fragments: u64,
+    pub oversized_records: u64,
+    pub unknown_stream_records: u64,
+    pub streams_rejected: u64,
+    pub gaps: u64,
+    pub gap_records: u64,
+    pub heartbeats: u64,
+    pub sequence_resets: u64,
+}
+
+struct PendingBlock {
+    k: usize,
+    m: usize,
+    shard_len: usize,
+    data_len: usize,
+    buf: Vec<u8>,
+    present: Vec<bool>,
+    count: usize,
+    first_seen: Nanos,
+    decoded: bool,
+}
+
+struct Partial {
+    block: u64,
+    total: usize,
+    buf: Vec<u8>,
+}
+
+struct StreamMeta {
+    name: Arc<str>,
+    source_type: Arc<str>,
+    first_seq: u64,
+}
+
+struct Session {
+    id: u64,
+    /// Lowest block not yet delivered or given up.
+    base: u64,
+    /// Blocks below this were sent before we joined; not counted as lost.
+    first_block: u64,
+    joined_late: bool,
+    pending: BTreeMap<u64, PendingBlock>,
+    streams: HashMap<StreamId, Arc<StreamMeta>>,
+    partial: Option<Partial>,
+    /// (next_block, arrival time, streams) of heartbeats not yet applied.
+    checks: VecDeque<(u64, Nanos, Vec<StreamStatus>)>,
+}
+
+/// What has been delivered of a stream, across sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub session: Option<u64>,
+    pub last: Option<u64>,
+    /// Nothing delivered or accounted since this decoder started.
+    fresh: bool,
+    /// Loaded from a previous run's state by `restore_cursor`.
+    restored: bool,
+}
+
+pub struct Decoder {
+    cfg: DecoderConfig,
+    fec: Fec,
+    session: Option<Session>,
+    retired: VecDeque<u64>,
+    cursors: HashMap<Arc<str>, Cursor>,
+    events: VecDeque<Event>,
+    stats: DecoderStats,
+}
+
+impl Decoder {
+    pub fn new(cfg: DecoderConfig) -> Self {
+        cfg.validate().expect("decoder configuration validated by the caller");
+        Decoder {
+            cfg,
+            fec: Fec::default(),
+            session: None,
+            retired: VecDeque::new(),
+            cursors: HashMap::new(),
+            events: VecDeque::new(),
+            stats: DecoderStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &DecoderStats {
+        &self.stats
+    }
+
+    /// Seeds what a previous run of the receiver delivered, so a restart
+    /// neither repeats records nor misses the gap while it was down.
+    pub fn restore_cursor(&mut self, stream: &str, session: Option<u64>, last: Option<u64>) {
+        self.cursors.insert(Arc::from(stream), Cursor { session, last, fresh: true, restored: true });
+    }
+
+    /// (stream, session, last delivered) for every stream seen.
+    pub fn cursors(&self) -> impl Iterator<Item = (&str, Option<u64>, Option<u64>)> {
+        self.cursors.iter().map(|(k, c)| (&**k, c.session, c.last))
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn handle_datagram(&mut self, now: Nanos, datagram: &[u8]) {
+        self.stats.datagrams += 1;
+        let (header, shard) = match FrameHeader::parse(datagram) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                let counter = match e {
+                    FrameError::Truncated { .. } => &mut self.stats.rejected_truncated,
+                    FrameError::BadMagic => &mut self.stats.rejected_bad_magic,
+                    FrameError::UnsupportedVersion(_) => &mut self.stats.rejected_bad_version,
+                    FrameError::LengthMismatch { .. } => &mut self.stats.rejected_length,
+                    FrameError::BadCrc => &mut self.stats.rejected_crc,
+                    FrameError::InvalidHeader(_) => &mut self.stats.rejected_header,
+                };
+                *counter += 1;
+                return;
+            }
+        };
+        if self.session.as_ref().map(|s| s.id) != Some(header.session) {
+            if self.retired.contains(&header.session) {
+                self.stats.rejected_stale_session += 1;
+                return;
+            }
+            let first = if header.is_control() {
+                match postcard::from_bytes::<Control>(shard) {
+                    Ok(Control::Heartbeat(hb)) => hb.next_block,
+                    Err(_) => {
+                        self.stats.bad_control += 1;
+                        return;
+                    }
+                }
+            } else {
+                header.block
+            };
+            self.start_session(header.session, first);
+        }
+        if header.is_control() {
+            self.handle_control(now, shard);
+        } else {
+            self.handle_shard(now, &header, shard);
+        }
+    }
+
+    fn start_session(&mut self, id: u64, first_block: u64) {
+        self.finish_session();
+        let lookback = (self.cfg.max_blocks_in_flight / 2) as u64;
+        let joined_late = first_block > MAX_INTERLEAVE as u64;
+        self.session = Some(Session {
+            id,
+            base: first_block.saturating_sub(lookback),
+            first_block,
+            joined_late,
+            pending: BTreeMap::new(),
+            streams: HashMap::new(),
+            partial: None,
+            checks: VecDeque::new(),
+        });
+        self.events.push_back(Event::SessionStarted { session: id, joined_late });
+    }
+
+    /// Delivers what the current session completed and retires it.
+    fn finish_session(&mut self) {
+        let last_check = self.session.as_ref().and_then(|s| s.checks.back().map(|c| c.0.checked_sub(1)).flatten());
+        let last_block = self.session.as_ref().and_then(|s| s.pending.keys().next_back().copied());
+        let Some(last) = last_block.max(last_check) else {
+            if let Some(s) = self.session.take() {
+                self.retire(s.id);
+            }
+            return;
+        };
+        self.give_up_through(last);
+        if let Some(s) = self.session.take() {
+            self.retire(s.id);
+        }
+    }
+
+    fn retire(&mut self, id: u64) {
+        if self.retired.len() == RETIRED_SESSIONS {
+            self.retired.pop_front();
+        }
+        self.retired.push_back(id);
+    }
+
+    fn handle_control(&mut self, now: Nanos, body: &[u8]) {
+        self.stats.control_frames += 1;
+        let Ok(Control::Heartbeat(hb)) = postcard::from_bytes::<Control>(body) else {
+            self.stats.bad_control += 1;
+            return;
+        };
+        let session = self.session.as_mut().expect("session started before control is handled");
+        if hb.session != session.id {
+            self.stats.bad_control += 1;
+            return;
+        }
+        self.stats.heartbeats += 1;
+        for status in &hb.streams {
+            self.learn_stream(&status.info);
+        }
+        let session = self.session.as_mut().expect("session present");
+        if session.checks.len() == MAX_PENDING_CHECKS {
+            session.checks.pop_front();
+        }
+        session.checks.push_back((hb.next_block, now, hb.streams.clone()));
+        self.events.push_back(Event::Heartbeat(hb));
+        self.apply_checks();
+    }
+
+    fn learn_stream(&mut self, info: &StreamInfo) {
+        let session = self.session.as_mut().expect("session present");
+        if session.streams.contains_key(&info.id) {
+            return;
+        }
+        if session.streams.len() >= self.cfg.max_streams {
+            self.stats.streams_rejected += 1;
+            return;
+        }
+        // Share the name with the cursor map so records carry a cheap Arc.
+        let name = self.cursors.get_key_value(info.name.as_str()).map_or_else(|| Arc::from(info.name.as_str()), |(k, _)| k.clone());
+        session.streams.insert(
+            info.id,
+            Arc::new(StreamMeta { name, source_type: Arc::from(info.source_type.as_str()), first_seq: info.first_seq }),
+        );
+    }
+
+    fn handle_shard(&mut self, now: Nanos, h: &FrameHeader, shard: &[u8]) {
+        let max_in_flight = self.cfg.max_blocks_in_flight as u64;
+        let session = self.session.as_mut().expect("session started");
+        if h.block < session.base {
+            self.stats.late_or_duplicate_shards += 1;
+            return;
+        }
+        if h.block >= session.base + max_in_flight {
+            // Too far ahead: make room by giving up the oldest blocks.
+            self.give_up_through(h.block - max_in_flight);
+        }
+        let session = self.session.as_mut().expect("session started");
+        let (k, m, shard_len) = (h.k as usize, h.m as usize, h.shard_len as usize);
+        let block = session.pending.entry(h.block).or_insert_with(|| PendingBlock {
+            k,
+            m,
+            shard_len,
+            data_len: h.data_len as usize,
+            buf: vec![0; (k + m) * shard_len],
+            present: vec![false; k + m],
+            count: 0,
+            first_seen: now,
+            decoded: false,
+        });
+        if block.k != k || block.m != m || block.shard_len != shard_len || block.data_len != h.data_len as usize {
+            self.stats.inconsistent_shards += 1;
+            return;
+        }
+        let index = h.index as usize;
+        if block.decoded || block.present[index] {
+            self.stats.late_or_duplicate_shards += 1;
+            return;
+        }
+        block.buf[index * shard_len..(index + 1) * shard_len].copy_from_slice(shard);
+        block.present[index] = true;
+        block.count += 1;
+        self.stats.shards_accepted += 1;
+        if block.count < k {
+            return;
+        }
+        match self.fec.reconstruct(k, m, shard_len, &mut block.buf, &block.present) {
+            Some(rebuilt) => {
+                block.decoded = true;
+                block.buf.truncate(block.data_len);
+                block.present = Vec::new();
+                self.stats.blocks_decoded += 1;
+                if rebuilt > 0 {
+                    self.stats.blocks_repaired += 1;
+                    self.stats.shards_rebuilt += rebuilt as u64;
+                }
+            }
+            None => {
+                // k shards present yet no rebuild: cannot happen with a
+                // well-formed block; count it and let the block time out.
+                self.stats.inconsistent_shards += 1;
+                return;
+            }
+        }
+        if h.block == session.base {
+            self.deliver_ready();
+        }
+    }
+
+    /// Delivers consecutive decoded blocks from the base.
+    fn deliver_ready(&mut self) {
+        loop {
+            let session = self.session.as_mut().expect("session present");
+            let base = session.base;
+            match session.pending.get(&base) {
+                Some(b) if b.decoded => {
+                    let block = session.pending.remove(&base).expect("present");
+                    session.base += 1;
+                    self.unpack_block(base, &block.buf);
+                }
+                _ => break,
+            }
+        }
+        self.apply_checks();
+    }
+
+    /// Resolves every block up to and including `through`: decoded ones are
+    /// delivered, the rest given up.
+    fn give_up_through(&mut self, through: u64) {
+        loop {
+            let session = self.session.as_mut().expect("session present");
+            if session.base > through {
+                break;
+            }
+            let base = session.base;
+            match session.pending.remove(&base) {
+                Some(b) if b.decoded => {
+                    session.base += 1;
+                    self.unpack_block(base, &b.buf);
+                    continue;
+                }
+                Some(_) => {
+                    self.stats.blocks_lost += 1;
+                    session.base += 1;
+                }
+                None => {
+                    // Jump over the whole run of blocks never seen.
+                    let next = session.pending.keys().next().copied().unwrap_or(through + 1).min(through + 1);
+                    let counted_from = base.max(session.first_block);
+                    self.stats.blocks_missing += next.saturating_sub(counted_from);
+                    session.base = next;
+                }
+            }
+            session.partial = None;
+        }
+        self.deliver_ready();
+    }
+
+    /// When `handle_timeout` should next run, if anything waits on time.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        let session = self.session.as_ref()?;
+        let later = session.pending.range(session.base + 1..).map(|(_, b)| b.first_seen);
+        let checks = session.checks.iter().filter(|c| c.0 > session.base).map(|c| c.1);
+        later.chain(checks).min().map(|t| t + self.cfg.block_timeout)
+    }
+
+    /// Gives up blocks that a later block has outwaited by `block_timeout`.
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        loop {
+            let Some(session) = self.session.as_ref() else { return };
+            let base = session.base;
+            let timed_out = |t: Nanos| now >= t + self.cfg.block_timeout;
+            // A heartbeat announces that every block below its next_block
+            // was sent before it, so it counts as a later frame too.
+            let oldest_later = session
+                .pending
+                .range(base + 1..)
+                .any(|(_, b)| timed_out(b.first_seen))
+                || session.checks.iter().any(|c| c.0 > base && timed_out(c.1));
+            let blocked = !session.pending.get(&base).is_some_and(|b| b.decoded);
+            if oldest_later && blocked {
+                self.give_up_through(base);
+            } else {
+                return;
+            }
+        }
+    }
+
+    fn unpack_block(&mut self, number: u64, data: &[u8]) {
+        let mut first_entry = true;
+        for entry in Entries::new(data) {
+            let continues = first_entry;
+            first_entry = false;
+            let entry = match entry {
+                Ok(e) => e,
+                Err(_) => {
+                    self.stats.bad_entries += 1;
+                    self.session_mut().partial = None;
+                    return;
+                }
+            };
+            match entry {
+                Entry::StreamInfo(bytes) => match postcard::from_bytes::<StreamInfo>(bytes) {
+                    Ok(info) => self.learn_stream(&info),
+                    Err(_) => self.stats.bad_entries += 1,
+                },
+                Entry::Record(bytes) => {
+                    self.drop_partial();
+                    self.handle_record(bytes);
+                }
+                Entry::First { total, piece } => {
+                    self.drop_partial();
+                    if total as usize > self.cfg.max_record_size || piece.len() > total as usize {
+                        self.stats.oversized_records += 1;
+                        continue;
+                    }
+                    let mut buf = Vec::with_capacity(total as usize);
+                    buf.extend_from_slice(piece);
+                    self.session_mut().partial = Some(Partial { block: number, total: total as usize, buf });
+                }
+                Entry::Middle(piece) | Entry::Last(piece) => {
+                    let last = matches!(entry, Entry::Last(_));
+                    let session = self.session_mut();
+                    let follows = continues && session.partial.as_ref().is_some_and(|p| p.block + 1 == number);
+                    let Some(partial) = session.partial.as_mut().filter(|_| follows) else {
+                        self.drop_partial();
+                        self.stats.orphan_fragments += 1;
+                        continue;
+                    };
+                    if partial.buf.len() + piece.len() > partial.total || (last && partial.buf.len() + piece.len() != partial.total) {
+                        self.drop_partial();
+                        self.stats.bad_entries += 1;
+                        continue;
+                    }
+                    partial.buf.extend_from_slice(piece);
+                    partial.block = number;
+                    if last {
+                        let whole = session.partial.take().expect("checked above").buf;
+                        self.handle_record(&whole);
+                    }
+                }
+            }
+        }
+    }
+
+    fn session_mut(&mut self) -> &mut Session {
+        self.session.as_mut().expect("session present")
+    }
+
+    fn drop_partial(&mut self) {
+        if self.session_mut().partial.take().is_some() {
+            self.stats.orphan_fragments += 1;
+        }
+    }
+
+    fn handle_record(&mut self, bytes: &[u8]) {
+        let record: Record = match postcard::from_bytes(bytes) {
+            Ok(r) => r,
+            Err(_) => {
+                self.stats.bad_entries += 1;
+                return;
+            }
+        };
+        let session = self.session.as_ref().expect("session present");
+        let Some(meta) = session.streams.get(&record.stream).cloned() else {
+            self.stats.unknown_stream_records += 1;
+            return;
+        };
+        let session_id = session.id;
+        if !self.account(&meta, record.seq) {
+            self.stats.duplicate_records += 1;
+            return;
+        }
+        self.stats.records += 1;
+        self.events.push_back(Event::Record(Delivered {
+            stream: meta.name.clone(),
+            source_type: meta.source_type.clone(),
+            session: session_id,
+            seq: record.seq,
+            body: record.body,
+        }));
+    }
+
+    /// Moves a stream's cursor to `seq`, reporting any gap before it.
+    /// Returns false if `seq` was already delivered.
+    fn account(&mut self, meta: &StreamMeta, seq: u64) -> bool {
+        let session = self.session.as_ref().expect("session present");
+        let (session_id, joined_late) = (session.id, session.joined_late);
+        if !self.cursors.contains_key(&meta.name) && self.cursors.len() >= self.cfg.max_streams {
+            self.stats.streams_rejected += 1;
+            return false;
+        }
+        let cursor = self.cursors.entry(meta.name.clone()).or_insert(Cursor { session: None, last: None, fresh: true, restored: false });
+        if cursor.session != Some(session_id) {
+            cursor.session = Some(session_id);
+            if let Some(last) = cursor.last.filter(|l| meta.first_seq <= *l) {
+                self.stats.sequence_resets += 1;
+                self.events.push_back(Event::SequenceReset { stream: meta.name.clone(), last_delivered: last, first_seq: meta.first_seq });
+                cursor.last = meta.first_seq.checked_sub(1);
+            }
+        }
+        let expected = cursor.last.map_or(meta.first_seq, |l| l + 1);
+        if seq < expected {
+            return false;
+        }
+        if seq > expected {
+            let cause = if cursor.fresh && (cursor.restored || joined_late) { GapCause::ReceiverDown } else { GapCause::LinkLoss };
+            let gap = Gap { stream: meta.name.clone(), from: expected, to: seq - 1, cause };
+            self.stats.gaps += 1;
+            self.stats.gap_records += gap.len();
+            self.events.push_back(Event::Gap(gap));
+        }
+        cursor.last = Some(seq);
+        cursor.fresh = false;
+        true
+    }
+
+    /// Applies heartbeats whose blocks are all resolved: any stream whose
+    /// heartbeat last sequence is past what was delivered lost the rest.
+    fn apply_checks(&mut self) {
+        loop {
+            let session = self.session.as_mut().expect("session present");
+            match session.checks.front() {
+                Some((next_block, _, _)) if *next_block <= session.base => {}
+                _ => return,
+            }
+            let (_, _, statuses) = session.checks.pop_front().expect("front exists");
+            for status in statuses {
+                let Some(last) = status.last_seq else { continue };
+                let Some(meta) = self.session_mut().streams.get(&status.info.id).cloned() else { continue };
+                if meta.name.as_ref() != status.info.name {
+                    self.stats.bad_control += 1;
+                    continue;
+                }
+                // Account the last sequence as if it arrived, then un-count it:
+                // the gap (if any) covers everything before it, and `last`
+                // itself is missing too since it was never delivered.
+                let before = self.events.len();
+                if self.account(&meta, last) {
+                    let last_missing = Gap { stream: meta.name.clone(), from: last, to: last, cause: GapCause::LinkLoss };
+                    let grew = self.events.len() > before;
+                    match self.events.back_mut() {
+                        Some(Event::Gap(g)) if grew => {
+                            g.to = last;
+                            self.stats.gap_records += 1;
+                        }
+                        _ => {
+                            self.stats.gaps += 1;
+                            self.stats.gap_records += 1;
+                            self.events.push_back(Event::Gap(last_missing));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EncoderConfig, Point, Value};
+    use proptest::prelude::*;
+
+    /// Valid frames of a small session, to mutate.
+    fn some_frames() -> Vec<Vec<u8>> {
+        let mut enc = crate::Encoder::new(EncoderConfig::new(42));
+        let s = enc.add_stream("s", "generator", 0);
+        enc.handle_timeout(0);
+        for seq in 0..300 {
+            let body = RecordBody::Point(Point { tag: "t".into(), ts_ns: 0, value: Value::I64(seq as i64), quality: 0 });
+            enc.push(0, &Record { stream: s, seq, body });
+        }
+        enc.flush(0);
+        let mut buf = vec![0; enc.max_frame_len()];
+        let mut frames = Vec::new();
+        while let Some(n) = enc.poll_frame(0, &mut buf) {
+            frames.push(buf[..n].to_vec());
+        }
+        frames
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_survives_arbitrary_datagrams(datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 0..40)) {
+            let mut dec = Decoder::new(DecoderConfig::default());
+            for (i, d) in datagrams.iter().enumerate() {
+                dec.handle_datagram(i as Nanos, d);
+                dec.handle_timeout(i as Nanos * 1_000_000_000);
+                while dec.poll_event().is_some() {}
+            }
+            prop_assert_eq!(dec.stats().datagrams, datagrams.len() as u64);
+        }
+
+        #[test]
+        fn decoder_survives_mutated_valid_frames(seed in any::<u64>(), mutations in 1usize..8) {
+            let frames = some_frames();
+            let mut rng = seed | 1;
+            let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng as usize };
+            let mut dec = Decoder::new(DecoderConfig::default());
+            for f in &frames {
+                let mut f = f.clone();
+                for _ in 0..mutations {
+                    let i = next() % f.len();
+                    f[i] = next() as u8;
+                }
+                // Re-seal the CRC so the mutation reaches the parsers behind it.
+                if next() % 2 == 0 && f.len() >= crate::frame::FRAME_OVERHEAD {
+                    let end = f.len() - 4;
+                    let crc = crc32fast::hash(&f[..end]);
+                    f[end..].copy_from_slice(&crc.to_be_bytes());
+                }
+                dec.handle_datagram(0, &f);
+                while dec.poll_event().is_some() {}
+            }
+            dec.handle_timeout(u64::MAX / 2);
+            while dec.poll_event().is_some() {}
+        }
+    }
+
+    #[test]
+    fn each_rejection_reason_is_counted() {
+        let frames = some_frames();
+        let mut dec = Decoder::new(DecoderConfig::default());
+        dec.handle_datagram(0, b"short");
+        let mut bad_magic = frames[0].clone();
+        bad_magic[0] = b'X';
+        dec.handle_datagram(0, &bad_magic);
+        let mut bad_crc = frames[0].clone();
+        *bad_crc.last_mut().unwrap() ^= 1;
+        dec.handle_datagram(0, &bad_crc);
+        dec.handle_datagram(0, &frames[1]);
+        dec.handle_datagram(0, &frames[1]);
+        let s = dec.stats();
+        assert_eq!((s.rejected_truncated, s.rejected_bad_magic, s.rejected_crc), (1, 1, 1));
+        assert_eq!(s.late_or_duplicate_shards, 1);
+    }
+}

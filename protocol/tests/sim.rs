@@ -1,0 +1,404 @@
+//! Deterministic simulation: encoder → seeded lossy in-memory link → decoder.
+//! A failing seed is a reproducible test case.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use weir_protocol::decoder::Delivered;
+use weir_protocol::{
+    Chunk, Decoder, DecoderConfig, Encoder, EncoderConfig, Event, GapCause, Nanos, Point, Record, RecordBody, Value,
+    NANOS_PER_SEC,
+};
+
+/// A seeded link: random loss, Gilbert–Elliott style bursts, reordering,
+/// duplication and bit corruption.
+#[derive(Clone, Copy, Default)]
+struct Impairments {
+    loss: f64,
+    burst_start: f64,
+    burst_max: u32,
+    reorder: f64,
+    duplicate: f64,
+    corrupt: f64,
+}
+
+struct Link {
+    imp: Impairments,
+    rng: ChaCha8Rng,
+    burst_left: u32,
+    held: Vec<(u32, Vec<u8>)>,
+    dropped: u64,
+}
+
+impl Link {
+    fn new(seed: u64, imp: Impairments) -> Self {
+        Link { imp, rng: ChaCha8Rng::seed_from_u64(seed), burst_left: 0, held: Vec::new(), dropped: 0 }
+    }
+
+    fn carry(&mut self, datagram: &[u8], out: &mut VecDeque<Vec<u8>>) {
+        // Held (reordered) datagrams are released after a few others pass.
+        let mut i = 0;
+        while i < self.held.len() {
+            self.held[i].0 -= 1;
+            if self.held[i].0 == 0 {
+                out.push_back(self.held.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        if self.burst_left == 0 && self.imp.burst_max > 0 && self.rng.gen_bool(self.imp.burst_start) {
+            self.burst_left = self.rng.gen_range(1..=self.imp.burst_max);
+        }
+        if self.burst_left > 0 {
+            self.burst_left -= 1;
+            self.dropped += 1;
+            return;
+        }
+        if self.rng.gen_bool(self.imp.loss) {
+            self.dropped += 1;
+            return;
+        }
+        let mut d = datagram.to_vec();
+        if self.rng.gen_bool(self.imp.corrupt) {
+            let bit = self.rng.gen_range(0..d.len() * 8);
+            d[bit / 8] ^= 1 << (bit % 8);
+        }
+        if self.rng.gen_bool(self.imp.duplicate) {
+            out.push_back(d.clone());
+        }
+        if self.rng.gen_bool(self.imp.reorder) {
+            let after = self.rng.gen_range(1..=8);
+            self.held.push((after, d));
+        } else {
+            out.push_back(d);
+        }
+    }
+
+    fn drain(&mut self, out: &mut VecDeque<Vec<u8>>) {
+        out.extend(self.held.drain(..).map(|(_, d)| d));
+    }
+}
+
+/// What arrived at the decoder, per stream.
+#[derive(Default)]
+struct Outcome {
+    delivered: BTreeMap<String, Vec<u64>>,
+    gaps: BTreeMap<String, Vec<(u64, u64, GapCause)>>,
+    bodies: BTreeMap<String, Vec<RecordBody>>,
+}
+
+impl Outcome {
+    fn take(&mut self, decoder: &mut Decoder, keep_bodies: bool) {
+        while let Some(ev) = decoder.poll_event() {
+            match ev {
+                Event::Record(Delivered { stream, seq, body, .. }) => {
+                    self.delivered.entry(stream.to_string()).or_default().push(seq);
+                    if keep_bodies {
+                        self.bodies.entry(stream.to_string()).or_default().push(body);
+                    }
+                }
+                Event::Gap(g) => self.gaps.entry(g.stream.to_string()).or_default().push((g.from, g.to, g.cause)),
+                _ => {}
+            }
+        }
+    }
+
+    fn gap_count(&self) -> u64 {
+        self.gaps.values().flatten().map(|(f, t, _)| t - f + 1).sum()
+    }
+
+    /// Every sequence in `range` was delivered exactly once, in order, or is
+    /// in exactly one gap; nothing else was reported.
+    fn assert_exact(&self, stream: &str, range: std::ops::Range<u64>) {
+        let delivered = self.delivered.get(stream).cloned().unwrap_or_default();
+        assert!(delivered.windows(2).all(|w| w[0] < w[1]), "{stream}: delivered out of order or twice");
+        let mut accounted: Vec<u64> = delivered.clone();
+        for (from, to, _) in self.gaps.get(stream).into_iter().flatten() {
+            assert!(from <= to);
+            accounted.extend(*from..=*to);
+        }
+        accounted.sort_unstable();
+        let expected: Vec<u64> = range.collect();
+        let missing: Vec<u64> = expected.iter().filter(|s| accounted.binary_search(s).is_err()).copied().take(20).collect();
+        assert!(missing.is_empty(), "{stream}: neither delivered nor in a gap (first 20): {missing:?}");
+        assert_eq!(accounted, expected, "{stream}: delivered + gaps must cover each record exactly once");
+    }
+}
+
+struct Harness {
+    now: Nanos,
+    enc: Encoder,
+    dec: Decoder,
+    link: Link,
+    frame: Vec<u8>,
+    wire: VecDeque<Vec<u8>>,
+    out: Outcome,
+    keep_bodies: bool,
+}
+
+/// One simulated microsecond per datagram: about 1.4 GB/s at MTU 1500.
+const FRAME_TIME: Nanos = 1_000;
+
+impl Harness {
+    fn new(seed: u64, enc_cfg: EncoderConfig, imp: Impairments) -> Self {
+        let frame = vec![0u8; enc_cfg.shard_size + 64];
+        Harness {
+            now: 0,
+            enc: Encoder::new(enc_cfg),
+            dec: Decoder::new(DecoderConfig::default()),
+            link: Link::new(seed, imp),
+            frame,
+            wire: VecDeque::new(),
+            out: Outcome::default(),
+            keep_bodies: false,
+        }
+    }
+
+    /// Sends whatever the encoder has ready, one frame time each.
+    fn pump(&mut self) {
+        loop {
+            if self.enc.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.enc.handle_timeout(self.now);
+            }
+            let Some(n) = self.enc.poll_frame(self.now, &mut self.frame) else { break };
+            self.link.carry(&self.frame[..n], &mut self.wire);
+            self.deliver();
+            self.now += FRAME_TIME;
+        }
+    }
+
+    fn deliver(&mut self) {
+        while let Some(d) = self.wire.pop_front() {
+            self.dec.handle_datagram(self.now, &d);
+        }
+        if self.dec.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.dec.handle_timeout(self.now);
+        }
+        self.out.take(&mut self.dec, self.keep_bodies);
+    }
+
+    fn push(&mut self, record: &Record) {
+        while self.enc.is_backlogged() {
+            self.pump();
+        }
+        self.enc.push(self.now, record);
+    }
+
+    /// Flushes, lets a final heartbeat cross, and waits out every timeout.
+    fn finish(&mut self) {
+        self.enc.flush(self.now);
+        self.pump();
+        // Let time pass in steps so timers fire and a heartbeat crosses.
+        for _ in 0..40 {
+            self.now += NANOS_PER_SEC / 10;
+            self.enc.handle_timeout(self.now);
+            self.pump();
+            self.link.drain(&mut self.wire);
+            self.deliver();
+        }
+    }
+}
+
+fn point(stream: u32, seq: u64) -> Record {
+    Record {
+        stream,
+        seq,
+        body: RecordBody::Point(Point {
+            tag: format!("plant/line{}/temp", seq % 16),
+            ts_ns: 1_700_000_000_000_000_000 + seq as i64,
+            value: Value::F64(seq as f64 * 0.5),
+            quality: 0,
+        }),
+    }
+}
+
+fn run_points(seed: u64, cfg: EncoderConfig, imp: Impairments, per_stream: u64) -> Harness {
+    let mut h = Harness::new(seed, cfg, imp);
+    let a = h.enc.add_stream("gen-a", "generator", 0);
+    let b = h.enc.add_stream("gen-b", "generator", 1000);
+    h.enc.handle_timeout(0);
+    for i in 0..per_stream {
+        h.push(&point(a, i));
+        h.push(&point(b, 1000 + i));
+        if i % 512 == 0 {
+            h.now += FRAME_TIME;
+        }
+    }
+    h.finish();
+    h
+}
+
+#[test]
+fn a_million_records_survive_5pct_loss_with_20_datagram_bursts_under_defaults() {
+    let imp = Impairments { loss: 0.05, burst_start: 0.002, burst_max: 20, ..Default::default() };
+    let h = run_points(0x5eed, EncoderConfig::new(1), imp, 500_000);
+    assert!(h.link.dropped > 0);
+    assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
+    assert_eq!(h.out.delivered["gen-a"], (0..500_000).collect::<Vec<_>>());
+    assert_eq!(h.out.delivered["gen-b"], (1000..501_000).collect::<Vec<_>>());
+    let s = h.dec.stats();
+    assert!(s.blocks_repaired > 0, "the loss must have needed FEC: {s:?}");
+    assert_eq!(s.blocks_lost, 0);
+}
+
+#[test]
+fn loss_beyond_fec_is_reported_as_exact_gaps() {
+    for seed in 1..=4 {
+        let imp = Impairments { loss: 0.16, burst_start: 0.004, burst_max: 30, ..Default::default() };
+        let h = run_points(seed, EncoderConfig::new(seed), imp, 100_000);
+        assert!(h.out.gap_count() > 0, "seed {seed}: this loss must exceed FEC");
+        h.out.assert_exact("gen-a", 0..100_000);
+        h.out.assert_exact("gen-b", 1000..101_000);
+        assert!(h.out.gaps.values().flatten().all(|g| g.2 == GapCause::LinkLoss));
+    }
+}
+
+#[test]
+fn reordering_duplication_and_corruption_are_absorbed() {
+    let imp = Impairments { loss: 0.02, reorder: 0.05, duplicate: 0.05, corrupt: 0.02, ..Default::default() };
+    let h = run_points(7, EncoderConfig::new(9), imp, 100_000);
+    assert_eq!(h.out.gap_count(), 0);
+    h.out.assert_exact("gen-a", 0..100_000);
+    let s = h.dec.stats();
+    assert!(s.rejected_crc > 0, "corrupted frames are rejected by CRC: {s:?}");
+    assert!(s.late_or_duplicate_shards > 0);
+}
+
+#[test]
+fn tail_loss_is_reported_from_the_heartbeat() {
+    // Drop everything after the first records: only heartbeats tell the
+    // receiver how far the stream went.
+    let mut h = Harness::new(3, EncoderConfig::new(3), Impairments::default());
+    let s = h.enc.add_stream("tail", "generator", 0);
+    h.enc.handle_timeout(0);
+    for i in 0..10 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    h.link.imp.loss = 1.0;
+    for i in 10..5000 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    h.link.imp.loss = 0.0;
+    h.finish();
+    assert_eq!(h.out.delivered["tail"], (0..10).collect::<Vec<_>>());
+    assert_eq!(h.out.gaps["tail"], vec![(10, 4999, GapCause::LinkLoss)]);
+}
+
+#[test]
+fn large_records_are_fragmented_and_reassembled_byte_exact() {
+    let mut h = Harness::new(11, EncoderConfig::new(11), Impairments { loss: 0.03, ..Default::default() });
+    h.keep_bodies = true;
+    let s = h.enc.add_stream("raw", "tcp", 0);
+    h.enc.handle_timeout(0);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut sent = Vec::new();
+    for seq in 0..60 {
+        let len = [10usize, 1500, 91_000, 92_000, 250_000, 700_000][seq as usize % 6];
+        let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        let body = RecordBody::Bytes(Chunk { data });
+        sent.push(body.clone());
+        h.push(&Record { stream: s, seq, body });
+    }
+    h.finish();
+    assert_eq!(h.out.gap_count(), 0);
+    assert_eq!(h.out.bodies["raw"], sent);
+}
+
+#[test]
+fn a_restarted_receiver_reports_what_it_missed_as_receiver_down() {
+    let mut h = Harness::new(5, EncoderConfig::new(5), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0);
+    h.enc.handle_timeout(0);
+    for i in 0..20_000 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    let last = *h.out.delivered["gen"].last().unwrap();
+    // The receiver goes away while the sender keeps sending...
+    h.link.imp.loss = 1.0;
+    for i in 20_000..200_000 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    // ...and a new one starts with the saved cursor.
+    h.dec = Decoder::new(DecoderConfig::default());
+    h.dec.restore_cursor("gen", Some(5), Some(last));
+    h.out = Outcome::default();
+    h.link.imp.loss = 0.0;
+    for i in 200_000..300_000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    let first = h.out.delivered["gen"][0];
+    assert_eq!(h.out.gaps["gen"], vec![(last + 1, first - 1, GapCause::ReceiverDown)]);
+    assert_eq!(*h.out.delivered["gen"].last().unwrap(), 299_999);
+}
+
+#[test]
+fn a_new_sender_session_restarting_numbering_is_a_sequence_reset_not_duplicates() {
+    let mut h = Harness::new(8, EncoderConfig::new(100), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0);
+    h.enc.handle_timeout(0);
+    for i in 0..1000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    h.enc = Encoder::new(EncoderConfig::new(200));
+    let s = h.enc.add_stream("gen", "generator", 0);
+    h.enc.handle_timeout(h.now);
+    for i in 0..1000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    assert_eq!(h.out.delivered["gen"].len(), 2000);
+    assert_eq!(h.dec.stats().sequence_resets, 1);
+    assert!(h.out.gaps.is_empty());
+}
+
+#[test]
+fn replayed_frames_of_an_old_session_are_rejected() {
+    let mut h = Harness::new(9, EncoderConfig::new(1), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0);
+    h.enc.handle_timeout(0);
+    h.push(&point(s, 0));
+    h.enc.flush(0);
+    let n = h.enc.poll_frame(0, &mut h.frame).unwrap();
+    let old = h.frame[..n].to_vec();
+    h.dec.handle_datagram(0, &old);
+    h.enc = Encoder::new(EncoderConfig::new(2));
+    h.enc.add_stream("gen", "generator", 1);
+    h.enc.handle_timeout(1);
+    let n = h.enc.poll_frame(1, &mut h.frame).unwrap();
+    let new = h.frame[..n].to_vec();
+    h.dec.handle_datagram(1, &new);
+    h.dec.handle_datagram(2, &old);
+    assert_eq!(h.dec.stats().rejected_stale_session, 1);
+}
+
+#[test]
+fn warmup_blocks_after_idle_carry_extra_parity() {
+    let mut cfg = EncoderConfig::new(4);
+    cfg.warmup_blocks = 2;
+    let mut h = Harness::new(4, cfg, Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0);
+    h.enc.handle_timeout(0);
+    for i in 0..50_000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    assert_eq!(h.enc.stats().warmup_blocks, 2);
+    let before = h.enc.stats().warmup_blocks;
+    h.now += 5 * NANOS_PER_SEC;
+    h.push(&point(s, 50_000));
+    h.finish();
+    assert_eq!(h.enc.stats().warmup_blocks, before + 1, "a burst after idle starts with a warm-up block");
+    h.out.assert_exact("gen", 0..50_001);
+}
+
