@@ -121,6 +121,44 @@ pub struct DecoderStats {
     pub sequence_resets: u64,
 }
 
+impl DecoderStats {
+    /// Every counter with its name, for metrics and logs.
+    pub fn fields(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("datagrams", self.datagrams),
+            ("shards_accepted", self.shards_accepted),
+            ("control_frames", self.control_frames),
+            ("rejected_truncated", self.rejected_truncated),
+            ("rejected_bad_magic", self.rejected_bad_magic),
+            ("rejected_bad_version", self.rejected_bad_version),
+            ("rejected_length", self.rejected_length),
+            ("rejected_crc", self.rejected_crc),
+            ("rejected_header", self.rejected_header),
+            ("rejected_stale_session", self.rejected_stale_session),
+            ("late_or_duplicate_shards", self.late_or_duplicate_shards),
+            ("inconsistent_shards", self.inconsistent_shards),
+            ("bad_control", self.bad_control),
+            ("blocks_decoded", self.blocks_decoded),
+            ("blocks_repaired", self.blocks_repaired),
+            ("shards_rebuilt", self.shards_rebuilt),
+            ("blocks_lost", self.blocks_lost),
+            ("blocks_missing", self.blocks_missing),
+            ("records", self.records),
+            ("duplicate_records", self.duplicate_records),
+            ("bad_entries", self.bad_entries),
+            ("orphan_fragments", self.orphan_fragments),
+            ("oversized_records", self.oversized_records),
+            ("unknown_stream_records", self.unknown_stream_records),
+            ("streams_rejected", self.streams_rejected),
+            ("gaps", self.gaps),
+            ("gap_records", self.gap_records),
+            ("heartbeats", self.heartbeats),
+            ("sequence_resets", self.sequence_resets),
+        ]
+    }
+}
+
+
 struct PendingBlock {
     k: usize,
     m: usize,

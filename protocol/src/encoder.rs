@@ -179,14 +179,16 @@ impl Encoder {
         self.sealed.len() >= self.cfg.max_queued_blocks
     }
 
-    /// Packs a record into the open block. Panics on an unregistered stream
-    /// or a sequence number that does not follow the previous one: both are
-    /// the driver's bugs, never input from outside.
+    /// Packs a record into the open block. Sequence numbers must increase
+    /// per stream; a skipped number (a record dropped before the encoder)
+    /// reaches the receiver as a gap. Panics on an unregistered stream or a
+    /// sequence that goes backwards: both are the driver's bugs, never input
+    /// from outside.
     pub fn push(&mut self, now: Nanos, record: &Record) {
         self.start.get_or_insert(now);
         let stream = &mut self.streams[record.stream as usize];
         let expected = stream.last_pushed.map_or(stream.info.first_seq, |s| s + 1);
-        assert_eq!(record.seq, expected, "records of stream {} pushed out of sequence", stream.info.name);
+        assert!(record.seq >= expected, "records of stream {} pushed out of sequence", stream.info.name);
         stream.last_pushed = Some(record.seq);
 
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -309,7 +311,7 @@ impl Encoder {
         }
         let due = *self.next_heartbeat.get_or_insert(now);
         if now >= due {
-            self.queue_heartbeat(now);
+            self.heartbeat_now(now);
             self.next_heartbeat = Some(now + self.cfg.heartbeat_interval);
         }
     }
@@ -326,7 +328,9 @@ impl Encoder {
         self.open.is_empty() && self.sealed.is_empty() && self.group.blocks.is_empty() && self.control.is_empty()
     }
 
-    fn queue_heartbeat(&mut self, now: Nanos) {
+    /// Queues a heartbeat now (after a final flush, so the receiver learns
+    /// the last sequence numbers without waiting for the timer).
+    pub fn heartbeat_now(&mut self, now: Nanos) {
         let header = Heartbeat {
             session: self.cfg.session,
             uptime_ms: now.saturating_sub(self.start.unwrap_or(now)) / crate::NANOS_PER_MILLI,

@@ -84,6 +84,9 @@ pub struct Log {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chunk {
     pub data: Vec<u8>,
+    /// The source connection ended after this chunk (a tcp sink closes its
+    /// connection and opens a new one for the next chunk).
+    pub end: bool,
 }
 
 /// What a stream is called and where it comes from; sent in-band before a
@@ -121,7 +124,7 @@ mod tests {
             (any::<u8>(), any::<u8>(), ".{0,20}", ".{0,20}", ".{0,200}", any::<i64>()).prop_map(
                 |(facility, severity, host, app, text, ts_ns)| RecordBody::Log(Log { facility, severity, host, app, text, ts_ns })
             ),
-            proptest::collection::vec(any::<u8>(), 0..2000).prop_map(|data| RecordBody::Bytes(Chunk { data })),
+            (proptest::collection::vec(any::<u8>(), 0..2000), any::<bool>()).prop_map(|(data, end)| RecordBody::Bytes(Chunk { data, end })),
         ]
     }
 

@@ -300,7 +300,7 @@ fn large_records_are_fragmented_and_reassembled_byte_exact() {
     for seq in 0..60 {
         let len = [10usize, 1500, 91_000, 92_000, 250_000, 700_000][seq as usize % 6];
         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-        let body = RecordBody::Bytes(Chunk { data });
+        let body = RecordBody::Bytes(Chunk { data, end: false });
         sent.push(body.clone());
         h.push(&Record { stream: s, seq, body });
     }

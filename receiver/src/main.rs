@@ -1,0 +1,182 @@
+//! `weir-receiver`: the IT side of a weir link.
+//!
+//! A socket thread receives datagrams in batches (recvmmsg/GRO); the
+//! decoder thread runs the protocol decoder, which rebuilds FEC blocks and
+//! yields records in order and exact gaps; each sink runs on its own thread
+//! with retry and a confirmed cursor; gaps and sender events go to the
+//! append-only audit log. Nothing is ever sent toward the OT side.
+
+mod audit;
+mod config;
+mod pipeline;
+mod sinks;
+mod state;
+mod udp;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use weir_protocol::Decoder;
+
+use crate::pipeline::{Pipeline, SinkHandle};
+use crate::sinks::SinkStats;
+
+#[derive(Parser)]
+#[command(name = "weir-receiver", version, about = "IT side of a weir one-way link: FEC-protected UDP frames in, records to sinks out")]
+struct Cli {
+    /// Log format: text for a terminal or journald, json for log shippers.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the receiver with a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Receive batches in flight between the socket and decoder threads.
+const RECV_POOL: usize = 16;
+/// Record batches queued per sink before the decoder thread waits.
+const SINK_QUEUE: usize = 64;
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Run { config } => run(&config),
+    };
+    if let Err(e) = result {
+        eprintln!("weir-receiver: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check_config(path: &Path) -> Result<()> {
+    let loaded = config::load(path)?;
+    println!("# {}: configuration is valid", path.display());
+    println!("# effective configuration (defaults filled in):\n");
+    print!("{}", toml::to_string(&loaded.config).expect("configuration serializes"));
+    Ok(())
+}
+
+fn run(path: &Path) -> Result<()> {
+    let loaded = config::load(path)?;
+    let cfg = &loaded.config;
+    let mut audit = audit::AuditLog::open(&cfg.audit.path)?;
+    let (state_file, state) = state::StateFile::open(&cfg.journal.path)?;
+    let mut decoder = Decoder::new(loaded.decoder.clone());
+    for (name, cursor) in &state.streams {
+        decoder.restore_cursor(name, cursor.session.as_deref().and_then(state::parse_session), cursor.last);
+    }
+    let socket = udp::LinkSocket::open(cfg.link.listen, loaded.recv_buffer, cfg.link.mtu)?;
+    let listen = socket.local_addr().map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
+    tracing::info!(listen = %listen, sinks = cfg.sinks.len(), restored_streams = state.streams.len(), "weir-receiver starting");
+    audit.write("receiver-start", json!({ "listen": listen, "version": env!("CARGO_PKG_VERSION"), "restored_streams": state.streams.len() }));
+
+    let abort = Arc::new(AtomicBool::new(false));
+    let mut sinks = Vec::new();
+    for sink_cfg in &cfg.sinks {
+        let common = sink_cfg.common();
+        let sink = sink_cfg.build().with_context(|| format!("sinks ({})", common.name))?;
+        let routes = sinks::matcher(&common.streams).map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(SINK_QUEUE);
+        let confirmed: sinks::Confirmed = Arc::new(Mutex::new(Default::default()));
+        let stats = Arc::new(SinkStats::default());
+        let thread = {
+            let (name, routes, confirmed, stats, abort) = (common.name.clone(), routes.clone(), confirmed.clone(), stats.clone(), abort.clone());
+            std::thread::Builder::new()
+                .name(format!("sink-{}", common.name))
+                .spawn(move || sinks::run_sink(name, sink, routes, rx, confirmed, stats, abort))
+                .context("starting a sink thread")?
+        };
+        sinks.push(SinkHandle { name: common.name, tx, routes, confirmed, stats, thread });
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let recv_stats = Arc::new(udp::RecvStats::default());
+    let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel(RECV_POOL);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel(RECV_POOL);
+    let recv = {
+        let (stop, stats) = (stop.clone(), recv_stats.clone());
+        std::thread::Builder::new()
+            .name("weir-recv".into())
+            .spawn(move || socket.run(batch_tx, free_rx, RECV_POOL, stop, stats))
+            .context("starting the receive thread")?
+    };
+    let pipeline = Pipeline {
+        decoder,
+        audit,
+        state_file,
+        sinks,
+        recv_stats,
+        metrics_path: cfg.metrics.path.clone(),
+        log_interval: Duration::from_secs(cfg.metrics.log_interval_s),
+        warn_after: Duration::from_millis(cfg.heartbeat.warn_after_ms),
+        finished_sinks: Vec::new(),
+    };
+    let decode = std::thread::Builder::new()
+        .name("weir-decode".into())
+        .spawn(move || pipeline.run(batch_rx, free_tx))
+        .context("starting the decoder thread")?;
+
+    wait_for_signal();
+    tracing::info!("stopping: finishing what was received");
+    stop.store(true, Ordering::Relaxed);
+    let recv_result = recv.join().map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
+    // If a sink is stuck retrying, give it a bounded time, then abort it.
+    let aborter = {
+        let abort = abort.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(10));
+            abort.store(true, Ordering::Relaxed);
+        })
+    };
+    decode.join().map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
+    drop(aborter);
+    tracing::info!("weir-receiver stopped");
+    recv_result
+}
+
+fn wait_for_signal() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        }
+    });
+}

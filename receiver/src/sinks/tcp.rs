@@ -1,0 +1,106 @@
+//! `tcp`: connects to a server on the IT side and replays each `Bytes`
+//! stream's bytes in order, like the receive side of a TCP-over-diode
+//! relay: one connection per source connection (closed when a chunk marked
+//! `end` arrives). Records of other kinds are written as JSON lines.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use weir_protocol::decoder::Delivered;
+use weir_protocol::RecordBody;
+
+use super::{default_streams, record_json, Sink};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub name: String,
+    #[serde(default = "default_streams")]
+    pub streams: Vec<String>,
+    /// ip:port of the server to replay into.
+    pub connect: SocketAddr,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.connect.port() == 0 || self.connect.ip().is_unspecified() {
+            return Err(format!("connect: {} must be a concrete ip:port", self.connect));
+        }
+        Ok(())
+    }
+}
+
+pub struct TcpSink {
+    connect: SocketAddr,
+    conns: HashMap<Arc<str>, std::io::BufWriter<TcpStream>>,
+    written: HashMap<Arc<str>, u64>,
+}
+
+impl TcpSink {
+    pub fn new(cfg: &Config) -> Self {
+        TcpSink { connect: cfg.connect, conns: HashMap::new(), written: HashMap::new() }
+    }
+
+    fn conn(&mut self, stream: &Arc<str>) -> Result<&mut std::io::BufWriter<TcpStream>> {
+        if !self.conns.contains_key(stream) {
+            let s = TcpStream::connect_timeout(&self.connect, Duration::from_secs(5))
+                .with_context(|| format!("connecting to {} (check `connect` and that the server is up)", self.connect))?;
+            s.set_nodelay(true).ok();
+            tracing::info!(stream = %stream, server = %self.connect, "tcp sink connected");
+            self.conns.insert(stream.clone(), std::io::BufWriter::with_capacity(1 << 20, s));
+        }
+        Ok(self.conns.get_mut(stream).expect("just inserted"))
+    }
+}
+
+impl Sink for TcpSink {
+    fn write(&mut self, records: &[&Delivered]) -> Result<()> {
+        for r in records {
+            if self.written.get(&r.stream).is_some_and(|w| r.seq <= *w) {
+                continue;
+            }
+            let result = match &r.body {
+                RecordBody::Bytes(c) => {
+                    let result = if c.data.is_empty() { Ok(()) } else { self.conn(&r.stream).and_then(|w| Ok(w.write_all(&c.data)?)) };
+                    if c.end && result.is_ok() {
+                        if let Some(mut w) = self.conns.remove(&r.stream) {
+                            w.flush().context("flushing before close")?;
+                            let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
+                            tracing::info!(stream = %r.stream, "source connection ended; tcp sink connection closed");
+                        }
+                    }
+                    result
+                }
+                _ => {
+                    let mut line = serde_json::to_vec(&record_json(r))?;
+                    line.push(b'\n');
+                    self.conn(&r.stream).and_then(|w| Ok(w.write_all(&line)?))
+                }
+            };
+            if let Err(e) = result {
+                // Drop the broken connection; the retry opens a new one.
+                self.conns.remove(&r.stream);
+                return Err(e);
+            }
+            self.written.insert(r.stream.clone(), r.seq);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let mut failed = None;
+        self.conns.retain(|stream, w| match w.flush() {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(anyhow::anyhow!("flushing stream {stream} to the server: {e}"));
+                false
+            }
+        });
+        failed.map_or(Ok(()), Err)
+    }
+}

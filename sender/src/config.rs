@@ -1,0 +1,305 @@
+//! The sender's TOML configuration: one file, every key validated with an
+//! error that names it, and a SHA-256 of the effective configuration that
+//! travels in every heartbeat.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use weir_protocol::config::MAX_INTERLEAVE;
+use weir_protocol::frame::{shard_size_for_mtu, MAX_SHARDS};
+use weir_protocol::units::{parse_rate, parse_size};
+use weir_protocol::{EncoderConfig, NANOS_PER_MILLI};
+
+use crate::sources::SourceConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    pub link: LinkConfig,
+    #[serde(default)]
+    pub fec: FecConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub heartbeat: HeartbeatConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// ip:port of the receiver across the one-way link.
+    pub destination: SocketAddr,
+    /// Local ip:port to send from (pins the interface); default any.
+    #[serde(default)]
+    pub bind: Option<SocketAddr>,
+    #[serde(default = "default_mtu")]
+    pub mtu: usize,
+    /// Link rate, e.g. "800Mbit": the pacer never sends faster.
+    pub rate: String,
+    #[serde(default = "default_send_buffer")]
+    pub send_buffer: String,
+}
+
+fn default_mtu() -> usize {
+    1500
+}
+fn default_send_buffer() -> String {
+    "8MiB".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FecConfig {
+    #[serde(default = "default_data_shards")]
+    pub data_shards: usize,
+    #[serde(default = "default_parity_shards")]
+    pub parity_shards: usize,
+    #[serde(default = "default_interleave")]
+    pub interleave: usize,
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+    #[serde(default = "default_warmup_blocks")]
+    pub warmup_blocks: usize,
+    #[serde(default = "default_warmup_parity")]
+    pub warmup_parity: usize,
+    #[serde(default = "default_idle_ms")]
+    pub idle_ms: u64,
+}
+
+fn default_data_shards() -> usize {
+    64
+}
+fn default_parity_shards() -> usize {
+    16
+}
+fn default_interleave() -> usize {
+    8
+}
+fn default_flush_ms() -> u64 {
+    5
+}
+fn default_warmup_blocks() -> usize {
+    4
+}
+fn default_warmup_parity() -> usize {
+    32
+}
+fn default_idle_ms() -> u64 {
+    1000
+}
+
+impl Default for FecConfig {
+    fn default() -> Self {
+        FecConfig {
+            data_shards: default_data_shards(),
+            parity_shards: default_parity_shards(),
+            interleave: default_interleave(),
+            flush_ms: default_flush_ms(),
+            warmup_blocks: default_warmup_blocks(),
+            warmup_parity: default_warmup_parity(),
+            idle_ms: default_idle_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Bound of the in-memory queue between sources and the link; when
+    /// full the oldest records are dropped, counted and logged.
+    #[serde(default = "default_queue_bytes")]
+    pub max_bytes: String,
+}
+
+fn default_queue_bytes() -> String {
+    "256MiB".into()
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { max_bytes: default_queue_bytes() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    #[serde(default = "default_heartbeat_ms")]
+    pub interval_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig { interval_ms: default_heartbeat_ms() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// If set, a JSON snapshot of every counter is written here each second.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Seconds between status lines in the log; 0 turns them off.
+    #[serde(default = "default_log_interval")]
+    pub log_interval_s: u64,
+}
+
+fn default_log_interval() -> u64 {
+    10
+}
+
+/// A loaded, validated configuration with its derived values.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: SenderConfig,
+    pub rate_bps: u64,
+    pub queue_bytes: u64,
+    pub send_buffer: usize,
+    pub hash: String,
+}
+
+impl Loaded {
+    pub fn encoder_config(&self, session: u64) -> EncoderConfig {
+        let c = &self.config;
+        let mut e = EncoderConfig::new(session);
+        e.shard_size = shard_size_for_mtu(c.link.mtu).expect("validated");
+        e.data_shards = c.fec.data_shards;
+        e.parity_shards = c.fec.parity_shards;
+        e.interleave = c.fec.interleave;
+        e.flush_after = c.fec.flush_ms * NANOS_PER_MILLI;
+        e.warmup_blocks = c.fec.warmup_blocks;
+        e.warmup_parity = c.fec.warmup_parity;
+        e.idle_after = c.fec.idle_ms * NANOS_PER_MILLI;
+        e.heartbeat_interval = c.heartbeat.interval_ms * NANOS_PER_MILLI;
+        e.max_queued_blocks = e.max_queued_blocks.max(2 * e.interleave);
+        e
+    }
+
+    /// The effective configuration as TOML, defaults filled in.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string(&self.config).expect("configuration serializes")
+    }
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading sender config {}", path.display()))?;
+    parse(&text).with_context(|| format!("in sender config {}", path.display()))
+}
+
+pub fn parse(text: &str) -> Result<Loaded> {
+    let config: SenderConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    validate(config)
+}
+
+fn validate(config: SenderConfig) -> Result<Loaded> {
+    let c = &config;
+    let rate_bps = parse_rate(&c.link.rate).map_err(|e| anyhow::anyhow!("link.rate: {e}"))?;
+    let queue_bytes = parse_size(&c.queue.max_bytes).map_err(|e| anyhow::anyhow!("queue.max_bytes: {e}"))?;
+    if queue_bytes < 1 << 20 {
+        bail!("queue.max_bytes: {} is below the 1MiB minimum", c.queue.max_bytes);
+    }
+    let send_buffer = parse_size(&c.link.send_buffer).map_err(|e| anyhow::anyhow!("link.send_buffer: {e}"))? as usize;
+    if shard_size_for_mtu(c.link.mtu).is_none() {
+        bail!("link.mtu: {} is outside 164..=65535 (1500 for Ethernet, 9000 for jumbo frames)", c.link.mtu);
+    }
+    if c.link.destination.ip().is_unspecified() || c.link.destination.port() == 0 {
+        bail!("link.destination: {} must be a concrete ip:port of the receiver", c.link.destination);
+    }
+    if c.fec.data_shards == 0 || c.fec.data_shards + c.fec.parity_shards > MAX_SHARDS {
+        bail!(
+            "fec.data_shards / fec.parity_shards: {} + {} must be at least 1 data shard and at most 256 in total",
+            c.fec.data_shards,
+            c.fec.parity_shards
+        );
+    }
+    if c.fec.interleave == 0 || c.fec.interleave > MAX_INTERLEAVE {
+        bail!("fec.interleave: {} must be between 1 and {MAX_INTERLEAVE}", c.fec.interleave);
+    }
+    if c.fec.data_shards + c.fec.warmup_parity > MAX_SHARDS {
+        bail!("fec.warmup_parity: data_shards + warmup_parity must not exceed 256");
+    }
+    if c.fec.flush_ms == 0 || c.fec.flush_ms > 10_000 {
+        bail!("fec.flush_ms: {} must be between 1 and 10000", c.fec.flush_ms);
+    }
+    if c.heartbeat.interval_ms < 10 || c.heartbeat.interval_ms > 60_000 {
+        bail!("heartbeat.interval_ms: {} must be between 10 and 60000", c.heartbeat.interval_ms);
+    }
+    if c.sources.is_empty() {
+        bail!("sources: no [[sources]] configured; add at least one (type = \"tcp\", \"stdin\" or \"generator\")");
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, s) in c.sources.iter().enumerate() {
+        let name = s.name();
+        if name.is_empty() || name.len() > 200 || name.chars().any(|ch| ch.is_control()) {
+            bail!("sources[{i}].name: `{name}` must be 1 to 200 printable characters");
+        }
+        if !names.insert(name.to_string()) {
+            bail!("sources[{i}].name: `{name}` is used twice; stream names must be unique");
+        }
+        s.validate().map_err(|e| anyhow::anyhow!("sources[{i}] ({name}).{e}"))?;
+    }
+    let mut loaded = Loaded { config, rate_bps, queue_bytes, send_buffer, hash: String::new() };
+    loaded.hash = hex(&Sha256::digest(loaded.effective_toml().as_bytes()));
+    Ok(loaded)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [link]
+        destination = "127.0.0.1:7000"
+        rate = "800Mbit"
+
+        [[sources]]
+        name = "gen"
+        type = "generator"
+        tags = 10
+        rate = 1000
+    "#;
+
+    #[test]
+    fn a_minimal_config_loads_with_defaults_and_a_stable_hash() {
+        let a = parse(GOOD).unwrap();
+        assert_eq!(a.rate_bps, 800_000_000);
+        assert_eq!(a.config.fec.data_shards, 64);
+        assert_eq!(a.hash.len(), 64);
+        assert_eq!(parse(GOOD).unwrap().hash, a.hash);
+        let changed = GOOD.replace("800Mbit", "900Mbit");
+        assert_ne!(parse(&changed).unwrap().hash, a.hash);
+    }
+
+    #[test]
+    fn errors_name_the_key_to_fix() {
+        let cases = [
+            (GOOD.replace("rate = \"800Mbit\"", "rate = \"fast\""), "link.rate"),
+            (GOOD.replace("[link]", "[link]\nmtu = 20"), "link.mtu"),
+            (GOOD.replace("tags = 10", "tags = 0"), "sources[0] (gen).tags"),
+            (GOOD.replace("[link]", "[fec]\ndata_shards = 200\nparity_shards = 100\n[link]"), "fec.data_shards"),
+            (GOOD.replace("[link]", "[link]\ncolour = 1"), "colour"),
+            (GOOD.replace("type = \"generator\"", "type = \"modbus\""), "modbus"),
+            (GOOD.replace("127.0.0.1:7000", "nowhere"), "destination"),
+        ];
+        for (text, key) in cases {
+            let err = format!("{:#}", parse(&text).unwrap_err());
+            assert!(err.contains(key), "error for {key} does not name it: {err}");
+        }
+    }
+}

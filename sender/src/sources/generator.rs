@@ -1,0 +1,78 @@
+//! `generator`: synthetic sensor points at a set rate, for demos and
+//! benchmarks. Each tick emits the points due since the last one, cycling
+//! through `tags` tags with a sine wave per tag.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use weir_protocol::{Point, RecordBody, Value};
+
+use super::SourceHandle;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub name: String,
+    /// Distinct tags, named `{name}/tag-00000` onwards.
+    #[serde(default = "default_tags")]
+    pub tags: u32,
+    /// Points per second, all tags together.
+    #[serde(default = "default_rate")]
+    pub rate: f64,
+    /// Stop after this many points (the source then finishes); default: run forever.
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+fn default_tags() -> u32 {
+    100
+}
+fn default_rate() -> f64 {
+    1000.0
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tags == 0 || self.tags > 1_000_000 {
+            return Err(format!("tags: {} must be between 1 and 1000000", self.tags));
+        }
+        if !(self.rate > 0.0 && self.rate <= 10_000_000.0) {
+            return Err(format!("rate: {} points per second must be above 0 and at most 10000000", self.rate));
+        }
+        Ok(())
+    }
+}
+
+const TICK: Duration = Duration::from_millis(5);
+
+pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+    let tags: Vec<String> = (0..cfg.tags).map(|i| format!("{}/tag-{i:05}", cfg.name)).collect();
+    let start = Instant::now();
+    let mut emitted: u64 = 0;
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if handle.is_shutting_down() {
+            return Ok(());
+        }
+        let due = (start.elapsed().as_secs_f64() * cfg.rate) as u64;
+        let due = cfg.count.map_or(due, |c| due.min(c));
+        let ts_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        while emitted < due {
+            let tag = emitted % cfg.tags as u64;
+            let phase = tag as f64 * 0.1 + ts_ns as f64 * 1e-9;
+            handle.emit(RecordBody::Point(Point {
+                tag: tags[tag as usize].clone(),
+                ts_ns,
+                value: Value::F64((phase.sin() * 100.0 * 1000.0).round() / 1000.0),
+                quality: 0,
+            }));
+            emitted += 1;
+        }
+        if cfg.count.is_some_and(|c| emitted >= c) {
+            tracing::info!(source = %cfg.name, points = emitted, "generator finished its count");
+            return Ok(());
+        }
+    }
+}

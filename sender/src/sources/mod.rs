@@ -1,0 +1,121 @@
+//! Sources: each turns one kind of plant input into records of one stream.
+//! Adding a source touches its file, one variant in [`SourceConfig`], its
+//! docs section and its test.
+
+pub mod generator;
+pub mod stdin;
+pub mod tcp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use weir_protocol::{Record, RecordBody, StreamId};
+
+use crate::metrics::Counters;
+use crate::queue::Queue;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    Tcp(tcp::Config),
+    Stdin(stdin::Config),
+    Generator(generator::Config),
+}
+
+impl SourceConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::Tcp(c) => &c.name,
+            SourceConfig::Stdin(c) => &c.name,
+            SourceConfig::Generator(c) => &c.name,
+        }
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SourceConfig::Tcp(_) => "tcp",
+            SourceConfig::Stdin(_) => "stdin",
+            SourceConfig::Generator(_) => "generator",
+        }
+    }
+
+    /// Checks the source's own keys; the error starts with the key name.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            SourceConfig::Tcp(c) => c.validate(),
+            SourceConfig::Stdin(c) => c.validate(),
+            SourceConfig::Generator(c) => c.validate(),
+        }
+    }
+
+    /// Runs until the input ends (stdin EOF, generator count) or shutdown.
+    pub async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
+        match self {
+            SourceConfig::Tcp(c) => tcp::run(c, handle).await,
+            SourceConfig::Stdin(c) => stdin::run(c, handle).await,
+            SourceConfig::Generator(c) => generator::run(c, handle).await,
+        }
+    }
+}
+
+/// What a running source uses to hand records over.
+pub struct SourceHandle {
+    pub stream: StreamId,
+    next_seq: u64,
+    queue: Arc<Queue>,
+    counters: Arc<Counters>,
+    names: Arc<Vec<String>>,
+    high_water: usize,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl SourceHandle {
+    pub fn new(
+        stream: StreamId,
+        first_seq: u64,
+        queue: Arc<Queue>,
+        counters: Arc<Counters>,
+        names: Arc<Vec<String>>,
+        high_water: usize,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        SourceHandle { stream, next_seq: first_seq, queue, counters, names, high_water, shutdown }
+    }
+
+    /// Hands a record to the queue; never blocks.
+    pub fn emit(&mut self, body: RecordBody) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let bytes = match &body {
+            RecordBody::Bytes(c) => c.data.len(),
+            RecordBody::Message(m) => m.payload.len(),
+            _ => 0,
+        };
+        Counters::add(&self.counters.records_in, 1);
+        Counters::add(&self.counters.bytes_in, bytes as u64);
+        let names = self.names.clone();
+        self.queue.push(Record { stream: self.stream, seq, body }, &move |id| names[id as usize].clone());
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// For byte-stream sources that can be flow-controlled (a TCP peer, a
+    /// pipe): waits while the queue is above its high-water mark so the
+    /// stream slows down instead of losing bytes. Returns false on shutdown.
+    pub async fn wait_for_room(&mut self) -> bool {
+        while self.queue.bytes() > self.high_water {
+            if *self.shutdown.borrow() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        !*self.shutdown.borrow()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
