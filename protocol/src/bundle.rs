@@ -91,11 +91,18 @@ pub struct Entries<'a> {
 
 impl<'a> Entries<'a> {
     pub fn new(data: &'a [u8]) -> Self {
-        Entries { data, pos: 0, failed: false }
+        Entries {
+            data,
+            pos: 0,
+            failed: false,
+        }
     }
 
     fn take(&mut self, len: u32) -> Result<&'a [u8], EntryError> {
-        let end = self.pos.checked_add(len as usize).ok_or(EntryError::BadLength)?;
+        let end = self
+            .pos
+            .checked_add(len as usize)
+            .ok_or(EntryError::BadLength)?;
         let bytes = self.data.get(self.pos..end).ok_or(EntryError::Truncated)?;
         self.pos = end;
         Ok(bytes)
@@ -110,7 +117,10 @@ impl<'a> Entries<'a> {
             TAG_RECORD => Ok(Entry::Record(self.take(len)?)),
             TAG_FIRST => {
                 let piece_len = get_varint(self.data, &mut self.pos)?;
-                Ok(Entry::First { total: len, piece: self.take(piece_len)? })
+                Ok(Entry::First {
+                    total: len,
+                    piece: self.take(piece_len)?,
+                })
             }
             TAG_MIDDLE => Ok(Entry::Middle(self.take(len)?)),
             TAG_LAST => Ok(Entry::Last(self.take(len)?)),
@@ -144,7 +154,11 @@ pub fn put_entry(out: &mut Vec<u8>, tag: u8, total: u32, bytes: &[u8]) {
 
 /// Bytes `put_entry` writes for an entry of `len` payload bytes.
 pub fn entry_len(tag: u8, total: u32, len: usize) -> usize {
-    let extra = if tag == TAG_FIRST { varint_len(total) } else { 0 };
+    let extra = if tag == TAG_FIRST {
+        varint_len(total)
+    } else {
+        0
+    };
     1 + extra + varint_len(len as u32) + len
 }
 
@@ -167,7 +181,10 @@ mod tests {
             vec![
                 Entry::StreamInfo(b"info"),
                 Entry::Record(&[7; 300]),
-                Entry::First { total: 100_000, piece: b"abc" },
+                Entry::First {
+                    total: 100_000,
+                    piece: b"abc"
+                },
                 Entry::Middle(b"d"),
                 Entry::Last(b""),
             ]

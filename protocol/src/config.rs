@@ -19,7 +19,10 @@ pub struct ConfigError {
 }
 
 fn fail(key: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
-    Err(ConfigError { key, message: message.into() })
+    Err(ConfigError {
+        key,
+        message: message.into(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,19 +84,37 @@ impl EncoderConfig {
             );
         }
         if self.interleave == 0 || self.interleave > MAX_INTERLEAVE {
-            return fail("fec.interleave", format!("must be between 1 and {MAX_INTERLEAVE}, got {}", self.interleave));
+            return fail(
+                "fec.interleave",
+                format!(
+                    "must be between 1 and {MAX_INTERLEAVE}, got {}",
+                    self.interleave
+                ),
+            );
         }
         if self.shard_size < 64 || self.shard_size > u16::MAX as usize {
-            return fail("link.mtu", format!("gives a shard size of {} bytes; the MTU must be between 164 and 65535", self.shard_size));
+            return fail(
+                "link.mtu",
+                format!(
+                    "gives a shard size of {} bytes; the MTU must be between 164 and 65535",
+                    self.shard_size
+                ),
+            );
         }
         if self.data_shards + self.warmup_parity > MAX_SHARDS {
-            return fail("fec.warmup_parity", "data_shards + warmup_parity must not exceed 256");
+            return fail(
+                "fec.warmup_parity",
+                "data_shards + warmup_parity must not exceed 256",
+            );
         }
         if self.heartbeat_interval == 0 {
             return fail("heartbeat.interval", "must be greater than zero");
         }
         if self.max_queued_blocks < self.interleave {
-            return fail("internal.max_queued_blocks", "must hold at least one interleave group");
+            return fail(
+                "internal.max_queued_blocks",
+                "must hold at least one interleave group",
+            );
         }
         Ok(())
     }
@@ -132,7 +153,10 @@ impl Default for DecoderConfig {
 impl DecoderConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_blocks_in_flight < 2 * MAX_INTERLEAVE {
-            return fail("decoder.max_blocks_in_flight", format!("must be at least {}", 2 * MAX_INTERLEAVE));
+            return fail(
+                "decoder.max_blocks_in_flight",
+                format!("must be at least {}", 2 * MAX_INTERLEAVE),
+            );
         }
         if self.block_timeout == 0 {
             return fail("decoder.block_timeout", "must be greater than zero");

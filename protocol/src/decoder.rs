@@ -74,12 +74,19 @@ pub struct Delivered {
 pub enum Event {
     /// Frames of a new sender session arrived. `joined_late` is true when it
     /// had already sent many blocks before this receiver saw it.
-    SessionStarted { session: u64, joined_late: bool },
+    SessionStarted {
+        session: u64,
+        joined_late: bool,
+    },
     Record(Delivered),
     Gap(Gap),
     /// A new session restarted a stream's numbering at or below what was
     /// already delivered (the sender lost its sequence state).
-    SequenceReset { stream: Arc<str>, last_delivered: u64, first_seq: u64 },
+    SequenceReset {
+        stream: Arc<str>,
+        last_delivered: u64,
+        first_seq: u64,
+    },
     Heartbeat(Heartbeat),
 }
 
@@ -158,7 +165,6 @@ impl DecoderStats {
     }
 }
 
-
 struct PendingBlock {
     k: usize,
     m: usize,
@@ -220,7 +226,8 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(cfg: DecoderConfig) -> Self {
-        cfg.validate().expect("decoder configuration validated by the caller");
+        cfg.validate()
+            .expect("decoder configuration validated by the caller");
         Decoder {
             cfg,
             fec: Fec::default(),
@@ -239,7 +246,15 @@ impl Decoder {
     /// Seeds what a previous run of the receiver delivered, so a restart
     /// neither repeats records nor misses the gap while it was down.
     pub fn restore_cursor(&mut self, stream: &str, session: Option<u64>, last: Option<u64>) {
-        self.cursors.insert(Arc::from(stream), Cursor { session, last, fresh: true, restored: true });
+        self.cursors.insert(
+            Arc::from(stream),
+            Cursor {
+                session,
+                last,
+                fresh: true,
+                restored: true,
+            },
+        );
     }
 
     /// (stream, session, last delivered) for every stream seen.
@@ -307,13 +322,22 @@ impl Decoder {
             partial: None,
             checks: VecDeque::new(),
         });
-        self.events.push_back(Event::SessionStarted { session: id, joined_late });
+        self.events.push_back(Event::SessionStarted {
+            session: id,
+            joined_late,
+        });
     }
 
     /// Delivers what the current session completed and retires it.
     fn finish_session(&mut self) {
-        let last_check = self.session.as_ref().and_then(|s| s.checks.back().map(|c| c.0.checked_sub(1)).flatten());
-        let last_block = self.session.as_ref().and_then(|s| s.pending.keys().next_back().copied());
+        let last_check = self
+            .session
+            .as_ref()
+            .and_then(|s| s.checks.back().and_then(|c| c.0.checked_sub(1)));
+        let last_block = self
+            .session
+            .as_ref()
+            .and_then(|s| s.pending.keys().next_back().copied());
         let Some(last) = last_block.max(last_check) else {
             if let Some(s) = self.session.take() {
                 self.retire(s.id);
@@ -339,7 +363,10 @@ impl Decoder {
             self.stats.bad_control += 1;
             return;
         };
-        let session = self.session.as_mut().expect("session started before control is handled");
+        let session = self
+            .session
+            .as_mut()
+            .expect("session started before control is handled");
         if hb.session != session.id {
             self.stats.bad_control += 1;
             return;
@@ -352,7 +379,9 @@ impl Decoder {
         if session.checks.len() == MAX_PENDING_CHECKS {
             session.checks.pop_front();
         }
-        session.checks.push_back((hb.next_block, now, hb.streams.clone()));
+        session
+            .checks
+            .push_back((hb.next_block, now, hb.streams.clone()));
         self.events.push_back(Event::Heartbeat(hb));
         self.apply_checks();
     }
@@ -367,10 +396,17 @@ impl Decoder {
             return;
         }
         // Share the name with the cursor map so records carry a cheap Arc.
-        let name = self.cursors.get_key_value(info.name.as_str()).map_or_else(|| Arc::from(info.name.as_str()), |(k, _)| k.clone());
+        let name = self
+            .cursors
+            .get_key_value(info.name.as_str())
+            .map_or_else(|| Arc::from(info.name.as_str()), |(k, _)| k.clone());
         session.streams.insert(
             info.id,
-            Arc::new(StreamMeta { name, source_type: Arc::from(info.source_type.as_str()), first_seq: info.first_seq }),
+            Arc::new(StreamMeta {
+                name,
+                source_type: Arc::from(info.source_type.as_str()),
+                first_seq: info.first_seq,
+            }),
         );
     }
 
@@ -387,18 +423,25 @@ impl Decoder {
         }
         let session = self.session.as_mut().expect("session started");
         let (k, m, shard_len) = (h.k as usize, h.m as usize, h.shard_len as usize);
-        let block = session.pending.entry(h.block).or_insert_with(|| PendingBlock {
-            k,
-            m,
-            shard_len,
-            data_len: h.data_len as usize,
-            buf: vec![0; (k + m) * shard_len],
-            present: vec![false; k + m],
-            count: 0,
-            first_seen: now,
-            decoded: false,
-        });
-        if block.k != k || block.m != m || block.shard_len != shard_len || block.data_len != h.data_len as usize {
+        let block = session
+            .pending
+            .entry(h.block)
+            .or_insert_with(|| PendingBlock {
+                k,
+                m,
+                shard_len,
+                data_len: h.data_len as usize,
+                buf: vec![0; (k + m) * shard_len],
+                present: vec![false; k + m],
+                count: 0,
+                first_seen: now,
+                decoded: false,
+            });
+        if block.k != k
+            || block.m != m
+            || block.shard_len != shard_len
+            || block.data_len != h.data_len as usize
+        {
             self.stats.inconsistent_shards += 1;
             return;
         }
@@ -414,7 +457,10 @@ impl Decoder {
         if block.count < k {
             return;
         }
-        match self.fec.reconstruct(k, m, shard_len, &mut block.buf, &block.present) {
+        match self
+            .fec
+            .reconstruct(k, m, shard_len, &mut block.buf, &block.present)
+        {
             Some(rebuilt) => {
                 block.decoded = true;
                 block.buf.truncate(block.data_len);
@@ -475,7 +521,13 @@ impl Decoder {
                 }
                 None => {
                     // Jump over the whole run of blocks never seen.
-                    let next = session.pending.keys().next().copied().unwrap_or(through + 1).min(through + 1);
+                    let next = session
+                        .pending
+                        .keys()
+                        .next()
+                        .copied()
+                        .unwrap_or(through + 1)
+                        .min(through + 1);
                     let counted_from = base.max(session.first_block);
                     self.stats.blocks_missing += next.saturating_sub(counted_from);
                     session.base = next;
@@ -489,15 +541,27 @@ impl Decoder {
     /// When `handle_timeout` should next run, if anything waits on time.
     pub fn poll_timeout(&self) -> Option<Nanos> {
         let session = self.session.as_ref()?;
-        let later = session.pending.range(session.base + 1..).map(|(_, b)| b.first_seen);
-        let checks = session.checks.iter().filter(|c| c.0 > session.base).map(|c| c.1);
-        later.chain(checks).min().map(|t| t + self.cfg.block_timeout)
+        let later = session
+            .pending
+            .range(session.base + 1..)
+            .map(|(_, b)| b.first_seen);
+        let checks = session
+            .checks
+            .iter()
+            .filter(|c| c.0 > session.base)
+            .map(|c| c.1);
+        later
+            .chain(checks)
+            .min()
+            .map(|t| t + self.cfg.block_timeout)
     }
 
     /// Gives up blocks that a later block has outwaited by `block_timeout`.
     pub fn handle_timeout(&mut self, now: Nanos) {
         loop {
-            let Some(session) = self.session.as_ref() else { return };
+            let Some(session) = self.session.as_ref() else {
+                return;
+            };
             let base = session.base;
             let timed_out = |t: Nanos| now >= t + self.cfg.block_timeout;
             // A heartbeat announces that every block below its next_block
@@ -546,18 +610,28 @@ impl Decoder {
                     }
                     let mut buf = Vec::with_capacity(total as usize);
                     buf.extend_from_slice(piece);
-                    self.session_mut().partial = Some(Partial { block: number, total: total as usize, buf });
+                    self.session_mut().partial = Some(Partial {
+                        block: number,
+                        total: total as usize,
+                        buf,
+                    });
                 }
                 Entry::Middle(piece) | Entry::Last(piece) => {
                     let last = matches!(entry, Entry::Last(_));
                     let session = self.session_mut();
-                    let follows = continues && session.partial.as_ref().is_some_and(|p| p.block + 1 == number);
+                    let follows = continues
+                        && session
+                            .partial
+                            .as_ref()
+                            .is_some_and(|p| p.block + 1 == number);
                     let Some(partial) = session.partial.as_mut().filter(|_| follows) else {
                         self.drop_partial();
                         self.stats.orphan_fragments += 1;
                         continue;
                     };
-                    if partial.buf.len() + piece.len() > partial.total || (last && partial.buf.len() + piece.len() != partial.total) {
+                    if partial.buf.len() + piece.len() > partial.total
+                        || (last && partial.buf.len() + piece.len() != partial.total)
+                    {
                         self.drop_partial();
                         self.stats.bad_entries += 1;
                         continue;
@@ -620,12 +694,21 @@ impl Decoder {
             self.stats.streams_rejected += 1;
             return false;
         }
-        let cursor = self.cursors.entry(meta.name.clone()).or_insert(Cursor { session: None, last: None, fresh: true, restored: false });
+        let cursor = self.cursors.entry(meta.name.clone()).or_insert(Cursor {
+            session: None,
+            last: None,
+            fresh: true,
+            restored: false,
+        });
         if cursor.session != Some(session_id) {
             cursor.session = Some(session_id);
             if let Some(last) = cursor.last.filter(|l| meta.first_seq <= *l) {
                 self.stats.sequence_resets += 1;
-                self.events.push_back(Event::SequenceReset { stream: meta.name.clone(), last_delivered: last, first_seq: meta.first_seq });
+                self.events.push_back(Event::SequenceReset {
+                    stream: meta.name.clone(),
+                    last_delivered: last,
+                    first_seq: meta.first_seq,
+                });
                 cursor.last = meta.first_seq.checked_sub(1);
             }
         }
@@ -634,8 +717,17 @@ impl Decoder {
             return false;
         }
         if seq > expected {
-            let cause = if cursor.fresh && (cursor.restored || joined_late) { GapCause::ReceiverDown } else { GapCause::LinkLoss };
-            let gap = Gap { stream: meta.name.clone(), from: expected, to: seq - 1, cause };
+            let cause = if cursor.fresh && (cursor.restored || joined_late) {
+                GapCause::ReceiverDown
+            } else {
+                GapCause::LinkLoss
+            };
+            let gap = Gap {
+                stream: meta.name.clone(),
+                from: expected,
+                to: seq - 1,
+                cause,
+            };
             self.stats.gaps += 1;
             self.stats.gap_records += gap.len();
             self.events.push_back(Event::Gap(gap));
@@ -656,8 +748,12 @@ impl Decoder {
             }
             let (_, _, statuses) = session.checks.pop_front().expect("front exists");
             for status in statuses {
-                let Some(last) = status.last_seq else { continue };
-                let Some(meta) = self.session_mut().streams.get(&status.info.id).cloned() else { continue };
+                let Some(last) = status.last_seq else {
+                    continue;
+                };
+                let Some(meta) = self.session_mut().streams.get(&status.info.id).cloned() else {
+                    continue;
+                };
                 if meta.name.as_ref() != status.info.name {
                     self.stats.bad_control += 1;
                     continue;
@@ -667,7 +763,12 @@ impl Decoder {
                 // itself is missing too since it was never delivered.
                 let before = self.events.len();
                 if self.account(&meta, last) {
-                    let last_missing = Gap { stream: meta.name.clone(), from: last, to: last, cause: GapCause::LinkLoss };
+                    let last_missing = Gap {
+                        stream: meta.name.clone(),
+                        from: last,
+                        to: last,
+                        cause: GapCause::LinkLoss,
+                    };
                     let grew = self.events.len() > before;
                     match self.events.back_mut() {
                         Some(Event::Gap(g)) if grew => {
@@ -698,8 +799,20 @@ mod tests {
         let s = enc.add_stream("s", "generator", 0);
         enc.handle_timeout(0);
         for seq in 0..300 {
-            let body = RecordBody::Point(Point { tag: "t".into(), ts_ns: 0, value: Value::I64(seq as i64), quality: 0 });
-            enc.push(0, &Record { stream: s, seq, body });
+            let body = RecordBody::Point(Point {
+                tag: "t".into(),
+                ts_ns: 0,
+                value: Value::I64(seq as i64),
+                quality: 0,
+            });
+            enc.push(
+                0,
+                &Record {
+                    stream: s,
+                    seq,
+                    body,
+                },
+            );
         }
         enc.flush(0);
         let mut buf = vec![0; enc.max_frame_len()];
@@ -762,7 +875,10 @@ mod tests {
         dec.handle_datagram(0, &frames[1]);
         dec.handle_datagram(0, &frames[1]);
         let s = dec.stats();
-        assert_eq!((s.rejected_truncated, s.rejected_bad_magic, s.rejected_crc), (1, 1, 1));
+        assert_eq!(
+            (s.rejected_truncated, s.rejected_bad_magic, s.rejected_crc),
+            (1, 1, 1)
+        );
         assert_eq!(s.late_or_duplicate_shards, 1);
     }
 }

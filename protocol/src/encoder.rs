@@ -8,7 +8,10 @@
 
 use std::collections::VecDeque;
 
-use crate::bundle::{self, entry_len, put_entry, MAX_ENTRY_HEADER, TAG_FIRST, TAG_LAST, TAG_MIDDLE, TAG_RECORD, TAG_STREAM_INFO};
+use crate::bundle::{
+    self, entry_len, put_entry, MAX_ENTRY_HEADER, TAG_FIRST, TAG_LAST, TAG_MIDDLE, TAG_RECORD,
+    TAG_STREAM_INFO,
+};
 use crate::config::EncoderConfig;
 use crate::control::{Control, Heartbeat, StreamStatus};
 use crate::fec::Fec;
@@ -29,6 +32,9 @@ pub struct EncoderStats {
     /// Blocks sealed by the flush timer before they were full.
     pub partial_blocks: u64,
     pub warmup_blocks: u64,
+    /// Blocks sent in a group shorter than `interleave` (the link had spare
+    /// capacity), which carry the full configured parity count.
+    pub spare_parity_blocks: u64,
     pub data_frames: u64,
     pub parity_frames: u64,
     pub control_frames: u64,
@@ -44,10 +50,11 @@ struct StreamState {
 struct SealedBlock {
     number: u64,
     k: usize,
+    /// Parity shards: decided and computed when the block joins a group.
     m: usize,
     shard_len: usize,
     data_len: usize,
-    /// (k + m) * shard_len bytes: data shards then parity shards.
+    /// k * shard_len data bytes, then m parity shards once in a group.
     shards: Vec<u8>,
     sealed_at: Nanos,
 }
@@ -111,7 +118,8 @@ pub struct Encoder {
 impl Encoder {
     /// Panics if the configuration is invalid: validate it first, at load.
     pub fn new(cfg: EncoderConfig) -> Self {
-        cfg.validate().expect("encoder configuration validated by the caller");
+        cfg.validate()
+            .expect("encoder configuration validated by the caller");
         Encoder {
             open: Vec::with_capacity(cfg.block_capacity()),
             cfg,
@@ -154,8 +162,17 @@ impl Encoder {
     /// with consecutive sequence numbers starting at `first_seq`.
     pub fn add_stream(&mut self, name: &str, source_type: &str, first_seq: u64) -> StreamId {
         let id = self.streams.len() as StreamId;
-        let info = StreamInfo { id, name: name.to_string(), source_type: source_type.to_string(), first_seq };
-        self.streams.push(StreamState { info, last_pushed: None, last_sealed: None });
+        let info = StreamInfo {
+            id,
+            name: name.to_string(),
+            source_type: source_type.to_string(),
+            first_seq,
+        };
+        self.streams.push(StreamState {
+            info,
+            last_pushed: None,
+            last_sealed: None,
+        });
         id
     }
 
@@ -188,12 +205,17 @@ impl Encoder {
         self.start.get_or_insert(now);
         let stream = &mut self.streams[record.stream as usize];
         let expected = stream.last_pushed.map_or(stream.info.first_seq, |s| s + 1);
-        assert!(record.seq >= expected, "records of stream {} pushed out of sequence", stream.info.name);
+        assert!(
+            record.seq >= expected,
+            "records of stream {} pushed out of sequence",
+            stream.info.name
+        );
         stream.last_pushed = Some(record.seq);
 
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let record_bytes = postcard::to_extend(record, scratch).expect("postcard into a Vec cannot fail");
+        let record_bytes =
+            postcard::to_extend(record, scratch).expect("postcard into a Vec cannot fail");
         self.stats.records += 1;
         self.stats.record_bytes += record_bytes.len() as u64;
         self.pack(now, record.stream, &record_bytes);
@@ -211,7 +233,8 @@ impl Encoder {
     fn pack(&mut self, now: Nanos, stream: StreamId, bytes: &[u8]) {
         // Name the stream in this block, so a block is readable on its own.
         if !self.open_streams.contains(&stream) {
-            let info = postcard::to_allocvec(&self.streams[stream as usize].info).expect("StreamInfo serializes");
+            let info = postcard::to_allocvec(&self.streams[stream as usize].info)
+                .expect("StreamInfo serializes");
             if self.room() < entry_len(TAG_STREAM_INFO, 0, info.len()) + MIN_FRAGMENT {
                 self.seal(now, false);
             }
@@ -231,7 +254,8 @@ impl Encoder {
             return self.pack(now, stream, bytes);
         }
         let total = bytes.len() as u32;
-        let first = self.room() - (1 + bundle::varint_len(total) + bundle::varint_len(self.room() as u32));
+        let first =
+            self.room() - (1 + bundle::varint_len(total) + bundle::varint_len(self.room() as u32));
         put_entry(&mut self.open, TAG_FIRST, total, &bytes[..first]);
         self.seal(now, false);
         let mut rest = &bytes[first..];
@@ -258,23 +282,27 @@ impl Encoder {
         let data_len = self.open.len();
         let full = self.cfg.shard_size;
         let k = data_len.div_ceil(full);
-        let shard_len = if k == self.cfg.data_shards { full } else { data_len.div_ceil(k) };
-        let idle = self.last_data_frame.is_none_or(|t| now.saturating_sub(t) >= self.cfg.idle_after);
-        if idle && self.sealed.is_empty() && self.group.blocks.is_empty() {
-            self.warmup_left = self.cfg.warmup_blocks;
-        }
-        let mut m = self.parity_for(k);
-        if self.warmup_left > 0 {
-            self.warmup_left -= 1;
-            self.stats.warmup_blocks += 1;
-            m = m.max(self.cfg.warmup_parity).min(MAX_SHARDS - k);
-        }
-        let mut shards = std::mem::replace(&mut self.open, Vec::with_capacity(self.cfg.block_capacity()));
-        shards.resize((k + m) * shard_len, 0);
-        self.fec.encode(k, m, shard_len, &mut shards);
+        let shard_len = if k == self.cfg.data_shards {
+            full
+        } else {
+            data_len.div_ceil(k)
+        };
+        let mut shards = std::mem::replace(
+            &mut self.open,
+            Vec::with_capacity(self.cfg.block_capacity()),
+        );
+        shards.resize(k * shard_len, 0);
         let number = self.next_block;
         self.next_block += 1;
-        self.sealed.push_back(SealedBlock { number, k, m, shard_len, data_len, shards, sealed_at: now });
+        self.sealed.push_back(SealedBlock {
+            number,
+            k,
+            m: 0,
+            shard_len,
+            data_len,
+            shards,
+            sealed_at: now,
+        });
         self.stats.blocks += 1;
         if by_timer {
             self.stats.partial_blocks += 1;
@@ -299,14 +327,29 @@ impl Encoder {
 
     /// When the caller should next call `handle_timeout`.
     pub fn poll_timeout(&self) -> Option<Nanos> {
-        let flush = self.open_since.map(|t| t + self.cfg.flush_after);
-        let group = self.sealed.front().map(|b| b.sealed_at + self.cfg.flush_after);
-        [flush, group, self.next_heartbeat].into_iter().flatten().min()
+        let flush = self
+            .open_since
+            .filter(|_| self.sealed.is_empty())
+            .map(|t| t + self.cfg.flush_after);
+        let group = self
+            .sealed
+            .front()
+            .map(|b| b.sealed_at + self.cfg.flush_after);
+        [flush, group, self.next_heartbeat]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Nanos) {
         self.start.get_or_insert(now);
-        if self.open_since.is_some_and(|t| now >= t + self.cfg.flush_after) {
+        // While sealed blocks still wait for the link, sealing early buys
+        // no latency: let the open block fill instead.
+        if self.sealed.is_empty()
+            && self
+                .open_since
+                .is_some_and(|t| now >= t + self.cfg.flush_after)
+        {
             self.seal(now, true);
         }
         let due = *self.next_heartbeat.get_or_insert(now);
@@ -325,7 +368,10 @@ impl Encoder {
 
     /// True when nothing is waiting to be sent.
     pub fn is_idle(&self) -> bool {
-        self.open.is_empty() && self.sealed.is_empty() && self.group.blocks.is_empty() && self.control.is_empty()
+        self.open.is_empty()
+            && self.sealed.is_empty()
+            && self.group.blocks.is_empty()
+            && self.control.is_empty()
     }
 
     /// Queues a heartbeat now (after a final flush, so the receiver learns
@@ -344,14 +390,18 @@ impl Encoder {
         let statuses: Vec<StreamStatus> = self
             .streams
             .iter()
-            .map(|s| StreamStatus { info: s.info.clone(), last_seq: s.last_sealed })
+            .map(|s| StreamStatus {
+                info: s.info.clone(),
+                last_seq: s.last_sealed,
+            })
             .collect();
         // Split the stream list into parts that each fit one frame.
         let mut parts: Vec<Heartbeat> = vec![header.clone()];
         for status in statuses {
             let last = parts.last_mut().expect("at least one part");
             last.streams.push(status);
-            let size = postcard::to_allocvec(&Control::Heartbeat(last.clone())).map_or(usize::MAX, |v| v.len());
+            let size = postcard::to_allocvec(&Control::Heartbeat(last.clone()))
+                .map_or(usize::MAX, |v| v.len());
             if size > self.cfg.shard_size && last.streams.len() > 1 {
                 let moved = last.streams.pop().expect("just pushed");
                 let mut next = header.clone();
@@ -363,7 +413,8 @@ impl Encoder {
         for (i, mut part) in parts.into_iter().enumerate() {
             part.part = i as u16;
             part.parts = count;
-            let body = postcard::to_allocvec(&Control::Heartbeat(part)).expect("heartbeat serializes");
+            let body =
+                postcard::to_allocvec(&Control::Heartbeat(part)).expect("heartbeat serializes");
             if body.len() > self.cfg.shard_size {
                 // A single stream's name longer than a datagram: config
                 // validation keeps names short, so this is unreachable in
@@ -392,7 +443,12 @@ impl Encoder {
     pub fn poll_frame(&mut self, now: Nanos, buf: &mut [u8]) -> Option<usize> {
         let group_done = self.group.blocks.is_empty() || self.group.next_is_done();
         let next_unsent = self.sealed.front().map_or(self.next_block, |b| b.number);
-        if group_done && self.control.front().is_some_and(|(after, _)| *after <= next_unsent) {
+        if group_done
+            && self
+                .control
+                .front()
+                .is_some_and(|(after, _)| *after <= next_unsent)
+        {
             let (_, frame) = self.control.pop_front().expect("front exists");
             buf[..frame.len()].copy_from_slice(&frame);
             self.stats.control_frames += 1;
@@ -433,13 +489,47 @@ impl Encoder {
         }
         let ready = self.flushing
             || self.sealed.len() >= self.cfg.interleave
-            || self.sealed.front().is_some_and(|b| now >= b.sealed_at + self.cfg.flush_after);
+            || self
+                .sealed
+                .front()
+                .is_some_and(|b| now >= b.sealed_at + self.cfg.flush_after);
         if !ready {
             self.group = Group::default();
             return None;
         }
         let take = self.sealed.len().min(self.cfg.interleave);
-        self.group = Group { blocks: self.sealed.drain(..take).collect(), shard: 0, block: 0 };
+        let mut blocks: Vec<SealedBlock> = self.sealed.drain(..take).collect();
+        // A group that is not full means the link has spare capacity: spend
+        // it on parity, because a short group spreads a burst over fewer
+        // blocks than `interleave`.
+        let spare = take < self.cfg.interleave;
+        let idle = self
+            .last_data_frame
+            .is_none_or(|t| now.saturating_sub(t) >= self.cfg.idle_after);
+        if idle && self.group.blocks.is_empty() {
+            self.warmup_left = self.cfg.warmup_blocks;
+        }
+        for block in &mut blocks {
+            let k = block.k;
+            let mut m = self.parity_for(k);
+            if spare {
+                m = m.max(self.cfg.parity_shards).min(MAX_SHARDS - k);
+                self.stats.spare_parity_blocks += 1;
+            }
+            if self.warmup_left > 0 {
+                self.warmup_left -= 1;
+                self.stats.warmup_blocks += 1;
+                m = m.max(self.cfg.warmup_parity).min(MAX_SHARDS - k);
+            }
+            block.m = m;
+            block.shards.resize((k + m) * block.shard_len, 0);
+            self.fec.encode(k, m, block.shard_len, &mut block.shards);
+        }
+        self.group = Group {
+            blocks,
+            shard: 0,
+            block: 0,
+        };
         Some(())
     }
 }

@@ -17,7 +17,9 @@ pub struct Fec {
 
 impl std::fmt::Debug for Fec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fec").field("codecs", &self.codecs.len()).finish()
+        f.debug_struct("Fec")
+            .field("codecs", &self.codecs.len())
+            .finish()
     }
 }
 
@@ -26,9 +28,9 @@ impl Fec {
         if !self.codecs.contains_key(&(k, m)) && self.codecs.len() >= CODEC_CACHE_LIMIT {
             self.codecs.clear();
         }
-        self.codecs
-            .entry((k, m))
-            .or_insert_with(|| ReedSolomon::new(k, m).expect("k >= 1, m >= 1, k + m <= 256 checked by caller"))
+        self.codecs.entry((k, m)).or_insert_with(|| {
+            ReedSolomon::new(k, m).expect("k >= 1, m >= 1, k + m <= 256 checked by caller")
+        })
     }
 
     /// Fills the m parity shards that follow the k data shards in `shards`
@@ -49,7 +51,14 @@ impl Fec {
     /// Rebuilds the missing data shards in place. `present[i]` says whether
     /// shard i of the flat buffer holds received bytes. Returns the number of
     /// data shards rebuilt, or None if fewer than k shards are present.
-    pub fn reconstruct(&mut self, k: usize, m: usize, shard_len: usize, shards: &mut [u8], present: &[bool]) -> Option<usize> {
+    pub fn reconstruct(
+        &mut self,
+        k: usize,
+        m: usize,
+        shard_len: usize,
+        shards: &mut [u8],
+        present: &[bool],
+    ) -> Option<usize> {
         assert_eq!(shards.len(), (k + m) * shard_len);
         assert_eq!(present.len(), k + m);
         let missing_data = present[..k].iter().filter(|p| !**p).count();
@@ -59,7 +68,10 @@ impl Fec {
         if present.iter().filter(|p| **p).count() < k {
             return None;
         }
-        let mut slices: Vec<(&mut [u8], bool)> = shards.chunks_mut(shard_len).zip(present.iter().copied()).collect();
+        let mut slices: Vec<(&mut [u8], bool)> = shards
+            .chunks_mut(shard_len)
+            .zip(present.iter().copied())
+            .collect();
         self.codec(k, m).reconstruct_data(&mut slices).ok()?;
         Some(missing_data)
     }

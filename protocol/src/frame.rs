@@ -61,7 +61,11 @@ impl FrameHeader {
     /// Panics if `out` is too small or `shard` is not `shard_len` long: both are
     /// the caller's invariants, not input from outside.
     pub fn write(&self, shard: &[u8], out: &mut [u8]) -> usize {
-        assert_eq!(shard.len(), self.shard_len as usize, "shard length matches header");
+        assert_eq!(
+            shard.len(),
+            self.shard_len as usize,
+            "shard length matches header"
+        );
         let total = HEADER_LEN + shard.len() + CRC_LEN;
         assert!(out.len() >= total, "frame buffer too small");
         out[0..2].copy_from_slice(&MAGIC);
@@ -83,7 +87,9 @@ impl FrameHeader {
     /// Parses and checks a datagram; returns the header and the shard bytes.
     pub fn parse(datagram: &[u8]) -> Result<(FrameHeader, &[u8]), FrameError> {
         if datagram.len() < FRAME_OVERHEAD {
-            return Err(FrameError::Truncated { len: datagram.len() });
+            return Err(FrameError::Truncated {
+                len: datagram.len(),
+            });
         }
         if datagram[0..2] != MAGIC {
             return Err(FrameError::BadMagic);
@@ -92,8 +98,10 @@ impl FrameHeader {
             return Err(FrameError::UnsupportedVersion(datagram[2]));
         }
         let be16 = |at: usize| u16::from_be_bytes([datagram[at], datagram[at + 1]]);
-        let be32 = |at: usize| u32::from_be_bytes(datagram[at..at + 4].try_into().expect("4 bytes"));
-        let be64 = |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
+        let be32 =
+            |at: usize| u32::from_be_bytes(datagram[at..at + 4].try_into().expect("4 bytes"));
+        let be64 =
+            |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
         let header = FrameHeader {
             flags: datagram[3],
             session: be64(4),
@@ -106,7 +114,10 @@ impl FrameHeader {
         };
         let expected = FRAME_OVERHEAD + header.shard_len as usize;
         if datagram.len() != expected {
-            return Err(FrameError::LengthMismatch { len: datagram.len(), expected });
+            return Err(FrameError::LengthMismatch {
+                len: datagram.len(),
+                expected,
+            });
         }
         let body_end = HEADER_LEN + header.shard_len as usize;
         let crc = be32(body_end);
@@ -137,7 +148,9 @@ impl FrameHeader {
         if self.data_len as usize > self.k as usize * self.shard_len as usize {
             return invalid("data length exceeds k shards");
         }
-        if self.is_control() && (self.k != 1 || self.m != 0 || self.data_len != self.shard_len as u32) {
+        if self.is_control()
+            && (self.k != 1 || self.m != 0 || self.data_len != self.shard_len as u32)
+        {
             return invalid("control frame must be a single unpadded shard");
         }
         Ok(())
@@ -167,7 +180,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn header(shard_len: u16) -> FrameHeader {
-        FrameHeader { flags: 0, session: 7, block: 42, index: 3, k: 4, m: 2, shard_len, data_len: 10 }
+        FrameHeader {
+            flags: 0,
+            session: 7,
+            block: 42,
+            index: 3,
+            k: 4,
+            m: 2,
+            shard_len,
+            data_len: 10,
+        }
     }
 
     #[test]
@@ -181,7 +203,10 @@ mod tests {
         for bit in 0..n * 8 {
             let mut bad = buf[..n].to_vec();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(FrameHeader::parse(&bad).is_err(), "bit {bit} flipped was accepted");
+            assert!(
+                FrameHeader::parse(&bad).is_err(),
+                "bit {bit} flipped was accepted"
+            );
         }
     }
 

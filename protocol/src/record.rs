@@ -108,7 +108,9 @@ mod tests {
 
     fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
-            any::<f64>().prop_filter("NaN is not equal to itself", |f| !f.is_nan()).prop_map(Value::F64),
+            any::<f64>()
+                .prop_filter("NaN is not equal to itself", |f| !f.is_nan())
+                .prop_map(Value::F64),
             any::<i64>().prop_map(Value::I64),
             any::<bool>().prop_map(Value::Bool),
             ".{0,40}".prop_map(Value::Str),
@@ -117,14 +119,39 @@ mod tests {
 
     fn body() -> impl Strategy<Value = RecordBody> {
         prop_oneof![
-            (".{0,60}", any::<i64>(), value(), any::<u8>())
-                .prop_map(|(tag, ts_ns, value, quality)| RecordBody::Point(Point { tag, ts_ns, value, quality })),
+            (".{0,60}", any::<i64>(), value(), any::<u8>()).prop_map(
+                |(tag, ts_ns, value, quality)| RecordBody::Point(Point {
+                    tag,
+                    ts_ns,
+                    value,
+                    quality
+                })
+            ),
             (".{0,60}", proptest::collection::vec(any::<u8>(), 0..300))
                 .prop_map(|(topic, payload)| RecordBody::Message(Message { topic, payload })),
-            (any::<u8>(), any::<u8>(), ".{0,20}", ".{0,20}", ".{0,200}", any::<i64>()).prop_map(
-                |(facility, severity, host, app, text, ts_ns)| RecordBody::Log(Log { facility, severity, host, app, text, ts_ns })
-            ),
-            (proptest::collection::vec(any::<u8>(), 0..2000), any::<bool>()).prop_map(|(data, end)| RecordBody::Bytes(Chunk { data, end })),
+            (
+                any::<u8>(),
+                any::<u8>(),
+                ".{0,20}",
+                ".{0,20}",
+                ".{0,200}",
+                any::<i64>()
+            )
+                .prop_map(|(facility, severity, host, app, text, ts_ns)| {
+                    RecordBody::Log(Log {
+                        facility,
+                        severity,
+                        host,
+                        app,
+                        text,
+                        ts_ns,
+                    })
+                }),
+            (
+                proptest::collection::vec(any::<u8>(), 0..2000),
+                any::<bool>()
+            )
+                .prop_map(|(data, end)| RecordBody::Bytes(Chunk { data, end })),
         ]
     }
 

@@ -6,9 +6,13 @@
 /// forms and the bare letters, 1000 for KB/MB/GB/TB).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("`{text}` is not a size; write e.g. 65536, 64KiB, 256MiB, 1GiB"))?;
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size; write e.g. 65536, 64KiB, 256MiB, 1GiB"))?;
     let mult: f64 = match unit.trim() {
         "" | "B" => 1.0,
         "K" | "KiB" | "k" => 1024.0,
@@ -19,7 +23,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "MB" => 1e6,
         "GB" => 1e9,
         "TB" => 1e12,
-        other => return Err(format!("`{other}` in `{text}` is not a size unit; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")),
+        other => {
+            return Err(format!(
+            "`{other}` in `{text}` is not a size unit; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+        ))
+        }
     };
     let v = num * mult;
     if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
@@ -32,18 +40,26 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// "500kbit", or a plain number of bits per second. Must be positive.
 pub fn parse_rate(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("`{text}` is not a rate; write e.g. 800Mbit, 1Gbit, 9.5Gbit"))?;
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a rate; write e.g. 800Mbit, 1Gbit, 9.5Gbit"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "bit" | "bps" | "bit/s" => 1.0,
         "k" | "kbit" | "kbps" | "kbit/s" => 1e3,
         "m" | "mbit" | "mbps" | "mbit/s" => 1e6,
         "g" | "gbit" | "gbps" | "gbit/s" => 1e9,
-        other => return Err(format!("`{other}` in `{text}` is not a rate unit; use bit, kbit, Mbit or Gbit")),
+        other => {
+            return Err(format!(
+                "`{other}` in `{text}` is not a rate unit; use bit, kbit, Mbit or Gbit"
+            ))
+        }
     };
     let v = num * mult;
-    if !v.is_finite() || v < 1000.0 || v > 1e12 {
+    if !v.is_finite() || !(1000.0..=1e12).contains(&v) {
         return Err(format!("`{text}` must be between 1kbit and 1000Gbit"));
     }
     Ok(v.round() as u64)

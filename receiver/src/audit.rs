@@ -22,14 +22,20 @@ pub fn now_rfc3339() -> String {
 impl AuditLog {
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("audit.path: cannot create directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("audit.path: cannot create directory {}", dir.display())
+            })?;
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("audit.path: cannot open {} for appending", path.display()))?;
-        Ok(AuditLog { file, path: path.to_path_buf(), dirty: false })
+        Ok(AuditLog {
+            file,
+            path: path.to_path_buf(),
+            dirty: false,
+        })
     }
 
     /// Appends one event; `fields` must be a JSON object. The event name
@@ -46,7 +52,11 @@ impl AuditLog {
         if let Err(e) = self.file.write_all(text.as_bytes()) {
             // The audit log is the record of losses: failing to write it is
             // as loud as we can make it, but it must not stop delivery.
-            tracing::error!("audit.path: cannot append to {}: {e}; event was: {}", self.path.display(), text.trim());
+            tracing::error!(
+                "audit.path: cannot append to {}: {e}; event was: {}",
+                self.path.display(),
+                text.trim()
+            );
         }
         self.dirty = true;
     }

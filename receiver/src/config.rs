@@ -92,7 +92,9 @@ fn default_audit() -> PathBuf {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { path: default_audit() }
+        AuditConfig {
+            path: default_audit(),
+        }
     }
 }
 
@@ -110,7 +112,9 @@ fn default_journal() -> PathBuf {
 
 impl Default for JournalConfig {
     fn default() -> Self {
-        JournalConfig { path: default_journal() }
+        JournalConfig {
+            path: default_journal(),
+        }
     }
 }
 
@@ -128,7 +132,9 @@ fn default_warn_after() -> u64 {
 
 impl Default for HeartbeatConfig {
     fn default() -> Self {
-        HeartbeatConfig { warn_after_ms: default_warn_after() }
+        HeartbeatConfig {
+            warn_after_ms: default_warn_after(),
+        }
     }
 }
 
@@ -147,7 +153,10 @@ fn default_log_interval() -> u64 {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { path: None, log_interval_s: default_log_interval() }
+        MetricsConfig {
+            path: None,
+            log_interval_s: default_log_interval(),
+        }
     }
 }
 
@@ -159,19 +168,25 @@ pub struct Loaded {
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading receiver config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading receiver config {}", path.display()))?;
     parse(&text).with_context(|| format!("in receiver config {}", path.display()))
 }
 
 pub fn parse(text: &str) -> Result<Loaded> {
     let config: ReceiverConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let c = &config;
-    let recv_buffer = parse_size(&c.link.recv_buffer).map_err(|e| anyhow::anyhow!("link.recv_buffer: {e}"))? as usize;
+    let recv_buffer = parse_size(&c.link.recv_buffer)
+        .map_err(|e| anyhow::anyhow!("link.recv_buffer: {e}"))? as usize;
     if !(576..=65_535).contains(&c.link.mtu) {
-        bail!("link.mtu: {} is outside 576..=65535 (1500 for Ethernet, 9000 for jumbo frames)", c.link.mtu);
+        bail!(
+            "link.mtu: {} is outside 576..=65535 (1500 for Ethernet, 9000 for jumbo frames)",
+            c.link.mtu
+        );
     }
-    let max_record_size =
-        parse_size(&c.decoder.max_record_size).map_err(|e| anyhow::anyhow!("decoder.max_record_size: {e}"))? as usize;
+    let max_record_size = parse_size(&c.decoder.max_record_size)
+        .map_err(|e| anyhow::anyhow!("decoder.max_record_size: {e}"))?
+        as usize;
     let decoder = DecoderConfig {
         max_blocks_in_flight: c.decoder.max_blocks_in_flight,
         block_timeout: c.decoder.block_timeout_ms * NANOS_PER_MILLI,
@@ -186,14 +201,22 @@ pub fn parse(text: &str) -> Result<Loaded> {
     for (i, s) in c.sinks.iter().enumerate() {
         let common = s.common();
         if common.name.is_empty() || !names.insert(common.name.clone()) {
-            bail!("sinks[{i}].name: `{}` must be non-empty and unique", common.name);
+            bail!(
+                "sinks[{i}].name: `{}` must be non-empty and unique",
+                common.name
+            );
         }
         if let Err(e) = crate::sinks::matcher(&common.streams) {
             bail!("sinks[{i}] ({}).streams: {e}", common.name);
         }
-        s.validate().map_err(|e| anyhow::anyhow!("sinks[{i}] ({}).{e}", common.name))?;
+        s.validate()
+            .map_err(|e| anyhow::anyhow!("sinks[{i}] ({}).{e}", common.name))?;
     }
-    Ok(Loaded { config, recv_buffer, decoder })
+    Ok(Loaded {
+        config,
+        recv_buffer,
+        decoder,
+    })
 }
 
 #[cfg(test)]
@@ -220,12 +243,30 @@ mod tests {
     #[test]
     fn errors_name_the_key_to_fix() {
         let cases = [
-            (GOOD.replace("[link]", "[link]\nrecv_buffer = \"lots\""), "link.recv_buffer"),
+            (
+                GOOD.replace("[link]", "[link]\nrecv_buffer = \"lots\""),
+                "link.recv_buffer",
+            ),
             (GOOD.replace("[link]", "[link]\nmtu = 10"), "link.mtu"),
-            (GOOD.replace("dir = \"/tmp/out\"", "dir = \"/tmp/out\"\nstreams = [\"[\"]"), "sinks[0] (files).streams"),
+            (
+                GOOD.replace(
+                    "dir = \"/tmp/out\"",
+                    "dir = \"/tmp/out\"\nstreams = [\"[\"]",
+                ),
+                "sinks[0] (files).streams",
+            ),
             (GOOD.replace("type = \"file\"", "type = \"kafka\""), "kafka"),
-            (GOOD.replace("[link]", "[decoder]\nmax_blocks_in_flight = 3\n[link]"), "decoder.max_blocks_in_flight"),
-            (GOOD.replace("dir = \"/tmp/out\"", "dir = \"/tmp/out\"\nmax_file_bytes = \"x\""), "max_file_bytes"),
+            (
+                GOOD.replace("[link]", "[decoder]\nmax_blocks_in_flight = 3\n[link]"),
+                "decoder.max_blocks_in_flight",
+            ),
+            (
+                GOOD.replace(
+                    "dir = \"/tmp/out\"",
+                    "dir = \"/tmp/out\"\nmax_file_bytes = \"x\"",
+                ),
+                "max_file_bytes",
+            ),
             (GOOD.replace("listen", "lisen"), "lisen"),
         ];
         for (text, key) in cases {

@@ -27,7 +27,11 @@ use crate::pipeline::{Pipeline, SinkHandle};
 use crate::sinks::SinkStats;
 
 #[derive(Parser)]
-#[command(name = "weir-receiver", version, about = "IT side of a weir one-way link: FEC-protected UDP frames in, records to sinks out")]
+#[command(
+    name = "weir-receiver",
+    version,
+    about = "IT side of a weir one-way link: FEC-protected UDP frames in, records to sinks out"
+)]
 struct Cli {
     /// Log format: text for a terminal or journald, json for log shippers.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -75,8 +79,11 @@ fn main() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match format {
         LogFormat::Text => builder.with_ansi(ansi).init(),
@@ -88,7 +95,10 @@ fn check_config(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
     println!("# {}: configuration is valid", path.display());
     println!("# effective configuration (defaults filled in):\n");
-    print!("{}", toml::to_string(&loaded.config).expect("configuration serializes"));
+    print!(
+        "{}",
+        toml::to_string(&loaded.config).expect("configuration serializes")
+    );
     Ok(())
 }
 
@@ -99,10 +109,16 @@ fn run(path: &Path) -> Result<()> {
     let (state_file, state) = state::StateFile::open(&cfg.journal.path)?;
     let mut decoder = Decoder::new(loaded.decoder.clone());
     for (name, cursor) in &state.streams {
-        decoder.restore_cursor(name, cursor.session.as_deref().and_then(state::parse_session), cursor.last);
+        decoder.restore_cursor(
+            name,
+            cursor.session.as_deref().and_then(state::parse_session),
+            cursor.last,
+        );
     }
     let socket = udp::LinkSocket::open(cfg.link.listen, loaded.recv_buffer, cfg.link.mtu)?;
-    let listen = socket.local_addr().map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
+    let listen = socket
+        .local_addr()
+        .map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
     tracing::info!(listen = %listen, sinks = cfg.sinks.len(), restored_streams = state.streams.len(), "weir-receiver starting");
     audit.write("receiver-start", json!({ "listen": listen, "version": env!("CARGO_PKG_VERSION"), "restored_streams": state.streams.len() }));
 
@@ -110,19 +126,35 @@ fn run(path: &Path) -> Result<()> {
     let mut sinks = Vec::new();
     for sink_cfg in &cfg.sinks {
         let common = sink_cfg.common();
-        let sink = sink_cfg.build().with_context(|| format!("sinks ({})", common.name))?;
-        let routes = sinks::matcher(&common.streams).map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
+        let sink = sink_cfg
+            .build()
+            .with_context(|| format!("sinks ({})", common.name))?;
+        let routes = sinks::matcher(&common.streams)
+            .map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(SINK_QUEUE);
         let confirmed: sinks::Confirmed = Arc::new(Mutex::new(Default::default()));
         let stats = Arc::new(SinkStats::default());
         let thread = {
-            let (name, routes, confirmed, stats, abort) = (common.name.clone(), routes.clone(), confirmed.clone(), stats.clone(), abort.clone());
+            let (name, routes, confirmed, stats, abort) = (
+                common.name.clone(),
+                routes.clone(),
+                confirmed.clone(),
+                stats.clone(),
+                abort.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("sink-{}", common.name))
                 .spawn(move || sinks::run_sink(name, sink, routes, rx, confirmed, stats, abort))
                 .context("starting a sink thread")?
         };
-        sinks.push(SinkHandle { name: common.name, tx, routes, confirmed, stats, thread });
+        sinks.push(SinkHandle {
+            name: common.name,
+            tx,
+            routes,
+            confirmed,
+            stats,
+            thread,
+        });
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -155,7 +187,9 @@ fn run(path: &Path) -> Result<()> {
     wait_for_signal();
     tracing::info!("stopping: finishing what was received");
     stop.store(true, Ordering::Relaxed);
-    let recv_result = recv.join().map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
+    let recv_result = recv
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
     // If a sink is stuck retrying, give it a bounded time, then abort it.
     let aborter = {
         let abort = abort.clone();
@@ -164,14 +198,19 @@ fn run(path: &Path) -> Result<()> {
             abort.store(true, Ordering::Relaxed);
         })
     };
-    decode.join().map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
+    decode
+        .join()
+        .map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
     drop(aborter);
     tracing::info!("weir-receiver stopped");
     recv_result
 }
 
 fn wait_for_signal() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("signal runtime");
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {

@@ -62,12 +62,19 @@ impl HeartbeatWatch {
         }
         let now = Instant::now();
         if let Some(since) = self.lost_since.take() {
-            let silent = self.last.map_or(now.duration_since(since), |l| now.duration_since(l));
-            tracing::info!(silent_s = silent.as_secs_f64(), "sender heartbeats are back");
+            let silent = self
+                .last
+                .map_or(now.duration_since(since), |l| now.duration_since(l));
+            tracing::info!(
+                silent_s = silent.as_secs_f64(),
+                "sender heartbeats are back"
+            );
             audit.write("heartbeat-returned", json!({ "silent_s": silent.as_secs_f64(), "session": format!("{:016x}", hb.session) }));
         }
         self.last = Some(now);
-        if self.session != Some(hb.session) || self.config_hash.as_deref() != Some(hb.config_hash.as_str()) {
+        if self.session != Some(hb.session)
+            || self.config_hash.as_deref() != Some(hb.config_hash.as_str())
+        {
             tracing::info!(
                 session = format!("{:016x}", hb.session),
                 config_hash = %hb.config_hash,
@@ -75,7 +82,9 @@ impl HeartbeatWatch {
                 streams = hb.streams.len(),
                 "sender status"
             );
-            if self.config_hash.is_some() && self.config_hash.as_deref() != Some(hb.config_hash.as_str()) {
+            if self.config_hash.is_some()
+                && self.config_hash.as_deref() != Some(hb.config_hash.as_str())
+            {
                 tracing::warn!(previous = self.config_hash.as_deref().unwrap_or(""), now = %hb.config_hash, "the sender's configuration hash changed");
             }
             audit.write(
@@ -95,7 +104,9 @@ impl HeartbeatWatch {
         if silent < self.warn_after {
             return;
         }
-        let repeat = self.last_warning.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60));
+        let repeat = self
+            .last_warning
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60));
         if self.lost_since.is_none() {
             self.lost_since = Some(since);
             if self.last.is_some() {
@@ -105,7 +116,10 @@ impl HeartbeatWatch {
         if repeat {
             self.last_warning = Some(now);
             if self.last.is_some() {
-                tracing::warn!(silent_s = silent.as_secs(), "no heartbeat from the sender; check the sender and the link");
+                tracing::warn!(
+                    silent_s = silent.as_secs(),
+                    "no heartbeat from the sender; check the sender and the link"
+                );
             } else {
                 tracing::warn!(silent_s = silent.as_secs(), "no heartbeat received since start; check link.listen and the sender's link.destination");
             }
@@ -155,7 +169,9 @@ impl Pipeline {
                 match ev {
                     Event::Record(r) => {
                         let sinks = &self.sinks;
-                        let is_routed = *routed.entry(r.stream.clone()).or_insert_with(|| sinks.iter().any(|s| s.routes.is_match(&*r.stream)));
+                        let is_routed = *routed
+                            .entry(r.stream.clone())
+                            .or_insert_with(|| sinks.iter().any(|s| s.routes.is_match(&*r.stream)));
                         if is_routed {
                             records.push(r);
                         } else {
@@ -169,11 +185,22 @@ impl Pipeline {
                         tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.len(), cause = g.cause.as_str(), "gap: records will not arrive");
                         self.audit.write("gap", json!({ "stream": &*g.stream, "from": g.from, "to": g.to, "cause": g.cause.as_str() }));
                     }
-                    Event::SessionStarted { session, joined_late } => {
-                        tracing::info!(session = format!("{session:016x}"), joined_late, "sender session started");
+                    Event::SessionStarted {
+                        session,
+                        joined_late,
+                    } => {
+                        tracing::info!(
+                            session = format!("{session:016x}"),
+                            joined_late,
+                            "sender session started"
+                        );
                         self.audit.write("session", json!({ "session": format!("{session:016x}"), "joined_late": joined_late }));
                     }
-                    Event::SequenceReset { stream, last_delivered, first_seq } => {
+                    Event::SequenceReset {
+                        stream,
+                        last_delivered,
+                        first_seq,
+                    } => {
                         tracing::warn!(stream = %stream, last_delivered, first_seq, "the sender restarted this stream's numbering (it lost its sequence state)");
                         self.audit.write("sequence-reset", json!({ "stream": &*stream, "last_delivered": last_delivered, "first_seq": first_seq }));
                     }
@@ -204,7 +231,8 @@ impl Pipeline {
         for s in std::mem::take(&mut self.sinks) {
             drop(s.tx);
             let _ = s.thread.join();
-            self.finished_sinks.push((s.name, s.routes, s.confirmed, s.stats));
+            self.finished_sinks
+                .push((s.name, s.routes, s.confirmed, s.stats));
         }
         self.save_state();
         self.write_metrics(unrouted_records, &watch);
@@ -230,18 +258,40 @@ impl Pipeline {
     /// Per stream, the last sequence every sink routing it has confirmed.
     fn save_state(&mut self) {
         let mut state = State::default();
-        let sinks: Vec<(&GlobSet, &Confirmed)> =
-            self.sinks.iter().map(|s| (&s.routes, &s.confirmed)).chain(self.finished_sinks.iter().map(|s| (&s.1, &s.2))).collect();
-        let confirmed: Vec<HashMap<Arc<str>, u64>> = sinks.iter().map(|(_, c)| c.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+        let sinks: Vec<(&GlobSet, &Confirmed)> = self
+            .sinks
+            .iter()
+            .map(|s| (&s.routes, &s.confirmed))
+            .chain(self.finished_sinks.iter().map(|s| (&s.1, &s.2)))
+            .collect();
+        let confirmed: Vec<HashMap<Arc<str>, u64>> = sinks
+            .iter()
+            .map(|(_, c)| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
         for (stream, session, last) in self.decoder.cursors() {
-            let routing: Vec<usize> = sinks.iter().enumerate().filter(|(_, (r, _))| r.is_match(stream)).map(|(i, _)| i).collect();
+            let routing: Vec<usize> = sinks
+                .iter()
+                .enumerate()
+                .filter(|(_, (r, _))| r.is_match(stream))
+                .map(|(i, _)| i)
+                .collect();
             let last = if routing.is_empty() {
                 last
             } else {
-                routing.iter().map(|i| confirmed[*i].get(stream).copied()).min().flatten()
+                routing
+                    .iter()
+                    .map(|i| confirmed[*i].get(stream).copied())
+                    .min()
+                    .flatten()
             };
             if last.is_some() {
-                state.streams.insert(stream.to_string(), StreamCursor { session: session.map(|s| format!("{s:016x}")), last });
+                state.streams.insert(
+                    stream.to_string(),
+                    StreamCursor {
+                        session: session.map(|s| format!("{s:016x}")),
+                        last,
+                    },
+                );
             }
         }
         if let Err(e) = self.state_file.save(&state) {
@@ -250,35 +300,67 @@ impl Pipeline {
     }
 
     fn metrics(&self, unrouted: u64) -> Vec<(String, u64)> {
-        let mut m: Vec<(String, u64)> = self.decoder.stats().fields().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut m: Vec<(String, u64)> = self
+            .decoder
+            .stats()
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         let r = &self.recv_stats;
         m.push(("recv_syscalls".into(), r.syscalls.load(Ordering::Relaxed)));
         m.push(("recv_datagrams".into(), r.datagrams.load(Ordering::Relaxed)));
         m.push(("recv_bytes".into(), r.bytes.load(Ordering::Relaxed)));
         m.push(("recv_errors".into(), r.errors.load(Ordering::Relaxed)));
         m.push(("records_unrouted".into(), unrouted));
-        let all = self.sinks.iter().map(|s| (&s.name, &s.stats)).chain(self.finished_sinks.iter().map(|s| (&s.0, &s.3)));
+        let all = self
+            .sinks
+            .iter()
+            .map(|s| (&s.name, &s.stats))
+            .chain(self.finished_sinks.iter().map(|s| (&s.0, &s.3)));
         for (name, s) in all {
-            m.push((format!("sink.{name}.records"), s.records.load(Ordering::Relaxed)));
-            m.push((format!("sink.{name}.errors"), s.errors.load(Ordering::Relaxed)));
-            m.push((format!("sink.{name}.retries"), s.retries.load(Ordering::Relaxed)));
+            m.push((
+                format!("sink.{name}.records"),
+                s.records.load(Ordering::Relaxed),
+            ));
+            m.push((
+                format!("sink.{name}.errors"),
+                s.errors.load(Ordering::Relaxed),
+            ));
+            m.push((
+                format!("sink.{name}.retries"),
+                s.retries.load(Ordering::Relaxed),
+            ));
         }
         m
     }
 
     fn write_metrics(&self, unrouted: u64, watch: &HeartbeatWatch) {
-        let Some(path) = &self.metrics_path else { return };
+        let Some(path) = &self.metrics_path else {
+            return;
+        };
         let mut map = serde_json::Map::new();
         for (k, v) in self.metrics(unrouted) {
             map.insert(k, v.into());
         }
-        map.insert("sender_session".into(), json!(watch.session.map(|s| format!("{s:016x}"))));
+        map.insert(
+            "sender_session".into(),
+            json!(watch.session.map(|s| format!("{s:016x}"))),
+        );
         map.insert("sender_config_hash".into(), json!(watch.config_hash));
-        map.insert("heartbeat_age_ms".into(), json!(watch.last.map(|l| l.elapsed().as_millis() as u64)));
-        let sender: serde_json::Map<String, serde_json::Value> = watch.counters.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        map.insert(
+            "heartbeat_age_ms".into(),
+            json!(watch.last.map(|l| l.elapsed().as_millis() as u64)),
+        );
+        let sender: serde_json::Map<String, serde_json::Value> = watch
+            .counters
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
         map.insert("sender".into(), serde_json::Value::Object(sender));
         let tmp = path.with_extension("tmp");
-        let result = std::fs::write(&tmp, serde_json::to_vec_pretty(&map).expect("json")).and_then(|_| std::fs::rename(&tmp, path));
+        let result = std::fs::write(&tmp, serde_json::to_vec_pretty(&map).expect("json"))
+            .and_then(|_| std::fs::rename(&tmp, path));
         if let Err(e) = result {
             tracing::warn!("metrics.path: cannot write {}: {e}", path.display());
         }

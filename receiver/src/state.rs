@@ -28,7 +28,8 @@ pub struct StateFile {
 
 impl StateFile {
     pub fn open(dir: &Path) -> Result<(Self, State)> {
-        std::fs::create_dir_all(dir).with_context(|| format!("journal.path: cannot create directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("journal.path: cannot create directory {}", dir.display()))?;
         let path = dir.join("cursors.json");
         let state = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
@@ -37,7 +38,13 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(e).with_context(|| format!("journal.path: cannot read {}", path.display())),
         };
-        Ok((StateFile { path, last_saved: state.clone() }, state))
+        Ok((
+            StateFile {
+                path,
+                last_saved: state.clone(),
+            },
+            state,
+        ))
     }
 
     pub fn save(&mut self, state: &State) -> Result<()> {
@@ -48,11 +55,13 @@ impl StateFile {
         let bytes = serde_json::to_vec_pretty(state).expect("json");
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
             f.write_all(&bytes)?;
             f.sync_data()?;
         }
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
         self.last_saved = state.clone();
         Ok(())
     }
@@ -72,7 +81,13 @@ mod tests {
         let (mut file, state) = StateFile::open(&dir).unwrap();
         assert!(state.streams.is_empty());
         let mut s = State::default();
-        s.streams.insert("gen".into(), StreamCursor { session: Some("00ff".into()), last: Some(41) });
+        s.streams.insert(
+            "gen".into(),
+            StreamCursor {
+                session: Some("00ff".into()),
+                last: Some(41),
+            },
+        );
         file.save(&s).unwrap();
         let (_, back) = StateFile::open(&dir).unwrap();
         assert_eq!(back, s);

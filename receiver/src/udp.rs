@@ -20,15 +20,22 @@ pub struct RecvBatch {
 
 impl RecvBatch {
     fn new(buf_len: usize) -> Self {
-        RecvBatch { bufs: (0..BATCH_SIZE).map(|_| vec![0u8; buf_len]).collect(), meta: vec![RecvMeta::default(); BATCH_SIZE], filled: 0 }
+        RecvBatch {
+            bufs: (0..BATCH_SIZE).map(|_| vec![0u8; buf_len]).collect(),
+            meta: vec![RecvMeta::default(); BATCH_SIZE],
+            filled: 0,
+        }
     }
 
     /// Every datagram in arrival order (GRO buffers split by their stride).
     pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
-        self.meta[..self.filled].iter().zip(&self.bufs).flat_map(|(m, b)| {
-            let stride = m.stride.max(1);
-            b[..m.len].chunks(stride)
-        })
+        self.meta[..self.filled]
+            .iter()
+            .zip(&self.bufs)
+            .flat_map(|(m, b)| {
+                let stride = m.stride.max(1);
+                b[..m.len].chunks(stride)
+            })
     }
 }
 
@@ -50,7 +57,8 @@ impl LinkSocket {
     /// Binds `listen` and asks for `recv_buffer` bytes of socket buffer,
     /// warning with the sysctl to raise when the kernel grants less.
     pub fn open(listen: SocketAddr, recv_buffer: usize, mtu: usize) -> Result<Self> {
-        let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("link.listen: cannot bind {listen}"))?;
+        let socket = std::net::UdpSocket::bind(listen)
+            .with_context(|| format!("link.listen: cannot bind {listen}"))?;
         let state = UdpSocketState::new((&socket).into()).context("setting up the link socket")?;
         let sock = socket2::SockRef::from(&socket);
         if let Err(e) = sock.set_recv_buffer_size(recv_buffer) {
@@ -68,7 +76,11 @@ impl LinkSocket {
         }
         let max_datagram = mtu.saturating_sub(28).max(1500);
         let buf_len = (max_datagram * state.gro_segments()).clamp(max_datagram, 65_535);
-        Ok(LinkSocket { socket, state, buf_len })
+        Ok(LinkSocket {
+            socket,
+            state,
+            buf_len,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -77,11 +89,22 @@ impl LinkSocket {
 
     /// Receives until `stop` is set, handing full batches to `out` and
     /// reusing the ones that come back on `free`.
-    pub fn run(self, out: SyncSender<RecvBatch>, free: Receiver<RecvBatch>, pool: usize, stop: Arc<AtomicBool>, stats: Arc<RecvStats>) -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    pub fn run(
+        self,
+        out: SyncSender<RecvBatch>,
+        free: Receiver<RecvBatch>,
+        pool: usize,
+        stop: Arc<AtomicBool>,
+        stats: Arc<RecvStats>,
+    ) -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(async move {
-            let socket = tokio::net::UdpSocket::from_std(self.socket).context("registering the link socket")?;
-            let mut spare: Vec<RecvBatch> = (0..pool).map(|_| RecvBatch::new(self.buf_len)).collect();
+            let socket = tokio::net::UdpSocket::from_std(self.socket)
+                .context("registering the link socket")?;
+            let mut spare: Vec<RecvBatch> =
+                (0..pool).map(|_| RecvBatch::new(self.buf_len)).collect();
             while !stop.load(Ordering::Relaxed) {
                 let mut batch = match spare.pop() {
                     Some(b) => b,
@@ -93,13 +116,16 @@ impl LinkSocket {
                 while let Ok(b) = free.try_recv() {
                     spare.push(b);
                 }
-                let ready = tokio::time::timeout(std::time::Duration::from_millis(100), socket.readable()).await;
+                let ready =
+                    tokio::time::timeout(std::time::Duration::from_millis(100), socket.readable())
+                        .await;
                 if !matches!(ready, Ok(Ok(()))) {
                     spare.push(batch);
                     continue;
                 }
                 let RecvBatch { bufs, meta, .. } = &mut batch;
-                let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
                 let result = socket.try_io(tokio::io::Interest::READABLE, || {
                     self.state.recv((&socket).into(), &mut slices, meta)
                 });
@@ -108,7 +134,10 @@ impl LinkSocket {
                     Ok(n) => {
                         batch.filled = n;
                         stats.syscalls.fetch_add(1, Ordering::Relaxed);
-                        let count: usize = batch.meta[..n].iter().map(|m| m.len.div_ceil(m.stride.max(1))).sum();
+                        let count: usize = batch.meta[..n]
+                            .iter()
+                            .map(|m| m.len.div_ceil(m.stride.max(1)))
+                            .sum();
                         let bytes: usize = batch.meta[..n].iter().map(|m| m.len).sum();
                         stats.datagrams.fetch_add(count as u64, Ordering::Relaxed);
                         stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);

@@ -124,7 +124,9 @@ fn default_queue_bytes() -> String {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { max_bytes: default_queue_bytes() }
+        QueueConfig {
+            max_bytes: default_queue_bytes(),
+        }
     }
 }
 
@@ -141,7 +143,9 @@ fn default_heartbeat_ms() -> u64 {
 
 impl Default for HeartbeatConfig {
     fn default() -> Self {
-        HeartbeatConfig { interval_ms: default_heartbeat_ms() }
+        HeartbeatConfig {
+            interval_ms: default_heartbeat_ms(),
+        }
     }
 }
 
@@ -194,7 +198,8 @@ impl Loaded {
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading sender config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading sender config {}", path.display()))?;
     parse(&text).with_context(|| format!("in sender config {}", path.display()))
 }
 
@@ -206,16 +211,27 @@ pub fn parse(text: &str) -> Result<Loaded> {
 fn validate(config: SenderConfig) -> Result<Loaded> {
     let c = &config;
     let rate_bps = parse_rate(&c.link.rate).map_err(|e| anyhow::anyhow!("link.rate: {e}"))?;
-    let queue_bytes = parse_size(&c.queue.max_bytes).map_err(|e| anyhow::anyhow!("queue.max_bytes: {e}"))?;
+    let queue_bytes =
+        parse_size(&c.queue.max_bytes).map_err(|e| anyhow::anyhow!("queue.max_bytes: {e}"))?;
     if queue_bytes < 1 << 20 {
-        bail!("queue.max_bytes: {} is below the 1MiB minimum", c.queue.max_bytes);
+        bail!(
+            "queue.max_bytes: {} is below the 1MiB minimum",
+            c.queue.max_bytes
+        );
     }
-    let send_buffer = parse_size(&c.link.send_buffer).map_err(|e| anyhow::anyhow!("link.send_buffer: {e}"))? as usize;
+    let send_buffer = parse_size(&c.link.send_buffer)
+        .map_err(|e| anyhow::anyhow!("link.send_buffer: {e}"))? as usize;
     if shard_size_for_mtu(c.link.mtu).is_none() {
-        bail!("link.mtu: {} is outside 164..=65535 (1500 for Ethernet, 9000 for jumbo frames)", c.link.mtu);
+        bail!(
+            "link.mtu: {} is outside 164..=65535 (1500 for Ethernet, 9000 for jumbo frames)",
+            c.link.mtu
+        );
     }
     if c.link.destination.ip().is_unspecified() || c.link.destination.port() == 0 {
-        bail!("link.destination: {} must be a concrete ip:port of the receiver", c.link.destination);
+        bail!(
+            "link.destination: {} must be a concrete ip:port of the receiver",
+            c.link.destination
+        );
     }
     if c.fec.data_shards == 0 || c.fec.data_shards + c.fec.parity_shards > MAX_SHARDS {
         bail!(
@@ -225,16 +241,25 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         );
     }
     if c.fec.interleave == 0 || c.fec.interleave > MAX_INTERLEAVE {
-        bail!("fec.interleave: {} must be between 1 and {MAX_INTERLEAVE}", c.fec.interleave);
+        bail!(
+            "fec.interleave: {} must be between 1 and {MAX_INTERLEAVE}",
+            c.fec.interleave
+        );
     }
     if c.fec.data_shards + c.fec.warmup_parity > MAX_SHARDS {
         bail!("fec.warmup_parity: data_shards + warmup_parity must not exceed 256");
     }
     if c.fec.flush_ms == 0 || c.fec.flush_ms > 10_000 {
-        bail!("fec.flush_ms: {} must be between 1 and 10000", c.fec.flush_ms);
+        bail!(
+            "fec.flush_ms: {} must be between 1 and 10000",
+            c.fec.flush_ms
+        );
     }
     if c.heartbeat.interval_ms < 10 || c.heartbeat.interval_ms > 60_000 {
-        bail!("heartbeat.interval_ms: {} must be between 10 and 60000", c.heartbeat.interval_ms);
+        bail!(
+            "heartbeat.interval_ms: {} must be between 10 and 60000",
+            c.heartbeat.interval_ms
+        );
     }
     if c.sources.is_empty() {
         bail!("sources: no [[sources]] configured; add at least one (type = \"tcp\", \"stdin\" or \"generator\")");
@@ -248,9 +273,16 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         if !names.insert(name.to_string()) {
             bail!("sources[{i}].name: `{name}` is used twice; stream names must be unique");
         }
-        s.validate().map_err(|e| anyhow::anyhow!("sources[{i}] ({name}).{e}"))?;
+        s.validate()
+            .map_err(|e| anyhow::anyhow!("sources[{i}] ({name}).{e}"))?;
     }
-    let mut loaded = Loaded { config, rate_bps, queue_bytes, send_buffer, hash: String::new() };
+    let mut loaded = Loaded {
+        config,
+        rate_bps,
+        queue_bytes,
+        send_buffer,
+        hash: String::new(),
+    };
     loaded.hash = hex(&Sha256::digest(loaded.effective_toml().as_bytes()));
     Ok(loaded)
 }
@@ -289,12 +321,27 @@ mod tests {
     #[test]
     fn errors_name_the_key_to_fix() {
         let cases = [
-            (GOOD.replace("rate = \"800Mbit\"", "rate = \"fast\""), "link.rate"),
+            (
+                GOOD.replace("rate = \"800Mbit\"", "rate = \"fast\""),
+                "link.rate",
+            ),
             (GOOD.replace("[link]", "[link]\nmtu = 20"), "link.mtu"),
-            (GOOD.replace("tags = 10", "tags = 0"), "sources[0] (gen).tags"),
-            (GOOD.replace("[link]", "[fec]\ndata_shards = 200\nparity_shards = 100\n[link]"), "fec.data_shards"),
+            (
+                GOOD.replace("tags = 10", "tags = 0"),
+                "sources[0] (gen).tags",
+            ),
+            (
+                GOOD.replace(
+                    "[link]",
+                    "[fec]\ndata_shards = 200\nparity_shards = 100\n[link]",
+                ),
+                "fec.data_shards",
+            ),
             (GOOD.replace("[link]", "[link]\ncolour = 1"), "colour"),
-            (GOOD.replace("type = \"generator\"", "type = \"modbus\""), "modbus"),
+            (
+                GOOD.replace("type = \"generator\"", "type = \"modbus\""),
+                "modbus",
+            ),
             (GOOD.replace("127.0.0.1:7000", "nowhere"), "destination"),
         ];
         for (text, key) in cases {

@@ -33,13 +33,20 @@ pub struct Pacer {
 impl Pacer {
     pub fn new(rate_bps: u64, burst: usize) -> Self {
         let bytes_per_sec = rate_bps as f64 / 8.0;
-        Pacer { bytes_per_sec, burst: burst as f64, tokens: burst as f64, last: Instant::now() }
+        Pacer {
+            bytes_per_sec,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: Instant::now(),
+        }
     }
 
     /// How long to wait before `cost` bytes may go; zero when they may now.
     pub fn delay_for(&mut self, cost: usize) -> Duration {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.bytes_per_sec).min(self.burst);
+        self.tokens = (self.tokens
+            + now.duration_since(self.last).as_secs_f64() * self.bytes_per_sec)
+            .min(self.burst);
         self.last = now;
         let cost = cost as f64;
         if self.tokens >= cost {
@@ -74,7 +81,12 @@ pub fn run(
     // Burst: two batches, or 2 ms at the link rate, whichever is larger.
     let burst = (2 * batch_bytes).max((params.rate_bps / 8 / 500) as usize);
     let mut pacer = Pacer::new(params.rate_bps, burst);
-    tracing::info!(gso_segments = batch_max, frame_len, burst, "link thread started");
+    tracing::info!(
+        gso_segments = batch_max,
+        frame_len,
+        burst,
+        "link thread started"
+    );
     let mut buf = vec![0u8; batch_max * frame_len];
     let mut carry: Vec<u8> = Vec::with_capacity(frame_len);
     let mut records: Vec<Record> = Vec::with_capacity(FEED_BATCH);
@@ -104,7 +116,10 @@ pub fn run(
                 if !queue_empty {
                     let mut abandoned = Vec::new();
                     queue.pop_batch(&mut abandoned, usize::MAX, Duration::ZERO);
-                    tracing::warn!(records = abandoned.len(), "shutdown: records still queued after {DRAIN_LIMIT:?} were not sent");
+                    tracing::warn!(
+                        records = abandoned.len(),
+                        "shutdown: records still queued after {DRAIN_LIMIT:?} were not sent"
+                    );
                 }
                 enc.flush(t);
                 enc.heartbeat_now(t);
@@ -129,7 +144,9 @@ pub fn run(
             carry.clear();
         }
         while count < batch_max {
-            let Some(n) = enc.poll_frame(t, &mut buf[used..used + frame_len]) else { break };
+            let Some(n) = enc.poll_frame(t, &mut buf[used..used + frame_len]) else {
+                break;
+            };
             if count == 0 {
                 seg = n;
             } else if n > seg {
@@ -149,7 +166,9 @@ pub fn run(
                 last_publish = Instant::now();
             }
             // Nothing to send: sleep until a record arrives or a timer is due.
-            let wait = enc.poll_timeout().map_or(Duration::from_millis(50), |d| Duration::from_nanos(d.saturating_sub(now())));
+            let wait = enc.poll_timeout().map_or(Duration::from_millis(50), |d| {
+                Duration::from_nanos(d.saturating_sub(now()))
+            });
             if !wait.is_zero() {
                 queue.pop_batch(&mut records, 0, wait.min(Duration::from_millis(50)));
             }
@@ -188,6 +207,8 @@ pub fn run(
 fn publish(enc: &mut Encoder, counters: &Counters) {
     let s = enc.stats();
     counters.blocks_sent.store(s.blocks, Ordering::Relaxed);
-    counters.parity_frames.store(s.parity_frames, Ordering::Relaxed);
+    counters
+        .parity_frames
+        .store(s.parity_frames, Ordering::Relaxed);
     enc.set_counters(counters.snapshot());
 }

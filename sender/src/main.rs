@@ -27,7 +27,11 @@ use crate::queue::Queue;
 use crate::sources::SourceHandle;
 
 #[derive(Parser)]
-#[command(name = "weir-sender", version, about = "OT side of a weir one-way link: sources in, FEC-protected UDP frames out")]
+#[command(
+    name = "weir-sender",
+    version,
+    about = "OT side of a weir one-way link: sources in, FEC-protected UDP frames out"
+)]
 struct Cli {
     /// Log format: text for a terminal or journald, json for log shippers.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -70,8 +74,11 @@ fn main() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match format {
         LogFormat::Text => builder.with_ansi(ansi).init(),
@@ -97,7 +104,10 @@ fn run(path: &Path) -> Result<()> {
     enc.set_config_hash(loaded.hash.clone());
     let sources = loaded.config.sources.clone();
     let names: Arc<Vec<String>> = Arc::new(sources.iter().map(|s| s.name().to_string()).collect());
-    let streams: Vec<_> = sources.iter().map(|s| enc.add_stream(s.name(), s.type_name(), 0)).collect();
+    let streams: Vec<_> = sources
+        .iter()
+        .map(|s| enc.add_stream(s.name(), s.type_name(), 0))
+        .collect();
     let link_cfg = &loaded.config.link;
     let socket = udp::LinkSocket::open(link_cfg.bind, link_cfg.destination, loaded.send_buffer)?;
     tracing::info!(
@@ -115,7 +125,9 @@ fn run(path: &Path) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let link = {
         let (queue, counters, stop) = (queue.clone(), counters.clone(), stop.clone());
-        let params = link::LinkParams { rate_bps: loaded.rate_bps };
+        let params = link::LinkParams {
+            rate_bps: loaded.rate_bps,
+        };
         std::thread::Builder::new()
             .name("weir-link".into())
             .spawn(move || link::run(params, enc, socket, queue, counters, stop))
@@ -180,10 +192,18 @@ fn run(path: &Path) -> Result<()> {
         tasks.shutdown().await;
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let result = link.join().map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
+    let result = link
+        .join()
+        .map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
     log_status(&counters);
     if let Some(path) = &loaded.config.metrics.path {
-        let _ = counters.write_file(path, &[("session", format!("{session:016x}").into()), ("config_hash", loaded.hash.clone().into())]);
+        let _ = counters.write_file(
+            path,
+            &[
+                ("session", format!("{session:016x}").into()),
+                ("config_hash", loaded.hash.clone().into()),
+            ],
+        );
     }
     result
 }

@@ -38,7 +38,11 @@ impl Counters {
     }
 
     /// Writes a JSON object of all counters atomically (temp file + rename).
-    pub fn write_file(&self, path: &Path, extra: &[(&str, serde_json::Value)]) -> std::io::Result<()> {
+    pub fn write_file(
+        &self,
+        path: &Path,
+        extra: &[(&str, serde_json::Value)],
+    ) -> std::io::Result<()> {
         let mut map = serde_json::Map::new();
         for (k, v) in self.snapshot() {
             map.insert(k, v.into());

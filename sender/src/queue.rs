@@ -15,7 +15,14 @@ use crate::metrics::Counters;
 /// Approximate memory a record holds in the queue.
 pub fn record_size(r: &Record) -> usize {
     64 + match &r.body {
-        RecordBody::Point(p) => p.tag.len() + if let weir_protocol::Value::Str(s) = &p.value { s.len() } else { 0 },
+        RecordBody::Point(p) => {
+            p.tag.len()
+                + if let weir_protocol::Value::Str(s) = &p.value {
+                    s.len()
+                } else {
+                    0
+                }
+        }
         RecordBody::Message(m) => m.topic.len() + m.payload.len(),
         RecordBody::Log(l) => l.host.len() + l.app.len() + l.text.len(),
         RecordBody::Bytes(c) => c.data.len(),
@@ -40,7 +47,12 @@ pub struct Queue {
 impl Queue {
     pub fn new(max_bytes: usize, counters: Arc<Counters>) -> Self {
         Queue {
-            inner: Mutex::new(Inner { items: VecDeque::new(), bytes: 0, dropped: Vec::new(), last_drop_log: None }),
+            inner: Mutex::new(Inner {
+                items: VecDeque::new(),
+                bytes: 0,
+                dropped: Vec::new(),
+                last_drop_log: None,
+            }),
             ready: Condvar::new(),
             max_bytes,
             counters,
@@ -50,7 +62,9 @@ impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock is a bug elsewhere; the queue's
         // contents are still consistent, so keep serving.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Adds a record, dropping the oldest if the bound is hit. Never blocks
@@ -59,11 +73,17 @@ impl Queue {
         let size = record_size(&record);
         let mut inner = self.lock();
         while inner.bytes + size > self.max_bytes {
-            let Some((old, old_size)) = inner.items.pop_front() else { break };
+            let Some((old, old_size)) = inner.items.pop_front() else {
+                break;
+            };
             inner.bytes -= old_size;
             Counters::add(&self.counters.queue_dropped_records, 1);
             Counters::add(&self.counters.queue_dropped_bytes, old_size as u64);
-            match inner.dropped.iter_mut().find(|d| d.0 == old.stream && d.2 + 1 == old.seq) {
+            match inner
+                .dropped
+                .iter_mut()
+                .find(|d| d.0 == old.stream && d.2 + 1 == old.seq)
+            {
                 Some(d) => {
                     d.2 = old.seq;
                     d.3 += 1;
@@ -71,7 +91,11 @@ impl Queue {
                 None => inner.dropped.push((old.stream, old.seq, old.seq, 1)),
             }
         }
-        if !inner.dropped.is_empty() && inner.last_drop_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        if !inner.dropped.is_empty()
+            && inner
+                .last_drop_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
             for (stream, from, to, n) in inner.dropped.drain(..) {
                 tracing::warn!(stream = %names(stream), from, to, records = n,
                     "queue full (queue.max_bytes): dropped oldest records; the receiver will report them as a gap");
@@ -88,7 +112,11 @@ impl Queue {
     pub fn pop_batch(&self, out: &mut Vec<Record>, max: usize, wait: Duration) {
         let mut inner = self.lock();
         if inner.items.is_empty() && !wait.is_zero() {
-            inner = self.ready.wait_timeout(inner, wait).unwrap_or_else(|p| p.into_inner()).0;
+            inner = self
+                .ready
+                .wait_timeout(inner, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         let n = inner.items.len().min(max);
         let mut freed = 0;
@@ -119,7 +147,14 @@ mod tests {
     use weir_protocol::Chunk;
 
     fn rec(seq: u64, len: usize) -> Record {
-        Record { stream: 0, seq, body: RecordBody::Bytes(Chunk { data: vec![0; len], end: false }) }
+        Record {
+            stream: 0,
+            seq,
+            body: RecordBody::Bytes(Chunk {
+                data: vec![0; len],
+                end: false,
+            }),
+        }
     }
 
     #[test]
@@ -133,6 +168,11 @@ mod tests {
         q.pop_batch(&mut out, 100, Duration::ZERO);
         assert_eq!(out.len(), 10);
         assert_eq!(out.first().unwrap().seq, 10, "the oldest ten were dropped");
-        assert_eq!(counters.queue_dropped_records.load(std::sync::atomic::Ordering::Relaxed), 10);
+        assert_eq!(
+            counters
+                .queue_dropped_records
+                .load(std::sync::atomic::Ordering::Relaxed),
+            10
+        );
     }
 }

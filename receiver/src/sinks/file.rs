@@ -37,7 +37,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let size = parse_size(&self.max_file_bytes).map_err(|e| format!("max_file_bytes: {e}"))?;
         if size < 4096 {
-            return Err(format!("max_file_bytes: {} is below the 4KiB minimum", self.max_file_bytes));
+            return Err(format!(
+                "max_file_bytes: {} is below the 4KiB minimum",
+                self.max_file_bytes
+            ));
         }
         Ok(())
     }
@@ -46,7 +49,16 @@ impl Config {
 /// File names keep letters, digits, `.`, `-` and `_`; anything else
 /// (including `/`) becomes `_`, so a stream name cannot escape `dir`.
 pub fn file_stem(stream: &str) -> String {
-    let stem: String = stream.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let stem: String = stream
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if stem.starts_with('.') {
         format!("_{stem}")
     } else {
@@ -72,7 +84,8 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn new(cfg: &Config) -> Result<Self> {
-        std::fs::create_dir_all(&cfg.dir).with_context(|| format!("dir: cannot create {}", cfg.dir.display()))?;
+        std::fs::create_dir_all(&cfg.dir)
+            .with_context(|| format!("dir: cannot create {}", cfg.dir.display()))?;
         Ok(FileSink {
             dir: cfg.dir.clone(),
             max_bytes: parse_size(&cfg.max_file_bytes).expect("validated"),
@@ -83,19 +96,45 @@ impl FileSink {
     }
 
     fn open(dir: &Path, stream: &str, raw: bool) -> Result<OpenFile> {
-        let path = dir.join(format!("{}.{}", file_stem(stream), if raw { "bin" } else { "jsonl" }));
-        let file = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let path = dir.join(format!(
+            "{}.{}",
+            file_stem(stream),
+            if raw { "bin" } else { "jsonl" }
+        ));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(OpenFile { writer: BufWriter::with_capacity(1 << 20, file), path, size, first_seq: None, last_seq: 0 })
+        Ok(OpenFile {
+            writer: BufWriter::with_capacity(1 << 20, file),
+            path,
+            size,
+            first_seq: None,
+            last_seq: 0,
+        })
     }
 
     fn rotate(&mut self, key: &(Arc<str>, bool)) -> Result<()> {
-        let Some(mut f) = self.files.remove(key) else { return Ok(()) };
-        f.writer.flush().with_context(|| format!("writing {}", f.path.display()))?;
-        let first = f.first_seq.map_or_else(|| "start".to_string(), |s| s.to_string());
+        let Some(mut f) = self.files.remove(key) else {
+            return Ok(());
+        };
+        f.writer
+            .flush()
+            .with_context(|| format!("writing {}", f.path.display()))?;
+        let first = f
+            .first_seq
+            .map_or_else(|| "start".to_string(), |s| s.to_string());
         let ext = if key.1 { "bin" } else { "jsonl" };
-        let rotated = self.dir.join(format!("{}.{}-{}.{ext}", file_stem(&key.0), first, f.last_seq));
-        std::fs::rename(&f.path, &rotated).with_context(|| format!("rotating {} to {}", f.path.display(), rotated.display()))?;
+        let rotated = self.dir.join(format!(
+            "{}.{}-{}.{ext}",
+            file_stem(&key.0),
+            first,
+            f.last_seq
+        ));
+        std::fs::rename(&f.path, &rotated)
+            .with_context(|| format!("rotating {} to {}", f.path.display(), rotated.display()))?;
         Ok(())
     }
 }
@@ -128,7 +167,9 @@ impl Sink for FileSink {
                     self.files.entry(key).or_insert(f)
                 }
             };
-            f.writer.write_all(&self.line).with_context(|| format!("writing {}", f.path.display()))?;
+            f.writer
+                .write_all(&self.line)
+                .with_context(|| format!("writing {}", f.path.display()))?;
             f.size += self.line.len() as u64;
             f.first_seq.get_or_insert(r.seq);
             f.last_seq = r.seq;
@@ -139,7 +180,9 @@ impl Sink for FileSink {
 
     fn flush(&mut self) -> Result<()> {
         for f in self.files.values_mut() {
-            f.writer.flush().with_context(|| format!("writing {}", f.path.display()))?;
+            f.writer
+                .flush()
+                .with_context(|| format!("writing {}", f.path.display()))?;
         }
         Ok(())
     }
@@ -151,19 +194,48 @@ mod tests {
     use weir_protocol::{Chunk, Point, Value};
 
     fn rec(stream: &str, seq: u64, body: RecordBody) -> Delivered {
-        Delivered { stream: Arc::from(stream), source_type: Arc::from("x"), session: 1, seq, body }
+        Delivered {
+            stream: Arc::from(stream),
+            source_type: Arc::from("x"),
+            session: 1,
+            seq,
+            body,
+        }
     }
 
     #[test]
     fn points_become_jsonl_bytes_stay_raw_and_files_rotate_with_their_range() {
         let dir = std::env::temp_dir().join(format!("weir-file-sink-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cfg = Config { name: "f".into(), streams: default_streams(), dir: dir.clone(), max_file_bytes: "4KiB".into() };
+        let cfg = Config {
+            name: "f".into(),
+            streams: default_streams(),
+            dir: dir.clone(),
+            max_file_bytes: "4KiB".into(),
+        };
         let mut sink = FileSink::new(&cfg).unwrap();
         let points: Vec<Delivered> = (0..100)
-            .map(|i| rec("plant/a", i, RecordBody::Point(Point { tag: "t".into(), ts_ns: 0, value: Value::I64(i as i64), quality: 0 })))
+            .map(|i| {
+                rec(
+                    "plant/a",
+                    i,
+                    RecordBody::Point(Point {
+                        tag: "t".into(),
+                        ts_ns: 0,
+                        value: Value::I64(i as i64),
+                        quality: 0,
+                    }),
+                )
+            })
             .collect();
-        let bytes = rec("raw", 0, RecordBody::Bytes(Chunk { data: b"hello\0world".to_vec(), end: true }));
+        let bytes = rec(
+            "raw",
+            0,
+            RecordBody::Bytes(Chunk {
+                data: b"hello\0world".to_vec(),
+                end: true,
+            }),
+        );
         let mut refs: Vec<&Delivered> = points.iter().collect();
         refs.push(&bytes);
         sink.write(&refs).unwrap();
@@ -171,11 +243,26 @@ mod tests {
         sink.flush().unwrap();
         assert_eq!(std::fs::read(dir.join("raw.bin")).unwrap(), b"hello\0world");
         let mut lines = Vec::new();
-        let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         names.sort();
-        assert!(names.iter().any(|n| n.starts_with("plant_a.0-")), "rotated file named by range: {names:?}");
+        assert!(
+            names.iter().any(|n| n.starts_with("plant_a.0-")),
+            "rotated file named by range: {names:?}"
+        );
         for n in names.iter().filter(|n| n.starts_with("plant_a")) {
-            lines.extend(std::fs::read_to_string(dir.join(n)).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap()));
+            lines.extend(
+                std::fs::read_to_string(dir.join(n))
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                            .as_u64()
+                            .unwrap()
+                    }),
+            );
         }
         lines.sort_unstable();
         assert_eq!(lines, (0..100).collect::<Vec<_>>());

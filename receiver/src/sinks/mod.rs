@@ -48,7 +48,10 @@ impl SinkConfig {
             SinkConfig::Stdout(c) => (&c.name, &c.streams),
             SinkConfig::Tcp(c) => (&c.name, &c.streams),
         };
-        Common { name: name.clone(), streams: streams.clone() }
+        Common {
+            name: name.clone(),
+            streams: streams.clone(),
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -122,7 +125,11 @@ pub fn run_sink(
     while let Ok(batch) = batches.recv() {
         let records: Vec<&Delivered> = batch
             .iter()
-            .filter(|r| *routed.entry(r.stream.clone()).or_insert_with(|| routes.is_match(&*r.stream)))
+            .filter(|r| {
+                *routed
+                    .entry(r.stream.clone())
+                    .or_insert_with(|| routes.is_match(&*r.stream))
+            })
             .collect();
         if records.is_empty() {
             continue;
@@ -144,7 +151,9 @@ pub fn run_sink(
                 }
             }
         }
-        stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        stats
+            .records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         let mut c = confirmed.lock().unwrap_or_else(|p| p.into_inner());
         for r in &records {
@@ -155,14 +164,18 @@ pub fn run_sink(
 
 /// RFC 3339 UTC with nanoseconds.
 pub fn rfc3339_ns(ts_ns: i64) -> String {
-    chrono::DateTime::from_timestamp_nanos(ts_ns).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    chrono::DateTime::from_timestamp_nanos(ts_ns)
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
 /// The JSON object a record becomes in the file, stdout and tcp sinks.
 /// Kinds without a source timestamp get the time the receiver wrote them.
 pub fn record_json(r: &Delivered) -> Value {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let ts = r.body.timestamp_ns().map_or_else(crate::audit::now_rfc3339, rfc3339_ns);
+    let ts = r
+        .body
+        .timestamp_ns()
+        .map_or_else(crate::audit::now_rfc3339, rfc3339_ns);
     let mut v = json!({ "stream": &*r.stream, "seq": r.seq, "kind": r.body.kind(), "ts": ts });
     let obj = v.as_object_mut().expect("object");
     match &r.body {
@@ -202,12 +215,23 @@ mod tests {
     use weir_protocol::{Message, Point, Value as V};
 
     fn delivered(body: RecordBody) -> Delivered {
-        Delivered { stream: Arc::from("plant/a"), source_type: Arc::from("generator"), session: 1, seq: 7, body }
+        Delivered {
+            stream: Arc::from("plant/a"),
+            source_type: Arc::from("generator"),
+            session: 1,
+            seq: 7,
+            body,
+        }
     }
 
     #[test]
     fn a_point_becomes_the_documented_json_line() {
-        let r = delivered(RecordBody::Point(Point { tag: "t1".into(), ts_ns: 1_500_000_000_123_456_789, value: V::F64(2.5), quality: 0 }));
+        let r = delivered(RecordBody::Point(Point {
+            tag: "t1".into(),
+            ts_ns: 1_500_000_000_123_456_789,
+            value: V::F64(2.5),
+            quality: 0,
+        }));
         let v = record_json(&r);
         assert_eq!(v["stream"], "plant/a");
         assert_eq!(v["seq"], 7);
@@ -220,7 +244,10 @@ mod tests {
 
     #[test]
     fn a_message_payload_is_base64() {
-        let r = delivered(RecordBody::Message(Message { topic: "a/b".into(), payload: b"hi".to_vec() }));
+        let r = delivered(RecordBody::Message(Message {
+            topic: "a/b".into(),
+            payload: b"hi".to_vec(),
+        }));
         let v = record_json(&r);
         assert_eq!(v["topic"], "a/b");
         assert_eq!(v["payload"], "aGk=");

@@ -21,7 +21,9 @@ pub struct StdoutSink {
 
 impl StdoutSink {
     pub fn new() -> Self {
-        StdoutSink { out: std::io::BufWriter::with_capacity(1 << 16, std::io::stdout()) }
+        StdoutSink {
+            out: std::io::BufWriter::with_capacity(1 << 16, std::io::stdout()),
+        }
     }
 }
 

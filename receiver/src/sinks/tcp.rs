@@ -29,7 +29,10 @@ pub struct Config {
 impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.connect.port() == 0 || self.connect.ip().is_unspecified() {
-            return Err(format!("connect: {} must be a concrete ip:port", self.connect));
+            return Err(format!(
+                "connect: {} must be a concrete ip:port",
+                self.connect
+            ));
         }
         Ok(())
     }
@@ -43,16 +46,28 @@ pub struct TcpSink {
 
 impl TcpSink {
     pub fn new(cfg: &Config) -> Self {
-        TcpSink { connect: cfg.connect, conns: HashMap::new(), written: HashMap::new() }
+        TcpSink {
+            connect: cfg.connect,
+            conns: HashMap::new(),
+            written: HashMap::new(),
+        }
     }
 
     fn conn(&mut self, stream: &Arc<str>) -> Result<&mut std::io::BufWriter<TcpStream>> {
         if !self.conns.contains_key(stream) {
             let s = TcpStream::connect_timeout(&self.connect, Duration::from_secs(5))
-                .with_context(|| format!("connecting to {} (check `connect` and that the server is up)", self.connect))?;
+                .with_context(|| {
+                    format!(
+                        "connecting to {} (check `connect` and that the server is up)",
+                        self.connect
+                    )
+                })?;
             s.set_nodelay(true).ok();
             tracing::info!(stream = %stream, server = %self.connect, "tcp sink connected");
-            self.conns.insert(stream.clone(), std::io::BufWriter::with_capacity(1 << 20, s));
+            self.conns.insert(
+                stream.clone(),
+                std::io::BufWriter::with_capacity(1 << 20, s),
+            );
         }
         Ok(self.conns.get_mut(stream).expect("just inserted"))
     }
@@ -66,7 +81,11 @@ impl Sink for TcpSink {
             }
             let result = match &r.body {
                 RecordBody::Bytes(c) => {
-                    let result = if c.data.is_empty() { Ok(()) } else { self.conn(&r.stream).and_then(|w| Ok(w.write_all(&c.data)?)) };
+                    let result = if c.data.is_empty() {
+                        Ok(())
+                    } else {
+                        self.conn(&r.stream).and_then(|w| Ok(w.write_all(&c.data)?))
+                    };
                     if c.end && result.is_ok() {
                         if let Some(mut w) = self.conns.remove(&r.stream) {
                             w.flush().context("flushing before close")?;
@@ -97,7 +116,9 @@ impl Sink for TcpSink {
         self.conns.retain(|stream, w| match w.flush() {
             Ok(()) => true,
             Err(e) => {
-                failed = Some(anyhow::anyhow!("flushing stream {stream} to the server: {e}"));
+                failed = Some(anyhow::anyhow!(
+                    "flushing stream {stream} to the server: {e}"
+                ));
                 false
             }
         });

@@ -37,7 +37,10 @@ impl Config {
             return Err(format!("tags: {} must be between 1 and 1000000", self.tags));
         }
         if !(self.rate > 0.0 && self.rate <= 10_000_000.0) {
-            return Err(format!("rate: {} points per second must be above 0 and at most 10000000", self.rate));
+            return Err(format!(
+                "rate: {} points per second must be above 0 and at most 10000000",
+                self.rate
+            ));
         }
         Ok(())
     }
@@ -46,7 +49,9 @@ impl Config {
 const TICK: Duration = Duration::from_millis(5);
 
 pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
-    let tags: Vec<String> = (0..cfg.tags).map(|i| format!("{}/tag-{i:05}", cfg.name)).collect();
+    let tags: Vec<String> = (0..cfg.tags)
+        .map(|i| format!("{}/tag-{i:05}", cfg.name))
+        .collect();
     let start = Instant::now();
     let mut emitted: u64 = 0;
     let mut ticker = tokio::time::interval(TICK);
@@ -58,7 +63,9 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
         }
         let due = (start.elapsed().as_secs_f64() * cfg.rate) as u64;
         let due = cfg.count.map_or(due, |c| due.min(c));
-        let ts_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        let ts_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
         while emitted < due {
             let tag = emitted % cfg.tags as u64;
             let phase = tag as f64 * 0.1 + ts_ns as f64 * 1e-9;

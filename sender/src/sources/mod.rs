@@ -80,7 +80,15 @@ impl SourceHandle {
         high_water: usize,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
-        SourceHandle { stream, next_seq: first_seq, queue, counters, names, high_water, shutdown }
+        SourceHandle {
+            stream,
+            next_seq: first_seq,
+            queue,
+            counters,
+            names,
+            high_water,
+            shutdown,
+        }
     }
 
     /// Hands a record to the queue; never blocks.
@@ -95,7 +103,14 @@ impl SourceHandle {
         Counters::add(&self.counters.records_in, 1);
         Counters::add(&self.counters.bytes_in, bytes as u64);
         let names = self.names.clone();
-        self.queue.push(Record { stream: self.stream, seq, body }, &move |id| names[id as usize].clone());
+        self.queue.push(
+            Record {
+                stream: self.stream,
+                seq,
+                body,
+            },
+            &move |id| names[id as usize].clone(),
+        );
     }
 
     pub fn counters(&self) -> &Counters {

@@ -51,7 +51,10 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 line.clear();
-                let n = (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line).await?;
+                let n = (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut line)
+                    .await?;
                 if n == 0 {
                     break;
                 }
@@ -61,7 +64,10 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                         line.pop();
                     }
                 }
-                handle.emit(RecordBody::Message(Message { topic: topic.clone(), payload: line.clone() }));
+                handle.emit(RecordBody::Message(Message {
+                    topic: topic.clone(),
+                    payload: line.clone(),
+                }));
             }
         }
         Mode::Raw => {
@@ -73,10 +79,16 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 }
                 let n = stdin.read(&mut buf).await?;
                 if n == 0 {
-                    handle.emit(RecordBody::Bytes(Chunk { data: Vec::new(), end: true }));
+                    handle.emit(RecordBody::Bytes(Chunk {
+                        data: Vec::new(),
+                        end: true,
+                    }));
                     break;
                 }
-                handle.emit(RecordBody::Bytes(Chunk { data: buf[..n].to_vec(), end: false }));
+                handle.emit(RecordBody::Bytes(Chunk {
+                    data: buf[..n].to_vec(),
+                    end: false,
+                }));
             }
         }
     }

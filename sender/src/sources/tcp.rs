@@ -34,16 +34,23 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let size = parse_size(&self.chunk_size).map_err(|e| format!("chunk_size: {e}"))?;
         if !(512..=(16 << 20)).contains(&size) {
-            return Err(format!("chunk_size: {} must be between 512B and 16MiB", self.chunk_size));
+            return Err(format!(
+                "chunk_size: {} must be between 512B and 16MiB",
+                self.chunk_size
+            ));
         }
         Ok(())
     }
 }
 
 pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("sources.{}: cannot listen on {} ({e}); check `listen`", cfg.name, cfg.listen))?;
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "sources.{}: cannot listen on {} ({e}); check `listen`",
+            cfg.name,
+            cfg.listen
+        )
+    })?;
     tracing::info!(source = %cfg.name, listen = %cfg.listen, "tcp source listening");
     let chunk = parse_size(&cfg.chunk_size).expect("validated") as usize;
     let mut buf = vec![0u8; chunk];
@@ -75,7 +82,10 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 Ok(0) => break,
                 Ok(n) => {
                     total += n as u64;
-                    handle.emit(RecordBody::Bytes(Chunk { data: buf[..n].to_vec(), end: false }));
+                    handle.emit(RecordBody::Bytes(Chunk {
+                        data: buf[..n].to_vec(),
+                        end: false,
+                    }));
                 }
                 Err(e) => {
                     tracing::warn!(source = %cfg.name, %peer, "read failed, closing connection: {e}");
@@ -83,7 +93,10 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 }
             }
         }
-        handle.emit(RecordBody::Bytes(Chunk { data: Vec::new(), end: true }));
+        handle.emit(RecordBody::Bytes(Chunk {
+            data: Vec::new(),
+            end: true,
+        }));
         tracing::info!(source = %cfg.name, %peer, bytes = total, "connection closed");
     }
 }

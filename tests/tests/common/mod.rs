@@ -1,0 +1,245 @@
+//! Shared harness for the end-to-end tests: locate the release binaries,
+//! spawn them with logs in a per-test directory, and clean up.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Directory holding weir-sender, weir-receiver and the test tools
+/// (the test executable lives in its `deps/` subdirectory).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test` (it builds the binaries before the tests)",
+        p.display()
+    );
+    p
+}
+
+/// A scratch directory removed when the test passes (kept on failure for
+/// the logs).
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(test: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!("weir-e2e-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("scratch dir");
+        Scratch { path }
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.join(name);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        } else {
+            eprintln!("test files kept in {}", self.path.display());
+        }
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(scratch: &Scratch, name: &str, program: &str, args: &[&str]) -> Proc {
+        let log = std::fs::File::create(scratch.join(&format!("{name}.log"))).expect("log file");
+        let child = Command::new(bin(program))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for a clean exit.
+    pub fn stop(&mut self, limit: Duration) -> bool {
+        self.signal("TERM");
+        self.wait(limit)
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+pub fn read_json(path: &Path) -> Value {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("bad JSON line in {}: {e}: {l}", path.display()))
+        })
+        .collect()
+}
+
+/// `(from, to, cause)` of every gap of `stream` in an audit log.
+pub fn gaps(audit: &Path, stream: &str) -> Vec<(u64, u64, String)> {
+    json_lines(audit)
+        .into_iter()
+        .filter(|v| v["event"] == "gap" && v["stream"] == stream)
+        .map(|v| {
+            (
+                v["from"].as_u64().unwrap(),
+                v["to"].as_u64().unwrap(),
+                v["cause"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Sequence numbers of every line in the JSON Lines files of `stream`
+/// (the current file and any rotated ones).
+pub fn written_seqs(dir: &Path, stem: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().into_string().unwrap_or_default();
+        if name.starts_with(stem) && name.ends_with(".jsonl") {
+            seqs.extend(
+                json_lines(&e.path())
+                    .iter()
+                    .map(|v| v["seq"].as_u64().expect("seq")),
+            );
+        }
+    }
+    seqs
+}
+
+/// Asserts that `delivered` (in write order) and `gaps` together account
+/// for `0..total` exactly: no duplicates, in order, nothing missing.
+pub fn assert_exactly_accounted(delivered: &[u64], gaps: &[(u64, u64, String)], total: u64) {
+    assert!(
+        delivered.windows(2).all(|w| w[0] < w[1]),
+        "records written out of order or twice"
+    );
+    let mut all: Vec<u64> = delivered.to_vec();
+    for (from, to, _) in gaps {
+        all.extend(*from..=*to);
+    }
+    all.sort_unstable();
+    let dupes = all.windows(2).filter(|w| w[0] == w[1]).count();
+    assert_eq!(
+        dupes, 0,
+        "a sequence number is both written and in a gap, or in two gaps"
+    );
+    let missing: Vec<u64> = (0..total)
+        .filter(|s| all.binary_search(s).is_err())
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "sequence numbers neither written nor in a gap (first 10): {missing:?}"
+    );
+    assert_eq!(
+        all.len() as u64,
+        total,
+        "more sequence numbers accounted than were sent"
+    );
+}
+
+/// Asserts `seqs` is exactly `0..total` in order, naming the first difference.
+pub fn assert_complete_in_order(seqs: &[u64], total: u64) {
+    if let Some(i) = (0..seqs.len()).find(|i| seqs[*i] != *i as u64) {
+        panic!(
+            "record #{i} has seq {} (expected {i}); {} records written of {total}",
+            seqs[i],
+            seqs.len()
+        );
+    }
+    assert_eq!(seqs.len() as u64, total, "records written");
+}

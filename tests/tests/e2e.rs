@@ -1,0 +1,377 @@
+//! End-to-end: the real binaries over loopback through weir-linksim.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+struct Link {
+    sender_port: u16,
+    receiver_port: u16,
+}
+
+impl Link {
+    fn new() -> Link {
+        Link {
+            sender_port: free_udp_port(),
+            receiver_port: free_udp_port(),
+        }
+    }
+
+    /// linksim from the sender's destination to the receiver's listen port.
+    fn linksim(&self, s: &Scratch, seed: u64, loss: f64, burst_start: f64, burst_len: u32) -> Proc {
+        Proc::spawn(
+            s,
+            "linksim",
+            "weir-linksim",
+            &[
+                "--listen",
+                &format!("127.0.0.1:{}", self.sender_port),
+                "--target",
+                &format!("127.0.0.1:{}", self.receiver_port),
+                "--seed",
+                &seed.to_string(),
+                "--loss",
+                &loss.to_string(),
+                "--burst-start",
+                &burst_start.to_string(),
+                "--burst-len",
+                &burst_len.to_string(),
+                "--stats-file",
+                s.join("linksim.json").to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+fn receiver_config(s: &Scratch, link: &Link, sinks: &str) -> String {
+    let d = s.path.display();
+    format!(
+        "[link]\nlisten = \"127.0.0.1:{}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
+         [metrics]\npath = \"{d}/receiver-metrics.json\"\nlog_interval_s = 1\n{sinks}",
+        link.receiver_port
+    )
+}
+
+fn sender_config(s: &Scratch, link: &Link, rate: &str, sources: &str) -> String {
+    format!(
+        "[link]\ndestination = \"127.0.0.1:{}\"\nrate = \"{rate}\"\n[metrics]\npath = \"{}/sender-metrics.json\"\nlog_interval_s = 1\n{sources}",
+        link.sender_port,
+        s.path.display()
+    )
+}
+
+#[test]
+fn a_200mb_tcp_stream_arrives_byte_identical_through_3pct_loss() {
+    let s = Scratch::new("tcp200");
+    let link = Link::new();
+    let (source_port, sink_port) = (free_tcp_port(), free_tcp_port());
+    let mut tcpsink = Proc::spawn(
+        &s,
+        "tcpsink",
+        "weir-tcpsink",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{sink_port}"),
+            "--expect-bytes",
+            "200M",
+            "--timeout",
+            "240",
+            "--report",
+            s.join("sink.json").to_str().unwrap(),
+        ],
+    );
+    let rcfg = s.write(
+        "receiver.toml",
+        &receiver_config(&s, &link, &format!("[[sinks]]\nname = \"replay\"\ntype = \"tcp\"\nconnect = \"127.0.0.1:{sink_port}\"\n")),
+    );
+    let _receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &["run", "--config", rcfg.to_str().unwrap()],
+    );
+    let _linksim = link.linksim(&s, 3, 0.03, 0.0, 0);
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(&s, &link, "1Gbit", &format!("[[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{source_port}\"\n")),
+    );
+    let _sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    let feed = std::process::Command::new(bin("weir-tcpfeed"))
+        .args([
+            "--connect",
+            &format!("127.0.0.1:{source_port}"),
+            "--bytes",
+            "200M",
+            "--seed",
+            "42",
+        ])
+        .output()
+        .expect("running weir-tcpfeed");
+    assert!(
+        feed.status.success(),
+        "tcpfeed failed: {}",
+        String::from_utf8_lossy(&feed.stderr)
+    );
+    let fed: serde_json::Value = serde_json::from_slice(&feed.stdout).expect("tcpfeed report");
+    assert!(
+        tcpsink.wait(Duration::from_secs(240)),
+        "tcpsink did not receive 200 MB; see {}",
+        s.path.display()
+    );
+    let got = read_json(&s.join("sink.json"));
+    assert_eq!(got["bytes"], fed["bytes"]);
+    assert_eq!(
+        got["sha256"], fed["sha256"],
+        "the replayed stream differs from what was sent"
+    );
+    let lk = read_json(&s.join("linksim.json"));
+    assert!(
+        lk["dropped_random"].as_u64().unwrap_or(0) > 0,
+        "the link simulator dropped nothing: {lk}"
+    );
+    assert!(gaps(&s.join("audit.jsonl"), "raw").is_empty());
+}
+
+#[test]
+fn generator_points_arrive_complete_in_the_file_sink_through_2pct_loss_with_bursts() {
+    let s = Scratch::new("points");
+    let link = Link::new();
+    let out = s.join("out");
+    let rcfg = s.write(
+        "receiver.toml",
+        &receiver_config(
+            &s,
+            &link,
+            &format!(
+                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
+                out.display()
+            ),
+        ),
+    );
+    let mut receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &["run", "--config", rcfg.to_str().unwrap()],
+    );
+    let _linksim = link.linksim(&s, 7, 0.02, 0.0005, 10);
+    let total = 300_000u64;
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(&s, &link, "500Mbit", &format!("[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 100\nrate = 150000\ncount = {total}\n")),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    assert!(
+        sender.wait(Duration::from_secs(60)),
+        "the sender did not finish its count and exit cleanly"
+    );
+    let metrics = s.join("receiver-metrics.json");
+    wait_until(Duration::from_secs(10), || {
+        read_json(&metrics)["records"].as_u64() == Some(total)
+    });
+    assert!(receiver.stop(Duration::from_secs(20)));
+    let seqs = written_seqs(&out, "plant_gen");
+    assert_complete_in_order(&seqs, total);
+    let m = read_json(&metrics);
+    assert!(
+        m["blocks_repaired"].as_u64().unwrap() > 0,
+        "FEC repaired nothing: {m}"
+    );
+    assert!(gaps(&s.join("audit.jsonl"), "plant/gen").is_empty());
+    let first = &json_lines(&out.join("plant_gen.jsonl"))[0];
+    for key in ["stream", "seq", "kind", "ts", "tag", "value", "quality"] {
+        assert!(
+            first.get(key).is_some(),
+            "file sink line lacks `{key}`: {first}"
+        );
+    }
+}
+
+#[test]
+fn a_restarted_receiver_reports_exactly_the_records_it_missed() {
+    let s = Scratch::new("restart");
+    let link = Link::new();
+    let out = s.join("out");
+    let rcfg = s.write(
+        "receiver.toml",
+        &receiver_config(
+            &s,
+            &link,
+            &format!(
+                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
+                out.display()
+            ),
+        ),
+    );
+    let run_receiver = || {
+        Proc::spawn(
+            &s,
+            "receiver",
+            "weir-receiver",
+            &["run", "--config", rcfg.to_str().unwrap()],
+        )
+    };
+    let mut receiver = run_receiver();
+    let _linksim = link.linksim(&s, 11, 0.01, 0.0, 0);
+    let total = 140_000u64;
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(&s, &link, "200Mbit", &format!("[[sources]]\nname = \"gen\"\ntype = \"generator\"\ntags = 10\nrate = 20000\ncount = {total}\n")),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "receiver did not stop cleanly"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut receiver = run_receiver();
+    assert!(
+        sender.wait(Duration::from_secs(60)),
+        "the sender did not finish"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(receiver.stop(Duration::from_secs(20)));
+    let written = written_seqs(&out, "gen");
+    let gaps = gaps(&s.join("audit.jsonl"), "gen");
+    assert_eq!(
+        gaps.len(),
+        1,
+        "one gap while the receiver was down: {gaps:?}"
+    );
+    assert_eq!(gaps[0].2, "receiver-down");
+    assert!(
+        gaps[0].1 - gaps[0].0 > 10_000,
+        "about 1.5 s of records missed: {gaps:?}"
+    );
+    assert_exactly_accounted(&written, &gaps, total);
+}
+
+#[test]
+fn garbage_datagrams_are_counted_and_the_receiver_keeps_delivering() {
+    let s = Scratch::new("garbage");
+    let link = Link::new();
+    let out = s.join("out");
+    let rcfg = s.write(
+        "receiver.toml",
+        &receiver_config(
+            &s,
+            &link,
+            &format!(
+                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
+                out.display()
+            ),
+        ),
+    );
+    let mut receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &["run", "--config", rcfg.to_str().unwrap()],
+    );
+    let total = 50_000u64;
+    // No linksim: the sender sends straight to the receiver; garbage joins in.
+    let direct = Link {
+        sender_port: link.receiver_port,
+        receiver_port: link.receiver_port,
+    };
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(&s, &direct, "100Mbit", &format!("[[sources]]\nname = \"gen\"\ntype = \"generator\"\nrate = 25000\ncount = {total}\n")),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    let noise = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for i in 0..3000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % 1500) as usize;
+        let mut d: Vec<u8> = (0..len).map(|j| (x >> (j % 56)) as u8).collect();
+        if i % 3 == 0 && d.len() > 4 {
+            d[..3].copy_from_slice(b"WR\x01"); // looks like a frame, fails the CRC
+        }
+        let _ = noise.send_to(&d, ("127.0.0.1", link.receiver_port));
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    assert!(sender.wait(Duration::from_secs(60)));
+    let metrics = s.join("receiver-metrics.json");
+    wait_until(Duration::from_secs(10), || {
+        read_json(&metrics)["records"].as_u64() == Some(total)
+    });
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver survived and stops cleanly"
+    );
+    let m = read_json(&metrics);
+    let rejected: u64 = [
+        "rejected_truncated",
+        "rejected_bad_magic",
+        "rejected_bad_version",
+        "rejected_length",
+        "rejected_crc",
+        "rejected_header",
+    ]
+    .iter()
+    .map(|k| m[*k].as_u64().unwrap())
+    .sum();
+    assert!(
+        rejected >= 2900,
+        "garbage datagrams are counted by reason: {m}"
+    );
+    assert_complete_in_order(&written_seqs(&out, "gen"), total);
+}
+
+#[test]
+fn check_config_names_the_key_to_fix_and_exits_non_zero() {
+    let s = Scratch::new("checkcfg");
+    let bad_sender = s.write("s.toml", "[link]\ndestination = \"127.0.0.1:9\"\nrate = \"fast\"\n[[sources]]\nname = \"g\"\ntype = \"generator\"\n");
+    let out = std::process::Command::new(bin("weir-sender"))
+        .args(["check-config", "--config", bad_sender.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("link.rate") && err.contains("s.toml"), "{err}");
+    let bad_receiver = s.write("r.toml", "[link]\nlisten = \"127.0.0.1:9\"\n[[sinks]]\nname = \"f\"\ntype = \"file\"\ndir = \"/tmp\"\nflavour = 1\n");
+    let out = std::process::Command::new(bin("weir-receiver"))
+        .args(["check-config", "--config", bad_receiver.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flavour"), "{err}");
+    let good = s.write("g.toml", "[link]\ndestination = \"127.0.0.1:9\"\nrate = \"10Mbit\"\n[[sources]]\nname = \"g\"\ntype = \"generator\"\n");
+    let out = std::process::Command::new(bin("weir-sender"))
+        .args(["check-config", "--config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("data_shards = 64") && text.contains("sha256: "),
+        "{text}"
+    );
+}
