@@ -95,6 +95,9 @@ pub enum Event {
 pub struct DecoderStats {
     pub datagrams: u64,
     pub shards_accepted: u64,
+    /// Shards that arrived after their block was already rebuilt from k
+    /// others (normal: parity that was not needed).
+    pub surplus_shards: u64,
     pub control_frames: u64,
     pub rejected_truncated: u64,
     pub rejected_bad_magic: u64,
@@ -103,8 +106,10 @@ pub struct DecoderStats {
     pub rejected_crc: u64,
     pub rejected_header: u64,
     pub rejected_stale_session: u64,
-    /// Shards of blocks already delivered, given up, or duplicated.
-    pub late_or_duplicate_shards: u64,
+    /// Shards of blocks already delivered or given up.
+    pub late_shards: u64,
+    /// A shard index received twice for the same block.
+    pub duplicate_shards: u64,
     pub inconsistent_shards: u64,
     pub bad_control: u64,
     pub blocks_decoded: u64,
@@ -134,6 +139,7 @@ impl DecoderStats {
         vec![
             ("datagrams", self.datagrams),
             ("shards_accepted", self.shards_accepted),
+            ("surplus_shards", self.surplus_shards),
             ("control_frames", self.control_frames),
             ("rejected_truncated", self.rejected_truncated),
             ("rejected_bad_magic", self.rejected_bad_magic),
@@ -142,7 +148,8 @@ impl DecoderStats {
             ("rejected_crc", self.rejected_crc),
             ("rejected_header", self.rejected_header),
             ("rejected_stale_session", self.rejected_stale_session),
-            ("late_or_duplicate_shards", self.late_or_duplicate_shards),
+            ("late_shards", self.late_shards),
+            ("duplicate_shards", self.duplicate_shards),
             ("inconsistent_shards", self.inconsistent_shards),
             ("bad_control", self.bad_control),
             ("blocks_decoded", self.blocks_decoded),
@@ -221,8 +228,13 @@ pub struct Decoder {
     retired: VecDeque<u64>,
     cursors: HashMap<Arc<str>, Cursor>,
     events: VecDeque<Event>,
+    /// Buffers of delivered blocks, reused for new ones (bounded).
+    spare_buffers: Vec<Vec<u8>>,
     stats: DecoderStats,
 }
+
+/// Block buffers kept for reuse by the decoder.
+const SPARE_BUFFERS: usize = 32;
 
 impl Decoder {
     pub fn new(cfg: DecoderConfig) -> Self {
@@ -235,6 +247,7 @@ impl Decoder {
             retired: VecDeque::new(),
             cursors: HashMap::new(),
             events: VecDeque::new(),
+            spare_buffers: Vec::new(),
             stats: DecoderStats::default(),
         }
     }
@@ -414,7 +427,7 @@ impl Decoder {
         let max_in_flight = self.cfg.max_blocks_in_flight as u64;
         let session = self.session.as_mut().expect("session started");
         if h.block < session.base {
-            self.stats.late_or_duplicate_shards += 1;
+            self.stats.late_shards += 1;
             return;
         }
         if h.block >= session.base + max_in_flight {
@@ -446,8 +459,12 @@ impl Decoder {
             return;
         }
         let index = h.index as usize;
-        if block.decoded || block.present[index] {
-            self.stats.late_or_duplicate_shards += 1;
+        if block.decoded {
+            self.stats.surplus_shards += 1;
+            return;
+        }
+        if block.present[index] {
+            self.stats.duplicate_shards += 1;
             return;
         }
         block.buf[index * shard_len..(index + 1) * shard_len].copy_from_slice(shard);
@@ -493,6 +510,7 @@ impl Decoder {
                     let block = session.pending.remove(&base).expect("present");
                     session.base += 1;
                     self.unpack_block(base, &block.buf);
+                    self.recycle(block.buf);
                 }
                 _ => break,
             }
@@ -513,6 +531,7 @@ impl Decoder {
                 Some(b) if b.decoded => {
                     session.base += 1;
                     self.unpack_block(base, &b.buf);
+                    self.recycle(b.buf);
                     continue;
                 }
                 Some(_) => {
@@ -644,6 +663,13 @@ impl Decoder {
                     }
                 }
             }
+        }
+    }
+
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare_buffers.len() < SPARE_BUFFERS {
+            buf.clear();
+            self.spare_buffers.push(buf);
         }
     }
 
@@ -879,6 +905,6 @@ mod tests {
             (s.rejected_truncated, s.rejected_bad_magic, s.rejected_crc),
             (1, 1, 1)
         );
-        assert_eq!(s.late_or_duplicate_shards, 1);
+        assert_eq!(s.duplicate_shards, 1);
     }
 }

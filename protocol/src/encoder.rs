@@ -112,6 +112,9 @@ pub struct Encoder {
     config_hash: String,
     counters: Vec<(String, u64)>,
     scratch: Vec<u8>,
+    /// Block buffers of sent groups, reused so the hot path does not fault
+    /// in fresh pages for every block; at most one group's worth is kept.
+    spare_buffers: Vec<Vec<u8>>,
     stats: EncoderStats,
 }
 
@@ -141,6 +144,7 @@ impl Encoder {
             config_hash: String::new(),
             counters: Vec::new(),
             scratch: Vec::new(),
+            spare_buffers: Vec::new(),
             stats: EncoderStats::default(),
         }
     }
@@ -287,10 +291,8 @@ impl Encoder {
         } else {
             data_len.div_ceil(k)
         };
-        let mut shards = std::mem::replace(
-            &mut self.open,
-            Vec::with_capacity(self.cfg.block_capacity()),
-        );
+        let fresh = self.spare_buffers.pop().unwrap_or_default();
+        let mut shards = std::mem::replace(&mut self.open, fresh);
         shards.resize(k * shard_len, 0);
         let number = self.next_block;
         self.next_block += 1;
@@ -496,6 +498,12 @@ impl Encoder {
         if !ready {
             self.group = Group::default();
             return None;
+        }
+        for mut sent in std::mem::take(&mut self.group.blocks) {
+            if self.spare_buffers.len() < self.cfg.interleave {
+                sent.shards.clear();
+                self.spare_buffers.push(sent.shards);
+            }
         }
         let take = self.sealed.len().min(self.cfg.interleave);
         let mut blocks: Vec<SealedBlock> = self.sealed.drain(..take).collect();

@@ -66,6 +66,7 @@ pub enum Value {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub topic: String,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -83,6 +84,8 @@ pub struct Log {
 /// A chunk of a raw byte stream; consecutive chunks of a stream concatenate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chunk {
+    /// Serialized as one length-prefixed byte string, not a sequence of u8.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// The source connection ended after this chunk (a tcp sink closes its
     /// connection and opens a new one for the next chunk).

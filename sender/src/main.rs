@@ -140,13 +140,12 @@ fn run(path: &Path) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let high_water = loaded.queue_bytes as usize / 2;
     let metrics_cfg = loaded.config.metrics.clone();
     let hash = loaded.hash.clone();
     runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for (source, stream) in sources.into_iter().zip(streams) {
-            let handle = SourceHandle::new(stream, 0, queue.clone(), counters.clone(), names.clone(), high_water, shutdown_rx.clone());
+            let handle = SourceHandle::new(stream, 0, queue.clone(), counters.clone(), names.clone(), shutdown_rx.clone());
             let name = source.name().to_string();
             tasks.spawn(async move {
                 if let Err(e) = source.run(handle).await {

@@ -41,8 +41,16 @@ pub struct Queue {
     inner: Mutex<Inner>,
     ready: Condvar,
     max_bytes: usize,
+    /// Flow-controlled sources (tcp, stdin) stop reading above this.
+    high_water: usize,
+    /// Woken when the queue drains below `high_water`.
+    room: tokio::sync::Notify,
     counters: Arc<Counters>,
 }
+
+/// A byte stream needs little queue to keep the link busy; pausing its
+/// reader early keeps memory and cache footprint small.
+const STREAM_HIGH_WATER: usize = 16 << 20;
 
 impl Queue {
     pub fn new(max_bytes: usize, counters: Arc<Counters>) -> Self {
@@ -55,6 +63,8 @@ impl Queue {
             }),
             ready: Condvar::new(),
             max_bytes,
+            high_water: (max_bytes / 2).min(STREAM_HIGH_WATER),
+            room: tokio::sync::Notify::new(),
             counters,
         }
     }
@@ -125,10 +135,27 @@ impl Queue {
             out.push(record);
         }
         inner.bytes -= freed;
+        if freed > 0 && inner.bytes <= self.high_water {
+            self.room.notify_waiters();
+        }
     }
 
     pub fn bytes(&self) -> usize {
         self.lock().bytes
+    }
+
+    /// Waits until the queue is at or below its high-water mark (or a
+    /// bounded time passed; the caller re-checks).
+    pub async fn room(&self) {
+        let notified = self.room.notified();
+        if self.bytes() <= self.high_water {
+            return;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), notified).await;
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.bytes() <= self.high_water
     }
 
     pub fn is_empty(&self) -> bool {

@@ -7,7 +7,6 @@ pub mod stdin;
 pub mod tcp;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use weir_protocol::{Record, RecordBody, StreamId};
@@ -66,7 +65,6 @@ pub struct SourceHandle {
     queue: Arc<Queue>,
     counters: Arc<Counters>,
     names: Arc<Vec<String>>,
-    high_water: usize,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -77,7 +75,6 @@ impl SourceHandle {
         queue: Arc<Queue>,
         counters: Arc<Counters>,
         names: Arc<Vec<String>>,
-        high_water: usize,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         SourceHandle {
@@ -86,7 +83,6 @@ impl SourceHandle {
             queue,
             counters,
             names,
-            high_water,
             shutdown,
         }
     }
@@ -121,11 +117,11 @@ impl SourceHandle {
     /// pipe): waits while the queue is above its high-water mark so the
     /// stream slows down instead of losing bytes. Returns false on shutdown.
     pub async fn wait_for_room(&mut self) -> bool {
-        while self.queue.bytes() > self.high_water {
+        while !self.queue.has_room() {
             if *self.shutdown.borrow() {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.queue.room().await;
         }
         !*self.shutdown.borrow()
     }

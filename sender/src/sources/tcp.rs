@@ -53,7 +53,6 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
     })?;
     tracing::info!(source = %cfg.name, listen = %cfg.listen, "tcp source listening");
     let chunk = parse_size(&cfg.chunk_size).expect("validated") as usize;
-    let mut buf = vec![0u8; chunk];
     let mut shutdown = handle.shutdown.clone();
     loop {
         let (mut conn, peer) = tokio::select! {
@@ -74,18 +73,17 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             if !handle.wait_for_room().await {
                 return Ok(());
             }
+            // read_buf fills spare capacity: no zeroing, no copy afterwards.
+            let mut data = Vec::with_capacity(chunk);
             let n = tokio::select! {
-                r = conn.read(&mut buf) => r,
+                r = conn.read_buf(&mut data) => r,
                 _ = shutdown.changed() => return Ok(()),
             };
             match n {
                 Ok(0) => break,
                 Ok(n) => {
                     total += n as u64;
-                    handle.emit(RecordBody::Bytes(Chunk {
-                        data: buf[..n].to_vec(),
-                        end: false,
-                    }));
+                    handle.emit(RecordBody::Bytes(Chunk { data, end: false }));
                 }
                 Err(e) => {
                     tracing::warn!(source = %cfg.name, %peer, "read failed, closing connection: {e}");

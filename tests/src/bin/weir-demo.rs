@@ -18,7 +18,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     seconds: u64,
     /// Points per second the generator produces.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 50_000)]
     rate: u64,
     /// Random loss on the simulated link (0.02 = 2%), plus bursts.
     #[arg(long, default_value_t = 0.02)]

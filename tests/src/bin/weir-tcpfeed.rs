@@ -45,6 +45,10 @@ struct Args {
     /// Give up connecting after this many seconds.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
+    /// For benchmarks: repeat one seeded 4 MiB block and skip hashing, so
+    /// the feed costs almost no CPU ("sha256" is then null).
+    #[arg(long)]
+    no_hash: bool,
 }
 
 fn connect(target: &str, timeout: Duration) -> Result<(TcpStream, u64)> {
@@ -100,13 +104,30 @@ fn main() -> Result<()> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
+    let block: Vec<u8> = if args.no_hash {
+        let mut block = vec![0u8; 4 << 20];
+        Pattern::new(args.seed, block.len() as u64).next_chunk(&mut block);
+        block
+    } else {
+        Vec::new()
+    };
     loop {
-        let len = pattern.next_chunk(&mut buf);
+        let len = if args.no_hash {
+            let len = (args.bytes - written).min(CHUNK as u64) as usize;
+            let at = (written as usize) % block.len();
+            let len = len.min(block.len() - at);
+            buf[..len].copy_from_slice(&block[at..at + len]);
+            len
+        } else {
+            pattern.next_chunk(&mut buf)
+        };
         if len == 0 {
             break;
         }
         pacer.pace(len as u64);
-        hasher.update(&buf[..len]);
+        if !args.no_hash {
+            hasher.update(&buf[..len]);
+        }
         stream.write_all(&buf[..len]).with_context(|| {
             format!(
                 "writing to {peer} after {written} of {} bytes (peer closed?)",
@@ -125,7 +146,7 @@ fn main() -> Result<()> {
 
     print_json_line(&serde_json::json!({
         "bytes": written,
-        "sha256": sha256_hex(hasher),
+        "sha256": if args.no_hash { serde_json::Value::Null } else { sha256_hex(hasher).into() },
         "seconds": seconds,
         "connect_attempts": connect_attempts,
         "paced_seconds": pacer.slept().as_secs_f64(),

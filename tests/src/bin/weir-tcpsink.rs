@@ -49,6 +49,9 @@ struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// For benchmarks: count bytes without hashing them ("sha256" is then null).
+    #[arg(long)]
+    no_hash: bool,
 }
 
 fn seconds_arg(flag: &str, value: f64) -> Result<Duration> {
@@ -90,6 +93,7 @@ struct Sink {
     overall_deadline: Option<Instant>,
     tally: Tally,
     hasher: Sha256,
+    hash: bool,
 }
 
 impl Sink {
@@ -154,7 +158,9 @@ impl Sink {
                         self.tally.first_byte.get_or_insert(now);
                         self.tally.last_byte = Some(now);
                         self.tally.bytes += n as u64;
-                        self.hasher.update(&buf[..n]);
+                        if self.hash {
+                            self.hasher.update(&buf[..n]);
+                        }
                         if self.done() {
                             return End::ExpectBytes;
                         }
@@ -195,6 +201,7 @@ fn main() -> Result<()> {
             overall_deadline: timeout.map(|t| started + t),
             tally: Tally::default(),
             hasher: Sha256::new(),
+            hash: !args.no_hash,
         };
         let end = sink.run(&listener).await;
         let ended = Instant::now();
@@ -210,7 +217,7 @@ fn main() -> Result<()> {
         };
         let report = serde_json::json!({
             "bytes": t.bytes,
-            "sha256": sha256_hex(sink.hasher.clone()),
+            "sha256": if sink.hash { sha256_hex(sink.hasher.clone()).into() } else { serde_json::Value::Null },
             "seconds": seconds,
             "connections": t.connections,
             "first_byte_to_last_byte_seconds": span,

@@ -42,9 +42,16 @@ UDP over loopback drops whatever the receiver cannot keep up with; use --rate to
 loss-free rate."
 )]
 struct Cli {
+    /// Send one datagram per sendmsg (no UDP GSO), as iperf3 -u does: the
+    /// plain ceiling, next to the GSO one.
+    #[arg(long, global = true)]
+    no_gso: bool,
     #[command(subcommand)]
     command: Command,
 }
+
+/// Set once from --no-gso before any send.
+static NO_GSO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -158,7 +165,11 @@ async fn blast(
         max_gso_segments: sock.state.max_gso_segments(),
         ..Default::default()
     };
-    let mut segments = sock.gso_segments_for(size);
+    let mut segments = if NO_GSO.load(std::sync::atomic::Ordering::Relaxed) {
+        1
+    } else {
+        sock.gso_segments_for(size)
+    };
     report.gso_segments = segments;
     let payload = vec![0x5au8; segments * size];
     let mut pacer = Pacer::new(bits_per_second.map(|b| (b / 8).max(1)));
@@ -504,7 +515,9 @@ fn run_pair(bytes: u64, size: usize, rate: Option<u64>, timeout: Duration) -> Re
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    NO_GSO.store(cli.no_gso, std::sync::atomic::Ordering::Relaxed);
+    match cli.command {
         Command::Recv {
             listen,
             expect_bytes,

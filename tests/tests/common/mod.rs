@@ -72,15 +72,21 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Runs one of the workspace binaries.
     pub fn spawn(scratch: &Scratch, name: &str, program: &str, args: &[&str]) -> Proc {
+        Proc::spawn_path(scratch, name, &bin(program), args)
+    }
+
+    /// Runs any program, logging to `{name}.log` in the scratch directory.
+    pub fn spawn_path(scratch: &Scratch, name: &str, program: &Path, args: &[&str]) -> Proc {
         let log = std::fs::File::create(scratch.join(&format!("{name}.log"))).expect("log file");
-        let child = Command::new(bin(program))
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
         Proc {
             name: name.to_string(),
             child,
