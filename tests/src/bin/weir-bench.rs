@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, default_value = "1G")]
     bytes: String,
     /// Link rate the weir sender is paced at.
-    #[arg(long, default_value = "12Gbit")]
+    #[arg(long, default_value = "10Gbit")]
     rate: String,
     /// weir runs (the median is reported).
     #[arg(long, default_value_t = 3)]
@@ -207,15 +207,22 @@ fn main() -> Result<()> {
     let blast = bin("weir-udpblast")?;
     let unpaced = run_json(Command::new(&blast).args(["pair", "--bytes", &args.bytes]))?;
     let plain = run_json(Command::new(&blast).args(["--no-gso", "pair", "--bytes", &args.bytes]))?;
+    // The ceiling: the most any run delivered while losing under 0.5%
+    // (unpaced GSO runs vary from lossless to heavy loss between runs).
     let mut ceiling = Value::Null;
-    for rate in [
-        "40Gbit", "30Gbit", "24Gbit", "20Gbit", "16Gbit", "12Gbit", "8Gbit", "4Gbit",
-    ] {
-        let r =
-            run_json(Command::new(&blast).args(["pair", "--bytes", &args.bytes, "--rate", rate]))?;
-        if r["loss_percent"].as_f64().unwrap_or(100.0) < 0.5 {
-            ceiling = json!({ "rate": rate, "mb_s": r["mb_per_s_received"], "loss_percent": r["loss_percent"], "cpu_s": r["cpu_seconds"] });
-            break;
+    let mut candidates = vec![("unpaced", unpaced.clone())];
+    for rate in ["80Gbit", "60Gbit", "40Gbit", "30Gbit", "20Gbit", "10Gbit"] {
+        candidates.push((
+            rate,
+            run_json(Command::new(&blast).args(["pair", "--bytes", &args.bytes, "--rate", rate]))?,
+        ));
+    }
+    for (rate, r) in candidates {
+        let mb_s = r["mb_per_s_received"].as_f64().unwrap_or(0.0);
+        if r["loss_percent"].as_f64().unwrap_or(100.0) < 0.5
+            && mb_s > ceiling["mb_s"].as_f64().unwrap_or(0.0)
+        {
+            ceiling = json!({ "rate": rate, "mb_s": mb_s, "loss_percent": r["loss_percent"], "cpu_s": r["cpu_seconds"] });
         }
     }
     let ceiling_mb_s = ceiling["mb_s"].as_f64().unwrap_or(f64::NAN);
@@ -226,7 +233,7 @@ fn main() -> Result<()> {
         unpaced["loss_percent"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "  GSO/GRO, best pace <0.5% loss: {:>6.0} MB/s at {} (the ceiling used below)",
+        "  GSO/GRO, best run <0.5% loss: {:>7.0} MB/s ({}; the ceiling used below)",
         ceiling_mb_s,
         ceiling["rate"].as_str().unwrap_or("none")
     );
