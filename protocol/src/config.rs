@@ -136,16 +136,21 @@ pub struct DecoderConfig {
     pub max_record_size: usize,
     /// Distinct stream names tracked; more are rejected and counted.
     pub max_streams: usize,
+    /// Largest shard accepted (from the receiver's MTU); bounds the memory a
+    /// pending block can take: at most 256 shards of this size.
+    pub max_shard_len: usize,
 }
 
 impl Default for DecoderConfig {
     fn default() -> Self {
         DecoderConfig {
-            // 256 blocks of RS(64,16) at 1436-byte shards is about 29 MiB.
+            // 256 blocks of RS(64,16) at 1436-byte shards is about 29 MiB;
+            // hostile headers (k + m = 256) could make it 94 MiB at most.
             max_blocks_in_flight: 256,
             block_timeout: 300 * NANOS_PER_MILLI,
             max_record_size: 16 << 20,
             max_streams: 4096,
+            max_shard_len: shard_size_for_mtu(1500).expect("valid MTU"),
         }
     }
 }
@@ -159,7 +164,7 @@ impl DecoderConfig {
             );
         }
         if self.block_timeout == 0 {
-            return fail("decoder.block_timeout", "must be greater than zero");
+            return fail("decoder.block_timeout_ms", "must be greater than zero");
         }
         if self.max_streams == 0 {
             return fail("decoder.max_streams", "must be at least 1");

@@ -19,6 +19,16 @@ use crate::frame::{FrameError, FrameHeader};
 use crate::record::{Record, RecordBody, StreamId, StreamInfo};
 use crate::Nanos;
 
+/// Frames a new session must send before it replaces a live one.
+const SESSION_SWITCH_FRAMES: usize = 8;
+
+/// A session seen while another is live, not yet trusted.
+struct Candidate {
+    id: u64,
+    first: u64,
+    frames: Vec<Vec<u8>>,
+}
+
 /// Past sessions remembered so their late or replayed frames are rejected.
 const RETIRED_SESSIONS: usize = 16;
 /// Heartbeat checks waiting for their blocks to resolve; a newer heartbeat
@@ -95,8 +105,8 @@ pub enum Event {
 pub struct DecoderStats {
     pub datagrams: u64,
     pub shards_accepted: u64,
-    /// Shards that arrived after their block was already rebuilt from k
-    /// others (normal: parity that was not needed).
+    /// Shards that arrived after their block was rebuilt but while it still
+    /// waited for an earlier block (also unneeded parity, usually).
     pub surplus_shards: u64,
     pub control_frames: u64,
     pub rejected_truncated: u64,
@@ -106,7 +116,11 @@ pub struct DecoderStats {
     pub rejected_crc: u64,
     pub rejected_header: u64,
     pub rejected_stale_session: u64,
-    /// Shards of blocks already delivered or given up.
+    /// Frames of a would-be new session that another one displaced before
+    /// it sent enough frames to be trusted.
+    pub rejected_stray_session: u64,
+    /// Shards of blocks already delivered or given up. Most are parity
+    /// that was not needed: a block is delivered as soon as k shards are in.
     pub late_shards: u64,
     /// A shard index received twice for the same block.
     pub duplicate_shards: u64,
@@ -148,6 +162,7 @@ impl DecoderStats {
             ("rejected_crc", self.rejected_crc),
             ("rejected_header", self.rejected_header),
             ("rejected_stale_session", self.rejected_stale_session),
+            ("rejected_stray_session", self.rejected_stray_session),
             ("late_shards", self.late_shards),
             ("duplicate_shards", self.duplicate_shards),
             ("inconsistent_shards", self.inconsistent_shards),
@@ -225,6 +240,7 @@ pub struct Decoder {
     cfg: DecoderConfig,
     fec: Fec,
     session: Option<Session>,
+    candidate: Option<Candidate>,
     retired: VecDeque<u64>,
     cursors: HashMap<Arc<str>, Cursor>,
     events: VecDeque<Event>,
@@ -244,6 +260,7 @@ impl Decoder {
             cfg,
             fec: Fec::default(),
             session: None,
+            candidate: None,
             retired: VecDeque::new(),
             cursors: HashMap::new(),
             events: VecDeque::new(),
@@ -296,28 +313,77 @@ impl Decoder {
                 return;
             }
         };
+        if !header.is_control() && header.shard_len as usize > self.cfg.max_shard_len {
+            self.stats.rejected_header += 1;
+            return;
+        }
         if self.session.as_ref().map(|s| s.id) != Some(header.session) {
             if self.retired.contains(&header.session) {
                 self.stats.rejected_stale_session += 1;
                 return;
             }
-            let first = if header.is_control() {
-                match postcard::from_bytes::<Control>(shard) {
-                    Ok(Control::Heartbeat(hb)) => hb.next_block,
-                    Err(_) => {
-                        self.stats.bad_control += 1;
-                        return;
-                    }
-                }
-            } else {
-                header.block
+            let Some(position) = Self::position(&header, shard) else {
+                self.stats.bad_control += 1;
+                return;
             };
-            self.start_session(header.session, first);
+            if self.session.is_some() {
+                self.hold_candidate(now, header.session, position, datagram);
+                return;
+            }
+            self.start_session(header.session, position);
         }
+        self.handle_frame(now, &header, shard);
+    }
+
+    fn handle_frame(&mut self, now: Nanos, header: &FrameHeader, shard: &[u8]) {
         if header.is_control() {
             self.handle_control(now, shard);
         } else {
             self.handle_shard(now, &header, shard);
+        }
+    }
+
+    /// Where a frame sits in its session: its block, or a heartbeat's next_block.
+    fn position(header: &FrameHeader, shard: &[u8]) -> Option<u64> {
+        if !header.is_control() {
+            return Some(header.block);
+        }
+        match postcard::from_bytes::<Control>(shard) {
+            Ok(Control::Heartbeat(hb)) => Some(hb.next_block),
+            Err(_) => None,
+        }
+    }
+
+    /// Holds frames of a new session until it has sent
+    /// `SESSION_SWITCH_FRAMES` of them, then switches and replays them, so
+    /// one stray or CRC-colliding datagram cannot end a live session.
+    fn hold_candidate(&mut self, now: Nanos, id: u64, position: u64, datagram: &[u8]) {
+        match &mut self.candidate {
+            Some(c) if c.id == id => {
+                c.first = c.first.min(position);
+                c.frames.push(datagram.to_vec());
+            }
+            other => {
+                if let Some(old) = other.take() {
+                    self.stats.rejected_stray_session += old.frames.len() as u64;
+                }
+                self.candidate = Some(Candidate {
+                    id,
+                    first: position,
+                    frames: vec![datagram.to_vec()],
+                });
+            }
+        }
+        let c = self.candidate.as_ref().expect("just set");
+        if c.frames.len() < SESSION_SWITCH_FRAMES {
+            return;
+        }
+        let c = self.candidate.take().expect("present");
+        self.start_session(c.id, c.first);
+        for frame in &c.frames {
+            if let Ok((header, shard)) = FrameHeader::parse(frame) {
+                self.handle_frame(now, &header, shard);
+            }
         }
     }
 
@@ -697,9 +763,13 @@ impl Decoder {
             return;
         };
         let session_id = session.id;
-        if !self.account(&meta, record.seq) {
-            self.stats.duplicate_records += 1;
-            return;
+        match self.account(&meta, record.seq) {
+            Some(true) => {}
+            Some(false) => {
+                self.stats.duplicate_records += 1;
+                return;
+            }
+            None => return,
         }
         self.stats.records += 1;
         self.events.push_back(Event::Record(Delivered {
@@ -712,13 +782,14 @@ impl Decoder {
     }
 
     /// Moves a stream's cursor to `seq`, reporting any gap before it.
-    /// Returns false if `seq` was already delivered.
-    fn account(&mut self, meta: &StreamMeta, seq: u64) -> bool {
+    /// Returns Some(true) to deliver, Some(false) if `seq` was already
+    /// delivered, None if the stream is over the `max_streams` bound.
+    fn account(&mut self, meta: &StreamMeta, seq: u64) -> Option<bool> {
         let session = self.session.as_ref().expect("session present");
         let (session_id, joined_late) = (session.id, session.joined_late);
         if !self.cursors.contains_key(&meta.name) && self.cursors.len() >= self.cfg.max_streams {
             self.stats.streams_rejected += 1;
-            return false;
+            return None;
         }
         let cursor = self.cursors.entry(meta.name.clone()).or_insert(Cursor {
             session: None,
@@ -740,7 +811,7 @@ impl Decoder {
         }
         let expected = cursor.last.map_or(meta.first_seq, |l| l + 1);
         if seq < expected {
-            return false;
+            return Some(false);
         }
         if seq > expected {
             let cause = if cursor.fresh && (cursor.restored || joined_late) {
@@ -760,7 +831,7 @@ impl Decoder {
         }
         cursor.last = Some(seq);
         cursor.fresh = false;
-        true
+        Some(true)
     }
 
     /// Applies heartbeats whose blocks are all resolved: any stream whose
@@ -788,7 +859,7 @@ impl Decoder {
                 // the gap (if any) covers everything before it, and `last`
                 // itself is missing too since it was never delivered.
                 let before = self.events.len();
-                if self.account(&meta, last) {
+                if self.account(&meta, last) == Some(true) {
                     let last_missing = Gap {
                         stream: meta.name.clone(),
                         from: last,

@@ -38,6 +38,8 @@ pub struct EncoderStats {
     pub data_frames: u64,
     pub parity_frames: u64,
     pub control_frames: u64,
+    /// Heartbeat parts too large for one datagram even without counters.
+    pub heartbeats_oversized: u64,
     pub wire_bytes: u64,
 }
 
@@ -415,12 +417,18 @@ impl Encoder {
         for (i, mut part) in parts.into_iter().enumerate() {
             part.part = i as u16;
             part.parts = count;
-            let body =
-                postcard::to_allocvec(&Control::Heartbeat(part)).expect("heartbeat serializes");
+            let mut body = postcard::to_allocvec(&Control::Heartbeat(part.clone()))
+                .expect("heartbeat serializes");
             if body.len() > self.cfg.shard_size {
-                // A single stream's name longer than a datagram: config
-                // validation keeps names short, so this is unreachable in
-                // practice; skip rather than send an oversized frame.
+                // Too big for one datagram (a small MTU): drop the counters,
+                // which the next heartbeat repeats anyway.
+                part.counters.clear();
+                body =
+                    postcard::to_allocvec(&Control::Heartbeat(part)).expect("heartbeat serializes");
+            }
+            if body.len() > self.cfg.shard_size {
+                // One stream's name alone does not fit: counted, not sent.
+                self.stats.heartbeats_oversized += 1;
                 continue;
             }
             let header = FrameHeader {

@@ -36,8 +36,18 @@ const KNOWN_FLAGS: u8 = FLAG_CONTROL;
 /// The shard payload size that fits a link MTU: the largest shard whose frame
 /// still fits one unfragmented IPv4 UDP datagram.
 pub fn shard_size_for_mtu(mtu: usize) -> Option<usize> {
-    mtu.checked_sub(IP_UDP_OVERHEAD + FRAME_OVERHEAD)
-        .filter(|s| *s >= 64 && *s <= u16::MAX as usize)
+    shard_size_for(mtu, false)
+}
+
+/// As [`shard_size_for_mtu`], for IPv6 (a 40-byte IP header) when `ipv6`.
+pub fn shard_size_for(mtu: usize, ipv6: bool) -> Option<usize> {
+    let ip = if ipv6 {
+        IP_UDP_OVERHEAD + 20
+    } else {
+        IP_UDP_OVERHEAD
+    };
+    mtu.checked_sub(ip + FRAME_OVERHEAD)
+        .filter(|s| *s >= 64 && *s <= u16::MAX as usize - FRAME_OVERHEAD - ip)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -461,13 +461,42 @@ fn replayed_frames_of_an_old_session_are_rejected() {
     let old = h.frame[..n].to_vec();
     h.dec.handle_datagram(0, &old);
     h.enc = Encoder::new(EncoderConfig::new(2));
-    h.enc.add_stream("gen", "generator", 1);
+    let s = h.enc.add_stream("gen", "generator", 1);
     h.enc.handle_timeout(1);
-    let n = h.enc.poll_frame(1, &mut h.frame).unwrap();
-    let new = h.frame[..n].to_vec();
-    h.dec.handle_datagram(1, &new);
+    for i in 1..2000 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(1);
+    while let Some(n) = h.enc.poll_frame(1, &mut h.frame) {
+        let new = h.frame[..n].to_vec();
+        h.dec.handle_datagram(1, &new);
+    }
     h.dec.handle_datagram(2, &old);
     assert_eq!(h.dec.stats().rejected_stale_session, 1);
+}
+
+#[test]
+fn a_stray_frame_of_another_session_does_not_end_the_live_one() {
+    let mut h = Harness::new(12, EncoderConfig::new(1), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0);
+    h.enc.handle_timeout(0);
+    for i in 0..5000 {
+        h.push(&point(s, i));
+    }
+    h.pump();
+    // One well-formed frame of some other session arrives...
+    let mut other = Encoder::new(EncoderConfig::new(0xbad));
+    other.handle_timeout(0);
+    let n = other.poll_frame(0, &mut h.frame).unwrap();
+    let stray = h.frame[..n].to_vec();
+    h.dec.handle_datagram(h.now, &stray);
+    // ...and the live session carries on, complete.
+    for i in 5000..10_000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    h.out.assert_exact("gen", 0..10_000);
+    assert_eq!(h.out.gap_count(), 0);
 }
 
 #[test]

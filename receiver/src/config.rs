@@ -191,6 +191,8 @@ pub fn parse(text: &str) -> Result<Loaded> {
         max_blocks_in_flight: c.decoder.max_blocks_in_flight,
         block_timeout: c.decoder.block_timeout_ms * NANOS_PER_MILLI,
         max_record_size,
+        max_shard_len: weir_protocol::frame::shard_size_for_mtu(c.link.mtu)
+            .expect("mtu checked above"),
         ..DecoderConfig::default()
     };
     decoder.validate().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -93,12 +93,13 @@ fn init_logging(format: LogFormat) {
 
 fn check_config(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
-    println!("# {}: configuration is valid", path.display());
-    println!("# effective configuration (defaults filled in):\n");
-    print!(
-        "{}",
+    let text = format!(
+        "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}",
+        path.display(),
         toml::to_string(&loaded.config).expect("configuration serializes")
     );
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     Ok(())
 }
 

@@ -61,7 +61,8 @@ impl HeartbeatWatch {
             return;
         }
         let now = Instant::now();
-        if let Some(since) = self.lost_since.take() {
+        let was_lost = self.lost_since.take();
+        if let Some(since) = was_lost.filter(|_| self.last.is_some()) {
             let silent = self
                 .last
                 .map_or(now.duration_since(since), |l| now.duration_since(l));

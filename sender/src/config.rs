@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use weir_protocol::config::MAX_INTERLEAVE;
-use weir_protocol::frame::{shard_size_for_mtu, MAX_SHARDS};
+use weir_protocol::frame::{shard_size_for, MAX_SHARDS};
 use weir_protocol::units::{parse_rate, parse_size};
 use weir_protocol::{EncoderConfig, NANOS_PER_MILLI};
 
@@ -149,7 +149,7 @@ impl Default for HeartbeatConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// If set, a JSON snapshot of every counter is written here each second.
@@ -162,6 +162,15 @@ pub struct MetricsConfig {
 
 fn default_log_interval() -> u64 {
     10
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            path: None,
+            log_interval_s: default_log_interval(),
+        }
+    }
 }
 
 /// A loaded, validated configuration with its derived values.
@@ -178,7 +187,7 @@ impl Loaded {
     pub fn encoder_config(&self, session: u64) -> EncoderConfig {
         let c = &self.config;
         let mut e = EncoderConfig::new(session);
-        e.shard_size = shard_size_for_mtu(c.link.mtu).expect("validated");
+        e.shard_size = shard_size_for(c.link.mtu, c.link.destination.is_ipv6()).expect("validated");
         e.data_shards = c.fec.data_shards;
         e.parity_shards = c.fec.parity_shards;
         e.interleave = c.fec.interleave;
@@ -221,9 +230,11 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
     }
     let send_buffer = parse_size(&c.link.send_buffer)
         .map_err(|e| anyhow::anyhow!("link.send_buffer: {e}"))? as usize;
-    if shard_size_for_mtu(c.link.mtu).is_none() {
+    if !(576..=65_535).contains(&c.link.mtu)
+        || shard_size_for(c.link.mtu, c.link.destination.is_ipv6()).is_none()
+    {
         bail!(
-            "link.mtu: {} is outside 164..=65535 (1500 for Ethernet, 9000 for jumbo frames)",
+            "link.mtu: {} is outside 576..=65535 (1500 for Ethernet, 9000 for jumbo frames)",
             c.link.mtu
         );
     }

@@ -14,8 +14,10 @@ use crate::queue::Queue;
 use crate::udp::LinkSocket;
 
 /// Bytes a datagram costs on an Ethernet link beyond its UDP payload:
-/// IPv4 20 + UDP 8 + Ethernet header/FCS 18 + preamble 8 + inter-frame gap 12.
+/// IPv4 20 + UDP 8 + Ethernet header/FCS 18 + preamble 8 + inter-frame gap 12
+/// (IPv6 adds 20 more).
 pub const WIRE_OVERHEAD: usize = 66;
+pub const WIRE_OVERHEAD_IPV6: usize = 86;
 /// Records moved from the queue to the encoder per step.
 const FEED_BATCH: usize = 4096;
 /// How long shutdown may spend sending what the queue still holds.
@@ -63,6 +65,8 @@ impl Pacer {
 
 pub struct LinkParams {
     pub rate_bps: u64,
+    /// WIRE_OVERHEAD or WIRE_OVERHEAD_IPV6.
+    pub wire_overhead: usize,
 }
 
 pub fn run(
@@ -77,7 +81,8 @@ pub fn run(
     let now = || origin.elapsed().as_nanos() as Nanos;
     let frame_len = enc.max_frame_len();
     let batch_max = socket.batch_for(frame_len);
-    let batch_bytes = batch_max * (frame_len + WIRE_OVERHEAD);
+    let overhead = params.wire_overhead;
+    let batch_bytes = batch_max * (frame_len + overhead);
     // Burst: two batches, or 2 ms at the link rate, whichever is larger.
     let burst = (2 * batch_bytes).max((params.rate_bps / 8 / 500) as usize);
     let mut pacer = Pacer::new(params.rate_bps, burst);
@@ -116,10 +121,17 @@ pub fn run(
                 if !queue_empty {
                     let mut abandoned = Vec::new();
                     queue.pop_batch(&mut abandoned, usize::MAX, Duration::ZERO);
-                    tracing::warn!(
-                        records = abandoned.len(),
-                        "shutdown: records still queued after {DRAIN_LIMIT:?} were not sent"
-                    );
+                    Counters::add(&counters.queue_dropped_records, abandoned.len() as u64);
+                    let bytes: usize = abandoned.iter().map(crate::queue::record_size).sum();
+                    Counters::add(&counters.queue_dropped_bytes, bytes as u64);
+                    for (stream, from, to) in ranges(&abandoned) {
+                        tracing::warn!(
+                            stream,
+                            from,
+                            to,
+                            "shutdown: records still queued after {DRAIN_LIMIT:?} were not sent (queue_dropped_records)"
+                        );
+                    }
                 }
                 enc.flush(t);
                 enc.heartbeat_now(t);
@@ -175,7 +187,7 @@ pub fn run(
             continue;
         }
 
-        let cost = used + count * WIRE_OVERHEAD;
+        let cost = used + count * overhead;
         let delay = pacer.delay_for(cost);
         if !delay.is_zero() {
             Counters::add(&counters.pacer_waits, 1);
@@ -200,6 +212,21 @@ pub fn run(
             last_publish = Instant::now();
         }
     }
+}
+
+/// (stream, first seq, last seq) runs of consecutive records.
+fn ranges(records: &[Record]) -> Vec<(u32, u64, u64)> {
+    let mut out: Vec<(u32, u64, u64)> = Vec::new();
+    for r in records {
+        match out
+            .iter_mut()
+            .find(|(s, _, to)| *s == r.stream && *to + 1 == r.seq)
+        {
+            Some(run) => run.2 = r.seq,
+            None => out.push((r.stream, r.seq, r.seq)),
+        }
+    }
+    out
 }
 
 /// Copies encoder statistics into the shared counters and hands the

@@ -88,10 +88,14 @@ fn init_logging(format: LogFormat) {
 
 fn check_config(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
-    println!("# {}: configuration is valid", path.display());
-    println!("# effective configuration (defaults filled in):\n");
-    print!("{}", loaded.effective_toml());
-    println!("\n# sha256: {}", loaded.hash);
+    let text = format!(
+        "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}\n# sha256: {}\n",
+        path.display(),
+        loaded.effective_toml(),
+        loaded.hash
+    );
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     Ok(())
 }
 
@@ -125,8 +129,14 @@ fn run(path: &Path) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let link = {
         let (queue, counters, stop) = (queue.clone(), counters.clone(), stop.clone());
+        let wire_overhead = if link_cfg.destination.is_ipv6() {
+            link::WIRE_OVERHEAD_IPV6
+        } else {
+            link::WIRE_OVERHEAD
+        };
         let params = link::LinkParams {
             rate_bps: loaded.rate_bps,
+            wire_overhead,
         };
         std::thread::Builder::new()
             .name("weir-link".into())

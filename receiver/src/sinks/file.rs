@@ -72,6 +72,8 @@ struct OpenFile {
     size: u64,
     first_seq: Option<u64>,
     last_seq: u64,
+    /// Written since the last fsync.
+    dirty: bool,
 }
 
 pub struct FileSink {
@@ -113,6 +115,7 @@ impl FileSink {
             size,
             first_seq: None,
             last_seq: 0,
+            dirty: false,
         })
     }
 
@@ -123,6 +126,10 @@ impl FileSink {
         f.writer
             .flush()
             .with_context(|| format!("writing {}", f.path.display()))?;
+        f.writer
+            .get_ref()
+            .sync_data()
+            .with_context(|| format!("syncing {}", f.path.display()))?;
         let first = f
             .first_seq
             .map_or_else(|| "start".to_string(), |s| s.to_string());
@@ -171,6 +178,7 @@ impl Sink for FileSink {
                 .write_all(&self.line)
                 .with_context(|| format!("writing {}", f.path.display()))?;
             f.size += self.line.len() as u64;
+            f.dirty = true;
             f.first_seq.get_or_insert(r.seq);
             f.last_seq = r.seq;
             self.written.insert(r.stream.clone(), r.seq);
@@ -178,11 +186,18 @@ impl Sink for FileSink {
         Ok(())
     }
 
+    /// Writes out and fsyncs every file touched since the last flush, so
+    /// the cursor saved after it never runs ahead of the data on disk.
     fn flush(&mut self) -> Result<()> {
-        for f in self.files.values_mut() {
+        for f in self.files.values_mut().filter(|f| f.dirty) {
             f.writer
                 .flush()
                 .with_context(|| format!("writing {}", f.path.display()))?;
+            f.writer
+                .get_ref()
+                .sync_data()
+                .with_context(|| format!("syncing {}", f.path.display()))?;
+            f.dirty = false;
         }
         Ok(())
     }

@@ -42,6 +42,7 @@ pub struct TcpSink {
     connect: SocketAddr,
     conns: HashMap<Arc<str>, std::io::BufWriter<TcpStream>>,
     written: HashMap<Arc<str>, u64>,
+    sessions: HashMap<Arc<str>, u64>,
 }
 
 impl TcpSink {
@@ -50,6 +51,7 @@ impl TcpSink {
             connect: cfg.connect,
             conns: HashMap::new(),
             written: HashMap::new(),
+            sessions: HashMap::new(),
         }
     }
 
@@ -79,6 +81,20 @@ impl Sink for TcpSink {
             if self.written.get(&r.stream).is_some_and(|w| r.seq <= *w) {
                 continue;
             }
+            // A new sender session cannot continue a connection the old one
+            // left open (the sender restarted mid-stream): close it first.
+            if self
+                .sessions
+                .get(&r.stream)
+                .is_some_and(|s| *s != r.session)
+            {
+                if let Some(mut w) = self.conns.remove(&r.stream) {
+                    let _ = w.flush();
+                    let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
+                    tracing::warn!(stream = %r.stream, "new sender session: closed the connection the previous session left open");
+                }
+            }
+            self.sessions.insert(r.stream.clone(), r.session);
             let result = match &r.body {
                 RecordBody::Bytes(c) => {
                     let result = if c.data.is_empty() {

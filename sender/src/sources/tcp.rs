@@ -3,7 +3,9 @@
 //! connection marked `end`. Connections are served one after another so
 //! each connection's bytes stay contiguous. A byte stream cannot lose bytes
 //! gracefully, so while the queue is above its high-water mark the source
-//! stops reading and TCP flow control slows the peer; it never drops.
+//! stops reading and TCP flow control slows the peer. It never drops on its
+//! own account; only other sources overflowing the shared queue can push
+//! its oldest chunks out (counted in queue_dropped_records, reported as a gap).
 
 use std::net::SocketAddr;
 
@@ -71,13 +73,22 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
         let mut total: u64 = 0;
         loop {
             if !handle.wait_for_room().await {
+                // Shutting down mid-connection: mark the stream's end so
+                // the receiver's tcp sink closes its side too.
+                handle.emit(RecordBody::Bytes(Chunk {
+                    data: Vec::new(),
+                    end: true,
+                }));
                 return Ok(());
             }
             // read_buf fills spare capacity: no zeroing, no copy afterwards.
             let mut data = Vec::with_capacity(chunk);
             let n = tokio::select! {
                 r = conn.read_buf(&mut data) => r,
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.changed() => {
+                    handle.emit(RecordBody::Bytes(Chunk { data: Vec::new(), end: true }));
+                    return Ok(());
+                }
             };
             match n {
                 Ok(0) => break,
