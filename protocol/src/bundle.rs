@@ -9,6 +9,7 @@
 //! 0x03 FIRST        total, len, bytes           first piece of a record larger than the room left
 //! 0x04 MIDDLE       len, bytes                  continuation, more follows in the next block
 //! 0x05 LAST         len, bytes                  final piece
+//! 0x06 GAP_NOTICE   len, postcard(GapNotice)    records the sender will never send, and why
 //! ```
 //! A MIDDLE or LAST entry is always the first entry of the block after the
 //! one holding the previous piece, so a decoder reassembles by block order
@@ -21,6 +22,7 @@ pub const TAG_RECORD: u8 = 0x02;
 pub const TAG_FIRST: u8 = 0x03;
 pub const TAG_MIDDLE: u8 = 0x04;
 pub const TAG_LAST: u8 = 0x05;
+pub const TAG_GAP_NOTICE: u8 = 0x06;
 
 /// Worst-case bytes of an entry header: a tag and two 5-byte LEB128 lengths.
 pub const MAX_ENTRY_HEADER: usize = 11;
@@ -70,6 +72,7 @@ pub enum Entry<'a> {
     First { total: u32, piece: &'a [u8] },
     Middle(&'a [u8]),
     Last(&'a [u8]),
+    GapNotice(&'a [u8]),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -124,6 +127,7 @@ impl<'a> Entries<'a> {
             }
             TAG_MIDDLE => Ok(Entry::Middle(self.take(len)?)),
             TAG_LAST => Ok(Entry::Last(self.take(len)?)),
+            TAG_GAP_NOTICE => Ok(Entry::GapNotice(self.take(len)?)),
             other => Err(EntryError::UnknownTag(other)),
         }
     }

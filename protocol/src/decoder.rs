@@ -16,7 +16,7 @@ use crate::config::{DecoderConfig, MAX_INTERLEAVE};
 use crate::control::{Control, Heartbeat, StreamStatus};
 use crate::fec::Fec;
 use crate::frame::{FrameError, FrameHeader};
-use crate::record::{Record, RecordBody, StreamId, StreamInfo};
+use crate::record::{GapNotice, NoticeCause, Record, RecordBody, StreamId, StreamInfo};
 use crate::Nanos;
 
 /// Frames a new session must send before it replaces a live one.
@@ -41,6 +41,8 @@ pub enum GapCause {
     LinkLoss,
     /// The records were sent while this receiver was not running.
     ReceiverDown,
+    /// The sender's spool dropped them before they were sent (it said so).
+    SenderSpoolOverflow,
 }
 
 impl GapCause {
@@ -48,6 +50,7 @@ impl GapCause {
         match self {
             GapCause::LinkLoss => "link-loss",
             GapCause::ReceiverDown => "receiver-down",
+            GapCause::SenderSpoolOverflow => "sender-spool-overflow",
         }
     }
 }
@@ -77,6 +80,8 @@ pub struct Delivered {
     pub source_type: Arc<str>,
     pub session: u64,
     pub seq: u64,
+    /// Delivered by a resend, after later records of its stream.
+    pub resent: bool,
     pub body: RecordBody,
 }
 
@@ -98,6 +103,9 @@ pub enum Event {
         first_seq: u64,
     },
     Heartbeat(Heartbeat),
+    /// Records `from..=to` of `stream`, reported as a gap before, arrived
+    /// through a resend and were delivered.
+    Recovered { stream: Arc<str>, from: u64, to: u64 },
 }
 
 /// Every datagram lands in exactly one of the first eleven counters.
@@ -145,6 +153,15 @@ pub struct DecoderStats {
     pub gap_records: u64,
     pub heartbeats: u64,
     pub sequence_resets: u64,
+    pub gap_notices: u64,
+    /// Resent records that filled an open gap and were delivered.
+    pub resent_recovered: u64,
+    /// Resent records already delivered (or never in a gap): dropped.
+    pub resent_duplicate: u64,
+    /// Resent records ahead of the stream's position: dropped, the
+    /// original is still on its way.
+    pub resent_ahead: u64,
+    pub open_gaps_forgotten: u64,
 }
 
 impl DecoderStats {
@@ -183,6 +200,11 @@ impl DecoderStats {
             ("gap_records", self.gap_records),
             ("heartbeats", self.heartbeats),
             ("sequence_resets", self.sequence_resets),
+            ("gap_notices", self.gap_notices),
+            ("resent_recovered", self.resent_recovered),
+            ("resent_duplicate", self.resent_duplicate),
+            ("resent_ahead", self.resent_ahead),
+            ("open_gaps_forgotten", self.open_gaps_forgotten),
         ]
     }
 }
@@ -209,6 +231,7 @@ struct StreamMeta {
     name: Arc<str>,
     source_type: Arc<str>,
     first_seq: u64,
+    epoch: u64,
 }
 
 struct Session {
@@ -225,11 +248,27 @@ struct Session {
     checks: VecDeque<(u64, Nanos, Vec<StreamStatus>)>,
 }
 
+/// A stream's delivered position, as saved and restored by the receiver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// Sender session of the last record.
+    pub session: Option<u64>,
+    /// The stream's sequence epoch (see `StreamInfo::epoch`).
+    pub epoch: Option<u64>,
+    /// Last sequence delivered or accounted as a gap.
+    pub last: Option<u64>,
+}
+
+/// Open gaps remembered per stream for resends to fill; the oldest is
+/// forgotten (and counted) past this.
+const MAX_OPEN_GAPS: usize = 1024;
+
 /// What has been delivered of a stream, across sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cursor {
-    pub session: Option<u64>,
-    pub last: Option<u64>,
+struct Cursor {
+    session: Option<u64>,
+    epoch: Option<u64>,
+    last: Option<u64>,
     /// Nothing delivered or accounted since this decoder started.
     fresh: bool,
     /// Loaded from a previous run's state by `restore_cursor`.
@@ -244,6 +283,9 @@ pub struct Decoder {
     retired: VecDeque<u64>,
     cursors: HashMap<Arc<str>, Cursor>,
     events: VecDeque<Event>,
+    open_gaps: HashMap<Arc<str>, Vec<(u64, u64)>>,
+    /// A run of recovered sequences not yet reported.
+    recovered: Option<(Arc<str>, u64, u64)>,
     /// Buffers of delivered blocks, reused for new ones (bounded).
     spare_buffers: Vec<Vec<u8>>,
     stats: DecoderStats,
@@ -264,6 +306,8 @@ impl Decoder {
             retired: VecDeque::new(),
             cursors: HashMap::new(),
             events: VecDeque::new(),
+            open_gaps: HashMap::new(),
+            recovered: None,
             spare_buffers: Vec::new(),
             stats: DecoderStats::default(),
         }
@@ -275,21 +319,16 @@ impl Decoder {
 
     /// Seeds what a previous run of the receiver delivered, so a restart
     /// neither repeats records nor misses the gap while it was down.
-    pub fn restore_cursor(&mut self, stream: &str, session: Option<u64>, last: Option<u64>) {
-        self.cursors.insert(
-            Arc::from(stream),
-            Cursor {
-                session,
-                last,
-                fresh: true,
-                restored: true,
-            },
-        );
+    pub fn restore_cursor(&mut self, stream: &str, position: StreamPosition) {
+        let StreamPosition { session, epoch, last } = position;
+        self.cursors.insert(Arc::from(stream), Cursor { session, epoch, last, fresh: true, restored: true });
     }
 
-    /// (stream, session, last delivered) for every stream seen.
-    pub fn cursors(&self) -> impl Iterator<Item = (&str, Option<u64>, Option<u64>)> {
-        self.cursors.iter().map(|(k, c)| (&**k, c.session, c.last))
+    /// Where every stream seen stands: what to save for `restore_cursor`.
+    pub fn cursors(&self) -> impl Iterator<Item = (&str, StreamPosition)> {
+        self.cursors
+            .iter()
+            .map(|(k, c)| (&**k, StreamPosition { session: c.session, epoch: c.epoch, last: c.last }))
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -485,6 +524,7 @@ impl Decoder {
                 name,
                 source_type: Arc::from(info.source_type.as_str()),
                 first_seq: info.first_seq,
+                epoch: info.epoch,
             }),
         );
     }
@@ -666,6 +706,11 @@ impl Decoder {
     }
 
     fn unpack_block(&mut self, number: u64, data: &[u8]) {
+        self.unpack_entries(number, data);
+        self.flush_recovered();
+    }
+
+    fn unpack_entries(&mut self, number: u64, data: &[u8]) {
         let mut first_entry = true;
         for entry in Entries::new(data) {
             let continues = first_entry;
@@ -686,6 +731,13 @@ impl Decoder {
                 Entry::Record(bytes) => {
                     self.drop_partial();
                     self.handle_record(bytes);
+                }
+                Entry::GapNotice(bytes) => {
+                    self.drop_partial();
+                    match postcard::from_bytes::<GapNotice>(bytes) {
+                        Ok(notice) => self.handle_gap_notice(notice),
+                        Err(_) => self.stats.bad_entries += 1,
+                    }
                 }
                 Entry::First { total, piece } => {
                     self.drop_partial();
@@ -763,13 +815,28 @@ impl Decoder {
             return;
         };
         let session_id = session.id;
-        match self.account(&meta, record.seq) {
-            Some(true) => {}
-            Some(false) => {
+        let Some(expected) = self.prepare_cursor(&meta) else { return };
+        if record.resent && record.seq != expected {
+            // A resent record only fills a gap; it never moves the stream on.
+            if record.seq > expected {
+                self.stats.resent_ahead += 1;
+                return;
+            }
+            if !self.take_from_open_gap(&meta.name, record.seq) {
+                self.stats.resent_duplicate += 1;
+                return;
+            }
+            self.stats.resent_recovered += 1;
+            self.note_recovered(&meta.name, record.seq);
+        } else {
+            if record.seq < expected {
                 self.stats.duplicate_records += 1;
                 return;
             }
-            None => return,
+            if record.seq > expected {
+                self.emit_gap(&meta.name, expected, record.seq - 1, None);
+            }
+            self.advance(&meta.name, record.seq);
         }
         self.stats.records += 1;
         self.events.push_back(Event::Record(Delivered {
@@ -777,61 +844,138 @@ impl Decoder {
             source_type: meta.source_type.clone(),
             session: session_id,
             seq: record.seq,
+            resent: record.resent,
             body: record.body,
         }));
     }
 
-    /// Moves a stream's cursor to `seq`, reporting any gap before it.
-    /// Returns Some(true) to deliver, Some(false) if `seq` was already
-    /// delivered, None if the stream is over the `max_streams` bound.
-    fn account(&mut self, meta: &StreamMeta, seq: u64) -> Option<bool> {
-        let session = self.session.as_ref().expect("session present");
-        let (session_id, joined_late) = (session.id, session.joined_late);
+    fn handle_gap_notice(&mut self, notice: GapNotice) {
+        let Some(meta) = self.session_mut().streams.get(&notice.stream).cloned() else {
+            self.stats.unknown_stream_records += 1;
+            return;
+        };
+        self.stats.gap_notices += 1;
+        let Some(expected) = self.prepare_cursor(&meta) else { return };
+        if notice.to < expected || notice.from > notice.to {
+            return;
+        }
+        if notice.from > expected {
+            self.emit_gap(&meta.name, expected, notice.from - 1, None);
+        }
+        let cause = match notice.cause {
+            NoticeCause::SpoolOverflow => GapCause::SenderSpoolOverflow,
+        };
+        self.emit_gap(&meta.name, notice.from.max(expected), notice.to, Some(cause));
+        self.advance(&meta.name, notice.to);
+    }
+
+    /// Brings a stream's cursor into the current session and epoch and
+    /// returns the next sequence expected, or None when the stream is over
+    /// the `max_streams` bound.
+    fn prepare_cursor(&mut self, meta: &StreamMeta) -> Option<u64> {
+        let session_id = self.session.as_ref().expect("session present").id;
         if !self.cursors.contains_key(&meta.name) && self.cursors.len() >= self.cfg.max_streams {
             self.stats.streams_rejected += 1;
             return None;
         }
         let cursor = self.cursors.entry(meta.name.clone()).or_insert(Cursor {
             session: None,
+            epoch: None,
             last: None,
             fresh: true,
             restored: false,
         });
-        if cursor.session != Some(session_id) {
-            cursor.session = Some(session_id);
-            if let Some(last) = cursor.last.filter(|l| meta.first_seq <= *l) {
+        cursor.session = Some(session_id);
+        if cursor.epoch != Some(meta.epoch) {
+            // A cursor without an epoch (older state) adopts this one.
+            if let (Some(_), Some(last)) = (cursor.epoch, cursor.last) {
                 self.stats.sequence_resets += 1;
                 self.events.push_back(Event::SequenceReset {
                     stream: meta.name.clone(),
                     last_delivered: last,
                     first_seq: meta.first_seq,
                 });
-                cursor.last = meta.first_seq.checked_sub(1);
+                cursor.last = None;
+            }
+            cursor.epoch = Some(meta.epoch);
+        }
+        Some(cursor.last.map_or(meta.first_seq, |l| l + 1))
+    }
+
+    fn advance(&mut self, stream: &Arc<str>, to: u64) {
+        let cursor = self.cursors.get_mut(stream).expect("prepared");
+        cursor.last = Some(to);
+        cursor.fresh = false;
+    }
+
+    /// Reports `from..=to` of `stream` as lost and remembers it as open, so
+    /// a resend can fill it. Without a given cause: records sent while this
+    /// receiver was away are `ReceiverDown`, anything else `LinkLoss`.
+    fn emit_gap(&mut self, stream: &Arc<str>, from: u64, to: u64, cause: Option<GapCause>) {
+        let joined_late = self.session.as_ref().is_some_and(|s| s.joined_late);
+        let cursor = self.cursors.get(stream).expect("prepared");
+        let cause = cause.unwrap_or(if cursor.fresh && (cursor.restored || joined_late) {
+            GapCause::ReceiverDown
+        } else {
+            GapCause::LinkLoss
+        });
+        let gap = Gap { stream: stream.clone(), from, to, cause };
+        self.stats.gaps += 1;
+        self.stats.gap_records += gap.len();
+        self.remember_open_gap(stream, from, to);
+        self.events.push_back(Event::Gap(gap));
+    }
+
+    fn remember_open_gap(&mut self, stream: &Arc<str>, from: u64, to: u64) {
+        let gaps = self.open_gaps.entry(stream.clone()).or_default();
+        if gaps.len() >= MAX_OPEN_GAPS {
+            gaps.remove(0);
+            self.stats.open_gaps_forgotten += 1;
+        }
+        gaps.push((from, to));
+    }
+
+    /// Tells the decoder a gap is still open (from the audit log, at start),
+    /// so a later resend can fill it.
+    pub fn restore_open_gap(&mut self, stream: &str, from: u64, to: u64) {
+        let name = self.cursors.get_key_value(stream).map_or_else(|| Arc::from(stream), |(k, _)| k.clone());
+        self.remember_open_gap(&name, from, to);
+    }
+
+    /// Removes `seq` from the stream's open gaps; false if it is in none.
+    fn take_from_open_gap(&mut self, stream: &Arc<str>, seq: u64) -> bool {
+        let Some(gaps) = self.open_gaps.get_mut(stream) else { return false };
+        let Some(i) = gaps.iter().position(|(f, t)| *f <= seq && seq <= *t) else { return false };
+        let (from, to) = gaps[i];
+        match (seq == from, seq == to) {
+            (true, true) => {
+                gaps.remove(i);
+            }
+            (true, false) => gaps[i].0 = seq + 1,
+            (false, true) => gaps[i].1 = seq - 1,
+            (false, false) => {
+                gaps[i].1 = seq - 1;
+                gaps.insert(i + 1, (seq + 1, to));
             }
         }
-        let expected = cursor.last.map_or(meta.first_seq, |l| l + 1);
-        if seq < expected {
-            return Some(false);
+        true
+    }
+
+    /// Coalesces consecutive recovered sequences into one event.
+    fn note_recovered(&mut self, stream: &Arc<str>, seq: u64) {
+        match &mut self.recovered {
+            Some((s, _, to)) if s == stream && *to + 1 == seq => *to = seq,
+            _ => {
+                self.flush_recovered();
+                self.recovered = Some((stream.clone(), seq, seq));
+            }
         }
-        if seq > expected {
-            let cause = if cursor.fresh && (cursor.restored || joined_late) {
-                GapCause::ReceiverDown
-            } else {
-                GapCause::LinkLoss
-            };
-            let gap = Gap {
-                stream: meta.name.clone(),
-                from: expected,
-                to: seq - 1,
-                cause,
-            };
-            self.stats.gaps += 1;
-            self.stats.gap_records += gap.len();
-            self.events.push_back(Event::Gap(gap));
+    }
+
+    fn flush_recovered(&mut self) {
+        if let Some((stream, from, to)) = self.recovered.take() {
+            self.events.push_back(Event::Recovered { stream, from, to });
         }
-        cursor.last = Some(seq);
-        cursor.fresh = false;
-        Some(true)
     }
 
     /// Applies heartbeats whose blocks are all resolved: any stream whose
@@ -855,29 +999,10 @@ impl Decoder {
                     self.stats.bad_control += 1;
                     continue;
                 }
-                // Account the last sequence as if it arrived, then un-count it:
-                // the gap (if any) covers everything before it, and `last`
-                // itself is missing too since it was never delivered.
-                let before = self.events.len();
-                if self.account(&meta, last) == Some(true) {
-                    let last_missing = Gap {
-                        stream: meta.name.clone(),
-                        from: last,
-                        to: last,
-                        cause: GapCause::LinkLoss,
-                    };
-                    let grew = self.events.len() > before;
-                    match self.events.back_mut() {
-                        Some(Event::Gap(g)) if grew => {
-                            g.to = last;
-                            self.stats.gap_records += 1;
-                        }
-                        _ => {
-                            self.stats.gaps += 1;
-                            self.stats.gap_records += 1;
-                            self.events.push_back(Event::Gap(last_missing));
-                        }
-                    }
+                let Some(expected) = self.prepare_cursor(&meta) else { continue };
+                if last >= expected {
+                    self.emit_gap(&meta.name, expected, last, None);
+                    self.advance(&meta.name, last);
                 }
             }
         }
@@ -893,7 +1018,7 @@ mod tests {
     /// Valid frames of a small session, to mutate.
     fn some_frames() -> Vec<Vec<u8>> {
         let mut enc = crate::Encoder::new(EncoderConfig::new(42));
-        let s = enc.add_stream("s", "generator", 0);
+        let s = enc.add_stream("s", "generator", 0, 7);
         enc.handle_timeout(0);
         for seq in 0..300 {
             let body = RecordBody::Point(Point {
@@ -904,11 +1029,7 @@ mod tests {
             });
             enc.push(
                 0,
-                &Record {
-                    stream: s,
-                    seq,
-                    body,
-                },
+                &Record { stream: s, seq, resent: false, body },
             );
         }
         enc.flush(0);

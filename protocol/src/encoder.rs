@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use crate::bundle::{
+use crate::bundle::{TAG_GAP_NOTICE, 
     self, entry_len, put_entry, MAX_ENTRY_HEADER, TAG_FIRST, TAG_LAST, TAG_MIDDLE, TAG_RECORD,
     TAG_STREAM_INFO,
 };
@@ -16,7 +16,7 @@ use crate::config::EncoderConfig;
 use crate::control::{Control, Heartbeat, StreamStatus};
 use crate::fec::Fec;
 use crate::frame::{FrameHeader, FLAG_CONTROL, FRAME_OVERHEAD, MAX_SHARDS};
-use crate::record::{Record, StreamId, StreamInfo};
+use crate::record::{GapNotice, Record, StreamId, StreamInfo};
 use crate::Nanos;
 
 /// Smallest useful first fragment; below this the block is sealed instead.
@@ -166,13 +166,14 @@ impl Encoder {
 
     /// Registers a stream for this session; its records must then be pushed
     /// with consecutive sequence numbers starting at `first_seq`.
-    pub fn add_stream(&mut self, name: &str, source_type: &str, first_seq: u64) -> StreamId {
+    pub fn add_stream(&mut self, name: &str, source_type: &str, first_seq: u64, epoch: u64) -> StreamId {
         let id = self.streams.len() as StreamId;
         let info = StreamInfo {
             id,
             name: name.to_string(),
             source_type: source_type.to_string(),
             first_seq,
+            epoch,
         };
         self.streams.push(StreamState {
             info,
@@ -204,19 +205,21 @@ impl Encoder {
 
     /// Packs a record into the open block. Sequence numbers must increase
     /// per stream; a skipped number (a record dropped before the encoder)
-    /// reaches the receiver as a gap. Panics on an unregistered stream or a
-    /// sequence that goes backwards: both are the driver's bugs, never input
-    /// from outside.
+    /// reaches the receiver as a gap. Resent records carry old numbers and
+    /// are exempt. Panics on an unregistered stream or a sequence that goes
+    /// backwards: both are the driver's bugs, never input from outside.
     pub fn push(&mut self, now: Nanos, record: &Record) {
         self.start.get_or_insert(now);
         let stream = &mut self.streams[record.stream as usize];
-        let expected = stream.last_pushed.map_or(stream.info.first_seq, |s| s + 1);
-        assert!(
-            record.seq >= expected,
-            "records of stream {} pushed out of sequence",
-            stream.info.name
-        );
-        stream.last_pushed = Some(record.seq);
+        if !record.resent {
+            let expected = stream.last_pushed.map_or(stream.info.first_seq, |s| s + 1);
+            assert!(
+                record.seq >= expected,
+                "records of stream {} pushed out of sequence",
+                stream.info.name
+            );
+            stream.last_pushed = Some(record.seq);
+        }
 
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
@@ -225,11 +228,47 @@ impl Encoder {
         self.stats.records += 1;
         self.stats.record_bytes += record_bytes.len() as u64;
         self.pack(now, record.stream, &record_bytes);
-        self.open_completed.push((record.stream, record.seq));
+        if !record.resent {
+            self.open_completed.push((record.stream, record.seq));
+        }
         self.scratch = record_bytes;
         if self.open_since.is_none() && !self.open.is_empty() {
             self.open_since = Some(now);
         }
+    }
+
+    /// Tells the receiver that records `from..=to` of `stream` will never
+    /// be sent (the spool dropped them), in order with the stream's records.
+    pub fn push_gap_notice(&mut self, now: Nanos, notice: &GapNotice) {
+        self.start.get_or_insert(now);
+        let stream = &mut self.streams[notice.stream as usize];
+        let expected = stream.last_pushed.map_or(stream.info.first_seq, |s| s + 1);
+        assert!(notice.from >= expected && notice.to >= notice.from, "gap notice out of sequence");
+        stream.last_pushed = Some(notice.to);
+        let bytes = postcard::to_allocvec(notice).expect("GapNotice serializes");
+        self.ensure_stream_info(now, notice.stream);
+        if entry_len(TAG_GAP_NOTICE, 0, bytes.len()) > self.room() {
+            self.seal(now, false);
+            self.ensure_stream_info(now, notice.stream);
+        }
+        put_entry(&mut self.open, TAG_GAP_NOTICE, 0, &bytes);
+        self.open_completed.push((notice.stream, notice.to));
+        if self.open_since.is_none() {
+            self.open_since = Some(now);
+        }
+    }
+
+    /// Names the stream in the open block, so a block is readable on its own.
+    fn ensure_stream_info(&mut self, now: Nanos, stream: StreamId) {
+        if self.open_streams.contains(&stream) {
+            return;
+        }
+        let info = postcard::to_allocvec(&self.streams[stream as usize].info).expect("StreamInfo serializes");
+        if self.room() < entry_len(TAG_STREAM_INFO, 0, info.len()) + MIN_FRAGMENT {
+            self.seal(now, false);
+        }
+        put_entry(&mut self.open, TAG_STREAM_INFO, 0, &info);
+        self.open_streams.push(stream);
     }
 
     fn room(&self) -> usize {
@@ -237,16 +276,7 @@ impl Encoder {
     }
 
     fn pack(&mut self, now: Nanos, stream: StreamId, bytes: &[u8]) {
-        // Name the stream in this block, so a block is readable on its own.
-        if !self.open_streams.contains(&stream) {
-            let info = postcard::to_allocvec(&self.streams[stream as usize].info)
-                .expect("StreamInfo serializes");
-            if self.room() < entry_len(TAG_STREAM_INFO, 0, info.len()) + MIN_FRAGMENT {
-                self.seal(now, false);
-            }
-            put_entry(&mut self.open, TAG_STREAM_INFO, 0, &info);
-            self.open_streams.push(stream);
-        }
+        self.ensure_stream_info(now, stream);
         if entry_len(TAG_RECORD, 0, bytes.len()) <= self.room() {
             put_entry(&mut self.open, TAG_RECORD, 0, bytes);
             if self.room() < MAX_ENTRY_HEADER + 1 {

@@ -10,6 +10,10 @@ pub type StreamId = u32;
 pub struct Record {
     pub stream: StreamId,
     pub seq: u64,
+    /// Sent again on an operator's request (`weir-sender resend`): the
+    /// receiver delivers it only if it fills a gap, and never reorders the
+    /// stream's normal flow around it.
+    pub resent: bool,
     pub body: RecordBody,
 }
 
@@ -100,8 +104,28 @@ pub struct StreamInfo {
     pub name: String,
     /// The source type that feeds it (`tcp`, `stdin`, `generator`, ...).
     pub source_type: String,
-    /// The first sequence number this sender session assigns on this stream.
+    /// The first sequence number this sender session sends on this stream.
     pub first_seq: u64,
+    /// Random when the sender first created the stream's sequence state;
+    /// a different epoch means the numbering restarted (state was lost).
+    pub epoch: u64,
+}
+
+/// In-band notice that records of a stream will never be sent, ordered
+/// with the stream's records so the receiver can state the gap's cause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapNotice {
+    pub stream: StreamId,
+    pub from: u64,
+    pub to: u64,
+    pub cause: NoticeCause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoticeCause {
+    /// The sender's disk spool hit `max_bytes` or `max_age` and dropped
+    /// its oldest records before they were sent.
+    SpoolOverflow,
 }
 
 #[cfg(test)]
@@ -161,15 +185,15 @@ mod tests {
     proptest! {
         #[test]
         fn every_record_kind_round_trips_through_postcard(stream in any::<u32>(), seq in any::<u64>(), body in body()) {
-            let record = Record { stream, seq, body };
+            let record = Record { stream, seq, resent: false, body };
             let bytes = postcard::to_allocvec(&record).unwrap();
             let back: Record = postcard::from_bytes(&bytes).unwrap();
             prop_assert_eq!(back, record);
         }
 
         #[test]
-        fn stream_info_round_trips(id in any::<u32>(), name in ".{0,64}", source_type in "[a-z]{0,12}", first_seq in any::<u64>()) {
-            let info = StreamInfo { id, name, source_type, first_seq };
+        fn stream_info_round_trips(id in any::<u32>(), name in ".{0,64}", source_type in "[a-z]{0,12}", first_seq in any::<u64>(), epoch in any::<u64>()) {
+            let info = StreamInfo { id, name, source_type, first_seq, epoch };
             let back: StreamInfo = postcard::from_bytes(&postcard::to_allocvec(&info).unwrap()).unwrap();
             prop_assert_eq!(back, info);
         }

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use weir_protocol::decoder::Delivered;
+use weir_protocol::decoder::{Delivered, StreamPosition};
+use weir_protocol::{GapNotice, NoticeCause};
 use weir_protocol::{
     Chunk, Decoder, DecoderConfig, Encoder, EncoderConfig, Event, GapCause, Nanos, Point, Record,
     RecordBody, Value, NANOS_PER_SEC,
@@ -93,6 +94,7 @@ struct Outcome {
     delivered: BTreeMap<String, Vec<u64>>,
     gaps: BTreeMap<String, Vec<(u64, u64, GapCause)>>,
     bodies: BTreeMap<String, Vec<RecordBody>>,
+    recovered: Vec<(String, u64, u64)>,
 }
 
 impl Outcome {
@@ -113,6 +115,7 @@ impl Outcome {
                             .push(body);
                     }
                 }
+                Event::Recovered { stream, from, to } => self.recovered.push((stream.to_string(), from, to)),
                 Event::Gap(g) => self
                     .gaps
                     .entry(g.stream.to_string())
@@ -248,6 +251,7 @@ fn point(stream: u32, seq: u64) -> Record {
     Record {
         stream,
         seq,
+        resent: false,
         body: RecordBody::Point(Point {
             tag: format!("plant/line{}/temp", seq % 16),
             ts_ns: 1_700_000_000_000_000_000 + seq as i64,
@@ -259,8 +263,8 @@ fn point(stream: u32, seq: u64) -> Record {
 
 fn run_points(seed: u64, cfg: EncoderConfig, imp: Impairments, per_stream: u64) -> Harness {
     let mut h = Harness::new(seed, cfg, imp);
-    let a = h.enc.add_stream("gen-a", "generator", 0);
-    let b = h.enc.add_stream("gen-b", "generator", 1000);
+    let a = h.enc.add_stream("gen-a", "generator", 0, 7);
+    let b = h.enc.add_stream("gen-b", "generator", 1000, 7);
     h.enc.handle_timeout(0);
     for i in 0..per_stream {
         h.push(&point(a, i));
@@ -344,7 +348,7 @@ fn tail_loss_is_reported_from_the_heartbeat() {
     // Drop everything after the first records: only heartbeats tell the
     // receiver how far the stream went.
     let mut h = Harness::new(3, EncoderConfig::new(3), Impairments::default());
-    let s = h.enc.add_stream("tail", "generator", 0);
+    let s = h.enc.add_stream("tail", "generator", 0, 7);
     h.enc.handle_timeout(0);
     for i in 0..10 {
         h.push(&point(s, i));
@@ -374,7 +378,7 @@ fn large_records_are_fragmented_and_reassembled_byte_exact() {
         },
     );
     h.keep_bodies = true;
-    let s = h.enc.add_stream("raw", "tcp", 0);
+    let s = h.enc.add_stream("raw", "tcp", 0, 7);
     h.enc.handle_timeout(0);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut sent = Vec::new();
@@ -383,11 +387,7 @@ fn large_records_are_fragmented_and_reassembled_byte_exact() {
         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         let body = RecordBody::Bytes(Chunk { data, end: false });
         sent.push(body.clone());
-        h.push(&Record {
-            stream: s,
-            seq,
-            body,
-        });
+        h.push(&Record { stream: s, seq, resent: false, body });
     }
     h.finish();
     assert_eq!(h.out.gap_count(), 0);
@@ -397,7 +397,7 @@ fn large_records_are_fragmented_and_reassembled_byte_exact() {
 #[test]
 fn a_restarted_receiver_reports_what_it_missed_as_receiver_down() {
     let mut h = Harness::new(5, EncoderConfig::new(5), Impairments::default());
-    let s = h.enc.add_stream("gen", "generator", 0);
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
     h.enc.handle_timeout(0);
     for i in 0..20_000 {
         h.push(&point(s, i));
@@ -414,7 +414,7 @@ fn a_restarted_receiver_reports_what_it_missed_as_receiver_down() {
     h.pump();
     // ...and a new one starts with the saved cursor.
     h.dec = Decoder::new(DecoderConfig::default());
-    h.dec.restore_cursor("gen", Some(5), Some(last));
+    h.dec.restore_cursor("gen", StreamPosition { session: Some(5), epoch: Some(7), last: Some(last) });
     h.out = Outcome::default();
     h.link.imp.loss = 0.0;
     for i in 200_000..300_000 {
@@ -432,14 +432,15 @@ fn a_restarted_receiver_reports_what_it_missed_as_receiver_down() {
 #[test]
 fn a_new_sender_session_restarting_numbering_is_a_sequence_reset_not_duplicates() {
     let mut h = Harness::new(8, EncoderConfig::new(100), Impairments::default());
-    let s = h.enc.add_stream("gen", "generator", 0);
+    let s = h.enc.add_stream("gen", "generator", 0, 1);
     h.enc.handle_timeout(0);
     for i in 0..1000 {
         h.push(&point(s, i));
     }
     h.finish();
+    // The sender lost its sequence state: a new epoch, numbering from 0.
     h.enc = Encoder::new(EncoderConfig::new(200));
-    let s = h.enc.add_stream("gen", "generator", 0);
+    let s = h.enc.add_stream("gen", "generator", 0, 2);
     h.enc.handle_timeout(h.now);
     for i in 0..1000 {
         h.push(&point(s, i));
@@ -451,9 +452,64 @@ fn a_new_sender_session_restarting_numbering_is_a_sequence_reset_not_duplicates(
 }
 
 #[test]
+fn a_restarted_sender_resending_from_its_spool_causes_no_duplicates_and_no_gap() {
+    let mut h = Harness::new(8, EncoderConfig::new(100), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0, 42);
+    h.enc.handle_timeout(0);
+    for i in 0..1000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    // Same epoch: the new session starts again from 900, which the
+    // receiver already has up to 999.
+    h.enc = Encoder::new(EncoderConfig::new(200));
+    let s = h.enc.add_stream("gen", "generator", 900, 42);
+    h.enc.handle_timeout(h.now);
+    for i in 900..2000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    h.out.assert_exact("gen", 0..2000);
+    assert_eq!(h.dec.stats().duplicate_records, 100);
+    assert_eq!(h.dec.stats().sequence_resets, 0);
+}
+
+#[test]
+fn a_spool_overflow_notice_becomes_a_gap_with_its_cause_and_a_resend_recovers_it() {
+    let mut h = Harness::new(13, EncoderConfig::new(1), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0, 1);
+    h.enc.handle_timeout(0);
+    for i in 0..100 {
+        h.push(&point(s, i));
+    }
+    h.enc.push_gap_notice(h.now, &GapNotice { stream: s, from: 100, to: 199, cause: NoticeCause::SpoolOverflow });
+    for i in 200..300 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    assert_eq!(h.out.gaps["gen"], vec![(100, 199, GapCause::SenderSpoolOverflow)]);
+    // An operator resends 150..=249: 150..=199 fill the gap, 200..=249 are
+    // duplicates and dropped.
+    for i in 150..250 {
+        let mut r = point(s, i);
+        r.resent = true;
+        h.push(&r);
+    }
+    h.finish();
+    let mut seqs = h.out.delivered["gen"].clone();
+    assert_eq!(seqs.len(), 250);
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 250, "no record delivered twice");
+    assert_eq!(h.dec.stats().resent_recovered, 50);
+    assert_eq!(h.dec.stats().resent_duplicate, 50);
+    assert_eq!(h.out.recovered, vec![("gen".to_string(), 150, 199)]);
+}
+
+#[test]
 fn replayed_frames_of_an_old_session_are_rejected() {
     let mut h = Harness::new(9, EncoderConfig::new(1), Impairments::default());
-    let s = h.enc.add_stream("gen", "generator", 0);
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
     h.enc.handle_timeout(0);
     h.push(&point(s, 0));
     h.enc.flush(0);
@@ -461,7 +517,7 @@ fn replayed_frames_of_an_old_session_are_rejected() {
     let old = h.frame[..n].to_vec();
     h.dec.handle_datagram(0, &old);
     h.enc = Encoder::new(EncoderConfig::new(2));
-    let s = h.enc.add_stream("gen", "generator", 1);
+    let s = h.enc.add_stream("gen", "generator", 1, 7);
     h.enc.handle_timeout(1);
     for i in 1..2000 {
         h.push(&point(s, i));
@@ -478,7 +534,7 @@ fn replayed_frames_of_an_old_session_are_rejected() {
 #[test]
 fn a_stray_frame_of_another_session_does_not_end_the_live_one() {
     let mut h = Harness::new(12, EncoderConfig::new(1), Impairments::default());
-    let s = h.enc.add_stream("gen", "generator", 0);
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
     h.enc.handle_timeout(0);
     for i in 0..5000 {
         h.push(&point(s, i));
@@ -504,7 +560,7 @@ fn warmup_blocks_after_idle_carry_extra_parity() {
     let mut cfg = EncoderConfig::new(4);
     cfg.warmup_blocks = 2;
     let mut h = Harness::new(4, cfg, Impairments::default());
-    let s = h.enc.add_stream("gen", "generator", 0);
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
     h.enc.handle_timeout(0);
     for i in 0..50_000 {
         h.push(&point(s, i));
@@ -534,7 +590,7 @@ fn low_rate_traffic_survives_bursts_through_spare_capacity_parity() {
         ..Default::default()
     };
     let mut h = Harness::new(21, EncoderConfig::new(21), imp);
-    let s = h.enc.add_stream("slow", "generator", 0);
+    let s = h.enc.add_stream("slow", "generator", 0, 7);
     h.enc.handle_timeout(0);
     for i in 0..200_000 {
         h.enc.push(h.now, &point(s, i));

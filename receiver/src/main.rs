@@ -110,11 +110,12 @@ fn run(path: &Path) -> Result<()> {
     let (state_file, state) = state::StateFile::open(&cfg.journal.path)?;
     let mut decoder = Decoder::new(loaded.decoder.clone());
     for (name, cursor) in &state.streams {
-        decoder.restore_cursor(
-            name,
-            cursor.session.as_deref().and_then(state::parse_session),
-            cursor.last,
-        );
+        let position = weir_protocol::decoder::StreamPosition {
+            session: cursor.session.as_deref().and_then(state::parse_session),
+            epoch: cursor.epoch.as_deref().and_then(state::parse_session),
+            last: cursor.last,
+        };
+        decoder.restore_cursor(name, position);
     }
     let socket = udp::LinkSocket::open(cfg.link.listen, loaded.recv_buffer, cfg.link.mtu)?;
     let listen = socket

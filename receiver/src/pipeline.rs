@@ -206,6 +206,10 @@ impl Pipeline {
                         self.audit.write("sequence-reset", json!({ "stream": &*stream, "last_delivered": last_delivered, "first_seq": first_seq }));
                     }
                     Event::Heartbeat(hb) => watch.on_heartbeat(&hb, &mut self.audit),
+                    Event::Recovered { stream, from, to } => {
+                        tracing::info!(stream = %stream, from, to, "gap recovered by a resend");
+                        self.audit.write("recovered", json!({ "stream": &*stream, "from": from, "to": to }));
+                    }
                 }
                 if records.len() >= 8192 {
                     self.dispatch(&mut records);
@@ -269,7 +273,8 @@ impl Pipeline {
             .iter()
             .map(|(_, c)| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .collect();
-        for (stream, session, last) in self.decoder.cursors() {
+        for (stream, position) in self.decoder.cursors() {
+            let last = position.last;
             let routing: Vec<usize> = sinks
                 .iter()
                 .enumerate()
@@ -289,7 +294,8 @@ impl Pipeline {
                 state.streams.insert(
                     stream.to_string(),
                     StreamCursor {
-                        session: session.map(|s| format!("{s:016x}")),
+                        session: position.session.map(|s| format!("{s:016x}")),
+                        epoch: position.epoch.map(|e| format!("{e:016x}")),
                         last,
                     },
                 );

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub struct StreamCursor {
     /// Sender session (hex) the last record belonged to.
     pub session: Option<String>,
+    /// The stream's sequence epoch (hex), see the wire format.
+    #[serde(default)]
+    pub epoch: Option<String>,
     pub last: Option<u64>,
 }
 

@@ -102,6 +102,9 @@ fn check_config(path: &Path) -> Result<()> {
 fn run(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
     let session: u64 = rand::random();
+    // Sequence numbers start at 0 at every start, so every start is a new
+    // epoch: the receiver records a sequence reset rather than duplicates.
+    let epoch: u64 = rand::random();
     let counters = Arc::new(Counters::default());
     let queue = Arc::new(Queue::new(loaded.queue_bytes as usize, counters.clone()));
     let mut enc = Encoder::new(loaded.encoder_config(session));
@@ -110,7 +113,7 @@ fn run(path: &Path) -> Result<()> {
     let names: Arc<Vec<String>> = Arc::new(sources.iter().map(|s| s.name().to_string()).collect());
     let streams: Vec<_> = sources
         .iter()
-        .map(|s| enc.add_stream(s.name(), s.type_name(), 0))
+        .map(|s| enc.add_stream(s.name(), s.type_name(), 0, epoch))
         .collect();
     let link_cfg = &loaded.config.link;
     let socket = udp::LinkSocket::open(link_cfg.bind, link_cfg.destination, loaded.send_buffer)?;

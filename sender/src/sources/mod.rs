@@ -101,6 +101,7 @@ impl SourceHandle {
         let names = self.names.clone();
         self.queue.push(
             Record {
+                resent: false,
                 stream: self.stream,
                 seq,
                 body,
