@@ -88,6 +88,7 @@ mod tests {
             "gen".into(),
             StreamCursor {
                 session: Some("00ff".into()),
+                epoch: Some("01".into()),
                 last: Some(41),
             },
         );

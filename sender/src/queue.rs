@@ -177,6 +177,7 @@ mod tests {
         Record {
             stream: 0,
             seq,
+            resent: false,
             body: RecordBody::Bytes(Chunk {
                 data: vec![0; len],
                 end: false,

@@ -214,6 +214,7 @@ mod tests {
             source_type: Arc::from("x"),
             session: 1,
             seq,
+            resent: false,
             body,
         }
     }

@@ -220,6 +220,7 @@ mod tests {
             source_type: Arc::from("generator"),
             session: 1,
             seq: 7,
+            resent: false,
             body,
         }
     }
