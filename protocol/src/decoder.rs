@@ -105,7 +105,11 @@ pub enum Event {
     Heartbeat(Heartbeat),
     /// Records `from..=to` of `stream`, reported as a gap before, arrived
     /// through a resend and were delivered.
-    Recovered { stream: Arc<str>, from: u64, to: u64 },
+    Recovered {
+        stream: Arc<str>,
+        from: u64,
+        to: u64,
+    },
 }
 
 /// Every datagram lands in exactly one of the first eleven counters.
@@ -320,15 +324,35 @@ impl Decoder {
     /// Seeds what a previous run of the receiver delivered, so a restart
     /// neither repeats records nor misses the gap while it was down.
     pub fn restore_cursor(&mut self, stream: &str, position: StreamPosition) {
-        let StreamPosition { session, epoch, last } = position;
-        self.cursors.insert(Arc::from(stream), Cursor { session, epoch, last, fresh: true, restored: true });
+        let StreamPosition {
+            session,
+            epoch,
+            last,
+        } = position;
+        self.cursors.insert(
+            Arc::from(stream),
+            Cursor {
+                session,
+                epoch,
+                last,
+                fresh: true,
+                restored: true,
+            },
+        );
     }
 
     /// Where every stream seen stands: what to save for `restore_cursor`.
     pub fn cursors(&self) -> impl Iterator<Item = (&str, StreamPosition)> {
-        self.cursors
-            .iter()
-            .map(|(k, c)| (&**k, StreamPosition { session: c.session, epoch: c.epoch, last: c.last }))
+        self.cursors.iter().map(|(k, c)| {
+            (
+                &**k,
+                StreamPosition {
+                    session: c.session,
+                    epoch: c.epoch,
+                    last: c.last,
+                },
+            )
+        })
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -378,7 +402,7 @@ impl Decoder {
         if header.is_control() {
             self.handle_control(now, shard);
         } else {
-            self.handle_shard(now, &header, shard);
+            self.handle_shard(now, header, shard);
         }
     }
 
@@ -815,7 +839,9 @@ impl Decoder {
             return;
         };
         let session_id = session.id;
-        let Some(expected) = self.prepare_cursor(&meta) else { return };
+        let Some(expected) = self.prepare_cursor(&meta) else {
+            return;
+        };
         if record.resent && record.seq != expected {
             // A resent record only fills a gap; it never moves the stream on.
             if record.seq > expected {
@@ -855,7 +881,9 @@ impl Decoder {
             return;
         };
         self.stats.gap_notices += 1;
-        let Some(expected) = self.prepare_cursor(&meta) else { return };
+        let Some(expected) = self.prepare_cursor(&meta) else {
+            return;
+        };
         if notice.to < expected || notice.from > notice.to {
             return;
         }
@@ -865,7 +893,12 @@ impl Decoder {
         let cause = match notice.cause {
             NoticeCause::SpoolOverflow => GapCause::SenderSpoolOverflow,
         };
-        self.emit_gap(&meta.name, notice.from.max(expected), notice.to, Some(cause));
+        self.emit_gap(
+            &meta.name,
+            notice.from.max(expected),
+            notice.to,
+            Some(cause),
+        );
         self.advance(&meta.name, notice.to);
     }
 
@@ -919,7 +952,12 @@ impl Decoder {
         } else {
             GapCause::LinkLoss
         });
-        let gap = Gap { stream: stream.clone(), from, to, cause };
+        let gap = Gap {
+            stream: stream.clone(),
+            from,
+            to,
+            cause,
+        };
         self.stats.gaps += 1;
         self.stats.gap_records += gap.len();
         self.remember_open_gap(stream, from, to);
@@ -938,14 +976,21 @@ impl Decoder {
     /// Tells the decoder a gap is still open (from the audit log, at start),
     /// so a later resend can fill it.
     pub fn restore_open_gap(&mut self, stream: &str, from: u64, to: u64) {
-        let name = self.cursors.get_key_value(stream).map_or_else(|| Arc::from(stream), |(k, _)| k.clone());
+        let name = self
+            .cursors
+            .get_key_value(stream)
+            .map_or_else(|| Arc::from(stream), |(k, _)| k.clone());
         self.remember_open_gap(&name, from, to);
     }
 
     /// Removes `seq` from the stream's open gaps; false if it is in none.
     fn take_from_open_gap(&mut self, stream: &Arc<str>, seq: u64) -> bool {
-        let Some(gaps) = self.open_gaps.get_mut(stream) else { return false };
-        let Some(i) = gaps.iter().position(|(f, t)| *f <= seq && seq <= *t) else { return false };
+        let Some(gaps) = self.open_gaps.get_mut(stream) else {
+            return false;
+        };
+        let Some(i) = gaps.iter().position(|(f, t)| *f <= seq && seq <= *t) else {
+            return false;
+        };
         let (from, to) = gaps[i];
         match (seq == from, seq == to) {
             (true, true) => {
@@ -999,7 +1044,9 @@ impl Decoder {
                     self.stats.bad_control += 1;
                     continue;
                 }
-                let Some(expected) = self.prepare_cursor(&meta) else { continue };
+                let Some(expected) = self.prepare_cursor(&meta) else {
+                    continue;
+                };
                 if last >= expected {
                     self.emit_gap(&meta.name, expected, last, None);
                     self.advance(&meta.name, last);
@@ -1029,7 +1076,12 @@ mod tests {
             });
             enc.push(
                 0,
-                &Record { stream: s, seq, resent: false, body },
+                &Record {
+                    stream: s,
+                    seq,
+                    resent: false,
+                    body,
+                },
             );
         }
         enc.flush(0);

@@ -8,9 +8,9 @@
 
 use std::collections::VecDeque;
 
-use crate::bundle::{TAG_GAP_NOTICE, 
-    self, entry_len, put_entry, MAX_ENTRY_HEADER, TAG_FIRST, TAG_LAST, TAG_MIDDLE, TAG_RECORD,
-    TAG_STREAM_INFO,
+use crate::bundle::{
+    self, entry_len, put_entry, MAX_ENTRY_HEADER, TAG_FIRST, TAG_GAP_NOTICE, TAG_LAST, TAG_MIDDLE,
+    TAG_RECORD, TAG_STREAM_INFO,
 };
 use crate::config::EncoderConfig;
 use crate::control::{Control, Heartbeat, StreamStatus};
@@ -166,7 +166,13 @@ impl Encoder {
 
     /// Registers a stream for this session; its records must then be pushed
     /// with consecutive sequence numbers starting at `first_seq`.
-    pub fn add_stream(&mut self, name: &str, source_type: &str, first_seq: u64, epoch: u64) -> StreamId {
+    pub fn add_stream(
+        &mut self,
+        name: &str,
+        source_type: &str,
+        first_seq: u64,
+        epoch: u64,
+    ) -> StreamId {
         let id = self.streams.len() as StreamId;
         let info = StreamInfo {
             id,
@@ -243,7 +249,10 @@ impl Encoder {
         self.start.get_or_insert(now);
         let stream = &mut self.streams[notice.stream as usize];
         let expected = stream.last_pushed.map_or(stream.info.first_seq, |s| s + 1);
-        assert!(notice.from >= expected && notice.to >= notice.from, "gap notice out of sequence");
+        assert!(
+            notice.from >= expected && notice.to >= notice.from,
+            "gap notice out of sequence"
+        );
         stream.last_pushed = Some(notice.to);
         let bytes = postcard::to_allocvec(notice).expect("GapNotice serializes");
         self.ensure_stream_info(now, notice.stream);
@@ -263,7 +272,8 @@ impl Encoder {
         if self.open_streams.contains(&stream) {
             return;
         }
-        let info = postcard::to_allocvec(&self.streams[stream as usize].info).expect("StreamInfo serializes");
+        let info = postcard::to_allocvec(&self.streams[stream as usize].info)
+            .expect("StreamInfo serializes");
         if self.room() < entry_len(TAG_STREAM_INFO, 0, info.len()) + MIN_FRAGMENT {
             self.seal(now, false);
         }
@@ -398,6 +408,20 @@ impl Encoder {
     pub fn flush(&mut self, now: Nanos) {
         self.seal(now, true);
         self.flushing = true;
+    }
+
+    /// The number the open block will get when sealed: a record pushed
+    /// now ends in a block numbered at most this.
+    pub fn next_block(&self) -> u64 {
+        self.next_block
+    }
+
+    /// Every block numbered below this has had all its frames polled.
+    pub fn unsent_from(&self) -> u64 {
+        if !self.group.blocks.is_empty() && !self.group.next_is_done() {
+            return self.group.blocks[0].number;
+        }
+        self.sealed.front().map_or(self.next_block, |b| b.number)
     }
 
     /// True when nothing is waiting to be sent.

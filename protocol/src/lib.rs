@@ -27,7 +27,10 @@ pub use control::{Control, Heartbeat, StreamStatus};
 pub use decoder::{Decoder, DecoderStats, Event, Gap, GapCause};
 pub use encoder::{Encoder, EncoderStats};
 pub use frame::{FrameError, FrameHeader};
-pub use record::{Chunk, GapNotice, Log, Message, NoticeCause, Point, Record, RecordBody, StreamId, StreamInfo, Value};
+pub use record::{
+    Chunk, GapNotice, Log, Message, NoticeCause, Point, Record, RecordBody, StreamId, StreamInfo,
+    Value,
+};
 
 /// Monotonic time in nanoseconds from an origin the caller chooses.
 pub type Nanos = u64;

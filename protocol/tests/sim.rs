@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, VecDeque};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use weir_protocol::decoder::{Delivered, StreamPosition};
-use weir_protocol::{GapNotice, NoticeCause};
 use weir_protocol::{
     Chunk, Decoder, DecoderConfig, Encoder, EncoderConfig, Event, GapCause, Nanos, Point, Record,
     RecordBody, Value, NANOS_PER_SEC,
 };
+use weir_protocol::{GapNotice, NoticeCause};
 
 /// A seeded link: random loss, Gilbert–Elliott style bursts, reordering,
 /// duplication and bit corruption.
@@ -115,7 +115,9 @@ impl Outcome {
                             .push(body);
                     }
                 }
-                Event::Recovered { stream, from, to } => self.recovered.push((stream.to_string(), from, to)),
+                Event::Recovered { stream, from, to } => {
+                    self.recovered.push((stream.to_string(), from, to))
+                }
                 Event::Gap(g) => self
                     .gaps
                     .entry(g.stream.to_string())
@@ -387,7 +389,12 @@ fn large_records_are_fragmented_and_reassembled_byte_exact() {
         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         let body = RecordBody::Bytes(Chunk { data, end: false });
         sent.push(body.clone());
-        h.push(&Record { stream: s, seq, resent: false, body });
+        h.push(&Record {
+            stream: s,
+            seq,
+            resent: false,
+            body,
+        });
     }
     h.finish();
     assert_eq!(h.out.gap_count(), 0);
@@ -414,7 +421,14 @@ fn a_restarted_receiver_reports_what_it_missed_as_receiver_down() {
     h.pump();
     // ...and a new one starts with the saved cursor.
     h.dec = Decoder::new(DecoderConfig::default());
-    h.dec.restore_cursor("gen", StreamPosition { session: Some(5), epoch: Some(7), last: Some(last) });
+    h.dec.restore_cursor(
+        "gen",
+        StreamPosition {
+            session: Some(5),
+            epoch: Some(7),
+            last: Some(last),
+        },
+    );
     h.out = Outcome::default();
     h.link.imp.loss = 0.0;
     for i in 200_000..300_000 {
@@ -482,12 +496,23 @@ fn a_spool_overflow_notice_becomes_a_gap_with_its_cause_and_a_resend_recovers_it
     for i in 0..100 {
         h.push(&point(s, i));
     }
-    h.enc.push_gap_notice(h.now, &GapNotice { stream: s, from: 100, to: 199, cause: NoticeCause::SpoolOverflow });
+    h.enc.push_gap_notice(
+        h.now,
+        &GapNotice {
+            stream: s,
+            from: 100,
+            to: 199,
+            cause: NoticeCause::SpoolOverflow,
+        },
+    );
     for i in 200..300 {
         h.push(&point(s, i));
     }
     h.finish();
-    assert_eq!(h.out.gaps["gen"], vec![(100, 199, GapCause::SenderSpoolOverflow)]);
+    assert_eq!(
+        h.out.gaps["gen"],
+        vec![(100, 199, GapCause::SenderSpoolOverflow)]
+    );
     // An operator resends 150..=249: 150..=199 fill the gap, 200..=249 are
     // duplicates and dropped.
     for i in 150..250 {

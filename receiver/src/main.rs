@@ -8,6 +8,7 @@
 
 mod audit;
 mod config;
+mod gaps;
 mod pipeline;
 mod sinks;
 mod state;
@@ -58,6 +59,54 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// List the open gaps in the audit log named by a configuration file.
+    ///
+    /// An open gap is a `gap` range minus the parts that later `recovered`
+    /// events of the same stream cover (a recovery after a stream's
+    /// `sequence-reset` does not apply to gaps before it: the numbers
+    /// restarted). Sorted by stream, then first sequence number. Exits 0
+    /// whether or not gaps are open; prints `no open gaps` when none are.
+    /// A relative `audit.path` is taken from the current directory, as by
+    /// `run`. The chain is not checked here: use `audit verify`.
+    Gaps {
+        /// The receiver's configuration file; its `[audit] path` is read.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object per open gap and line:
+        /// {"stream","from","to","records","cause","at"}; nothing when none.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit log's hash chain; report the first bad line.
+    ///
+    /// Every line must end in a newline and be a JSON object with `event`,
+    /// an RFC 3339 `at`, and `prev`: the hex SHA-256 of the previous line's
+    /// bytes without its newline (64 zeros on line 1).
+    ///
+    /// The FIRST line that fails is printed (1-based) with the reason, and
+    /// the exit status is 1. So a line altered in place is reported at the
+    /// line after it (whose prev no longer matches), a deleted line at the
+    /// line that took its place, an inserted line at itself or the line
+    /// after it, two swapped lines at the first of them, and a torn last
+    /// line (no newline) at itself.
+    ///
+    /// An intact file exits 0 with `FILE: N lines, chain intact` and the
+    /// SHA-256 of its last line. The chain cannot show an edit to the last
+    /// line or lines cut from the end: keep that hash off the host and
+    /// compare. Exit status 2: the file could not be read.
+    Verify {
+        /// The audit log (the receiver's `audit.path`).
+        file: PathBuf,
+    },
 }
 
 /// Receive batches in flight between the socket and decoder threads.
@@ -71,6 +120,10 @@ fn main() {
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => audit_verify(&file),
+        Command::Gaps { config, json } => gaps::print_open_gaps(&config, json),
     };
     if let Err(e) = result {
         eprintln!("weir-receiver: error: {e:#}");
@@ -100,6 +153,13 @@ fn check_config(path: &Path) -> Result<()> {
     );
     // A closed pipe (`| head`) is not an error worth a panic.
     let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+    Ok(())
+}
+
+fn audit_verify(path: &Path) -> Result<()> {
+    if !audit::verify_file(path)? {
+        std::process::exit(1);
+    }
     Ok(())
 }
 

@@ -208,7 +208,10 @@ impl Pipeline {
                     Event::Heartbeat(hb) => watch.on_heartbeat(&hb, &mut self.audit),
                     Event::Recovered { stream, from, to } => {
                         tracing::info!(stream = %stream, from, to, "gap recovered by a resend");
-                        self.audit.write("recovered", json!({ "stream": &*stream, "from": from, "to": to }));
+                        self.audit.write(
+                            "recovered",
+                            json!({ "stream": &*stream, "from": from, "to": to }),
+                        );
                     }
                 }
                 if records.len() >= 8192 {

@@ -22,7 +22,7 @@ pub struct SenderConfig {
     #[serde(default)]
     pub fec: FecConfig,
     #[serde(default)]
-    pub queue: QueueConfig,
+    pub spool: SpoolConfig,
     #[serde(default)]
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
@@ -111,23 +111,77 @@ impl Default for FecConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct QueueConfig {
-    /// Bound of the in-memory queue between sources and the link; when
-    /// full the oldest records are dropped, counted and logged.
-    #[serde(default = "default_queue_bytes")]
+pub struct SpoolConfig {
+    /// Directory of the disk spool between sources and the link.
+    #[serde(default = "default_spool_path")]
+    pub path: PathBuf,
+    /// Bound of the spool; past it the oldest segment is deleted, and any
+    /// records in it not yet sent are counted, logged and announced.
+    #[serde(default = "default_spool_bytes")]
     pub max_bytes: String,
+    /// Segments older than this are deleted the same way (e.g. "7d", "12h").
+    #[serde(default = "default_spool_age")]
+    pub max_age: String,
+    /// fsync after this many appended bytes...
+    #[serde(default = "default_fsync_bytes")]
+    pub fsync_bytes: String,
+    /// ...or this many milliseconds, whichever comes first. Records are
+    /// sent only once fsynced.
+    #[serde(default = "default_fsync_ms")]
+    pub fsync_ms: u64,
 }
 
-fn default_queue_bytes() -> String {
-    "256MiB".into()
+fn default_spool_path() -> PathBuf {
+    PathBuf::from("weir-spool")
+}
+fn default_spool_bytes() -> String {
+    "1GiB".into()
+}
+fn default_spool_age() -> String {
+    "7d".into()
+}
+fn default_fsync_bytes() -> String {
+    "4MiB".into()
+}
+fn default_fsync_ms() -> u64 {
+    10
 }
 
-impl Default for QueueConfig {
+impl Default for SpoolConfig {
     fn default() -> Self {
-        QueueConfig {
-            max_bytes: default_queue_bytes(),
+        SpoolConfig {
+            path: default_spool_path(),
+            max_bytes: default_spool_bytes(),
+            max_age: default_spool_age(),
+            fsync_bytes: default_fsync_bytes(),
+            fsync_ms: default_fsync_ms(),
         }
     }
+}
+
+/// Parses "90s", "15m", "12h", "7d" (or plain seconds).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration; write e.g. 90s, 15m, 12h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => {
+            return Err(format!(
+                "`{other}` in `{text}` is not a unit; use s, m, h or d"
+            ))
+        }
+    };
+    if secs == 0 {
+        return Err(format!("`{text}` must be longer than zero"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,7 +232,7 @@ impl Default for MetricsConfig {
 pub struct Loaded {
     pub config: SenderConfig,
     pub rate_bps: u64,
-    pub queue_bytes: u64,
+    pub spool: crate::spool::Settings,
     pub send_buffer: usize,
     pub hash: String,
 }
@@ -220,14 +274,37 @@ pub fn parse(text: &str) -> Result<Loaded> {
 fn validate(config: SenderConfig) -> Result<Loaded> {
     let c = &config;
     let rate_bps = parse_rate(&c.link.rate).map_err(|e| anyhow::anyhow!("link.rate: {e}"))?;
-    let queue_bytes =
-        parse_size(&c.queue.max_bytes).map_err(|e| anyhow::anyhow!("queue.max_bytes: {e}"))?;
-    if queue_bytes < 1 << 20 {
+    let spool_bytes =
+        parse_size(&c.spool.max_bytes).map_err(|e| anyhow::anyhow!("spool.max_bytes: {e}"))?;
+    if spool_bytes < 1 << 20 {
         bail!(
-            "queue.max_bytes: {} is below the 1MiB minimum",
-            c.queue.max_bytes
+            "spool.max_bytes: {} is below the 1MiB minimum",
+            c.spool.max_bytes
         );
     }
+    let max_age =
+        parse_duration(&c.spool.max_age).map_err(|e| anyhow::anyhow!("spool.max_age: {e}"))?;
+    let fsync_bytes =
+        parse_size(&c.spool.fsync_bytes).map_err(|e| anyhow::anyhow!("spool.fsync_bytes: {e}"))?;
+    if fsync_bytes == 0 || fsync_bytes > spool_bytes {
+        bail!(
+            "spool.fsync_bytes: {} must be above zero and at most spool.max_bytes",
+            c.spool.fsync_bytes
+        );
+    }
+    if c.spool.fsync_ms == 0 || c.spool.fsync_ms > 10_000 {
+        bail!(
+            "spool.fsync_ms: {} must be between 1 and 10000",
+            c.spool.fsync_ms
+        );
+    }
+    let spool = crate::spool::Settings {
+        path: c.spool.path.clone(),
+        max_bytes: spool_bytes,
+        max_age,
+        fsync_bytes,
+        fsync_interval: std::time::Duration::from_millis(c.spool.fsync_ms),
+    };
     let send_buffer = parse_size(&c.link.send_buffer)
         .map_err(|e| anyhow::anyhow!("link.send_buffer: {e}"))? as usize;
     if !(576..=65_535).contains(&c.link.mtu)
@@ -290,7 +367,7 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
     let mut loaded = Loaded {
         config,
         rate_bps,
-        queue_bytes,
+        spool,
         send_buffer,
         hash: String::new(),
     };

@@ -1,16 +1,19 @@
-//! The link thread: takes records from the queue, drives the encoder, and
+//! The link thread: reads records from the spool, drives the encoder, and
 //! sends its frames through the pacer and the socket. It is the only place
 //! that touches the link socket.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use weir_protocol::{Encoder, Nanos, Record};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use weir_protocol::{Encoder, GapNotice, Nanos, NoticeCause, Record, StreamId};
 
 use crate::metrics::Counters;
-use crate::queue::Queue;
+use crate::spool::{Entry, Item, Shared};
 use crate::udp::LinkSocket;
 
 /// Bytes a datagram costs on an Ethernet link beyond its UDP payload:
@@ -18,10 +21,14 @@ use crate::udp::LinkSocket;
 /// (IPv6 adds 20 more).
 pub const WIRE_OVERHEAD: usize = 66;
 pub const WIRE_OVERHEAD_IPV6: usize = 86;
-/// Records moved from the queue to the encoder per step.
+/// Link thread modes: run; stop promptly (unsent records stay spooled);
+/// drain the spool, then stop (every source has finished).
+pub const RUN: u8 = 0;
+pub const STOP: u8 = 1;
+pub const DRAIN: u8 = 2;
+
+/// Records moved from the spool to the encoder per step.
 const FEED_BATCH: usize = 4096;
-/// How long shutdown may spend sending what the queue still holds.
-const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Token bucket in bytes; the bucket holds at most `burst` bytes, so the
 /// sender never exceeds the rate over any window longer than burst/rate.
@@ -67,15 +74,40 @@ pub struct LinkParams {
     pub rate_bps: u64,
     /// WIRE_OVERHEAD or WIRE_OVERHEAD_IPV6.
     pub wire_overhead: usize,
+    /// Source type of each configured stream, for announcements.
+    pub source_types: HashMap<String, String>,
+    pub spool_path: PathBuf,
+}
+
+/// Records waiting for an operator's resend, at most this many at once.
+const RESEND_LIMIT: usize = 1_000_000;
+
+/// What the link thread knows about the streams it has announced.
+struct Streams {
+    ids: HashMap<String, StreamId>,
+    types: HashMap<String, String>,
+}
+
+impl Streams {
+    fn id(&mut self, enc: &mut Encoder, spool: &Shared, name: &str, first_seq: u64) -> StreamId {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let epoch = spool.lock().stream(name).epoch;
+        let kind = self.types.get(name).map_or("spool", String::as_str);
+        let id = enc.add_stream(name, kind, first_seq, epoch);
+        self.ids.insert(name.to_string(), id);
+        id
+    }
 }
 
 pub fn run(
     params: LinkParams,
     mut enc: Encoder,
     socket: LinkSocket,
-    queue: Arc<Queue>,
+    spool: Shared,
     counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<AtomicU8>,
 ) -> Result<()> {
     let origin = Instant::now();
     let now = || origin.elapsed().as_nanos() as Nanos;
@@ -94,54 +126,112 @@ pub fn run(
     );
     let mut buf = vec![0u8; batch_max * frame_len];
     let mut carry: Vec<u8> = Vec::with_capacity(frame_len);
-    let mut records: Vec<Record> = Vec::with_capacity(FEED_BATCH);
+    let mut items: Vec<Item> = Vec::with_capacity(FEED_BATCH);
+    let mut streams = Streams {
+        ids: HashMap::new(),
+        types: params.source_types,
+    };
+    // (spool index after a pushed batch, block it ends in): the batch is on
+    // the wire once that block has been fully sent.
+    let mut pushed: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut resends: VecDeque<Entry> = VecDeque::new();
+    let mut last_resend_poll = Instant::now();
     let mut last_publish = Instant::now();
-    let mut stopping_since: Option<Instant> = None;
     let mut flushed = false;
     let mut send_errors_logged = Instant::now() - Duration::from_secs(60);
 
     loop {
         let t = now();
-        if stop.load(Ordering::Relaxed) && stopping_since.is_none() {
-            stopping_since = Some(Instant::now());
+        let mode = stop.load(Ordering::Relaxed);
+        let drained = mode == DRAIN && resends.is_empty() && spool.lock().is_drained();
+        if (mode == STOP || drained) && !flushed {
+            // On STOP what is still in the spool stays there for the next start.
+            enc.flush(t);
+            enc.heartbeat_now(t);
+            flushed = true;
         }
-        if !enc.is_backlogged() {
-            queue.pop_batch(&mut records, FEED_BATCH, Duration::ZERO);
-            for r in records.drain(..) {
-                enc.push(t, &r);
-                Counters::add(&counters.records_sent, 1);
+        if !flushed && !enc.is_backlogged() {
+            while !enc.is_backlogged() {
+                let Some(e) = resends.pop_front() else { break };
+                let id = streams.id(&mut enc, &spool, &e.stream, e.seq);
+                enc.push(
+                    t,
+                    &Record {
+                        stream: id,
+                        seq: e.seq,
+                        resent: true,
+                        body: e.body,
+                    },
+                );
+                Counters::add(&counters.resent_records, 1);
+            }
+            spool.lock().read(&mut items, FEED_BATCH)?;
+            if !items.is_empty() {
+                spool.room.notify_waiters();
+            }
+            let mut last_index = None;
+            for item in items.drain(..) {
+                match item {
+                    Item::Record { index, entry } => {
+                        let id = streams.id(&mut enc, &spool, &entry.stream, entry.seq);
+                        enc.push(
+                            t,
+                            &Record {
+                                stream: id,
+                                seq: entry.seq,
+                                resent: false,
+                                body: entry.body,
+                            },
+                        );
+                        Counters::add(&counters.records_sent, 1);
+                        last_index = Some(index + 1);
+                    }
+                    Item::Dropped { stream, from, to } => {
+                        let id = streams.id(&mut enc, &spool, &stream, from);
+                        enc.push_gap_notice(
+                            t,
+                            &GapNotice {
+                                stream: id,
+                                from,
+                                to,
+                                cause: NoticeCause::SpoolOverflow,
+                            },
+                        );
+                        Counters::add(&counters.gap_notices_sent, 1);
+                    }
+                }
+            }
+            if let Some(index) = last_index {
+                pushed.push_back((index, enc.next_block()));
             }
         }
         if enc.poll_timeout().is_some_and(|d| d <= t) {
             enc.handle_timeout(t);
         }
-        if let Some(since) = stopping_since {
-            let queue_empty = queue.is_empty();
-            if !flushed && (queue_empty || since.elapsed() > DRAIN_LIMIT) {
-                if !queue_empty {
-                    let mut abandoned = Vec::new();
-                    queue.pop_batch(&mut abandoned, usize::MAX, Duration::ZERO);
-                    Counters::add(&counters.queue_dropped_records, abandoned.len() as u64);
-                    let bytes: usize = abandoned.iter().map(crate::queue::record_size).sum();
-                    Counters::add(&counters.queue_dropped_bytes, bytes as u64);
-                    for (stream, from, to) in ranges(&abandoned) {
-                        tracing::warn!(
-                            stream,
-                            from,
-                            to,
-                            "shutdown: records still queued after {DRAIN_LIMIT:?} were not sent (queue_dropped_records)"
-                        );
-                    }
-                }
-                enc.flush(t);
-                enc.heartbeat_now(t);
-                flushed = true;
-            }
-            if flushed && enc.is_idle() && carry.is_empty() {
-                publish(&mut enc, &counters);
-                tracing::info!("link drained; sender stopping");
-                return Ok(());
-            }
+        let unsent_from = if enc.is_idle() {
+            u64::MAX
+        } else {
+            enc.unsent_from()
+        };
+        let mut sent = None;
+        while pushed
+            .front()
+            .is_some_and(|(_, block)| *block < unsent_from)
+        {
+            sent = pushed.pop_front().map(|(index, _)| index);
+        }
+        if let Some(index) = sent {
+            spool.lock().mark_sent(index);
+        }
+        if flushed && enc.is_idle() && carry.is_empty() {
+            publish(&mut enc, &counters);
+            spool.lock().save_state()?;
+            tracing::info!("link drained; sender stopping (unsent records stay in the spool)");
+            return Ok(());
+        }
+        if last_resend_poll.elapsed() >= Duration::from_secs(1) && !flushed {
+            last_resend_poll = Instant::now();
+            take_resend_requests(&params.spool_path, &mut resends);
         }
 
         // Gather frames of equal size into one GSO batch.
@@ -182,7 +272,7 @@ pub fn run(
                 Duration::from_nanos(d.saturating_sub(now()))
             });
             if !wait.is_zero() {
-                queue.pop_batch(&mut records, 0, wait.min(Duration::from_millis(50)));
+                spool.wait(wait.min(Duration::from_millis(50)));
             }
             continue;
         }
@@ -214,19 +304,48 @@ pub fn run(
     }
 }
 
-/// (stream, first seq, last seq) runs of consecutive records.
-fn ranges(records: &[Record]) -> Vec<(u32, u64, u64)> {
-    let mut out: Vec<(u32, u64, u64)> = Vec::new();
-    for r in records {
-        match out
-            .iter_mut()
-            .find(|(s, _, to)| *s == r.stream && *to + 1 == r.seq)
-        {
-            Some(run) => run.2 = r.seq,
-            None => out.push((r.stream, r.seq, r.seq)),
+/// An operator's request, written by `weir-sender resend`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ResendRequest {
+    pub stream: String,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// Picks up resend requests and queues the retained records they name.
+fn take_resend_requests(spool_path: &Path, queue: &mut VecDeque<Entry>) {
+    let dir = spool_path.join("resend");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    for file in files {
+        let request: Option<ResendRequest> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let _ = std::fs::remove_file(&file);
+        let Some(r) = request else {
+            tracing::warn!(file = %file.display(), "resend: ignoring a request that is not valid JSON");
+            continue;
+        };
+        match crate::spool::find_in(spool_path, &r.stream, r.from, r.to) {
+            Ok(mut found) => {
+                let room = RESEND_LIMIT.saturating_sub(queue.len());
+                if found.len() > room {
+                    tracing::warn!(stream = %r.stream, "resend: request too large; only {room} records queued, resend the rest later");
+                    found.truncate(room);
+                }
+                tracing::info!(stream = %r.stream, from = r.from, to = r.to, records = found.len(), "resend: queued retained records");
+                queue.extend(found);
+            }
+            Err(e) => tracing::warn!(stream = %r.stream, "resend: cannot read the spool: {e:#}"),
         }
     }
-    out
 }
 
 /// Copies encoder statistics into the shared counters and hands the

@@ -9,12 +9,12 @@
 mod config;
 mod link;
 mod metrics;
-mod queue;
 mod sources;
+mod spool;
 mod udp;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use weir_protocol::Encoder;
 
 use crate::metrics::Counters;
-use crate::queue::Queue;
 use crate::sources::SourceHandle;
+use crate::spool::{SharedSpool, Spool};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask the running sender to send a retained range of a stream again
+    /// (after the IT side reports a gap). The receiver delivers only what
+    /// it lacks and audits the gap as recovered.
+    Resend {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Stream name, as in the audit log.
+        #[arg(long)]
+        stream: String,
+        /// First sequence number to send again.
+        #[arg(long)]
+        from: u64,
+        /// Last sequence number (inclusive); default: the newest retained.
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 fn main() {
@@ -66,6 +82,12 @@ fn main() {
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run(&config),
+        Command::Resend {
+            config,
+            stream,
+            from,
+            to,
+        } => resend(&config, &stream, from, to),
     };
     if let Err(e) = result {
         eprintln!("weir-sender: error: {e:#}");
@@ -99,22 +121,71 @@ fn check_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn resend(path: &Path, stream: &str, from: u64, to: Option<u64>) -> Result<()> {
+    let loaded = config::load(path)?;
+    let root = &loaded.spool.path;
+    let to = to.unwrap_or(u64::MAX);
+    if to < from {
+        anyhow::bail!("--to {to} is before --from {from}");
+    }
+    let found = spool::find_in(root, stream, from, to)
+        .with_context(|| format!("reading the spool at {}", root.display()))?;
+    let (Some(first), Some(last)) = (found.first().map(|e| e.seq), found.last().map(|e| e.seq))
+    else {
+        let held = spool::find_in(root, stream, 0, u64::MAX)?;
+        match (held.first(), held.last()) {
+            (Some(a), Some(b)) => anyhow::bail!(
+                "stream `{stream}`: nothing from {from} to {} is retained; the spool holds {}..={} (spool.max_bytes / max_age decide how long)",
+                if to == u64::MAX { "the end".to_string() } else { to.to_string() },
+                a.seq,
+                b.seq
+            ),
+            _ => anyhow::bail!("stream `{stream}`: the spool at {} holds no records of it; check the name against the audit log", root.display()),
+        }
+    };
+    let wanted = if to == u64::MAX {
+        last - from + 1
+    } else {
+        to - from + 1
+    };
+    let request = link::ResendRequest {
+        stream: stream.to_string(),
+        from,
+        to: to.min(last),
+    };
+    let dir = root.join("resend");
+    std::fs::create_dir_all(&dir)?;
+    let name = format!(
+        "{}-{}.json",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+        std::process::id()
+    );
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(&request)?)?;
+    std::fs::rename(&tmp, dir.join(&name))?;
+    println!(
+        "stream `{stream}`: {} of {wanted} requested records are retained (seq {first}..={last}); queued for the running sender in {}",
+        found.len(),
+        dir.display()
+    );
+    if (found.len() as u64) < wanted {
+        println!(
+            "missing records were deleted from the spool before this request and cannot be resent"
+        );
+    }
+    Ok(())
+}
+
 fn run(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
     let session: u64 = rand::random();
-    // Sequence numbers start at 0 at every start, so every start is a new
-    // epoch: the receiver records a sequence reset rather than duplicates.
-    let epoch: u64 = rand::random();
     let counters = Arc::new(Counters::default());
-    let queue = Arc::new(Queue::new(loaded.queue_bytes as usize, counters.clone()));
+    let spool = SharedSpool::new(Spool::open(loaded.spool.clone(), counters.clone())?);
     let mut enc = Encoder::new(loaded.encoder_config(session));
     enc.set_config_hash(loaded.hash.clone());
     let sources = loaded.config.sources.clone();
-    let names: Arc<Vec<String>> = Arc::new(sources.iter().map(|s| s.name().to_string()).collect());
-    let streams: Vec<_> = sources
-        .iter()
-        .map(|s| enc.add_stream(s.name(), s.type_name(), 0, epoch))
-        .collect();
     let link_cfg = &loaded.config.link;
     let socket = udp::LinkSocket::open(link_cfg.bind, link_cfg.destination, loaded.send_buffer)?;
     tracing::info!(
@@ -129,9 +200,9 @@ fn run(path: &Path) -> Result<()> {
         "weir-sender starting"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(link::RUN));
     let link = {
-        let (queue, counters, stop) = (queue.clone(), counters.clone(), stop.clone());
+        let (spool, counters, stop) = (spool.clone(), counters.clone(), stop.clone());
         let wire_overhead = if link_cfg.destination.is_ipv6() {
             link::WIRE_OVERHEAD_IPV6
         } else {
@@ -140,10 +211,15 @@ fn run(path: &Path) -> Result<()> {
         let params = link::LinkParams {
             rate_bps: loaded.rate_bps,
             wire_overhead,
+            source_types: sources
+                .iter()
+                .map(|s| (s.name().to_string(), s.type_name().to_string()))
+                .collect(),
+            spool_path: loaded.spool.path.clone(),
         };
         std::thread::Builder::new()
             .name("weir-link".into())
-            .spawn(move || link::run(params, enc, socket, queue, counters, stop))
+            .spawn(move || link::run(params, enc, socket, spool, counters, stop))
             .context("starting the link thread")?
     };
 
@@ -154,11 +230,12 @@ fn run(path: &Path) -> Result<()> {
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let metrics_cfg = loaded.config.metrics.clone();
+    let mut spool_failure: Option<String> = None;
     let hash = loaded.hash.clone();
     runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
-        for (source, stream) in sources.into_iter().zip(streams) {
-            let handle = SourceHandle::new(stream, 0, queue.clone(), counters.clone(), names.clone(), shutdown_rx.clone());
+        for source in sources {
+            let handle = SourceHandle::new(source.name(), spool.clone(), counters.clone(), shutdown_rx.clone());
             let name = source.name().to_string();
             tasks.spawn(async move {
                 if let Err(e) = source.run(handle).await {
@@ -166,21 +243,38 @@ fn run(path: &Path) -> Result<()> {
                 }
             });
         }
+        let ticker = {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(5));
+                loop {
+                    every.tick().await;
+                    let spool = spool.clone();
+                    let _ = tokio::task::spawn_blocking(move || spool.tick()).await;
+                }
+            })
+        };
         let started = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut mode = link::STOP;
         let mut last_log = Instant::now();
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; draining and stopping"); break; }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping (unsent records stay in the spool)"); break; }
                 _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
-                    tracing::info!("terminated; draining and stopping"); break;
+                    tracing::info!("terminated; stopping (unsent records stay in the spool)"); break;
                 }
                 done = tasks.join_next() => if done.is_none() {
-                    tracing::info!("every source has finished; draining and stopping");
+                    tracing::info!("every source has finished; sending what the spool holds, then stopping");
+                    mode = link::DRAIN;
                     break;
                 },
                 _ = tick.tick() => {
+                    if let Some(failure) = spool.failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                        spool_failure = Some(failure);
+                        break;
+                    }
                     if let Some(path) = &metrics_cfg.path {
                         let extra = [
                             ("session", serde_json::Value::from(format!("{session:016x}"))),
@@ -199,15 +293,23 @@ fn run(path: &Path) -> Result<()> {
             }
         }
         let _ = shutdown_tx.send(true);
-        stop.store(true, Ordering::Relaxed);
-        queue.wake();
         tasks.shutdown().await;
+        ticker.abort();
+        spool.tick();
+        stop.store(mode, Ordering::Relaxed);
+        spool.appended.notify_all();
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     let result = link
         .join()
         .map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
     log_status(&counters);
+    if let Some(failure) = spool_failure {
+        anyhow::bail!(
+            "spool.path {}: {failure}; fix the disk and restart",
+            loaded.spool.path.display()
+        );
+    }
     if let Some(path) = &loaded.config.metrics.path {
         let _ = counters.write_file(
             path,
@@ -225,7 +327,8 @@ fn log_status(counters: &Counters) {
     tracing::info!(
         records_in = s["records_in"],
         records_sent = s["records_sent"],
-        queue_dropped = s["queue_dropped_records"],
+        spool_dropped = s["spool_dropped_records"],
+        spool_bytes = s["spool_bytes"],
         datagrams = s["datagrams_sent"],
         wire_bytes = s["wire_bytes_sent"],
         send_errors = s["send_errors"],

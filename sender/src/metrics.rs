@@ -18,10 +18,12 @@ macro_rules! counters {
 }
 
 counters! {
-    records_in: "records handed over by sources",
+    records_in: "records handed over by sources and written to the spool",
     bytes_in: "payload bytes handed over by sources",
-    queue_dropped_records: "records dropped (oldest first) because the queue was full",
-    queue_dropped_bytes: "queue bytes of those records (payload plus about 64 bytes each)",
+    spool_dropped_records: "records deleted unsent with the oldest spool segment (spool.max_bytes or max_age); announced as gaps",
+    spool_bytes: "bytes the spool holds (sent and unsent)",
+    gap_notices_sent: "dropped ranges announced to the receiver",
+    resent_records: "records sent again on an operator's resend request",
     source_connections: "connections accepted by tcp sources",
     records_sent: "records packed into blocks",
     datagrams_sent: "UDP datagrams sent on the link",

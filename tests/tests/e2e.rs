@@ -56,7 +56,7 @@ fn receiver_config(s: &Scratch, link: &Link, sinks: &str) -> String {
 
 fn sender_config(s: &Scratch, link: &Link, rate: &str, sources: &str) -> String {
     format!(
-        "[link]\ndestination = \"127.0.0.1:{}\"\nrate = \"{rate}\"\n[metrics]\npath = \"{}/sender-metrics.json\"\nlog_interval_s = 1\n{sources}",
+        "[link]\ndestination = \"127.0.0.1:{}\"\nrate = \"{rate}\"\n[metrics]\npath = \"{1}/sender-metrics.json\"\nlog_interval_s = 1\n[spool]\npath = \"{1}/spool\"\n{sources}",
         link.sender_port,
         s.path.display()
     )

@@ -140,7 +140,7 @@ fn zero_packets_travel_from_the_receiver_side_to_the_sender_side() {
     let scfg = s.write(
         "sender.toml",
         &format!(
-            "[link]\ndestination = \"{it_ip}:{port}\"\nrate = \"100Mbit\"\n[[sources]]\nname = \"gen\"\ntype = \"generator\"\nrate = 10000\ncount = {total}\n"
+            "[link]\ndestination = \"{it_ip}:{port}\"\nrate = \"100Mbit\"\n[spool]\npath = \"{d}/spool\"\n[[sources]]\nname = \"gen\"\ntype = \"generator\"\nrate = 10000\ncount = {total}\n"
         ),
     );
     let it_tx_before = counter(&ns.it, &it_dev, "tx_packets");

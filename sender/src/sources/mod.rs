@@ -9,10 +9,10 @@ pub mod tcp;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use weir_protocol::{Record, RecordBody, StreamId};
+use weir_protocol::RecordBody;
 
 use crate::metrics::Counters;
-use crate::queue::Queue;
+use crate::spool::Shared;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -60,37 +60,30 @@ impl SourceConfig {
 
 /// What a running source uses to hand records over.
 pub struct SourceHandle {
-    pub stream: StreamId,
-    next_seq: u64,
-    queue: Arc<Queue>,
+    /// The stream this source feeds (its name).
+    stream: String,
+    spool: Shared,
     counters: Arc<Counters>,
-    names: Arc<Vec<String>>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SourceHandle {
     pub fn new(
-        stream: StreamId,
-        first_seq: u64,
-        queue: Arc<Queue>,
+        stream: &str,
+        spool: Shared,
         counters: Arc<Counters>,
-        names: Arc<Vec<String>>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         SourceHandle {
-            stream,
-            next_seq: first_seq,
-            queue,
+            stream: stream.to_string(),
+            spool,
             counters,
-            names,
             shutdown,
         }
     }
 
-    /// Hands a record to the queue; never blocks.
+    /// Appends a record to the spool, which numbers it; never waits on the link.
     pub fn emit(&mut self, body: RecordBody) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
         let bytes = match &body {
             RecordBody::Bytes(c) => c.data.len(),
             RecordBody::Message(m) => m.payload.len(),
@@ -98,16 +91,7 @@ impl SourceHandle {
         };
         Counters::add(&self.counters.records_in, 1);
         Counters::add(&self.counters.bytes_in, bytes as u64);
-        let names = self.names.clone();
-        self.queue.push(
-            Record {
-                resent: false,
-                stream: self.stream,
-                seq,
-                body,
-            },
-            &move |id| names[id as usize].clone(),
-        );
+        self.spool.append(&self.stream, &body);
     }
 
     pub fn counters(&self) -> &Counters {
@@ -115,16 +99,20 @@ impl SourceHandle {
     }
 
     /// For byte-stream sources that can be flow-controlled (a TCP peer, a
-    /// pipe): waits while the queue is above its high-water mark so the
-    /// stream slows down instead of losing bytes. Returns false on shutdown.
+    /// pipe): waits while the spool holds more than its high-water mark of
+    /// unsent bytes, so the stream slows down instead of overflowing the
+    /// spool. Returns false on shutdown.
     pub async fn wait_for_room(&mut self) -> bool {
-        while !self.queue.has_room() {
+        loop {
             if *self.shutdown.borrow() {
                 return false;
             }
-            self.queue.room().await;
+            let notified = self.spool.room.notified();
+            if self.spool.lock().has_room_for_streams() {
+                return true;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(50), notified).await;
         }
-        !*self.shutdown.borrow()
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -115,7 +115,7 @@ fn weir_run(args: &Args, run: usize) -> Result<Value> {
     std::fs::write(
         dir.join("sender.toml"),
         format!(
-            "[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = 1500\n[fec]\ndata_shards = 64\nparity_shards = 16\n\
+            "[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = 1500\n[fec]\ndata_shards = 64\nparity_shards = 16\n[spool]\npath = \"{d}/spool\"\n\
              [metrics]\npath = \"{d}/sender.json\"\nlog_interval_s = 0\n\
              [[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{src}\"\n",
             args.rate

@@ -84,7 +84,7 @@ fn main() -> Result<()> {
     std::fs::write(
         dir.join("sender.toml"),
         format!(
-            "# weir-sender configuration used by the demo\n[link]\ndestination = \"127.0.0.1:{link_port}\"\nrate = \"1Gbit\"\n\n\
+            "# weir-sender configuration used by the demo\n[link]\ndestination = \"127.0.0.1:{link_port}\"\nrate = \"1Gbit\"\n\n[spool]\npath = \"{d}/spool\"\n\n\
              [metrics]\npath = \"{d}/sender-metrics.json\"\nlog_interval_s = 0\n\n\
              [[sources]]\nname = \"plant/generator\"\ntype = \"generator\"\ntags = 500\nrate = {}\ncount = {}\n",
             args.rate,
