@@ -79,6 +79,8 @@ pub struct Delivered {
     pub stream: Arc<str>,
     pub source_type: Arc<str>,
     pub session: u64,
+    /// The stream's sequence epoch: `seq` is unique within it.
+    pub epoch: u64,
     pub seq: u64,
     /// Delivered by a resend, after later records of its stream.
     pub resent: bool,
@@ -869,6 +871,7 @@ impl Decoder {
             stream: meta.name.clone(),
             source_type: meta.source_type.clone(),
             session: session_id,
+            epoch: meta.epoch,
             seq: record.seq,
             resent: record.resent,
             body: record.body,

@@ -20,6 +20,7 @@ pub mod encoder;
 pub mod fec;
 pub mod frame;
 pub mod record;
+pub mod segment;
 pub mod units;
 
 pub use config::{ConfigError, DecoderConfig, EncoderConfig};

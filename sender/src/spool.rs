@@ -28,16 +28,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use weir_protocol::segment::{read_entry, write_entry, ReadOutcome, ENTRY_HEADER};
 use weir_protocol::RecordBody;
 
 use crate::metrics::Counters;
 
-/// Largest entry accepted when reading back; anything larger is corruption.
-const MAX_ENTRY: usize = 64 << 20;
-const ENTRY_HEADER: usize = 8;
 /// How often sequence state and the sent position are saved; a crash
-/// resends at most this much (the receiver drops the duplicates).
-const STATE_INTERVAL: Duration = Duration::from_millis(200);
+/// resends at most this much (the receiver drops the duplicates). Records
+/// are sent only once a saved state covers them, so a sequence number that
+/// reached the link is never handed out again, whatever happens to the disk.
+const STATE_INTERVAL: Duration = Duration::from_millis(20);
 /// Byte streams stop reading above this many unsent bytes (flow control).
 const STREAM_HIGH_WATER: u64 = 16 << 20;
 
@@ -127,6 +127,8 @@ pub struct Spool {
     writer: BufWriter<File>,
     next_index: u64,
     durable_index: u64,
+    /// The durable index recorded in the last saved state: the reader's limit.
+    saved_durable: u64,
     unsynced_bytes: u64,
     last_sync: Instant,
     total_bytes: u64,
@@ -147,45 +149,6 @@ fn segments_dir(root: &Path) -> PathBuf {
 
 fn segment_path(root: &Path, first: u64) -> PathBuf {
     segments_dir(root).join(format!("{first:020}.seg"))
-}
-
-/// Reads one entry at the reader's position: Ok(None) at a clean end,
-/// Err with the reason at a torn or corrupt entry.
-fn read_entry(
-    r: &mut impl Read,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Option<std::result::Result<(), &'static str>>> {
-    let mut header = [0u8; ENTRY_HEADER];
-    let mut got = 0;
-    while got < ENTRY_HEADER {
-        let n = r.read(&mut header[got..])?;
-        if n == 0 {
-            return Ok(if got == 0 {
-                None
-            } else {
-                Some(Err("truncated entry header"))
-            });
-        }
-        got += n;
-    }
-    let len = u32::from_le_bytes(header[0..4].try_into().expect("4")) as usize;
-    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4"));
-    if len == 0 || len > MAX_ENTRY {
-        return Ok(Some(Err("impossible entry length")));
-    }
-    buf.resize(len, 0);
-    let mut got = 0;
-    while got < len {
-        let n = r.read(&mut buf[got..])?;
-        if n == 0 {
-            return Ok(Some(Err("truncated entry")));
-        }
-        got += n;
-    }
-    if crc32fast::hash(buf) != crc {
-        return Ok(Some(Err("CRC mismatch")));
-    }
-    Ok(Some(Ok(())))
 }
 
 /// Scans a segment: the number of good entries and the byte length they
@@ -211,12 +174,12 @@ fn scan_segment(path: &Path, first: u64, decode_from: Option<u64>) -> Result<Sca
     };
     loop {
         match read_entry(&mut r, &mut buf)? {
-            None => break,
-            Some(Err(why)) => {
+            ReadOutcome::End => break,
+            ReadOutcome::Torn(why) => {
                 scan.torn = Some(why);
                 break;
             }
-            Some(Ok(())) => {
+            ReadOutcome::Entry => {
                 let index = first + scan.count;
                 if decode_from.is_some_and(|from| index >= from) {
                     match postcard::from_bytes::<Entry>(&buf) {
@@ -357,6 +320,7 @@ impl Spool {
             writer: BufWriter::with_capacity(256 << 10, file),
             next_index,
             durable_index: next_index,
+            saved_durable: 0,
             unsynced_bytes: 0,
             last_sync: Instant::now(),
             total_bytes,
@@ -393,13 +357,7 @@ impl Spool {
         payload.clear();
         let payload = postcard::to_extend(&EntryRef { stream, seq, body }, payload)
             .expect("postcard into Vec");
-        let header_len = payload.len() as u32;
-        let crc = crc32fast::hash(&payload);
-        let written = (|| -> std::io::Result<()> {
-            self.writer.write_all(&header_len.to_le_bytes())?;
-            self.writer.write_all(&crc.to_le_bytes())?;
-            self.writer.write_all(&payload)
-        })();
+        let written = write_entry(&mut self.writer, &payload);
         let size = (ENTRY_HEADER + payload.len()) as u64;
         self.scratch = payload;
         written
@@ -459,6 +417,9 @@ impl Spool {
         self.durable_index = self.next_index;
         self.unsynced_bytes = 0;
         self.last_sync = Instant::now();
+        if self.last_state_save.elapsed() >= STATE_INTERVAL {
+            self.save_state()?;
+        }
         Ok(())
     }
 
@@ -551,7 +512,7 @@ impl Spool {
 
     fn read_records(&mut self, out: &mut Vec<Item>, max: usize, buf: &mut Vec<u8>) -> Result<()> {
         let mut n = 0;
-        while n < max && self.read_index < self.durable_index {
+        while n < max && self.read_index < self.saved_durable {
             let Some(seg) = self
                 .segments
                 .iter()
@@ -583,7 +544,7 @@ impl Spool {
             }
             let reader = self.reader.as_mut().expect("opened");
             match read_entry(&mut reader.file, buf)? {
-                Some(Ok(())) => {}
+                ReadOutcome::Entry => {}
                 other => bail!(
                     "spool: entry {} unreadable ({other:?}) in {}",
                     self.read_index,
@@ -604,7 +565,7 @@ impl Spool {
 
     /// True when every appended record has been read (after a final sync).
     pub fn is_drained(&mut self) -> bool {
-        if self.sync().is_err() {
+        if self.sync().and_then(|_| self.save_state()).is_err() {
             return false;
         }
         self.dropped.is_empty() && self.read_index == self.next_index
@@ -635,7 +596,7 @@ impl Spool {
     }
 
     pub fn save_state(&mut self) -> Result<()> {
-        if !self.state_dirty {
+        if !self.state_dirty && self.saved_durable == self.durable_index {
             return Ok(());
         }
         let state = State {
@@ -653,6 +614,7 @@ impl Spool {
         std::fs::rename(&tmp, &path)?;
         self.state_dirty = false;
         self.last_state_save = Instant::now();
+        self.saved_durable = state.durable_index;
         self.counters
             .spool_bytes
             .store(self.total_bytes, Ordering::Relaxed);
@@ -707,11 +669,11 @@ impl SharedSpool {
     /// cannot promise anything.
     pub fn append(&self, stream: &str, body: &RecordBody) {
         let mut spool = self.lock();
-        let durable = spool.durable_index;
+        let durable = spool.saved_durable;
         if let Err(e) = spool.append(stream, body) {
             self.fail(e);
         }
-        if spool.durable_index != durable {
+        if spool.saved_durable != durable {
             self.appended.notify_all();
         }
     }
@@ -719,11 +681,11 @@ impl SharedSpool {
     /// Fsyncs on the interval, ages out segments and saves state.
     pub fn tick(&self) {
         let mut spool = self.lock();
-        let durable = spool.durable_index;
+        let durable = spool.saved_durable;
         if let Err(e) = spool.tick() {
             self.fail(e);
         }
-        if spool.durable_index != durable {
+        if spool.saved_durable != durable {
             self.appended.notify_all();
         }
     }
@@ -743,7 +705,7 @@ impl SharedSpool {
     /// Waits (the link thread) until records may be readable or `wait` passes.
     pub fn wait(&self, wait: Duration) {
         let guard = self.lock();
-        if guard.read_index < guard.durable_index || !guard.dropped.is_empty() {
+        if guard.read_index < guard.saved_durable || !guard.dropped.is_empty() {
             return;
         }
         let _ = self.appended.wait_timeout(guard, wait);
@@ -780,6 +742,7 @@ mod tests {
 
     fn read_all(s: &mut Spool) -> Vec<Item> {
         s.sync().unwrap();
+        s.save_state().unwrap();
         let mut out = Vec::new();
         s.read(&mut out, usize::MAX).unwrap();
         out
