@@ -59,6 +59,9 @@ impl GapCause {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gap {
     pub stream: Arc<str>,
+    /// Sender session and stream epoch the range belongs to.
+    pub session: u64,
+    pub epoch: u64,
     pub from: u64,
     pub to: u64,
     pub cause: GapCause,
@@ -955,12 +958,9 @@ impl Decoder {
         } else {
             GapCause::LinkLoss
         });
-        let gap = Gap {
-            stream: stream.clone(),
-            from,
-            to,
-            cause,
-        };
+        let session = self.session.as_ref().map_or(0, |s| s.id);
+        let epoch = cursor.epoch.unwrap_or(0);
+        let gap = Gap { stream: stream.clone(), session, epoch, from, to, cause };
         self.stats.gaps += 1;
         self.stats.gap_records += gap.len();
         self.remember_open_gap(stream, from, to);

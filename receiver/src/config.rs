@@ -101,19 +101,42 @@ impl Default for AuditConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalConfig {
-    /// Directory for the receiver's durable state (per-stream cursors).
+    /// Directory of the journal: decoded records wait here until every
+    /// sink has written them.
     #[serde(default = "default_journal")]
     pub path: PathBuf,
+    /// Bound; past it the oldest segment is dropped and records a sink had
+    /// not been given become `sink-overflow:NAME` gaps for that sink.
+    #[serde(default = "default_journal_bytes")]
+    pub max_bytes: String,
+    /// fsync after this many journaled bytes...
+    #[serde(default = "default_fsync_bytes")]
+    pub fsync_bytes: String,
+    /// ...or this many milliseconds; sinks get records only once fsynced.
+    #[serde(default = "default_fsync_ms")]
+    pub fsync_ms: u64,
 }
 
 fn default_journal() -> PathBuf {
-    PathBuf::from("weir-state")
+    PathBuf::from("weir-journal")
+}
+fn default_journal_bytes() -> String {
+    "1GiB".into()
+}
+fn default_fsync_bytes() -> String {
+    "4MiB".into()
+}
+fn default_fsync_ms() -> u64 {
+    10
 }
 
 impl Default for JournalConfig {
     fn default() -> Self {
         JournalConfig {
             path: default_journal(),
+            max_bytes: default_journal_bytes(),
+            fsync_bytes: default_fsync_bytes(),
+            fsync_ms: default_fsync_ms(),
         }
     }
 }
@@ -165,6 +188,7 @@ pub struct Loaded {
     pub config: ReceiverConfig,
     pub recv_buffer: usize,
     pub decoder: DecoderConfig,
+    pub journal: crate::journal::Settings,
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
@@ -214,7 +238,25 @@ pub fn parse(text: &str) -> Result<Loaded> {
         s.validate()
             .map_err(|e| anyhow::anyhow!("sinks[{i}] ({}).{e}", common.name))?;
     }
+    let max_bytes = parse_size(&c.journal.max_bytes).map_err(|e| anyhow::anyhow!("journal.max_bytes: {e}"))?;
+    if max_bytes < 1 << 20 {
+        bail!("journal.max_bytes: {} is below the 1MiB minimum", c.journal.max_bytes);
+    }
+    let fsync_bytes = parse_size(&c.journal.fsync_bytes).map_err(|e| anyhow::anyhow!("journal.fsync_bytes: {e}"))?;
+    if fsync_bytes == 0 || fsync_bytes > max_bytes {
+        bail!("journal.fsync_bytes: {} must be above zero and at most journal.max_bytes", c.journal.fsync_bytes);
+    }
+    if c.journal.fsync_ms == 0 || c.journal.fsync_ms > 10_000 {
+        bail!("journal.fsync_ms: {} must be between 1 and 10000", c.journal.fsync_ms);
+    }
+    let journal = crate::journal::Settings {
+        path: c.journal.path.clone(),
+        max_bytes,
+        fsync_bytes,
+        fsync_interval: std::time::Duration::from_millis(c.journal.fsync_ms),
+    };
     Ok(Loaded {
+        journal,
         config,
         recv_buffer,
         decoder,

@@ -11,12 +11,12 @@ mod config;
 mod gaps;
 mod pipeline;
 mod sinks;
-mod state;
+mod journal;
 mod udp;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -111,8 +111,6 @@ enum AuditCommand {
 
 /// Receive batches in flight between the socket and decoder threads.
 const RECV_POOL: usize = 16;
-/// Record batches queued per sink before the decoder thread waits.
-const SINK_QUEUE: usize = 64;
 
 fn main() {
     let cli = Cli::parse();
@@ -167,56 +165,69 @@ fn run(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
     let cfg = &loaded.config;
     let mut audit = audit::AuditLog::open(&cfg.audit.path)?;
-    let (state_file, state) = state::StateFile::open(&cfg.journal.path)?;
+    let journal = journal::Journal::open(loaded.journal.clone())?;
     let mut decoder = Decoder::new(loaded.decoder.clone());
-    for (name, cursor) in &state.streams {
-        let position = weir_protocol::decoder::StreamPosition {
-            session: cursor.session.as_deref().and_then(state::parse_session),
-            epoch: cursor.epoch.as_deref().and_then(state::parse_session),
-            last: cursor.last,
-        };
-        decoder.restore_cursor(name, position);
+    for (name, position) in journal.positions() {
+        decoder.restore_cursor(name, (*position).into());
+    }
+    // Gaps still open in the audit log can be filled by a resend.
+    let open_gaps = match std::fs::File::open(&cfg.audit.path) {
+        Ok(f) => gaps::scan(std::io::BufReader::new(f)).map(|(g, _)| g).unwrap_or_else(|e| {
+            tracing::warn!("audit.path: cannot read open gaps ({e:#}); resends will not be matched to them");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    };
+    for g in &open_gaps {
+        decoder.restore_open_gap(&g.stream, g.from, g.to);
     }
     let socket = udp::LinkSocket::open(cfg.link.listen, loaded.recv_buffer, cfg.link.mtu)?;
-    let listen = socket
-        .local_addr()
-        .map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
-    tracing::info!(listen = %listen, sinks = cfg.sinks.len(), restored_streams = state.streams.len(), "weir-receiver starting");
-    audit.write("receiver-start", json!({ "listen": listen, "version": env!("CARGO_PKG_VERSION"), "restored_streams": state.streams.len() }));
+    let listen = socket.local_addr().map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
+    let restored = journal.positions().len();
+    tracing::info!(listen = %listen, sinks = cfg.sinks.len(), restored_streams = restored, open_gaps = open_gaps.len(), "weir-receiver starting");
+    audit.write("receiver-start", json!({ "listen": listen, "version": env!("CARGO_PKG_VERSION"), "restored_streams": restored }));
 
     let abort = Arc::new(AtomicBool::new(false));
     let mut sinks = Vec::new();
     for sink_cfg in &cfg.sinks {
         let common = sink_cfg.common();
-        let sink = sink_cfg
-            .build()
-            .with_context(|| format!("sinks ({})", common.name))?;
-        let routes = sinks::matcher(&common.streams)
-            .map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(SINK_QUEUE);
-        let confirmed: sinks::Confirmed = Arc::new(Mutex::new(Default::default()));
-        let stats = Arc::new(SinkStats::default());
+        let mut sink = sink_cfg.build().with_context(|| format!("sinks ({})", common.name))?;
+        let routes = sinks::matcher(&common.streams).map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
+        let cursor_path = journal.sink_cursor_path(&common.name);
+        let start = match journal::load_sink_cursor(&cursor_path)? {
+            Some(cursor) => {
+                sink.resume(&cursor.resume).with_context(|| format!("sinks ({}): resuming from {}", common.name, cursor_path.display()))?;
+                if cursor.index < journal.first_index() {
+                    tracing::warn!(sink = %common.name, cursor = cursor.index, first = journal.first_index(),
+                        "sink cursor is behind the journal; the records in between were reported as sink-overflow gaps when dropped");
+                }
+                cursor.index.max(journal.first_index())
+            }
+            None => journal.first_index(),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(pipeline::SINK_QUEUE + 1);
+        let shared = Arc::new(sinks::SinkShared {
+            name: common.name.clone(),
+            confirmed: AtomicU64::new(start),
+            in_flight: AtomicUsize::new(0),
+            stats: SinkStats::default(),
+        });
         let thread = {
-            let (name, routes, confirmed, stats, abort) = (
-                common.name.clone(),
-                routes.clone(),
-                confirmed.clone(),
-                stats.clone(),
-                abort.clone(),
-            );
+            let t = sinks::SinkThread {
+                shared: shared.clone(),
+                sink,
+                routes: routes.clone(),
+                batches: rx,
+                abort: abort.clone(),
+                cursor_path,
+                dead_letter_path: journal.dead_letter_path(&common.name),
+            };
             std::thread::Builder::new()
                 .name(format!("sink-{}", common.name))
-                .spawn(move || sinks::run_sink(name, sink, routes, rx, confirmed, stats, abort))
+                .spawn(move || sinks::run_sink(t))
                 .context("starting a sink thread")?
         };
-        sinks.push(SinkHandle {
-            name: common.name,
-            tx,
-            routes,
-            confirmed,
-            stats,
-            thread,
-        });
+        sinks.push(SinkHandle { shared, tx, routes, dispatched: start, overflow_records: 0, thread });
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -233,37 +244,46 @@ fn run(path: &Path) -> Result<()> {
     let pipeline = Pipeline {
         decoder,
         audit,
-        state_file,
+        journal,
         sinks,
         recv_stats,
         metrics_path: cfg.metrics.path.clone(),
         log_interval: Duration::from_secs(cfg.metrics.log_interval_s),
         warn_after: Duration::from_millis(cfg.heartbeat.warn_after_ms),
-        finished_sinks: Vec::new(),
+        failure: None,
+        finished: Vec::new(),
     };
     let decode = std::thread::Builder::new()
         .name("weir-decode".into())
         .spawn(move || pipeline.run(batch_rx, free_tx))
         .context("starting the decoder thread")?;
 
-    wait_for_signal();
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            wait_for_signal();
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    while !stop.load(Ordering::Relaxed) && !decode.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     tracing::info!("stopping: finishing what was received");
     stop.store(true, Ordering::Relaxed);
-    let recv_result = recv
-        .join()
-        .map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
+    let recv_result = recv.join().map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
     // If a sink is stuck retrying, give it a bounded time, then abort it.
     let aborter = {
         let abort = abort.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(10));
+            std::thread::sleep(Duration::from_secs(15));
             abort.store(true, Ordering::Relaxed);
         })
     };
-    decode
-        .join()
-        .map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
+    let failure = decode.join().map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
     drop(aborter);
+    if let Some(failure) = failure {
+        anyhow::bail!("journal.path {}: {failure}; fix the disk and restart", cfg.journal.path.display());
+    }
     tracing::info!("weir-receiver stopped");
     recv_result
 }

@@ -1,6 +1,8 @@
-//! The decoder thread: datagrams in from the socket thread, records out to
-//! the sink threads, gaps and sender events to the audit log, cursors to
-//! the state file, counters to the metrics file.
+//! The decoder thread: datagrams in from the socket thread, records and
+//! gaps into the journal, journaled records out to the sink threads once
+//! fsynced (never waiting on a slow sink: it falls behind and catches up
+//! from the journal), gaps and sender events to the audit log, counters to
+//! the metrics file.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -16,31 +18,41 @@ use weir_protocol::decoder::Delivered;
 use weir_protocol::{Decoder, Event, Heartbeat, Nanos};
 
 use crate::audit::AuditLog;
-use crate::sinks::{Batch, Confirmed, SinkStats};
-use crate::state::{State, StateFile, StreamCursor};
+use crate::journal::Journal;
+use crate::sinks::{Batch, SinkShared};
 use crate::udp::{RecvBatch, RecvStats};
 
 pub struct SinkHandle {
-    pub name: String,
+    pub shared: Arc<SinkShared>,
     pub tx: SyncSender<Batch>,
     pub routes: GlobSet,
-    pub confirmed: Confirmed,
-    pub stats: Arc<SinkStats>,
+    /// Journal entries below this have been handed to the sink.
+    pub dispatched: u64,
+    pub overflow_records: u64,
     pub thread: JoinHandle<()>,
 }
 
 pub struct Pipeline {
     pub decoder: Decoder,
     pub audit: AuditLog,
-    pub state_file: StateFile,
+    pub journal: Journal,
     pub sinks: Vec<SinkHandle>,
     pub recv_stats: Arc<RecvStats>,
     pub metrics_path: Option<PathBuf>,
     pub log_interval: Duration,
     pub warn_after: Duration,
-    /// Sinks whose threads have ended (at shutdown), kept for their cursors.
-    pub finished_sinks: Vec<(String, GlobSet, Confirmed, Arc<SinkStats>)>,
+    /// Set when the journal cannot be written: the receiver stops.
+    pub failure: Option<String>,
+    /// Sinks whose threads ended at shutdown, for their final counters.
+    pub finished: Vec<Arc<SinkShared>>,
 }
+
+/// Batches queued per sink before it counts as behind.
+pub const SINK_QUEUE: usize = 64;
+/// Journal entries read per catch-up batch for a sink that fell behind.
+const CATCH_UP_BATCH: usize = 4096;
+/// How long shutdown waits for sinks to catch up with the journal.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Tracks sender heartbeats: warns when they stop, logs when the sender's
 /// session or configuration hash changes.
@@ -130,7 +142,8 @@ impl HeartbeatWatch {
 
 impl Pipeline {
     /// Runs until the socket thread hangs up, then drains to the sinks.
-    pub fn run(mut self, batches: Receiver<RecvBatch>, free: SyncSender<RecvBatch>) {
+    /// Returns the journal failure that stopped it, if one did.
+    pub fn run(mut self, batches: Receiver<RecvBatch>, free: SyncSender<RecvBatch>) -> Option<String> {
         let origin = Instant::now();
         let now = || origin.elapsed().as_nanos() as Nanos;
         let mut watch = HeartbeatWatch {
@@ -144,6 +157,7 @@ impl Pipeline {
             counters: Vec::new(),
         };
         let mut records: Vec<Delivered> = Vec::new();
+        let mut pending_start = self.journal.durable_index();
         let mut unrouted: HashSet<Arc<str>> = HashSet::new();
         let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
         let mut unrouted_records: u64 = 0;
@@ -173,16 +187,24 @@ impl Pipeline {
                         let is_routed = *routed
                             .entry(r.stream.clone())
                             .or_insert_with(|| sinks.iter().any(|s| s.routes.is_match(&*r.stream)));
-                        if is_routed {
-                            records.push(r);
-                        } else {
+                        if !is_routed {
                             unrouted_records += 1;
                             if unrouted.insert(r.stream.clone()) {
-                                tracing::warn!(stream = %r.stream, "stream matches no sink's `streams`; its records are counted in records_unrouted and discarded");
+                                tracing::warn!(stream = %r.stream, "stream matches no sink's `streams`; its records are counted in records_unrouted and not written anywhere");
                             }
+                        }
+                        // Journaled either way: the stream's position must cover it.
+                        if let Err(e) = self.journal.append_record(&r) {
+                            self.fail(e);
+                        }
+                        if is_routed {
+                            records.push(r);
                         }
                     }
                     Event::Gap(g) => {
+                        if let Err(e) = self.journal.append_gap(&g.stream, g.session, g.epoch, g.from, g.to) {
+                            self.fail(e);
+                        }
                         tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.len(), cause = g.cause.as_str(), "gap: records will not arrive");
                         self.audit.write("gap", json!({ "stream": &*g.stream, "from": g.from, "to": g.to, "cause": g.cause.as_str() }));
                     }
@@ -214,19 +236,26 @@ impl Pipeline {
                         );
                     }
                 }
-                if records.len() >= 8192 {
-                    self.dispatch(&mut records);
+            }
+            if self.journal.sync_due() || disconnected || records.len() >= 65_536 {
+                match self.journal.sync() {
+                    Ok(durable) => {
+                        self.dispatch(&mut records, pending_start, durable);
+                        pending_start = durable;
+                    }
+                    Err(e) => self.fail(e),
                 }
             }
-            self.dispatch(&mut records);
-            if disconnected {
+            self.catch_up(4);
+            self.enforce_bound();
+            if disconnected || self.failure.is_some() {
                 break;
             }
             if last_tick.elapsed() >= Duration::from_millis(250) {
                 last_tick = Instant::now();
                 watch.tick(&mut self.audit);
                 self.audit.sync();
-                self.save_state();
+                self.compact();
                 self.write_metrics(unrouted_records, &watch);
                 if !self.log_interval.is_zero() && last_log.elapsed() >= self.log_interval {
                     last_log = Instant::now();
@@ -234,78 +263,141 @@ impl Pipeline {
                 }
             }
         }
-        // Shutdown: let every sink finish what it was given, then record
-        // exactly what they confirmed.
-        for s in std::mem::take(&mut self.sinks) {
-            drop(s.tx);
-            let _ = s.thread.join();
-            self.finished_sinks
-                .push((s.name, s.routes, s.confirmed, s.stats));
+        // Shutdown: hand every sink what the journal holds (for a bounded
+        // time), let each finish and save its cursor.
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while self.sinks.iter().any(|s| s.dispatched < self.journal.durable_index()) && Instant::now() < deadline {
+            self.catch_up(usize::MAX);
+            std::thread::sleep(Duration::from_millis(10));
         }
-        self.save_state();
+        for s in std::mem::take(&mut self.sinks) {
+            let SinkHandle { shared, tx, thread, .. } = s;
+            drop(tx);
+            let _ = thread.join();
+            self.finished.push(shared);
+        }
+        self.compact();
         self.write_metrics(unrouted_records, &watch);
         self.log_status();
         self.audit.write("receiver-stop", json!({}));
         self.audit.sync();
+        self.failure
     }
 
-    fn dispatch(&mut self, records: &mut Vec<Delivered>) {
-        if records.is_empty() {
+    fn fail(&mut self, e: anyhow::Error) {
+        if self.failure.is_none() {
+            tracing::error!("journal: {e:#}; the receiver stops (records still arriving will be reported as a receiver-down gap after a restart)");
+            self.failure = Some(format!("{e:#}"));
+        }
+    }
+
+    /// Hands a durable batch to every sink that is caught up; a sink whose
+    /// queue is full falls behind and is served from the journal later.
+    fn dispatch(&mut self, records: &mut Vec<Delivered>, start: u64, end: u64) {
+        if start == end {
             return;
         }
-        let batch: Batch = Arc::new(std::mem::take(records));
-        for s in &self.sinks {
-            // Blocks while a sink's queue is full; the socket buffer absorbs
-            // the wait and anything beyond it becomes a reported gap.
-            if s.tx.send(batch.clone()).is_err() {
-                tracing::error!(sink = %s.name, "sink thread has stopped; its records are not written");
+        let batch = Arc::new(std::mem::take(records));
+        for s in &mut self.sinks {
+            if s.dispatched == start && s.shared.in_flight.load(Ordering::Relaxed) < SINK_QUEUE {
+                s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                if s.tx.send(Batch { start, end, records: batch.clone() }).is_ok() {
+                    s.dispatched = end;
+                } else {
+                    s.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
 
-    /// Per stream, the last sequence every sink routing it has confirmed.
-    fn save_state(&mut self) {
-        let mut state = State::default();
-        let sinks: Vec<(&GlobSet, &Confirmed)> = self
-            .sinks
-            .iter()
-            .map(|s| (&s.routes, &s.confirmed))
-            .chain(self.finished_sinks.iter().map(|s| (&s.1, &s.2)))
-            .collect();
-        let confirmed: Vec<HashMap<Arc<str>, u64>> = sinks
-            .iter()
-            .map(|(_, c)| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect();
-        for (stream, position) in self.decoder.cursors() {
-            let last = position.last;
-            let routing: Vec<usize> = sinks
-                .iter()
-                .enumerate()
-                .filter(|(_, (r, _))| r.is_match(stream))
-                .map(|(i, _)| i)
-                .collect();
-            let last = if routing.is_empty() {
-                last
-            } else {
-                routing
-                    .iter()
-                    .map(|i| confirmed[*i].get(stream).copied())
-                    .min()
-                    .flatten()
-            };
-            if last.is_some() {
-                state.streams.insert(
-                    stream.to_string(),
-                    StreamCursor {
-                        session: position.session.map(|s| format!("{s:016x}")),
-                        epoch: position.epoch.map(|e| format!("{e:016x}")),
-                        last,
-                    },
-                );
+    /// Serves sinks that fell behind from the journal, `rounds` batches each.
+    fn catch_up(&mut self, rounds: usize) {
+        let durable = self.journal.durable_index();
+        let mut names: HashMap<String, Arc<str>> = HashMap::new();
+        for i in 0..self.sinks.len() {
+            for _ in 0..rounds {
+                let s = &self.sinks[i];
+                if s.dispatched >= durable || s.shared.in_flight.load(Ordering::Relaxed) >= SINK_QUEUE {
+                    break;
+                }
+                let entries = match self.journal.read(s.dispatched, CATCH_UP_BATCH) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(sink = %s.shared.name, "journal: cannot read for a sink that fell behind: {e:#}");
+                        break;
+                    }
+                };
+                let Some(end) = entries.last().map(|(i, _)| i + 1) else { break };
+                let start = s.dispatched.max(self.journal.first_index());
+                let records: Vec<Delivered> = entries.into_iter().filter_map(|(_, e)| e.into_delivered(&mut names)).collect();
+                let s = &mut self.sinks[i];
+                s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                if s.tx.send(Batch { start, end, records: Arc::new(records) }).is_err() {
+                    s.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    break;
+                }
+                s.dispatched = end;
             }
         }
-        if let Err(e) = self.state_file.save(&state) {
-            tracing::error!("journal.path: cannot save cursors: {e:#}");
+    }
+
+    /// Keeps the journal within `max_bytes`: the oldest segment goes, and
+    /// each sink not yet given its records gets them as exact gaps.
+    fn enforce_bound(&mut self) {
+        while self.journal.total_bytes() > self.journal.max_bytes() {
+            let Some((first, end)) = self.journal.oldest() else { return };
+            for i in 0..self.sinks.len() {
+                if self.sinks[i].dispatched >= end {
+                    continue;
+                }
+                let from = self.sinks[i].dispatched.max(first);
+                let entries = match self.journal.scan_oldest(from) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!("journal: cannot read the segment being dropped: {e:#}");
+                        Vec::new()
+                    }
+                };
+                let mut ranges: Vec<(String, u64, u64)> = Vec::new();
+                for (_, e) in entries {
+                    if let crate::journal::Entry::Record { stream, seq, resent: false, .. } = e {
+                        if !self.sinks[i].routes.is_match(&stream) {
+                            continue;
+                        }
+                        match ranges.iter_mut().find(|r| r.0 == stream && r.2 + 1 == seq) {
+                            Some(r) => r.2 = seq,
+                            None => ranges.push((stream, seq, seq)),
+                        }
+                    }
+                }
+                let name = self.sinks[i].shared.name.clone();
+                let cause = format!("sink-overflow:{name}");
+                for (stream, from, to) in ranges {
+                    tracing::warn!(sink = %name, stream = %stream, from, to, records = to - from + 1,
+                        "journal.max_bytes reached while this sink was behind: records dropped for this sink only");
+                    self.audit.write("gap", json!({ "stream": stream, "from": from, "to": to, "cause": cause }));
+                    self.sinks[i].overflow_records += to - from + 1;
+                }
+                self.sinks[i].dispatched = end;
+            }
+            if let Err(e) = self.journal.drop_oldest() {
+                self.fail(e);
+                return;
+            }
+        }
+    }
+
+    /// Drops journal segments every sink has confirmed.
+    fn compact(&mut self) {
+        let confirmed = self
+            .sinks
+            .iter()
+            .map(|s| s.shared.confirmed.load(Ordering::Acquire))
+            .chain(self.finished.iter().map(|s| s.confirmed.load(Ordering::Acquire)))
+            .min()
+            .unwrap_or(0);
+        if let Err(e) = self.journal.compact(confirmed) {
+            tracing::error!("journal: compaction failed: {e:#}");
         }
     }
 
@@ -323,12 +415,14 @@ impl Pipeline {
         m.push(("recv_bytes".into(), r.bytes.load(Ordering::Relaxed)));
         m.push(("recv_errors".into(), r.errors.load(Ordering::Relaxed)));
         m.push(("records_unrouted".into(), unrouted));
-        let all = self
-            .sinks
-            .iter()
-            .map(|s| (&s.name, &s.stats))
-            .chain(self.finished_sinks.iter().map(|s| (&s.0, &s.3)));
-        for (name, s) in all {
+        m.push(("journal_bytes".into(), self.journal.total_bytes()));
+        let overflow: HashMap<&str, u64> = self.sinks.iter().map(|s| (s.shared.name.as_str(), s.overflow_records)).collect();
+        let all = self.sinks.iter().map(|s| &s.shared).chain(self.finished.iter());
+        for shared in all {
+            let (name, s) = (&shared.name, &shared.stats);
+            m.push((format!("sink.{name}.dead_letters"), s.dead_letters.load(Ordering::Relaxed)));
+            m.push((format!("sink.{name}.overflow_records"), overflow.get(name.as_str()).copied().unwrap_or(0)));
+            m.push((format!("sink.{name}.behind"), self.journal.durable_index().saturating_sub(shared.confirmed.load(Ordering::Relaxed))));
             m.push((
                 format!("sink.{name}.records"),
                 s.records.load(Ordering::Relaxed),

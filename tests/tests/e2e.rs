@@ -190,7 +190,7 @@ fn generator_points_arrive_complete_in_the_file_sink_through_2pct_loss_with_burs
         "FEC repaired nothing: {m}"
     );
     assert!(gaps(&s.join("audit.jsonl"), "plant/gen").is_empty());
-    let first = &json_lines(&out.join("plant_gen.jsonl"))[0];
+    let first = &json_lines(&out.join("plant_gen.000001.jsonl"))[0];
     for key in ["stream", "seq", "kind", "ts", "tag", "value", "quality"] {
         assert!(
             first.get(key).is_some(),

@@ -9,10 +9,11 @@ pub mod stdout;
 pub mod tcp;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -82,17 +83,52 @@ pub fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
     b.build().map_err(|e| e.to_string())
 }
 
-/// A destination for records. On an error the whole batch is offered
-/// again after a backoff, so a sink remembers the last sequence it wrote
-/// per stream and skips records at or below it. `flush` makes what was
-/// written visible to readers.
-pub trait Sink: Send {
-    fn write(&mut self, records: &[&Delivered]) -> anyhow::Result<()>;
-    fn flush(&mut self) -> anyhow::Result<()>;
+/// Why a write failed: worth retrying (the destination is down), or a
+/// record the sink will never accept (it goes to the dead-letter file and
+/// delivery continues after it).
+#[derive(Debug)]
+pub enum SinkError {
+    Retry(anyhow::Error),
+    Reject { at: usize, reason: String },
 }
 
-/// One batch handed from the decoder thread to every sink.
-pub type Batch = Arc<Vec<Delivered>>;
+impl From<anyhow::Error> for SinkError {
+    fn from(e: anyhow::Error) -> Self {
+        SinkError::Retry(e)
+    }
+}
+
+impl From<std::io::Error> for SinkError {
+    fn from(e: std::io::Error) -> Self {
+        SinkError::Retry(e.into())
+    }
+}
+
+/// A destination for records. On a retryable error the batch is offered
+/// again after a backoff, so a sink remembers the last sequence it wrote
+/// per stream and skips records at or below it. `flush` makes what was
+/// written durable (file) or visible (network); only then is the journal
+/// cursor moved past the batch.
+pub trait Sink: Send {
+    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError>;
+    fn flush(&mut self) -> anyhow::Result<()>;
+    /// What the sink needs to resume exactly after a restart, saved with
+    /// its cursor after every confirmed batch.
+    fn resume_state(&self) -> Value {
+        Value::Null
+    }
+    /// Called once at start with the last saved `resume_state`.
+    fn resume(&mut self, _state: &Value) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Journal entries `start..end` handed to a sink: the records among them.
+pub struct Batch {
+    pub start: u64,
+    pub end: u64,
+    pub records: Arc<Vec<Delivered>>,
+}
 
 #[derive(Debug, Default)]
 pub struct SinkStats {
@@ -100,65 +136,122 @@ pub struct SinkStats {
     pub batches: AtomicU64,
     pub errors: AtomicU64,
     pub retries: AtomicU64,
+    pub dead_letters: AtomicU64,
 }
 
-/// What a sink has confirmed written, per stream.
-pub type Confirmed = Arc<Mutex<HashMap<Arc<str>, u64>>>;
+/// What the decoder thread and a sink thread share.
+pub struct SinkShared {
+    pub name: String,
+    /// Journal entries below this are written and flushed by the sink.
+    pub confirmed: AtomicU64,
+    /// Batches sent to the sink thread and not yet taken.
+    pub in_flight: AtomicUsize,
+    pub stats: SinkStats,
+}
 
 /// Backoff between retries of a failed write: doubles from 100 ms to 10 s.
 const RETRY_START: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Cursor saves are at most this frequent (each is an fsync).
+const CURSOR_INTERVAL: Duration = Duration::from_millis(100);
 
-/// The loop of one sink's thread: route, write with retry, flush, confirm.
-/// Ends when the decoder side hangs up, after writing what it was given;
-/// or, if `abort` is set while retrying, without it.
-pub fn run_sink(
-    name: String,
-    mut sink: Box<dyn Sink>,
-    routes: GlobSet,
-    batches: Receiver<Batch>,
-    confirmed: Confirmed,
-    stats: Arc<SinkStats>,
-    abort: Arc<AtomicBool>,
-) {
+pub struct SinkThread {
+    pub shared: Arc<SinkShared>,
+    pub sink: Box<dyn Sink>,
+    pub routes: GlobSet,
+    pub batches: Receiver<Batch>,
+    pub abort: Arc<AtomicBool>,
+    pub cursor_path: PathBuf,
+    pub dead_letter_path: PathBuf,
+}
+
+/// The loop of one sink's thread: route, write with retry, dead-letter what
+/// is rejected for good, flush, confirm, save the cursor. Ends when the
+/// decoder side hangs up (after writing what it was given), or when
+/// `abort` is set while retrying.
+pub fn run_sink(t: SinkThread) {
+    let SinkThread { shared, mut sink, routes, batches, abort, cursor_path, dead_letter_path } = t;
+    let name = shared.name.clone();
     let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
-    while let Ok(batch) = batches.recv() {
-        let records: Vec<&Delivered> = batch
+    let mut last_save = Instant::now() - CURSOR_INTERVAL;
+    let mut unsaved: Option<u64> = None;
+    loop {
+        let batch = match batches.recv_timeout(CURSOR_INTERVAL) {
+            Ok(b) => b,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(end) = unsaved.take() {
+                    save_cursor(&name, &cursor_path, end, sink.resume_state());
+                    last_save = Instant::now();
+                }
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Batches follow each other; a jump forward is an overflow skip.
+        debug_assert!(batch.start >= shared.confirmed.load(Ordering::Relaxed) || batch.start < batch.end);
+        let mut records: Vec<&Delivered> = batch
+            .records
             .iter()
-            .filter(|r| {
-                *routed
-                    .entry(r.stream.clone())
-                    .or_insert_with(|| routes.is_match(&*r.stream))
-            })
+            .filter(|r| *routed.entry(r.stream.clone()).or_insert_with(|| routes.is_match(&*r.stream)))
             .collect();
-        if records.is_empty() {
-            continue;
-        }
         let mut delay = RETRY_START;
-        loop {
-            match sink.write(&records).and_then(|_| sink.flush()) {
+        while !records.is_empty() {
+            let result = sink.write(&records).and_then(|_| sink.flush().map_err(SinkError::Retry));
+            match result {
                 Ok(()) => break,
-                Err(e) => {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(SinkError::Reject { at, reason }) => {
+                    let rejected = records.remove(at.min(records.len() - 1));
+                    dead_letter(&name, &dead_letter_path, rejected, &reason);
+                    shared.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(SinkError::Retry(e)) => {
+                    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
                     if abort.load(Ordering::Relaxed) {
-                        tracing::error!(sink = %name, "giving up on a batch of {} records at shutdown: {e:#}", records.len());
+                        tracing::error!(sink = %name, "giving up on a batch of {} records at shutdown; they stay in the journal: {e:#}", records.len());
                         return;
                     }
                     tracing::warn!(sink = %name, retry_in_ms = delay.as_millis() as u64, "write failed: {e:#}");
-                    stats.retries.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(RETRY_MAX);
                 }
             }
         }
-        stats
-            .records
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        let mut c = confirmed.lock().unwrap_or_else(|p| p.into_inner());
-        for r in &records {
-            c.insert(r.stream.clone(), r.seq);
+        shared.stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+        shared.confirmed.store(batch.end, Ordering::Release);
+        unsaved = Some(batch.end);
+        if last_save.elapsed() >= CURSOR_INTERVAL {
+            save_cursor(&name, &cursor_path, batch.end, sink.resume_state());
+            last_save = Instant::now();
+            unsaved = None;
         }
+    }
+    if let Some(end) = unsaved {
+        save_cursor(&name, &cursor_path, end, sink.resume_state());
+    }
+}
+
+fn save_cursor(name: &str, path: &Path, index: u64, resume: Value) {
+    let cursor = crate::journal::SinkCursor { index, resume };
+    let bytes = serde_json::to_vec(&cursor).expect("json");
+    if let Err(e) = crate::journal::write_atomically(path, &bytes) {
+        tracing::error!(sink = %name, "cannot save the sink cursor {}: {e:#}; a restart will write some records again", path.display());
+    }
+}
+
+fn dead_letter(name: &str, path: &Path, record: &Delivered, reason: &str) {
+    tracing::warn!(sink = %name, stream = %record.stream, seq = record.seq, "record rejected for good, written to the dead-letter file: {reason}");
+    let mut line = json!({ "sink": name, "reason": reason, "at": crate::audit::now_rfc3339(), "record": record_json(record) }).to_string();
+    line.push('\n');
+    let result = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(line.as_bytes())?;
+        f.sync_data()
+    });
+    if let Err(e) = result {
+        tracing::error!(sink = %name, "cannot write the dead-letter file {}: {e}; the record was: {}", path.display(), line.trim());
     }
 }
 
@@ -219,6 +312,7 @@ mod tests {
             stream: Arc::from("plant/a"),
             source_type: Arc::from("generator"),
             session: 1,
+            epoch: 1,
             seq: 7,
             resent: false,
             body,

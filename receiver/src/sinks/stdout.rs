@@ -5,7 +5,7 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 
-use super::{default_streams, record_json, Sink};
+use super::{default_streams, record_json, Sink, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,9 +28,9 @@ impl StdoutSink {
 }
 
 impl Sink for StdoutSink {
-    fn write(&mut self, records: &[&Delivered]) -> anyhow::Result<()> {
+    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
         for r in records {
-            serde_json::to_writer(&mut self.out, &record_json(r))?;
+            serde_json::to_writer(&mut self.out, &record_json(r)).map_err(|e| SinkError::Retry(e.into()))?;
             self.out.write_all(b"\n")?;
         }
         Ok(())

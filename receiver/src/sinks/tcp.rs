@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 use weir_protocol::RecordBody;
 
-use super::{default_streams, record_json, Sink};
+use super::{default_streams, record_json, Sink, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,7 +41,8 @@ impl Config {
 pub struct TcpSink {
     connect: SocketAddr,
     conns: HashMap<Arc<str>, std::io::BufWriter<TcpStream>>,
-    written: HashMap<Arc<str>, u64>,
+    /// (epoch, last seq) written per stream, to skip on a retry.
+    written: HashMap<Arc<str>, (u64, u64)>,
     sessions: HashMap<Arc<str>, u64>,
 }
 
@@ -76,10 +77,10 @@ impl TcpSink {
 }
 
 impl Sink for TcpSink {
-    fn write(&mut self, records: &[&Delivered]) -> Result<()> {
+    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
         for r in records {
-            if self.written.get(&r.stream).is_some_and(|w| r.seq <= *w) {
-                continue;
+            if !r.resent && self.written.get(&r.stream).is_some_and(|w| w.0 == r.epoch && r.seq <= w.1) {
+                continue; // written before a retried failure
             }
             // A new sender session cannot continue a connection the old one
             // left open (the sender restarted mid-stream): close it first.
@@ -112,7 +113,7 @@ impl Sink for TcpSink {
                     result
                 }
                 _ => {
-                    let mut line = serde_json::to_vec(&record_json(r))?;
+                    let mut line = serde_json::to_vec(&record_json(r)).map_err(|e| SinkError::Retry(e.into()))?;
                     line.push(b'\n');
                     self.conn(&r.stream).and_then(|w| Ok(w.write_all(&line)?))
                 }
@@ -120,9 +121,11 @@ impl Sink for TcpSink {
             if let Err(e) = result {
                 // Drop the broken connection; the retry opens a new one.
                 self.conns.remove(&r.stream);
-                return Err(e);
+                return Err(SinkError::Retry(e));
             }
-            self.written.insert(r.stream.clone(), r.seq);
+            if !r.resent {
+                self.written.insert(r.stream.clone(), (r.epoch, r.seq));
+            }
         }
         Ok(())
     }
