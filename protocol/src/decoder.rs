@@ -43,6 +43,8 @@ pub enum GapCause {
     ReceiverDown,
     /// The sender's spool dropped them before they were sent (it said so).
     SenderSpoolOverflow,
+    /// The sender's spool lost them to a crash (damaged tail).
+    SenderSpoolDamaged,
 }
 
 impl GapCause {
@@ -51,6 +53,7 @@ impl GapCause {
             GapCause::LinkLoss => "link-loss",
             GapCause::ReceiverDown => "receiver-down",
             GapCause::SenderSpoolOverflow => "sender-spool-overflow",
+            GapCause::SenderSpoolDamaged => "sender-spool-damaged",
         }
     }
 }
@@ -898,6 +901,7 @@ impl Decoder {
         }
         let cause = match notice.cause {
             NoticeCause::SpoolOverflow => GapCause::SenderSpoolOverflow,
+            NoticeCause::SpoolDamaged => GapCause::SenderSpoolDamaged,
         };
         self.emit_gap(
             &meta.name,
@@ -960,7 +964,14 @@ impl Decoder {
         });
         let session = self.session.as_ref().map_or(0, |s| s.id);
         let epoch = cursor.epoch.unwrap_or(0);
-        let gap = Gap { stream: stream.clone(), session, epoch, from, to, cause };
+        let gap = Gap {
+            stream: stream.clone(),
+            session,
+            epoch,
+            from,
+            to,
+            cause,
+        };
         self.stats.gaps += 1;
         self.stats.gap_records += gap.len();
         self.remember_open_gap(stream, from, to);

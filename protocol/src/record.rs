@@ -126,6 +126,9 @@ pub enum NoticeCause {
     /// The sender's disk spool hit `max_bytes` or `max_age` and dropped
     /// its oldest records before they were sent.
     SpoolOverflow,
+    /// The sender found them damaged in its spool after a crash (torn or
+    /// corrupt tail) and cut them away.
+    SpoolDamaged,
 }
 
 #[cfg(test)]

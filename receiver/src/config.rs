@@ -238,16 +238,27 @@ pub fn parse(text: &str) -> Result<Loaded> {
         s.validate()
             .map_err(|e| anyhow::anyhow!("sinks[{i}] ({}).{e}", common.name))?;
     }
-    let max_bytes = parse_size(&c.journal.max_bytes).map_err(|e| anyhow::anyhow!("journal.max_bytes: {e}"))?;
+    let max_bytes =
+        parse_size(&c.journal.max_bytes).map_err(|e| anyhow::anyhow!("journal.max_bytes: {e}"))?;
     if max_bytes < 1 << 20 {
-        bail!("journal.max_bytes: {} is below the 1MiB minimum", c.journal.max_bytes);
+        bail!(
+            "journal.max_bytes: {} is below the 1MiB minimum",
+            c.journal.max_bytes
+        );
     }
-    let fsync_bytes = parse_size(&c.journal.fsync_bytes).map_err(|e| anyhow::anyhow!("journal.fsync_bytes: {e}"))?;
+    let fsync_bytes = parse_size(&c.journal.fsync_bytes)
+        .map_err(|e| anyhow::anyhow!("journal.fsync_bytes: {e}"))?;
     if fsync_bytes == 0 || fsync_bytes > max_bytes {
-        bail!("journal.fsync_bytes: {} must be above zero and at most journal.max_bytes", c.journal.fsync_bytes);
+        bail!(
+            "journal.fsync_bytes: {} must be above zero and at most journal.max_bytes",
+            c.journal.fsync_bytes
+        );
     }
     if c.journal.fsync_ms == 0 || c.journal.fsync_ms > 10_000 {
-        bail!("journal.fsync_ms: {} must be between 1 and 10000", c.journal.fsync_ms);
+        bail!(
+            "journal.fsync_ms: {} must be between 1 and 10000",
+            c.journal.fsync_ms
+        );
     }
     let journal = crate::journal::Settings {
         path: c.journal.path.clone(),

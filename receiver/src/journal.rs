@@ -18,7 +18,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -29,23 +30,70 @@ use weir_protocol::RecordBody;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Entry {
-    Record { stream: String, source_type: String, session: u64, epoch: u64, seq: u64, resent: bool, body: RecordBody },
+    Record {
+        stream: String,
+        source_type: String,
+        session: u64,
+        epoch: u64,
+        seq: u64,
+        resent: bool,
+        body: RecordBody,
+    },
     /// A range the decoder accounted as lost: keeps positions exact across restarts.
-    Gap { stream: String, session: u64, epoch: u64, from: u64, to: u64 },
+    Gap {
+        stream: String,
+        session: u64,
+        epoch: u64,
+        from: u64,
+        to: u64,
+    },
 }
 
 #[derive(Serialize)]
 enum EntryRef<'a> {
-    Record { stream: &'a str, source_type: &'a str, session: u64, epoch: u64, seq: u64, resent: bool, body: &'a RecordBody },
-    Gap { stream: &'a str, session: u64, epoch: u64, from: u64, to: u64 },
+    Record {
+        stream: &'a str,
+        source_type: &'a str,
+        session: u64,
+        epoch: u64,
+        seq: u64,
+        resent: bool,
+        body: &'a RecordBody,
+    },
+    Gap {
+        stream: &'a str,
+        session: u64,
+        epoch: u64,
+        from: u64,
+        to: u64,
+    },
 }
 
 impl Entry {
     pub fn into_delivered(self, names: &mut HashMap<String, Arc<str>>) -> Option<Delivered> {
         match self {
-            Entry::Record { stream, source_type, session, epoch, seq, resent, body } => {
-                let name = names.entry(stream.clone()).or_insert_with(|| Arc::from(stream.as_str())).clone();
-                Some(Delivered { stream: name, source_type: Arc::from(source_type.as_str()), session, epoch, seq, resent, body })
+            Entry::Record {
+                stream,
+                source_type,
+                session,
+                epoch,
+                seq,
+                resent,
+                body,
+            } => {
+                let name = names
+                    .entry(stream.clone())
+                    .or_insert_with(|| Arc::from(stream.as_str()))
+                    .clone();
+                Some(Delivered {
+                    stream: name,
+                    source_type: Arc::from(source_type.as_str()),
+                    session,
+                    epoch,
+                    seq,
+                    resent,
+                    body,
+                })
             }
             Entry::Gap { .. } => None,
         }
@@ -61,7 +109,11 @@ pub struct Position {
 
 impl From<Position> for StreamPosition {
     fn from(p: Position) -> Self {
-        StreamPosition { session: p.session, epoch: p.epoch, last: p.last }
+        StreamPosition {
+            session: p.session,
+            epoch: p.epoch,
+            last: p.last,
+        }
     }
 }
 
@@ -102,12 +154,49 @@ impl Segment {
     }
 }
 
+/// An fsync for the syncer thread: the segment's file, the index every
+/// entry below which it makes durable, and the state file to write after.
+struct SyncJob {
+    file: File,
+    up_to: u64,
+    state: Vec<u8>,
+}
+
+/// Runs fsyncs off the decoder thread, in order; a failure is kept for the
+/// decoder thread to see (and the durable index stops moving).
+fn syncer(
+    jobs: std::sync::mpsc::Receiver<SyncJob>,
+    root: PathBuf,
+    durable: Arc<AtomicU64>,
+    failure: Arc<Mutex<Option<String>>>,
+) {
+    while let Ok(job) = jobs.recv() {
+        let result = job
+            .file
+            .sync_data()
+            .context("journal: fsync of a segment")
+            .and_then(|_| write_atomically(&root.join("state.json"), &job.state));
+        match result {
+            Ok(()) => durable.store(job.up_to, Ordering::Release),
+            Err(e) => {
+                let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+                f.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+}
+
 pub struct Journal {
     settings: Settings,
     segments: VecDeque<Segment>,
     writer: BufWriter<File>,
     next_index: u64,
-    durable_index: u64,
+    /// Entries below this are fsynced (set by the syncer thread).
+    durable: Arc<AtomicU64>,
+    /// Highest index handed to the syncer.
+    requested: u64,
+    jobs: std::sync::mpsc::SyncSender<SyncJob>,
+    sync_failure: Arc<Mutex<Option<String>>>,
     unsynced_bytes: u64,
     last_sync: Instant,
     total_bytes: u64,
@@ -123,10 +212,50 @@ fn seg_path(root: &Path, first: u64) -> PathBuf {
     seg_dir(root).join(format!("{first:020}.seg"))
 }
 
+/// Up to `max` entries of a segment from global index `from`: entries
+/// before it are skipped by their length headers, not decoded.
+fn read_from(path: &Path, first: u64, from: u64, max: usize) -> Result<Vec<(u64, Entry)>> {
+    let mut r = BufReader::with_capacity(
+        1 << 20,
+        File::open(path).with_context(|| format!("opening {}", path.display()))?,
+    );
+    let mut index = first;
+    while index < from {
+        let mut header = [0u8; 8];
+        if std::io::Read::read_exact(&mut r, &mut header).is_err() {
+            return Ok(Vec::new());
+        }
+        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as i64;
+        r.seek_relative(len)?;
+        index += 1;
+    }
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while out.len() < max {
+        match read_entry(&mut r, &mut buf)? {
+            ReadOutcome::Entry => {
+                let e: Entry = postcard::from_bytes(&buf)
+                    .with_context(|| format!("journal entry {index} does not decode"))?;
+                out.push((index, e));
+                index += 1;
+            }
+            ReadOutcome::End | ReadOutcome::Torn(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Decoded entries, count and byte length of the good prefix, and why the
+/// segment ended early if it did.
+type Scanned = (Vec<(u64, Entry)>, u64, u64, Option<&'static str>);
+
 /// Entries of a segment at or after `from`, and the count and byte length
 /// of its good prefix (a torn tail is where it stops).
-fn scan(path: &Path, first: u64, from: u64) -> Result<(Vec<(u64, Entry)>, u64, u64, Option<&'static str>)> {
-    let mut r = BufReader::with_capacity(1 << 20, File::open(path).with_context(|| format!("opening {}", path.display()))?);
+fn scan(path: &Path, first: u64, from: u64) -> Result<Scanned> {
+    let mut r = BufReader::with_capacity(
+        1 << 20,
+        File::open(path).with_context(|| format!("opening {}", path.display()))?,
+    );
     let (mut entries, mut count, mut bytes, mut buf) = (Vec::new(), 0u64, 0u64, Vec::new());
     loop {
         match read_entry(&mut r, &mut buf)? {
@@ -137,7 +266,9 @@ fn scan(path: &Path, first: u64, from: u64) -> Result<(Vec<(u64, Entry)>, u64, u
                 if index >= from {
                     match postcard::from_bytes::<Entry>(&buf) {
                         Ok(e) => entries.push((index, e)),
-                        Err(_) => return Ok((entries, count, bytes, Some("entry does not decode"))),
+                        Err(_) => {
+                            return Ok((entries, count, bytes, Some("entry does not decode")))
+                        }
                     }
                 }
                 count += 1;
@@ -151,15 +282,32 @@ fn scan(path: &Path, first: u64, from: u64) -> Result<(Vec<(u64, Entry)>, u64, u
 /// truth even if it is behind (used when rebuilding after a torn tail).
 fn apply_position(streams: &mut BTreeMap<String, Position>, e: Entry, exact: bool) {
     let (stream, session, epoch, last, resent) = match e {
-        Entry::Record { stream, session, epoch, seq, resent, .. } => (stream, session, epoch, seq, resent),
-        Entry::Gap { stream, session, epoch, to, .. } => (stream, session, epoch, to, false),
+        Entry::Record {
+            stream,
+            session,
+            epoch,
+            seq,
+            resent,
+            ..
+        } => (stream, session, epoch, seq, resent),
+        Entry::Gap {
+            stream,
+            session,
+            epoch,
+            to,
+            ..
+        } => (stream, session, epoch, to, false),
     };
     let p = streams.entry(stream).or_default();
     if resent && p.epoch == Some(epoch) {
         return;
     }
     if exact || p.epoch != Some(epoch) || p.last.is_none_or(|l| l < last) {
-        *p = Position { session: Some(session), epoch: Some(epoch), last: Some(last) };
+        *p = Position {
+            session: Some(session),
+            epoch: Some(epoch),
+            last: Some(last),
+        };
     }
 }
 
@@ -167,11 +315,17 @@ impl Journal {
     pub fn open(settings: Settings) -> Result<Self> {
         let root = settings.path.clone();
         for dir in [seg_dir(&root), root.join("sinks"), root.join("dead-letter")] {
-            std::fs::create_dir_all(&dir).with_context(|| format!("journal.path: cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("journal.path: cannot create {}", dir.display()))?;
         }
         let state_path = root.join("state.json");
         let mut state: State = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("journal.path: {} is corrupt; move it away", state_path.display()))?,
+            Ok(b) => serde_json::from_slice(&b).with_context(|| {
+                format!(
+                    "journal.path: {} is corrupt; move it away",
+                    state_path.display()
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", state_path.display())),
         };
@@ -179,7 +333,10 @@ impl Journal {
         for e in std::fs::read_dir(seg_dir(&root))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(first) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(first) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 listed.push((first, e.path()));
             }
         }
@@ -193,7 +350,10 @@ impl Journal {
             let (entries, count, bytes, torn) = scan(path, *first, state.durable_index)?;
             if let Some(why) = torn {
                 if i + 1 != listed.len() {
-                    bail!("journal.path: segment {} is corrupt before its end ({why}); move it away", path.display());
+                    bail!(
+                        "journal.path: segment {} is corrupt before its end ({why}); move it away",
+                        path.display()
+                    );
                 }
                 let size = std::fs::metadata(path)?.len();
                 tracing::warn!(
@@ -206,7 +366,12 @@ impl Journal {
             for (_, e) in entries {
                 apply_position(&mut state.streams, e, false);
             }
-            segments.push_back(Segment { first: *first, count, bytes, path: path.clone() });
+            segments.push_back(Segment {
+                first: *first,
+                count,
+                bytes,
+                path: path.clone(),
+            });
             expected = first + count;
             if torn.is_some() {
                 // Entries the state file counted may be gone: rebuild every
@@ -222,14 +387,21 @@ impl Journal {
         }
         let next_index = expected;
         let path = seg_path(&root, next_index);
-        if segments.back().is_none_or(|s| s.end() != next_index || s.bytes >= segment_bytes(&settings)) || segments.is_empty() {
-            if !segments.back().is_some_and(|s| s.count == 0) {
-                File::create(&path)?;
-                segments.push_back(Segment { first: next_index, count: 0, bytes: 0, path: path.clone() });
-            }
+        if segments
+            .back()
+            .is_none_or(|s| s.bytes >= segment_bytes(&settings))
+        {
+            File::create(&path)?;
+            segments.push_back(Segment {
+                first: next_index,
+                count: 0,
+                bytes: 0,
+                path: path.clone(),
+            });
         }
         let active = segments.back().expect("a segment").path.clone();
-        let writer = BufWriter::with_capacity(1 << 20, OpenOptions::new().append(true).open(&active)?);
+        let writer =
+            BufWriter::with_capacity(1 << 20, OpenOptions::new().append(true).open(&active)?);
         let total_bytes = segments.iter().map(|s| s.bytes).sum();
         tracing::info!(
             path = %root.display(),
@@ -238,12 +410,26 @@ impl Journal {
             streams = state.streams.len(),
             "journal opened"
         );
+        let durable = Arc::new(AtomicU64::new(next_index));
+        let sync_failure = Arc::new(Mutex::new(None));
+        // A few jobs in flight at most: each covers everything before it.
+        let (jobs, rx) = std::sync::mpsc::sync_channel(4);
+        {
+            let (root, durable, failure) = (root.clone(), durable.clone(), sync_failure.clone());
+            std::thread::Builder::new()
+                .name("weir-journal-sync".into())
+                .spawn(move || syncer(rx, root, durable, failure))
+                .context("starting the journal's fsync thread")?;
+        }
         Ok(Journal {
             settings,
             segments,
             writer,
             next_index,
-            durable_index: next_index,
+            durable,
+            requested: next_index,
+            jobs,
+            sync_failure,
             unsynced_bytes: 0,
             last_sync: Instant::now(),
             total_bytes,
@@ -263,7 +449,15 @@ impl Journal {
 
     /// Entries below this are fsynced; only they go to sinks.
     pub fn durable_index(&self) -> u64 {
-        self.durable_index
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// The first fsync failure, if any: the receiver must stop.
+    pub fn failure(&self) -> Option<String> {
+        self.sync_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -280,7 +474,9 @@ impl Journal {
         let payload = postcard::to_extend(entry, payload).expect("postcard into Vec");
         let written = write_entry(&mut self.writer, &payload);
         self.scratch = payload;
-        let size = written.with_context(|| format!("journal: cannot write to {}", self.settings.path.display()))?;
+        let size = written.with_context(|| {
+            format!("journal: cannot write to {}", self.settings.path.display())
+        })?;
         let index = self.next_index;
         self.next_index += 1;
         let seg = self.segments.back_mut().expect("active segment");
@@ -313,62 +509,139 @@ impl Journal {
         };
         let previous = self.positions.get(&*r.stream).copied().unwrap_or_default();
         // A resent record fills an old gap: the stream's position stays.
-        let last = if r.resent && previous.epoch == Some(r.epoch) { previous.last } else { Some(r.seq) };
-        self.append(&entry, &r.stream, Position { session: Some(r.session), epoch: Some(r.epoch), last })
+        let last = if r.resent && previous.epoch == Some(r.epoch) {
+            previous.last
+        } else {
+            Some(r.seq)
+        };
+        self.append(
+            &entry,
+            &r.stream,
+            Position {
+                session: Some(r.session),
+                epoch: Some(r.epoch),
+                last,
+            },
+        )
     }
 
-    pub fn append_gap(&mut self, stream: &str, session: u64, epoch: u64, from: u64, to: u64) -> Result<u64> {
-        let entry = EntryRef::Gap { stream, session, epoch, from, to };
-        self.append(&entry, stream, Position { session: Some(session), epoch: Some(epoch), last: Some(to) })
+    pub fn append_gap(
+        &mut self,
+        stream: &str,
+        session: u64,
+        epoch: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<u64> {
+        let entry = EntryRef::Gap {
+            stream,
+            session,
+            epoch,
+            from,
+            to,
+        };
+        self.append(
+            &entry,
+            stream,
+            Position {
+                session: Some(session),
+                epoch: Some(epoch),
+                last: Some(to),
+            },
+        )
     }
 
     fn rotate(&mut self) -> Result<()> {
-        self.sync()?;
+        self.request_sync()?;
         let path = seg_path(&self.settings.path, self.next_index);
-        let file = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("creating {}", path.display()))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
         self.writer = BufWriter::with_capacity(1 << 20, file);
-        self.segments.push_back(Segment { first: self.next_index, count: 0, bytes: 0, path });
+        self.segments.push_back(Segment {
+            first: self.next_index,
+            count: 0,
+            bytes: 0,
+            path,
+        });
         Ok(())
     }
 
     /// True when the fsync bound (bytes or time) has been reached.
     pub fn sync_due(&self) -> bool {
-        self.durable_index != self.next_index
-            && (self.unsynced_bytes >= self.settings.fsync_bytes || self.last_sync.elapsed() >= self.settings.fsync_interval)
+        self.requested != self.next_index
+            && (self.unsynced_bytes >= self.settings.fsync_bytes
+                || self.last_sync.elapsed() >= self.settings.fsync_interval)
     }
 
-    /// Fsyncs the active segment and saves positions; returns the new
-    /// durable index.
-    pub fn sync(&mut self) -> Result<u64> {
-        if self.durable_index == self.next_index {
-            return Ok(self.durable_index);
+    /// Writes buffered entries to the OS and hands their fsync to the
+    /// syncer thread; returns the index the fsync will make durable.
+    pub fn request_sync(&mut self) -> Result<u64> {
+        if self.requested == self.next_index {
+            return Ok(self.requested);
         }
-        self.writer.flush().context("journal: flushing a segment")?;
-        self.writer.get_ref().sync_data().context("journal: fsync of a segment")?;
-        self.durable_index = self.next_index;
+        self.writer.flush().context("journal: writing a segment")?;
+        let file = self
+            .writer
+            .get_ref()
+            .try_clone()
+            .context("journal: duplicating a segment handle")?;
+        let state = State {
+            streams: self.positions.clone(),
+            durable_index: self.next_index,
+        };
+        let state = serde_json::to_vec_pretty(&state).expect("json");
+        self.jobs
+            .send(SyncJob {
+                file,
+                up_to: self.next_index,
+                state,
+            })
+            .map_err(|_| anyhow::anyhow!("journal: the fsync thread has stopped"))?;
+        self.requested = self.next_index;
         self.unsynced_bytes = 0;
         self.last_sync = Instant::now();
-        let state = State { streams: self.positions.clone(), durable_index: self.durable_index };
-        write_atomically(&self.settings.path.join("state.json"), &serde_json::to_vec_pretty(&state).expect("json"))?;
-        Ok(self.durable_index)
+        Ok(self.requested)
+    }
+
+    /// Requests an fsync and waits for it (shutdown, tests).
+    pub fn sync(&mut self) -> Result<u64> {
+        let target = self.request_sync()?;
+        while self.durable_index() < target {
+            if let Some(f) = self.failure() {
+                bail!("{f}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(target)
     }
 
     /// Reads entries `from..` (at most `max`, never past the durable index).
     pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Entry)>> {
         let mut out = Vec::new();
-        for seg in self.segments.iter().filter(|s| s.end() > from && s.first < self.durable_index) {
+        let durable = self.durable_index();
+        for seg in self
+            .segments
+            .iter()
+            .filter(|s| s.end() > from && s.first < durable)
+        {
             if out.len() >= max {
                 break;
             }
-            let (entries, _, _, _) = scan(&seg.path, seg.first, from.max(seg.first))?;
-            out.extend(entries.into_iter().filter(|(i, _)| *i < self.durable_index).take(max - out.len()));
+            let want = max - out.len();
+            let entries = read_from(&seg.path, seg.first, from.max(seg.first), want)?;
+            out.extend(entries.into_iter().filter(|(i, _)| *i < durable));
         }
         Ok(out)
     }
 
     /// The oldest segment's index range, if there is more than the active one.
     pub fn oldest(&self) -> Option<(u64, u64)> {
-        (self.segments.len() > 1).then(|| self.segments.front().map(|s| (s.first, s.end()))).flatten()
+        (self.segments.len() > 1)
+            .then(|| self.segments.front().map(|s| (s.first, s.end())))
+            .flatten()
     }
 
     /// Entries of the oldest segment from `from` on (before it is dropped).
@@ -388,18 +661,29 @@ impl Journal {
 
     /// Deletes segments every sink has written past.
     pub fn compact(&mut self, confirmed_by_all: u64) -> Result<()> {
-        while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.end() <= confirmed_by_all) {
+        while self.segments.len() > 1
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.end() <= confirmed_by_all)
+        {
             self.drop_oldest()?;
         }
         Ok(())
     }
 
     pub fn sink_cursor_path(&self, sink: &str) -> PathBuf {
-        self.settings.path.join("sinks").join(format!("{}.json", crate::sinks::file::file_stem(sink)))
+        self.settings
+            .path
+            .join("sinks")
+            .join(format!("{}.json", crate::sinks::file::file_stem(sink)))
     }
 
     pub fn dead_letter_path(&self, sink: &str) -> PathBuf {
-        self.settings.path.join("dead-letter").join(format!("{}.jsonl", crate::sinks::file::file_stem(sink)))
+        self.settings
+            .path
+            .join("dead-letter")
+            .join(format!("{}.jsonl", crate::sinks::file::file_stem(sink)))
     }
 }
 
@@ -420,7 +704,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 pub fn load_sink_cursor(path: &Path) -> Result<Option<SinkCursor>> {
     match std::fs::read(path) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is corrupt; move it away", path.display()))?)),
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!("{} is corrupt; move it away", path.display())
+        })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -432,7 +718,12 @@ mod tests {
     use weir_protocol::{Point, Value};
 
     fn settings(dir: &Path, max: u64) -> Settings {
-        Settings { path: dir.to_path_buf(), max_bytes: max, fsync_bytes: 1 << 20, fsync_interval: Duration::from_millis(5) }
+        Settings {
+            path: dir.to_path_buf(),
+            max_bytes: max,
+            fsync_bytes: 1 << 20,
+            fsync_interval: Duration::from_millis(5),
+        }
     }
 
     fn rec(stream: &str, seq: u64) -> Delivered {
@@ -443,7 +734,12 @@ mod tests {
             epoch: 3,
             seq,
             resent: false,
-            body: RecordBody::Point(Point { tag: "t".into(), ts_ns: 0, value: Value::I64(seq as i64), quality: 0 }),
+            body: RecordBody::Point(Point {
+                tag: "t".into(),
+                ts_ns: 0,
+                value: Value::I64(seq as i64),
+                quality: 0,
+            }),
         }
     }
 
@@ -467,7 +763,12 @@ mod tests {
         let seg = j.segments.back().unwrap().path.clone();
         drop(j);
         let len = std::fs::metadata(&seg).unwrap().len();
-        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 5).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
         // The state file said 110; the torn entry is gone, so the position
         // is rebuilt from what survives: the decoder will expect 110 again.
         let j = Journal::open(settings(&dir, 64 << 20)).unwrap();

@@ -9,9 +9,9 @@
 mod audit;
 mod config;
 mod gaps;
+mod journal;
 mod pipeline;
 mod sinks;
-mod journal;
 mod udp;
 
 use std::path::{Path, PathBuf};
@@ -182,7 +182,9 @@ fn run(path: &Path) -> Result<()> {
         decoder.restore_open_gap(&g.stream, g.from, g.to);
     }
     let socket = udp::LinkSocket::open(cfg.link.listen, loaded.recv_buffer, cfg.link.mtu)?;
-    let listen = socket.local_addr().map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
+    let listen = socket
+        .local_addr()
+        .map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
     let restored = journal.positions().len();
     tracing::info!(listen = %listen, sinks = cfg.sinks.len(), restored_streams = restored, open_gaps = open_gaps.len(), "weir-receiver starting");
     audit.write("receiver-start", json!({ "listen": listen, "version": env!("CARGO_PKG_VERSION"), "restored_streams": restored }));
@@ -191,12 +193,21 @@ fn run(path: &Path) -> Result<()> {
     let mut sinks = Vec::new();
     for sink_cfg in &cfg.sinks {
         let common = sink_cfg.common();
-        let mut sink = sink_cfg.build().with_context(|| format!("sinks ({})", common.name))?;
-        let routes = sinks::matcher(&common.streams).map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
+        let mut sink = sink_cfg
+            .build()
+            .with_context(|| format!("sinks ({})", common.name))?;
+        let routes = sinks::matcher(&common.streams)
+            .map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
         let cursor_path = journal.sink_cursor_path(&common.name);
         let start = match journal::load_sink_cursor(&cursor_path)? {
             Some(cursor) => {
-                sink.resume(&cursor.resume).with_context(|| format!("sinks ({}): resuming from {}", common.name, cursor_path.display()))?;
+                sink.resume(&cursor.resume).with_context(|| {
+                    format!(
+                        "sinks ({}): resuming from {}",
+                        common.name,
+                        cursor_path.display()
+                    )
+                })?;
                 if cursor.index < journal.first_index() {
                     tracing::warn!(sink = %common.name, cursor = cursor.index, first = journal.first_index(),
                         "sink cursor is behind the journal; the records in between were reported as sink-overflow gaps when dropped");
@@ -227,7 +238,14 @@ fn run(path: &Path) -> Result<()> {
                 .spawn(move || sinks::run_sink(t))
                 .context("starting a sink thread")?
         };
-        sinks.push(SinkHandle { shared, tx, routes, dispatched: start, overflow_records: 0, thread });
+        sinks.push(SinkHandle {
+            shared,
+            tx,
+            routes,
+            dispatched: start,
+            overflow_records: 0,
+            thread,
+        });
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -270,7 +288,9 @@ fn run(path: &Path) -> Result<()> {
     }
     tracing::info!("stopping: finishing what was received");
     stop.store(true, Ordering::Relaxed);
-    let recv_result = recv.join().map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
+    let recv_result = recv
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
     // If a sink is stuck retrying, give it a bounded time, then abort it.
     let aborter = {
         let abort = abort.clone();
@@ -279,10 +299,15 @@ fn run(path: &Path) -> Result<()> {
             abort.store(true, Ordering::Relaxed);
         })
     };
-    let failure = decode.join().map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
+    let failure = decode
+        .join()
+        .map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
     drop(aborter);
     if let Some(failure) = failure {
-        anyhow::bail!("journal.path {}: {failure}; fix the disk and restart", cfg.journal.path.display());
+        anyhow::bail!(
+            "journal.path {}: {failure}; fix the disk and restart",
+            cfg.journal.path.display()
+        );
     }
     tracing::info!("weir-receiver stopped");
     recv_result

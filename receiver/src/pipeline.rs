@@ -4,7 +4,7 @@
 //! from the journal), gaps and sender events to the audit log, counters to
 //! the metrics file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -47,10 +47,11 @@ pub struct Pipeline {
     pub finished: Vec<Arc<SinkShared>>,
 }
 
-/// Batches queued per sink before it counts as behind.
-pub const SINK_QUEUE: usize = 64;
+/// Batches queued per sink before it counts as behind (each holds at most
+/// `journal.fsync_bytes` of records).
+pub const SINK_QUEUE: usize = 8;
 /// Journal entries read per catch-up batch for a sink that fell behind.
-const CATCH_UP_BATCH: usize = 4096;
+const CATCH_UP_BATCH: usize = 1024;
 /// How long shutdown waits for sinks to catch up with the journal.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -143,7 +144,11 @@ impl HeartbeatWatch {
 impl Pipeline {
     /// Runs until the socket thread hangs up, then drains to the sinks.
     /// Returns the journal failure that stopped it, if one did.
-    pub fn run(mut self, batches: Receiver<RecvBatch>, free: SyncSender<RecvBatch>) -> Option<String> {
+    pub fn run(
+        mut self,
+        batches: Receiver<RecvBatch>,
+        free: SyncSender<RecvBatch>,
+    ) -> Option<String> {
         let origin = Instant::now();
         let now = || origin.elapsed().as_nanos() as Nanos;
         let mut watch = HeartbeatWatch {
@@ -158,6 +163,8 @@ impl Pipeline {
         };
         let mut records: Vec<Delivered> = Vec::new();
         let mut pending_start = self.journal.durable_index();
+        // Journaled batches waiting for their fsync: (start, end, records).
+        let mut awaiting: VecDeque<(u64, u64, Arc<Vec<Delivered>>)> = VecDeque::new();
         let mut unrouted: HashSet<Arc<str>> = HashSet::new();
         let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
         let mut unrouted_records: u64 = 0;
@@ -202,7 +209,10 @@ impl Pipeline {
                         }
                     }
                     Event::Gap(g) => {
-                        if let Err(e) = self.journal.append_gap(&g.stream, g.session, g.epoch, g.from, g.to) {
+                        if let Err(e) = self
+                            .journal
+                            .append_gap(&g.stream, g.session, g.epoch, g.from, g.to)
+                        {
                             self.fail(e);
                         }
                         tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.len(), cause = g.cause.as_str(), "gap: records will not arrive");
@@ -238,13 +248,32 @@ impl Pipeline {
                 }
             }
             if self.journal.sync_due() || disconnected || records.len() >= 65_536 {
-                match self.journal.sync() {
-                    Ok(durable) => {
-                        self.dispatch(&mut records, pending_start, durable);
-                        pending_start = durable;
+                let result = if disconnected {
+                    self.journal.sync()
+                } else {
+                    self.journal.request_sync()
+                };
+                match result {
+                    Ok(end) if end > pending_start => {
+                        // Sinks get these once the fsync is done.
+                        awaiting.push_back((
+                            pending_start,
+                            end,
+                            Arc::new(std::mem::take(&mut records)),
+                        ));
+                        pending_start = end;
                     }
+                    Ok(_) => {}
                     Err(e) => self.fail(e),
                 }
+            }
+            let durable = self.journal.durable_index();
+            while awaiting.front().is_some_and(|(_, end, _)| *end <= durable) {
+                let (start, end, batch) = awaiting.pop_front().expect("front");
+                self.dispatch(batch, start, end);
+            }
+            if let Some(f) = self.journal.failure() {
+                self.fail(anyhow::anyhow!(f));
             }
             self.catch_up(4);
             self.enforce_bound();
@@ -266,12 +295,19 @@ impl Pipeline {
         // Shutdown: hand every sink what the journal holds (for a bounded
         // time), let each finish and save its cursor.
         let deadline = Instant::now() + DRAIN_LIMIT;
-        while self.sinks.iter().any(|s| s.dispatched < self.journal.durable_index()) && Instant::now() < deadline {
+        while self
+            .sinks
+            .iter()
+            .any(|s| s.dispatched < self.journal.durable_index())
+            && Instant::now() < deadline
+        {
             self.catch_up(usize::MAX);
             std::thread::sleep(Duration::from_millis(10));
         }
         for s in std::mem::take(&mut self.sinks) {
-            let SinkHandle { shared, tx, thread, .. } = s;
+            let SinkHandle {
+                shared, tx, thread, ..
+            } = s;
             drop(tx);
             let _ = thread.join();
             self.finished.push(shared);
@@ -293,15 +329,18 @@ impl Pipeline {
 
     /// Hands a durable batch to every sink that is caught up; a sink whose
     /// queue is full falls behind and is served from the journal later.
-    fn dispatch(&mut self, records: &mut Vec<Delivered>, start: u64, end: u64) {
-        if start == end {
-            return;
-        }
-        let batch = Arc::new(std::mem::take(records));
+    fn dispatch(&mut self, batch: Arc<Vec<Delivered>>, start: u64, end: u64) {
         for s in &mut self.sinks {
             if s.dispatched == start && s.shared.in_flight.load(Ordering::Relaxed) < SINK_QUEUE {
                 s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                if s.tx.send(Batch { start, end, records: batch.clone() }).is_ok() {
+                if s.tx
+                    .send(Batch {
+                        start,
+                        end,
+                        records: batch.clone(),
+                    })
+                    .is_ok()
+                {
                     s.dispatched = end;
                 } else {
                     s.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -317,7 +356,9 @@ impl Pipeline {
         for i in 0..self.sinks.len() {
             for _ in 0..rounds {
                 let s = &self.sinks[i];
-                if s.dispatched >= durable || s.shared.in_flight.load(Ordering::Relaxed) >= SINK_QUEUE {
+                if s.dispatched >= durable
+                    || s.shared.in_flight.load(Ordering::Relaxed) >= SINK_QUEUE
+                {
                     break;
                 }
                 let entries = match self.journal.read(s.dispatched, CATCH_UP_BATCH) {
@@ -327,12 +368,24 @@ impl Pipeline {
                         break;
                     }
                 };
-                let Some(end) = entries.last().map(|(i, _)| i + 1) else { break };
+                let Some(end) = entries.last().map(|(i, _)| i + 1) else {
+                    break;
+                };
                 let start = s.dispatched.max(self.journal.first_index());
-                let records: Vec<Delivered> = entries.into_iter().filter_map(|(_, e)| e.into_delivered(&mut names)).collect();
+                let records: Vec<Delivered> = entries
+                    .into_iter()
+                    .filter_map(|(_, e)| e.into_delivered(&mut names))
+                    .collect();
                 let s = &mut self.sinks[i];
                 s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                if s.tx.send(Batch { start, end, records: Arc::new(records) }).is_err() {
+                if s.tx
+                    .send(Batch {
+                        start,
+                        end,
+                        records: Arc::new(records),
+                    })
+                    .is_err()
+                {
                     s.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     break;
                 }
@@ -345,7 +398,9 @@ impl Pipeline {
     /// each sink not yet given its records gets them as exact gaps.
     fn enforce_bound(&mut self) {
         while self.journal.total_bytes() > self.journal.max_bytes() {
-            let Some((first, end)) = self.journal.oldest() else { return };
+            let Some((first, end)) = self.journal.oldest() else {
+                return;
+            };
             for i in 0..self.sinks.len() {
                 if self.sinks[i].dispatched >= end {
                     continue;
@@ -360,7 +415,13 @@ impl Pipeline {
                 };
                 let mut ranges: Vec<(String, u64, u64)> = Vec::new();
                 for (_, e) in entries {
-                    if let crate::journal::Entry::Record { stream, seq, resent: false, .. } = e {
+                    if let crate::journal::Entry::Record {
+                        stream,
+                        seq,
+                        resent: false,
+                        ..
+                    } = e
+                    {
                         if !self.sinks[i].routes.is_match(&stream) {
                             continue;
                         }
@@ -375,7 +436,10 @@ impl Pipeline {
                 for (stream, from, to) in ranges {
                     tracing::warn!(sink = %name, stream = %stream, from, to, records = to - from + 1,
                         "journal.max_bytes reached while this sink was behind: records dropped for this sink only");
-                    self.audit.write("gap", json!({ "stream": stream, "from": from, "to": to, "cause": cause }));
+                    self.audit.write(
+                        "gap",
+                        json!({ "stream": stream, "from": from, "to": to, "cause": cause }),
+                    );
                     self.sinks[i].overflow_records += to - from + 1;
                 }
                 self.sinks[i].dispatched = end;
@@ -393,7 +457,11 @@ impl Pipeline {
             .sinks
             .iter()
             .map(|s| s.shared.confirmed.load(Ordering::Acquire))
-            .chain(self.finished.iter().map(|s| s.confirmed.load(Ordering::Acquire)))
+            .chain(
+                self.finished
+                    .iter()
+                    .map(|s| s.confirmed.load(Ordering::Acquire)),
+            )
             .min()
             .unwrap_or(0);
         if let Err(e) = self.journal.compact(confirmed) {
@@ -416,13 +484,32 @@ impl Pipeline {
         m.push(("recv_errors".into(), r.errors.load(Ordering::Relaxed)));
         m.push(("records_unrouted".into(), unrouted));
         m.push(("journal_bytes".into(), self.journal.total_bytes()));
-        let overflow: HashMap<&str, u64> = self.sinks.iter().map(|s| (s.shared.name.as_str(), s.overflow_records)).collect();
-        let all = self.sinks.iter().map(|s| &s.shared).chain(self.finished.iter());
+        let overflow: HashMap<&str, u64> = self
+            .sinks
+            .iter()
+            .map(|s| (s.shared.name.as_str(), s.overflow_records))
+            .collect();
+        let all = self
+            .sinks
+            .iter()
+            .map(|s| &s.shared)
+            .chain(self.finished.iter());
         for shared in all {
             let (name, s) = (&shared.name, &shared.stats);
-            m.push((format!("sink.{name}.dead_letters"), s.dead_letters.load(Ordering::Relaxed)));
-            m.push((format!("sink.{name}.overflow_records"), overflow.get(name.as_str()).copied().unwrap_or(0)));
-            m.push((format!("sink.{name}.behind"), self.journal.durable_index().saturating_sub(shared.confirmed.load(Ordering::Relaxed))));
+            m.push((
+                format!("sink.{name}.dead_letters"),
+                s.dead_letters.load(Ordering::Relaxed),
+            ));
+            m.push((
+                format!("sink.{name}.overflow_records"),
+                overflow.get(name.as_str()).copied().unwrap_or(0),
+            ));
+            m.push((
+                format!("sink.{name}.behind"),
+                self.journal
+                    .durable_index()
+                    .saturating_sub(shared.confirmed.load(Ordering::Relaxed)),
+            ));
             m.push((
                 format!("sink.{name}.records"),
                 s.records.load(Ordering::Relaxed),

@@ -10,7 +10,7 @@ use anyhow::Result;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
-use weir_protocol::{Encoder, GapNotice, Nanos, NoticeCause, Record, StreamId};
+use weir_protocol::{Encoder, GapNotice, Nanos, Record, StreamId};
 
 use crate::metrics::Counters;
 use crate::spool::{Entry, Item, Shared};
@@ -186,7 +186,12 @@ pub fn run(
                         Counters::add(&counters.records_sent, 1);
                         last_index = Some(index + 1);
                     }
-                    Item::Dropped { stream, from, to } => {
+                    Item::Dropped {
+                        stream,
+                        from,
+                        to,
+                        cause,
+                    } => {
                         let id = streams.id(&mut enc, &spool, &stream, from);
                         enc.push_gap_notice(
                             t,
@@ -194,7 +199,7 @@ pub fn run(
                                 stream: id,
                                 from,
                                 to,
-                                cause: NoticeCause::SpoolOverflow,
+                                cause,
                             },
                         );
                         Counters::add(&counters.gap_notices_sent, 1);

@@ -231,6 +231,7 @@ fn run(path: &Path) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let metrics_cfg = loaded.config.metrics.clone();
     let mut spool_failure: Option<String> = None;
+    let mut ticker_stop_handle = None;
     let hash = loaded.hash.clone();
     runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
@@ -243,14 +244,13 @@ fn run(path: &Path) -> Result<()> {
                 }
             });
         }
+        let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ticker = {
-            let spool = spool.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_millis(5));
-                loop {
-                    every.tick().await;
-                    let spool = spool.clone();
-                    let _ = tokio::task::spawn_blocking(move || spool.tick()).await;
+            let (spool, ticker_stop) = (spool.clone(), ticker_stop.clone());
+            std::thread::Builder::new().name("weir-spool-sync".into()).spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    spool.tick();
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             })
         };
@@ -294,15 +294,21 @@ fn run(path: &Path) -> Result<()> {
         }
         let _ = shutdown_tx.send(true);
         tasks.shutdown().await;
-        ticker.abort();
-        spool.tick();
         stop.store(mode, Ordering::Relaxed);
         spool.appended.notify_all();
+        ticker_stop_handle = Some((ticker_stop, ticker));
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     let result = link
         .join()
         .map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
+    if let Some((stop, Ok(ticker))) = ticker_stop_handle {
+        stop.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+    }
+    if let Err(e) = spool.lock().sync() {
+        tracing::error!("spool: final sync failed: {e:#}");
+    }
     log_status(&counters);
     if let Some(failure) = spool_failure {
         anyhow::bail!(

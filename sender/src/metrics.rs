@@ -22,6 +22,7 @@ counters! {
     bytes_in: "payload bytes handed over by sources",
     spool_dropped_records: "records deleted unsent with the oldest spool segment (spool.max_bytes or max_age); announced as gaps",
     spool_bytes: "bytes the spool holds (sent and unsent)",
+    spool_damaged_records: "records lost with a damaged spool tail after a crash; announced as gaps",
     gap_notices_sent: "dropped ranges announced to the receiver",
     resent_records: "records sent again on an operator's resend request",
     source_connections: "connections accepted by tcp sources",

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use weir_protocol::segment::{read_entry, write_entry, ReadOutcome, ENTRY_HEADER};
-use weir_protocol::RecordBody;
+use weir_protocol::{NoticeCause, RecordBody};
 
 use crate::metrics::Counters;
 
@@ -63,11 +63,12 @@ pub enum Item {
         index: u64,
         entry: Entry,
     },
-    /// `from..=to` of `stream` were dropped unsent (spool bound).
+    /// `from..=to` of `stream` were dropped unsent (spool bound or damage).
     Dropped {
         stream: String,
         from: u64,
         to: u64,
+        cause: NoticeCause,
     },
 }
 
@@ -129,16 +130,26 @@ pub struct Spool {
     durable_index: u64,
     /// The durable index recorded in the last saved state: the reader's limit.
     saved_durable: u64,
+    /// Bytes of entries appended and not yet read (or dropped).
+    unsent_bytes: u64,
     unsynced_bytes: u64,
     last_sync: Instant,
     total_bytes: u64,
     streams: BTreeMap<String, StreamState>,
     read_index: u64,
     reader: Option<Reader>,
-    dropped: VecDeque<(String, u64, u64)>,
+    dropped: VecDeque<(String, u64, u64, NoticeCause)>,
+    /// Ranges a damaged tail lost, announced once the reader reaches
+    /// `lost_at` (where they were), so they follow the surviving records.
+    lost: VecDeque<(String, u64, u64, NoticeCause)>,
+    lost_at: u64,
     sent_index: u64,
     state_dirty: bool,
     last_state_save: Instant,
+    /// The fsync bound was reached: the ticker should sync now.
+    sync_wanted: bool,
+    /// Closed segments whose final fsync is still to run.
+    retired_files: Vec<File>,
     counters: Arc<Counters>,
     scratch: Vec<u8>,
 }
@@ -159,6 +170,8 @@ struct Scan {
     good_bytes: u64,
     torn: Option<&'static str>,
     entries: Vec<(u64, Entry)>,
+    /// Framed size of each decoded entry.
+    sizes: Vec<u64>,
 }
 
 fn scan_segment(path: &Path, first: u64, decode_from: Option<u64>) -> Result<Scan> {
@@ -171,6 +184,7 @@ fn scan_segment(path: &Path, first: u64, decode_from: Option<u64>) -> Result<Sca
         good_bytes: 0,
         torn: None,
         entries: Vec::new(),
+        sizes: Vec::new(),
     };
     loop {
         match read_entry(&mut r, &mut buf)? {
@@ -183,7 +197,10 @@ fn scan_segment(path: &Path, first: u64, decode_from: Option<u64>) -> Result<Sca
                 let index = first + scan.count;
                 if decode_from.is_some_and(|from| index >= from) {
                     match postcard::from_bytes::<Entry>(&buf) {
-                        Ok(e) => scan.entries.push((index, e)),
+                        Ok(e) => {
+                            scan.entries.push((index, e));
+                            scan.sizes.push((ENTRY_HEADER + buf.len()) as u64);
+                        }
                         Err(_) => {
                             scan.torn = Some("entry does not decode");
                             break;
@@ -232,6 +249,8 @@ impl Spool {
             Err(e) => return Err(e).with_context(|| format!("reading {}", state_path.display())),
         };
         let listed = list_segments(&root)?;
+        let saved_streams = state.streams.clone();
+        let mut damaged = false;
         let mut segments = VecDeque::new();
         let mut expected_first = listed.first().map_or(0, |(f, _)| *f);
         for (i, (first, path)) in listed.iter().enumerate() {
@@ -263,6 +282,7 @@ impl Spool {
                     .write(true)
                     .open(path)?
                     .set_len(scan.good_bytes)?;
+                damaged = true;
             }
             for (_, e) in &scan.entries {
                 let s = state
@@ -287,6 +307,36 @@ impl Spool {
             expected_first = first + scan.count;
         }
         let next_index = expected_first;
+        // Records the saved state counted but the damaged tail lost: their
+        // numbers are not reused, and the receiver is told why they are missing.
+        let mut lost = VecDeque::new();
+        if damaged {
+            let mut surviving: BTreeMap<String, u64> = BTreeMap::new();
+            for seg in &segments {
+                for (_, e) in scan_segment(&seg.path, seg.first, Some(seg.first))?.entries {
+                    let m = surviving.entry(e.stream).or_insert(e.seq);
+                    *m = (*m).max(e.seq);
+                }
+            }
+            for (stream, saved) in &saved_streams {
+                let Some(last) = surviving.get(stream) else {
+                    continue;
+                };
+                if last + 1 < saved.next_seq {
+                    tracing::warn!(stream = %stream, from = last + 1, to = saved.next_seq - 1,
+                        "spool: records lost with the damaged tail; announced to the receiver as sender-spool-damaged");
+                    counters
+                        .spool_damaged_records
+                        .fetch_add(saved.next_seq - 1 - last, Ordering::Relaxed);
+                    lost.push_back((
+                        stream.clone(),
+                        last + 1,
+                        saved.next_seq - 1,
+                        NoticeCause::SpoolDamaged,
+                    ));
+                }
+            }
+        }
         if segments
             .back()
             .is_none_or(|s| s.bytes >= settings.segment_bytes())
@@ -314,6 +364,12 @@ impl Spool {
             streams = state.streams.len(),
             "spool opened"
         );
+        // An overestimate at start (whole segments); reads correct it.
+        let unsent_bytes = segments
+            .iter()
+            .filter(|s| s.end() > read_index)
+            .map(|s| s.bytes)
+            .sum();
         let mut spool = Spool {
             settings,
             segments,
@@ -321,6 +377,7 @@ impl Spool {
             next_index,
             durable_index: next_index,
             saved_durable: 0,
+            unsent_bytes,
             unsynced_bytes: 0,
             last_sync: Instant::now(),
             total_bytes,
@@ -328,9 +385,13 @@ impl Spool {
             read_index,
             reader: None,
             dropped: VecDeque::new(),
+            lost_at: next_index,
+            lost,
             sent_index: read_index,
             state_dirty: true,
             last_state_save: Instant::now(),
+            sync_wanted: false,
+            retired_files: Vec::new(),
             counters,
             scratch: Vec::new(),
         };
@@ -373,10 +434,11 @@ impl Spool {
         let segment_full = seg.bytes >= self.settings.segment_bytes();
         self.total_bytes += size;
         self.unsynced_bytes += size;
+        self.unsent_bytes += size;
         self.next_index += 1;
         self.state_dirty = true;
         if self.unsynced_bytes >= self.settings.fsync_bytes {
-            self.sync()?;
+            self.sync_wanted = true;
         }
         if segment_full {
             self.rotate()?;
@@ -386,14 +448,20 @@ impl Spool {
     }
 
     fn rotate(&mut self) -> Result<()> {
-        self.sync()?;
         let path = segment_path(&self.settings.path, self.next_index);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        self.writer = BufWriter::with_capacity(256 << 10, file);
+        let old = std::mem::replace(&mut self.writer, BufWriter::with_capacity(256 << 10, file));
+        // The closed segment still needs its fsync: the next sync job does it.
+        self.retired_files.push(
+            old.into_inner()
+                .map_err(|e| e.into_error())
+                .context("spool: writing a segment")?,
+        );
+        self.sync_wanted = true;
         self.segments.push_back(Segment {
             first: self.next_index,
             count: 0,
@@ -404,35 +472,58 @@ impl Spool {
         Ok(())
     }
 
-    /// Writes buffered entries to disk and fsyncs them; then they can be sent.
-    pub fn sync(&mut self) -> Result<()> {
-        if self.durable_index == self.next_index {
-            return Ok(());
-        }
-        self.writer.flush().context("spool: flushing a segment")?;
-        self.writer
-            .get_ref()
-            .sync_data()
-            .context("spool: fsync of a segment")?;
-        self.durable_index = self.next_index;
-        self.unsynced_bytes = 0;
-        self.last_sync = Instant::now();
-        if self.last_state_save.elapsed() >= STATE_INTERVAL {
-            self.save_state()?;
-        }
-        Ok(())
+    /// True when an fsync (and state save) should run now.
+    fn sync_due(&self) -> bool {
+        self.sync_wanted
+            || (self.durable_index != self.next_index
+                && self.last_sync.elapsed() >= self.settings.fsync_interval)
+            || (self.state_dirty && self.last_state_save.elapsed() >= STATE_INTERVAL)
     }
 
-    /// Timer work: fsync on the interval, age out old segments, save state
-    /// (at most every `STATE_INTERVAL`).
-    pub fn tick(&mut self) -> Result<()> {
-        if self.last_sync.elapsed() >= self.settings.fsync_interval {
-            self.sync()?;
-        }
-        self.enforce_bounds()?;
-        if self.last_state_save.elapsed() >= STATE_INTERVAL {
-            self.save_state()?;
-        }
+    /// Writes buffered entries to the OS and returns the fsync work for
+    /// everything appended so far, to run without holding the spool.
+    fn prepare_sync(&mut self) -> Result<SyncJob> {
+        self.writer.flush().context("spool: writing a segment")?;
+        let mut files: Vec<File> = self.retired_files.drain(..).collect();
+        files.push(
+            self.writer
+                .get_ref()
+                .try_clone()
+                .context("spool: duplicating a segment handle")?,
+        );
+        let state = State {
+            streams: self.streams.clone(),
+            durable_index: self.next_index,
+            sent_index: self.sent_index,
+        };
+        self.sync_wanted = false;
+        self.unsynced_bytes = 0;
+        self.last_sync = Instant::now();
+        Ok(SyncJob {
+            files,
+            up_to: self.next_index,
+            sent: self.sent_index,
+            state: serde_json::to_vec_pretty(&state).expect("json"),
+            path: self.settings.path.join("state.json"),
+        })
+    }
+
+    fn finish_sync(&mut self, job: &SyncJob) {
+        self.durable_index = self.durable_index.max(job.up_to);
+        self.saved_durable = self.saved_durable.max(job.up_to);
+        self.last_state_save = Instant::now();
+        self.state_dirty = self.next_index != job.up_to || self.sent_index != job.sent;
+        self.counters
+            .spool_bytes
+            .store(self.total_bytes, Ordering::Relaxed);
+    }
+
+    /// Fsyncs everything appended and saves state, holding the spool
+    /// (start, tests); the running sender uses `SharedSpool::tick`.
+    pub fn sync(&mut self) -> Result<()> {
+        let job = self.prepare_sync()?;
+        job.run()?;
+        self.finish_sync(&job);
         Ok(())
     }
 
@@ -488,7 +579,12 @@ impl Spool {
                     "spool: {bound} reached, oldest records dropped before they were sent; the receiver records a sender-spool-overflow gap"
                 );
             }
-            self.dropped.extend(ranges);
+            self.dropped.extend(
+                ranges
+                    .into_iter()
+                    .map(|(s, f, t)| (s, f, t, NoticeCause::SpoolOverflow)),
+            );
+            self.unsent_bytes = self.unsent_bytes.saturating_sub(scan.sizes.iter().sum());
             self.read_index = seg.end();
             self.reader = None;
         }
@@ -501,8 +597,16 @@ impl Spool {
     /// Moves up to `max` items into `out`: first any notices of dropped
     /// ranges, then fsynced records from the read position.
     pub fn read(&mut self, out: &mut Vec<Item>, max: usize) -> Result<()> {
-        while let Some((stream, from, to)) = self.dropped.pop_front() {
-            out.push(Item::Dropped { stream, from, to });
+        if self.read_index >= self.lost_at {
+            self.dropped.extend(self.lost.drain(..));
+        }
+        while let Some((stream, from, to, cause)) = self.dropped.pop_front() {
+            out.push(Item::Dropped {
+                stream,
+                from,
+                to,
+                cause,
+            });
         }
         let mut buf = std::mem::take(&mut self.scratch);
         let result = self.read_records(out, max, &mut buf);
@@ -512,7 +616,13 @@ impl Spool {
 
     fn read_records(&mut self, out: &mut Vec<Item>, max: usize, buf: &mut Vec<u8>) -> Result<()> {
         let mut n = 0;
-        while n < max && self.read_index < self.saved_durable {
+        // Stop where a damaged tail's records were, so their notice goes first.
+        let limit = if self.lost.is_empty() {
+            self.saved_durable
+        } else {
+            self.saved_durable.min(self.lost_at)
+        };
+        while n < max && self.read_index < limit {
             let Some(seg) = self
                 .segments
                 .iter()
@@ -552,6 +662,9 @@ impl Spool {
                 ),
             }
             let entry: Entry = postcard::from_bytes(buf).context("spool: entry does not decode")?;
+            self.unsent_bytes = self
+                .unsent_bytes
+                .saturating_sub((ENTRY_HEADER + buf.len()) as u64);
             out.push(Item::Record {
                 index: self.read_index,
                 entry,
@@ -563,24 +676,15 @@ impl Spool {
         Ok(())
     }
 
-    /// True when every appended record has been read (after a final sync).
+    /// True when every appended record has been read.
     pub fn is_drained(&mut self) -> bool {
-        if self.sync().and_then(|_| self.save_state()).is_err() {
-            return false;
-        }
-        self.dropped.is_empty() && self.read_index == self.next_index
+        self.sync_wanted |= self.durable_index != self.next_index;
+        self.dropped.is_empty() && self.lost.is_empty() && self.read_index == self.next_index
     }
 
     /// Bytes appended but not yet read by the link thread.
     pub fn unsent_bytes(&self) -> u64 {
-        // Approximate by whole segments past the read position.
-        let behind: u64 = self
-            .segments
-            .iter()
-            .filter(|s| s.end() > self.read_index)
-            .map(|s| s.bytes)
-            .sum();
-        behind.min(self.total_bytes)
+        self.unsent_bytes
     }
 
     pub fn has_room_for_streams(&self) -> bool {
@@ -596,29 +700,32 @@ impl Spool {
     }
 
     pub fn save_state(&mut self) -> Result<()> {
-        if !self.state_dirty && self.saved_durable == self.durable_index {
-            return Ok(());
+        self.sync()
+    }
+}
+
+/// An fsync of spool segments and the state that covers them.
+struct SyncJob {
+    files: Vec<File>,
+    up_to: u64,
+    sent: u64,
+    state: Vec<u8>,
+    path: PathBuf,
+}
+
+impl SyncJob {
+    fn run(&self) -> Result<()> {
+        for f in &self.files {
+            f.sync_data().context("spool: fsync of a segment")?;
         }
-        let state = State {
-            streams: self.streams.clone(),
-            durable_index: self.durable_index,
-            sent_index: self.sent_index,
-        };
-        let path = self.settings.path.join("state.json");
-        let tmp = path.with_extension("json.tmp");
+        let tmp = self.path.with_extension("json.tmp");
         {
             let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(&serde_json::to_vec_pretty(&state).expect("json"))?;
+            f.write_all(&self.state)?;
             f.sync_data()?;
         }
-        std::fs::rename(&tmp, &path)?;
-        self.state_dirty = false;
-        self.last_state_save = Instant::now();
-        self.saved_durable = state.durable_index;
-        self.counters
-            .spool_bytes
-            .store(self.total_bytes, Ordering::Relaxed);
-        Ok(())
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))
     }
 }
 
@@ -669,25 +776,32 @@ impl SharedSpool {
     /// cannot promise anything.
     pub fn append(&self, stream: &str, body: &RecordBody) {
         let mut spool = self.lock();
-        let durable = spool.saved_durable;
         if let Err(e) = spool.append(stream, body) {
             self.fail(e);
         }
-        if spool.saved_durable != durable {
-            self.appended.notify_all();
-        }
     }
 
-    /// Fsyncs on the interval, ages out segments and saves state.
+    /// Ages out segments and, when due, fsyncs and saves state without
+    /// holding the spool during the fsync (sources keep appending).
     pub fn tick(&self) {
-        let mut spool = self.lock();
-        let durable = spool.saved_durable;
-        if let Err(e) = spool.tick() {
-            self.fail(e);
+        let job = {
+            let mut spool = self.lock();
+            if let Err(e) = spool.enforce_bounds() {
+                self.fail(e);
+            }
+            if !spool.sync_due() {
+                return;
+            }
+            match spool.prepare_sync() {
+                Ok(job) => job,
+                Err(e) => return self.fail(e),
+            }
+        };
+        if let Err(e) = job.run() {
+            return self.fail(e);
         }
-        if spool.saved_durable != durable {
-            self.appended.notify_all();
-        }
+        self.lock().finish_sync(&job);
+        self.appended.notify_all();
     }
 
     fn fail(&self, e: anyhow::Error) {
@@ -795,12 +909,26 @@ mod tests {
             .set_len(len - 30)
             .unwrap();
         let mut s = Spool::open(settings(&dir, 64 << 20), c).unwrap();
-        let items = read_all(&mut s);
-        assert_eq!(items.len(), 4);
+        let mut items = read_all(&mut s);
+        items.extend(read_all(&mut s));
+        assert_eq!(
+            items.len(),
+            5,
+            "four records, then the notice of the damaged one"
+        );
+        assert!(matches!(
+            &items[4],
+            Item::Dropped {
+                from: 4,
+                to: 4,
+                cause: NoticeCause::SpoolDamaged,
+                ..
+            }
+        ));
         assert_eq!(
             s.append("a", &body(1)).unwrap(),
-            4,
-            "the torn record's number is reused, it was never sent"
+            5,
+            "the saved state counted the lost record: its number is not reused"
         );
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -820,7 +948,9 @@ mod tests {
         let mut got: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for i in items {
             match i {
-                Item::Dropped { stream, from, to } => dropped.push((stream, from, to)),
+                Item::Dropped {
+                    stream, from, to, ..
+                } => dropped.push((stream, from, to)),
                 Item::Record { entry, .. } => got.entry(entry.stream).or_default().push(entry.seq),
             }
         }

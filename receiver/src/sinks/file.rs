@@ -48,11 +48,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let size = parse_size(&self.max_file_bytes).map_err(|e| format!("max_file_bytes: {e}"))?;
         if size < 4096 {
-            return Err(format!("max_file_bytes: {} is below the 4KiB minimum", self.max_file_bytes));
+            return Err(format!(
+                "max_file_bytes: {} is below the 4KiB minimum",
+                self.max_file_bytes
+            ));
         }
         let line = parse_size(&self.max_line_bytes).map_err(|e| format!("max_line_bytes: {e}"))?;
         if line < 64 {
-            return Err(format!("max_line_bytes: {} is below the 64B minimum", self.max_line_bytes));
+            return Err(format!(
+                "max_line_bytes: {} is below the 64B minimum",
+                self.max_line_bytes
+            ));
         }
         Ok(())
     }
@@ -61,7 +67,16 @@ impl Config {
 /// File names keep letters, digits, `.`, `-` and `_`; anything else
 /// (including `/`) becomes `_`, so a stream name cannot escape `dir`.
 pub fn file_stem(stream: &str) -> String {
-    let stem: String = stream.chars().map(|c| if c.is_ascii_alphanumeric() || "-_".contains(c) { c } else { '_' }).collect();
+    let stem: String = stream
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if stem.is_empty() {
         "_".into()
     } else {
@@ -79,7 +94,12 @@ fn extension(raw: bool) -> &'static str {
 
 /// The number in a file name `{stem}.{number}.{ext}`.
 fn number_of(name: &str, stem: &str, ext: &str) -> Option<u64> {
-    name.strip_prefix(stem)?.strip_prefix('.')?.strip_suffix(ext)?.strip_suffix('.')?.parse().ok()
+    name.strip_prefix(stem)?
+        .strip_prefix('.')?
+        .strip_suffix(ext)?
+        .strip_suffix('.')?
+        .parse()
+        .ok()
 }
 
 struct OpenFile {
@@ -115,7 +135,8 @@ fn key_name(stream: &str, raw: bool) -> String {
 
 impl FileSink {
     pub fn new(cfg: &Config) -> Result<Self> {
-        std::fs::create_dir_all(&cfg.dir).with_context(|| format!("dir: cannot create {}", cfg.dir.display()))?;
+        std::fs::create_dir_all(&cfg.dir)
+            .with_context(|| format!("dir: cannot create {}", cfg.dir.display()))?;
         Ok(FileSink {
             dir: cfg.dir.clone(),
             max_bytes: parse_size(&cfg.max_file_bytes).expect("validated"),
@@ -143,18 +164,38 @@ impl FileSink {
             }
         };
         let path = self.dir.join(&name);
-        let file = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        self.current.entry(key).or_insert(Current { name: name.clone(), offset: size });
-        self.files.insert((stream.clone(), raw), OpenFile { writer: BufWriter::with_capacity(1 << 20, file), name, size, dirty: false });
+        self.current.entry(key).or_insert(Current {
+            name: name.clone(),
+            offset: size,
+        });
+        self.files.insert(
+            (stream.clone(), raw),
+            OpenFile {
+                writer: BufWriter::with_capacity(1 << 20, file),
+                name,
+                size,
+                dirty: false,
+            },
+        );
         Ok(())
     }
 
     /// Closes a full file; the stream's next record starts a new one.
     fn rotate(&mut self, stream: &Arc<str>, raw: bool) -> Result<()> {
         if let Some(mut f) = self.files.remove(&(stream.clone(), raw)) {
-            f.writer.flush().with_context(|| format!("writing {}", f.name))?;
-            f.writer.get_ref().sync_data().with_context(|| format!("syncing {}", f.name))?;
+            f.writer
+                .flush()
+                .with_context(|| format!("writing {}", f.name))?;
+            f.writer
+                .get_ref()
+                .sync_data()
+                .with_context(|| format!("syncing {}", f.name))?;
         }
         self.current.remove(&key_name(stream, raw));
         Ok(())
@@ -164,7 +205,12 @@ impl FileSink {
 impl Sink for FileSink {
     fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
         for (at, r) in records.iter().enumerate() {
-            if !r.resent && self.written.get(&r.stream).is_some_and(|w| w.0 == r.epoch && r.seq <= w.1) {
+            if !r.resent
+                && self
+                    .written
+                    .get(&r.stream)
+                    .is_some_and(|w| w.0 == r.epoch && r.seq <= w.1)
+            {
                 continue; // written before a retried failure
             }
             let raw = matches!(r.body, RecordBody::Bytes(_));
@@ -172,25 +218,38 @@ impl Sink for FileSink {
             match &r.body {
                 RecordBody::Bytes(c) => self.line.extend_from_slice(&c.data),
                 _ => {
-                    serde_json::to_writer(&mut self.line, &record_json(r)).map_err(|e| SinkError::Retry(e.into()))?;
+                    serde_json::to_writer(&mut self.line, &record_json(r))
+                        .map_err(|e| SinkError::Retry(e.into()))?;
                     self.line.push(b'\n');
                 }
             }
             if self.line.len() as u64 > self.max_line {
                 return Err(SinkError::Reject {
                     at,
-                    reason: format!("record is {} bytes, over max_line_bytes ({})", self.line.len(), self.max_line),
+                    reason: format!(
+                        "record is {} bytes, over max_line_bytes ({})",
+                        self.line.len(),
+                        self.max_line
+                    ),
                 });
             }
-            let full = self.files.get(&(r.stream.clone(), raw)).is_some_and(|f| f.size > 0 && f.size + self.line.len() as u64 > self.max_bytes);
+            let full = self
+                .files
+                .get(&(r.stream.clone(), raw))
+                .is_some_and(|f| f.size > 0 && f.size + self.line.len() as u64 > self.max_bytes);
             if full {
                 self.rotate(&r.stream, raw)?;
             }
             if !self.files.contains_key(&(r.stream.clone(), raw)) {
                 self.open(&r.stream, raw)?;
             }
-            let f = self.files.get_mut(&(r.stream.clone(), raw)).expect("opened");
-            f.writer.write_all(&self.line).with_context(|| format!("writing {}", f.name))?;
+            let f = self
+                .files
+                .get_mut(&(r.stream.clone(), raw))
+                .expect("opened");
+            f.writer
+                .write_all(&self.line)
+                .with_context(|| format!("writing {}", f.name))?;
             f.size += self.line.len() as u64;
             f.dirty = true;
             if !r.resent {
@@ -204,10 +263,21 @@ impl Sink for FileSink {
     /// the cursor saved after it never runs ahead of the data on disk.
     fn flush(&mut self) -> Result<()> {
         for ((stream, raw), f) in self.files.iter_mut().filter(|(_, f)| f.dirty) {
-            f.writer.flush().with_context(|| format!("writing {}", f.name))?;
-            f.writer.get_ref().sync_data().with_context(|| format!("syncing {}", f.name))?;
+            f.writer
+                .flush()
+                .with_context(|| format!("writing {}", f.name))?;
+            f.writer
+                .get_ref()
+                .sync_data()
+                .with_context(|| format!("syncing {}", f.name))?;
             f.dirty = false;
-            self.current.insert(key_name(stream, *raw), Current { name: f.name.clone(), offset: f.size });
+            self.current.insert(
+                key_name(stream, *raw),
+                Current {
+                    name: f.name.clone(),
+                    offset: f.size,
+                },
+            );
         }
         Ok(())
     }
@@ -219,7 +289,8 @@ impl Sink for FileSink {
     /// Cuts every file back to what the last confirmed batch left and
     /// removes files started after it: the journal replays the rest.
     fn resume(&mut self, state: &serde_json::Value) -> Result<()> {
-        let current: BTreeMap<String, Current> = serde_json::from_value(state.clone()).unwrap_or_default();
+        let current: BTreeMap<String, Current> =
+            serde_json::from_value(state.clone()).unwrap_or_default();
         let listing: Vec<String> = std::fs::read_dir(&self.dir)
             .with_context(|| format!("reading {}", self.dir.display()))?
             .flatten()
@@ -231,11 +302,16 @@ impl Sink for FileSink {
             if let Ok(meta) = std::fs::metadata(&path) {
                 if meta.len() > cur.offset {
                     tracing::info!(file = %path.display(), cut_bytes = meta.len() - cur.offset, "file sink: removing records written after the last confirmed batch (they are written again)");
-                    OpenOptions::new().write(true).open(&path)?.set_len(cur.offset)?;
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)?
+                        .set_len(cur.offset)?;
                 }
             }
             let stem = cur.name.split('.').next().unwrap_or_default();
-            let Some(number) = number_of(&cur.name, stem, ext) else { continue };
+            let Some(number) = number_of(&cur.name, stem, ext) else {
+                continue;
+            };
             for name in &listing {
                 if number_of(name, stem, ext).is_some_and(|n| n > number) {
                     tracing::info!(file = %name, "file sink: removing a file started after the last confirmed batch (its records are written again)");
@@ -254,23 +330,61 @@ mod tests {
     use weir_protocol::{Chunk, Point, Value};
 
     fn rec(stream: &str, seq: u64, body: RecordBody) -> Delivered {
-        Delivered { stream: Arc::from(stream), source_type: Arc::from("x"), session: 1, epoch: 1, seq, resent: false, body }
+        Delivered {
+            stream: Arc::from(stream),
+            source_type: Arc::from("x"),
+            session: 1,
+            epoch: 1,
+            seq,
+            resent: false,
+            body,
+        }
     }
 
     fn point(seq: u64) -> Delivered {
-        rec("plant/a", seq, RecordBody::Point(Point { tag: "t".into(), ts_ns: 0, value: Value::I64(seq as i64), quality: 0 }))
+        rec(
+            "plant/a",
+            seq,
+            RecordBody::Point(Point {
+                tag: "t".into(),
+                ts_ns: 0,
+                value: Value::I64(seq as i64),
+                quality: 0,
+            }),
+        )
     }
 
     fn config(dir: &std::path::Path, max: &str) -> Config {
-        Config { name: "f".into(), streams: default_streams(), dir: dir.to_path_buf(), max_file_bytes: max.into(), max_line_bytes: "1KiB".into() }
+        Config {
+            name: "f".into(),
+            streams: default_streams(),
+            dir: dir.to_path_buf(),
+            max_file_bytes: max.into(),
+            max_line_bytes: "1KiB".into(),
+        }
     }
 
     fn seqs(dir: &std::path::Path) -> Vec<u64> {
         let mut out = Vec::new();
-        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         names.sort_by_key(|n| number_of(n, "plant_a", "jsonl"));
-        for n in names.iter().filter(|n| n.starts_with("plant_a") && n.ends_with(".jsonl")) {
-            out.extend(std::fs::read_to_string(dir.join(n)).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap()));
+        for n in names
+            .iter()
+            .filter(|n| n.starts_with("plant_a") && n.ends_with(".jsonl"))
+        {
+            out.extend(
+                std::fs::read_to_string(dir.join(n))
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                            .as_u64()
+                            .unwrap()
+                    }),
+            );
         }
         out
     }
@@ -286,14 +400,27 @@ mod tests {
         let dir = scratch("names");
         let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
         let points: Vec<Delivered> = (0..100).map(point).collect();
-        let bytes = rec("raw", 0, RecordBody::Bytes(Chunk { data: b"hello\0world".to_vec(), end: true }));
+        let bytes = rec(
+            "raw",
+            0,
+            RecordBody::Bytes(Chunk {
+                data: b"hello\0world".to_vec(),
+                end: true,
+            }),
+        );
         let mut refs: Vec<&Delivered> = points.iter().collect();
         refs.push(&bytes);
         sink.write(&refs).unwrap();
         sink.write(&refs).unwrap(); // a retry writes nothing twice
         sink.flush().unwrap();
-        assert_eq!(std::fs::read(dir.join("raw.000001.bin")).unwrap(), b"hello\0world");
-        assert!(dir.join("plant_a.000002.jsonl").exists(), "4 KiB files: the points took several");
+        assert_eq!(
+            std::fs::read(dir.join("raw.000001.bin")).unwrap(),
+            b"hello\0world"
+        );
+        assert!(
+            dir.join("plant_a.000002.jsonl").exists(),
+            "4 KiB files: the points took several"
+        );
         assert_eq!(seqs(&dir), (0..100).collect::<Vec<_>>());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -323,7 +450,14 @@ mod tests {
     fn an_overlong_record_is_rejected_for_the_dead_letter_file() {
         let dir = scratch("reject");
         let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
-        let big = rec("m", 0, RecordBody::Message(weir_protocol::Message { topic: "t".into(), payload: vec![1; 4000] }));
+        let big = rec(
+            "m",
+            0,
+            RecordBody::Message(weir_protocol::Message {
+                topic: "t".into(),
+                payload: vec![1; 4000],
+            }),
+        );
         match sink.write(&[&big]) {
             Err(SinkError::Reject { at: 0, reason }) => assert!(reason.contains("max_line_bytes")),
             other => panic!("expected a rejection, got {other:?}"),

@@ -170,7 +170,15 @@ pub struct SinkThread {
 /// decoder side hangs up (after writing what it was given), or when
 /// `abort` is set while retrying.
 pub fn run_sink(t: SinkThread) {
-    let SinkThread { shared, mut sink, routes, batches, abort, cursor_path, dead_letter_path } = t;
+    let SinkThread {
+        shared,
+        mut sink,
+        routes,
+        batches,
+        abort,
+        cursor_path,
+        dead_letter_path,
+    } = t;
     let name = shared.name.clone();
     let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
     let mut last_save = Instant::now() - CURSOR_INTERVAL;
@@ -189,15 +197,23 @@ pub fn run_sink(t: SinkThread) {
         };
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         // Batches follow each other; a jump forward is an overflow skip.
-        debug_assert!(batch.start >= shared.confirmed.load(Ordering::Relaxed) || batch.start < batch.end);
+        debug_assert!(
+            batch.start >= shared.confirmed.load(Ordering::Relaxed) || batch.start < batch.end
+        );
         let mut records: Vec<&Delivered> = batch
             .records
             .iter()
-            .filter(|r| *routed.entry(r.stream.clone()).or_insert_with(|| routes.is_match(&*r.stream)))
+            .filter(|r| {
+                *routed
+                    .entry(r.stream.clone())
+                    .or_insert_with(|| routes.is_match(&*r.stream))
+            })
             .collect();
         let mut delay = RETRY_START;
         while !records.is_empty() {
-            let result = sink.write(&records).and_then(|_| sink.flush().map_err(SinkError::Retry));
+            let result = sink
+                .write(&records)
+                .and_then(|_| sink.flush().map_err(SinkError::Retry));
             match result {
                 Ok(()) => break,
                 Err(SinkError::Reject { at, reason }) => {
@@ -218,7 +234,10 @@ pub fn run_sink(t: SinkThread) {
                 }
             }
         }
-        shared.stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        shared
+            .stats
+            .records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         shared.stats.batches.fetch_add(1, Ordering::Relaxed);
         shared.confirmed.store(batch.end, Ordering::Release);
         unsaved = Some(batch.end);
@@ -245,11 +264,15 @@ fn dead_letter(name: &str, path: &Path, record: &Delivered, reason: &str) {
     tracing::warn!(sink = %name, stream = %record.stream, seq = record.seq, "record rejected for good, written to the dead-letter file: {reason}");
     let mut line = json!({ "sink": name, "reason": reason, "at": crate::audit::now_rfc3339(), "record": record_json(record) }).to_string();
     line.push('\n');
-    let result = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| {
-        use std::io::Write;
-        f.write_all(line.as_bytes())?;
-        f.sync_data()
-    });
+    let result = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(line.as_bytes())?;
+            f.sync_data()
+        });
     if let Err(e) = result {
         tracing::error!(sink = %name, "cannot write the dead-letter file {}: {e}; the record was: {}", path.display(), line.trim());
     }

@@ -30,7 +30,8 @@ impl StdoutSink {
 impl Sink for StdoutSink {
     fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
         for r in records {
-            serde_json::to_writer(&mut self.out, &record_json(r)).map_err(|e| SinkError::Retry(e.into()))?;
+            serde_json::to_writer(&mut self.out, &record_json(r))
+                .map_err(|e| SinkError::Retry(e.into()))?;
             self.out.write_all(b"\n")?;
         }
         Ok(())

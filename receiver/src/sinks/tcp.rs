@@ -79,7 +79,12 @@ impl TcpSink {
 impl Sink for TcpSink {
     fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
         for r in records {
-            if !r.resent && self.written.get(&r.stream).is_some_and(|w| w.0 == r.epoch && r.seq <= w.1) {
+            if !r.resent
+                && self
+                    .written
+                    .get(&r.stream)
+                    .is_some_and(|w| w.0 == r.epoch && r.seq <= w.1)
+            {
                 continue; // written before a retried failure
             }
             // A new sender session cannot continue a connection the old one
@@ -113,7 +118,8 @@ impl Sink for TcpSink {
                     result
                 }
                 _ => {
-                    let mut line = serde_json::to_vec(&record_json(r)).map_err(|e| SinkError::Retry(e.into()))?;
+                    let mut line = serde_json::to_vec(&record_json(r))
+                        .map_err(|e| SinkError::Retry(e.into()))?;
                     line.push(b'\n');
                     self.conn(&r.stream).and_then(|w| Ok(w.write_all(&line)?))
                 }
