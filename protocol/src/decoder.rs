@@ -229,7 +229,8 @@ struct PendingBlock {
     buf: Vec<u8>,
     present: Vec<bool>,
     count: usize,
-    first_seen: Nanos,
+    /// When k shards were in and the block was rebuilt.
+    decoded_at: Option<Nanos>,
     decoded: bool,
 }
 
@@ -298,6 +299,9 @@ pub struct Decoder {
     open_gaps: HashMap<Arc<str>, Vec<(u64, u64)>>,
     /// A run of recovered sequences not yet reported.
     recovered: Option<(Arc<str>, u64, u64)>,
+    last_shard_at: Option<Nanos>,
+    /// Moving mean of the time between accepted shards, in nanoseconds.
+    interarrival: f64,
     /// Buffers of delivered blocks, reused for new ones (bounded).
     spare_buffers: Vec<Vec<u8>>,
     stats: DecoderStats,
@@ -321,6 +325,8 @@ impl Decoder {
             open_gaps: HashMap::new(),
             recovered: None,
             spare_buffers: Vec::new(),
+            last_shard_at: None,
+            interarrival: 0.0,
             stats: DecoderStats::default(),
         }
     }
@@ -585,7 +591,7 @@ impl Decoder {
                 buf: vec![0; (k + m) * shard_len],
                 present: vec![false; k + m],
                 count: 0,
-                first_seen: now,
+                decoded_at: None,
                 decoded: false,
             });
         if block.k != k
@@ -609,6 +615,12 @@ impl Decoder {
         block.present[index] = true;
         block.count += 1;
         self.stats.shards_accepted += 1;
+        // Mean gap between shards (idle periods capped), for `wait_limit`.
+        if let Some(last) = self.last_shard_at {
+            let gap = now.saturating_sub(last).min(100 * crate::NANOS_PER_MILLI) as f64;
+            self.interarrival = self.interarrival * 0.99 + gap * 0.01;
+        }
+        self.last_shard_at = Some(now);
         if block.count < k {
             return;
         }
@@ -618,6 +630,7 @@ impl Decoder {
         {
             Some(rebuilt) => {
                 block.decoded = true;
+                block.decoded_at = Some(now);
                 block.buf.truncate(block.data_len);
                 block.present = Vec::new();
                 self.stats.blocks_decoded += 1;
@@ -701,16 +714,23 @@ impl Decoder {
         let later = session
             .pending
             .range(session.base + 1..)
-            .map(|(_, b)| b.first_seen);
+            .filter_map(|(_, b)| b.decoded_at);
         let checks = session
             .checks
             .iter()
             .filter(|c| c.0 > session.base)
             .map(|c| c.1);
-        later
-            .chain(checks)
-            .min()
-            .map(|t| t + self.cfg.block_timeout)
+        later.chain(checks).min().map(|t| t + self.wait_limit())
+    }
+
+    /// How long a missing block is waited for once a later block is
+    /// complete: `block_timeout`, or longer on a slow link, where a block
+    /// that needs parity completes up to 16 interleave rounds (about 128
+    /// datagrams) after its neighbours.
+    fn wait_limit(&self) -> Nanos {
+        self.cfg
+            .block_timeout
+            .max((256.0 * self.interarrival) as Nanos)
     }
 
     /// Gives up blocks that a later block has outwaited by `block_timeout`.
@@ -720,13 +740,14 @@ impl Decoder {
                 return;
             };
             let base = session.base;
-            let timed_out = |t: Nanos| now >= t + self.cfg.block_timeout;
-            // A heartbeat announces that every block below its next_block
-            // was sent before it, so it counts as a later frame too.
+            let limit = self.wait_limit();
+            let timed_out = |t: Nanos| now >= t + limit;
+            // A later block complete for a while, or a heartbeat announcing
+            // that every block below its next_block was sent before it.
             let oldest_later = session
                 .pending
                 .range(base + 1..)
-                .any(|(_, b)| timed_out(b.first_seen))
+                .any(|(_, b)| b.decoded_at.is_some_and(timed_out))
                 || session.checks.iter().any(|c| c.0 > base && timed_out(c.1));
             let blocked = !session.pending.get(&base).is_some_and(|b| b.decoded);
             if oldest_later && blocked {

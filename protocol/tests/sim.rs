@@ -182,6 +182,8 @@ struct Harness {
     wire: VecDeque<Vec<u8>>,
     out: Outcome,
     keep_bodies: bool,
+    /// Simulated time per datagram (the link rate).
+    frame_time: Nanos,
 }
 
 /// One simulated microsecond per datagram: about 1.4 GB/s at MTU 1500.
@@ -199,6 +201,7 @@ impl Harness {
             wire: VecDeque::new(),
             out: Outcome::default(),
             keep_bodies: false,
+            frame_time: FRAME_TIME,
         }
     }
 
@@ -213,7 +216,7 @@ impl Harness {
             };
             self.link.carry(&self.frame[..n], &mut self.wire);
             self.deliver();
-            self.now += FRAME_TIME;
+            self.now += self.frame_time;
         }
     }
 
@@ -626,4 +629,33 @@ fn low_rate_traffic_survives_bursts_through_spare_capacity_parity() {
     assert!(h.enc.stats().spare_parity_blocks > 0);
     assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
     h.out.assert_exact("slow", 0..200_000);
+}
+
+#[test]
+fn a_slow_link_loses_no_block_to_the_timeout_while_interleaved_groups_trickle_in() {
+    // 10 Mbit/s: a 1472-byte datagram every 1.2 ms, so an interleave group
+    // of 8 full blocks takes most of a second, longer than block_timeout.
+    let mut h = Harness::new(
+        31,
+        EncoderConfig::new(31),
+        Impairments {
+            loss: 0.01,
+            ..Default::default()
+        },
+    );
+    h.frame_time = 1_200_000;
+    let s = h.enc.add_stream("slow", "generator", 0, 1);
+    h.enc.handle_timeout(0);
+    for i in 0..60_000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    assert_eq!(
+        h.dec.stats().blocks_lost + h.dec.stats().blocks_missing,
+        0,
+        "{:?}",
+        h.dec.stats()
+    );
+    h.out.assert_exact("slow", 0..60_000);
+    assert_eq!(h.out.gap_count(), 0);
 }
