@@ -212,32 +212,56 @@ fn seg_path(root: &Path, first: u64) -> PathBuf {
     seg_dir(root).join(format!("{first:020}.seg"))
 }
 
+/// A sequential read position in a segment, kept between catch-up reads
+/// so a sink that fell behind is served without rereading from the start.
+pub struct Reader {
+    first: u64,
+    file: BufReader<File>,
+    index: u64,
+}
+
 /// Up to `max` entries of a segment from global index `from`: entries
 /// before it are skipped by their length headers, not decoded.
-fn read_from(path: &Path, first: u64, from: u64, max: usize) -> Result<Vec<(u64, Entry)>> {
-    let mut r = BufReader::with_capacity(
-        1 << 20,
-        File::open(path).with_context(|| format!("opening {}", path.display()))?,
-    );
-    let mut index = first;
-    while index < from {
+fn read_from(
+    reader: &mut Option<Reader>,
+    path: &Path,
+    first: u64,
+    from: u64,
+    max: usize,
+) -> Result<Vec<(u64, Entry)>> {
+    if reader
+        .as_ref()
+        .is_none_or(|r| r.first != first || r.index > from)
+    {
+        let file = BufReader::with_capacity(
+            1 << 20,
+            File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        );
+        *reader = Some(Reader {
+            first,
+            file,
+            index: first,
+        });
+    }
+    let Reader { file, index, .. } = reader.as_mut().expect("opened");
+    while *index < from {
         let mut header = [0u8; 8];
-        if std::io::Read::read_exact(&mut r, &mut header).is_err() {
+        if std::io::Read::read_exact(file, &mut header).is_err() {
             return Ok(Vec::new());
         }
         let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as i64;
-        r.seek_relative(len)?;
-        index += 1;
+        file.seek_relative(len)?;
+        *index += 1;
     }
     let mut out = Vec::new();
     let mut buf = Vec::new();
     while out.len() < max {
-        match read_entry(&mut r, &mut buf)? {
+        match read_entry(file, &mut buf)? {
             ReadOutcome::Entry => {
                 let e: Entry = postcard::from_bytes(&buf)
                     .with_context(|| format!("journal entry {index} does not decode"))?;
-                out.push((index, e));
-                index += 1;
+                out.push((*index, e));
+                *index += 1;
             }
             ReadOutcome::End | ReadOutcome::Torn(_) => break,
         }
@@ -619,7 +643,18 @@ impl Journal {
     }
 
     /// Reads entries `from..` (at most `max`, never past the durable index).
+    #[cfg(test)]
     pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Entry)>> {
+        self.read_with(&mut None, from, max)
+    }
+
+    /// As `read`, continuing from a kept position when it fits.
+    pub fn read_with(
+        &self,
+        reader: &mut Option<Reader>,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Entry)>> {
         let mut out = Vec::new();
         let durable = self.durable_index();
         for seg in self
@@ -631,7 +666,7 @@ impl Journal {
                 break;
             }
             let want = max - out.len();
-            let entries = read_from(&seg.path, seg.first, from.max(seg.first), want)?;
+            let entries = read_from(reader, &seg.path, seg.first, from.max(seg.first), want)?;
             out.extend(entries.into_iter().filter(|(i, _)| *i < durable));
         }
         Ok(out)

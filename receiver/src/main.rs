@@ -270,6 +270,7 @@ fn run(path: &Path) -> Result<()> {
         warn_after: Duration::from_millis(cfg.heartbeat.warn_after_ms),
         failure: None,
         finished: Vec::new(),
+        readers: (0..cfg.sinks.len()).map(|_| None).collect(),
     };
     let decode = std::thread::Builder::new()
         .name("weir-decode".into())

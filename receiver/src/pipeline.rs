@@ -45,11 +45,13 @@ pub struct Pipeline {
     pub failure: Option<String>,
     /// Sinks whose threads ended at shutdown, for their final counters.
     pub finished: Vec<Arc<SinkShared>>,
+    /// Each sink's catch-up read position in the journal.
+    pub readers: Vec<Option<crate::journal::Reader>>,
 }
 
 /// Batches queued per sink before it counts as behind (each holds at most
 /// `journal.fsync_bytes` of records).
-pub const SINK_QUEUE: usize = 8;
+pub const SINK_QUEUE: usize = 32;
 /// Journal entries read per catch-up batch for a sink that fell behind.
 const CATCH_UP_BATCH: usize = 1024;
 /// How long shutdown waits for sinks to catch up with the journal.
@@ -361,7 +363,11 @@ impl Pipeline {
                 {
                     break;
                 }
-                let entries = match self.journal.read(s.dispatched, CATCH_UP_BATCH) {
+                let entries = match self.journal.read_with(
+                    &mut self.readers[i],
+                    s.dispatched,
+                    CATCH_UP_BATCH,
+                ) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::error!(sink = %s.shared.name, "journal: cannot read for a sink that fell behind: {e:#}");

@@ -24,13 +24,13 @@ struct Args {
     #[arg(long, default_value = "1G")]
     bytes: String,
     /// Link rate the weir sender is paced at.
-    #[arg(long, default_value = "10Gbit")]
+    #[arg(long, default_value = "4Gbit")]
     rate: String,
     /// weir runs (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Scratch directory.
-    #[arg(long, default_value = "/tmp/weir-bench")]
+    #[arg(long, default_value = "/var/tmp/weir-bench")]
     dir: PathBuf,
 }
 
@@ -98,8 +98,13 @@ fn free_port() -> u16 {
         .unwrap_or(47_500)
 }
 
-fn weir_run(args: &Args, run: usize) -> Result<Value> {
+fn weir_run(args: &Args, run: usize, store: &Path) -> Result<Value> {
     let dir = args.dir.join(format!("run{run}"));
+    // Spool and journal live under `store` (tmpfs or disk).
+    let st = store.join(format!("run{run}"));
+    let _ = std::fs::remove_dir_all(&st);
+    std::fs::create_dir_all(&st)?;
+    let st = st.display();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (link, src, dst) = (free_port(), free_port(), free_port());
@@ -107,7 +112,7 @@ fn weir_run(args: &Args, run: usize) -> Result<Value> {
     std::fs::write(
         dir.join("receiver.toml"),
         format!(
-            "[link]\nlisten = \"127.0.0.1:{link}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
+            "[link]\nlisten = \"127.0.0.1:{link}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{st}/journal\"\n\
              [metrics]\npath = \"{d}/receiver.json\"\nlog_interval_s = 0\n\
              [[sinks]]\nname = \"replay\"\ntype = \"tcp\"\nconnect = \"127.0.0.1:{dst}\"\n"
         ),
@@ -115,7 +120,7 @@ fn weir_run(args: &Args, run: usize) -> Result<Value> {
     std::fs::write(
         dir.join("sender.toml"),
         format!(
-            "[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = 1500\n[fec]\ndata_shards = 64\nparity_shards = 16\n[spool]\npath = \"{d}/spool\"\n\
+            "[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = 1500\n[fec]\ndata_shards = 64\nparity_shards = 16\n[spool]\npath = \"{st}/spool\"\n\
              [metrics]\npath = \"{d}/sender.json\"\nlog_interval_s = 0\n\
              [[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{src}\"\n",
             args.rate
@@ -191,6 +196,34 @@ fn weir_run(args: &Args, run: usize) -> Result<Value> {
     }))
 }
 
+/// Runs weir `args.runs` times with its spool and journal under `root`;
+/// prints each run and returns the median by wire rate.
+fn run_variant(args: &Args, label: &str, root: &Path) -> Result<Value> {
+    println!("\nweir, {label}:");
+    let mut runs = Vec::new();
+    for i in 0..args.runs {
+        let r = weir_run(args, i, root)?;
+        println!(
+            "  run {}: {:.0} MB/s goodput, {:.0} MB/s wire ({:.2} s), gaps {}, CPU s/GB sender {:.2} receiver {:.2}",
+            i + 1,
+            r["goodput_mb_s"].as_f64().unwrap_or(0.0),
+            r["wire_mb_s"].as_f64().unwrap_or(0.0),
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["receiver_gaps"],
+            r["sender_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
+            r["receiver_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
+        );
+        runs.push(r);
+    }
+    runs.sort_by(|a, b| {
+        a["wire_mb_s"]
+            .as_f64()
+            .partial_cmp(&b["wire_mb_s"].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Ok(runs[runs.len() / 2].clone())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir)?;
@@ -243,63 +276,43 @@ fn main() -> Result<()> {
         plain["loss_percent"].as_f64().unwrap_or(0.0)
     );
 
-    // 2. weir, in memory (no spool or journal yet).
-    let mut runs = Vec::new();
-    for i in 0..args.runs {
-        let r = weir_run(&args, i)?;
+    // 2. weir, with spool and journal in memory (tmpfs), then on disk.
+    let memory_root = PathBuf::from("/dev/shm/weir-bench");
+    let memory = run_variant(&args, "spool and journal on tmpfs (/dev/shm)", &memory_root)?;
+    let _ = std::fs::remove_dir_all(&memory_root);
+    let disk_root = args.dir.join("store");
+    let disk = run_variant(
+        &args,
+        &format!("spool and journal on disk ({})", disk_root.display()),
+        &disk_root,
+    )?;
+    let _ = std::fs::remove_dir_all(&disk_root);
+    println!(
+        "\nsummary (median of {} runs each, sender paced at {}):",
+        args.runs, args.rate
+    );
+    for (label, m) in [("tmpfs", &memory), ("disk", &disk)] {
+        let wire = m["wire_mb_s"].as_f64().unwrap_or(0.0);
         println!(
-            "\nweir run {}: {:.0} MB/s goodput, {:.0} MB/s wire ({:.2} s), gaps {}, CPU s/GB sender {:.2} receiver {:.2}, peak MiB sender {:.0} receiver {:.0}",
-            i + 1,
-            r["goodput_mb_s"].as_f64().unwrap_or(0.0),
-            r["wire_mb_s"].as_f64().unwrap_or(0.0),
-            r["seconds"].as_f64().unwrap_or(0.0),
-            r["receiver_gaps"],
-            r["sender_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
-            r["receiver_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
-            r["sender_peak_mib"].as_f64().unwrap_or(0.0),
-            r["receiver_peak_mib"].as_f64().unwrap_or(0.0),
+            "  {label:<5} goodput {:>6.0} MB/s, wire {:>6.0} MB/s, wire/ceiling {:.2}, wire/plain {:.2}, CPU s/GB sender {:.2} receiver {:.2}, peak MiB sender {:.0} receiver {:.0}, gaps {}",
+            m["goodput_mb_s"].as_f64().unwrap_or(0.0),
+            wire,
+            wire / ceiling_mb_s,
+            wire / plain["mb_per_s_received"].as_f64().unwrap_or(f64::NAN),
+            m["sender_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
+            m["receiver_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
+            m["sender_peak_mib"].as_f64().unwrap_or(0.0),
+            m["receiver_peak_mib"].as_f64().unwrap_or(0.0),
+            m["receiver_gaps"],
         );
-        runs.push(r);
     }
-    runs.sort_by(|a, b| {
-        a["wire_mb_s"]
-            .as_f64()
-            .partial_cmp(&b["wire_mb_s"].as_f64())
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    let median = &runs[runs.len() / 2];
-    let wire = median["wire_mb_s"].as_f64().unwrap_or(0.0);
     println!(
-        "\nsummary (median of {} weir runs, sender paced at {}):",
-        runs.len(),
-        args.rate
-    );
-    println!(
-        "  goodput        {:>8.0} MB/s",
-        median["goodput_mb_s"].as_f64().unwrap_or(0.0)
-    );
-    println!("  wire rate      {:>8.0} MB/s", wire);
-    println!(
-        "  wire / ceiling {:>8.2}   (GSO ceiling {:.0} MB/s)",
-        wire / ceiling_mb_s,
-        ceiling_mb_s
-    );
-    println!(
-        "  wire / plain   {:>8.2}   (one datagram per syscall {:.0} MB/s)",
-        wire / plain["mb_per_s_received"].as_f64().unwrap_or(f64::NAN),
+        "  disk / tmpfs goodput: {:.2}  (GSO ceiling {:.0} MB/s, one datagram per syscall {:.0} MB/s)",
+        disk["goodput_mb_s"].as_f64().unwrap_or(0.0) / memory["goodput_mb_s"].as_f64().unwrap_or(f64::NAN),
+        ceiling_mb_s,
         plain["mb_per_s_received"].as_f64().unwrap_or(0.0)
     );
-    println!(
-        "  CPU s per GB   sender {:.2}, receiver {:.2}",
-        median["sender_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
-        median["receiver_cpu_s_per_gb"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "  peak memory    sender {:.0} MiB, receiver {:.0} MiB",
-        median["sender_peak_mib"].as_f64().unwrap_or(0.0),
-        median["receiver_peak_mib"].as_f64().unwrap_or(0.0)
-    );
-    let report = json!({ "ceiling": ceiling, "unpaced": unpaced, "plain": plain, "weir": runs, "rmem_max": rmem, "rate": args.rate });
+    let report = json!({ "ceiling": ceiling, "unpaced": unpaced, "plain": plain, "tmpfs": memory, "disk": disk, "rmem_max": rmem, "rate": args.rate });
     std::fs::write(
         args.dir.join("bench.json"),
         serde_json::to_vec_pretty(&report)?,
