@@ -201,6 +201,9 @@ pub struct Journal {
     last_sync: Instant,
     total_bytes: u64,
     positions: BTreeMap<String, Position>,
+    /// After a torn-tail repair: the positions and durable index the state
+    /// file had, for when every sink is known to have written the lost entries.
+    repaired: Option<(BTreeMap<String, Position>, u64)>,
     scratch: Vec<u8>,
 }
 
@@ -365,6 +368,9 @@ impl Journal {
             }
         }
         listed.sort();
+        let saved_positions = state.streams.clone();
+        let saved_durable = state.durable_index;
+        let mut repaired = false;
         let mut segments = VecDeque::new();
         let mut expected = listed.first().map_or(0, |(f, _)| *f);
         for (i, (first, path)) in listed.iter().enumerate() {
@@ -372,6 +378,7 @@ impl Journal {
                 bail!("journal.path: segment {} should start at entry {expected}; move the journal away", path.display());
             }
             let (entries, count, bytes, torn) = scan(path, *first, state.durable_index)?;
+            repaired |= torn.is_some();
             if let Some(why) = torn {
                 if i + 1 != listed.len() {
                     bail!(
@@ -458,8 +465,23 @@ impl Journal {
             last_sync: Instant::now(),
             total_bytes,
             positions: state.streams,
+            repaired: repaired.then_some((saved_positions, saved_durable)),
             scratch: Vec::new(),
         })
+    }
+
+    /// After a torn-tail repair, if every sink had confirmed everything the
+    /// state file counted, the lost entries were written everywhere: go back
+    /// to the state's positions so they are not reported as gaps.
+    pub fn settle_repair(&mut self, confirmed_by_all: u64) {
+        if let Some((positions, durable)) = self.repaired.take() {
+            if confirmed_by_all >= durable {
+                tracing::info!("journal: the entries lost with the torn tail had been written by every sink; positions kept");
+                self.positions = positions;
+            } else {
+                tracing::warn!("journal: entries lost with the torn tail were not written by every sink; they will be reported as a gap");
+            }
+        }
     }
 
     /// Where each stream stood at the last entry journaled (for the decoder).

@@ -165,7 +165,14 @@ fn run(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
     let cfg = &loaded.config;
     let mut audit = audit::AuditLog::open(&cfg.audit.path)?;
-    let journal = journal::Journal::open(loaded.journal.clone())?;
+    let mut journal = journal::Journal::open(loaded.journal.clone())?;
+    let mut confirmed_by_all = u64::MAX;
+    for sink_cfg in &cfg.sinks {
+        let index = journal::load_sink_cursor(&journal.sink_cursor_path(&sink_cfg.common().name))?
+            .map_or(0, |c| c.index);
+        confirmed_by_all = confirmed_by_all.min(index);
+    }
+    journal.settle_repair(confirmed_by_all);
     let mut decoder = Decoder::new(loaded.decoder.clone());
     for (name, position) in journal.positions() {
         decoder.restore_cursor(name, (*position).into());
@@ -212,7 +219,12 @@ fn run(path: &Path) -> Result<()> {
                     tracing::warn!(sink = %common.name, cursor = cursor.index, first = journal.first_index(),
                         "sink cursor is behind the journal; the records in between were reported as sink-overflow gaps when dropped");
                 }
-                cursor.index.max(journal.first_index())
+                // A repaired (shortened) journal may end before the cursor:
+                // new entries will reuse those indexes, so start at the end.
+                cursor
+                    .index
+                    .max(journal.first_index())
+                    .min(journal.durable_index())
             }
             None => journal.first_index(),
         };
@@ -221,6 +233,7 @@ fn run(path: &Path) -> Result<()> {
             name: common.name.clone(),
             confirmed: AtomicU64::new(start),
             in_flight: AtomicUsize::new(0),
+            overflow_records: AtomicU64::new(0),
             stats: SinkStats::default(),
         });
         let thread = {
@@ -243,7 +256,6 @@ fn run(path: &Path) -> Result<()> {
             tx,
             routes,
             dispatched: start,
-            overflow_records: 0,
             thread,
         });
     }

@@ -28,7 +28,6 @@ pub struct SinkHandle {
     pub routes: GlobSet,
     /// Journal entries below this have been handed to the sink.
     pub dispatched: u64,
-    pub overflow_records: u64,
     pub thread: JoinHandle<()>,
 }
 
@@ -446,7 +445,10 @@ impl Pipeline {
                         "gap",
                         json!({ "stream": stream, "from": from, "to": to, "cause": cause }),
                     );
-                    self.sinks[i].overflow_records += to - from + 1;
+                    self.sinks[i]
+                        .shared
+                        .overflow_records
+                        .fetch_add(to - from + 1, Ordering::Relaxed);
                 }
                 self.sinks[i].dispatched = end;
             }
@@ -490,11 +492,6 @@ impl Pipeline {
         m.push(("recv_errors".into(), r.errors.load(Ordering::Relaxed)));
         m.push(("records_unrouted".into(), unrouted));
         m.push(("journal_bytes".into(), self.journal.total_bytes()));
-        let overflow: HashMap<&str, u64> = self
-            .sinks
-            .iter()
-            .map(|s| (s.shared.name.as_str(), s.overflow_records))
-            .collect();
         let all = self
             .sinks
             .iter()
@@ -508,7 +505,7 @@ impl Pipeline {
             ));
             m.push((
                 format!("sink.{name}.overflow_records"),
-                overflow.get(name.as_str()).copied().unwrap_or(0),
+                shared.overflow_records.load(Ordering::Relaxed),
             ));
             m.push((
                 format!("sink.{name}.behind"),

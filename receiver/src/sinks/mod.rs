@@ -117,6 +117,10 @@ pub trait Sink: Send {
     fn resume_state(&self) -> Value {
         Value::Null
     }
+    /// A retryable failure happened: a sink that cannot know what its
+    /// destination kept (no acknowledgement) forgets what it wrote, so the
+    /// previous and current batches are written again (at least once).
+    fn forget_written(&mut self) {}
     /// Called once at start with the last saved `resume_state`.
     fn resume(&mut self, _state: &Value) -> anyhow::Result<()> {
         Ok(())
@@ -146,6 +150,8 @@ pub struct SinkShared {
     pub confirmed: AtomicU64,
     /// Batches sent to the sink thread and not yet taken.
     pub in_flight: AtomicUsize,
+    /// Records dropped for this sink by journal overflow (audited as gaps).
+    pub overflow_records: AtomicU64,
     pub stats: SinkStats,
 }
 
@@ -181,6 +187,8 @@ pub fn run_sink(t: SinkThread) {
     } = t;
     let name = shared.name.clone();
     let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
+    // The last batch written, offered again after a failure (see forget_written).
+    let mut previous: Option<Arc<Vec<Delivered>>> = None;
     let mut last_save = Instant::now() - CURSOR_INTERVAL;
     let mut unsaved: Option<u64> = None;
     loop {
@@ -210,6 +218,7 @@ pub fn run_sink(t: SinkThread) {
             })
             .collect();
         let mut delay = RETRY_START;
+        let mut replayed = false;
         while !records.is_empty() {
             let result = sink
                 .write(&records)
@@ -223,6 +232,18 @@ pub fn run_sink(t: SinkThread) {
                 }
                 Err(SinkError::Retry(e)) => {
                     shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    sink.forget_written();
+                    if !replayed {
+                        replayed = true;
+                        if let Some(prev) = &previous {
+                            let mut again: Vec<&Delivered> = prev
+                                .iter()
+                                .filter(|r| routed.get(&r.stream).copied().unwrap_or(false))
+                                .collect();
+                            again.append(&mut records);
+                            records = again;
+                        }
+                    }
                     if abort.load(Ordering::Relaxed) {
                         tracing::error!(sink = %name, "giving up on a batch of {} records at shutdown; they stay in the journal: {e:#}", records.len());
                         return;
@@ -240,6 +261,7 @@ pub fn run_sink(t: SinkThread) {
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         shared.stats.batches.fetch_add(1, Ordering::Relaxed);
         shared.confirmed.store(batch.end, Ordering::Release);
+        previous = Some(batch.records.clone());
         unsaved = Some(batch.end);
         if last_save.elapsed() >= CURSOR_INTERVAL {
             save_cursor(&name, &cursor_path, batch.end, sink.resume_state());

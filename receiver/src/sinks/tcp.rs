@@ -43,6 +43,8 @@ pub struct TcpSink {
     conns: HashMap<Arc<str>, std::io::BufWriter<TcpStream>>,
     /// (epoch, last seq) written per stream, to skip on a retry.
     written: HashMap<Arc<str>, (u64, u64)>,
+    /// Written into a connection's buffer, not yet flushed.
+    unflushed: HashMap<Arc<str>, (u64, u64)>,
     sessions: HashMap<Arc<str>, u64>,
 }
 
@@ -52,6 +54,7 @@ impl TcpSink {
             connect: cfg.connect,
             conns: HashMap::new(),
             written: HashMap::new(),
+            unflushed: HashMap::new(),
             sessions: HashMap::new(),
         }
     }
@@ -130,7 +133,8 @@ impl Sink for TcpSink {
                 return Err(SinkError::Retry(e));
             }
             if !r.resent {
-                self.written.insert(r.stream.clone(), (r.epoch, r.seq));
+                // Counted as written only once a flush succeeds.
+                self.unflushed.insert(r.stream.clone(), (r.epoch, r.seq));
             }
         }
         Ok(())
@@ -147,6 +151,22 @@ impl Sink for TcpSink {
                 false
             }
         });
-        failed.map_or(Ok(()), Err)
+        match failed {
+            Some(e) => {
+                self.unflushed.clear();
+                Err(e)
+            }
+            None => {
+                self.written.extend(self.unflushed.drain());
+                Ok(())
+            }
+        }
+    }
+
+    /// After a failed write the server may have lost what the kernel had
+    /// accepted: forget what was written so the replayed batches go again.
+    fn forget_written(&mut self) {
+        self.written.clear();
+        self.unflushed.clear();
     }
 }
