@@ -77,7 +77,13 @@ pub struct LinkParams {
     /// Source type of each configured stream, for announcements.
     pub source_types: HashMap<String, String>,
     pub spool_path: PathBuf,
+    /// Streams whose records are sent more than once: (copies, spacing).
+    pub repeats: HashMap<String, (u32, Duration)>,
 }
+
+/// Bytes of record copies waiting to be repeated; past this a copy is
+/// skipped and counted (the original was sent).
+const REPEAT_LIMIT: usize = 64 << 20;
 
 /// Records waiting for an operator's resend, at most this many at once.
 const RESEND_LIMIT: usize = 1_000_000;
@@ -135,6 +141,9 @@ pub fn run(
     // the wire once that block has been fully sent.
     let mut pushed: VecDeque<(u64, u64)> = VecDeque::new();
     let mut resends: VecDeque<Entry> = VecDeque::new();
+    // (when, copies still to send, record) for streams with `repeat`.
+    let mut repeats: VecDeque<(Instant, u32, Entry)> = VecDeque::new();
+    let mut repeat_bytes: usize = 0;
     let mut last_resend_poll = Instant::now();
     let mut last_publish = Instant::now();
     let mut flushed = false;
@@ -143,7 +152,8 @@ pub fn run(
     loop {
         let t = now();
         let mode = stop.load(Ordering::Relaxed);
-        let drained = mode == DRAIN && resends.is_empty() && spool.lock().is_drained();
+        let drained =
+            mode == DRAIN && resends.is_empty() && repeats.is_empty() && spool.lock().is_drained();
         if (mode == STOP || drained) && !flushed {
             // On STOP what is still in the spool stays there for the next start.
             enc.flush(t);
@@ -151,6 +161,33 @@ pub fn run(
             flushed = true;
         }
         if !flushed && !enc.is_backlogged() {
+            while !enc.is_backlogged()
+                && repeats
+                    .front()
+                    .is_some_and(|(due, _, _)| *due <= Instant::now())
+            {
+                let (_, left, e) = repeats.pop_front().expect("front");
+                let id = streams.id(&mut enc, &spool, &e.stream, e.seq);
+                enc.push(
+                    t,
+                    &Record {
+                        stream: id,
+                        seq: e.seq,
+                        resent: true,
+                        body: e.body.clone(),
+                    },
+                );
+                Counters::add(&counters.repeated_records, 1);
+                if left > 1 {
+                    let delay = params
+                        .repeats
+                        .get(&e.stream)
+                        .map_or(Duration::from_secs(1), |r| r.1);
+                    repeats.push_back((Instant::now() + delay, left - 1, e));
+                } else {
+                    repeat_bytes = repeat_bytes.saturating_sub(crate::spool::entry_size(&e));
+                }
+            }
             while !enc.is_backlogged() {
                 let Some(e) = resends.pop_front() else { break };
                 let id = streams.id(&mut enc, &spool, &e.stream, e.seq);
@@ -174,6 +211,19 @@ pub fn run(
                 match item {
                     Item::Record { index, entry } => {
                         let id = streams.id(&mut enc, &spool, &entry.stream, entry.seq);
+                        if let Some((copies, delay)) = params.repeats.get(&entry.stream) {
+                            let size = crate::spool::entry_size(&entry);
+                            if repeat_bytes + size <= REPEAT_LIMIT {
+                                repeat_bytes += size;
+                                repeats.push_back((
+                                    Instant::now() + *delay,
+                                    copies - 1,
+                                    entry.clone(),
+                                ));
+                            } else {
+                                Counters::add(&counters.repeat_skipped, 1);
+                            }
+                        }
                         enc.push(
                             t,
                             &Record {
@@ -275,6 +325,9 @@ pub fn run(
             // Nothing to send: sleep until a record arrives or a timer is due.
             let wait = enc.poll_timeout().map_or(Duration::from_millis(50), |d| {
                 Duration::from_nanos(d.saturating_sub(now()))
+            });
+            let wait = repeats.front().map_or(wait, |(due, _, _)| {
+                wait.min(due.saturating_duration_since(Instant::now()))
             });
             if !wait.is_zero() {
                 spool.wait(wait.min(Duration::from_millis(50)));

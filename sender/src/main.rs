@@ -216,6 +216,16 @@ fn run(path: &Path) -> Result<()> {
                 .map(|s| (s.name().to_string(), s.type_name().to_string()))
                 .collect(),
             spool_path: loaded.spool.path.clone(),
+            repeats: sources
+                .iter()
+                .filter(|s| s.repeat().0 > 1)
+                .map(|s| {
+                    (
+                        s.name().to_string(),
+                        (s.repeat().0, Duration::from_millis(s.repeat().1)),
+                    )
+                })
+                .collect(),
         };
         std::thread::Builder::new()
             .name("weir-link".into())

@@ -25,6 +25,8 @@ counters! {
     spool_damaged_records: "records lost with a damaged spool tail after a crash; announced as gaps",
     gap_notices_sent: "dropped ranges announced to the receiver",
     resent_records: "records sent again on an operator's resend request",
+    repeated_records: "extra copies sent for streams with `repeat`",
+    repeat_skipped: "copies not sent because REPEAT_LIMIT bytes of copies were already waiting",
     source_connections: "connections accepted by tcp sources",
     records_sent: "records packed into blocks",
     datagrams_sent: "UDP datagrams sent on the link",

@@ -729,6 +729,17 @@ impl SyncJob {
     }
 }
 
+/// Approximate memory an entry holds (for bounds on copies kept).
+pub fn entry_size(e: &Entry) -> usize {
+    64 + e.stream.len()
+        + match &e.body {
+            RecordBody::Bytes(c) => c.data.len(),
+            RecordBody::Message(m) => m.payload.len() + m.topic.len(),
+            RecordBody::Log(l) => l.text.len() + l.host.len() + l.app.len(),
+            RecordBody::Point(p) => p.tag.len() + 16,
+        }
+}
+
 /// Reads retained records of a stream from a spool directory (also used by
 /// `weir-sender resend`, which runs while the sender holds the spool).
 pub fn find_in(root: &Path, stream: &str, from: u64, to: u64) -> Result<Vec<Entry>> {

@@ -375,3 +375,71 @@ fn check_config_names_the_key_to_fix_and_exits_non_zero() {
         "{text}"
     );
 }
+
+#[test]
+fn a_repeated_stream_sends_every_record_twice_and_sinks_see_each_once() {
+    let s = Scratch::new("repeat");
+    let link = Link {
+        sender_port: free_udp_port(),
+        receiver_port: 0,
+    };
+    let link = Link {
+        receiver_port: link.sender_port,
+        ..link
+    };
+    let out = s.join("out");
+    let rcfg = s.write(
+        "receiver.toml",
+        &receiver_config(
+            &s,
+            &link,
+            &format!(
+                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
+                out.display()
+            ),
+        ),
+    );
+    let mut receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &["run", "--config", rcfg.to_str().unwrap()],
+    );
+    let total = 20_000u64;
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(
+            &s,
+            &link,
+            "100Mbit",
+            &format!("[[sources]]\nname = \"gen\"\ntype = \"generator\"\nrate = 20000\ncount = {total}\nrepeat = 2\nrepeat_delay_ms = 200\n"),
+        ),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    let metrics = s.join("receiver-metrics.json");
+    // The sender drains its spool and exits; copies follow 200 ms later.
+    assert!(
+        sender.wait(Duration::from_secs(30)),
+        "the sender did not finish"
+    );
+    wait_until(Duration::from_secs(10), || {
+        read_json(&metrics)["resent_duplicate"].as_u64() == Some(total)
+    });
+    assert!(receiver.stop(Duration::from_secs(20)));
+    let m = read_json(&metrics);
+    assert_eq!(
+        m["resent_duplicate"].as_u64(),
+        Some(total),
+        "every copy arrived and was recognised: {m}"
+    );
+    assert_eq!(
+        read_json(&s.join("sender-metrics.json"))["repeated_records"].as_u64(),
+        Some(total)
+    );
+    assert_complete_in_order(&written_seqs(&out, "gen"), total);
+}

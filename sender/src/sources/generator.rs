@@ -13,6 +13,12 @@ use super::SourceHandle;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub name: String,
+    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
+    #[serde(default = "super::default_repeat")]
+    pub repeat: u32,
+    /// Spacing of the copies; an outage shorter than this costs one copy.
+    #[serde(default = "super::default_repeat_delay")]
+    pub repeat_delay_ms: u64,
     /// Distinct tags, named `{name}/tag-00000` onwards.
     #[serde(default = "default_tags")]
     pub tags: u32,

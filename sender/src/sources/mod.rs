@@ -39,8 +39,28 @@ impl SourceConfig {
         }
     }
 
+    /// (copies in all, spacing) for the stream's records.
+    pub fn repeat(&self) -> (u32, u64) {
+        match self {
+            SourceConfig::Tcp(c) => (c.repeat, c.repeat_delay_ms),
+            SourceConfig::Stdin(c) => (c.repeat, c.repeat_delay_ms),
+            SourceConfig::Generator(c) => (c.repeat, c.repeat_delay_ms),
+        }
+    }
+
     /// Checks the source's own keys; the error starts with the key name.
     pub fn validate(&self) -> Result<(), String> {
+        let (repeat, delay) = self.repeat();
+        if !(1..=16).contains(&repeat) {
+            return Err(format!(
+                "repeat: {repeat} must be between 1 (send once) and 16"
+            ));
+        }
+        if repeat > 1 && !(1..=3_600_000).contains(&delay) {
+            return Err(format!(
+                "repeat_delay_ms: {delay} must be between 1 and 3600000"
+            ));
+        }
         match self {
             SourceConfig::Tcp(c) => c.validate(),
             SourceConfig::Stdin(c) => c.validate(),
@@ -56,6 +76,14 @@ impl SourceConfig {
             SourceConfig::Generator(c) => generator::run(c, handle).await,
         }
     }
+}
+
+pub fn default_repeat() -> u32 {
+    1
+}
+
+pub fn default_repeat_delay() -> u64 {
+    1000
 }
 
 /// What a running source uses to hand records over.

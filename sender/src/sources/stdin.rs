@@ -18,6 +18,12 @@ pub enum Mode {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub name: String,
+    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
+    #[serde(default = "super::default_repeat")]
+    pub repeat: u32,
+    /// Spacing of the copies; an outage shorter than this costs one copy.
+    #[serde(default = "super::default_repeat_delay")]
+    pub repeat_delay_ms: u64,
     #[serde(default = "default_mode")]
     pub mode: Mode,
     /// Topic of line messages; default: the source name.

@@ -22,6 +22,12 @@ use crate::metrics::Counters;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub name: String,
+    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
+    #[serde(default = "super::default_repeat")]
+    pub repeat: u32,
+    /// Spacing of the copies; an outage shorter than this costs one copy.
+    #[serde(default = "super::default_repeat_delay")]
+    pub repeat_delay_ms: u64,
     pub listen: SocketAddr,
     /// Largest chunk read into one record.
     #[serde(default = "default_chunk")]
