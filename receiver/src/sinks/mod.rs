@@ -155,7 +155,8 @@ pub struct SinkShared {
     pub stats: SinkStats,
 }
 
-/// Backoff between retries of a failed write: doubles from 100 ms to 10 s.
+/// Backoff between retries of a failed write: doubles from 100 ms to 10 s,
+/// each wait jittered by ±50%.
 const RETRY_START: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Cursor saves are at most this frequent (each is an fsync).
@@ -250,7 +251,8 @@ pub fn run_sink(t: SinkThread) {
                     }
                     tracing::warn!(sink = %name, retry_in_ms = delay.as_millis() as u64, "write failed: {e:#}");
                     shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(delay);
+                    // Jitter (0.5x to 1.5x) so sinks failing together do not retry in step.
+                    std::thread::sleep(delay.mul_f64(rand::random::<f64>() + 0.5));
                     delay = (delay * 2).min(RETRY_MAX);
                 }
             }
