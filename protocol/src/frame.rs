@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!  0     2    magic 0x57 0x52 ("WR")
-//!  2     1    version (1)
+//!  2     1    version (2)
 //!  3     1    flags (bit 0: control frame)
 //!  4     8    session id (random per sender start)
 //! 12     8    block number (data) or control sequence (control)
@@ -20,7 +20,8 @@
 use thiserror::Error;
 
 pub const MAGIC: [u8; 2] = *b"WR";
-pub const VERSION: u8 = 1;
+/// 2: records carry `resent`, stream infos an `epoch`, blocks gap notices.
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 32;
 pub const CRC_LEN: usize = 4;
 /// Bytes a frame adds around its shard.
@@ -174,7 +175,7 @@ pub enum FrameError {
     Truncated { len: usize },
     #[error("datagram does not start with the weir magic bytes")]
     BadMagic,
-    #[error("frame version {0} is not supported (this receiver speaks version 1)")]
+    #[error("frame version {0} is not supported (this receiver speaks version 2)")]
     UnsupportedVersion(u8),
     #[error("datagram is {len} bytes but its header says {expected}")]
     LengthMismatch { len: usize, expected: usize },

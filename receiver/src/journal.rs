@@ -231,6 +231,7 @@ fn read_from(
     first: u64,
     from: u64,
     max: usize,
+    limit: u64,
 ) -> Result<Vec<(u64, Entry)>> {
     if reader
         .as_ref()
@@ -250,6 +251,7 @@ fn read_from(
     while *index < from {
         let mut header = [0u8; 8];
         if std::io::Read::read_exact(file, &mut header).is_err() {
+            *reader = None;
             return Ok(Vec::new());
         }
         let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as i64;
@@ -258,7 +260,8 @@ fn read_from(
     }
     let mut out = Vec::new();
     let mut buf = Vec::new();
-    while out.len() < max {
+    // Only fsynced entries (below `limit`) are whole; never read past them.
+    while out.len() < max && *index < limit {
         match read_entry(file, &mut buf)? {
             ReadOutcome::Entry => {
                 let e: Entry = postcard::from_bytes(&buf)
@@ -266,7 +269,11 @@ fn read_from(
                 out.push((*index, e));
                 *index += 1;
             }
-            ReadOutcome::End | ReadOutcome::Torn(_) => break,
+            ReadOutcome::End | ReadOutcome::Torn(_) => {
+                // The position may be inside an entry: reopen next time.
+                *reader = None;
+                break;
+            }
         }
     }
     Ok(out)
@@ -688,7 +695,14 @@ impl Journal {
                 break;
             }
             let want = max - out.len();
-            let entries = read_from(reader, &seg.path, seg.first, from.max(seg.first), want)?;
+            let entries = read_from(
+                reader,
+                &seg.path,
+                seg.first,
+                from.max(seg.first),
+                want,
+                durable,
+            )?;
             out.extend(entries.into_iter().filter(|(i, _)| *i < durable));
         }
         Ok(out)

@@ -185,7 +185,12 @@ fn run(path: &Path) -> Result<()> {
         }),
         Err(_) => Vec::new(),
     };
-    for g in &open_gaps {
+    // Only gaps of the link and the sender: a sink-overflow gap concerns one
+    // sink, and a resend of it would reach every sink.
+    for g in open_gaps
+        .iter()
+        .filter(|g| !g.cause.starts_with("sink-overflow"))
+    {
         decoder.restore_open_gap(&g.stream, g.from, g.to);
     }
     let socket = udp::LinkSocket::open(cfg.link.listen, loaded.recv_buffer, cfg.link.mtu)?;

@@ -280,7 +280,7 @@ pub fn run(
         }
         if flushed && enc.is_idle() && carry.is_empty() {
             publish(&mut enc, &counters);
-            spool.lock().save_state()?;
+            // The final state save happens in main, after the sync thread stops.
             tracing::info!("link drained; sender stopping (unsent records stay in the spool)");
             return Ok(());
         }

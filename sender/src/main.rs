@@ -1,7 +1,7 @@
 //! `weir-sender`: the OT side of a weir link.
 //!
-//! Sources (tcp, stdin, generator) hand records to a bounded queue; the
-//! link thread feeds them to the protocol encoder, which bundles them into
+//! Sources (tcp, stdin, generator) append records to a bounded disk spool;
+//! the link thread feeds them to the protocol encoder, which bundles them into
 //! Reed-Solomon protected blocks, and sends the frames through a token
 //! bucket pacer at the configured link rate. Nothing is ever read from the
 //! link: there is no return path.

@@ -688,7 +688,7 @@ impl Spool {
     }
 
     pub fn has_room_for_streams(&self) -> bool {
-        self.unsent_bytes() <= STREAM_HIGH_WATER
+        self.unsent_bytes() <= STREAM_HIGH_WATER.min(self.settings.max_bytes / 4)
     }
 
     /// Entries below `index` are on the wire; saved for the next start.

@@ -197,7 +197,22 @@ impl FileSink {
                 .sync_data()
                 .with_context(|| format!("syncing {}", f.name))?;
         }
-        self.current.remove(&key_name(stream, raw));
+        // The stream's next file is named now, so the stream never drops out
+        // of the resume state (a stream missing from it has no confirmed data).
+        let key = key_name(stream, raw);
+        let (stem, ext) = (file_stem(stream), extension(raw));
+        let number = self
+            .current
+            .get(&key)
+            .and_then(|c| number_of(&c.name, &stem, ext))
+            .unwrap_or(0);
+        self.current.insert(
+            key,
+            Current {
+                name: format!("{stem}.{:06}.{ext}", number + 1),
+                offset: 0,
+            },
+        );
         Ok(())
     }
 }
@@ -317,6 +332,31 @@ impl Sink for FileSink {
                     tracing::info!(file = %name, "file sink: removing a file started after the last confirmed batch (its records are written again)");
                     std::fs::remove_file(self.dir.join(name))?;
                 }
+            }
+        }
+        // Streams with no confirmed data at all started after the cursor was
+        // saved: their files hold only records the journal replays.
+        let known: std::collections::HashSet<(String, String)> = current
+            .values()
+            .filter_map(|c| {
+                let mut parts = c.name.rsplitn(3, '.');
+                let ext = parts.next()?.to_string();
+                let _number = parts.next()?;
+                Some((parts.next()?.to_string(), ext))
+            })
+            .collect();
+        for name in &listing {
+            let mut parts = name.rsplitn(3, '.');
+            let (Some(ext), Some(number), Some(stem)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let ours = (ext == "jsonl" || ext == "bin")
+                && number.len() == 6
+                && number.chars().all(|c| c.is_ascii_digit());
+            if ours && !known.contains(&(stem.to_string(), ext.to_string())) {
+                tracing::info!(file = %name, "file sink: removing a file of a stream first written after the last confirmed batch (its records are written again)");
+                std::fs::remove_file(self.dir.join(name))?;
             }
         }
         self.current = current;

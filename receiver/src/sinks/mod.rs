@@ -120,7 +120,10 @@ pub trait Sink: Send {
     /// A retryable failure happened: a sink that cannot know what its
     /// destination kept (no acknowledgement) forgets what it wrote, so the
     /// previous and current batches are written again (at least once).
-    fn forget_written(&mut self) {}
+    /// Returns true when the previous batch must be written again.
+    fn forget_written(&mut self) -> bool {
+        false
+    }
     /// Called once at start with the last saved `resume_state`.
     fn resume(&mut self, _state: &Value) -> anyhow::Result<()> {
         Ok(())
@@ -233,8 +236,7 @@ pub fn run_sink(t: SinkThread) {
                 }
                 Err(SinkError::Retry(e)) => {
                     shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    sink.forget_written();
-                    if !replayed {
+                    if sink.forget_written() && !replayed {
                         replayed = true;
                         if let Some(prev) = &previous {
                             let mut again: Vec<&Delivered> = prev

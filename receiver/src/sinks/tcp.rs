@@ -165,8 +165,9 @@ impl Sink for TcpSink {
 
     /// After a failed write the server may have lost what the kernel had
     /// accepted: forget what was written so the replayed batches go again.
-    fn forget_written(&mut self) {
+    fn forget_written(&mut self) -> bool {
         self.written.clear();
         self.unflushed.clear();
+        true
     }
 }

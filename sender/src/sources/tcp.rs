@@ -2,10 +2,10 @@
 //! become chunks of this source's `Bytes` stream, the last chunk of a
 //! connection marked `end`. Connections are served one after another so
 //! each connection's bytes stay contiguous. A byte stream cannot lose bytes
-//! gracefully, so while the queue is above its high-water mark the source
+//! gracefully, so while the spool holds more than its high-water mark the source
 //! stops reading and TCP flow control slows the peer. It never drops on its
-//! own account; only other sources overflowing the shared queue can push
-//! its oldest chunks out (counted in queue_dropped_records, reported as a gap).
+//! own account; only other sources overflowing the shared spool can push
+//! its oldest chunks out (counted in spool_dropped_records, announced as a gap).
 
 use std::net::SocketAddr;
 
