@@ -420,13 +420,7 @@ impl Pipeline {
                 };
                 let mut ranges: Vec<(String, u64, u64)> = Vec::new();
                 for (_, e) in entries {
-                    if let crate::journal::Entry::Record {
-                        stream,
-                        seq,
-                        resent: false,
-                        ..
-                    } = e
-                    {
+                    if let crate::journal::Entry::Record { stream, seq, .. } = e {
                         if !self.sinks[i].routes.is_match(&stream) {
                             continue;
                         }

@@ -143,11 +143,8 @@ fn resend(path: &Path, stream: &str, from: u64, to: Option<u64>) -> Result<()> {
             _ => anyhow::bail!("stream `{stream}`: the spool at {} holds no records of it; check the name against the audit log", root.display()),
         }
     };
-    let wanted = if to == u64::MAX {
-        last - from + 1
-    } else {
-        to - from + 1
-    };
+    // Records past the newest retained one do not exist yet: not "missing".
+    let wanted = to.min(last) - from + 1;
     let request = link::ResendRequest {
         stream: stream.to_string(),
         from,
@@ -309,6 +306,29 @@ fn run(path: &Path) -> Result<()> {
         ticker_stop_handle = Some((ticker_stop, ticker));
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
+    // While the link drains the spool (every source finished), a signal
+    // still stops the sender promptly; what is unsent stays spooled.
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+                    }
+                });
+                tracing::info!(
+                    "signal received while draining: stopping (unsent records stay in the spool)"
+                );
+                stop.store(link::STOP, Ordering::Relaxed);
+            }
+        });
+    }
     let result = link
         .join()
         .map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
