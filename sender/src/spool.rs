@@ -418,7 +418,16 @@ impl Spool {
         payload.clear();
         let payload = postcard::to_extend(&EntryRef { stream, seq, body }, payload)
             .expect("postcard into Vec");
-        let written = write_entry(&mut self.writer, &payload);
+        // A large record (a stream chunk) goes to the OS at once, so a crash
+        // of this process cannot lose it; small ones within the sync
+        // thread's 2 ms tick.
+        let big = payload.len() >= 8192;
+        let written = write_entry(&mut self.writer, &payload).and_then(|n| {
+            if big {
+                self.writer.flush()?;
+            }
+            Ok(n)
+        });
         let size = (ENTRY_HEADER + payload.len()) as u64;
         self.scratch = payload;
         written
@@ -797,6 +806,9 @@ impl SharedSpool {
     pub fn tick(&self) {
         let job = {
             let mut spool = self.lock();
+            if let Err(e) = spool.writer.flush() {
+                self.fail(anyhow::Error::new(e).context("spool: writing a segment"));
+            }
             if let Err(e) = spool.enforce_bounds() {
                 self.fail(e);
             }
