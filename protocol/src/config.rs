@@ -144,8 +144,8 @@ pub struct DecoderConfig {
 impl Default for DecoderConfig {
     fn default() -> Self {
         DecoderConfig {
-            // 256 blocks of RS(64,16) at 1436-byte shards is about 29 MiB;
-            // hostile headers (k + m = 256) could make it 94 MiB at most.
+            // 256 blocks of RS(64,16) at 1436-byte shards is about 28 MiB;
+            // hostile headers (k + m = 256) could make it about 90 MiB.
             max_blocks_in_flight: 256,
             block_timeout: 300 * NANOS_PER_MILLI,
             max_record_size: 16 << 20,

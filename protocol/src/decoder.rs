@@ -71,12 +71,9 @@ pub struct Gap {
 }
 
 impl Gap {
-    pub fn len(&self) -> u64 {
+    /// How many records the gap names (never zero: `from <= to`).
+    pub fn records(&self) -> u64 {
         self.to - self.from + 1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -994,7 +991,7 @@ impl Decoder {
             cause,
         };
         self.stats.gaps += 1;
-        self.stats.gap_records += gap.len();
+        self.stats.gap_records += gap.records();
         self.remember_open_gap(stream, from, to);
         self.events.push_back(Event::Gap(gap));
     }

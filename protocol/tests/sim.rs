@@ -633,17 +633,18 @@ fn low_rate_traffic_survives_bursts_through_spare_capacity_parity() {
 
 #[test]
 fn a_slow_link_loses_no_block_to_the_timeout_while_interleaved_groups_trickle_in() {
-    // 10 Mbit/s: a 1472-byte datagram every 1.2 ms, so an interleave group
-    // of 8 full blocks takes most of a second, longer than block_timeout.
+    // 1 Mbit/s: a 1472-byte datagram every 12 ms, so a block that needs
+    // parity completes up to 16 rounds of 8 datagrams (about 1.5 s) after
+    // its neighbours, far longer than block_timeout.
     let mut h = Harness::new(
         31,
         EncoderConfig::new(31),
         Impairments {
-            loss: 0.01,
+            loss: 0.03,
             ..Default::default()
         },
     );
-    h.frame_time = 1_200_000;
+    h.frame_time = 12_000_000;
     let s = h.enc.add_stream("slow", "generator", 0, 1);
     h.enc.handle_timeout(0);
     for i in 0..60_000 {

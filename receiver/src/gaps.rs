@@ -2,7 +2,7 @@
 //!
 //! Every `gap` range stays open until `recovered` events of the same stream
 //! cover it; a recovery of part of a gap splits it. Sequence numbers restart
-//! at each `sequence-reset` (a new sender session), so a recovery only
+//! at each `sequence-reset` (the sender lost its sequence state: a new epoch), so a recovery only
 //! applies to gaps reported since the last reset of its stream: before that
 //! the same numbers named other records.
 

@@ -216,7 +216,7 @@ impl Pipeline {
                         {
                             self.fail(e);
                         }
-                        tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.len(), cause = g.cause.as_str(), "gap: records will not arrive");
+                        tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.records(), cause = g.cause.as_str(), "gap: records will not arrive");
                         self.audit.write("gap", json!({ "stream": &*g.stream, "from": g.from, "to": g.to, "cause": g.cause.as_str() }));
                     }
                     Event::SessionStarted {

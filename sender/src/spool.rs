@@ -401,13 +401,16 @@ impl Spool {
 
     /// The sequence state of a stream, created (with a fresh epoch) if new.
     pub fn stream(&mut self, name: &str) -> StreamState {
-        *self
-            .streams
-            .entry(name.to_string())
-            .or_insert_with(|| StreamState {
-                epoch: rand::random(),
-                next_seq: 0,
-            })
+        // Called per appended record: look up before allocating a key.
+        if let Some(s) = self.streams.get(name) {
+            return *s;
+        }
+        let s = StreamState {
+            epoch: rand::random(),
+            next_seq: 0,
+        };
+        self.streams.insert(name.to_string(), s);
+        s
     }
 
     /// Appends a record, assigning the stream's next sequence number.

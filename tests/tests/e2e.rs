@@ -54,6 +54,14 @@ fn receiver_config(s: &Scratch, link: &Link, sinks: &str) -> String {
     )
 }
 
+/// A `file` sink named `files` writing into `dir`.
+fn file_sink(dir: &std::path::Path) -> String {
+    format!(
+        "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
+        dir.display()
+    )
+}
+
 fn sender_config(s: &Scratch, link: &Link, rate: &str, sources: &str) -> String {
     format!(
         "[link]\ndestination = \"127.0.0.1:{}\"\nrate = \"{rate}\"\n[metrics]\npath = \"{1}/sender-metrics.json\"\nlog_interval_s = 1\n[spool]\npath = \"{1}/spool\"\n{sources}",
@@ -146,14 +154,7 @@ fn generator_points_arrive_complete_in_the_file_sink_through_2pct_loss_with_burs
     let out = s.join("out");
     let rcfg = s.write(
         "receiver.toml",
-        &receiver_config(
-            &s,
-            &link,
-            &format!(
-                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
-                out.display()
-            ),
-        ),
+        &receiver_config(&s, &link, &file_sink(&out)),
     );
     let mut receiver = Proc::spawn(
         &s,
@@ -206,14 +207,7 @@ fn a_restarted_receiver_reports_exactly_the_records_it_missed() {
     let out = s.join("out");
     let rcfg = s.write(
         "receiver.toml",
-        &receiver_config(
-            &s,
-            &link,
-            &format!(
-                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
-                out.display()
-            ),
-        ),
+        &receiver_config(&s, &link, &file_sink(&out)),
     );
     let run_receiver = || {
         Proc::spawn(
@@ -271,14 +265,7 @@ fn garbage_datagrams_are_counted_and_the_receiver_keeps_delivering() {
     let out = s.join("out");
     let rcfg = s.write(
         "receiver.toml",
-        &receiver_config(
-            &s,
-            &link,
-            &format!(
-                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
-                out.display()
-            ),
-        ),
+        &receiver_config(&s, &link, &file_sink(&out)),
     );
     let mut receiver = Proc::spawn(
         &s,
@@ -390,14 +377,7 @@ fn a_repeated_stream_sends_every_record_twice_and_sinks_see_each_once() {
     let out = s.join("out");
     let rcfg = s.write(
         "receiver.toml",
-        &receiver_config(
-            &s,
-            &link,
-            &format!(
-                "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
-                out.display()
-            ),
-        ),
+        &receiver_config(&s, &link, &file_sink(&out)),
     );
     let mut receiver = Proc::spawn(
         &s,

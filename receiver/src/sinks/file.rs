@@ -64,8 +64,9 @@ impl Config {
     }
 }
 
-/// File names keep letters, digits, `.`, `-` and `_`; anything else
-/// (including `/`) becomes `_`, so a stream name cannot escape `dir`.
+/// File names keep letters, digits, `-` and `_`; anything else (`.` and
+/// `/` included) becomes `_`, so a stream name cannot escape `dir` and the
+/// `{stem}.{number}.{ext}` names parse unambiguously.
 pub fn file_stem(stream: &str) -> String {
     let stem: String = stream
         .chars()

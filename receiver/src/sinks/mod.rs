@@ -193,6 +193,7 @@ pub fn run_sink(t: SinkThread) {
     let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
     // The last batch written, offered again after a failure (see forget_written).
     let mut previous: Option<Arc<Vec<Delivered>>> = None;
+    let mut last_end = 0;
     let mut last_save = Instant::now() - CURSOR_INTERVAL;
     let mut unsaved: Option<u64> = None;
     loop {
@@ -208,10 +209,14 @@ pub fn run_sink(t: SinkThread) {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // Batches follow each other; a jump forward is an overflow skip.
+        // Batches come in journal order; a jump forward is an overflow skip.
         debug_assert!(
-            batch.start >= shared.confirmed.load(Ordering::Relaxed) || batch.start < batch.end
+            batch.start >= last_end && batch.start <= batch.end,
+            "batch {}..{} after {last_end}",
+            batch.start,
+            batch.end
         );
+        last_end = batch.end;
         let mut records: Vec<&Delivered> = batch
             .records
             .iter()
