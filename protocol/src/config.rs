@@ -139,6 +139,18 @@ pub struct DecoderConfig {
     /// Largest shard accepted (from the receiver's MTU); bounds the memory a
     /// pending block can take: at most 256 shards of this size.
     pub max_shard_len: usize,
+    /// Largest k (data shards per block) accepted; frames with more are
+    /// rejected and counted (`rejected_fec_shape`). Bounds the Reed-Solomon
+    /// work per block and the size of the matrices the codec cache keeps.
+    pub max_data_shards: usize,
+    /// Largest m (parity shards per block) accepted, likewise.
+    pub max_parity_shards: usize,
+    /// Set by the receiver when every frame's authentication tag is checked
+    /// before the decoder sees it. Only then may a newer session take over,
+    /// or the window jump far ahead, without waiting for the live session to
+    /// fall silent: an authenticated frame can only be a genuine one or a
+    /// replay, and replays are never newer than the live session.
+    pub frames_authenticated: bool,
 }
 
 impl Default for DecoderConfig {
@@ -151,9 +163,34 @@ impl Default for DecoderConfig {
             max_record_size: 16 << 20,
             max_streams: 4096,
             max_shard_len: shard_size_for_mtu(1500).expect("valid MTU"),
+            // Twice the sender's default k = 64, and its warm-up parity 32
+            // twice over: room for a larger configured sender, while a hostile
+            // k = 255 block (about 65 KB per inverted matrix) is refused.
+            max_data_shards: 128,
+            max_parity_shards: 64,
+            frames_authenticated: false,
         }
     }
 }
+
+/// Largest `decoder.max_blocks_in_flight` accepted: 65536 blocks of
+/// RS(64,16) at 1436-byte shards would already hold about 7 GiB.
+pub const MAX_BLOCKS_IN_FLIGHT: usize = 1 << 16;
+
+/// A sender session id that grows across sender restarts: the wall clock in
+/// milliseconds since the Unix epoch in the high 44 bits (enough until the
+/// year 2527) and 20 random bits below, so two senders started in the same
+/// millisecond still differ. The receiver lets a newer id take over a live
+/// session sooner than an older one (see `decoder.rs`, "Sessions"), so
+/// replays of an earlier session cannot displace the live one.
+pub fn session_id(unix_ms: u64, random: u64) -> u64 {
+    /// Milliseconds that fit the 44 high bits.
+    const MAX_MS: u64 = (1 << 44) - 1;
+    (unix_ms.min(MAX_MS) << SESSION_RANDOM_BITS) | (random & ((1 << SESSION_RANDOM_BITS) - 1))
+}
+
+/// Low bits of a session id that are random.
+pub const SESSION_RANDOM_BITS: u32 = 20;
 
 impl DecoderConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -166,8 +203,29 @@ impl DecoderConfig {
         if self.block_timeout == 0 {
             return fail("decoder.block_timeout_ms", "must be greater than zero");
         }
+        if self.max_blocks_in_flight > MAX_BLOCKS_IN_FLIGHT {
+            return fail(
+                "decoder.max_blocks_in_flight",
+                format!("must be at most {MAX_BLOCKS_IN_FLIGHT}"),
+            );
+        }
         if self.max_streams == 0 {
             return fail("decoder.max_streams", "must be at least 1");
+        }
+        if self.max_data_shards == 0 || self.max_data_shards > MAX_SHARDS {
+            return fail(
+                "fec.max_data_shards",
+                format!(
+                    "must be between 1 and {MAX_SHARDS}, got {}",
+                    self.max_data_shards
+                ),
+            );
+        }
+        if self.max_parity_shards >= MAX_SHARDS {
+            return fail(
+                "fec.max_parity_shards",
+                format!("must be below {MAX_SHARDS}, got {}", self.max_parity_shards),
+            );
         }
         Ok(())
     }
@@ -181,6 +239,24 @@ mod tests {
     fn defaults_are_valid() {
         EncoderConfig::new(1).validate().unwrap();
         DecoderConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn session_ids_grow_with_the_clock_whatever_the_random_bits() {
+        let earlier = session_id(1_700_000_000_000, u64::MAX);
+        let later = session_id(1_700_000_000_001, 0);
+        assert!(later > earlier);
+        assert_eq!(session_id(u64::MAX, 0), ((1 << 44) - 1) << 20);
+    }
+
+    #[test]
+    fn fec_limits_out_of_range_name_their_key() {
+        let mut c = DecoderConfig::default();
+        c.max_data_shards = 0;
+        assert_eq!(c.validate().unwrap_err().key, "fec.max_data_shards");
+        let mut c = DecoderConfig::default();
+        c.max_parity_shards = 256;
+        assert_eq!(c.validate().unwrap_err().key, "fec.max_parity_shards");
     }
 
     #[test]

@@ -7,8 +7,57 @@
 //! newest, is given up. Losses are then found by sequence number: a record
 //! whose sequence jumps, or a heartbeat naming a later last sequence once
 //! every block it covers is resolved, yields a [`Gap`] with the exact range.
+//!
+//! # Hostile numbers
+//! Every number taken from a frame, a record or a restored cursor is
+//! bounded before it is used: block numbers and heartbeat `next_block` at
+//! [`MAX_BLOCK`], sequence numbers at [`MAX_SEQ`], shapes at the receiver's
+//! `[fec]` limits; the arithmetic on them is checked or saturating, so no
+//! frame can overflow a counter or make a loop run past its bound.
+//!
+//! # How far a frame may move the decoder (the window rule)
+//! The live session has shown its `newest` block: the highest block of a
+//! shard it had accepted, or a heartbeat's `next_block - 1`. A data frame or
+//! heartbeat more than `slide` blocks past `newest` (`slide` =
+//! max(`max_blocks_in_flight` / 2, 2 × `MAX_INTERLEAVE`), 128 by default) is
+//! not used; it is held (at most [`HELD_MAX_BYTES`]) as evidence of a jump.
+//! So one frame raises `newest` by at most `slide` blocks, and N forged
+//! frames move the window by at most N × `slide` blocks. The window jumps to
+//! the lowest held block only once [`CORROBORATING_FRAMES`] distinct held
+//! frames are in and, unless frames are authenticated, the live session has
+//! had no frame accepted for the takeover silence below; any accepted frame
+//! within bound discards the evidence. A real sender after a link outage is
+//! followed within that silence, and everything it sent in between is
+//! named in exact `link-loss` gaps.
+//!
+//! # Sessions (the takeover rule)
+//! Frames of another session id are held (at most [`HELD_MAX_BYTES`]) as a
+//! candidate. The candidate replaces the live session when it has sent
+//! [`CORROBORATING_FRAMES`] distinct frames and the live session has had no
+//! frame accepted for:
+//! - nothing, when frames are authenticated and the candidate's id is
+//!   higher (sender ids grow with the sender's clock: `config::session_id`);
+//! - 2 × the gap the live session has shown between its heartbeats
+//!   (1 s until it has shown one), within [`TAKEOVER_SILENCE_MIN`] and
+//!   [`TAKEOVER_SILENCE_MAX`], when the candidate's id is higher but frames
+//!   are not authenticated: a live sender sends a heartbeat at least every
+//!   interval, so invented frames cannot take over from a sender that
+//!   keeps sending;
+//! - 4 × that gap, within [`OLDER_SESSION_SILENCE`] and
+//!   [`OLDER_SESSION_SILENCE_MAX`], when the candidate's id is lower: a
+//!   replay of an earlier session, or a sender whose clock went backwards.
+//!
+//! The candidate's held frames are then decoded, and records it sent that
+//! did not fit the held bound become exact `link-loss` gaps.
+//!
+//! # Replays
+//! A shard whose (session, block, index) was seen before is counted in
+//! `replayed`; one whose block is older than the window in `stale`; control
+//! frames likewise by their sequence number (a window of 64). Neither is
+//! decoded again, and a record is delivered at most once per stream
+//! position whatever arrives.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::bundle::{Entries, Entry};
@@ -19,14 +68,112 @@ use crate::frame::{FrameError, FrameHeader};
 use crate::record::{GapNotice, NoticeCause, Record, RecordBody, StreamId, StreamInfo};
 use crate::Nanos;
 
-/// Frames a new session must send before it replaces a live one.
-const SESSION_SWITCH_FRAMES: usize = 8;
+/// Highest block number (or heartbeat `next_block`) accepted. A sender
+/// sending ten million blocks a second takes over 14,000 years to reach it,
+/// and every `block + n` the decoder computes stays far from `u64::MAX`.
+pub const MAX_BLOCK: u64 = 1 << 62;
+/// Highest record sequence number accepted (records, gap notices,
+/// heartbeat `last_seq`), for the same reason.
+pub const MAX_SEQ: u64 = 1 << 62;
+
+/// Distinct frames a new session, or a jump of the window, must show before
+/// the decoder follows it: one stray or CRC-colliding datagram never does.
+pub const CORROBORATING_FRAMES: usize = 8;
+/// Bytes of frames held per candidate session and per pending jump, so a
+/// real sender's frames are not lost while the decoder waits to trust them
+/// (about 2.7 s at 100 Mbit/s); frames beyond are dropped and counted.
+pub const HELD_MAX_BYTES: usize = 32 << 20;
+/// Bounds of the silence asked of a live session before a newer,
+/// unauthenticated session takes over or the window jumps.
+pub const TAKEOVER_SILENCE_MIN: Nanos = 200 * crate::NANOS_PER_MILLI;
+pub const TAKEOVER_SILENCE_MAX: Nanos = 30 * crate::NANOS_PER_SEC;
+/// Bounds of the silence asked before a session with a lower id takes over
+/// (a replay of an earlier session, or a sender whose clock went back).
+pub const OLDER_SESSION_SILENCE: Nanos = 60 * crate::NANOS_PER_SEC;
+pub const OLDER_SESSION_SILENCE_MAX: Nanos = 600 * crate::NANOS_PER_SEC;
+/// Heartbeat gap assumed until a session has shown two heartbeats: the
+/// sender's default `heartbeat.interval`.
+const DEFAULT_HEARTBEAT_GAP: Nanos = crate::NANOS_PER_SEC;
+/// Control frames remembered below the newest control sequence, to reject
+/// replayed heartbeats.
+const CONTROL_WINDOW: u64 = 64;
+
+/// Control sequence numbers a frame may skip past the highest seen; more
+/// is held as far-ahead evidence like a block past the window bound. At
+/// one heartbeat a second this is over an hour of lost heartbeats.
+const CONTROL_SLIDE: u64 = 4096;
+
+enum Seen {
+    Fresh,
+    Replayed,
+    Stale,
+}
+
+/// Frames held until enough of them corroborate a takeover or a jump.
+struct Held {
+    /// Where each held frame points (its block, or a heartbeat's next_block).
+    positions: Vec<u64>,
+    frames: Vec<Vec<u8>>,
+    bytes: usize,
+    /// (control, block, index) of the frames held: distinct frames only.
+    seen: HashSet<(bool, u64, u16)>,
+}
+
+impl Held {
+    fn new() -> Self {
+        Held {
+            positions: Vec::new(),
+            frames: Vec::new(),
+            bytes: 0,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The lowest and highest positions within `slide` of the median one:
+    /// a minority of outliers (forged or stray) cannot place the window.
+    fn anchor(&self, slide: u64) -> (u64, u64) {
+        let mut sorted = self.positions.clone();
+        sorted.sort_unstable();
+        let Some(&median) = sorted.get(sorted.len() / 2) else {
+            return (0, 0);
+        };
+        let near = |p: &&u64| p.abs_diff(median) <= slide;
+        let lowest = sorted.iter().find(near).copied().unwrap_or(median);
+        let highest = sorted.iter().rev().find(near).copied().unwrap_or(median);
+        (lowest, highest)
+    }
+
+    /// Holds a frame, unless it repeats one held or the bytes are spent.
+    fn hold(&mut self, header: &FrameHeader, position: u64, datagram: &[u8]) -> Hold {
+        let key = (header.is_control(), header.block, header.index);
+        if self.seen.contains(&key) {
+            return Hold::Repeat;
+        }
+        if self.bytes.saturating_add(datagram.len()) > HELD_MAX_BYTES {
+            return Hold::Full;
+        }
+        self.seen.insert(key);
+        self.positions.push(position);
+        self.bytes = self.bytes.saturating_add(datagram.len());
+        self.frames.push(datagram.to_vec());
+        Hold::Held
+    }
+
+    fn distinct(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+enum Hold {
+    Held,
+    Repeat,
+    Full,
+}
 
 /// A session seen while another is live, not yet trusted.
 struct Candidate {
     id: u64,
-    first: u64,
-    frames: Vec<Vec<u8>>,
+    held: Held,
 }
 
 /// Past sessions remembered so their late or replayed frames are rejected.
@@ -73,7 +220,7 @@ pub struct Gap {
 impl Gap {
     /// How many records the gap names (never zero: `from <= to`).
     pub fn records(&self) -> u64 {
-        self.to - self.from + 1
+        self.to.saturating_sub(self.from).saturating_add(1)
     }
 }
 
@@ -117,7 +264,7 @@ pub enum Event {
     },
 }
 
-/// Every datagram lands in exactly one of the first eleven counters.
+/// Counters of everything the decoder saw, dropped and delivered.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DecoderStats {
     pub datagrams: u64,
@@ -132,15 +279,31 @@ pub struct DecoderStats {
     pub rejected_length: u64,
     pub rejected_crc: u64,
     pub rejected_header: u64,
+    /// Data frames whose k or m is above the receiver's `[fec]` limits.
+    pub rejected_fec_shape: u64,
     pub rejected_stale_session: u64,
     /// Frames of a would-be new session that another one displaced before
     /// it sent enough frames to be trusted.
     pub rejected_stray_session: u64,
-    /// Shards of blocks already delivered or given up. Most are parity
-    /// that was not needed: a block is delivered as soon as k shards are in.
-    pub late_shards: u64,
-    /// A shard index received twice for the same block.
-    pub duplicate_shards: u64,
+    /// Shards of blocks older than the window (already delivered or given
+    /// up), and control frames older than the control window. Most are
+    /// parity that was not needed: a block is delivered as soon as k shards
+    /// are in. Replays of old frames land here too.
+    pub stale: u64,
+    /// A (block, shard) or control frame of the session seen before: the
+    /// link duplicated it, or someone replays it.
+    pub replayed: u64,
+    /// Frames of the live session past its window bound, held as evidence
+    /// of a jump (see the window rule).
+    pub far_ahead: u64,
+    /// Held far-ahead frames thrown away because the live session went on
+    /// within its bound.
+    pub rejected_far_ahead: u64,
+    /// Frames not held because a candidate's or a jump's held bytes were
+    /// spent ([`HELD_MAX_BYTES`]); after the switch they are exact gaps.
+    pub rejected_held_overflow: u64,
+    /// Times the window jumped to corroborated far-ahead frames.
+    pub window_jumps: u64,
     pub inconsistent_shards: u64,
     pub bad_control: u64,
     pub blocks_decoded: u64,
@@ -187,10 +350,15 @@ impl DecoderStats {
             ("rejected_length", self.rejected_length),
             ("rejected_crc", self.rejected_crc),
             ("rejected_header", self.rejected_header),
+            ("rejected_fec_shape", self.rejected_fec_shape),
             ("rejected_stale_session", self.rejected_stale_session),
             ("rejected_stray_session", self.rejected_stray_session),
-            ("late_shards", self.late_shards),
-            ("duplicate_shards", self.duplicate_shards),
+            ("stale", self.stale),
+            ("replayed", self.replayed),
+            ("far_ahead", self.far_ahead),
+            ("rejected_far_ahead", self.rejected_far_ahead),
+            ("rejected_held_overflow", self.rejected_held_overflow),
+            ("window_jumps", self.window_jumps),
             ("inconsistent_shards", self.inconsistent_shards),
             ("bad_control", self.bad_control),
             ("blocks_decoded", self.blocks_decoded),
@@ -256,6 +424,58 @@ struct Session {
     partial: Option<Partial>,
     /// (next_block, arrival time, streams) of heartbeats not yet applied.
     checks: VecDeque<(u64, Nanos, Vec<StreamStatus>)>,
+    /// Highest block the session has shown (see the window rule).
+    newest: u64,
+    /// When a frame of the session was last accepted (not stale, replayed
+    /// or held).
+    last_accepted_at: Nanos,
+    /// When the session's last heartbeat (part 0) was accepted.
+    last_heartbeat_at: Option<Nanos>,
+    /// Gap between heartbeats the session has shown: rises at once, falls
+    /// slowly, so one quick pair of heartbeats does not shorten it.
+    heartbeat_gap: Nanos,
+    /// Highest control sequence accepted, and a bitmap of the
+    /// `CONTROL_WINDOW` below it (bit d: sequence top - d was accepted).
+    control_top: Option<u64>,
+    control_seen: u64,
+    /// Far-ahead frames held as evidence of a jump.
+    ahead: Option<Held>,
+}
+
+impl Session {
+    /// Notes control sequence `seq`: fresh, seen before, or older than the
+    /// control window.
+    fn note_control(&mut self, seq: u64) -> Seen {
+        match self.control_top {
+            None => {
+                self.control_top = Some(seq);
+                self.control_seen = 1;
+                Seen::Fresh
+            }
+            Some(top) if seq > top => {
+                let shift = seq - top;
+                self.control_seen = if shift >= CONTROL_WINDOW {
+                    0
+                } else {
+                    self.control_seen << shift
+                };
+                self.control_seen |= 1;
+                self.control_top = Some(seq);
+                Seen::Fresh
+            }
+            Some(top) => {
+                let behind = top - seq;
+                if behind >= CONTROL_WINDOW {
+                    Seen::Stale
+                } else if self.control_seen & (1 << behind) != 0 {
+                    Seen::Replayed
+                } else {
+                    self.control_seen |= 1 << behind;
+                    Seen::Fresh
+                }
+            }
+        }
+    }
 }
 
 /// A stream's delivered position, as saved and restored by the receiver.
@@ -387,8 +607,17 @@ impl Decoder {
                 return;
             }
         };
-        if !header.is_control() && header.shard_len as usize > self.cfg.max_shard_len {
+        if (!header.is_control() && header.shard_len as usize > self.cfg.max_shard_len)
+            || header.block > MAX_BLOCK
+        {
             self.stats.rejected_header += 1;
+            return;
+        }
+        if !header.is_control()
+            && (header.k as usize > self.cfg.max_data_shards
+                || header.m as usize > self.cfg.max_parity_shards)
+        {
+            self.stats.rejected_fec_shape += 1;
             return;
         }
         if self.session.as_ref().map(|s| s.id) != Some(header.session) {
@@ -400,68 +629,127 @@ impl Decoder {
                 self.stats.bad_control += 1;
                 return;
             };
-            if self.session.is_some() {
-                self.hold_candidate(now, header.session, position, datagram);
-                return;
-            }
-            self.start_session(header.session, position);
+            self.hold_candidate(now, &header, position, datagram);
+            return;
         }
-        self.handle_frame(now, &header, shard);
+        self.handle_frame(now, &header, shard, datagram);
     }
 
-    fn handle_frame(&mut self, now: Nanos, header: &FrameHeader, shard: &[u8]) {
+    fn handle_frame(&mut self, now: Nanos, header: &FrameHeader, shard: &[u8], datagram: &[u8]) {
         if header.is_control() {
-            self.handle_control(now, shard);
+            self.handle_control(now, header, shard, datagram);
         } else {
-            self.handle_shard(now, header, shard);
+            self.handle_shard(now, header, shard, datagram);
         }
     }
 
-    /// Where a frame sits in its session: its block, or a heartbeat's next_block.
+    /// Where a frame sits in its session: its block, or a heartbeat's
+    /// next_block; None for a control frame that is not a heartbeat with a
+    /// next_block within [`MAX_BLOCK`].
     fn position(header: &FrameHeader, shard: &[u8]) -> Option<u64> {
         if !header.is_control() {
             return Some(header.block);
         }
         match postcard::from_bytes::<Control>(shard) {
-            Ok(Control::Heartbeat(hb)) => Some(hb.next_block),
-            Err(_) => None,
+            Ok(Control::Heartbeat(hb)) if hb.next_block <= MAX_BLOCK => Some(hb.next_block),
+            _ => None,
         }
     }
 
-    /// Holds frames of a new session until it has sent
-    /// `SESSION_SWITCH_FRAMES` of them, then switches and replays them, so
-    /// one stray or CRC-colliding datagram cannot end a live session.
-    fn hold_candidate(&mut self, now: Nanos, id: u64, position: u64, datagram: &[u8]) {
-        match &mut self.candidate {
-            Some(c) if c.id == id => {
-                c.first = c.first.min(position);
-                c.frames.push(datagram.to_vec());
-            }
-            other => {
-                if let Some(old) = other.take() {
-                    self.stats.rejected_stray_session += old.frames.len() as u64;
-                }
-                self.candidate = Some(Candidate {
-                    id,
-                    first: position,
-                    frames: vec![datagram.to_vec()],
-                });
-            }
+    /// How far past the newest block it has shown a session's frame may
+    /// point and still be used (see the window rule in the module doc).
+    fn slide(&self) -> u64 {
+        (self.cfg.max_blocks_in_flight as u64 / 2).max(2 * MAX_INTERLEAVE as u64)
+    }
+
+    /// Holds frames of a session other than the live one until it may take
+    /// over (see the takeover rule in the module doc), then switches and
+    /// decodes them, so stray, invented or replayed frames cannot end a
+    /// live session.
+    fn hold_candidate(&mut self, now: Nanos, header: &FrameHeader, position: u64, datagram: &[u8]) {
+        let id = header.session;
+        if self.candidate.as_ref().is_some_and(|c| c.id != id) {
+            let old = self.candidate.take().expect("checked above");
+            self.stats.rejected_stray_session = self
+                .stats
+                .rejected_stray_session
+                .saturating_add(old.held.frames.len() as u64);
         }
-        let c = self.candidate.as_ref().expect("just set");
-        if c.frames.len() < SESSION_SWITCH_FRAMES {
+        let c = self.candidate.get_or_insert_with(|| Candidate {
+            id,
+            held: Held::new(),
+        });
+        match c.held.hold(header, position, datagram) {
+            Hold::Held => {}
+            Hold::Repeat => self.stats.replayed += 1,
+            Hold::Full => self.stats.rejected_held_overflow += 1,
+        }
+        self.try_takeover(now);
+    }
+
+    /// The silence asked of the live session before a session with id
+    /// `candidate` takes over (the takeover rule).
+    fn takeover_silence(&self, candidate: u64) -> Nanos {
+        let Some(live) = self.session.as_ref() else {
+            return 0;
+        };
+        let gap = live.heartbeat_gap;
+        if candidate > live.id {
+            if self.cfg.frames_authenticated {
+                0
+            } else {
+                gap.saturating_mul(2)
+                    .clamp(TAKEOVER_SILENCE_MIN, TAKEOVER_SILENCE_MAX)
+            }
+        } else {
+            gap.saturating_mul(4)
+                .clamp(OLDER_SESSION_SILENCE, OLDER_SESSION_SILENCE_MAX)
+        }
+    }
+
+    /// When the candidate session may take over, once it has shown enough
+    /// distinct frames. A receiver without a live session trusts the first
+    /// authenticated frame; without authentication it too waits for
+    /// `CORROBORATING_FRAMES`, so one forged frame cannot place the window.
+    fn takeover_at(&self) -> Option<Nanos> {
+        let c = self.candidate.as_ref()?;
+        let Some(live) = self.session.as_ref() else {
+            let needed = if self.cfg.frames_authenticated {
+                1
+            } else {
+                CORROBORATING_FRAMES
+            };
+            return (c.held.distinct() >= needed).then_some(0);
+        };
+        if c.held.distinct() < CORROBORATING_FRAMES {
+            return None;
+        }
+        Some(
+            live.last_accepted_at
+                .saturating_add(self.takeover_silence(c.id)),
+        )
+    }
+
+    fn try_takeover(&mut self, now: Nanos) {
+        if !self.takeover_at().is_some_and(|at| now >= at) {
             return;
         }
-        let c = self.candidate.take().expect("present");
-        self.start_session(c.id, c.first);
-        for frame in &c.frames {
+        let c = self.candidate.take().expect("takeover_at saw a candidate");
+        let (first, newest) = c.held.anchor(self.slide());
+        self.start_session(now, c.id, first, newest);
+        self.replay_held(now, c.held.frames);
+    }
+
+    /// Decodes held frames in arrival order, as if they arrived now.
+    fn replay_held(&mut self, now: Nanos, frames: Vec<Vec<u8>>) {
+        for frame in &frames {
             if let Ok((header, shard)) = FrameHeader::parse(frame) {
-                self.handle_frame(now, &header, shard);
+                self.handle_frame(now, &header, shard, frame);
             }
         }
     }
 
-    fn start_session(&mut self, id: u64, first_block: u64) {
+    fn start_session(&mut self, now: Nanos, id: u64, first_block: u64, newest: u64) {
         self.finish_session();
         let lookback = (self.cfg.max_blocks_in_flight / 2) as u64;
         let joined_late = first_block > MAX_INTERLEAVE as u64;
@@ -474,6 +762,13 @@ impl Decoder {
             streams: HashMap::new(),
             partial: None,
             checks: VecDeque::new(),
+            newest: newest.max(first_block),
+            last_accepted_at: now,
+            last_heartbeat_at: None,
+            heartbeat_gap: DEFAULT_HEARTBEAT_GAP,
+            control_top: None,
+            control_seen: 0,
+            ahead: None,
         });
         self.events.push_back(Event::SessionStarted {
             session: id,
@@ -510,20 +805,121 @@ impl Decoder {
         self.retired.push_back(id);
     }
 
-    fn handle_control(&mut self, now: Nanos, body: &[u8]) {
+    /// A frame of the live session within its bound was accepted: it shows
+    /// the session alive, and contradicts any far-ahead evidence.
+    fn note_accepted(&mut self, now: Nanos) {
+        let session = self.session.as_mut().expect("session present");
+        session.last_accepted_at = session.last_accepted_at.max(now);
+        if let Some(held) = session.ahead.take() {
+            self.stats.rejected_far_ahead = self
+                .stats
+                .rejected_far_ahead
+                .saturating_add(held.frames.len() as u64);
+        }
+    }
+
+    /// Holds a frame of the live session that points past its bound, as
+    /// evidence of a jump (the window rule).
+    fn hold_ahead(&mut self, now: Nanos, header: &FrameHeader, position: u64, datagram: &[u8]) {
+        self.stats.far_ahead += 1;
+        let session = self.session.as_mut().expect("session present");
+        let held = session.ahead.get_or_insert_with(Held::new);
+        match held.hold(header, position, datagram) {
+            Hold::Held => {}
+            Hold::Repeat => self.stats.replayed += 1,
+            Hold::Full => self.stats.rejected_held_overflow += 1,
+        }
+        self.try_jump(now);
+    }
+
+    /// When the window may jump to the held far-ahead frames.
+    fn jump_at(&self) -> Option<Nanos> {
+        let session = self.session.as_ref()?;
+        let held = session.ahead.as_ref()?;
+        if held.distinct() < CORROBORATING_FRAMES {
+            return None;
+        }
+        let silence = if self.cfg.frames_authenticated {
+            0
+        } else {
+            session
+                .heartbeat_gap
+                .saturating_mul(2)
+                .clamp(TAKEOVER_SILENCE_MIN, TAKEOVER_SILENCE_MAX)
+        };
+        Some(session.last_accepted_at.saturating_add(silence))
+    }
+
+    fn try_jump(&mut self, now: Nanos) {
+        if !self.jump_at().is_some_and(|at| now >= at) {
+            return;
+        }
+        let slide = self.slide();
+        let session = self.session.as_mut().expect("jump_at saw a session");
+        let held = session.ahead.take().expect("jump_at saw held frames");
+        let (lowest, newest) = held.anchor(slide);
+        // Blocks of the same interleave group as the lowest one held may
+        // still be on their way.
+        let to = lowest.saturating_sub(MAX_INTERLEAVE as u64);
+        session.newest = session.newest.max(newest);
+        session.control_top = None;
+        session.control_seen = 0;
+        if let Some(through) = to.checked_sub(1).filter(|t| *t >= session.base) {
+            self.give_up_through(through);
+        }
+        self.stats.window_jumps += 1;
+        self.replay_held(now, held.frames);
+    }
+
+    fn handle_control(&mut self, now: Nanos, header: &FrameHeader, body: &[u8], datagram: &[u8]) {
         self.stats.control_frames += 1;
         let Ok(Control::Heartbeat(hb)) = postcard::from_bytes::<Control>(body) else {
             self.stats.bad_control += 1;
             return;
         };
+        let slide = self.slide();
         let session = self
             .session
             .as_mut()
             .expect("session started before control is handled");
-        if hb.session != session.id {
+        if hb.session != session.id || hb.next_block > MAX_BLOCK {
             self.stats.bad_control += 1;
             return;
         }
+        let control_bound = session
+            .control_top
+            .map_or(u64::MAX, |top| top.saturating_add(CONTROL_SLIDE));
+        if hb.next_block > session.newest.saturating_add(slide).saturating_add(1)
+            || header.block > control_bound
+        {
+            self.hold_ahead(now, header, hb.next_block, datagram);
+            return;
+        }
+        match session.note_control(header.block) {
+            Seen::Fresh => {}
+            Seen::Replayed => {
+                self.stats.replayed += 1;
+                return;
+            }
+            Seen::Stale => {
+                self.stats.stale += 1;
+                return;
+            }
+        }
+        session.newest = session.newest.max(hb.next_block.saturating_sub(1));
+        if hb.part == 0 {
+            if let Some(last) = session.last_heartbeat_at {
+                let gap = now.saturating_sub(last).min(TAKEOVER_SILENCE_MAX);
+                // Rises at once, falls by an eighth per heartbeat.
+                session.heartbeat_gap = if gap >= session.heartbeat_gap {
+                    gap
+                } else {
+                    session.heartbeat_gap - (session.heartbeat_gap - gap) / 8
+                };
+            }
+            session.last_heartbeat_at = Some(now);
+        }
+        self.note_accepted(now);
         self.stats.heartbeats += 1;
         for status in &hb.streams {
             self.learn_stream(&status.info);
@@ -564,16 +960,26 @@ impl Decoder {
         );
     }
 
-    fn handle_shard(&mut self, now: Nanos, h: &FrameHeader, shard: &[u8]) {
+    fn handle_shard(&mut self, now: Nanos, h: &FrameHeader, shard: &[u8], datagram: &[u8]) {
         let max_in_flight = self.cfg.max_blocks_in_flight as u64;
+        let slide = self.slide();
         let session = self.session.as_mut().expect("session started");
         if h.block < session.base {
-            self.stats.late_shards += 1;
+            self.stats.stale += 1;
             return;
         }
-        if h.block >= session.base + max_in_flight {
-            // Too far ahead: make room by giving up the oldest blocks.
-            self.give_up_through(h.block - max_in_flight);
+        if h.block > session.newest.saturating_add(slide) {
+            self.hold_ahead(now, h, h.block, datagram);
+            return;
+        }
+        if let Some(through) = h
+            .block
+            .checked_sub(max_in_flight)
+            .filter(|t| *t >= session.base)
+        {
+            // Past the window, within the bound: make room by giving up the
+            // oldest blocks.
+            self.give_up_through(through);
         }
         let session = self.session.as_mut().expect("session started");
         let (k, m, shard_len) = (h.k as usize, h.m as usize, h.shard_len as usize);
@@ -600,17 +1006,20 @@ impl Decoder {
             return;
         }
         let index = h.index as usize;
-        if block.decoded {
-            self.stats.surplus_shards += 1;
+        if block.present[index] {
+            self.stats.replayed += 1;
             return;
         }
-        if block.present[index] {
-            self.stats.duplicate_shards += 1;
+        block.present[index] = true;
+        if block.decoded {
+            self.stats.surplus_shards += 1;
+            session.newest = session.newest.max(h.block);
+            self.note_accepted(now);
             return;
         }
         block.buf[index * shard_len..(index + 1) * shard_len].copy_from_slice(shard);
-        block.present[index] = true;
         block.count += 1;
+        session.newest = session.newest.max(h.block);
         self.stats.shards_accepted += 1;
         // Mean gap between shards (idle periods capped), for `wait_limit`.
         if let Some(last) = self.last_shard_at {
@@ -618,6 +1027,10 @@ impl Decoder {
             self.interarrival = self.interarrival * 0.99 + gap * 0.01;
         }
         self.last_shard_at = Some(now);
+        let base = session.base;
+        self.note_accepted(now);
+        let session = self.session.as_mut().expect("session started");
+        let block = session.pending.get_mut(&h.block).expect("inserted above");
         if block.count < k {
             return;
         }
@@ -629,7 +1042,6 @@ impl Decoder {
                 block.decoded = true;
                 block.decoded_at = Some(now);
                 block.buf.truncate(block.data_len);
-                block.present = Vec::new();
                 self.stats.blocks_decoded += 1;
                 if rebuilt > 0 {
                     self.stats.blocks_repaired += 1;
@@ -643,7 +1055,7 @@ impl Decoder {
                 return;
             }
         }
-        if h.block == session.base {
+        if h.block == base {
             self.deliver_ready();
         }
     }
@@ -656,7 +1068,7 @@ impl Decoder {
             match session.pending.get(&base) {
                 Some(b) if b.decoded => {
                     let block = session.pending.remove(&base).expect("present");
-                    session.base += 1;
+                    session.base = base.saturating_add(1);
                     self.unpack_block(base, &block.buf);
                     self.recycle(block.buf);
                 }
@@ -666,9 +1078,12 @@ impl Decoder {
         self.apply_checks();
     }
 
-    /// Resolves every block up to and including `through`: decoded ones are
-    /// delivered, the rest given up.
+    /// Resolves every block up to and including `through` (at most
+    /// [`MAX_BLOCK`]): decoded ones are delivered, the rest given up. Runs
+    /// of blocks never seen are skipped in one step, so the loop runs at
+    /// most once per pending block plus once per run.
     fn give_up_through(&mut self, through: u64) {
+        let through = through.min(MAX_BLOCK);
         loop {
             let session = self.session.as_mut().expect("session present");
             if session.base > through {
@@ -677,26 +1092,30 @@ impl Decoder {
             let base = session.base;
             match session.pending.remove(&base) {
                 Some(b) if b.decoded => {
-                    session.base += 1;
+                    session.base = base.saturating_add(1);
                     self.unpack_block(base, &b.buf);
                     self.recycle(b.buf);
                     continue;
                 }
                 Some(_) => {
                     self.stats.blocks_lost += 1;
-                    session.base += 1;
+                    session.base = base.saturating_add(1);
                 }
                 None => {
                     // Jump over the whole run of blocks never seen.
+                    let after = through.saturating_add(1);
                     let next = session
                         .pending
                         .keys()
                         .next()
                         .copied()
-                        .unwrap_or(through + 1)
-                        .min(through + 1);
+                        .unwrap_or(after)
+                        .min(after);
                     let counted_from = base.max(session.first_block);
-                    self.stats.blocks_missing += next.saturating_sub(counted_from);
+                    self.stats.blocks_missing = self
+                        .stats
+                        .blocks_missing
+                        .saturating_add(next.saturating_sub(counted_from));
                     session.base = next;
                 }
             }
@@ -707,17 +1126,26 @@ impl Decoder {
 
     /// When `handle_timeout` should next run, if anything waits on time.
     pub fn poll_timeout(&self) -> Option<Nanos> {
-        let session = self.session.as_ref()?;
-        let later = session
-            .pending
-            .range(session.base + 1..)
-            .filter_map(|(_, b)| b.decoded_at);
-        let checks = session
-            .checks
-            .iter()
-            .filter(|c| c.0 > session.base)
-            .map(|c| c.1);
-        later.chain(checks).min().map(|t| t + self.wait_limit())
+        let blocks = self.session.as_ref().and_then(|session| {
+            let after = session.base.saturating_add(1);
+            let later = session
+                .pending
+                .range(after..)
+                .filter_map(|(_, b)| b.decoded_at);
+            let checks = session
+                .checks
+                .iter()
+                .filter(|c| c.0 > session.base)
+                .map(|c| c.1);
+            later
+                .chain(checks)
+                .min()
+                .map(|t| t.saturating_add(self.wait_limit()))
+        });
+        [blocks, self.takeover_at(), self.jump_at()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// How long a missing block is waited for once a later block is
@@ -730,27 +1158,38 @@ impl Decoder {
             .max((256.0 * self.interarrival) as Nanos)
     }
 
-    /// Gives up blocks that a later block has outwaited by `block_timeout`.
+    /// Gives up blocks that a later block has outwaited by the wait limit,
+    /// and lets a corroborated candidate session or window jump through
+    /// once the live session's silence allows it.
     pub fn handle_timeout(&mut self, now: Nanos) {
+        self.try_takeover(now);
+        self.try_jump(now);
         loop {
             let Some(session) = self.session.as_ref() else {
                 return;
             };
             let base = session.base;
             let limit = self.wait_limit();
-            let timed_out = |t: Nanos| now >= t + limit;
-            // A later block complete for a while, or a heartbeat announcing
-            // that every block below its next_block was sent before it.
-            let oldest_later = session
+            let timed_out = |t: Nanos| now >= t.saturating_add(limit);
+            // The furthest block complete for a while, or heartbeat that
+            // announced every block below its next_block was sent before it:
+            // everything below it that is not decoded is given up, in one step.
+            let witness = session
                 .pending
-                .range(base + 1..)
-                .any(|(_, b)| b.decoded_at.is_some_and(timed_out))
-                || session.checks.iter().any(|c| c.0 > base && timed_out(c.1));
+                .range(base.saturating_add(1)..)
+                .filter(|(_, b)| b.decoded_at.is_some_and(timed_out))
+                .map(|(k, _)| *k)
+                .next_back();
+            let vouched = session
+                .checks
+                .iter()
+                .filter(|c| c.0 > base && timed_out(c.1))
+                .map(|c| c.0)
+                .max();
             let blocked = !session.pending.get(&base).is_some_and(|b| b.decoded);
-            if oldest_later && blocked {
-                self.give_up_through(base);
-            } else {
-                return;
+            match witness.max(vouched) {
+                Some(until) if blocked => self.give_up_through(until.saturating_sub(1)),
+                _ => return,
             }
         }
     }
@@ -810,7 +1249,7 @@ impl Decoder {
                         && session
                             .partial
                             .as_ref()
-                            .is_some_and(|p| p.block + 1 == number);
+                            .is_some_and(|p| p.block.checked_add(1) == Some(number));
                     let Some(partial) = session.partial.as_mut().filter(|_| follows) else {
                         self.drop_partial();
                         self.stats.orphan_fragments += 1;
@@ -859,6 +1298,10 @@ impl Decoder {
                 return;
             }
         };
+        if record.seq > MAX_SEQ {
+            self.stats.bad_entries += 1;
+            return;
+        }
         let session = self.session.as_ref().expect("session present");
         let Some(meta) = session.streams.get(&record.stream).cloned() else {
             self.stats.unknown_stream_records += 1;
@@ -908,6 +1351,10 @@ impl Decoder {
             return;
         };
         self.stats.gap_notices += 1;
+        if notice.to > MAX_SEQ {
+            self.stats.bad_entries += 1;
+            return;
+        }
         let Some(expected) = self.prepare_cursor(&meta) else {
             return;
         };
@@ -960,7 +1407,8 @@ impl Decoder {
             }
             cursor.epoch = Some(meta.epoch);
         }
-        Some(cursor.last.map_or(meta.first_seq, |l| l + 1))
+        // A restored cursor comes from disk: saturate rather than wrap.
+        Some(cursor.last.map_or(meta.first_seq, |l| l.saturating_add(1)))
     }
 
     fn advance(&mut self, stream: &Arc<str>, to: u64) {
@@ -991,7 +1439,7 @@ impl Decoder {
             cause,
         };
         self.stats.gaps += 1;
-        self.stats.gap_records += gap.records();
+        self.stats.gap_records = self.stats.gap_records.saturating_add(gap.records());
         self.remember_open_gap(stream, from, to);
         self.events.push_back(Event::Gap(gap));
     }
@@ -1041,7 +1489,7 @@ impl Decoder {
     /// Coalesces consecutive recovered sequences into one event.
     fn note_recovered(&mut self, stream: &Arc<str>, seq: u64) {
         match &mut self.recovered {
-            Some((s, _, to)) if s == stream && *to + 1 == seq => *to = seq,
+            Some((s, _, to)) if s == stream && to.checked_add(1) == Some(seq) => *to = seq,
             _ => {
                 self.flush_recovered();
                 self.recovered = Some((stream.clone(), seq, seq));
@@ -1069,6 +1517,10 @@ impl Decoder {
                 let Some(last) = status.last_seq else {
                     continue;
                 };
+                if last > MAX_SEQ {
+                    self.stats.bad_control += 1;
+                    continue;
+                }
                 let Some(meta) = self.session_mut().streams.get(&status.info.id).cloned() else {
                     continue;
                 };
@@ -1091,15 +1543,21 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EncoderConfig, Point, Value};
+    use crate::{EncoderConfig, Point, Value, NANOS_PER_SEC};
     use proptest::prelude::*;
 
     /// Valid frames of a small session, to mutate.
     fn some_frames() -> Vec<Vec<u8>> {
-        let mut enc = crate::Encoder::new(EncoderConfig::new(42));
-        let s = enc.add_stream("s", "generator", 0, 7);
+        frames_of(42, 0..300)
+    }
+
+    /// Every frame a session with id `session` sends for records `seqs` of
+    /// one stream "s".
+    fn frames_of(session: u64, seqs: std::ops::Range<u64>) -> Vec<Vec<u8>> {
+        let mut enc = crate::Encoder::new(EncoderConfig::new(session));
+        let s = enc.add_stream("s", "generator", seqs.start, 7);
         enc.handle_timeout(0);
-        for seq in 0..300 {
+        for seq in seqs {
             let body = RecordBody::Point(Point {
                 tag: "t".into(),
                 ts_ns: 0,
@@ -1181,6 +1639,197 @@ mod tests {
             (s.rejected_truncated, s.rejected_bad_magic, s.rejected_crc),
             (1, 1, 1)
         );
-        assert_eq!(s.duplicate_shards, 1);
+        assert_eq!(s.replayed, 1);
+    }
+
+    /// A CRC-valid frame with any header, as a hostile sender would write.
+    fn forged(session: u64, block: u64, k: u16, m: u16, index: u16, shard: &[u8]) -> Vec<u8> {
+        let header = FrameHeader {
+            flags: 0,
+            session,
+            block,
+            index,
+            k,
+            m,
+            shard_len: shard.len() as u16,
+            data_len: shard.len() as u32,
+        };
+        let mut buf = vec![0u8; shard.len() + crate::frame::FRAME_OVERHEAD];
+        let n = header.write(shard, &mut buf);
+        buf.truncate(n);
+        buf
+    }
+
+    /// A control frame carrying `hb`, as a hostile sender would write it.
+    fn forged_heartbeat(control_seq: u64, hb: &Heartbeat) -> Vec<u8> {
+        let body = postcard::to_allocvec(&Control::Heartbeat(hb.clone())).unwrap();
+        let header = FrameHeader {
+            flags: crate::frame::FLAG_CONTROL,
+            session: hb.session,
+            block: control_seq,
+            index: 0,
+            k: 1,
+            m: 0,
+            shard_len: body.len() as u16,
+            data_len: body.len() as u32,
+        };
+        let mut buf = vec![0u8; body.len() + crate::frame::FRAME_OVERHEAD];
+        let n = header.write(&body, &mut buf);
+        buf.truncate(n);
+        buf
+    }
+
+    /// Runs `work` on its own thread and fails the test if it does not end
+    /// within 20 s (the old decoder spun forever on these inputs).
+    fn finishes_in_time<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(work());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the decoder hung (or panicked) on hostile input")
+    }
+
+    fn delivered_seqs(dec: &mut Decoder) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Some(ev) = dec.poll_event() {
+            if let Event::Record(r) = ev {
+                seqs.push(r.seq);
+            }
+        }
+        seqs
+    }
+
+    #[test]
+    fn a_block_u64_max_frame_then_frames_of_another_session_do_not_hang_the_decoder() {
+        let live = frames_of(42, 0..300);
+        let other = frames_of(43, 0..30_000);
+        assert!(other.len() >= 40);
+        let (seqs, later) = finishes_in_time(move || {
+            let mut dec = Decoder::new(DecoderConfig::default());
+            for f in &live {
+                dec.handle_datagram(0, f);
+            }
+            let mut seqs = delivered_seqs(&mut dec);
+            dec.handle_datagram(0, &forged(42, u64::MAX, 1, 0, 0, &[0u8; 64]));
+            for (i, f) in other[..40].iter().enumerate() {
+                dec.handle_datagram(i as Nanos, f);
+                dec.handle_timeout(i as Nanos * NANOS_PER_SEC);
+            }
+            seqs.extend(delivered_seqs(&mut dec));
+            // The new session took over once the old one fell silent, and
+            // still decodes what comes next.
+            for f in &other[40..] {
+                dec.handle_datagram(100 * NANOS_PER_SEC, f);
+            }
+            dec.handle_timeout(200 * NANOS_PER_SEC);
+            (seqs, delivered_seqs(&mut dec))
+        });
+        let all: Vec<u64> = seqs.into_iter().chain(later).collect();
+        assert_eq!(all, (0..30_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_heartbeat_announcing_a_far_ahead_next_block_neither_hangs_nor_moves_the_window() {
+        let frames = frames_of(42, 0..3000);
+        let (first, second) = frames.split_at(frames.len() / 3);
+        let (first, second) = (first.to_vec(), second.to_vec());
+        let seqs = finishes_in_time(move || {
+            let mut dec = Decoder::new(DecoderConfig::default());
+            for f in &first {
+                dec.handle_datagram(0, f);
+            }
+            let hb = Heartbeat {
+                session: 42,
+                uptime_ms: 0,
+                next_block: 1 << 40,
+                config_hash: String::new(),
+                counters: Vec::new(),
+                part: 0,
+                parts: 1,
+                streams: Vec::new(),
+            };
+            dec.handle_datagram(0, &forged_heartbeat(1000, &hb));
+            dec.handle_timeout(NANOS_PER_SEC);
+            // The real sender goes on.
+            for f in &second {
+                dec.handle_datagram(NANOS_PER_SEC, f);
+            }
+            dec.handle_timeout(2 * NANOS_PER_SEC);
+            delivered_seqs(&mut dec)
+        });
+        assert_eq!(seqs, (0..3000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_heartbeat_claiming_last_seq_u64_max_is_rejected_without_overflow() {
+        let mut dec = Decoder::new(DecoderConfig::default());
+        for f in frames_of(42, 0..300) {
+            dec.handle_datagram(0, &f);
+        }
+        while dec.poll_event().is_some() {}
+        let info = StreamInfo {
+            id: 0,
+            name: "s".into(),
+            source_type: "generator".into(),
+            first_seq: 0,
+            epoch: 7,
+        };
+        let hb = Heartbeat {
+            session: 42,
+            uptime_ms: 0,
+            next_block: 0,
+            config_hash: String::new(),
+            counters: Vec::new(),
+            part: 0,
+            parts: 1,
+            streams: vec![StreamStatus {
+                info,
+                last_seq: Some(u64::MAX),
+            }],
+        };
+        dec.handle_datagram(0, &forged_heartbeat(1000, &hb));
+        dec.handle_timeout(NANOS_PER_SEC);
+        assert_eq!(dec.stats().gaps, 0);
+        assert_eq!(dec.stats().gap_records, 0);
+        assert!(dec.stats().bad_control >= 1);
+    }
+
+    #[test]
+    fn frames_with_fec_shapes_beyond_the_receiver_limits_are_rejected_and_counted() {
+        let mut cfg = DecoderConfig::default();
+        cfg.max_data_shards = 64;
+        cfg.max_parity_shards = 32;
+        let mut dec = Decoder::new(cfg);
+        dec.handle_datagram(0, &forged(42, 0, 255, 1, 0, &[0u8; 64]));
+        dec.handle_datagram(0, &forged(42, 0, 64, 33, 0, &[0u8; 64]));
+        dec.handle_datagram(0, &forged(42, 0, 64, 32, 0, &[0u8; 64]));
+        assert_eq!(dec.stats().rejected_fec_shape, 2);
+    }
+
+    #[test]
+    fn replayed_shards_and_heartbeats_are_counted_and_never_decoded_twice() {
+        let frames = frames_of(42, 0..3000);
+        let mut dec = Decoder::new(DecoderConfig::default());
+        for f in &frames {
+            dec.handle_datagram(0, f);
+        }
+        dec.handle_timeout(NANOS_PER_SEC);
+        let before = dec.stats().clone();
+        // Everything again: delivered blocks are stale, heartbeats replayed.
+        for f in &frames {
+            dec.handle_datagram(2 * NANOS_PER_SEC, f);
+        }
+        dec.handle_timeout(3 * NANOS_PER_SEC);
+        let after = dec.stats();
+        assert_eq!(after.records, before.records);
+        assert_eq!(after.heartbeats, before.heartbeats);
+        assert_eq!(after.duplicate_records, before.duplicate_records);
+        assert_eq!(
+            (after.stale - before.stale) + (after.replayed - before.replayed),
+            frames.len() as u64
+        );
+        assert!(after.replayed > before.replayed, "heartbeats are replays");
+        assert_eq!(delivered_seqs(&mut dec), (0..3000).collect::<Vec<_>>());
     }
 }

@@ -1,32 +1,93 @@
 //! Reed-Solomon erasure coding of blocks: k data shards + m parity shards,
 //! any k of the k + m rebuild the data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use reed_solomon_erasure::galois_8::ReedSolomon;
 
 /// How many distinct (k, m) codecs to keep built. Partial blocks use smaller
-/// k, so a handful of shapes recur; the matrices are cheap to rebuild, and the
-/// cache is cleared when full so it stays bounded whatever frames arrive.
+/// k, so a handful of shapes recur; the matrices are cheap to rebuild.
 const CODEC_CACHE_LIMIT: usize = 64;
+
+/// Bytes the cached codecs may hold at most, counted by
+/// [`codec_worst_case_bytes`]. Each codec keeps up to 254 inverted k × k
+/// matrices (one per loss pattern, inside `reed-solomon-erasure`), so with
+/// k = 255 one codec can grow to about 17 MB and 64 of them to about 1 GB.
+/// 64 MiB holds about 48 codecs of the default RS(64,16) at their worst,
+/// or 14 of the largest shape the receiver accepts by default (128 + 64).
+pub const CODEC_CACHE_BYTES: usize = 64 << 20;
+
+/// Inverted matrices `reed-solomon-erasure` 6 caches per codec (its
+/// `DATA_DECODE_MATRIX_CACHE_CAPACITY`).
+const DECODE_MATRICES_PER_CODEC: usize = 254;
+/// A `Matrix` stores up to 1024 elements inline (a `SmallVec`), plus its
+/// dimensions; larger ones also take rows × cols bytes on the heap.
+const MATRIX_INLINE_BYTES: usize = 1024 + 64;
+/// LRU node, `Arc` and key `Vec` headers per cached matrix, rounded up.
+const DECODE_ENTRY_OVERHEAD: usize = 256;
+
+fn matrix_bytes(rows: usize, cols: usize) -> usize {
+    let elems = rows.saturating_mul(cols);
+    MATRIX_INLINE_BYTES.saturating_add(if elems > 1024 { elems } else { 0 })
+}
+
+/// An upper bound of the memory one RS(k, m) codec can hold: its encoding
+/// matrix and a full cache of inverted matrices, each keyed by the indices
+/// of up to m missing shards.
+pub fn codec_worst_case_bytes(k: usize, m: usize) -> usize {
+    let entry = matrix_bytes(k, k)
+        .saturating_add(m.saturating_mul(std::mem::size_of::<usize>()))
+        .saturating_add(DECODE_ENTRY_OVERHEAD);
+    matrix_bytes(k.saturating_add(m), k)
+        .saturating_add(DECODE_MATRICES_PER_CODEC.saturating_mul(entry))
+}
 
 #[derive(Default)]
 pub struct Fec {
     codecs: HashMap<(usize, usize), ReedSolomon>,
+    /// Shapes in the order they were built: the oldest is evicted first.
+    order: VecDeque<(usize, usize)>,
+    /// Sum of `codec_worst_case_bytes` over the cached codecs.
+    bytes: usize,
 }
 
 impl std::fmt::Debug for Fec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fec")
             .field("codecs", &self.codecs.len())
+            .field("bytes", &self.bytes)
             .finish()
     }
 }
 
 impl Fec {
+    /// The worst-case bytes the cached codecs hold; never above
+    /// [`CODEC_CACHE_BYTES`] (one codec alone may exceed it, and is then
+    /// the only one kept).
+    pub fn cached_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Codecs currently built.
+    pub fn cached_codecs(&self) -> usize {
+        self.codecs.len()
+    }
+
     fn codec(&mut self, k: usize, m: usize) -> &ReedSolomon {
-        if !self.codecs.contains_key(&(k, m)) && self.codecs.len() >= CODEC_CACHE_LIMIT {
-            self.codecs.clear();
+        if !self.codecs.contains_key(&(k, m)) {
+            let need = codec_worst_case_bytes(k, m);
+            while !self.order.is_empty()
+                && (self.codecs.len() >= CODEC_CACHE_LIMIT
+                    || self.bytes.saturating_add(need) > CODEC_CACHE_BYTES)
+            {
+                let oldest = self.order.pop_front().expect("checked non-empty");
+                self.codecs.remove(&oldest);
+                self.bytes = self
+                    .bytes
+                    .saturating_sub(codec_worst_case_bytes(oldest.0, oldest.1));
+            }
+            self.order.push_back((k, m));
+            self.bytes = self.bytes.saturating_add(need);
         }
         self.codecs.entry((k, m)).or_insert_with(|| {
             ReedSolomon::new(k, m).expect("k >= 1, m >= 1, k + m <= 256 checked by caller")
@@ -104,6 +165,29 @@ mod tests {
             prop_assert!(fec.reconstruct(k, m, shard_len, &mut shards, &present).is_some());
             prop_assert_eq!(&shards[..k * shard_len], &original[..]);
         }
+    }
+
+    #[test]
+    fn the_codec_cache_stays_within_its_byte_bound_under_hostile_shapes() {
+        // Every shape a hostile sender could choose near k = 255, each
+        // reconstructed with a different loss pattern.
+        let mut fec = Fec::default();
+        let len = 1;
+        for k in (245..=255).rev() {
+            let m = 256 - k;
+            let mut shards = vec![7u8; (k + m) * len];
+            let mut present = vec![true; k + m];
+            present[0] = false;
+            fec.reconstruct(k, m, len, &mut shards, &present);
+            assert!(
+                fec.cached_bytes() <= CODEC_CACHE_BYTES,
+                "{} bytes cached after k = {k}",
+                fec.cached_bytes()
+            );
+        }
+        assert!(fec.cached_codecs() >= 1);
+        assert!(codec_worst_case_bytes(255, 1) > 16_000_000);
+        assert!(codec_worst_case_bytes(255, 1) * 64 > 1_000_000_000);
     }
 
     #[test]

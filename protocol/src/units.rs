@@ -1,6 +1,38 @@
 //! Parsing of the human units used in configuration: sizes ("64MiB") and
 //! link rates ("800Mbit").
 
+use serde::de::{self, Deserializer, Visitor};
+
+/// Deserializes a size key written either as a string with a unit
+/// (`"64MiB"`) or as a plain integer of bytes (`67108864`), into the text
+/// that [`parse_size`] reads. Use as
+/// `#[serde(deserialize_with = "weir_protocol::units::size_text")]`.
+pub fn size_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct SizeText;
+    impl Visitor<'_> for SizeText {
+        type Value = String;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size: a number of bytes (65536) or a string with a unit (\"64MiB\")")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            u64::try_from(v)
+                .map(|v| v.to_string())
+                .map_err(|_| E::custom(format!("{v} is negative; a size is 0 or more bytes")))
+        }
+    }
+    deserializer.deserialize_any(SizeText)
+}
+
 /// Parses a byte size: a plain number of bytes, or a number with one of
 /// K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB (powers of 1024 for the binary
 /// forms and the bare letters, 1000 for KB/MB/GB/TB).
@@ -68,6 +100,22 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_keys_accept_a_plain_integer_of_bytes_or_a_string_with_a_unit() {
+        use serde::de::IntoDeserializer;
+        type E = serde::de::value::Error;
+        let int = size_text(IntoDeserializer::<E>::into_deserializer(1_048_576u64)).unwrap();
+        assert_eq!(parse_size(&int), Ok(1 << 20));
+        let int = size_text(IntoDeserializer::<E>::into_deserializer(65_536i64)).unwrap();
+        assert_eq!(parse_size(&int), Ok(65_536));
+        let text = size_text(IntoDeserializer::<E>::into_deserializer("64MiB")).unwrap();
+        assert_eq!(parse_size(&text), Ok(64 << 20));
+        let negative = size_text(IntoDeserializer::<E>::into_deserializer(-5i64)).unwrap_err();
+        assert!(negative.to_string().contains("negative"), "{negative}");
+        let wrong = size_text(IntoDeserializer::<E>::into_deserializer(true)).unwrap_err();
+        assert!(wrong.to_string().contains("64MiB"), "{wrong}");
+    }
 
     #[test]
     fn sizes_and_rates_parse_with_units() {
