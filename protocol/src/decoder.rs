@@ -129,18 +129,26 @@ impl Held {
         }
     }
 
-    /// The lowest and highest positions within `slide` of the median one:
-    /// a minority of outliers (forged or stray) cannot place the window.
+    /// The lowest and highest positions of the largest cluster of held
+    /// frames, where a cluster is a run of positions no more than `slide`
+    /// apart: a minority of outliers (forged or stray) cannot place the
+    /// window, while a sender held for a long time spans many blocks.
     fn anchor(&self, slide: u64) -> (u64, u64) {
         let mut sorted = self.positions.clone();
         sorted.sort_unstable();
-        let Some(&median) = sorted.get(sorted.len() / 2) else {
-            return (0, 0);
-        };
-        let near = |p: &&u64| p.abs_diff(median) <= slide;
-        let lowest = sorted.iter().find(near).copied().unwrap_or(median);
-        let highest = sorted.iter().rev().find(near).copied().unwrap_or(median);
-        (lowest, highest)
+        let mut best = (0usize, 0u64, 0u64);
+        let mut start = 0;
+        for i in 0..sorted.len() {
+            let ends = i + 1 == sorted.len() || sorted[i + 1] - sorted[i] > slide;
+            if ends {
+                let size = i + 1 - start;
+                if size > best.0 {
+                    best = (size, sorted[start], sorted[i]);
+                }
+                start = i + 1;
+            }
+        }
+        (best.1, best.2)
     }
 
     /// Holds a frame, unless it repeats one held or the bytes are spent.

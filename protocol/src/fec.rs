@@ -173,7 +173,7 @@ mod tests {
         // reconstructed with a different loss pattern.
         let mut fec = Fec::default();
         let len = 1;
-        for k in (245..=255).rev() {
+        for k in (250..=255).rev() {
             let m = 256 - k;
             let mut shards = vec![7u8; (k + m) * len];
             let mut present = vec![true; k + m];

@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, VecDeque};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use weir_protocol::config::session_id;
 use weir_protocol::decoder::{Delivered, StreamPosition};
 use weir_protocol::{
     Chunk, Decoder, DecoderConfig, Encoder, EncoderConfig, Event, GapCause, Nanos, Point, Record,
     RecordBody, Value, NANOS_PER_SEC,
 };
-use weir_protocol::{GapNotice, NoticeCause};
+use weir_protocol::{FrameHeader, GapNotice, NoticeCause};
 
 /// A seeded link: random loss, Gilbert–Elliott style bursts, reordering,
 /// duplication and bit corruption.
@@ -184,6 +185,9 @@ struct Harness {
     keep_bodies: bool,
     /// Simulated time per datagram (the link rate).
     frame_time: Nanos,
+    /// Every datagram the sender sent, when set (to replay them later).
+    capture: bool,
+    captured: Vec<Vec<u8>>,
 }
 
 /// One simulated microsecond per datagram: about 1.4 GB/s at MTU 1500.
@@ -202,6 +206,8 @@ impl Harness {
             out: Outcome::default(),
             keep_bodies: false,
             frame_time: FRAME_TIME,
+            capture: false,
+            captured: Vec::new(),
         }
     }
 
@@ -214,6 +220,9 @@ impl Harness {
             let Some(n) = self.enc.poll_frame(self.now, &mut self.frame) else {
                 break;
             };
+            if self.capture {
+                self.captured.push(self.frame[..n].to_vec());
+            }
             self.link.carry(&self.frame[..n], &mut self.wire);
             self.deliver();
             self.now += self.frame_time;
@@ -537,26 +546,28 @@ fn a_spool_overflow_notice_becomes_a_gap_with_its_cause_and_a_resend_recovers_it
 #[test]
 fn replayed_frames_of_an_old_session_are_rejected() {
     let mut h = Harness::new(9, EncoderConfig::new(1), Impairments::default());
+    h.capture = true;
     let s = h.enc.add_stream("gen", "generator", 0, 7);
     h.enc.handle_timeout(0);
-    h.push(&point(s, 0));
-    h.enc.flush(0);
-    let n = h.enc.poll_frame(0, &mut h.frame).unwrap();
-    let old = h.frame[..n].to_vec();
-    h.dec.handle_datagram(0, &old);
-    h.enc = Encoder::new(EncoderConfig::new(2));
-    let s = h.enc.add_stream("gen", "generator", 1, 7);
-    h.enc.handle_timeout(1);
-    for i in 1..2000 {
+    for i in 0..1000 {
         h.push(&point(s, i));
     }
-    h.enc.flush(1);
-    while let Some(n) = h.enc.poll_frame(1, &mut h.frame) {
-        let new = h.frame[..n].to_vec();
-        h.dec.handle_datagram(1, &new);
+    h.finish();
+    h.capture = false;
+    let old = std::mem::take(&mut h.captured);
+    h.enc = Encoder::new(EncoderConfig::new(2));
+    let s = h.enc.add_stream("gen", "generator", 1000, 7);
+    h.enc.handle_timeout(h.now);
+    for i in 1000..2000 {
+        h.push(&point(s, i));
     }
-    h.dec.handle_datagram(2, &old);
-    assert_eq!(h.dec.stats().rejected_stale_session, 1);
+    h.finish();
+    for f in &old {
+        h.dec.handle_datagram(h.now, f);
+    }
+    h.deliver();
+    assert_eq!(h.dec.stats().rejected_stale_session, old.len() as u64);
+    h.out.assert_exact("gen", 0..2000);
 }
 
 #[test]
@@ -659,4 +670,273 @@ fn a_slow_link_loses_no_block_to_the_timeout_while_interleaved_groups_trickle_in
     );
     h.out.assert_exact("slow", 0..60_000);
     assert_eq!(h.out.gap_count(), 0);
+}
+
+/// A CRC-valid data frame with any header, as a hostile sender writes it.
+fn forged_frame(session: u64, block: u64, k: u16, m: u16, shard_len: usize) -> Vec<u8> {
+    let header = FrameHeader {
+        flags: 0,
+        session,
+        block,
+        index: 0,
+        k,
+        m,
+        shard_len: shard_len as u16,
+        data_len: (k as usize * shard_len) as u32,
+    };
+    let mut buf = vec![0u8; shard_len + 64];
+    let n = header.write(&vec![0xA5; shard_len], &mut buf);
+    buf.truncate(n);
+    buf
+}
+
+fn bytes_record(stream: u32, seq: u64, len: usize) -> Record {
+    Record {
+        stream,
+        seq,
+        resent: false,
+        body: RecordBody::Bytes(Chunk {
+            data: vec![seq as u8; len],
+            end: false,
+        }),
+    }
+}
+
+#[test]
+fn one_forged_far_ahead_frame_of_the_live_session_does_not_turn_later_records_into_gaps() {
+    let mut h = Harness::new(41, EncoderConfig::new(41), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
+    h.enc.handle_timeout(0);
+    for i in 0..20_000 {
+        h.push(&point(s, i));
+    }
+    h.pump();
+    let shard = h.enc.config().shard_size;
+    h.dec
+        .handle_datagram(h.now, &forged_frame(41, 1_000_000, 64, 16, shard));
+    for i in 20_000..60_000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
+    h.out.assert_exact("gen", 0..60_000);
+    assert_eq!(h.dec.stats().window_jumps, 0);
+}
+
+#[test]
+fn forty_frames_of_an_invented_session_do_not_take_over_from_a_live_sender() {
+    let mut h = Harness::new(42, EncoderConfig::new(42), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
+    h.enc.handle_timeout(0);
+    // Well-formed frames of a session nobody started, with a higher id.
+    let mut invented = Encoder::new(EncoderConfig::new(u64::MAX));
+    let t = invented.add_stream("gen", "generator", 0, 8);
+    invented.handle_timeout(0);
+    for i in 0..100_000 {
+        invented.push(0, &point(t, i));
+    }
+    invented.flush(0);
+    let mut forged = Vec::new();
+    while let Some(n) = invented.poll_frame(0, &mut h.frame) {
+        forged.push(h.frame[..n].to_vec());
+    }
+    let mut forged = forged.into_iter().take(40);
+    for i in 0..60_000 {
+        h.push(&point(s, i));
+        if i % 1000 == 999 {
+            h.enc.flush(h.now);
+            h.pump();
+            if let Some(f) = forged.next() {
+                h.dec.handle_datagram(h.now, &f);
+            }
+        }
+    }
+    h.finish();
+    assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
+    h.out.assert_exact("gen", 0..60_000);
+    assert_eq!(h.dec.stats().records, 60_000);
+}
+
+#[test]
+fn replayed_frames_of_an_earlier_session_do_not_take_over_while_the_live_one_is_briefly_silent() {
+    let a = session_id(1_700_000_000_000, 0xa);
+    let b = session_id(1_700_000_100_000, 0xb);
+    let mut h = Harness::new(43, EncoderConfig::new(a), Impairments::default());
+    h.capture = true;
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
+    h.enc.handle_timeout(0);
+    for i in 0..5000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    h.capture = false;
+    let replay = std::mem::take(&mut h.captured);
+    // The sender restarts as session b; the receiver restarts too and so
+    // has forgotten session a.
+    h.enc = Encoder::new(EncoderConfig::new(b));
+    let s = h.enc.add_stream("gen", "generator", 5000, 7);
+    h.enc.handle_timeout(h.now);
+    h.dec = Decoder::new(DecoderConfig::default());
+    h.dec.restore_cursor(
+        "gen",
+        StreamPosition {
+            session: Some(a),
+            epoch: Some(7),
+            last: Some(4999),
+        },
+    );
+    h.out = Outcome::default();
+    for i in 5000..10_000 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    // Session b falls silent for 5 s (say a link outage) while someone
+    // replays session a's frames...
+    let step = 5 * NANOS_PER_SEC / replay.len() as u64;
+    for f in &replay {
+        h.now += step;
+        h.dec.handle_datagram(h.now, f);
+        h.dec.handle_timeout(h.now);
+    }
+    h.out.take(&mut h.dec, false);
+    // ...and then carries on.
+    for i in 10_000..15_000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
+    h.out.assert_exact("gen", 5000..15_000);
+}
+
+/// Sends one record of `stream` every `every` ns for `count` records,
+/// starting at `first`, and returns when (simulated) the first record with
+/// sequence `watch` was delivered, if it was.
+fn trickle(
+    h: &mut Harness,
+    stream: u32,
+    first: u64,
+    count: u64,
+    every: Nanos,
+    watch: u64,
+) -> Option<Nanos> {
+    let mut seen = None;
+    for i in first..first + count {
+        h.enc.push(h.now, &point(stream, i));
+        h.now += every;
+        h.pump();
+        if seen.is_none()
+            && h.out
+                .delivered
+                .get("gen")
+                .is_some_and(|d| d.contains(&watch))
+        {
+            seen = Some(h.now);
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_restarted_sender_with_a_newer_session_is_followed_within_twice_its_heartbeat_gap() {
+    let a = session_id(1_700_000_000_000, 0xa);
+    let b = session_id(1_700_000_100_000, 0xb);
+    let mut h = Harness::new(44, EncoderConfig::new(a), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
+    h.enc.handle_timeout(0);
+    for i in 0..5000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    let stopped = h.now;
+    h.enc = Encoder::new(EncoderConfig::new(b));
+    let s = h.enc.add_stream("gen", "generator", 5000, 7);
+    h.enc.handle_timeout(h.now);
+    let seen = trickle(
+        &mut h,
+        s,
+        5000,
+        500,
+        10 * weir_protocol::NANOS_PER_MILLI,
+        5000,
+    )
+    .expect("the new session was followed");
+    h.finish();
+    // A heartbeat each second: the old session is given up 2 s after its
+    // last frame, which came at most 1 s before it stopped.
+    assert!(seen - stopped <= 2 * NANOS_PER_SEC + 100 * weir_protocol::NANOS_PER_MILLI);
+    assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
+    h.out.assert_exact("gen", 0..5500);
+}
+
+#[test]
+fn a_sender_whose_clock_went_backwards_is_followed_once_the_live_session_is_silent_for_a_minute() {
+    let b = session_id(1_700_000_100_000, 0xb);
+    let earlier = session_id(1_700_000_000_000, 0xc);
+    let mut h = Harness::new(45, EncoderConfig::new(b), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0, 7);
+    h.enc.handle_timeout(0);
+    for i in 0..5000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    let stopped = h.now;
+    h.enc = Encoder::new(EncoderConfig::new(earlier));
+    let s = h.enc.add_stream("gen", "generator", 5000, 7);
+    h.enc.handle_timeout(h.now);
+    let seen = trickle(
+        &mut h,
+        s,
+        5000,
+        900,
+        100 * weir_protocol::NANOS_PER_MILLI,
+        5000,
+    )
+    .expect("the new session was followed");
+    h.finish();
+    let waited = seen - stopped;
+    assert!(
+        (59 * NANOS_PER_SEC..=61 * NANOS_PER_SEC + 100 * weir_protocol::NANOS_PER_MILLI)
+            .contains(&waited),
+        "followed after {waited} ns"
+    );
+    // What it sent meanwhile was held and delivered.
+    assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
+    h.out.assert_exact("gen", 0..5900);
+}
+
+#[test]
+fn a_sender_after_a_link_outage_longer_than_the_window_is_followed_with_exact_link_loss_gaps() {
+    let mut h = Harness::new(46, EncoderConfig::new(46), Impairments::default());
+    // 100 µs per datagram, about 14 MB/s: the outage below lasts ~2.5 s.
+    h.frame_time = 100_000;
+    let s = h.enc.add_stream("gen", "tcp", 0, 7);
+    h.enc.handle_timeout(0);
+    for i in 0..5000 {
+        h.push(&bytes_record(s, i, 1000));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    h.link.imp.loss = 1.0;
+    for i in 5000..35_000 {
+        h.push(&bytes_record(s, i, 1000));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    h.link.imp.loss = 0.0;
+    for i in 35_000..45_000 {
+        h.push(&bytes_record(s, i, 1000));
+    }
+    h.finish();
+    h.out.assert_exact("gen", 0..45_000);
+    let gaps = &h.out.gaps["gen"];
+    assert!(gaps.iter().all(|g| g.2 == GapCause::LinkLoss), "{gaps:?}");
+    // The encoder queues up to 64 blocks, so the lost range is shifted
+    // from the pushes above, but most of the outage is a gap.
+    assert!(h.out.gap_count() >= 25_000, "{gaps:?}");
+    assert_eq!(h.dec.stats().window_jumps, 1, "{:?}", h.dec.stats());
+    // Held while waiting for the silence, then decoded: nothing sent after
+    // the link came back was lost.
+    let delivered = &h.out.delivered["gen"];
+    assert!((35_000..45_000).all(|i| delivered.binary_search(&i).is_ok()));
 }
