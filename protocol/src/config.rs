@@ -189,6 +189,15 @@ pub fn session_id(unix_ms: u64, random: u64) -> u64 {
     (unix_ms.min(MAX_MS) << SESSION_RANDOM_BITS) | (random & ((1 << SESSION_RANDOM_BITS) - 1))
 }
 
+/// [`session_id`] for a wall-clock reading the caller took (this crate reads
+/// no clock); a clock before 1970 counts as 0.
+pub fn session_id_at(wall_clock: std::time::SystemTime, random: u64) -> u64 {
+    let unix_ms = wall_clock
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    session_id(unix_ms, random)
+}
+
 /// Low bits of a session id that are random.
 pub const SESSION_RANDOM_BITS: u32 = 20;
 

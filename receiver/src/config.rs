@@ -17,6 +17,8 @@ pub struct ReceiverConfig {
     #[serde(default)]
     pub decoder: DecoderSettings,
     #[serde(default)]
+    pub fec: FecLimits,
+    #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
     pub journal: JournalConfig,
@@ -36,7 +38,10 @@ pub struct LinkConfig {
     #[serde(default = "default_mtu")]
     pub mtu: usize,
     /// SO_RCVBUF: absorbs bursts while the decoder is busy.
-    #[serde(default = "default_recv_buffer")]
+    #[serde(
+        default = "default_recv_buffer",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub recv_buffer: String,
 }
 
@@ -54,7 +59,10 @@ pub struct DecoderSettings {
     pub max_blocks_in_flight: usize,
     #[serde(default = "default_block_timeout")]
     pub block_timeout_ms: u64,
-    #[serde(default = "default_max_record")]
+    #[serde(
+        default = "default_max_record",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub max_record_size: String,
 }
 
@@ -74,6 +82,36 @@ impl Default for DecoderSettings {
             max_blocks_in_flight: default_in_flight(),
             block_timeout_ms: default_block_timeout(),
             max_record_size: default_max_record(),
+        }
+    }
+}
+
+/// The FEC shapes this receiver accepts. Frames of blocks with more data or
+/// parity shards are rejected and counted (`rejected_fec_shape`): they
+/// bound the Reed-Solomon work per block and the matrices the codec cache
+/// keeps. Must cover the sender's `fec.data_shards` and the larger of its
+/// `fec.parity_shards` and `fec.warmup_parity`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FecLimits {
+    #[serde(default = "default_max_data_shards")]
+    pub max_data_shards: usize,
+    #[serde(default = "default_max_parity_shards")]
+    pub max_parity_shards: usize,
+}
+
+fn default_max_data_shards() -> usize {
+    DecoderConfig::default().max_data_shards
+}
+fn default_max_parity_shards() -> usize {
+    DecoderConfig::default().max_parity_shards
+}
+
+impl Default for FecLimits {
+    fn default() -> Self {
+        FecLimits {
+            max_data_shards: default_max_data_shards(),
+            max_parity_shards: default_max_parity_shards(),
         }
     }
 }
@@ -107,10 +145,16 @@ pub struct JournalConfig {
     pub path: PathBuf,
     /// Bound; past it the oldest segment is dropped and records a sink had
     /// not been given become `sink-overflow:NAME` gaps for that sink.
-    #[serde(default = "default_journal_bytes")]
+    #[serde(
+        default = "default_journal_bytes",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub max_bytes: String,
     /// fsync after this many journaled bytes...
-    #[serde(default = "default_fsync_bytes")]
+    #[serde(
+        default = "default_fsync_bytes",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub fsync_bytes: String,
     /// ...or this many milliseconds; sinks get records only once fsynced.
     #[serde(default = "default_fsync_ms")]
@@ -217,6 +261,8 @@ pub fn parse(text: &str) -> Result<Loaded> {
         max_record_size,
         max_shard_len: weir_protocol::frame::shard_size_for_mtu(c.link.mtu)
             .expect("mtu checked above"),
+        max_data_shards: c.fec.max_data_shards,
+        max_parity_shards: c.fec.max_parity_shards,
         ..DecoderConfig::default()
     };
     decoder.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -293,6 +339,22 @@ mod tests {
         let l = parse(GOOD).unwrap();
         assert_eq!(l.recv_buffer, 64 << 20);
         assert_eq!(l.config.sinks[0].common().streams, vec!["*".to_string()]);
+    }
+
+    #[test]
+    fn size_keys_take_plain_integers_and_fec_limits_reach_the_decoder() {
+        let text = GOOD.replace("[link]", "[journal]\nmax_bytes = 2097152\nfsync_bytes = 65536\n[decoder]\nmax_record_size = 1048576\n[fec]\nmax_data_shards = 200\nmax_parity_shards = 40\n[link]\nrecv_buffer = 8388608");
+        let l = parse(&text).unwrap();
+        assert_eq!(l.recv_buffer, 8 << 20);
+        assert_eq!(l.decoder.max_record_size, 1 << 20);
+        assert_eq!(l.decoder.max_data_shards, 200);
+        assert_eq!(l.decoder.max_parity_shards, 40);
+        let err =
+            parse(&GOOD.replace("[link]", "[fec]\nmax_data_shards = 300\n[link]")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("fec.max_data_shards"),
+            "{err:#}"
+        );
     }
 
     #[test]

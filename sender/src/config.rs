@@ -43,7 +43,10 @@ pub struct LinkConfig {
     pub mtu: usize,
     /// Link rate, e.g. "800Mbit": the pacer never sends faster.
     pub rate: String,
-    #[serde(default = "default_send_buffer")]
+    #[serde(
+        default = "default_send_buffer",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub send_buffer: String,
 }
 
@@ -117,13 +120,19 @@ pub struct SpoolConfig {
     pub path: PathBuf,
     /// Bound of the spool; past it the oldest segment is deleted, and any
     /// records in it not yet sent are counted, logged and announced.
-    #[serde(default = "default_spool_bytes")]
+    #[serde(
+        default = "default_spool_bytes",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub max_bytes: String,
     /// Segments older than this are deleted the same way (e.g. "7d", "12h").
     #[serde(default = "default_spool_age")]
     pub max_age: String,
     /// fsync after this many appended bytes...
-    #[serde(default = "default_fsync_bytes")]
+    #[serde(
+        default = "default_fsync_bytes",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub fsync_bytes: String,
     /// ...or this many milliseconds, whichever comes first. Records are
     /// sent only once fsynced.

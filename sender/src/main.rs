@@ -177,7 +177,8 @@ fn resend(path: &Path, stream: &str, from: u64, to: Option<u64>) -> Result<()> {
 
 fn run(path: &Path) -> Result<()> {
     let loaded = config::load(path)?;
-    let session: u64 = rand::random();
+    let session =
+        weir_protocol::config::session_id_at(std::time::SystemTime::now(), rand::random());
     let counters = Arc::new(Counters::default());
     let spool = SharedSpool::new(Spool::open(loaded.spool.clone(), counters.clone())?);
     let mut enc = Encoder::new(loaded.encoder_config(session));

@@ -29,11 +29,17 @@ pub struct Config {
     #[serde(default = "default_streams")]
     pub streams: Vec<String>,
     pub dir: PathBuf,
-    #[serde(default = "default_max_file")]
+    #[serde(
+        default = "default_max_file",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub max_file_bytes: String,
     /// A record whose line is longer than this is rejected for good (dead
     /// letter) rather than written.
-    #[serde(default = "default_max_line")]
+    #[serde(
+        default = "default_max_line",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
     pub max_line_bytes: String,
 }
 
