@@ -1719,7 +1719,8 @@ mod tests {
                 dec.handle_datagram(0, f);
             }
             let mut seqs = delivered_seqs(&mut dec);
-            dec.handle_datagram(0, &forged(42, u64::MAX, 1, 0, 0, &[0u8; 64]));
+            // Shaped like a real RS(64,16) shard, so it waits for more.
+            dec.handle_datagram(0, &forged(42, u64::MAX, 64, 16, 0, &[0u8; 1436]));
             for (i, f) in other[..40].iter().enumerate() {
                 dec.handle_datagram(i as Nanos, f);
                 dec.handle_timeout(i as Nanos * NANOS_PER_SEC);
@@ -1839,5 +1840,31 @@ mod tests {
         );
         assert!(after.replayed > before.replayed, "heartbeats are replays");
         assert_eq!(delivered_seqs(&mut dec), (0..3000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_corroborated_jump_to_the_block_bound_and_a_takeover_after_it_stay_within_bounds() {
+        let live = frames_of(42, 0..300);
+        let other = frames_of(43, 0..3000);
+        let (stats, seqs) = finishes_in_time(move || {
+            let mut dec = Decoder::new(DecoderConfig::default());
+            for f in &live {
+                dec.handle_datagram(0, f);
+            }
+            // Eight distinct shards at the highest block accepted, and the
+            // live session silent: the window follows them.
+            for index in 0..8 {
+                dec.handle_datagram(0, &forged(42, MAX_BLOCK, 64, 16, index, &[0u8; 1436]));
+            }
+            dec.handle_timeout(10 * NANOS_PER_SEC);
+            for f in &other {
+                dec.handle_datagram(20 * NANOS_PER_SEC, f);
+            }
+            dec.handle_timeout(40 * NANOS_PER_SEC);
+            dec.handle_timeout(u64::MAX);
+            (dec.stats().clone(), delivered_seqs(&mut dec))
+        });
+        assert_eq!(stats.window_jumps, 1);
+        assert_eq!(seqs, (0..3000).collect::<Vec<_>>());
     }
 }
