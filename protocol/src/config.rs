@@ -260,11 +260,15 @@ mod tests {
 
     #[test]
     fn fec_limits_out_of_range_name_their_key() {
-        let mut c = DecoderConfig::default();
-        c.max_data_shards = 0;
+        let c = DecoderConfig {
+            max_data_shards: 0,
+            ..DecoderConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().key, "fec.max_data_shards");
-        let mut c = DecoderConfig::default();
-        c.max_parity_shards = 256;
+        let c = DecoderConfig {
+            max_parity_shards: 256,
+            ..DecoderConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().key, "fec.max_parity_shards");
     }
 

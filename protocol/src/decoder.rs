@@ -739,7 +739,7 @@ impl Decoder {
     }
 
     fn try_takeover(&mut self, now: Nanos) {
-        if !self.takeover_at().is_some_and(|at| now >= at) {
+        if self.takeover_at().is_none_or(|at| now < at) {
             return;
         }
         let c = self.candidate.take().expect("takeover_at saw a candidate");
@@ -859,7 +859,7 @@ impl Decoder {
     }
 
     fn try_jump(&mut self, now: Nanos) {
-        if !self.jump_at().is_some_and(|at| now >= at) {
+        if self.jump_at().is_none_or(|at| now < at) {
             return;
         }
         let slide = self.slide();
@@ -1806,10 +1806,11 @@ mod tests {
 
     #[test]
     fn frames_with_fec_shapes_beyond_the_receiver_limits_are_rejected_and_counted() {
-        let mut cfg = DecoderConfig::default();
-        cfg.max_data_shards = 64;
-        cfg.max_parity_shards = 32;
-        let mut dec = Decoder::new(cfg);
+        let mut dec = Decoder::new(DecoderConfig {
+            max_data_shards: 64,
+            max_parity_shards: 32,
+            ..DecoderConfig::default()
+        });
         dec.handle_datagram(0, &forged(42, 0, 255, 1, 0, &[0u8; 64]));
         dec.handle_datagram(0, &forged(42, 0, 64, 33, 0, &[0u8; 64]));
         dec.handle_datagram(0, &forged(42, 0, 64, 32, 0, &[0u8; 64]));
