@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::auth::{AuthError, Verifier};
 use crate::bundle::{Entries, Entry};
 use crate::config::{DecoderConfig, MAX_INTERLEAVE};
 use crate::control::{Control, Heartbeat, StreamStatus};
@@ -132,6 +133,14 @@ pub struct DecoderStats {
     pub rejected_length: u64,
     pub rejected_crc: u64,
     pub rejected_header: u64,
+    /// Frames without a tag while this receiver requires authentication.
+    pub rejected_unauthenticated: u64,
+    /// Tagged frames while this receiver has `[auth] disabled = true`.
+    pub rejected_auth_disabled: u64,
+    /// Tagged with a key id that is none of this receiver's keys.
+    pub rejected_unknown_key: u64,
+    /// Tag does not match the frame: forged or altered.
+    pub rejected_bad_tag: u64,
     pub rejected_stale_session: u64,
     /// Frames of a would-be new session that another one displaced before
     /// it sent enough frames to be trusted.
@@ -187,6 +196,10 @@ impl DecoderStats {
             ("rejected_length", self.rejected_length),
             ("rejected_crc", self.rejected_crc),
             ("rejected_header", self.rejected_header),
+            ("rejected_unauthenticated", self.rejected_unauthenticated),
+            ("rejected_auth_disabled", self.rejected_auth_disabled),
+            ("rejected_unknown_key", self.rejected_unknown_key),
+            ("rejected_bad_tag", self.rejected_bad_tag),
             ("rejected_stale_session", self.rejected_stale_session),
             ("rejected_stray_session", self.rejected_stray_session),
             ("late_shards", self.late_shards),
@@ -287,6 +300,8 @@ struct Cursor {
 
 pub struct Decoder {
     cfg: DecoderConfig,
+    /// Checks every datagram's tag before anything else reads it.
+    verifier: Verifier,
     fec: Fec,
     session: Option<Session>,
     candidate: Option<Candidate>,
@@ -308,11 +323,15 @@ pub struct Decoder {
 const SPARE_BUFFERS: usize = 32;
 
 impl Decoder {
-    pub fn new(cfg: DecoderConfig) -> Self {
+    /// `verifier` holds the keys frames must be tagged with (or says
+    /// authentication is disabled); no datagram reaches any state before
+    /// it passes.
+    pub fn new(cfg: DecoderConfig, verifier: Verifier) -> Self {
         cfg.validate()
             .expect("decoder configuration validated by the caller");
         Decoder {
             cfg,
+            verifier,
             fec: Fec::default(),
             session: None,
             candidate: None,
@@ -330,6 +349,10 @@ impl Decoder {
 
     pub fn stats(&self) -> &DecoderStats {
         &self.stats
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
     }
 
     /// Seeds what a previous run of the receiver delivered, so a restart
@@ -372,7 +395,9 @@ impl Decoder {
 
     pub fn handle_datagram(&mut self, now: Nanos, datagram: &[u8]) {
         self.stats.datagrams += 1;
-        let (header, shard) = match FrameHeader::parse(datagram) {
+        // The only place datagrams from the link are parsed: CRC and tag
+        // are checked here, before any state below is touched.
+        let (header, shard) = match FrameHeader::parse(datagram, &self.verifier) {
             Ok(parsed) => parsed,
             Err(e) => {
                 let counter = match e {
@@ -382,6 +407,16 @@ impl Decoder {
                     FrameError::LengthMismatch { .. } => &mut self.stats.rejected_length,
                     FrameError::BadCrc => &mut self.stats.rejected_crc,
                     FrameError::InvalidHeader(_) => &mut self.stats.rejected_header,
+                    FrameError::Auth(AuthError::Unauthenticated) => {
+                        &mut self.stats.rejected_unauthenticated
+                    }
+                    FrameError::Auth(AuthError::AuthenticationDisabled) => {
+                        &mut self.stats.rejected_auth_disabled
+                    }
+                    FrameError::Auth(AuthError::UnknownKey(_)) => {
+                        &mut self.stats.rejected_unknown_key
+                    }
+                    FrameError::Auth(AuthError::BadTag(_)) => &mut self.stats.rejected_bad_tag,
                 };
                 *counter += 1;
                 return;
@@ -455,7 +490,8 @@ impl Decoder {
         let c = self.candidate.take().expect("present");
         self.start_session(c.id, c.first);
         for frame in &c.frames {
-            if let Ok((header, shard)) = FrameHeader::parse(frame) {
+            // Authenticated when held; checked again rather than trusted.
+            if let Ok((header, shard)) = FrameHeader::parse(frame, &self.verifier) {
                 self.handle_frame(now, &header, shard);
             }
         }
@@ -1094,9 +1130,17 @@ mod tests {
     use crate::{EncoderConfig, Point, Value};
     use proptest::prelude::*;
 
+    fn test_key() -> crate::Key {
+        crate::Key::from_bytes(&[0x42; crate::auth::KEY_LEN]).unwrap()
+    }
+
+    fn test_verifier() -> Verifier {
+        Verifier::new(vec![test_key()]).unwrap()
+    }
+
     /// Valid frames of a small session, to mutate.
-    fn some_frames() -> Vec<Vec<u8>> {
-        let mut enc = crate::Encoder::new(EncoderConfig::new(42));
+    fn some_frames(signer: crate::Signer) -> Vec<Vec<u8>> {
+        let mut enc = crate::Encoder::new(EncoderConfig::new(42), signer);
         let s = enc.add_stream("s", "generator", 0, 7);
         enc.handle_timeout(0);
         for seq in 0..300 {
@@ -1128,7 +1172,7 @@ mod tests {
     proptest! {
         #[test]
         fn decoder_survives_arbitrary_datagrams(datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 0..40)) {
-            let mut dec = Decoder::new(DecoderConfig::default());
+            let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for (i, d) in datagrams.iter().enumerate() {
                 dec.handle_datagram(i as Nanos, d);
                 dec.handle_timeout(i as Nanos * 1_000_000_000);
@@ -1139,10 +1183,12 @@ mod tests {
 
         #[test]
         fn decoder_survives_mutated_valid_frames(seed in any::<u64>(), mutations in 1usize..8) {
-            let frames = some_frames();
+            // Unauthenticated frames, so a mutation with a re-sealed CRC
+            // reaches the parsers behind the tag check.
+            let frames = some_frames(crate::Signer::Disabled);
             let mut rng = seed | 1;
             let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng as usize };
-            let mut dec = Decoder::new(DecoderConfig::default());
+            let mut dec = Decoder::new(DecoderConfig::default(), Verifier::disabled());
             for f in &frames {
                 let mut f = f.clone();
                 for _ in 0..mutations {
@@ -1150,7 +1196,7 @@ mod tests {
                     f[i] = next() as u8;
                 }
                 // Re-seal the CRC so the mutation reaches the parsers behind it.
-                if next() % 2 == 0 && f.len() >= crate::frame::FRAME_OVERHEAD {
+                if next() % 2 == 0 && f.len() >= crate::frame::HEADER_LEN + crate::frame::CRC_LEN {
                     let end = f.len() - 4;
                     let crc = crc32fast::hash(&f[..end]);
                     f[end..].copy_from_slice(&crc.to_be_bytes());
@@ -1164,9 +1210,49 @@ mod tests {
     }
 
     #[test]
+    fn frames_failing_authentication_are_counted_by_reason_and_change_nothing() {
+        let genuine = some_frames(crate::Signer::Key(test_key()));
+        let other_key = crate::Key::from_bytes(&[7; crate::auth::KEY_LEN]).unwrap();
+        let forged = some_frames(crate::Signer::Key(other_key));
+        let unauthenticated = some_frames(crate::Signer::Disabled);
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
+        for f in forged.iter().chain(&unauthenticated) {
+            dec.handle_datagram(0, f);
+        }
+        // Forged with the genuine key's id and a valid CRC.
+        let mut bad_tag = forged[0].clone();
+        bad_tag[4..8].copy_from_slice(&test_key().id().0.to_be_bytes());
+        let end = bad_tag.len() - 4;
+        let crc = crc32fast::hash(&bad_tag[..end]);
+        bad_tag[end..].copy_from_slice(&crc.to_be_bytes());
+        dec.handle_datagram(0, &bad_tag);
+        dec.handle_timeout(10 * crate::NANOS_PER_SEC);
+        assert_eq!(dec.poll_event(), None, "a rejected frame produced an event");
+        let s = dec.stats().clone();
+        assert_eq!(s.rejected_unknown_key, forged.len() as u64);
+        assert_eq!(s.rejected_unauthenticated, unauthenticated.len() as u64);
+        assert_eq!(s.rejected_bad_tag, 1);
+        assert_eq!((s.shards_accepted, s.control_frames), (0, 0));
+        // The genuine session is then delivered in full.
+        for f in &genuine {
+            dec.handle_datagram(0, f);
+        }
+        let mut records = 0;
+        while let Some(ev) = dec.poll_event() {
+            records += matches!(ev, Event::Record(_)) as usize;
+        }
+        assert_eq!(records, 300);
+        // A receiver with authentication off refuses tagged frames.
+        let mut off = Decoder::new(DecoderConfig::default(), Verifier::disabled());
+        off.handle_datagram(0, &genuine[0]);
+        assert_eq!(off.stats().rejected_auth_disabled, 1);
+        assert_eq!(off.poll_event(), None);
+    }
+
+    #[test]
     fn each_rejection_reason_is_counted() {
-        let frames = some_frames();
-        let mut dec = Decoder::new(DecoderConfig::default());
+        let frames = some_frames(crate::Signer::Key(test_key()));
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         dec.handle_datagram(0, b"short");
         let mut bad_magic = frames[0].clone();
         bad_magic[0] = b'X';

@@ -536,6 +536,7 @@ impl Pipeline {
             json!(watch.session.map(|s| format!("{s:016x}"))),
         );
         map.insert("sender_config_hash".into(), json!(watch.config_hash));
+        map.insert("auth".into(), crate::auth_status(self.decoder.verifier()));
         map.insert(
             "heartbeat_age_ms".into(),
             json!(watch.last.map(|l| l.elapsed().as_millis() as u64)),
@@ -564,6 +565,10 @@ impl Pipeline {
             gaps = s.gaps,
             gap_records = s.gap_records,
             rejected_crc = s.rejected_crc,
+            rejected_unauthenticated = s.rejected_unauthenticated,
+            rejected_auth_disabled = s.rejected_auth_disabled,
+            rejected_unknown_key = s.rejected_unknown_key,
+            rejected_bad_tag = s.rejected_bad_tag,
             "status"
         );
     }
