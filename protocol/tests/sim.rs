@@ -208,7 +208,7 @@ impl Harness {
         let frame = vec![0u8; enc_cfg.shard_size + 64];
         Harness {
             now: 0,
-            enc: Encoder::new(enc_cfg, signer(), signer()),
+            enc: Encoder::new(enc_cfg, signer()),
             dec: Decoder::new(DecoderConfig::default(), verifier()),
             link: Link::new(seed, imp),
             frame,

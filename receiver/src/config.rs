@@ -310,7 +310,6 @@ pub fn load(path: &Path) -> Result<Loaded> {
 pub fn parse(text: &str) -> Result<Loaded> {
     let config: ReceiverConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let c = &config;
-    validate_auth(c.auth.as_ref())?;
     let recv_buffer = parse_size(&c.link.recv_buffer)
         .map_err(|e| anyhow::anyhow!("link.recv_buffer: {e}"))? as usize;
     if !(576..=65_535).contains(&c.link.mtu) {
@@ -371,6 +370,8 @@ pub fn parse(text: &str) -> Result<Loaded> {
             c.journal.fsync_ms
         );
     }
+    // Last, so a config with other mistakes too is told about those first.
+    validate_auth(c.auth.as_ref())?;
     let journal = crate::journal::Settings {
         path: c.journal.path.clone(),
         max_bytes,

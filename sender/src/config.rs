@@ -366,7 +366,6 @@ pub fn parse(text: &str) -> Result<Loaded> {
 
 fn validate(config: SenderConfig) -> Result<Loaded> {
     let c = &config;
-    validate_auth(c.auth.as_ref())?;
     let rate_bps = parse_rate(&c.link.rate).map_err(|e| anyhow::anyhow!("link.rate: {e}"))?;
     let spool_bytes =
         parse_size(&c.spool.max_bytes).map_err(|e| anyhow::anyhow!("spool.max_bytes: {e}"))?;
@@ -458,6 +457,8 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         s.validate()
             .map_err(|e| anyhow::anyhow!("sources[{i}] ({name}).{e}"))?;
     }
+    // Last, so a config with other mistakes too is told about those first.
+    validate_auth(c.auth.as_ref())?;
     let mut loaded = Loaded {
         config,
         rate_bps,
