@@ -142,6 +142,10 @@ impl HeartbeatWatch {
     }
 }
 
+/// Shortest time between two warnings about frames failing authentication:
+/// a flood of forged frames must not flood the log too.
+const AUTH_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
 impl Pipeline {
     /// Runs until the socket thread hangs up, then drains to the sinks.
     /// Returns the journal failure that stopped it, if one did.
@@ -171,6 +175,8 @@ impl Pipeline {
         let mut unrouted_records: u64 = 0;
         let mut last_tick = Instant::now();
         let mut last_log = Instant::now();
+        // Frames rejected by authentication, as last warned about.
+        let mut auth_warned: (u64, Option<Instant>) = (0, None);
         loop {
             let disconnected = match batches.recv_timeout(Duration::from_millis(20)) {
                 Ok(batch) => {
@@ -284,6 +290,7 @@ impl Pipeline {
             if last_tick.elapsed() >= Duration::from_millis(250) {
                 last_tick = Instant::now();
                 watch.tick(&mut self.audit);
+                self.warn_auth_rejections(&mut auth_warned);
                 self.audit.sync();
                 self.compact();
                 self.write_metrics(unrouted_records, &watch);
@@ -552,6 +559,27 @@ impl Pipeline {
             .and_then(|_| std::fs::rename(&tmp, path));
         if let Err(e) = result {
             tracing::warn!("metrics.path: cannot write {}: {e}", path.display());
+        }
+    }
+
+    /// WARNs when frames failed authentication since the last warning, at
+    /// most every AUTH_WARN_INTERVAL (the counters have every one).
+    fn warn_auth_rejections(&self, warned: &mut (u64, Option<Instant>)) {
+        let s = self.decoder.stats();
+        let total = s.rejected_unauthenticated
+            + s.rejected_auth_disabled
+            + s.rejected_unknown_key
+            + s.rejected_bad_tag;
+        if total > warned.0 && warned.1.is_none_or(|t| t.elapsed() >= AUTH_WARN_INTERVAL) {
+            tracing::warn!(
+                new = total - warned.0,
+                rejected_unauthenticated = s.rejected_unauthenticated,
+                rejected_auth_disabled = s.rejected_auth_disabled,
+                rejected_unknown_key = s.rejected_unknown_key,
+                rejected_bad_tag = s.rejected_bad_tag,
+                "frames failed authentication and were dropped: a sender with another key or [auth] setting, or forged frames on the link"
+            );
+            *warned = (total, Some(Instant::now()));
         }
     }
 
