@@ -384,3 +384,107 @@ fn a_receiver_requiring_auth_counts_and_drops_an_unauthenticated_sender() {
     assert_eq!(m["records"], 0, "{m}");
     assert_eq!(m["rejected_unauthenticated"], m["datagrams"], "{m}");
 }
+
+/// A sender config of its own spool and stream, tagged with `key`.
+fn rotation_sender(s: &Scratch, port: u16, key: &Path, stream: &str, count: u64) -> PathBuf {
+    let d = s.path.display();
+    s.write(
+        &format!("sender-{stream}.toml"),
+        &format!(
+            "[auth]\nkey_file = \"{}\"\n[link]\ndestination = \"127.0.0.1:{port}\"\nrate = \"100Mbit\"\n\
+             [spool]\npath = \"{d}/spool-{stream}\"\n\
+             [[sources]]\nname = \"{stream}\"\ntype = \"generator\"\ntags = 10\nrate = 20000\ncount = {count}\n",
+            key.display()
+        ),
+    )
+}
+
+#[test]
+fn a_key_rotation_delivers_everything_and_the_old_key_is_refused_once_removed() {
+    let s = Scratch::new("auth-rotation");
+    let port = free_udp_port();
+    let old = link_key(&s);
+    let new = s.join("new.key");
+    assert!(
+        run("weir-sender", &["keygen", "--out", new.to_str().unwrap()])
+            .status
+            .success()
+    );
+    // Step 2: the receiver lists both keys.
+    let both = format!(
+        "[auth]\nkey_files = [\"{}\", \"{}\"]\n",
+        old.display(),
+        new.display()
+    );
+    let rcfg = receiver_config(&s, port, &both);
+    let mut receiver = start(&s, "receiver", "weir-receiver", &rcfg);
+    let total = 10_000;
+    let mut sender = start(
+        &s,
+        "sender-old",
+        "weir-sender",
+        &rotation_sender(&s, port, &old, "before", total),
+    );
+    assert!(
+        sender.wait(Duration::from_secs(60)),
+        "the old-key sender did not finish"
+    );
+    // Step 3: the sender switches to the new key.
+    let mut sender = start(
+        &s,
+        "sender-new",
+        "weir-sender",
+        &rotation_sender(&s, port, &new, "after", total),
+    );
+    assert!(
+        sender.wait(Duration::from_secs(60)),
+        "the new-key sender did not finish"
+    );
+    let metrics = s.join("receiver-metrics.json");
+    assert!(wait_until(Duration::from_secs(10), || {
+        metric(&metrics, "records") >= 2 * total
+    }));
+    assert!(receiver.stop(Duration::from_secs(20)));
+    let out = s.join("out");
+    assert_complete_in_order(&written_seqs(&out, "before"), total);
+    assert_complete_in_order(&written_seqs(&out, "after"), total);
+    let m = read_json(&metrics);
+    assert_eq!(
+        m["auth"]["key_ids"].as_array().map(Vec::len),
+        Some(2),
+        "{m}"
+    );
+    assert_eq!(
+        (
+            m["rejected_unknown_key"].as_u64(),
+            m["rejected_bad_tag"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{m}"
+    );
+    // Step 4: the old key is removed; a sender still using it is refused.
+    let rcfg = receiver_config(
+        &s,
+        port,
+        &format!("[auth]\nkey_files = [\"{}\"]\n", new.display()),
+    );
+    let mut receiver = start(&s, "receiver-2", "weir-receiver", &rcfg);
+    let mut sender = start(
+        &s,
+        "sender-stale",
+        "weir-sender",
+        &rotation_sender(&s, port, &old, "stale", 1_000),
+    );
+    assert!(
+        sender.wait(Duration::from_secs(60)),
+        "the stale sender did not finish"
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        metric(&metrics, "rejected_unknown_key") > 0
+    }));
+    assert!(receiver.stop(Duration::from_secs(20)));
+    assert!(
+        written_seqs(&out, "stale").is_empty(),
+        "records of the removed key were delivered"
+    );
+}
