@@ -195,14 +195,17 @@ fn an_authenticated_run_delivers_every_record() {
     );
 }
 
+/// Forged frames, one list per reason the receiver must give.
+struct Forged {
+    unknown_key: Vec<Vec<u8>>,
+    bad_tag: Vec<Vec<u8>>,
+    unauthenticated: Vec<Vec<u8>>,
+}
+
 /// Frames a forger on the link segment could send: a valid CRC, the live
 /// session id (sniffed), block numbers near and far, and a tag made with a
 /// key the receiver does not have.
-fn forged_frames(
-    session: u64,
-    forger: &Key,
-    genuine_id: u32,
-) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+fn forged_frames(session: u64, forger: &Key, genuine_id: u32) -> Forged {
     let frame = |block: u64, flags: u8, signer: &Signer| {
         let shard = vec![0xEE; 200];
         let header = FrameHeader {
@@ -239,7 +242,11 @@ fn forged_frames(
             unauthenticated.push(frame(block, flags, &Signer::Disabled));
         }
     }
-    (unknown_key, bad_tag, unauthenticated)
+    Forged {
+        unknown_key,
+        bad_tag,
+        unauthenticated,
+    }
 }
 
 /// CRC-32 (IEEE), as frames carry it; bitwise, for a handful of test frames.
@@ -279,8 +286,11 @@ fn forged_frames_with_a_valid_crc_are_counted_and_do_not_disturb_delivery() {
     }));
     let genuine = Key::from_bytes(&std::fs::read(link_key(&s)).unwrap()).unwrap();
     let forger = Key::from_bytes(&[0x66; 32]).unwrap();
-    let (unknown_key, bad_tag, unauthenticated) =
-        forged_frames(session.unwrap(), &forger, genuine.id().0);
+    let Forged {
+        unknown_key,
+        bad_tag,
+        unauthenticated,
+    } = forged_frames(session.unwrap(), &forger, genuine.id().0);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     // Several rounds while the sender is still sending.
     let rounds = 5;
