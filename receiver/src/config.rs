@@ -295,11 +295,19 @@ pub struct Loaded {
     pub verifier: Option<Verifier>,
 }
 
+/// Reads and validates the file, without reading the key files: for
+/// commands that only read the audit log (`gaps`), which may run as
+/// another user.
 pub fn load(path: &Path) -> Result<Loaded> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading receiver config {}", path.display()))?;
-    let mut loaded =
-        parse(&text).with_context(|| format!("in receiver config {}", path.display()))?;
+    parse(&text).with_context(|| format!("in receiver config {}", path.display()))
+}
+
+/// As [`load`], and reads and checks every `[auth] key_files` entry
+/// (`run`, `check-config`).
+pub fn load_with_keys(path: &Path) -> Result<Loaded> {
+    let mut loaded = load(path)?;
     let auth = loaded.config.auth.as_ref().expect("checked by parse");
     let verifier =
         load_verifier(auth).with_context(|| format!("in receiver config {}", path.display()))?;

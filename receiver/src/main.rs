@@ -164,7 +164,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn check_config(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_keys(path)?;
     let text = format!(
         "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}",
         path.display(),
@@ -183,7 +183,7 @@ fn audit_verify(path: &Path) -> Result<()> {
 }
 
 fn run(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_keys(path)?;
     let cfg = &loaded.config;
     let mut audit = audit::AuditLog::open(&cfg.audit.path)?;
     let mut journal = journal::Journal::open(loaded.journal.clone())?;

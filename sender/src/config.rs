@@ -342,11 +342,17 @@ impl Loaded {
     }
 }
 
+/// Reads and validates the file, without reading the key file: for
+/// commands that do not send (`resend`), which may run as another user.
 pub fn load(path: &Path) -> Result<Loaded> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading sender config {}", path.display()))?;
-    let mut loaded =
-        parse(&text).with_context(|| format!("in sender config {}", path.display()))?;
+    parse(&text).with_context(|| format!("in sender config {}", path.display()))
+}
+
+/// As [`load`], and reads and checks `[auth] key_file` (`run`, `check-config`).
+pub fn load_with_key(path: &Path) -> Result<Loaded> {
+    let mut loaded = load(path)?;
     let auth = loaded.config.auth.as_ref().expect("checked by parse");
     let signer = match &auth.key_file {
         Some(file) => Signer::Key(

@@ -127,7 +127,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn check_config(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_key(path)?;
     let text = format!(
         "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}\n# sha256: {}\n",
         path.display(),
@@ -232,7 +232,7 @@ fn resend(path: &Path, stream: &str, from: u64, to: Option<u64>) -> Result<()> {
 }
 
 fn run(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_key(path)?;
     let session: u64 = rand::random();
     let counters = Arc::new(Counters::default());
     let spool = SharedSpool::new(Spool::open(loaded.spool.clone(), counters.clone())?);
@@ -246,12 +246,13 @@ fn run(path: &Path) -> Result<()> {
     };
     if matches!(signer, Signer::Disabled) {
         tracing::warn!("{AUTH_DISABLED_WARNING}");
-        let _ = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("weir-auth-warn".into())
             .spawn(|| loop {
                 std::thread::sleep(AUTH_DISABLED_WARN_INTERVAL);
                 tracing::warn!("{AUTH_DISABLED_WARNING}");
-            });
+            })
+            .context("starting the auth warning thread")?;
     }
     let mut enc = Encoder::new(loaded.encoder_config(session), signer);
     enc.set_config_hash(loaded.hash.clone());
