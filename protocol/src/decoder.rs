@@ -60,6 +60,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use crate::auth::{AuthError, Verifier};
 use crate::bundle::{Entries, Entry};
 use crate::config::{DecoderConfig, MAX_INTERLEAVE};
 use crate::control::{Control, Heartbeat, StreamStatus};
@@ -289,6 +290,14 @@ pub struct DecoderStats {
     pub rejected_header: u64,
     /// Data frames whose k or m is above the receiver's `[fec]` limits.
     pub rejected_fec_shape: u64,
+    /// Frames without a tag while this receiver requires authentication.
+    pub rejected_unauthenticated: u64,
+    /// Tagged frames while this receiver has `[auth] disabled = true`.
+    pub rejected_auth_disabled: u64,
+    /// Tagged with a key id that is none of this receiver's keys.
+    pub rejected_unknown_key: u64,
+    /// Tag does not match the frame: forged or altered.
+    pub rejected_bad_tag: u64,
     pub rejected_stale_session: u64,
     /// Frames of a would-be new session that another one displaced before
     /// it sent enough frames to be trusted.
@@ -359,6 +368,10 @@ impl DecoderStats {
             ("rejected_crc", self.rejected_crc),
             ("rejected_header", self.rejected_header),
             ("rejected_fec_shape", self.rejected_fec_shape),
+            ("rejected_unauthenticated", self.rejected_unauthenticated),
+            ("rejected_auth_disabled", self.rejected_auth_disabled),
+            ("rejected_unknown_key", self.rejected_unknown_key),
+            ("rejected_bad_tag", self.rejected_bad_tag),
             ("rejected_stale_session", self.rejected_stale_session),
             ("rejected_stray_session", self.rejected_stray_session),
             ("stale", self.stale),
@@ -515,6 +528,8 @@ struct Cursor {
 
 pub struct Decoder {
     cfg: DecoderConfig,
+    /// Checks every datagram's tag before anything else reads it.
+    verifier: Verifier,
     fec: Fec,
     session: Option<Session>,
     candidate: Option<Candidate>,
@@ -536,11 +551,21 @@ pub struct Decoder {
 const SPARE_BUFFERS: usize = 32;
 
 impl Decoder {
-    pub fn new(cfg: DecoderConfig) -> Self {
+    /// `verifier` holds the keys frames must be tagged with (or says
+    /// authentication is disabled); no datagram reaches any state before
+    /// it passes.
+    pub fn new(cfg: DecoderConfig, verifier: Verifier) -> Self {
         cfg.validate()
             .expect("decoder configuration validated by the caller");
+        // The relaxed takeover and jump rules trust a frame's origin: only
+        // sound when every frame's tag is checked.
+        assert!(
+            !cfg.frames_authenticated || !verifier.is_disabled(),
+            "frames_authenticated set while authentication is disabled"
+        );
         Decoder {
             cfg,
+            verifier,
             fec: Fec::default(),
             session: None,
             candidate: None,
@@ -558,6 +583,10 @@ impl Decoder {
 
     pub fn stats(&self) -> &DecoderStats {
         &self.stats
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
     }
 
     /// Seeds what a previous run of the receiver delivered, so a restart
@@ -600,7 +629,9 @@ impl Decoder {
 
     pub fn handle_datagram(&mut self, now: Nanos, datagram: &[u8]) {
         self.stats.datagrams += 1;
-        let (header, shard) = match FrameHeader::parse(datagram) {
+        // The only place datagrams from the link are parsed: CRC and tag
+        // are checked here, before any state below is touched.
+        let (header, shard) = match FrameHeader::parse(datagram, &self.verifier) {
             Ok(parsed) => parsed,
             Err(e) => {
                 let counter = match e {
@@ -610,6 +641,16 @@ impl Decoder {
                     FrameError::LengthMismatch { .. } => &mut self.stats.rejected_length,
                     FrameError::BadCrc => &mut self.stats.rejected_crc,
                     FrameError::InvalidHeader(_) => &mut self.stats.rejected_header,
+                    FrameError::Auth(AuthError::Unauthenticated) => {
+                        &mut self.stats.rejected_unauthenticated
+                    }
+                    FrameError::Auth(AuthError::AuthenticationDisabled) => {
+                        &mut self.stats.rejected_auth_disabled
+                    }
+                    FrameError::Auth(AuthError::UnknownKey(_)) => {
+                        &mut self.stats.rejected_unknown_key
+                    }
+                    FrameError::Auth(AuthError::BadTag(_)) => &mut self.stats.rejected_bad_tag,
                 };
                 *counter += 1;
                 return;
@@ -751,7 +792,7 @@ impl Decoder {
     /// Decodes held frames in arrival order, as if they arrived now.
     fn replay_held(&mut self, now: Nanos, frames: Vec<Vec<u8>>) {
         for frame in &frames {
-            if let Ok((header, shard)) = FrameHeader::parse(frame) {
+            if let Ok((header, shard)) = FrameHeader::parse(frame, &self.verifier) {
                 self.handle_frame(now, &header, shard, frame);
             }
         }
@@ -1554,15 +1595,31 @@ mod tests {
     use crate::{EncoderConfig, Point, Value, NANOS_PER_SEC};
     use proptest::prelude::*;
 
+    fn test_key() -> crate::Key {
+        crate::Key::from_bytes(&[0x42; crate::auth::KEY_LEN]).unwrap()
+    }
+
+    fn test_verifier() -> Verifier {
+        Verifier::new(vec![test_key()]).unwrap()
+    }
+
     /// Valid frames of a small session, to mutate.
-    fn some_frames() -> Vec<Vec<u8>> {
-        frames_of(42, 0..300)
+    fn some_frames(signer: crate::Signer) -> Vec<Vec<u8>> {
+        frames_signed(42, 0..300, signer)
     }
 
     /// Every frame a session with id `session` sends for records `seqs` of
     /// one stream "s".
     fn frames_of(session: u64, seqs: std::ops::Range<u64>) -> Vec<Vec<u8>> {
-        let mut enc = crate::Encoder::new(EncoderConfig::new(session));
+        frames_signed(session, seqs, crate::Signer::Key(test_key()))
+    }
+
+    fn frames_signed(
+        session: u64,
+        seqs: std::ops::Range<u64>,
+        signer: crate::Signer,
+    ) -> Vec<Vec<u8>> {
+        let mut enc = crate::Encoder::new(EncoderConfig::new(session), signer);
         let s = enc.add_stream("s", "generator", seqs.start, 7);
         enc.handle_timeout(0);
         for seq in seqs {
@@ -1594,7 +1651,7 @@ mod tests {
     proptest! {
         #[test]
         fn decoder_survives_arbitrary_datagrams(datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 0..40)) {
-            let mut dec = Decoder::new(DecoderConfig::default());
+            let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for (i, d) in datagrams.iter().enumerate() {
                 dec.handle_datagram(i as Nanos, d);
                 dec.handle_timeout(i as Nanos * 1_000_000_000);
@@ -1605,10 +1662,12 @@ mod tests {
 
         #[test]
         fn decoder_survives_mutated_valid_frames(seed in any::<u64>(), mutations in 1usize..8) {
-            let frames = some_frames();
+            // Unauthenticated frames, so a mutation with a re-sealed CRC
+            // reaches the parsers behind the tag check.
+            let frames = some_frames(crate::Signer::Disabled);
             let mut rng = seed | 1;
             let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng as usize };
-            let mut dec = Decoder::new(DecoderConfig::default());
+            let mut dec = Decoder::new(DecoderConfig::default(), Verifier::disabled());
             for f in &frames {
                 let mut f = f.clone();
                 for _ in 0..mutations {
@@ -1616,7 +1675,7 @@ mod tests {
                     f[i] = next() as u8;
                 }
                 // Re-seal the CRC so the mutation reaches the parsers behind it.
-                if next() % 2 == 0 && f.len() >= crate::frame::FRAME_OVERHEAD {
+                if next() % 2 == 0 && f.len() >= crate::frame::HEADER_LEN + crate::frame::CRC_LEN {
                     let end = f.len() - 4;
                     let crc = crc32fast::hash(&f[..end]);
                     f[end..].copy_from_slice(&crc.to_be_bytes());
@@ -1630,9 +1689,49 @@ mod tests {
     }
 
     #[test]
+    fn frames_failing_authentication_are_counted_by_reason_and_change_nothing() {
+        let genuine = some_frames(crate::Signer::Key(test_key()));
+        let other_key = crate::Key::from_bytes(&[7; crate::auth::KEY_LEN]).unwrap();
+        let forged = some_frames(crate::Signer::Key(other_key));
+        let unauthenticated = some_frames(crate::Signer::Disabled);
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
+        for f in forged.iter().chain(&unauthenticated) {
+            dec.handle_datagram(0, f);
+        }
+        // Forged with the genuine key's id and a valid CRC.
+        let mut bad_tag = forged[0].clone();
+        bad_tag[4..8].copy_from_slice(&test_key().id().0.to_be_bytes());
+        let end = bad_tag.len() - 4;
+        let crc = crc32fast::hash(&bad_tag[..end]);
+        bad_tag[end..].copy_from_slice(&crc.to_be_bytes());
+        dec.handle_datagram(0, &bad_tag);
+        dec.handle_timeout(10 * crate::NANOS_PER_SEC);
+        assert_eq!(dec.poll_event(), None, "a rejected frame produced an event");
+        let s = dec.stats().clone();
+        assert_eq!(s.rejected_unknown_key, forged.len() as u64);
+        assert_eq!(s.rejected_unauthenticated, unauthenticated.len() as u64);
+        assert_eq!(s.rejected_bad_tag, 1);
+        assert_eq!((s.shards_accepted, s.control_frames), (0, 0));
+        // The genuine session is then delivered in full.
+        for f in &genuine {
+            dec.handle_datagram(0, f);
+        }
+        let mut records = 0;
+        while let Some(ev) = dec.poll_event() {
+            records += matches!(ev, Event::Record(_)) as usize;
+        }
+        assert_eq!(records, 300);
+        // A receiver with authentication off refuses tagged frames.
+        let mut off = Decoder::new(DecoderConfig::default(), Verifier::disabled());
+        off.handle_datagram(0, &genuine[0]);
+        assert_eq!(off.stats().rejected_auth_disabled, 1);
+        assert_eq!(off.poll_event(), None);
+    }
+
+    #[test]
     fn each_rejection_reason_is_counted() {
-        let frames = some_frames();
-        let mut dec = Decoder::new(DecoderConfig::default());
+        let frames = some_frames(crate::Signer::Key(test_key()));
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         dec.handle_datagram(0, b"short");
         let mut bad_magic = frames[0].clone();
         bad_magic[0] = b'X';
@@ -1663,7 +1762,7 @@ mod tests {
             data_len: shard.len() as u32,
         };
         let mut buf = vec![0u8; shard.len() + crate::frame::FRAME_OVERHEAD];
-        let n = header.write(shard, &mut buf);
+        let n = header.write(shard, &mut buf, &crate::Signer::Key(test_key()));
         buf.truncate(n);
         buf
     }
@@ -1682,7 +1781,7 @@ mod tests {
             data_len: body.len() as u32,
         };
         let mut buf = vec![0u8; body.len() + crate::frame::FRAME_OVERHEAD];
-        let n = header.write(&body, &mut buf);
+        let n = header.write(&body, &mut buf, &crate::Signer::Key(test_key()));
         buf.truncate(n);
         buf
     }
@@ -1714,7 +1813,7 @@ mod tests {
         let other = frames_of(43, 0..30_000);
         assert!(other.len() >= 40);
         let (seqs, later) = finishes_in_time(move || {
-            let mut dec = Decoder::new(DecoderConfig::default());
+            let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for f in &live {
                 dec.handle_datagram(0, f);
             }
@@ -1744,7 +1843,7 @@ mod tests {
         let (first, second) = frames.split_at(frames.len() / 3);
         let (first, second) = (first.to_vec(), second.to_vec());
         let seqs = finishes_in_time(move || {
-            let mut dec = Decoder::new(DecoderConfig::default());
+            let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for f in &first {
                 dec.handle_datagram(0, f);
             }
@@ -1772,7 +1871,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_claiming_last_seq_u64_max_is_rejected_without_overflow() {
-        let mut dec = Decoder::new(DecoderConfig::default());
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         for f in frames_of(42, 0..300) {
             dec.handle_datagram(0, &f);
         }
@@ -1810,7 +1909,7 @@ mod tests {
             max_data_shards: 64,
             max_parity_shards: 32,
             ..DecoderConfig::default()
-        });
+        }, test_verifier());
         dec.handle_datagram(0, &forged(42, 0, 255, 1, 0, &[0u8; 64]));
         dec.handle_datagram(0, &forged(42, 0, 64, 33, 0, &[0u8; 64]));
         dec.handle_datagram(0, &forged(42, 0, 64, 32, 0, &[0u8; 64]));
@@ -1820,7 +1919,7 @@ mod tests {
     #[test]
     fn replayed_shards_and_heartbeats_are_counted_and_never_decoded_twice() {
         let frames = frames_of(42, 0..3000);
-        let mut dec = Decoder::new(DecoderConfig::default());
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         for f in &frames {
             dec.handle_datagram(0, f);
         }
@@ -1848,7 +1947,7 @@ mod tests {
         let live = frames_of(42, 0..300);
         let other = frames_of(43, 0..3000);
         let (stats, seqs) = finishes_in_time(move || {
-            let mut dec = Decoder::new(DecoderConfig::default());
+            let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for f in &live {
                 dec.handle_datagram(0, f);
             }

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 
+use crate::auth::Signer;
 use crate::bundle::{
     self, entry_len, put_entry, MAX_ENTRY_HEADER, TAG_FIRST, TAG_GAP_NOTICE, TAG_LAST, TAG_MIDDLE,
     TAG_RECORD, TAG_STREAM_INFO,
@@ -89,6 +90,8 @@ impl Group {
 
 pub struct Encoder {
     cfg: EncoderConfig,
+    /// Tags every frame written (or marks it unauthenticated).
+    signer: Signer,
     fec: Fec,
     streams: Vec<StreamState>,
     /// Data bytes of the block being filled.
@@ -122,12 +125,15 @@ pub struct Encoder {
 
 impl Encoder {
     /// Panics if the configuration is invalid: validate it first, at load.
-    pub fn new(cfg: EncoderConfig) -> Self {
+    /// `signer` tags every frame; `Signer::Disabled` only where the
+    /// operator turned authentication off.
+    pub fn new(cfg: EncoderConfig, signer: Signer) -> Self {
         cfg.validate()
             .expect("encoder configuration validated by the caller");
         Encoder {
             open: Vec::with_capacity(cfg.block_capacity()),
             cfg,
+            signer,
             fec: Fec::default(),
             streams: Vec::new(),
             open_streams: Vec::new(),
@@ -497,7 +503,8 @@ impl Encoder {
             };
             self.next_control_seq += 1;
             let mut frame = vec![0u8; body.len() + FRAME_OVERHEAD];
-            header.write(&body, &mut frame);
+            let n = header.write(&body, &mut frame, &self.signer);
+            frame.truncate(n);
             self.control.push_back((self.next_block, frame));
         }
     }
@@ -536,7 +543,11 @@ impl Encoder {
             data_len: block.data_len as u32,
         };
         let is_parity = index >= block.k;
-        let n = header.write(&block.shards[offset..offset + block.shard_len], buf);
+        let n = header.write(
+            &block.shards[offset..offset + block.shard_len],
+            buf,
+            &self.signer,
+        );
         if is_parity {
             self.stats.parity_frames += 1;
         } else {

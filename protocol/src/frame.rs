@@ -1,38 +1,60 @@
-//! Frames: one UDP datagram each. A fixed header, a shard, and a CRC32 over both.
+//! Frames: one UDP datagram each. A fixed header, a shard, an authentication
+//! tag over both, and a CRC32 over everything before it.
 //!
 //! ```text
 //! offset size field
 //!  0     2    magic 0x57 0x52 ("WR")
-//!  2     1    version (2)
-//!  3     1    flags (bit 0: control frame)
-//!  4     8    session id (random per sender start)
-//! 12     8    block number (data) or control sequence (control)
-//! 20     2    shard index within the block (0..k+m)
-//! 22     2    k: data shards in this block
-//! 24     2    m: parity shards in this block
-//! 26     2    shard length in bytes
-//! 28     4    data length: bytes of block data before padding
-//! 32     n    shard
-//! 32+n   4    CRC32 (IEEE) of bytes 0..32+n
+//!  2     1    version (3)
+//!  3     1    flags (bit 0: control frame; bit 1: unauthenticated)
+//!  4     4    key id of the tagging key (0 in unauthenticated frames)
+//!  8     8    session id (random per sender start)
+//! 16     8    block number (data) or control sequence (control)
+//! 24     2    shard index within the block (0..k+m)
+//! 26     2    k: data shards in this block
+//! 28     2    m: parity shards in this block
+//! 30     2    shard length n in bytes
+//! 32     4    data length: bytes of block data before padding
+//! 36     n    shard
+//! 36+n  16    tag: HMAC-SHA256 of bytes 0..36+n, first 16 bytes
+//!             (absent when flag bit 1 is set)
+//! 52+n   4    CRC32 (IEEE) of every byte before it (at 36+n when unauthenticated)
 //! ```
 //! All integers are big-endian.
+//!
+//! The receiver checks, in this order and before any decoder state or FEC
+//! is touched: length, magic, version, length against the header, CRC32
+//! (link corruption), then the tag (forgery) with the key named by the key
+//! id, then the header's values. The tag covers every header field, so a
+//! replayed frame cannot be altered (e.g. moved to another block or session)
+//! without failing it; rejecting replays of unaltered frames is the
+//! decoder's job. See [`crate::auth`].
 
 use thiserror::Error;
 
+use crate::auth::{AuthError, Signer, Verifier, KEY_ID_LEN, TAG_LEN};
+
 pub const MAGIC: [u8; 2] = *b"WR";
-/// 2: records carry `resent`, stream infos an `epoch`, blocks gap notices.
-pub const VERSION: u8 = 2;
-pub const HEADER_LEN: usize = 32;
+/// 3: every frame carries a key id and, unless flagged unauthenticated, a
+/// 128-bit tag. (2: records carry `resent`, stream infos an `epoch`,
+/// blocks gap notices.)
+pub const VERSION: u8 = 3;
+pub const HEADER_LEN: usize = 36;
 pub const CRC_LEN: usize = 4;
-/// Bytes a frame adds around its shard.
-pub const FRAME_OVERHEAD: usize = HEADER_LEN + CRC_LEN;
+/// Bytes an authenticated frame adds around its shard; unauthenticated
+/// frames are `TAG_LEN` shorter. Shard sizes are computed with this, the
+/// larger overhead, so both settings use the same shard size.
+pub const FRAME_OVERHEAD: usize = HEADER_LEN + TAG_LEN + CRC_LEN;
+/// The shortest datagram that can be a frame (unauthenticated, empty shard).
+const MIN_FRAME_LEN: usize = HEADER_LEN + CRC_LEN;
 /// IPv4 (20) + UDP (8) header bytes the MTU must also hold.
 pub const IP_UDP_OVERHEAD: usize = 28;
 /// Reed-Solomon over GF(2^8) allows at most 256 shards per block.
 pub const MAX_SHARDS: usize = 256;
 
 pub const FLAG_CONTROL: u8 = 0x01;
-const KNOWN_FLAGS: u8 = FLAG_CONTROL;
+/// The frame has no tag: both sides run with `[auth] disabled = true`.
+pub const FLAG_UNAUTHENTICATED: u8 = 0x02;
+const KNOWN_FLAGS: u8 = FLAG_CONTROL | FLAG_UNAUTHENTICATED;
 
 /// The shard payload size that fits a link MTU: the largest shard whose frame
 /// still fits one unfragmented IPv4 UDP datagram.
@@ -68,36 +90,56 @@ impl FrameHeader {
         self.flags & FLAG_CONTROL != 0
     }
 
-    /// Writes header, shard and CRC into `out`; returns the frame length.
+    /// Writes header, shard, tag (unless `signer` is disabled) and CRC into
+    /// `out`; returns the frame length. The unauthenticated flag in
+    /// `self.flags` is ignored: `signer` decides it.
     /// Panics if `out` is too small or `shard` is not `shard_len` long: both are
     /// the caller's invariants, not input from outside.
-    pub fn write(&self, shard: &[u8], out: &mut [u8]) -> usize {
+    pub fn write(&self, shard: &[u8], out: &mut [u8], signer: &Signer) -> usize {
         assert_eq!(
             shard.len(),
             self.shard_len as usize,
             "shard length matches header"
         );
-        let total = HEADER_LEN + shard.len() + CRC_LEN;
+        let key = signer.key();
+        let tag_len = if key.is_some() { TAG_LEN } else { 0 };
+        let body_end = HEADER_LEN + shard.len();
+        let total = body_end + tag_len + CRC_LEN;
         assert!(out.len() >= total, "frame buffer too small");
+        let mut flags = self.flags & !FLAG_UNAUTHENTICATED;
+        if key.is_none() {
+            flags |= FLAG_UNAUTHENTICATED;
+        }
         out[0..2].copy_from_slice(&MAGIC);
         out[2] = VERSION;
-        out[3] = self.flags;
-        out[4..12].copy_from_slice(&self.session.to_be_bytes());
-        out[12..20].copy_from_slice(&self.block.to_be_bytes());
-        out[20..22].copy_from_slice(&self.index.to_be_bytes());
-        out[22..24].copy_from_slice(&self.k.to_be_bytes());
-        out[24..26].copy_from_slice(&self.m.to_be_bytes());
-        out[26..28].copy_from_slice(&self.shard_len.to_be_bytes());
-        out[28..32].copy_from_slice(&self.data_len.to_be_bytes());
-        out[HEADER_LEN..HEADER_LEN + shard.len()].copy_from_slice(shard);
-        let crc = crc32fast::hash(&out[..HEADER_LEN + shard.len()]);
-        out[HEADER_LEN + shard.len()..total].copy_from_slice(&crc.to_be_bytes());
+        out[3] = flags;
+        out[4..8].copy_from_slice(&key.map_or(0, |k| k.id().0).to_be_bytes());
+        out[8..16].copy_from_slice(&self.session.to_be_bytes());
+        out[16..24].copy_from_slice(&self.block.to_be_bytes());
+        out[24..26].copy_from_slice(&self.index.to_be_bytes());
+        out[26..28].copy_from_slice(&self.k.to_be_bytes());
+        out[28..30].copy_from_slice(&self.m.to_be_bytes());
+        out[30..32].copy_from_slice(&self.shard_len.to_be_bytes());
+        out[32..36].copy_from_slice(&self.data_len.to_be_bytes());
+        out[HEADER_LEN..body_end].copy_from_slice(shard);
+        if let Some(key) = key {
+            let tag = key.tag(&out[..body_end]);
+            out[body_end..body_end + TAG_LEN].copy_from_slice(&tag);
+        }
+        let crc_at = body_end + tag_len;
+        let crc = crc32fast::hash(&out[..crc_at]);
+        out[crc_at..total].copy_from_slice(&crc.to_be_bytes());
         total
     }
 
-    /// Parses and checks a datagram; returns the header and the shard bytes.
-    pub fn parse(datagram: &[u8]) -> Result<(FrameHeader, &[u8]), FrameError> {
-        if datagram.len() < FRAME_OVERHEAD {
+    /// Parses and checks a datagram, authentication included; returns the
+    /// header and the shard bytes. Nothing of the datagram is used before
+    /// its CRC and tag are checked.
+    pub fn parse<'a>(
+        datagram: &'a [u8],
+        verifier: &Verifier,
+    ) -> Result<(FrameHeader, &'a [u8]), FrameError> {
+        if datagram.len() < MIN_FRAME_LEN {
             return Err(FrameError::Truncated {
                 len: datagram.len(),
             });
@@ -113,28 +155,41 @@ impl FrameHeader {
             |at: usize| u32::from_be_bytes(datagram[at..at + 4].try_into().expect("4 bytes"));
         let be64 =
             |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
-        let header = FrameHeader {
-            flags: datagram[3],
-            session: be64(4),
-            block: be64(12),
-            index: be16(20),
-            k: be16(22),
-            m: be16(24),
-            shard_len: be16(26),
-            data_len: be32(28),
-        };
-        let expected = FRAME_OVERHEAD + header.shard_len as usize;
+        let flags = datagram[3];
+        let authenticated = flags & FLAG_UNAUTHENTICATED == 0;
+        let tag_len = if authenticated { TAG_LEN } else { 0 };
+        let shard_len = be16(30);
+        let body_end = HEADER_LEN + shard_len as usize;
+        let expected = body_end + tag_len + CRC_LEN;
         if datagram.len() != expected {
             return Err(FrameError::LengthMismatch {
                 len: datagram.len(),
                 expected,
             });
         }
-        let body_end = HEADER_LEN + header.shard_len as usize;
-        let crc = be32(body_end);
-        if crc32fast::hash(&datagram[..body_end]) != crc {
+        let crc_at = body_end + tag_len;
+        if crc32fast::hash(&datagram[..crc_at]) != be32(crc_at) {
             return Err(FrameError::BadCrc);
         }
+        let key_id = be32(4);
+        let tag = authenticated.then(|| &datagram[body_end..crc_at]);
+        verifier.check(key_id, &datagram[..body_end], tag)?;
+        if !authenticated && key_id != 0 {
+            return Err(FrameError::InvalidHeader(
+                "key id set in an unauthenticated frame",
+            ));
+        }
+        const _: () = assert!(KEY_ID_LEN == 4, "the key id field is a u32");
+        let header = FrameHeader {
+            flags,
+            session: be64(8),
+            block: be64(16),
+            index: be16(24),
+            k: be16(26),
+            m: be16(28),
+            shard_len,
+            data_len: be32(32),
+        };
         header.validate()?;
         Ok((header, &datagram[HEADER_LEN..body_end]))
     }
@@ -175,7 +230,7 @@ pub enum FrameError {
     Truncated { len: usize },
     #[error("datagram does not start with the weir magic bytes")]
     BadMagic,
-    #[error("frame version {0} is not supported (this receiver speaks version 2)")]
+    #[error("frame version {0} is not supported (this receiver speaks version {VERSION})")]
     UnsupportedVersion(u8),
     #[error("datagram is {len} bytes but its header says {expected}")]
     LengthMismatch { len: usize, expected: usize },
@@ -183,11 +238,14 @@ pub enum FrameError {
     BadCrc,
     #[error("invalid frame header: {0}")]
     InvalidHeader(&'static str),
+    #[error("authentication failed: {0}")]
+    Auth(#[from] AuthError),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{Key, KEY_LEN};
     use proptest::prelude::*;
 
     fn header(shard_len: u16) -> FrameHeader {
@@ -203,47 +261,193 @@ mod tests {
         }
     }
 
+    fn key(byte: u8) -> Key {
+        Key::from_bytes(&[byte; KEY_LEN]).unwrap()
+    }
+
+    fn signer(byte: u8) -> Signer {
+        Signer::Key(key(byte))
+    }
+
+    fn verifier(bytes: &[u8]) -> Verifier {
+        Verifier::new(bytes.iter().map(|b| key(*b)).collect()).unwrap()
+    }
+
     #[test]
-    fn frame_round_trips_and_rejects_any_flipped_bit() {
+    fn authenticated_frame_round_trips_and_rejects_any_flipped_bit() {
         let shard = vec![0xAB; 16];
         let mut buf = [0u8; 128];
-        let n = header(16).write(&shard, &mut buf);
-        let (h, s) = FrameHeader::parse(&buf[..n]).unwrap();
+        let n = header(16).write(&shard, &mut buf, &signer(1));
+        assert_eq!(n, 16 + FRAME_OVERHEAD);
+        let (h, s) = FrameHeader::parse(&buf[..n], &verifier(&[1])).unwrap();
         assert_eq!(h, header(16));
         assert_eq!(s, &shard[..]);
         for bit in 0..n * 8 {
             let mut bad = buf[..n].to_vec();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                FrameHeader::parse(&bad).is_err(),
+                FrameHeader::parse(&bad, &verifier(&[1])).is_err(),
                 "bit {bit} flipped was accepted"
             );
         }
     }
 
+    /// A forger who recomputes the CRC after altering a header field or the
+    /// shard is caught by the tag, whatever bit it changed.
     #[test]
-    fn mtu_1500_gives_1436_byte_shards_and_jumbo_works() {
-        assert_eq!(shard_size_for_mtu(1500), Some(1436));
-        assert_eq!(shard_size_for_mtu(9000), Some(8936));
+    fn any_altered_bit_with_a_recomputed_crc_fails_the_tag() {
+        let shard = vec![0x5A; 24];
+        let mut buf = [0u8; 128];
+        let n = header(24).write(&shard, &mut buf, &signer(1));
+        let body_end = HEADER_LEN + 24;
+        for bit in 0..(n - CRC_LEN) * 8 {
+            let mut bad = buf[..n].to_vec();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let crc = crc32fast::hash(&bad[..n - CRC_LEN]);
+            bad[n - CRC_LEN..].copy_from_slice(&crc.to_be_bytes());
+            let err = FrameHeader::parse(&bad, &verifier(&[1])).unwrap_err();
+            let byte = bit / 8;
+            if byte < 4 || byte == 30 || byte == 31 {
+                // magic, version, flags, shard length: structure checks
+                // come first and reject before the tag is looked at.
+                continue;
+            }
+            if (4..8).contains(&byte) {
+                assert!(
+                    matches!(err, FrameError::Auth(AuthError::UnknownKey(_))),
+                    "bit {bit}: {err}"
+                );
+            } else {
+                assert!(
+                    matches!(err, FrameError::Auth(AuthError::BadTag(_))),
+                    "bit {bit} (byte {byte}, body ends at {body_end}): {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_tagged_with_another_key_is_rejected_as_unknown_key() {
+        let shard = vec![1; 16];
+        let mut buf = [0u8; 128];
+        let n = header(16).write(&shard, &mut buf, &signer(2));
+        assert_eq!(
+            FrameHeader::parse(&buf[..n], &verifier(&[1])),
+            Err(FrameError::Auth(AuthError::UnknownKey(key(2).id())))
+        );
+    }
+
+    #[test]
+    fn a_forged_frame_carrying_a_genuine_key_id_fails_the_tag() {
+        let shard = vec![1; 16];
+        let mut buf = [0u8; 128];
+        let n = header(16).write(&shard, &mut buf, &signer(2));
+        // Claim key 1's id and fix the CRC: the tag was made with key 2.
+        buf[4..8].copy_from_slice(&key(1).id().0.to_be_bytes());
+        let crc = crc32fast::hash(&buf[..n - CRC_LEN]);
+        buf[n - CRC_LEN..n].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(
+            FrameHeader::parse(&buf[..n], &verifier(&[1])),
+            Err(FrameError::Auth(AuthError::BadTag(key(1).id())))
+        );
+    }
+
+    #[test]
+    fn during_a_rotation_frames_of_either_key_are_accepted() {
+        let shard = vec![9; 16];
+        let both = verifier(&[1, 2]);
+        for k in [1, 2] {
+            let mut buf = [0u8; 128];
+            let n = header(16).write(&shard, &mut buf, &signer(k));
+            assert!(FrameHeader::parse(&buf[..n], &both).is_ok(), "key {k}");
+        }
+    }
+
+    #[test]
+    fn unauthenticated_frames_keep_a_crc_and_match_only_a_disabled_receiver() {
+        let shard = vec![3; 16];
+        let mut buf = [0u8; 128];
+        let n = header(16).write(&shard, &mut buf, &Signer::Disabled);
+        assert_eq!(n, 16 + HEADER_LEN + CRC_LEN);
+        assert_eq!(buf[3] & FLAG_UNAUTHENTICATED, FLAG_UNAUTHENTICATED);
+        let (h, s) = FrameHeader::parse(&buf[..n], &Verifier::disabled()).unwrap();
+        assert_eq!(h.flags & !FLAG_UNAUTHENTICATED, 0);
+        assert_eq!(s, &shard[..]);
+        assert_eq!(
+            FrameHeader::parse(&buf[..n], &verifier(&[1])),
+            Err(FrameError::Auth(AuthError::Unauthenticated))
+        );
+        for bit in 0..n * 8 {
+            let mut bad = buf[..n].to_vec();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                FrameHeader::parse(&bad, &Verifier::disabled()).is_err(),
+                "bit {bit} flipped was accepted"
+            );
+        }
+        let m = header(16).write(&shard, &mut buf, &signer(1));
+        assert_eq!(
+            FrameHeader::parse(&buf[..m], &Verifier::disabled()),
+            Err(FrameError::Auth(AuthError::AuthenticationDisabled))
+        );
+    }
+
+    /// Stripping the tag and setting the unauthenticated flag does not turn
+    /// a genuine frame into one an authenticating receiver accepts.
+    #[test]
+    fn stripping_the_tag_of_a_genuine_frame_is_rejected_as_unauthenticated() {
+        let shard = vec![4; 16];
+        let mut buf = [0u8; 128];
+        let n = header(16).write(&shard, &mut buf, &signer(1));
+        let body_end = HEADER_LEN + 16;
+        let mut stripped = buf[..body_end].to_vec();
+        stripped[3] |= FLAG_UNAUTHENTICATED;
+        stripped[4..8].fill(0);
+        let crc = crc32fast::hash(&stripped);
+        stripped.extend_from_slice(&crc.to_be_bytes());
+        assert!(n > stripped.len());
+        assert_eq!(
+            FrameHeader::parse(&stripped, &verifier(&[1])),
+            Err(FrameError::Auth(AuthError::Unauthenticated))
+        );
+    }
+
+    #[test]
+    fn mtu_1500_gives_1416_byte_shards_and_jumbo_works() {
+        assert_eq!(shard_size_for_mtu(1500), Some(1416));
+        assert_eq!(shard_size_for_mtu(9000), Some(8916));
         assert_eq!(shard_size_for_mtu(80), None);
+        assert_eq!(1416 + FRAME_OVERHEAD + IP_UDP_OVERHEAD, 1500);
     }
 
     proptest! {
         #[test]
         fn parse_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let _ = FrameHeader::parse(&bytes);
+            let _ = FrameHeader::parse(&bytes, &verifier(&[1]));
+            let _ = FrameHeader::parse(&bytes, &Verifier::disabled());
         }
 
         #[test]
-        fn any_valid_header_round_trips(session in any::<u64>(), block in any::<u64>(), k in 1u16..=200, m in 0u16..=56,
-                                        shard in proptest::collection::vec(any::<u8>(), 1..300)) {
+        fn any_valid_header_round_trips_with_its_tag(session in any::<u64>(), block in any::<u64>(), k in 1u16..=200, m in 0u16..=56,
+                                        key_byte in any::<u8>(), shard in proptest::collection::vec(any::<u8>(), 1..300)) {
             let h = FrameHeader { flags: 0, session, block, index: k + m - 1, k, m,
                                   shard_len: shard.len() as u16, data_len: shard.len() as u32 };
             let mut buf = vec![0u8; shard.len() + FRAME_OVERHEAD];
-            let n = h.write(&shard, &mut buf);
-            let (h2, s2) = FrameHeader::parse(&buf[..n]).unwrap();
+            let n = h.write(&shard, &mut buf, &signer(key_byte));
+            let (h2, s2) = FrameHeader::parse(&buf[..n], &verifier(&[key_byte])).unwrap();
             prop_assert_eq!(h2, h);
             prop_assert_eq!(s2, &shard[..]);
+            let other = key_byte.wrapping_add(1);
+            prop_assert!(FrameHeader::parse(&buf[..n], &verifier(&[other])).is_err());
+        }
+
+        #[test]
+        fn any_single_flipped_bit_is_rejected(bit in 0usize..(64 + FRAME_OVERHEAD) * 8, key_byte in any::<u8>()) {
+            let shard = vec![0x11; 64];
+            let mut buf = vec![0u8; 64 + FRAME_OVERHEAD];
+            let n = header(64).write(&shard, &mut buf, &signer(key_byte));
+            buf[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(FrameHeader::parse(&buf[..n], &verifier(&[key_byte])).is_err());
         }
     }
 }

@@ -7,11 +7,13 @@
 //! heartbeats). Time is always passed in as [`Nanos`] from any monotonic
 //! origin, so the same code runs under a seeded in-memory link in tests.
 //!
-//! Layers, bottom up: [`frame`] (header + shard + CRC32), [`fec`]
+//! Layers, bottom up: [`auth`] (keys, HMAC-SHA256 tags), [`frame`]
+//! (header + shard + tag + CRC32, checked before anything else), [`fec`]
 //! (Reed-Solomon k + m), [`bundle`] (records packed into block data,
 //! fragmented across blocks when large), [`control`] (heartbeats), and the
 //! [`encoder`] / [`decoder`] state machines.
 
+pub mod auth;
 pub mod bundle;
 pub mod config;
 pub mod control;
@@ -23,6 +25,7 @@ pub mod record;
 pub mod segment;
 pub mod units;
 
+pub use auth::{AuthError, Key, KeyError, KeyId, Signer, Verifier};
 pub use config::{ConfigError, DecoderConfig, EncoderConfig};
 pub use control::{Control, Heartbeat, StreamStatus};
 pub use decoder::{Decoder, DecoderStats, Event, Gap, GapCause};

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use weir_protocol::auth::{KEY_LEN, MAX_KEYS};
 use weir_protocol::units::parse_size;
-use weir_protocol::{DecoderConfig, NANOS_PER_MILLI};
+use weir_protocol::{DecoderConfig, Key, Verifier, NANOS_PER_MILLI};
 
 use crate::sinks::SinkConfig;
 
@@ -28,6 +29,106 @@ pub struct ReceiverConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+    /// Required: frames must be authenticated unless this says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+}
+
+/// `[auth]`: the keys frames may be tagged with (or `disabled = true`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Key files (32 bytes, mode 0600, from `weir-sender keygen`). Frames
+    /// tagged with any of them are accepted: list the new key beside the
+    /// old one while a rotation is under way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_files: Vec<PathBuf>,
+    /// Accept only unauthenticated frames (CRC32 only). The sender must say
+    /// the same; logged as a warning at start and every hour, and audited.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+}
+
+/// What a config without `[auth]` is told: how to make a key and where it goes.
+pub const AUTH_MISSING: &str = "[auth]: missing. Frames are authenticated by default: \
+create a key with `weir-sender keygen --out /etc/weir/link.key`, copy it here, and add `[auth]` \
+with `key_files = [\"/etc/weir/link.key\"]` (the sender names the same key in its `[auth] key_file`). \
+To run without authentication (not recommended), write `[auth]` with `disabled = true` on both sides";
+
+fn validate_auth(auth: Option<&AuthConfig>) -> Result<()> {
+    let Some(auth) = auth else {
+        bail!("{AUTH_MISSING}");
+    };
+    match (auth.key_files.len(), auth.disabled) {
+        (0, false) => bail!(
+            "auth.key_files: empty; create a key with `weir-sender keygen --out FILE` and list it, `key_files = [\"FILE\"]` (or `disabled = true` to run without authentication)"
+        ),
+        (_, true) if !auth.key_files.is_empty() => {
+            bail!("auth.disabled: `disabled = true` and `key_files` are both set; keep one")
+        }
+        (n, _) if n > MAX_KEYS => bail!(
+            "auth.key_files: {n} files; at most {MAX_KEYS} keys are accepted at once (two cover a rotation)"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Reads a key file for the configuration key `setting`, refusing one that
+/// group or others can access, one that is not a regular file, and one that
+/// is not exactly 32 bytes. The mode is checked on the opened file.
+pub fn read_key_file(path: &Path, setting: &str) -> Result<Key> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("{setting}: cannot open key file {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("{setting}: cannot stat key file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{setting}: {} is not a regular file", path.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{setting}: key file {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    // One byte more than a key, so a longer file is seen as too long
+    // without reading all of it.
+    let mut bytes = Vec::with_capacity(KEY_LEN + 1);
+    file.take(KEY_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{setting}: cannot read key file {}", path.display()))?;
+    Key::from_bytes(&bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "{setting}: key file {} is {} bytes; a key file is exactly {KEY_LEN} bytes (write one with `weir-sender keygen --out FILE`)",
+            path.display(),
+            meta.len()
+        )
+    })
+}
+
+/// The verifier `[auth]` asks for, reading and checking every key file.
+pub fn load_verifier(auth: &AuthConfig) -> Result<Verifier> {
+    if auth.disabled {
+        return Ok(Verifier::disabled());
+    }
+    let mut keys: Vec<(Key, &Path)> = Vec::new();
+    for (i, file) in auth.key_files.iter().enumerate() {
+        let key = read_key_file(file, &format!("auth.key_files[{i}]"))?;
+        if let Some((_, first)) = keys.iter().find(|(k, _)| k.id() == key.id()) {
+            bail!(
+                "auth.key_files[{i}]: {} holds the same key as {}; list each key once",
+                file.display(),
+                first.display()
+            );
+        }
+        keys.push((key, file));
+    }
+    Verifier::new(keys.into_iter().map(|(k, _)| k).collect())
+        .map_err(|e| anyhow::anyhow!("auth.key_files: {e}"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,12 +334,29 @@ pub struct Loaded {
     pub recv_buffer: usize,
     pub decoder: DecoderConfig,
     pub journal: crate::journal::Settings,
+    /// What frames must carry: set by `load` from `[auth]` (key files are
+    /// read and checked there); `parse`, which reads no files, leaves None.
+    pub verifier: Option<Verifier>,
 }
 
+/// Reads and validates the file, without reading the key files: for
+/// commands that only read the audit log (`gaps`), which may run as
+/// another user.
 pub fn load(path: &Path) -> Result<Loaded> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading receiver config {}", path.display()))?;
     parse(&text).with_context(|| format!("in receiver config {}", path.display()))
+}
+
+/// As [`load`], and reads and checks every `[auth] key_files` entry
+/// (`run`, `check-config`).
+pub fn load_with_keys(path: &Path) -> Result<Loaded> {
+    let mut loaded = load(path)?;
+    let auth = loaded.config.auth.as_ref().expect("checked by parse");
+    let verifier =
+        load_verifier(auth).with_context(|| format!("in receiver config {}", path.display()))?;
+    loaded.verifier = Some(verifier);
+    Ok(loaded)
 }
 
 pub fn parse(text: &str) -> Result<Loaded> {
@@ -306,6 +424,8 @@ pub fn parse(text: &str) -> Result<Loaded> {
             c.journal.fsync_ms
         );
     }
+    // Last, so a config with other mistakes too is told about those first.
+    validate_auth(c.auth.as_ref())?;
     let journal = crate::journal::Settings {
         path: c.journal.path.clone(),
         max_bytes,
@@ -317,6 +437,7 @@ pub fn parse(text: &str) -> Result<Loaded> {
         config,
         recv_buffer,
         decoder,
+        verifier: None,
     })
 }
 
@@ -332,6 +453,9 @@ mod tests {
         name = "files"
         type = "file"
         dir = "/tmp/out"
+
+        [auth]
+        key_files = ["/etc/weir/link.key"]
     "#;
 
     #[test]
@@ -385,10 +509,82 @@ mod tests {
                 "max_file_bytes",
             ),
             (GOOD.replace("listen", "lisen"), "lisen"),
+            (
+                GOOD.replace("[auth]", "[auth]\ndisabled = true"),
+                "auth.disabled",
+            ),
+            (
+                GOOD.replace("[\"/etc/weir/link.key\"]", "[]"),
+                "auth.key_files",
+            ),
         ];
         for (text, key) in cases {
             let err = format!("{:#}", parse(&text).unwrap_err());
             assert!(err.contains(key), "error for {key} does not name it: {err}");
         }
+    }
+
+    #[test]
+    fn a_config_without_auth_is_refused_with_how_to_make_a_key() {
+        let text = GOOD
+            .replace("[auth]", "")
+            .replace("key_files = [\"/etc/weir/link.key\"]", "");
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(err.contains("keygen") && err.contains("[auth]"), "{err}");
+        let off = GOOD.replace("key_files = [\"/etc/weir/link.key\"]", "disabled = true");
+        assert!(parse(&off).unwrap().config.auth.unwrap().disabled);
+    }
+
+    #[test]
+    fn key_lists_load_every_key_and_refuse_a_key_listed_twice() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weir-receiver-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, byte: u8, mode: u32| {
+            let p = dir.join(name);
+            std::fs::write(&p, [byte; KEY_LEN]).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let (old, new, same) = (
+            write("old.key", 1, 0o600),
+            write("new.key", 2, 0o400),
+            write("same.key", 1, 0o600),
+        );
+        let auth = |files: Vec<PathBuf>| AuthConfig {
+            key_files: files,
+            disabled: false,
+        };
+        let v = load_verifier(&auth(vec![old.clone(), new.clone()])).unwrap();
+        assert_eq!(v.key_ids().len(), 2);
+        let err = format!(
+            "{:#}",
+            load_verifier(&auth(vec![old.clone(), same.clone()])).unwrap_err()
+        );
+        assert!(
+            err.contains("auth.key_files[1]") && err.contains("same key"),
+            "{err}"
+        );
+        let open = write("open.key", 3, 0o644);
+        let err = format!(
+            "{:#}",
+            load_verifier(&auth(vec![old, open.clone()])).unwrap_err()
+        );
+        assert!(
+            err.contains(&format!("chmod 600 {}", open.display())),
+            "{err}"
+        );
+        let short = dir.join("short.key");
+        std::fs::write(&short, [1u8; 31]).unwrap();
+        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = format!(
+            "{:#}",
+            load_verifier(&auth(vec![short.clone()])).unwrap_err()
+        );
+        assert!(
+            err.contains(&short.display().to_string()) && err.contains("exactly 32"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,7 +4,9 @@
 //! decoder thread runs the protocol decoder, which rebuilds FEC blocks and
 //! yields records in order and exact gaps; each sink runs on its own thread
 //! with retry and a confirmed cursor; gaps and sender events go to the
-//! append-only audit log. Nothing is ever sent toward the OT side.
+//! append-only audit log. Nothing is ever sent toward the OT side. Every
+//! datagram's HMAC-SHA256 tag is checked against the `[auth] key_files`
+//! keys before the decoder reads anything else of it.
 
 mod audit;
 mod config;
@@ -22,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use weir_protocol::Decoder;
+use weir_protocol::{Decoder, Verifier};
 
 use crate::pipeline::{Pipeline, SinkHandle};
 use crate::sinks::SinkStats;
@@ -109,6 +111,25 @@ enum AuditCommand {
     },
 }
 
+/// How often a receiver with `[auth] disabled = true` repeats its warning:
+/// once an hour keeps it in every log excerpt an auditor pulls, without
+/// flooding the journal.
+const AUTH_DISABLED_WARN_INTERVAL: Duration = Duration::from_secs(3600);
+
+const AUTH_DISABLED_WARNING: &str = "[auth] disabled = true: frames are NOT authenticated; anyone who can reach the link port can inject records. Create a key with `weir-sender keygen` and set [auth] key_files";
+
+/// `auth` as shown in the start log, the audit log and the metrics file.
+pub fn auth_status(verifier: &Verifier) -> serde_json::Value {
+    if verifier.is_disabled() {
+        json!("disabled")
+    } else {
+        json!({
+            "mac": "hmac-sha256-128",
+            "key_ids": verifier.key_ids().iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+        })
+    }
+}
+
 /// Receive batches in flight between the socket and decoder threads.
 const RECV_POOL: usize = 16;
 
@@ -143,7 +164,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn check_config(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_keys(path)?;
     let text = format!(
         "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}",
         path.display(),
@@ -162,7 +183,7 @@ fn audit_verify(path: &Path) -> Result<()> {
 }
 
 fn run(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_keys(path)?;
     let cfg = &loaded.config;
     let mut audit = audit::AuditLog::open(&cfg.audit.path)?;
     let mut journal = journal::Journal::open(loaded.journal.clone())?;
@@ -173,7 +194,28 @@ fn run(path: &Path) -> Result<()> {
         confirmed_by_all = confirmed_by_all.min(index);
     }
     journal.settle_repair(confirmed_by_all);
-    let mut decoder = Decoder::new(loaded.decoder.clone());
+    let verifier = loaded
+        .verifier
+        .clone()
+        .context("[auth]: the keys were not loaded")?;
+    let auth = auth_status(&verifier);
+    if verifier.is_disabled() {
+        tracing::warn!("{AUTH_DISABLED_WARNING}");
+        std::thread::Builder::new()
+            .name("weir-auth-warn".into())
+            .spawn(|| loop {
+                std::thread::sleep(AUTH_DISABLED_WARN_INTERVAL);
+                tracing::warn!("{AUTH_DISABLED_WARNING}");
+            })
+            .context("starting the auth warning thread")?;
+    }
+    let decoder_cfg = weir_protocol::DecoderConfig {
+        // Every frame's tag is checked before the decoder sees it: a newer
+        // session may take over without waiting for the live one's silence.
+        frames_authenticated: !verifier.is_disabled(),
+        ..loaded.decoder.clone()
+    };
+    let mut decoder = Decoder::new(decoder_cfg, verifier);
     for (name, position) in journal.positions() {
         decoder.restore_cursor(name, (*position).into());
     }
@@ -198,8 +240,14 @@ fn run(path: &Path) -> Result<()> {
         .local_addr()
         .map_or_else(|_| cfg.link.listen.to_string(), |a| a.to_string());
     let restored = journal.positions().len();
-    tracing::info!(listen = %listen, sinks = cfg.sinks.len(), restored_streams = restored, open_gaps = open_gaps.len(), "weir-receiver starting");
-    audit.write("receiver-start", json!({ "listen": listen, "version": env!("CARGO_PKG_VERSION"), "restored_streams": restored }));
+    tracing::info!(listen = %listen, sinks = cfg.sinks.len(), restored_streams = restored, open_gaps = open_gaps.len(), auth = %auth, "weir-receiver starting");
+    audit.write("receiver-start", json!({ "listen": listen, "version": env!("CARGO_PKG_VERSION"), "restored_streams": restored, "auth": auth }));
+    if auth == "disabled" {
+        audit.write(
+            "auth-disabled",
+            json!({ "warning": "frames are not authenticated ([auth] disabled = true)" }),
+        );
+    }
 
     let abort = Arc::new(AtomicBool::new(false));
     let mut sinks = Vec::new();

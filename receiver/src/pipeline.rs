@@ -142,6 +142,10 @@ impl HeartbeatWatch {
     }
 }
 
+/// Shortest time between two warnings about frames failing authentication:
+/// a flood of forged frames must not flood the log too.
+const AUTH_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
 impl Pipeline {
     /// Runs until the socket thread hangs up, then drains to the sinks.
     /// Returns the journal failure that stopped it, if one did.
@@ -171,6 +175,8 @@ impl Pipeline {
         let mut unrouted_records: u64 = 0;
         let mut last_tick = Instant::now();
         let mut last_log = Instant::now();
+        // Frames rejected by authentication, as last warned about.
+        let mut auth_warned: (u64, Option<Instant>) = (0, None);
         loop {
             let disconnected = match batches.recv_timeout(Duration::from_millis(20)) {
                 Ok(batch) => {
@@ -284,6 +290,7 @@ impl Pipeline {
             if last_tick.elapsed() >= Duration::from_millis(250) {
                 last_tick = Instant::now();
                 watch.tick(&mut self.audit);
+                self.warn_auth_rejections(&mut auth_warned);
                 self.audit.sync();
                 self.compact();
                 self.write_metrics(unrouted_records, &watch);
@@ -536,6 +543,7 @@ impl Pipeline {
             json!(watch.session.map(|s| format!("{s:016x}"))),
         );
         map.insert("sender_config_hash".into(), json!(watch.config_hash));
+        map.insert("auth".into(), crate::auth_status(self.decoder.verifier()));
         map.insert(
             "heartbeat_age_ms".into(),
             json!(watch.last.map(|l| l.elapsed().as_millis() as u64)),
@@ -554,6 +562,27 @@ impl Pipeline {
         }
     }
 
+    /// WARNs when frames failed authentication since the last warning, at
+    /// most every AUTH_WARN_INTERVAL (the counters have every one).
+    fn warn_auth_rejections(&self, warned: &mut (u64, Option<Instant>)) {
+        let s = self.decoder.stats();
+        let total = s.rejected_unauthenticated
+            + s.rejected_auth_disabled
+            + s.rejected_unknown_key
+            + s.rejected_bad_tag;
+        if total > warned.0 && warned.1.is_none_or(|t| t.elapsed() >= AUTH_WARN_INTERVAL) {
+            tracing::warn!(
+                new = total - warned.0,
+                rejected_unauthenticated = s.rejected_unauthenticated,
+                rejected_auth_disabled = s.rejected_auth_disabled,
+                rejected_unknown_key = s.rejected_unknown_key,
+                rejected_bad_tag = s.rejected_bad_tag,
+                "frames failed authentication and were dropped: a sender with another key or [auth] setting, or forged frames on the link"
+            );
+            *warned = (total, Some(Instant::now()));
+        }
+    }
+
     fn log_status(&self) {
         let s = self.decoder.stats();
         tracing::info!(
@@ -564,6 +593,10 @@ impl Pipeline {
             gaps = s.gaps,
             gap_records = s.gap_records,
             rejected_crc = s.rejected_crc,
+            rejected_unauthenticated = s.rejected_unauthenticated,
+            rejected_auth_disabled = s.rejected_auth_disabled,
+            rejected_unknown_key = s.rejected_unknown_key,
+            rejected_bad_tag = s.rejected_bad_tag,
             "status"
         );
     }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use weir_protocol::config::MAX_INTERLEAVE;
 use weir_protocol::frame::{shard_size_for, MAX_SHARDS};
 use weir_protocol::units::{parse_rate, parse_size};
-use weir_protocol::{EncoderConfig, NANOS_PER_MILLI};
+use weir_protocol::{EncoderConfig, Key, Signer, NANOS_PER_MILLI};
 
 use crate::sources::SourceConfig;
 
@@ -29,6 +29,85 @@ pub struct SenderConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// Required: frames are authenticated unless this says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+}
+
+/// `[auth]`: the link key (or an explicit `disabled = true`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// 32-byte key written by `weir-sender keygen`, mode 0600; the receiver
+    /// lists the same key in its `[auth] key_files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Send unauthenticated frames (CRC32 only). The receiver must say the
+    /// same; logged as a warning at start and every hour.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+}
+
+/// What a config without `[auth]` is told: how to make a key and where it goes.
+pub const AUTH_MISSING: &str = "[auth]: missing. Frames are authenticated by default: \
+create a key with `weir-sender keygen --out /etc/weir/link.key`, copy it to the receiver \
+(its `[auth] key_files`), and add `[auth]` with `key_file = \"/etc/weir/link.key\"` here. \
+To run without authentication (not recommended), write `[auth]` with `disabled = true` on both sides";
+
+/// Checks the `[auth]` table's shape (not the key file: see `read_key_file`).
+fn validate_auth(auth: Option<&AuthConfig>) -> Result<()> {
+    match auth {
+        None => bail!("{AUTH_MISSING}"),
+        Some(AuthConfig {
+            key_file: Some(_),
+            disabled: true,
+        }) => bail!("auth.disabled: `disabled = true` and `key_file` are both set; keep one"),
+        Some(AuthConfig {
+            key_file: None,
+            disabled: false,
+        }) => bail!(
+            "auth.key_file: missing; create a key with `weir-sender keygen --out FILE` and set `key_file = \"FILE\"` (or `disabled = true` to run without authentication)"
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Reads a key file for the configuration key `setting`, refusing one that
+/// group or others can access, one that is not a regular file, and one that
+/// is not exactly 32 bytes. The mode is checked on the opened file.
+pub fn read_key_file(path: &Path, setting: &str) -> Result<Key> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("{setting}: cannot open key file {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("{setting}: cannot stat key file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{setting}: {} is not a regular file", path.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{setting}: key file {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    // One byte more than a key, so a longer file is seen as too long
+    // without reading all of it.
+    let mut bytes = Vec::with_capacity(weir_protocol::auth::KEY_LEN + 1);
+    file.take(weir_protocol::auth::KEY_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{setting}: cannot read key file {}", path.display()))?;
+    Key::from_bytes(&bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "{setting}: key file {} is {} bytes; a key file is exactly {} bytes (write one with `weir-sender keygen --out FILE`)",
+            path.display(),
+            meta.len(),
+            weir_protocol::auth::KEY_LEN
+        )
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -244,6 +323,9 @@ pub struct Loaded {
     pub spool: crate::spool::Settings,
     pub send_buffer: usize,
     pub hash: String,
+    /// How frames are tagged: set by `load` from `[auth]` (the key file is
+    /// read and checked there); `parse`, which reads no files, leaves None.
+    pub signer: Option<Signer>,
 }
 
 impl Loaded {
@@ -269,10 +351,27 @@ impl Loaded {
     }
 }
 
+/// Reads and validates the file, without reading the key file: for
+/// commands that do not send (`resend`), which may run as another user.
 pub fn load(path: &Path) -> Result<Loaded> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading sender config {}", path.display()))?;
     parse(&text).with_context(|| format!("in sender config {}", path.display()))
+}
+
+/// As [`load`], and reads and checks `[auth] key_file` (`run`, `check-config`).
+pub fn load_with_key(path: &Path) -> Result<Loaded> {
+    let mut loaded = load(path)?;
+    let auth = loaded.config.auth.as_ref().expect("checked by parse");
+    let signer = match &auth.key_file {
+        Some(file) => Signer::Key(
+            read_key_file(file, "auth.key_file")
+                .with_context(|| format!("in sender config {}", path.display()))?,
+        ),
+        None => Signer::Disabled,
+    };
+    loaded.signer = Some(signer);
+    Ok(loaded)
 }
 
 pub fn parse(text: &str) -> Result<Loaded> {
@@ -373,12 +472,15 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         s.validate()
             .map_err(|e| anyhow::anyhow!("sources[{i}] ({name}).{e}"))?;
     }
+    // Last, so a config with other mistakes too is told about those first.
+    validate_auth(c.auth.as_ref())?;
     let mut loaded = Loaded {
         config,
         rate_bps,
         spool,
         send_buffer,
         hash: String::new(),
+        signer: None,
     };
     loaded.hash = hex(&Sha256::digest(loaded.effective_toml().as_bytes()));
     Ok(loaded)
@@ -402,6 +504,9 @@ mod tests {
         type = "generator"
         tags = 10
         rate = 1000
+
+        [auth]
+        key_file = "/etc/weir/link.key"
     "#;
 
     #[test]
@@ -440,10 +545,61 @@ mod tests {
                 "modbus",
             ),
             (GOOD.replace("127.0.0.1:7000", "nowhere"), "destination"),
+            (
+                GOOD.replace("[auth]", "[auth]\ndisabled = true"),
+                "auth.disabled",
+            ),
+            (GOOD.replace("key_file", "key_fil"), "key_fil"),
         ];
         for (text, key) in cases {
             let err = format!("{:#}", parse(&text).unwrap_err());
             assert!(err.contains(key), "error for {key} does not name it: {err}");
         }
+    }
+
+    #[test]
+    fn a_config_without_auth_is_refused_with_how_to_make_a_key() {
+        let text = GOOD
+            .replace("[auth]", "")
+            .replace("key_file = \"/etc/weir/link.key\"", "");
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(
+            err.contains("weir-sender keygen") && err.contains("[auth]"),
+            "{err}"
+        );
+        let empty = GOOD.replace("key_file = \"/etc/weir/link.key\"", "");
+        let err = format!("{:#}", parse(&empty).unwrap_err());
+        assert!(err.contains("auth.key_file"), "{err}");
+        let off = GOOD.replace("key_file = \"/etc/weir/link.key\"", "disabled = true");
+        assert!(parse(&off).unwrap().config.auth.unwrap().disabled);
+    }
+
+    #[test]
+    fn key_files_open_to_group_or_others_or_of_the_wrong_length_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weir-sender-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("link.key");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = format!("{:#}", read_key_file(&path, "auth.key_file").unwrap_err());
+            assert!(
+                err.contains(&format!("chmod 600 {}", path.display())),
+                "{err}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let key = read_key_file(&path, "auth.key_file").unwrap();
+        assert_eq!(key.id(), Key::from_bytes(&[7; 32]).unwrap().id());
+        std::fs::write(&path, [7u8; 64]).unwrap();
+        let err = format!("{:#}", read_key_file(&path, "auth.key_file").unwrap_err());
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains("64 bytes")
+                && err.contains("exactly 32"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,7 +4,9 @@
 //! the link thread feeds them to the protocol encoder, which bundles them into
 //! Reed-Solomon protected blocks, and sends the frames through a token
 //! bucket pacer at the configured link rate. Nothing is ever read from the
-//! link: there is no return path.
+//! link: there is no return path. Every frame carries an HMAC-SHA256 tag
+//! made with the `[auth] key_file` key (see `weir_protocol::auth`);
+//! `weir-sender keygen` writes such a key.
 
 mod config;
 mod link;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use weir_protocol::Encoder;
+use weir_protocol::{Encoder, Signer};
 
 use crate::metrics::Counters;
 use crate::sources::SourceHandle;
@@ -74,7 +76,22 @@ enum Command {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Write a new random 32-byte link key (raw bytes) to FILE with mode
+    /// 0600. Refuses to overwrite an existing file. Give the same file to
+    /// the sender (`[auth] key_file`) and the receiver (`[auth] key_files`).
+    Keygen {
+        /// The key file to create; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
+
+/// How often a sender with `[auth] disabled = true` repeats its warning:
+/// once an hour keeps it in every log excerpt an auditor pulls, without
+/// flooding the journal.
+const AUTH_DISABLED_WARN_INTERVAL: Duration = Duration::from_secs(3600);
+
+const AUTH_DISABLED_WARNING: &str = "[auth] disabled = true: frames are NOT authenticated; anyone who can reach the receiver's link port can inject records. Create a key with `weir-sender keygen` and set [auth] key_file";
 
 fn main() {
     let cli = Cli::parse();
@@ -88,6 +105,7 @@ fn main() {
             from,
             to,
         } => resend(&config, &stream, from, to),
+        Command::Keygen { out } => keygen(&out),
     };
     if let Err(e) = result {
         eprintln!("weir-sender: error: {e:#}");
@@ -109,7 +127,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn check_config(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_key(path)?;
     let text = format!(
         "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}\n# sha256: {}\n",
         path.display(),
@@ -118,6 +136,44 @@ fn check_config(path: &Path) -> Result<()> {
     );
     // A closed pipe (`| head`) is not an error worth a panic.
     let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+    Ok(())
+}
+
+/// Creates `out` with 32 random bytes from the OS, mode 0600, never
+/// replacing an existing file (create_new fails if anything is there, even
+/// a dangling symlink).
+fn keygen(out: &Path) -> Result<()> {
+    use rand::RngCore;
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut key = [0u8; weir_protocol::auth::KEY_LEN];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut key)
+        .context("reading random bytes from the operating system")?;
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} already exists; keygen never overwrites a key file (choose another --out, or remove the old key once no side uses it)",
+            out.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("creating key file {}", out.display())),
+    };
+    // The umask may only have narrowed 0600; make it exactly 0600.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|_| file.write_all(&key))
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("writing key file {}", out.display()))?;
+    let id = weir_protocol::Key::from_bytes(&key).expect("32 bytes").id();
+    println!(
+        "wrote a new {}-byte link key to {} (mode 0600, key id {id}); copy it to the receiver over a trusted channel, list it in the receiver's [auth] key_files, and set [auth] key_file here",
+        key.len(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -176,12 +232,30 @@ fn resend(path: &Path, stream: &str, from: u64, to: Option<u64>) -> Result<()> {
 }
 
 fn run(path: &Path) -> Result<()> {
-    let loaded = config::load(path)?;
+    let loaded = config::load_with_key(path)?;
     let session =
         weir_protocol::config::session_id_at(std::time::SystemTime::now(), rand::random());
     let counters = Arc::new(Counters::default());
     let spool = SharedSpool::new(Spool::open(loaded.spool.clone(), counters.clone())?);
-    let mut enc = Encoder::new(loaded.encoder_config(session));
+    let signer = loaded
+        .signer
+        .clone()
+        .context("[auth]: the key was not loaded")?;
+    let auth_status = match &signer {
+        Signer::Key(k) => format!("hmac-sha256-128 key {}", k.id()),
+        Signer::Disabled => "disabled".to_string(),
+    };
+    if matches!(signer, Signer::Disabled) {
+        tracing::warn!("{AUTH_DISABLED_WARNING}");
+        std::thread::Builder::new()
+            .name("weir-auth-warn".into())
+            .spawn(|| loop {
+                std::thread::sleep(AUTH_DISABLED_WARN_INTERVAL);
+                tracing::warn!("{AUTH_DISABLED_WARNING}");
+            })
+            .context("starting the auth warning thread")?;
+    }
+    let mut enc = Encoder::new(loaded.encoder_config(session), signer);
     enc.set_config_hash(loaded.hash.clone());
     let sources = loaded.config.sources.clone();
     let link_cfg = &loaded.config.link;
@@ -195,6 +269,7 @@ fn run(path: &Path) -> Result<()> {
         data_shards = loaded.config.fec.data_shards,
         parity_shards = loaded.config.fec.parity_shards,
         interleave = loaded.config.fec.interleave,
+        auth = %auth_status,
         "weir-sender starting"
     );
 
@@ -288,6 +363,7 @@ fn run(path: &Path) -> Result<()> {
                             ("session", serde_json::Value::from(format!("{session:016x}"))),
                             ("config_hash", serde_json::Value::from(hash.clone())),
                             ("uptime_s", serde_json::Value::from(started.elapsed().as_secs())),
+                            ("auth", serde_json::Value::from(auth_status.clone())),
                         ];
                         if let Err(e) = counters.write_file(path, &extra) {
                             tracing::warn!("metrics.path: cannot write {}: {e}", path.display());
@@ -353,6 +429,7 @@ fn run(path: &Path) -> Result<()> {
             &[
                 ("session", format!("{session:016x}").into()),
                 ("config_hash", loaded.hash.clone().into()),
+                ("auth", auth_status.clone().into()),
             ],
         );
     }

@@ -15,10 +15,11 @@ const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000
 
 fn receiver_config(s: &Scratch) -> std::path::PathBuf {
     let d = s.path.display();
+    let auth = receiver_auth(s);
     s.write(
         "receiver.toml",
         &format!(
-            "[link]\nlisten = \"127.0.0.1:{}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
+            "{auth}[link]\nlisten = \"127.0.0.1:{}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
              [metrics]\npath = \"{d}/receiver-metrics.json\"\n\
              [[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{d}/out\"\n",
             free_udp_port()
@@ -239,7 +240,8 @@ fn gaps_fixture(s: &Scratch, events: &[(Value, &str)]) -> std::path::PathBuf {
     s.write(
         "gaps.toml",
         &format!(
-            "[link]\nlisten = \"127.0.0.1:9\"\n[audit]\npath = \"{}\"\n[[sinks]]\nname = \"out\"\ntype = \"stdout\"\n",
+            "{}[link]\nlisten = \"127.0.0.1:9\"\n[audit]\npath = \"{}\"\n[[sinks]]\nname = \"out\"\ntype = \"stdout\"\n",
+            receiver_auth(s),
             audit.display()
         ),
     )

@@ -15,10 +15,11 @@ use serde_json::Value;
 /// the scratch directory.
 fn receiver_config(s: &Scratch, listen_port: u16, out: &Path) -> PathBuf {
     let d = s.path.display();
+    let auth = receiver_auth(s);
     s.write(
         "receiver.toml",
         &format!(
-            "[link]\nlisten = \"127.0.0.1:{listen_port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n\
+            "{auth}[link]\nlisten = \"127.0.0.1:{listen_port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n\
              [journal]\npath = \"{d}/state\"\n[metrics]\npath = \"{d}/receiver-metrics.json\"\n\
              log_interval_s = 1\n[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
             out.display()
@@ -30,8 +31,9 @@ fn receiver_config(s: &Scratch, listen_port: u16, out: &Path) -> PathBuf {
 /// `spool` adds keys to `[spool]`, `rest` adds sections and sources.
 fn sender_config(s: &Scratch, dest_port: u16, rate: &str, spool: &str, rest: &str) -> String {
     let d = s.path.display();
+    let auth = sender_auth(s);
     format!(
-        "[link]\ndestination = \"127.0.0.1:{dest_port}\"\nrate = \"{rate}\"\n\
+        "{auth}[link]\ndestination = \"127.0.0.1:{dest_port}\"\nrate = \"{rate}\"\n\
          [metrics]\npath = \"{d}/sender-metrics.json\"\nlog_interval_s = 1\n\
          [spool]\npath = \"{d}/spool\"\n{spool}\n{rest}"
     )

@@ -47,8 +47,9 @@ impl Link {
 
 fn receiver_config(s: &Scratch, link: &Link, sinks: &str) -> String {
     let d = s.path.display();
+    let auth = receiver_auth(s);
     format!(
-        "[link]\nlisten = \"127.0.0.1:{}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
+        "{auth}[link]\nlisten = \"127.0.0.1:{}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
          [metrics]\npath = \"{d}/receiver-metrics.json\"\nlog_interval_s = 1\n{sinks}",
         link.receiver_port
     )
@@ -64,9 +65,10 @@ fn file_sink(dir: &std::path::Path) -> String {
 
 fn sender_config(s: &Scratch, link: &Link, rate: &str, sources: &str) -> String {
     format!(
-        "[link]\ndestination = \"127.0.0.1:{}\"\nrate = \"{rate}\"\n[metrics]\npath = \"{1}/sender-metrics.json\"\nlog_interval_s = 1\n[spool]\npath = \"{1}/spool\"\n{sources}",
+        "{2}[link]\ndestination = \"127.0.0.1:{}\"\nrate = \"{rate}\"\n[metrics]\npath = \"{1}/sender-metrics.json\"\nlog_interval_s = 1\n[spool]\npath = \"{1}/spool\"\n{sources}",
         link.sender_port,
-        s.path.display()
+        s.path.display(),
+        sender_auth(s)
     )
 }
 
@@ -350,7 +352,7 @@ fn check_config_names_the_key_to_fix_and_exits_non_zero() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("flavour"), "{err}");
-    let good = s.write("g.toml", "[link]\ndestination = \"127.0.0.1:9\"\nrate = \"10Mbit\"\n[[sources]]\nname = \"g\"\ntype = \"generator\"\n");
+    let good = s.write("g.toml", &format!("{}[link]\ndestination = \"127.0.0.1:9\"\nrate = \"10Mbit\"\n[[sources]]\nname = \"g\"\ntype = \"generator\"\n", sender_auth(&s)));
     let out = std::process::Command::new(bin("weir-sender"))
         .args(["check-config", "--config", good.to_str().unwrap()])
         .output()

@@ -25,10 +25,11 @@ const CATCH_UP_BATCH: usize = 4096;
 /// `[journal]`), metrics inside the scratch directory, then `sinks`.
 fn receiver_config(s: &Scratch, listen_port: u16, journal: &str, sinks: &str) -> PathBuf {
     let d = s.path.display();
+    let auth = receiver_auth(s);
     s.write(
         "receiver.toml",
         &format!(
-            "[link]\nlisten = \"127.0.0.1:{listen_port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n\
+            "{auth}[link]\nlisten = \"127.0.0.1:{listen_port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n\
              [journal]\npath = \"{d}/state\"\n{journal}\n[metrics]\npath = \"{d}/receiver-metrics.json\"\n\
              log_interval_s = 1\n{sinks}"
         ),
@@ -50,10 +51,11 @@ fn tcp_sink(name: &str, port: u16) -> String {
 /// inside the scratch directory, then `sources`.
 fn sender_config(s: &Scratch, dest_port: u16, sources: &str) -> PathBuf {
     let d = s.path.display();
+    let auth = sender_auth(s);
     s.write(
         "sender.toml",
         &format!(
-            "[link]\ndestination = \"127.0.0.1:{dest_port}\"\nrate = \"200Mbit\"\n\
+            "{auth}[link]\ndestination = \"127.0.0.1:{dest_port}\"\nrate = \"200Mbit\"\n\
              [metrics]\npath = \"{d}/sender-metrics.json\"\nlog_interval_s = 1\n\
              [spool]\npath = \"{d}/spool\"\n{sources}"
         ),

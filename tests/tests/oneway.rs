@@ -128,10 +128,11 @@ fn zero_packets_travel_from_the_receiver_side_to_the_sender_side() {
     let out = s.join("out");
     let port = 47_800;
     let d = s.path.display();
+    let (rauth, sauth) = (receiver_auth(&s), sender_auth(&s));
     let rcfg = s.write(
         "receiver.toml",
         &format!(
-            "[link]\nlisten = \"{it_ip}:{port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
+            "{rauth}[link]\nlisten = \"{it_ip}:{port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
              [metrics]\npath = \"{d}/receiver-metrics.json\"\n[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
             out.display()
         ),
@@ -140,7 +141,7 @@ fn zero_packets_travel_from_the_receiver_side_to_the_sender_side() {
     let scfg = s.write(
         "sender.toml",
         &format!(
-            "[link]\ndestination = \"{it_ip}:{port}\"\nrate = \"100Mbit\"\n[spool]\npath = \"{d}/spool\"\n[[sources]]\nname = \"gen\"\ntype = \"generator\"\nrate = 10000\ncount = {total}\n"
+            "{sauth}[link]\ndestination = \"{it_ip}:{port}\"\nrate = \"100Mbit\"\n[spool]\npath = \"{d}/spool\"\n[[sources]]\nname = \"gen\"\ntype = \"generator\"\nrate = 10000\ncount = {total}\n"
         ),
     );
     let it_tx_before = counter(&ns.it, &it_dev, "tx_packets");

@@ -7,7 +7,10 @@
 //!    plus the unpaced GSO figure and the one-datagram-per-syscall figure.
 //! 2. weir: `weir-tcpfeed` → tcp source → weir-sender → UDP (loopback) →
 //!    weir-receiver → tcp sink → `weir-tcpsink`, MTU 1500, RS(64,16) = 20%
-//!    parity, the sender paced at `--rate`.
+//!    parity, the sender paced at `--rate`; frames authenticated
+//!    (HMAC-SHA256, a key made by `weir-sender keygen`), then the same with
+//!    `[auth] disabled = true` on both sides, to show what authentication
+//!    costs in the same run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -98,7 +101,31 @@ fn free_port() -> u16 {
         .unwrap_or(47_500)
 }
 
-fn weir_run(args: &Args, run: usize, store: &Path) -> Result<Value> {
+/// `[auth]` tables for both sides: a fresh key in `dir`, or disabled.
+fn auth_tables(dir: &Path, auth: bool) -> Result<(String, String)> {
+    if !auth {
+        let off = "[auth]\ndisabled = true\n".to_string();
+        return Ok((off.clone(), off));
+    }
+    let key = dir.join("link.key");
+    let out = Command::new(bin("weir-sender")?)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "weir-sender keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let k = key.display();
+    Ok((
+        format!("[auth]\nkey_file = \"{k}\"\n"),
+        format!("[auth]\nkey_files = [\"{k}\"]\n"),
+    ))
+}
+
+fn weir_run(args: &Args, run: usize, store: &Path, auth: bool) -> Result<Value> {
     let dir = args.dir.join(format!("run{run}"));
     // Spool and journal live under `store` (tmpfs or disk).
     let st = store.join(format!("run{run}"));
@@ -109,10 +136,11 @@ fn weir_run(args: &Args, run: usize, store: &Path) -> Result<Value> {
     std::fs::create_dir_all(&dir)?;
     let (link, src, dst) = (free_port(), free_port(), free_port());
     let d = dir.display();
+    let (sender_auth, receiver_auth) = auth_tables(&dir, auth)?;
     std::fs::write(
         dir.join("receiver.toml"),
         format!(
-            "[link]\nlisten = \"127.0.0.1:{link}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{st}/journal\"\n\
+            "{receiver_auth}[link]\nlisten = \"127.0.0.1:{link}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{st}/journal\"\n\
              [metrics]\npath = \"{d}/receiver.json\"\nlog_interval_s = 0\n\
              [[sinks]]\nname = \"replay\"\ntype = \"tcp\"\nconnect = \"127.0.0.1:{dst}\"\n"
         ),
@@ -120,7 +148,7 @@ fn weir_run(args: &Args, run: usize, store: &Path) -> Result<Value> {
     std::fs::write(
         dir.join("sender.toml"),
         format!(
-            "[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = 1500\n[fec]\ndata_shards = 64\nparity_shards = 16\n[spool]\npath = \"{st}/spool\"\n\
+            "{sender_auth}[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = 1500\n[fec]\ndata_shards = 64\nparity_shards = 16\n[spool]\npath = \"{st}/spool\"\n\
              [metrics]\npath = \"{d}/sender.json\"\nlog_interval_s = 0\n\
              [[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{src}\"\n",
             args.rate
@@ -198,11 +226,11 @@ fn weir_run(args: &Args, run: usize, store: &Path) -> Result<Value> {
 
 /// Runs weir `args.runs` times with its spool and journal under `root`;
 /// prints each run and returns the median by wire rate.
-fn run_variant(args: &Args, label: &str, root: &Path) -> Result<Value> {
+fn run_variant(args: &Args, label: &str, root: &Path, auth: bool) -> Result<Value> {
     println!("\nweir, {label}:");
     let mut runs = Vec::new();
     for i in 0..args.runs {
-        let r = weir_run(args, i, root)?;
+        let r = weir_run(args, i, root, auth)?;
         println!(
             "  run {}: {:.0} MB/s goodput, {:.0} MB/s wire ({:.2} s), gaps {}, CPU s/GB sender {:.2} receiver {:.2}",
             i + 1,
@@ -278,20 +306,33 @@ fn main() -> Result<()> {
 
     // 2. weir, with spool and journal in memory (tmpfs), then on disk.
     let memory_root = PathBuf::from("/dev/shm/weir-bench");
-    let memory = run_variant(&args, "spool and journal on tmpfs (/dev/shm)", &memory_root)?;
+    let memory = run_variant(
+        &args,
+        "spool and journal on tmpfs (/dev/shm), frames authenticated",
+        &memory_root,
+        true,
+    )?;
+    let _ = std::fs::remove_dir_all(&memory_root);
+    let no_auth = run_variant(
+        &args,
+        "spool and journal on tmpfs (/dev/shm), [auth] disabled = true",
+        &memory_root,
+        false,
+    )?;
     let _ = std::fs::remove_dir_all(&memory_root);
     let disk_root = args.dir.join("store");
     let disk = run_variant(
         &args,
         &format!("spool and journal on disk ({})", disk_root.display()),
         &disk_root,
+        true,
     )?;
     let _ = std::fs::remove_dir_all(&disk_root);
     println!(
         "\nsummary (median of {} runs each, sender paced at {}):",
         args.runs, args.rate
     );
-    for (label, m) in [("tmpfs", &memory), ("disk", &disk)] {
+    for (label, m) in [("tmpfs", &memory), ("noauth", &no_auth), ("disk", &disk)] {
         let wire = m["wire_mb_s"].as_f64().unwrap_or(0.0);
         println!(
             "  {label:<5} goodput {:>6.0} MB/s, wire {:>6.0} MB/s, wire/ceiling {:.2}, wire/plain {:.2}, CPU s/GB sender {:.2} receiver {:.2}, peak MiB sender {:.0} receiver {:.0}, gaps {}",
@@ -312,7 +353,18 @@ fn main() -> Result<()> {
         ceiling_mb_s,
         plain["mb_per_s_received"].as_f64().unwrap_or(0.0)
     );
-    let report = json!({ "ceiling": ceiling, "unpaced": unpaced, "plain": plain, "tmpfs": memory, "disk": disk, "rmem_max": rmem, "rate": args.rate });
+    let f = |m: &Value, k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  authentication on / off (tmpfs): goodput {:.2}, CPU s/GB sender {:.2} vs {:.2} (+{:.2}), receiver {:.2} vs {:.2} (+{:.2})",
+        f(&memory, "goodput_mb_s") / f(&no_auth, "goodput_mb_s"),
+        f(&memory, "sender_cpu_s_per_gb"),
+        f(&no_auth, "sender_cpu_s_per_gb"),
+        f(&memory, "sender_cpu_s_per_gb") - f(&no_auth, "sender_cpu_s_per_gb"),
+        f(&memory, "receiver_cpu_s_per_gb"),
+        f(&no_auth, "receiver_cpu_s_per_gb"),
+        f(&memory, "receiver_cpu_s_per_gb") - f(&no_auth, "receiver_cpu_s_per_gb"),
+    );
+    let report = json!({ "ceiling": ceiling, "unpaced": unpaced, "plain": plain, "tmpfs": memory, "tmpfs_auth_disabled": no_auth, "disk": disk, "rmem_max": rmem, "rate": args.rate });
     std::fs::write(
         args.dir.join("bench.json"),
         serde_json::to_vec_pretty(&report)?,

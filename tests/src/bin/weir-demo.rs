@@ -81,10 +81,25 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let (link_port, recv_port) = (args.port, args.port + 1);
     let d = dir.display();
+    // The link key, made the way an operator makes one: both sides refuse
+    // to start without [auth].
+    let key = dir.join("link.key");
+    let keygen = Command::new(bin.join("weir-sender"))
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()?;
+    if !keygen.status.success() {
+        bail!(
+            "weir-sender keygen failed: {}",
+            String::from_utf8_lossy(&keygen.stderr)
+        );
+    }
+    print!("{}", String::from_utf8_lossy(&keygen.stdout));
+    let k = key.display();
     std::fs::write(
         dir.join("sender.toml"),
         format!(
-            "# weir-sender configuration used by the demo\n[link]\ndestination = \"127.0.0.1:{link_port}\"\nrate = \"1Gbit\"\n\n[spool]\npath = \"{d}/spool\"\n\n\
+            "# weir-sender configuration used by the demo\n[link]\ndestination = \"127.0.0.1:{link_port}\"\nrate = \"1Gbit\"\n\n[auth]\nkey_file = \"{k}\"\n\n[spool]\npath = \"{d}/spool\"\n\n\
              [metrics]\npath = \"{d}/sender-metrics.json\"\nlog_interval_s = 0\n\n\
              [[sources]]\nname = \"plant/generator\"\ntype = \"generator\"\ntags = 500\nrate = {}\ncount = {}\n",
             args.rate,
@@ -95,7 +110,7 @@ fn main() -> Result<()> {
         dir.join("receiver.toml"),
         format!(
             "# weir-receiver configuration used by the demo\n[link]\nlisten = \"127.0.0.1:{recv_port}\"\n\n\
-             [audit]\npath = \"{d}/audit.jsonl\"\n\n[journal]\npath = \"{d}/state\"\n\n\
+             [auth]\nkey_files = [\"{k}\"]\n\n[audit]\npath = \"{d}/audit.jsonl\"\n\n[journal]\npath = \"{d}/state\"\n\n\
              [metrics]\npath = \"{d}/receiver-metrics.json\"\nlog_interval_s = 0\n\n\
              [[sinks]]\nname = \"files\"\ntype = \"file\"\nstreams = [\"*\"]\ndir = \"{d}/out\"\n"
         ),

@@ -129,6 +129,40 @@ impl Drop for Proc {
     }
 }
 
+/// The 32-byte link key both sides of a test use: `link.key` in the scratch
+/// directory, created once with mode 0600 (the receiver and sender refuse
+/// anything more open).
+pub fn link_key(scratch: &Scratch) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = scratch.join("link.key");
+    if !path.exists() {
+        let key: [u8; 32] = rand::random();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("create link.key");
+        f.write_all(&key).expect("write link.key");
+    }
+    path
+}
+
+/// `[auth]` table for a sender config, using [`link_key`]; a complete line
+/// block that can stand first in the file.
+pub fn sender_auth(scratch: &Scratch) -> String {
+    format!("[auth]\nkey_file = \"{}\"\n", link_key(scratch).display())
+}
+
+/// `[auth]` table for a receiver config, using [`link_key`].
+pub fn receiver_auth(scratch: &Scratch) -> String {
+    format!(
+        "[auth]\nkey_files = [\"{}\"]\n",
+        link_key(scratch).display()
+    )
+}
+
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .expect("bind")
