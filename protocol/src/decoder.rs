@@ -37,8 +37,8 @@
 //! frame accepted for:
 //! - nothing, when frames are authenticated and the candidate's id is
 //!   higher (sender ids grow with the sender's clock: `config::session_id`);
-//! - 2 × the gap the live session has shown between its heartbeats
-//!   (1 s until it has shown one), within [`TAKEOVER_SILENCE_MIN`] and
+//! - 2 × the heartbeat interval the live session has shown (the
+//!   difference of its heartbeats' `uptime_ms`; 1 s until it has shown one), within [`TAKEOVER_SILENCE_MIN`] and
 //!   [`TAKEOVER_SILENCE_MAX`], when the candidate's id is higher but frames
 //!   are not authenticated: a live sender sends a heartbeat at least every
 //!   interval, so invented frames cannot take over from a sender that
@@ -450,10 +450,12 @@ struct Session {
     /// When a frame of the session was last accepted (not stale, replayed
     /// or held).
     last_accepted_at: Nanos,
-    /// When the session's last heartbeat (part 0) was accepted.
-    last_heartbeat_at: Option<Nanos>,
-    /// Gap between heartbeats the session has shown: rises at once, falls
-    /// slowly, so one quick pair of heartbeats does not shorten it.
+    /// `uptime_ms` of the session's last heartbeat (part 0) accepted.
+    last_heartbeat_uptime: Option<u64>,
+    /// The sender's heartbeat interval as its heartbeats show it: the
+    /// difference of their `uptime_ms`, so a heartbeat delayed on a
+    /// saturated link does not inflate it. Falls at once, rises by an
+    /// eighth per heartbeat, so a lost heartbeat barely moves it.
     heartbeat_gap: Nanos,
     /// Highest control sequence accepted, and a bitmap of the
     /// `CONTROL_WINDOW` below it (bit d: sequence top - d was accepted).
@@ -813,7 +815,7 @@ impl Decoder {
             checks: VecDeque::new(),
             newest: newest.max(first_block),
             last_accepted_at: now,
-            last_heartbeat_at: None,
+            last_heartbeat_uptime: None,
             heartbeat_gap: DEFAULT_HEARTBEAT_GAP,
             control_top: None,
             control_seen: 0,
@@ -957,16 +959,23 @@ impl Decoder {
         }
         session.newest = session.newest.max(hb.next_block.saturating_sub(1));
         if hb.part == 0 {
-            if let Some(last) = session.last_heartbeat_at {
-                let gap = now.saturating_sub(last).min(TAKEOVER_SILENCE_MAX);
-                // Rises at once, falls by an eighth per heartbeat.
-                session.heartbeat_gap = if gap >= session.heartbeat_gap {
-                    gap
+            let interval = session
+                .last_heartbeat_uptime
+                .and_then(|last| hb.uptime_ms.checked_sub(last))
+                .map(|ms| {
+                    ms.saturating_mul(crate::NANOS_PER_MILLI)
+                        .min(TAKEOVER_SILENCE_MAX)
+                })
+                .filter(|ns| *ns > 0);
+            if let Some(interval) = interval {
+                let gap = session.heartbeat_gap;
+                session.heartbeat_gap = if interval <= gap {
+                    interval
                 } else {
-                    session.heartbeat_gap - (session.heartbeat_gap - gap) / 8
+                    gap + (interval - gap) / 8
                 };
             }
-            session.last_heartbeat_at = Some(now);
+            session.last_heartbeat_uptime = Some(hb.uptime_ms);
         }
         self.note_accepted(now);
         self.stats.heartbeats += 1;
