@@ -170,7 +170,12 @@ impl FileSink {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        // The length is saved as the resume offset: a guess would make a
+        // resume cut the file at the wrong place.
+        let size = file
+            .metadata()
+            .with_context(|| format!("reading the length of {}", path.display()))?
+            .len();
         self.current.entry(key).or_insert(Current {
             name: name.clone(),
             offset: size,
@@ -305,8 +310,18 @@ impl Sink for FileSink {
     /// Cuts every file back to what the last confirmed batch left and
     /// removes files started after it: the journal replays the rest.
     fn resume(&mut self, state: &serde_json::Value) -> Result<()> {
+        // The resume state is the only proof of which files the sink wrote:
+        // without it nothing may be cut or removed, so an unreadable one
+        // stops the start (the caller names the cursor file).
         let current: BTreeMap<String, Current> =
-            serde_json::from_value(state.clone()).unwrap_or_default();
+            serde_json::from_value(state.clone()).map_err(|e| {
+                anyhow::anyhow!(
+                    "the saved resume state is not a file sink's ({e}); nothing in {} was cut or \
+                     removed. Move the cursor file away to start this sink over (its files are \
+                     kept, and the journal's records are written again into new files)",
+                    self.dir.display()
+                )
+            })?;
         let listing: Vec<String> = std::fs::read_dir(&self.dir)
             .with_context(|| format!("reading {}", self.dir.display()))?
             .flatten()
@@ -484,6 +499,38 @@ mod tests {
         sink.write(&refs[40..]).unwrap();
         sink.flush().unwrap();
         assert_eq!(seqs(&dir), (0..100).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_resume_state_is_an_error_and_deletes_nothing() {
+        let dir = scratch("unreadable");
+        std::fs::create_dir_all(&dir).unwrap();
+        let theirs = ["plant_a.000001.jsonl", "other.000007.bin", "x.000002.jsonl"];
+        for name in theirs {
+            std::fs::write(dir.join(name), b"not the sink's\n").unwrap();
+        }
+        for state in [
+            serde_json::json!("garbage"),
+            serde_json::json!({ "jsonl|plant/a": 5 }),
+            serde_json::Value::Null,
+        ] {
+            let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+            let err = sink
+                .resume(&state)
+                .expect_err("an unreadable state must not resume");
+            assert!(
+                format!("{err:#}").contains("nothing in"),
+                "the error says nothing was removed: {err:#}"
+            );
+            for name in theirs {
+                assert_eq!(
+                    std::fs::read(dir.join(name)).unwrap(),
+                    b"not the sink's\n",
+                    "{name} survived a resume from {state}"
+                );
+            }
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
