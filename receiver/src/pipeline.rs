@@ -461,6 +461,8 @@ impl Pipeline {
                         return;
                     }
                 };
+                // Reported before the batch moves `dispatched` past them.
+                self.report_corruption();
                 let Some(end) = entries.last().map(|(i, _)| i + 1) else {
                     break;
                 };
@@ -486,6 +488,7 @@ impl Pipeline {
     /// exact sequence ranges the entries around them show, as `gap` lines
     /// with cause `journal-corrupt` for every sink that had not been given
     /// the range (a sink served live before the damage has its records).
+    /// Called as soon as a read found them, before any `dispatched` moves.
     fn report_corruption(&mut self) {
         for c in self.journal.take_corruption() {
             let affected: Vec<usize> = (0..self.sinks.len())
@@ -563,6 +566,7 @@ impl Pipeline {
                         return;
                     }
                 };
+                self.report_corruption();
                 let mut ranges: Vec<(String, u64, u64)> = Vec::new();
                 for (_, e) in entries {
                     if let crate::journal::Entry::Record { stream, seq, .. } = e {
