@@ -637,6 +637,7 @@ impl Pipeline {
         m.push(("records_unrouted".into(), unrouted));
         m.push(("journal_bytes".into(), self.journal.total_bytes()));
         m.push(("journal_corrupt_entries".into(), self.corrupt_entries));
+        m.push(("audit_errors".into(), self.audit.errors));
         m.push(("journal_compaction_errors".into(), self.compaction_errors));
         let all = self
             .sinks

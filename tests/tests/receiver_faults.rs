@@ -233,8 +233,7 @@ fn send_all_and_wait(s: &Scratch, port: u16, rate: u64, total: u64) {
 }
 
 #[test]
-fn a_journal_segment_lost_under_a_lagging_sink_ends_the_receiver_with_an_error_naming_the_thread(
-) {
+fn a_journal_segment_lost_under_a_lagging_sink_ends_the_receiver_with_an_error_naming_the_thread() {
     let s = Scratch::new("faults-fatal");
     let port = free_udp_port();
     let server_port = free_tcp_port();
@@ -362,8 +361,7 @@ fn repeated_kill_9_while_compaction_runs_never_drops_journal_entries_past_a_save
             log_text(&s, &format!("receiver-{}", round - 1))
         );
         receiver.signal("KILL");
-        assert!(wait_until(Duration::from_secs(5), || !receiver
-            .is_running()));
+        assert!(wait_until(Duration::from_secs(5), || !receiver.is_running()));
         let first = segments(&state).first().map(|p| first_index(p));
         let saved = read_json(&state.join("sinks/files.json"))["index"].as_u64();
         if let (Some(first), Some(saved)) = (first, saved) {
@@ -402,6 +400,107 @@ fn repeated_kill_9_while_compaction_runs_never_drops_journal_entries_past_a_save
     assert_exactly_accounted(&written_sorted, &g, total);
 }
 
+/// `SINK_QUEUE_BYTES` (receiver/src/pipeline.rs): a sink's queue holds at
+/// most this plus the one batch that crosses it. A catch-up batch is at
+/// most `CATCH_UP_BYTES` (1 MiB) plus one entry; a live batch is what one
+/// fsync covers, `journal.fsync_bytes` (4 MiB by default) plus what the
+/// last receive batch decoded (up to about 2 MiB): 8 MiB bounds either.
+const SINK_QUEUE_BYTES: u64 = 64 << 20;
+const LARGEST_BATCH: u64 = 8 << 20;
+
+#[test]
+fn a_lagging_sink_with_64_kib_records_holds_at_most_the_byte_bound_in_flight() {
+    let s = Scratch::new("faults-bytes");
+    let port = free_udp_port();
+    let server_port = free_tcp_port();
+    let rcfg = Configs::receiver(
+        &s,
+        port,
+        "max_bytes = \"512MiB\"",
+        &Configs::tcp_sink("replay", server_port),
+    );
+    let mut receiver = run(&s, "receiver", "weir-receiver", &rcfg);
+    // 96 MiB of raw stdin: 1536 records of 64 KiB, while the server is down.
+    let total: u64 = 96 << 20;
+    let scfg = Configs::sender(
+        &s,
+        port,
+        "[[sources]]\nname = \"blob\"\ntype = \"stdin\"\nmode = \"raw\"\n",
+    );
+    let log = std::fs::File::create(s.join("sender.log")).unwrap();
+    let mut sender = Command::new(bin("weir-sender"))
+        .args(["run", "--config", scfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting weir-sender");
+    {
+        let mut stdin = sender.stdin.take().unwrap();
+        let block: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        for _ in 0..total >> 20 {
+            stdin.write_all(&block).unwrap();
+        }
+    }
+    let exited = wait_until(Duration::from_secs(60), || {
+        matches!(sender.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = sender.kill();
+    }
+    assert!(
+        exited,
+        "the sender did not finish: {}",
+        log_text(&s, "sender")
+    );
+    let metrics = s.join("receiver-metrics.json");
+    assert!(
+        // One record per 64 KiB chunk, and the empty one that marks the end.
+        wait_until(Duration::from_secs(30), || metric(&metrics, "records")
+            == Some((total >> 16) + 1)),
+        "the receiver journaled {:?} records",
+        metric(&metrics, "records")
+    );
+    let report = s.join("tcpsink.json");
+    let mut server = Proc::spawn(
+        &s,
+        "tcpsink",
+        "weir-tcpsink",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{server_port}"),
+            "--expect-bytes",
+            &total.to_string(),
+            "--timeout",
+            "90",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        server.wait(Duration::from_secs(100)),
+        "the server did not get every byte: {}",
+        log_text(&s, "tcpsink")
+    );
+    assert_eq!(read_json(&report)["bytes"].as_u64(), Some(total));
+    let peak = wait_until(Duration::from_secs(5), || {
+        metric(&metrics, "sink.replay.in_flight_bytes_peak").is_some()
+    });
+    assert!(peak, "the metrics show the in-flight peak");
+    let peak = metric(&metrics, "sink.replay.in_flight_bytes_peak").unwrap();
+    eprintln!("in-flight peak {peak} bytes");
+    assert!(
+        peak > 8 << 20,
+        "the sink really lagged with large records: peak {peak} bytes"
+    );
+    assert!(
+        peak <= SINK_QUEUE_BYTES + LARGEST_BATCH,
+        "{peak} bytes in flight for one sink, over {} + one batch",
+        SINK_QUEUE_BYTES
+    );
+    assert!(receiver.stop(Duration::from_secs(20)));
+}
+
 #[test]
 fn check_config_refuses_two_file_sinks_in_one_dir_naming_both_and_the_dir() {
     let s = Scratch::new("faults-shared-dir");
@@ -417,7 +516,10 @@ fn check_config_refuses_two_file_sinks_in_one_dir_naming_both_and_the_dir() {
         .output()
         .expect("running weir-receiver check-config");
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(!result.status.success(), "check-config accepted it: {stderr}");
+    assert!(
+        !result.status.success(),
+        "check-config accepted it: {stderr}"
+    );
     for part in ["files", "archive", out.to_str().unwrap()] {
         assert!(stderr.contains(part), "the error names {part}: {stderr}");
     }
