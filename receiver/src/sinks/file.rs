@@ -8,7 +8,7 @@
 //! file is cut back to that length, files started after it are removed, and
 //! the journal replays from the sink's cursor, so no record is written twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -120,6 +120,11 @@ struct Current {
 
 pub struct FileSink {
     dir: PathBuf,
+    /// `{dir}/.weir-created-{sink}`: every file name this sink created,
+    /// appended and fsynced before the file is. A resume removes only files
+    /// named here: what the sink cannot prove it wrote, it leaves.
+    ledger: PathBuf,
+    created: HashSet<String>,
     max_bytes: u64,
     max_line: u64,
     files: HashMap<(Arc<str>, bool), OpenFile>,
@@ -138,7 +143,17 @@ impl FileSink {
     pub fn new(cfg: &Config) -> Result<Self> {
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("dir: cannot create {}", cfg.dir.display()))?;
+        let ledger = cfg
+            .dir
+            .join(format!(".weir-created-{}", file_stem(&cfg.name)));
+        let created = match std::fs::read_to_string(&ledger) {
+            Ok(text) => text.lines().map(str::to_string).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", ledger.display())),
+        };
         Ok(FileSink {
+            ledger,
+            created,
             dir: cfg.dir.clone(),
             max_bytes: parse_size(&cfg.max_file_bytes).expect("validated"),
             max_line: parse_size(&cfg.max_line_bytes).expect("validated"),
@@ -165,6 +180,9 @@ impl FileSink {
             }
         };
         let path = self.dir.join(&name);
+        if !self.created.contains(&name) && !path.exists() {
+            self.record_created(&name)?;
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -189,6 +207,34 @@ impl FileSink {
                 dirty: false,
             },
         );
+        Ok(())
+    }
+
+    /// Appends `name` to the ledger (fsynced) before the file is created.
+    fn record_created(&mut self, name: &str) -> Result<()> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.ledger)
+            .with_context(|| format!("opening {}", self.ledger.display()))?;
+        f.write_all(format!("{name}\n").as_bytes())
+            .and_then(|_| f.sync_data())
+            .with_context(|| format!("writing {}", self.ledger.display()))?;
+        self.created.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Removes a file the journal will write again, if the ledger shows
+    /// this sink created it; otherwise leaves it and says so.
+    fn remove_if_created(&self, name: &str, why: &str) -> Result<()> {
+        if self.created.contains(name) {
+            tracing::info!(file = %name, "file sink: removing {why} (its records are written again)");
+            std::fs::remove_file(self.dir.join(name))
+                .with_context(|| format!("removing {}", self.dir.join(name).display()))?;
+        } else {
+            tracing::warn!(file = %name, ledger = %self.ledger.display(),
+                "file sink: leaving a file this sink did not create (not in its ledger); if it holds records of this sink they are written again in a new file");
+        }
         Ok(())
     }
 
@@ -345,8 +391,7 @@ impl Sink for FileSink {
             };
             for name in &listing {
                 if number_of(name, stem, ext).is_some_and(|n| n > number) {
-                    tracing::info!(file = %name, "file sink: removing a file started after the last confirmed batch (its records are written again)");
-                    std::fs::remove_file(self.dir.join(name))?;
+                    self.remove_if_created(name, "a file started after the last confirmed batch")?;
                 }
             }
         }
@@ -371,8 +416,10 @@ impl Sink for FileSink {
                 && number.len() == 6
                 && number.chars().all(|c| c.is_ascii_digit());
             if ours && !known.contains(&(stem.to_string(), ext.to_string())) {
-                tracing::info!(file = %name, "file sink: removing a file of a stream first written after the last confirmed batch (its records are written again)");
-                std::fs::remove_file(self.dir.join(name))?;
+                self.remove_if_created(
+                    name,
+                    "a file of a stream first written after the last confirmed batch",
+                )?;
             }
         }
         self.current = current;
@@ -530,6 +577,48 @@ mod tests {
                     "{name} survived a resume from {state}"
                 );
             }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn resume_removes_only_files_its_ledger_shows_it_created() {
+        let dir = scratch("ledger");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Someone else's files that look like the sink's.
+        std::fs::write(dir.join("plant_a.000009.jsonl"), b"theirs\n").unwrap();
+        std::fs::write(dir.join("other.000001.jsonl"), b"theirs\n").unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let points: Vec<Delivered> = (0..10).map(point).collect();
+        let refs: Vec<&Delivered> = points.iter().collect();
+        sink.write(&refs[..5]).unwrap();
+        sink.flush().unwrap();
+        assert!(dir.join("plant_a.000010.jsonl").exists());
+        // Numbered after the sink's current file of that stream.
+        std::fs::write(dir.join("plant_a.000011.jsonl"), b"theirs\n").unwrap();
+        let saved = sink.resume_state();
+        // A stream first written after the cursor was saved, then a crash.
+        let late = rec("late", 0, points[0].body.clone());
+        sink.write(&[&late]).unwrap();
+        sink.flush().unwrap();
+        drop(sink);
+        assert!(dir.join("late.000001.jsonl").exists());
+        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        sink.resume(&saved).unwrap();
+        assert!(
+            !dir.join("late.000001.jsonl").exists(),
+            "the sink's own late file goes"
+        );
+        for name in [
+            "plant_a.000009.jsonl",
+            "plant_a.000011.jsonl",
+            "other.000001.jsonl",
+        ] {
+            assert_eq!(
+                std::fs::read(dir.join(name)).unwrap(),
+                b"theirs\n",
+                "{name} stays"
+            );
         }
         std::fs::remove_dir_all(dir).unwrap();
     }
