@@ -1,9 +1,12 @@
 //! The receiver's journal: every decoded record (and every gap the decoder
 //! accounted) is appended here first, fsynced on a bound, and only then
 //! handed to the sinks. Each sink confirms how far it has written; the
-//! journal is compacted when every sink has passed a segment, and when it
-//! passes `max_bytes` the oldest segment goes anyway: records a sink had
-//! not been given yet become gaps with cause `sink-overflow:NAME`.
+//! journal is compacted when every sink has saved a cursor past a segment,
+//! and when it passes `max_bytes` the oldest segment goes anyway: records a
+//! sink had not been given yet become gaps with cause `sink-overflow:NAME`.
+//! Every read checks each entry's CRC; a damaged entry in the middle of a
+//! segment becomes a hole that readers skip, and its records become gaps
+//! with cause `journal-corrupt` (see `map_segment`, `Corruption`).
 //!
 //! ```text
 //! segments/{index of first entry:020}.seg   entries framed by weir_protocol::segment
@@ -248,6 +251,11 @@ pub struct Journal {
     /// Corrupt ranges found and not yet taken by the pipeline.
     corrupt: Vec<Corruption>,
 }
+
+/// No journal reaches this many entries (2^62, at one entry per byte
+/// more than 4 EiB); a segment name beyond it is damage, and the bound
+/// keeps every index sum far from overflow.
+const MAX_INDEX: u64 = 1 << 62;
 
 fn seg_dir(root: &Path) -> PathBuf {
     root.join("segments")
@@ -623,6 +631,9 @@ impl Journal {
         let mut corrupt: Vec<Corruption> = Vec::new();
         let mut expected = listed.first().map_or(0, |(f, _)| *f);
         for (i, (first, path)) in listed.iter().enumerate() {
+            if *first > MAX_INDEX {
+                bail!("journal.path: segment {} names entry {first}, beyond any journal (at most {MAX_INDEX}); move it away", path.display());
+            }
             if *first < expected {
                 bail!("journal.path: segment {} starts at entry {first}, inside the segment before it (which ends at {expected}); move the journal away", path.display());
             }
@@ -1173,9 +1184,7 @@ impl Journal {
                     continue;
                 }
                 None => match self.positions.get(stream) {
-                    Some(p) if p.epoch == Some(*epoch) => {
-                        p.last.map_or(*last + 1, |l| l.saturating_add(1))
-                    }
+                    Some(p) if p.epoch == Some(*epoch) => p.last.unwrap_or(*last).saturating_add(1),
                     _ => {
                         out.unknown.push(stream.clone());
                         continue;
