@@ -424,16 +424,11 @@ fn skippable(data: &[u8], off: usize) -> Option<usize> {
         .then_some(ENTRY_HEADER + len)
 }
 
-/// Entries from `off` to exactly the end of `data`, if whole entries (and
-/// single corrupt ones skippable by length) run there without a break.
-fn entries_to_end(data: &[u8], mut off: usize) -> Option<u64> {
-    entry_at(data, off).ok()?;
-    let mut n = 0u64;
-    while off < data.len() {
-        off += entry_at(data, off).ok().or_else(|| skippable(data, off))?;
-        n += 1;
-    }
-    Some(n)
+/// A whole entry at `r` followed by another (or by the end of the data):
+/// where reading can pick up again after a damaged run. Two CRCs that
+/// hold by chance at a wrong offset are a 1 in 2^64 event.
+fn resyncs_at(data: &[u8], r: usize) -> bool {
+    entry_at(data, r).is_ok_and(|n| r + n == data.len() || entry_at(data, r + n).is_ok())
 }
 
 /// How a segment's bytes divide into entries.
@@ -449,61 +444,100 @@ struct Mapped {
 }
 
 /// Walks a segment's bytes. A corrupt entry whose length header holds is
-/// skipped by that length (one entry lost). A longer corrupt run is skipped
-/// to the first offset from which whole entries run to the end of the
-/// data, when `end` (the index after the segment's last entry) is known,
-/// which gives the number of entries lost exactly; without `end` the
-/// segment stops there. A failure at or after `torn_from` (entries not yet
-/// fsynced when the journal last saved its state) is a torn tail: the
-/// segment stops there too.
+/// skipped by that length (one entry lost). A longer damaged run is
+/// skipped to the next offset where whole entries resume, when `end` (the
+/// index after the segment's last entry) is known: the entries from there
+/// to the end of the data, counted, give the run's length in entries
+/// exactly. Should a second such run follow, the two and everything
+/// between them become one hole (only their sum is known). Without `end`
+/// the segment stops at such a run (`torn`). A failure at or after
+/// `torn_from` (entries not fsynced when the journal last saved its state)
+/// is a torn tail: the segment stops there too. Linear in the data.
 fn map_segment(data: &[u8], first: u64, end: Option<u64>, torn_from: Option<u64>) -> Mapped {
     let (mut off, mut index, mut holes) = (0usize, first, Vec::new());
+    // A damaged run whose length is known only at the end: its first index
+    // and byte offset, where reading resumed, the entries since, and the
+    // single-entry holes since (indexes relative to the resync point).
+    let mut open: Option<(u64, usize, usize)> = None;
+    let (mut since, mut after): (u64, Vec<Hole>) = (0, Vec::new());
     while off < data.len() {
         let why = match entry_at(data, off) {
             Ok(n) => {
                 off += n;
-                index += 1;
+                match open {
+                    Some(_) => since += 1,
+                    None => index += 1,
+                }
                 continue;
             }
             Err(why) => why,
         };
-        let torn = torn_from.is_some_and(|t| index >= t);
+        let torn = open.is_none() && torn_from.is_some_and(|t| index >= t);
         if let Some(n) = skippable(data, off).filter(|_| !torn) {
-            holes.push(Hole {
-                from: index,
-                to: index + 1,
+            let at = if open.is_some() { since } else { index };
+            let hole = Hole {
+                from: at,
+                to: at + 1,
                 offset: off as u64,
                 end_offset: (off + n) as u64,
-            });
+            };
+            match open {
+                Some(_) => {
+                    after.push(hole);
+                    since += 1;
+                }
+                None => {
+                    holes.push(hole);
+                    index += 1;
+                }
+            }
             off += n;
-            index += 1;
             continue;
         }
-        let Some(end) = end.filter(|_| !torn) else {
+        if end.is_none() || torn {
             return Mapped {
                 count: index - first,
                 good_len: off as u64,
                 holes,
                 torn: Some((off as u64, index, why)),
             };
-        };
-        let resync = (off + 1..data.len()).find_map(|r| {
-            entries_to_end(data, r)
-                .and_then(|m| end.checked_sub(m))
-                .filter(|at| *at > index)
-                .map(|at| (r, at))
-        });
-        let (to_off, to) = resync.unwrap_or((data.len(), end.max(index + 1)));
-        holes.push(Hole {
-            from: index,
-            to,
-            offset: off as u64,
-            end_offset: to_off as u64,
-        });
-        off = to_off;
-        index = to;
+        }
+        let resync = (off + 1..data.len())
+            .find(|r| resyncs_at(data, *r))
+            .unwrap_or(data.len());
+        let (from, from_off) = open.map_or((index, off), |(f, o, _)| (f, o));
+        open = Some((from, from_off, resync));
+        since = 0;
+        after.clear();
+        off = resync;
     }
-    if let Some(end) = end.filter(|e| *e > index) {
+    if let (Some((from, from_off, resync)), Some(end)) = (open, end) {
+        let to = end.checked_sub(since).filter(|t| *t > from);
+        match to {
+            Some(to) => {
+                holes.push(Hole {
+                    from,
+                    to,
+                    offset: from_off as u64,
+                    end_offset: resync as u64,
+                });
+                holes.extend(after.iter().map(|h| Hole {
+                    from: to + h.from,
+                    to: to + h.to,
+                    ..*h
+                }));
+            }
+            // More entries after the run than the segment can hold: the
+            // resync point is not to be trusted, so all of it is lost.
+            None => holes.push(Hole {
+                from,
+                to: end.max(from + 1),
+                offset: from_off as u64,
+                end_offset: data.len() as u64,
+            }),
+        }
+        index = end.max(from + 1);
+    } else if let Some(end) = end.filter(|e| *e > index) {
         // Whole entries end before the segment should: the rest is missing.
         holes.push(Hole {
             from: index,
@@ -515,7 +549,7 @@ fn map_segment(data: &[u8], first: u64, end: Option<u64>, torn_from: Option<u64>
     }
     Mapped {
         count: index - first,
-        good_len: off as u64,
+        good_len: data.len().min(off) as u64,
         holes,
         torn: None,
     }
@@ -1448,6 +1482,35 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, 1000);
         assert_eq!(seqs(&got), vec![1000]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn two_corrupt_lengths_in_one_segment_become_one_hole_between_them_and_nothing_silent() {
+        let dir = scratch("corrupt-two");
+        let mut j = Journal::open(settings(&dir, 64 << 20)).unwrap();
+        for seq in 0..100_000 {
+            j.append_record(&rec("a", seq)).unwrap();
+        }
+        j.sync().unwrap();
+        let seg = j.segments.back().unwrap().path.clone();
+        let at = offsets(&seg);
+        // Only the sum of the two runs' lengths is known: the entries
+        // between them go with them, and the gap names all of it.
+        flip(&seg, at[30_000] + 2);
+        flip(&seg, at[60_000] + 2);
+        let (got, _) = j.read_with(&mut None, 0, usize::MAX, u64::MAX).unwrap();
+        let found = j.take_corruption();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].from, found[0].to), (30_000, 60_001));
+        let want: Vec<u64> = (0..100_000)
+            .filter(|s| !(30_000..=60_000).contains(s))
+            .collect();
+        assert_eq!(seqs(&got), want);
+        assert_eq!(
+            j.corrupt_ranges(30_000, 60_001).unwrap().ranges,
+            vec![("a".to_string(), 30_000, 60_000)]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
