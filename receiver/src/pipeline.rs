@@ -738,3 +738,66 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+    #[test]
+    fn a_sink_thread_that_dies_stops_the_receiver_naming_the_thread_and_the_cause() {
+        let dir = std::env::temp_dir().join(format!("weir-pipeline-dies-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let journal = Journal::open(crate::journal::Settings {
+            path: dir.join("journal"),
+            max_bytes: 1 << 20,
+            fsync_bytes: 1 << 20,
+            fsync_interval: Duration::from_millis(5),
+        })
+        .unwrap();
+        let shared = Arc::new(SinkShared {
+            name: "files".into(),
+            confirmed: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            in_flight_bytes_peak: AtomicU64::new(0),
+            cursor_errors: AtomicU64::new(0),
+            overflow_records: AtomicU64::new(0),
+            stats: Default::default(),
+        });
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::spawn(|| panic!("disk on fire"));
+        while !thread.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut p = Pipeline {
+            decoder: Decoder::new(Default::default()),
+            audit: AuditLog::open(&dir.join("audit.jsonl")).unwrap(),
+            journal,
+            sinks: vec![SinkHandle {
+                shared,
+                tx,
+                routes: crate::sinks::matcher(&["*".into()]).unwrap(),
+                dispatched: 0,
+                thread: Some(thread),
+            }],
+            recv_stats: Default::default(),
+            metrics_path: None,
+            log_interval: Duration::ZERO,
+            warn_after: Duration::from_secs(3),
+            failure: None,
+            finished: Vec::new(),
+            readers: vec![None],
+            corrupt_entries: 0,
+            compaction_errors: 0,
+        };
+        p.check_sink_threads();
+        let failure = p.failure.expect("a dead sink thread is fatal");
+        assert!(
+            failure.contains("sink-files") && failure.contains("panicked: disk on fire"),
+            "{failure}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
