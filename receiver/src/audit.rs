@@ -41,6 +41,9 @@ pub struct AuditLog {
     /// A write failed part-way: the file may end in a partial line, so it
     /// is repaired before the next write.
     torn: bool,
+    /// Failed writes and syncs: each is an ERROR line carrying the event,
+    /// and the next write retries (delivery does not stop for them).
+    pub errors: u64,
 }
 
 pub fn now_rfc3339() -> String {
@@ -83,6 +86,7 @@ impl AuditLog {
             dirty: false,
             prev: GENESIS_PREV.to_string(),
             torn: false,
+            errors: 0,
         };
         log.resume().with_context(|| {
             format!(
@@ -101,6 +105,7 @@ impl AuditLog {
             self.torn = false;
             if let Err(e) = self.resume() {
                 self.torn = true;
+                self.errors += 1;
                 tracing::error!(
                     "audit.path: cannot repair {} after a failed write: {e}; event was: {event} {fields}",
                     self.path.display()
@@ -108,7 +113,7 @@ impl AuditLog {
                 return;
             }
             if self.torn {
-                // Writing `audit-repaired` failed too; it logged the error.
+                // Writing `audit-repaired` failed too; it logged and counted it.
                 tracing::error!(
                     "audit.path: {} is still not writable; event was: {event} {fields}",
                     self.path.display()
@@ -148,6 +153,7 @@ impl AuditLog {
                     text.trim()
                 );
                 self.torn = true;
+                self.errors += 1;
             }
         }
         self.dirty = true;
@@ -157,6 +163,7 @@ impl AuditLog {
     pub fn sync(&mut self) {
         if self.dirty {
             if let Err(e) = self.file.sync_data() {
+                self.errors += 1;
                 tracing::error!("audit.path: cannot sync {}: {e}", self.path.display());
             }
             self.dirty = false;

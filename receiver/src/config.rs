@@ -339,6 +339,36 @@ pub struct Loaded {
     pub verifier: Option<Verifier>,
 }
 
+/// Two file sinks in one `dir` would each take the other's files for
+/// its own: a resume cuts back and removes files by its own saved state.
+fn refuse_shared_file_dirs(sinks: &[SinkConfig]) -> Result<()> {
+    /// The same directory however it is spelled (`a/./b/`, or via a
+    /// symlink once it exists).
+    fn key(dir: &Path) -> PathBuf {
+        std::fs::canonicalize(dir).unwrap_or_else(|_| {
+            dir.components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect()
+        })
+    }
+    let mut seen: Vec<(PathBuf, &str, &Path)> = Vec::new();
+    for s in sinks {
+        let SinkConfig::File(f) = s else { continue };
+        let k = key(&f.dir);
+        if let Some((_, other, other_dir)) = seen.iter().find(|(d, _, _)| *d == k) {
+            bail!(
+                "sinks ({}).dir and sinks ({other}).dir: both file sinks write to {} ({}); \
+                 give each file sink its own dir",
+                f.name,
+                f.dir.display(),
+                other_dir.display()
+            );
+        }
+        seen.push((k, &f.name, &f.dir));
+    }
+    Ok(())
+}
+
 /// Reads and validates the file, without reading the key files: for
 /// commands that only read the audit log (`gaps`), which may run as
 /// another user.
@@ -402,6 +432,7 @@ pub fn parse(text: &str) -> Result<Loaded> {
         s.validate()
             .map_err(|e| anyhow::anyhow!("sinks[{i}] ({}).{e}", common.name))?;
     }
+    refuse_shared_file_dirs(&c.sinks)?;
     let max_bytes =
         parse_size(&c.journal.max_bytes).map_err(|e| anyhow::anyhow!("journal.max_bytes: {e}"))?;
     if max_bytes < 1 << 20 {
@@ -479,6 +510,19 @@ mod tests {
             format!("{err:#}").contains("fec.max_data_shards"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn two_file_sinks_in_one_dir_are_refused_naming_both_and_the_dir() {
+        let two = format!(
+            "{GOOD}\n[[sinks]]\nname = \"archive\"\ntype = \"file\"\ndir = \"/tmp/./out/\"\n"
+        );
+        let err = format!("{:#}", parse(&two).unwrap_err());
+        for part in ["files", "archive", "/tmp/out", "dir"] {
+            assert!(err.contains(part), "the error names {part}: {err}");
+        }
+        let apart = two.replace("/tmp/./out/", "/tmp/out2");
+        assert!(parse(&apart).is_ok(), "different dirs are fine");
     }
 
     #[test]

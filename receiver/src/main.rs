@@ -227,11 +227,12 @@ fn run(path: &Path) -> Result<()> {
         }),
         Err(_) => Vec::new(),
     };
-    // Only gaps of the link and the sender: a sink-overflow gap concerns one
-    // sink, and a resend of it would reach every sink.
+    // Only gaps of the link and the sender: a sink-overflow or
+    // journal-corrupt gap concerns the sinks that had not written the
+    // records, and a resend of it would reach every sink.
     for g in open_gaps
         .iter()
-        .filter(|g| !g.cause.starts_with("sink-overflow"))
+        .filter(|g| !g.cause.starts_with("sink-overflow") && g.cause != "journal-corrupt")
     {
         decoder.restore_open_gap(&g.stream, g.from, g.to);
     }
@@ -285,7 +286,11 @@ fn run(path: &Path) -> Result<()> {
         let shared = Arc::new(sinks::SinkShared {
             name: common.name.clone(),
             confirmed: AtomicU64::new(start),
+            saved: AtomicU64::new(start),
             in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            in_flight_bytes_peak: AtomicU64::new(0),
+            cursor_errors: AtomicU64::new(0),
             overflow_records: AtomicU64::new(0),
             stats: SinkStats::default(),
         });
@@ -309,7 +314,7 @@ fn run(path: &Path) -> Result<()> {
             tx,
             routes,
             dispatched: start,
-            thread,
+            thread: Some(thread),
         });
     }
 
@@ -336,6 +341,8 @@ fn run(path: &Path) -> Result<()> {
         failure: None,
         finished: Vec::new(),
         readers: (0..cfg.sinks.len()).map(|_| None).collect(),
+        corrupt_entries: 0,
+        compaction_errors: 0,
     };
     let decode = std::thread::Builder::new()
         .name("weir-decode".into())
@@ -349,14 +356,23 @@ fn run(path: &Path) -> Result<()> {
             stop.store(true, Ordering::Relaxed);
         });
     }
-    while !stop.load(Ordering::Relaxed) && !decode.is_finished() {
+    // The socket and decoder threads end only when told to stop: either
+    // ending first is fatal (it is logged and the exit status is non-zero).
+    while !stop.load(Ordering::Relaxed) && !decode.is_finished() && !recv.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stopping: finishing what was received");
     stop.store(true, Ordering::Relaxed);
-    let recv_result = recv
-        .join()
-        .map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
+    let recv_result = match recv.join() {
+        Ok(r) => r,
+        Err(panic) => Err(anyhow::anyhow!(
+            "panicked: {}",
+            pipeline::panic_message(&*panic)
+        )),
+    };
+    if let Err(e) = &recv_result {
+        tracing::error!(thread = "weir-recv", "{e:#}; the receiver stops");
+    }
     // If a sink is stuck retrying, give it a bounded time, then abort it.
     let aborter = {
         let abort = abort.clone();
@@ -365,18 +381,27 @@ fn run(path: &Path) -> Result<()> {
             abort.store(true, Ordering::Relaxed);
         })
     };
-    let failure = decode
-        .join()
-        .map_err(|_| anyhow::anyhow!("the decoder thread panicked"))?;
+    let failure = match decode.join() {
+        Ok(f) => f,
+        Err(panic) => {
+            let cause = pipeline::panic_message(&*panic);
+            tracing::error!(
+                thread = "weir-decode",
+                "panicked: {cause}; the receiver stops"
+            );
+            Some(format!("thread weir-decode: panicked: {cause}"))
+        }
+    };
     drop(aborter);
     if let Some(failure) = failure {
         anyhow::bail!(
-            "journal.path {}: {failure}; fix the disk and restart",
+            "{failure} (journal.path {}); the receiver stopped, fix the cause and restart",
             cfg.journal.path.display()
         );
     }
+    recv_result.context("thread weir-recv")?;
     tracing::info!("weir-receiver stopped");
-    recv_result
+    Ok(())
 }
 
 fn wait_for_signal() {

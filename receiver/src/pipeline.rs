@@ -28,7 +28,8 @@ pub struct SinkHandle {
     pub routes: GlobSet,
     /// Journal entries below this have been handed to the sink.
     pub dispatched: u64,
-    pub thread: JoinHandle<()>,
+    /// The sink's thread; `None` once joined.
+    pub thread: Option<JoinHandle<()>>,
 }
 
 pub struct Pipeline {
@@ -40,12 +41,17 @@ pub struct Pipeline {
     pub metrics_path: Option<PathBuf>,
     pub log_interval: Duration,
     pub warn_after: Duration,
-    /// Set when the journal cannot be written: the receiver stops.
+    /// Set when the journal cannot be written or read, or a sink thread
+    /// died: the receiver stops and exits non-zero (systemd restarts it).
     pub failure: Option<String>,
     /// Sinks whose threads ended at shutdown, for their final counters.
     pub finished: Vec<Arc<SinkShared>>,
     /// Each sink's catch-up read position in the journal.
     pub readers: Vec<Option<crate::journal::Reader>>,
+    /// Journal entries skipped as corrupt (`journal-corrupt`).
+    pub corrupt_entries: u64,
+    /// Failed compactions (each logged; retried on the next tick).
+    pub compaction_errors: u64,
 }
 
 /// Batches queued per sink before it counts as behind (each holds at most
@@ -53,6 +59,16 @@ pub struct Pipeline {
 pub const SINK_QUEUE: usize = 32;
 /// Journal entries read per catch-up batch for a sink that fell behind.
 const CATCH_UP_BATCH: usize = 1024;
+/// Journal bytes read per catch-up batch (one entry is always taken, so a
+/// record larger than this makes a batch of one). With `SINK_QUEUE`
+/// batches in flight a lagging sink held 1024 x 32 entries, about 2 GiB
+/// of 64 KiB records; by bytes it is at most 32 MiB plus one record.
+pub const CATCH_UP_BYTES: u64 = 1 << 20;
+/// Journal bytes queued for one sink before it counts as behind: live
+/// batches are bounded by `journal.fsync_bytes`, catch-up batches by
+/// `CATCH_UP_BYTES`; this caps the sum (plus the one batch that crosses
+/// it), so memory stays bounded whatever `fsync_bytes` is.
+pub const SINK_QUEUE_BYTES: u64 = 64 << 20;
 /// How long shutdown waits for sinks to catch up with the journal.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -168,8 +184,10 @@ impl Pipeline {
         };
         let mut records: Vec<Delivered> = Vec::new();
         let mut pending_start = self.journal.durable_index();
-        // Journaled batches waiting for their fsync: (start, end, records).
-        let mut awaiting: VecDeque<(u64, u64, Arc<Vec<Delivered>>)> = VecDeque::new();
+        let mut pending_bytes = self.journal.appended_bytes();
+        // Journaled batches waiting for their fsync: (start, end, records, bytes).
+        type Awaiting = (u64, u64, Arc<Vec<Delivered>>, u64);
+        let mut awaiting: VecDeque<Awaiting> = VecDeque::new();
         let mut unrouted: HashSet<Arc<str>> = HashSet::new();
         let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
         let mut unrouted_records: u64 = 0;
@@ -209,7 +227,7 @@ impl Pipeline {
                         }
                         // Journaled either way: the stream's position must cover it.
                         if let Err(e) = self.journal.append_record(&r) {
-                            self.fail(e);
+                            self.fail("weir-decode", e);
                         }
                         if is_routed {
                             records.push(r);
@@ -220,7 +238,7 @@ impl Pipeline {
                             .journal
                             .append_gap(&g.stream, g.session, g.epoch, g.from, g.to)
                         {
-                            self.fail(e);
+                            self.fail("weir-decode", e);
                         }
                         tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.records(), cause = g.cause.as_str(), "gap: records will not arrive");
                         self.audit.write("gap", json!({ "stream": &*g.stream, "from": g.from, "to": g.to, "cause": g.cause.as_str() }));
@@ -263,27 +281,32 @@ impl Pipeline {
                 match result {
                     Ok(end) if end > pending_start => {
                         // Sinks get these once the fsync is done.
+                        let appended = self.journal.appended_bytes();
                         awaiting.push_back((
                             pending_start,
                             end,
                             Arc::new(std::mem::take(&mut records)),
+                            appended - pending_bytes,
                         ));
                         pending_start = end;
+                        pending_bytes = appended;
                     }
                     Ok(_) => {}
-                    Err(e) => self.fail(e),
+                    Err(e) => self.fail("weir-decode", e),
                 }
             }
             let durable = self.journal.durable_index();
-            while awaiting.front().is_some_and(|(_, end, _)| *end <= durable) {
-                let (start, end, batch) = awaiting.pop_front().expect("front");
-                self.dispatch(batch, start, end);
+            while awaiting.front().is_some_and(|a| a.1 <= durable) {
+                let (start, end, batch, bytes) = awaiting.pop_front().expect("front");
+                self.dispatch(batch, start, end, bytes);
             }
             if let Some(f) = self.journal.failure() {
-                self.fail(anyhow::anyhow!(f));
+                self.fail("weir-journal-sync", anyhow::anyhow!(f));
             }
+            self.check_sink_threads();
             self.catch_up(4);
             self.enforce_bound();
+            self.report_corruption();
             if disconnected || self.failure.is_some() {
                 break;
             }
@@ -303,13 +326,16 @@ impl Pipeline {
         // Shutdown: hand every sink what the journal holds (for a bounded
         // time), let each finish and save its cursor.
         let deadline = Instant::now() + DRAIN_LIMIT;
-        while self
-            .sinks
-            .iter()
-            .any(|s| s.dispatched < self.journal.durable_index())
+        while self.failure.is_none()
+            && self
+                .sinks
+                .iter()
+                .any(|s| s.dispatched < self.journal.durable_index())
             && Instant::now() < deadline
         {
+            self.check_sink_threads();
             self.catch_up(usize::MAX);
+            self.report_corruption();
             std::thread::sleep(Duration::from_millis(10));
         }
         for s in std::mem::take(&mut self.sinks) {
@@ -317,7 +343,14 @@ impl Pipeline {
                 shared, tx, thread, ..
             } = s;
             drop(tx);
-            let _ = thread.join();
+            if let Some(thread) = thread {
+                if let Err(panic) = thread.join() {
+                    let cause = panic_message(&*panic);
+                    tracing::error!(thread = %format!("sink-{}", shared.name), "the sink thread panicked at shutdown: {cause}");
+                    self.failure
+                        .get_or_insert(format!("thread sink-{}: panicked: {cause}", shared.name));
+                }
+            }
             self.finished.push(shared);
         }
         self.compact();
@@ -328,80 +361,190 @@ impl Pipeline {
         self.failure
     }
 
-    fn fail(&mut self, e: anyhow::Error) {
+    /// A fatal error of `thread`: logged as an ERROR naming the thread and
+    /// the cause; the receiver stops and exits non-zero, so systemd
+    /// restarts it (records still arriving meanwhile become a
+    /// receiver-down gap after the restart).
+    fn fail(&mut self, thread: &str, e: anyhow::Error) {
         if self.failure.is_none() {
-            tracing::error!("journal: {e:#}; the receiver stops (records still arriving will be reported as a receiver-down gap after a restart)");
-            self.failure = Some(format!("{e:#}"));
+            tracing::error!(thread, "{e:#}; the receiver stops");
+            self.failure = Some(format!("thread {thread}: {e:#}"));
+        }
+    }
+
+    /// A sink thread only ends when the decoder thread hangs up: one that
+    /// ended while its queue is open died (a panic), and its sink would
+    /// silently get nothing more. That stops the receiver.
+    fn check_sink_threads(&mut self) {
+        for i in 0..self.sinks.len() {
+            if !self.sinks[i]
+                .thread
+                .as_ref()
+                .is_some_and(|t| t.is_finished())
+            {
+                continue;
+            }
+            let thread = self.sinks[i].thread.take().expect("checked");
+            let cause = match thread.join() {
+                Err(panic) => format!("panicked: {}", panic_message(&*panic)),
+                Ok(()) => "ended while the receiver was running".to_string(),
+            };
+            let name = format!("sink-{}", self.sinks[i].shared.name);
+            self.fail(&name, anyhow::anyhow!("the sink thread died: {cause}"));
+        }
+    }
+
+    /// True when a sink can take one more batch (by count and by bytes).
+    fn has_room(s: &SinkHandle) -> bool {
+        s.shared.in_flight.load(Ordering::Relaxed) < SINK_QUEUE
+            && s.shared.in_flight_bytes.load(Ordering::Relaxed) < SINK_QUEUE_BYTES
+    }
+
+    /// Sends a batch to a sink, counting it in flight; false if the sink
+    /// thread is gone.
+    fn send(s: &mut SinkHandle, batch: Batch) -> bool {
+        let (end, bytes) = (batch.end, batch.bytes);
+        s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let now = s.shared.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        s.shared
+            .in_flight_bytes_peak
+            .fetch_max(now, Ordering::Relaxed);
+        if s.tx.send(batch).is_ok() {
+            s.dispatched = end;
+            true
+        } else {
+            s.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            s.shared.in_flight_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            false
         }
     }
 
     /// Hands a durable batch to every sink that is caught up; a sink whose
     /// queue is full falls behind and is served from the journal later.
-    fn dispatch(&mut self, batch: Arc<Vec<Delivered>>, start: u64, end: u64) {
+    fn dispatch(&mut self, batch: Arc<Vec<Delivered>>, start: u64, end: u64, bytes: u64) {
         for s in &mut self.sinks {
-            if s.dispatched == start && s.shared.in_flight.load(Ordering::Relaxed) < SINK_QUEUE {
-                s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                if s.tx
-                    .send(Batch {
+            if s.dispatched == start && Self::has_room(s) {
+                Self::send(
+                    s,
+                    Batch {
                         start,
                         end,
                         records: batch.clone(),
-                    })
-                    .is_ok()
-                {
-                    s.dispatched = end;
-                } else {
-                    s.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                }
+                        bytes,
+                    },
+                );
             }
         }
     }
 
-    /// Serves sinks that fell behind from the journal, `rounds` batches each.
+    /// Serves sinks that fell behind from the journal, `rounds` batches each,
+    /// each at most `CATCH_UP_BATCH` entries and `CATCH_UP_BYTES`.
     fn catch_up(&mut self, rounds: usize) {
         let durable = self.journal.durable_index();
         let mut names: HashMap<String, Arc<str>> = HashMap::new();
         for i in 0..self.sinks.len() {
             for _ in 0..rounds {
                 let s = &self.sinks[i];
-                if s.dispatched >= durable
-                    || s.shared.in_flight.load(Ordering::Relaxed) >= SINK_QUEUE
-                {
+                if s.dispatched >= durable || !Self::has_room(s) || self.failure.is_some() {
                     break;
                 }
-                let entries = match self.journal.read_with(
+                let from = s.dispatched;
+                let (entries, bytes) = match self.journal.read_with(
                     &mut self.readers[i],
-                    s.dispatched,
+                    from,
                     CATCH_UP_BATCH,
+                    CATCH_UP_BYTES,
                 ) {
                     Ok(e) => e,
                     Err(e) => {
-                        tracing::error!(sink = %s.shared.name, "journal: cannot read for a sink that fell behind: {e:#}");
-                        break;
+                        // Corrupt entries were skipped inside the read: this
+                        // is the disk or a file gone, and retrying every
+                        // 20 ms would leave the sink silently stalled.
+                        let e = e.context(format!(
+                            "journal: cannot read entries from {from} for sink {}",
+                            self.sinks[i].shared.name
+                        ));
+                        self.fail("weir-decode", e);
+                        return;
                     }
                 };
+                // Reported before the batch moves `dispatched` past them.
+                self.report_corruption();
                 let Some(end) = entries.last().map(|(i, _)| i + 1) else {
                     break;
                 };
-                let start = s.dispatched.max(self.journal.first_index());
+                let start = from.max(self.journal.first_index());
                 let records: Vec<Delivered> = entries
                     .into_iter()
                     .filter_map(|(_, e)| e.into_delivered(&mut names))
                     .collect();
-                let s = &mut self.sinks[i];
-                s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                if s.tx
-                    .send(Batch {
-                        start,
-                        end,
-                        records: Arc::new(records),
-                    })
-                    .is_err()
-                {
-                    s.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let batch = Batch {
+                    start,
+                    end,
+                    records: Arc::new(records),
+                    bytes,
+                };
+                if !Self::send(&mut self.sinks[i], batch) {
                     break;
                 }
-                s.dispatched = end;
+            }
+        }
+    }
+
+    /// Audits corrupt journal ranges the journal found: per stream, the
+    /// exact sequence ranges the entries around them show, as `gap` lines
+    /// with cause `journal-corrupt` for every sink that had not been given
+    /// the range (a sink served live before the damage has its records).
+    /// Called as soon as a read found them, before any `dispatched` moves.
+    fn report_corruption(&mut self) {
+        for c in self.journal.take_corruption() {
+            let affected: Vec<usize> = (0..self.sinks.len())
+                .filter(|i| self.sinks[*i].dispatched < c.to)
+                .collect();
+            self.corrupt_entries += c.to - c.from;
+            if affected.is_empty() {
+                tracing::warn!(from = c.from, to = c.to, segment = %c.segment.display(),
+                    "journal: corrupt entries every sink had already been given; nothing lost");
+                continue;
+            }
+            let ranges = match self.journal.corrupt_ranges(c.from, c.to) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.fail(
+                        "weir-decode",
+                        e.context("journal: reading around a corrupt range"),
+                    );
+                    return;
+                }
+            };
+            let names: Vec<String> = affected
+                .iter()
+                .map(|i| self.sinks[*i].shared.name.clone())
+                .collect();
+            self.audit.write(
+                "journal-corrupt",
+                json!({ "segment": c.segment.display().to_string(), "entries_from": c.from, "entries_to": c.to,
+                        "offset": c.offset, "bytes": c.bytes, "why": c.why, "sinks": names, "streams_unknown": ranges.unknown }),
+            );
+            if !ranges.unknown.is_empty() {
+                tracing::error!(streams = ?ranges.unknown, from = c.from, to = c.to,
+                    "journal: corrupt entries; the lost records of these streams cannot be bounded");
+            }
+            for (stream, from, to) in ranges.ranges {
+                let sinks: Vec<&str> = affected
+                    .iter()
+                    .filter(|i| self.sinks[**i].routes.is_match(&stream))
+                    .map(|i| self.sinks[*i].shared.name.as_str())
+                    .collect();
+                if sinks.is_empty() {
+                    continue;
+                }
+                tracing::warn!(stream = %stream, from, to, records = to - from + 1, sinks = ?sinks,
+                    cause = "journal-corrupt", "gap: records lost to a corrupt journal entry");
+                self.audit.write(
+                    "gap",
+                    json!({ "stream": stream, "from": from, "to": to, "cause": "journal-corrupt", "sinks": sinks }),
+                );
             }
         }
     }
@@ -421,10 +564,16 @@ impl Pipeline {
                 let entries = match self.journal.scan_oldest(from) {
                     Ok(e) => e,
                     Err(e) => {
-                        tracing::error!("journal: cannot read the segment being dropped: {e:#}");
-                        Vec::new()
+                        // Without its entries the overflow gaps cannot be
+                        // named: stop rather than drop records silently.
+                        self.fail(
+                            "weir-decode",
+                            e.context("journal: cannot read the segment being dropped"),
+                        );
+                        return;
                     }
                 };
+                self.report_corruption();
                 let mut ranges: Vec<(String, u64, u64)> = Vec::new();
                 for (_, e) in entries {
                     if let crate::journal::Entry::Record { stream, seq, .. } = e {
@@ -454,27 +603,28 @@ impl Pipeline {
                 self.sinks[i].dispatched = end;
             }
             if let Err(e) = self.journal.drop_oldest() {
-                self.fail(e);
+                self.fail("weir-decode", e);
                 return;
             }
         }
     }
 
-    /// Drops journal segments every sink has confirmed.
+    /// Drops journal segments every sink has confirmed and saved. Bounded
+    /// by the saved cursors, not the confirmed ones: after a `kill -9` a
+    /// sink resumes from its saved cursor (the file sink cuts its files back
+    /// to it), so every entry from there on must still be in the journal.
     fn compact(&mut self) {
-        let confirmed = self
+        let saved = self
             .sinks
             .iter()
-            .map(|s| s.shared.confirmed.load(Ordering::Acquire))
-            .chain(
-                self.finished
-                    .iter()
-                    .map(|s| s.confirmed.load(Ordering::Acquire)),
-            )
+            .map(|s| &s.shared)
+            .chain(self.finished.iter())
+            .map(|s| s.saved.load(Ordering::Acquire))
             .min()
             .unwrap_or(0);
-        if let Err(e) = self.journal.compact(confirmed) {
-            tracing::error!("journal: compaction failed: {e:#}");
+        if let Err(e) = self.journal.compact(saved) {
+            self.compaction_errors += 1;
+            tracing::error!("journal: compaction failed (retried on the next tick): {e:#}");
         }
     }
 
@@ -493,6 +643,9 @@ impl Pipeline {
         m.push(("recv_errors".into(), r.errors.load(Ordering::Relaxed)));
         m.push(("records_unrouted".into(), unrouted));
         m.push(("journal_bytes".into(), self.journal.total_bytes()));
+        m.push(("journal_corrupt_entries".into(), self.corrupt_entries));
+        m.push(("audit_errors".into(), self.audit.errors));
+        m.push(("journal_compaction_errors".into(), self.compaction_errors));
         let all = self
             .sinks
             .iter()
@@ -525,6 +678,14 @@ impl Pipeline {
             m.push((
                 format!("sink.{name}.retries"),
                 s.retries.load(Ordering::Relaxed),
+            ));
+            m.push((
+                format!("sink.{name}.cursor_errors"),
+                shared.cursor_errors.load(Ordering::Relaxed),
+            ));
+            m.push((
+                format!("sink.{name}.in_flight_bytes_peak"),
+                shared.in_flight_bytes_peak.load(Ordering::Relaxed),
             ));
         }
         m
@@ -599,5 +760,77 @@ impl Pipeline {
             rejected_bad_tag = s.rejected_bad_tag,
             "status"
         );
+    }
+}
+
+/// The text of a thread's panic payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+    #[test]
+    fn a_sink_thread_that_dies_stops_the_receiver_naming_the_thread_and_the_cause() {
+        let dir = std::env::temp_dir().join(format!("weir-pipeline-dies-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let journal = Journal::open(crate::journal::Settings {
+            path: dir.join("journal"),
+            max_bytes: 1 << 20,
+            fsync_bytes: 1 << 20,
+            fsync_interval: Duration::from_millis(5),
+        })
+        .unwrap();
+        let shared = Arc::new(SinkShared {
+            name: "files".into(),
+            confirmed: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            in_flight_bytes_peak: AtomicU64::new(0),
+            cursor_errors: AtomicU64::new(0),
+            overflow_records: AtomicU64::new(0),
+            stats: Default::default(),
+        });
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::spawn(|| panic!("disk on fire"));
+        while !thread.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut p = Pipeline {
+            decoder: Decoder::new(Default::default(), weir_protocol::Verifier::disabled()),
+            audit: AuditLog::open(&dir.join("audit.jsonl")).unwrap(),
+            journal,
+            sinks: vec![SinkHandle {
+                shared,
+                tx,
+                routes: crate::sinks::matcher(&["*".into()]).unwrap(),
+                dispatched: 0,
+                thread: Some(thread),
+            }],
+            recv_stats: Default::default(),
+            metrics_path: None,
+            log_interval: Duration::ZERO,
+            warn_after: Duration::from_secs(3),
+            failure: None,
+            finished: Vec::new(),
+            readers: vec![None],
+            corrupt_entries: 0,
+            compaction_errors: 0,
+        };
+        p.check_sink_threads();
+        let failure = p.failure.expect("a dead sink thread is fatal");
+        assert!(
+            failure.contains("sink-files") && failure.contains("panicked: disk on fire"),
+            "{failure}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -8,7 +8,7 @@
 //! file is cut back to that length, files started after it are removed, and
 //! the journal replays from the sink's cursor, so no record is written twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -126,6 +126,11 @@ struct Current {
 
 pub struct FileSink {
     dir: PathBuf,
+    /// `{dir}/.weir-created-{sink}`: every file name this sink created,
+    /// appended and fsynced before the file is. A resume removes only files
+    /// named here: what the sink cannot prove it wrote, it leaves.
+    ledger: PathBuf,
+    created: HashSet<String>,
     max_bytes: u64,
     max_line: u64,
     files: HashMap<(Arc<str>, bool), OpenFile>,
@@ -144,7 +149,17 @@ impl FileSink {
     pub fn new(cfg: &Config) -> Result<Self> {
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("dir: cannot create {}", cfg.dir.display()))?;
+        let ledger = cfg
+            .dir
+            .join(format!(".weir-created-{}", file_stem(&cfg.name)));
+        let created = match std::fs::read_to_string(&ledger) {
+            Ok(text) => text.lines().map(str::to_string).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", ledger.display())),
+        };
         Ok(FileSink {
+            ledger,
+            created,
             dir: cfg.dir.clone(),
             max_bytes: parse_size(&cfg.max_file_bytes).expect("validated"),
             max_line: parse_size(&cfg.max_line_bytes).expect("validated"),
@@ -171,12 +186,20 @@ impl FileSink {
             }
         };
         let path = self.dir.join(&name);
+        if !self.created.contains(&name) && !path.exists() {
+            self.record_created(&name)?;
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        // The length is saved as the resume offset: a guess would make a
+        // resume cut the file at the wrong place.
+        let size = file
+            .metadata()
+            .with_context(|| format!("reading the length of {}", path.display()))?
+            .len();
         self.current.entry(key).or_insert(Current {
             name: name.clone(),
             offset: size,
@@ -190,6 +213,34 @@ impl FileSink {
                 dirty: false,
             },
         );
+        Ok(())
+    }
+
+    /// Appends `name` to the ledger (fsynced) before the file is created.
+    fn record_created(&mut self, name: &str) -> Result<()> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.ledger)
+            .with_context(|| format!("opening {}", self.ledger.display()))?;
+        f.write_all(format!("{name}\n").as_bytes())
+            .and_then(|_| f.sync_data())
+            .with_context(|| format!("writing {}", self.ledger.display()))?;
+        self.created.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Removes a file the journal will write again, if the ledger shows
+    /// this sink created it; otherwise leaves it and says so.
+    fn remove_if_created(&self, name: &str, why: &str) -> Result<()> {
+        if self.created.contains(name) {
+            tracing::info!(file = %name, "file sink: removing {why} (its records are written again)");
+            std::fs::remove_file(self.dir.join(name))
+                .with_context(|| format!("removing {}", self.dir.join(name).display()))?;
+        } else {
+            tracing::warn!(file = %name, ledger = %self.ledger.display(),
+                "file sink: leaving a file this sink did not create (not in its ledger); if it holds records of this sink they are written again in a new file");
+        }
         Ok(())
     }
 
@@ -311,8 +362,18 @@ impl Sink for FileSink {
     /// Cuts every file back to what the last confirmed batch left and
     /// removes files started after it: the journal replays the rest.
     fn resume(&mut self, state: &serde_json::Value) -> Result<()> {
+        // The resume state is the only proof of which files the sink wrote:
+        // without it nothing may be cut or removed, so an unreadable one
+        // stops the start (the caller names the cursor file).
         let current: BTreeMap<String, Current> =
-            serde_json::from_value(state.clone()).unwrap_or_default();
+            serde_json::from_value(state.clone()).map_err(|e| {
+                anyhow::anyhow!(
+                    "the saved resume state is not a file sink's ({e}); nothing in {} was cut or \
+                     removed. Move the cursor file away to start this sink over (its files are \
+                     kept, and the journal's records are written again into new files)",
+                    self.dir.display()
+                )
+            })?;
         let listing: Vec<String> = std::fs::read_dir(&self.dir)
             .with_context(|| format!("reading {}", self.dir.display()))?
             .flatten()
@@ -336,8 +397,7 @@ impl Sink for FileSink {
             };
             for name in &listing {
                 if number_of(name, stem, ext).is_some_and(|n| n > number) {
-                    tracing::info!(file = %name, "file sink: removing a file started after the last confirmed batch (its records are written again)");
-                    std::fs::remove_file(self.dir.join(name))?;
+                    self.remove_if_created(name, "a file started after the last confirmed batch")?;
                 }
             }
         }
@@ -362,8 +422,10 @@ impl Sink for FileSink {
                 && number.len() == 6
                 && number.chars().all(|c| c.is_ascii_digit());
             if ours && !known.contains(&(stem.to_string(), ext.to_string())) {
-                tracing::info!(file = %name, "file sink: removing a file of a stream first written after the last confirmed batch (its records are written again)");
-                std::fs::remove_file(self.dir.join(name))?;
+                self.remove_if_created(
+                    name,
+                    "a file of a stream first written after the last confirmed batch",
+                )?;
             }
         }
         self.current = current;
@@ -490,6 +552,80 @@ mod tests {
         sink.write(&refs[40..]).unwrap();
         sink.flush().unwrap();
         assert_eq!(seqs(&dir), (0..100).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_resume_state_is_an_error_and_deletes_nothing() {
+        let dir = scratch("unreadable");
+        std::fs::create_dir_all(&dir).unwrap();
+        let theirs = ["plant_a.000001.jsonl", "other.000007.bin", "x.000002.jsonl"];
+        for name in theirs {
+            std::fs::write(dir.join(name), b"not the sink's\n").unwrap();
+        }
+        for state in [
+            serde_json::json!("garbage"),
+            serde_json::json!({ "jsonl|plant/a": 5 }),
+            serde_json::Value::Null,
+        ] {
+            let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+            let err = sink
+                .resume(&state)
+                .expect_err("an unreadable state must not resume");
+            assert!(
+                format!("{err:#}").contains("nothing in"),
+                "the error says nothing was removed: {err:#}"
+            );
+            for name in theirs {
+                assert_eq!(
+                    std::fs::read(dir.join(name)).unwrap(),
+                    b"not the sink's\n",
+                    "{name} survived a resume from {state}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn resume_removes_only_files_its_ledger_shows_it_created() {
+        let dir = scratch("ledger");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Someone else's files that look like the sink's.
+        std::fs::write(dir.join("plant_a.000009.jsonl"), b"theirs\n").unwrap();
+        std::fs::write(dir.join("other.000001.jsonl"), b"theirs\n").unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let points: Vec<Delivered> = (0..10).map(point).collect();
+        let refs: Vec<&Delivered> = points.iter().collect();
+        sink.write(&refs[..5]).unwrap();
+        sink.flush().unwrap();
+        assert!(dir.join("plant_a.000010.jsonl").exists());
+        // Numbered after the sink's current file of that stream.
+        std::fs::write(dir.join("plant_a.000011.jsonl"), b"theirs\n").unwrap();
+        let saved = sink.resume_state();
+        // A stream first written after the cursor was saved, then a crash.
+        let late = rec("late", 0, points[0].body.clone());
+        sink.write(&[&late]).unwrap();
+        sink.flush().unwrap();
+        drop(sink);
+        assert!(dir.join("late.000001.jsonl").exists());
+        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        sink.resume(&saved).unwrap();
+        assert!(
+            !dir.join("late.000001.jsonl").exists(),
+            "the sink's own late file goes"
+        );
+        for name in [
+            "plant_a.000009.jsonl",
+            "plant_a.000011.jsonl",
+            "other.000001.jsonl",
+        ] {
+            assert_eq!(
+                std::fs::read(dir.join(name)).unwrap(),
+                b"theirs\n",
+                "{name} stays"
+            );
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -135,6 +135,9 @@ pub struct Batch {
     pub start: u64,
     pub end: u64,
     pub records: Arc<Vec<Delivered>>,
+    /// Journal bytes of entries `start..end` (what the batch weighs in
+    /// `SinkShared::in_flight_bytes`).
+    pub bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -151,8 +154,16 @@ pub struct SinkShared {
     pub name: String,
     /// Journal entries below this are written and flushed by the sink.
     pub confirmed: AtomicU64,
+    /// The index of the last cursor saved to disk: what a restart resumes
+    /// from, so compaction never drops an entry at or after it.
+    pub saved: AtomicU64,
     /// Batches sent to the sink thread and not yet taken.
     pub in_flight: AtomicUsize,
+    /// Journal bytes of the batches in `in_flight`, and the most seen.
+    pub in_flight_bytes: AtomicU64,
+    pub in_flight_bytes_peak: AtomicU64,
+    /// Cursor saves that failed (each logged; the next batch tries again).
+    pub cursor_errors: AtomicU64,
     /// Records dropped for this sink by journal overflow (audited as gaps).
     pub overflow_records: AtomicU64,
     pub stats: SinkStats,
@@ -201,7 +212,9 @@ pub fn run_sink(t: SinkThread) {
             Ok(b) => b,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if let Some(end) = unsaved.take() {
-                    save_cursor(&name, &cursor_path, end, sink.resume_state());
+                    if !save_cursor(&shared, &cursor_path, end, sink.resume_state()) {
+                        unsaved = Some(end);
+                    }
                     last_save = Instant::now();
                 }
                 continue;
@@ -209,6 +222,9 @@ pub fn run_sink(t: SinkThread) {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        shared
+            .in_flight_bytes
+            .fetch_sub(batch.bytes, Ordering::Relaxed);
         // Batches come in journal order; a jump forward is an overflow skip.
         debug_assert!(
             batch.start >= last_end && batch.start <= batch.end,
@@ -273,21 +289,32 @@ pub fn run_sink(t: SinkThread) {
         previous = Some(batch.records.clone());
         unsaved = Some(batch.end);
         if last_save.elapsed() >= CURSOR_INTERVAL {
-            save_cursor(&name, &cursor_path, batch.end, sink.resume_state());
+            if save_cursor(&shared, &cursor_path, batch.end, sink.resume_state()) {
+                unsaved = None;
+            }
             last_save = Instant::now();
-            unsaved = None;
         }
     }
     if let Some(end) = unsaved {
-        save_cursor(&name, &cursor_path, end, sink.resume_state());
+        save_cursor(&shared, &cursor_path, end, sink.resume_state());
     }
 }
 
-fn save_cursor(name: &str, path: &Path, index: u64, resume: Value) {
+/// Saves the cursor; only then may compaction pass `index` (`saved`).
+/// A failure is logged and counted, and the next batch or tick tries again.
+fn save_cursor(shared: &SinkShared, path: &Path, index: u64, resume: Value) -> bool {
     let cursor = crate::journal::SinkCursor { index, resume };
     let bytes = serde_json::to_vec(&cursor).expect("json");
-    if let Err(e) = crate::journal::write_atomically(path, &bytes) {
-        tracing::error!(sink = %name, "cannot save the sink cursor {}: {e:#}; a restart will write some records again", path.display());
+    match crate::journal::write_atomically(path, &bytes) {
+        Ok(()) => {
+            shared.saved.store(index, Ordering::Release);
+            true
+        }
+        Err(e) => {
+            shared.cursor_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(sink = %shared.name, "cannot save the sink cursor {}: {e:#}; the journal keeps everything after the last saved one", path.display());
+            false
+        }
     }
 }
 
