@@ -156,7 +156,7 @@ pub struct DecoderConfig {
 impl Default for DecoderConfig {
     fn default() -> Self {
         DecoderConfig {
-            // 256 blocks of RS(64,16) at 1436-byte shards is about 28 MiB;
+            // 256 blocks of RS(64,16) at 1416-byte shards is about 28 MiB;
             // hostile headers (k + m = 256) could make it about 90 MiB.
             max_blocks_in_flight: 256,
             block_timeout: 300 * NANOS_PER_MILLI,
@@ -174,7 +174,7 @@ impl Default for DecoderConfig {
 }
 
 /// Largest `decoder.max_blocks_in_flight` accepted: 65536 blocks of
-/// RS(64,16) at 1436-byte shards would already hold about 7 GiB.
+/// RS(64,16) at 1416-byte shards would already hold about 7 GiB.
 pub const MAX_BLOCKS_IN_FLIGHT: usize = 1 << 16;
 
 /// A sender session id that grows across sender restarts: the wall clock in

@@ -1828,7 +1828,7 @@ mod tests {
             }
             let mut seqs = delivered_seqs(&mut dec);
             // Shaped like a real RS(64,16) shard, so it waits for more.
-            dec.handle_datagram(0, &forged(42, u64::MAX, 64, 16, 0, &[0u8; 1436]));
+            dec.handle_datagram(0, &forged(42, u64::MAX, 64, 16, 0, &[0u8; 1416]));
             for (i, f) in other[..40].iter().enumerate() {
                 dec.handle_datagram(i as Nanos, f);
                 dec.handle_timeout(i as Nanos * NANOS_PER_SEC);
@@ -1963,7 +1963,7 @@ mod tests {
             // Eight distinct shards at the highest block accepted, and the
             // live session silent: the window follows them.
             for index in 0..8 {
-                dec.handle_datagram(0, &forged(42, MAX_BLOCK, 64, 16, index, &[0u8; 1436]));
+                dec.handle_datagram(0, &forged(42, MAX_BLOCK, 64, 16, index, &[0u8; 1416]));
             }
             dec.handle_timeout(10 * NANOS_PER_SEC);
             for f in &other {
