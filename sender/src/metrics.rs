@@ -23,6 +23,7 @@ counters! {
     spool_dropped_records: "records deleted unsent with the oldest spool segment (spool.max_bytes or max_age); announced as gaps",
     spool_bytes: "bytes the spool holds (sent and unsent)",
     spool_damaged_records: "records lost with a damaged spool tail after a crash; announced as gaps",
+    spool_corrupt_records: "records in corrupt stretches in the middle of spool segments (or that did not decode); skipped and announced as sender-spool-corrupt gaps",
     gap_notices_sent: "dropped ranges announced to the receiver",
     resent_records: "records sent again on an operator's resend request",
     repeated_records: "extra copies sent for streams with `repeat`",
