@@ -33,6 +33,7 @@ use weir_protocol::segment::{
 };
 use weir_protocol::{NoticeCause, RecordBody};
 
+use crate::fatal::Fatal;
 use crate::metrics::Counters;
 
 /// How often sequence state and the sent position are saved; a crash
@@ -1123,8 +1124,9 @@ pub type Shared = Arc<SharedSpool>;
 
 pub struct SharedSpool {
     inner: Mutex<Spool>,
-    /// The first write or fsync failure: the sender stops with it.
-    pub failure: Mutex<Option<String>>,
+    /// A write or fsync failure stops the sender: a spool that cannot
+    /// write cannot promise anything.
+    fatal: Arc<Fatal>,
     /// Woken when the link thread reads, for flow-controlled sources.
     pub room: tokio::sync::Notify,
     /// Woken when records are appended, for the link thread.
@@ -1132,22 +1134,24 @@ pub struct SharedSpool {
 }
 
 impl SharedSpool {
-    pub fn new(spool: Spool) -> Shared {
+    pub fn new(spool: Spool, fatal: Arc<Fatal>) -> Shared {
         Arc::new(SharedSpool {
             inner: Mutex::new(spool),
-            failure: Mutex::new(None),
+            fatal,
             room: tokio::sync::Notify::new(),
             appended: std::sync::Condvar::new(),
         })
     }
 
-    /// Appends for a source. A disk failure is recorded for the main loop,
-    /// which stops the sender with the error: a spool that cannot write
-    /// cannot promise anything.
+    /// Appends for a source. A disk failure stops the sender with the error.
     pub fn append(&self, stream: &str, body: &RecordBody) {
         let mut spool = self.lock();
         if let Err(e) = spool.append(stream, body) {
-            self.fail(e);
+            drop(spool);
+            if self.fatal.first().is_none() {
+                self.fatal
+                    .report(&format!("source {stream}"), &format!("{e:#}"));
+            }
         }
     }
 
@@ -1177,11 +1181,11 @@ impl SharedSpool {
         self.appended.notify_all();
     }
 
+    /// A failure of the spool sync thread (which runs `tick`).
     fn fail(&self, e: anyhow::Error) {
-        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if failure.is_none() {
-            tracing::error!("spool: {e:#}");
-            *failure = Some(format!("{e:#}"));
+        // Reported once: the thread keeps ticking until the sender stops.
+        if self.fatal.first().is_none() {
+            self.fatal.report("weir-spool-sync", &format!("{e:#}"));
         }
     }
 
