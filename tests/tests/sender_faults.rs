@@ -292,15 +292,19 @@ fn a_spool_entry_made_unreadable_under_a_running_sender_ends_it_non_zero_naming_
     let s = Scratch::new("thread-dies");
     let receiver_port = free_udp_port();
     // 16 MiB bound: 2 MiB segments. The generator spools about 11 MB in
-    // 1 s; the 8 Mbit/s link reads it in about 14 s.
+    // 1 s; the 8 Mbit/s link reads it in about 14 s. The idle tcp source
+    // keeps the sender running (not draining) after the generator ends.
     let cfg = sender_config(
         &s,
         "sender.toml",
         receiver_port,
         "8Mbit",
         "max_bytes = \"16MiB\"",
-        "[fec]\ndata_shards = 4\nparity_shards = 2\ninterleave = 2\n\
+        &format!("[fec]\ndata_shards = 4\nparity_shards = 2\ninterleave = 2\n\
+         [[sources]]\nname = \"idle\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{}\"\n\
          [[sources]]\nname = \"gen\"\ntype = \"generator\"\ntags = 1000\nrate = 200000\ncount = 200000\n",
+            free_tcp_port()
+        ),
     );
     let mut sender = run(&s, "sender", "weir-sender", &cfg);
     assert!(
