@@ -265,6 +265,9 @@ fn run(path: &Path) -> Result<()> {
                 Ok(())
             })
         };
+        if let Err(e) = &ticker {
+            fatal.report("weir-spool-sync", &format!("cannot start the thread: {e}"));
+        }
         let started = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut mode = link::STOP;
