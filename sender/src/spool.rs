@@ -343,6 +343,64 @@ fn scan_segment(
     Ok(scan)
 }
 
+/// Raises a stream's next sequence number past `seq` (creating the stream
+/// with a fresh epoch if the state file did not know it).
+fn see_seq(streams: &mut BTreeMap<String, StreamState>, stream: &str, seq: u64) {
+    let s = match streams.get_mut(stream) {
+        Some(s) => s,
+        None => streams.entry(stream.to_string()).or_insert(StreamState {
+            epoch: rand::random(),
+            next_seq: 0,
+        }),
+    };
+    s.next_seq = s.next_seq.max(seq.saturating_add(1));
+}
+
+/// Reads a segment whose holes are known (found at open): every readable
+/// entry and every hole goes to `visit`, in order; an entry that no longer
+/// reads is an error.
+fn walk_segment(seg: &Segment, mut visit: impl FnMut(Seen<'_>)) -> Result<()> {
+    let data = std::fs::read(&seg.path)
+        .with_context(|| format!("reading spool segment {}", seg.path.display()))?;
+    let mut holes = seg.holes.iter().peekable();
+    let (mut pos, mut index) = (0usize, seg.first);
+    while index < seg.end() {
+        if let Some(hole) = holes.next_if(|h| h.index == index) {
+            visit(Seen::Hole(hole));
+            index += hole.slots;
+            pos = hole.resume as usize;
+            continue;
+        }
+        let payload = match check_entry_at(data.get(pos..).unwrap_or_default()) {
+            Ok(Some(p)) => p,
+            Ok(None) => bail!(
+                "spool: segment {} ends before entry {index}",
+                seg.path.display()
+            ),
+            Err(why) => bail!(
+                "spool: entry {index} unreadable ({why}) in {}",
+                seg.path.display()
+            ),
+        };
+        let Some(head) = head_of(payload) else {
+            bail!(
+                "spool: entry {index} in {} does not decode",
+                seg.path.display()
+            );
+        };
+        let size = ENTRY_HEADER + payload.len();
+        visit(Seen::Entry {
+            index,
+            size: size as u64,
+            head,
+            payload,
+        });
+        index += 1;
+        pos += size;
+    }
+    Ok(())
+}
+
 /// Sequence continuity across holes, built while scanning at open: the
 /// records a hole took are the sequence numbers its streams skip across it.
 #[derive(Default)]
@@ -497,25 +555,15 @@ impl Spool {
                 })?),
                 None => None,
             };
-            // Every entry's head is decoded: sequence numbers are rebuilt
-            // from what the state file has not accounted for, and holes
-            // are measured by the sequence numbers skipped across them.
-            let streams = &mut state.streams;
-            let scan = scan_segment(path, *first, expected, &mut known, |seen| match seen {
-                Seen::Entry { index, head, .. } => {
-                    continuity.see(head.stream, head.seq, index);
-                    let s = match streams.get_mut(head.stream) {
-                        Some(s) => s,
-                        None => streams
-                            .entry(head.stream.to_string())
-                            .or_insert(StreamState {
-                                epoch: rand::random(),
-                                next_seq: 0,
-                            }),
-                    };
-                    s.next_seq = s.next_seq.max(head.seq.saturating_add(1));
+            // Sequence numbers are rebuilt from what the state file has not
+            // accounted for (all of it again below if there is damage).
+            let (streams, durable) = (&mut state.streams, state.durable_index);
+            let scan = scan_segment(path, *first, expected, &mut known, |seen| {
+                if let Seen::Entry { index, head, .. } = seen {
+                    if index >= durable {
+                        see_seq(streams, head.stream, head.seq);
+                    }
                 }
-                Seen::Hole(hole) => continuity.holes.push(hole.index),
             })?;
             for hole in &scan.holes {
                 tracing::warn!(
@@ -556,7 +604,22 @@ impl Spool {
             });
             expected_first = first + scan.count;
         }
-        continuity.finish(&state.streams);
+        if damaged || segments.iter().any(|s| !s.holes.is_empty()) {
+            // Damage: measure what it took by the sequence numbers each
+            // stream skips across it, and rebuild every stream's next
+            // number from every entry (a hole's slot count may be a guess).
+            for seg in &segments {
+                let streams = &mut state.streams;
+                walk_segment(seg, |seen| match seen {
+                    Seen::Entry { index, head, .. } => {
+                        continuity.see(head.stream, head.seq, index);
+                        see_seq(streams, head.stream, head.seq);
+                    }
+                    Seen::Hole(hole) => continuity.holes.push(hole.index),
+                })?;
+            }
+            continuity.finish(&state.streams);
+        }
         let next_index = expected_first;
         let oldest = segments.front().map_or(0, |s| s.first);
         let mut read_index = state.sent_index.clamp(oldest, next_index);
@@ -627,7 +690,7 @@ impl Spool {
             if seg.first >= read_index {
                 unsent_bytes += good;
             } else if seg.end() > read_index {
-                scan_segment(&seg.path, seg.first, None, &mut known, |seen| {
+                walk_segment(seg, |seen| {
                     if let Seen::Entry { index, size, .. } = seen {
                         if index >= read_index {
                             unsent_bytes += size;
@@ -864,10 +927,9 @@ impl Spool {
         if self.read_index < seg.end() {
             // Records never sent: find their ranges before they go.
             let from_index = self.read_index.max(seg.first);
-            let mut known: HashSet<String> = self.streams.keys().cloned().collect();
             let mut ranges: Vec<(String, u64, u64)> = Vec::new();
             let (mut dropped, mut dropped_bytes) = (0u64, 0u64);
-            scan_segment(&seg.path, seg.first, Some(seg.count), &mut known, |seen| {
+            walk_segment(&seg, |seen| {
                 let Seen::Entry {
                     index, size, head, ..
                 } = seen
