@@ -1569,6 +1569,88 @@ mod tests {
     }
 
     #[test]
+    fn an_older_segment_cut_short_is_a_hole_up_to_the_next_segment_and_its_records_are_announced() {
+        let dir = scratch("short-older");
+        let c = Arc::new(Counters::default());
+        // 1 MiB bound: 256 KiB segments of ~1 KiB records.
+        let mut s = Spool::open(settings(&dir, 1 << 20), c.clone()).unwrap();
+        for _ in 0..400 {
+            s.append("a", &body(1000)).unwrap();
+        }
+        s.sync().unwrap();
+        assert!(s.segments.len() >= 2);
+        let oldest = s.segments.front().unwrap().path.clone();
+        let count = s.segments.front().unwrap().count;
+        drop(s);
+        let offsets = entry_offsets(&oldest);
+        // Cut the oldest segment in the middle of entry 100.
+        OpenOptions::new()
+            .write(true)
+            .open(&oldest)
+            .unwrap()
+            .set_len((offsets[100].0 + 10) as u64)
+            .unwrap();
+        let mut s = Spool::open(settings(&dir, 1 << 20), c.clone()).unwrap();
+        let items = read_all(&mut s);
+        let seqs: Vec<u64> = items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Record { entry, .. } => Some(entry.seq),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<u64> = (0..100).chain(count..400).collect();
+        assert_eq!(seqs, expected, "the records around the hole, in order");
+        assert!(
+            items.contains(&Item::Dropped {
+                stream: "a".into(),
+                from: 100,
+                to: count - 1,
+                cause: NoticeCause::SpoolCorrupt
+            }),
+            "the cut records are announced"
+        );
+        assert_eq!(c.spool_corrupt_records.load(Ordering::Relaxed), count - 100);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_record_that_passes_its_crc_but_does_not_decode_is_announced_alone() {
+        let dir = scratch("undecodable");
+        let c = Arc::new(Counters::default());
+        let mut s = Spool::open(settings(&dir, 64 << 20), c.clone()).unwrap();
+        for _ in 0..5 {
+            s.append("a", &body(10)).unwrap();
+        }
+        s.sync().unwrap();
+        let seg = s.segments.back().unwrap().path.clone();
+        drop(s);
+        // Stream "a", seq 5, then a body tag no RecordBody has.
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        write_entry(&mut f, &[1, b'a', 5, 200, 1, 2, 3]).unwrap();
+        drop(f);
+        let mut s = Spool::open(settings(&dir, 64 << 20), c.clone()).unwrap();
+        let items = read_all(&mut s);
+        assert_eq!(items.len(), 6);
+        assert_eq!(
+            items[5],
+            Item::Dropped {
+                stream: "a".into(),
+                from: 5,
+                to: 5,
+                cause: NoticeCause::SpoolCorrupt
+            }
+        );
+        assert_eq!(c.spool_corrupt_records.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            s.append("a", &body(1)).unwrap(),
+            6,
+            "its number is not reused"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn retained_ranges_can_be_found_for_a_resend() {
         let dir = scratch("find");
         let c = Arc::new(Counters::default());
