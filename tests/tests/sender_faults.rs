@@ -15,6 +15,10 @@ use serde_json::Value;
 /// one takes over without authentication (2 s by default).
 const OLD_SESSION_SILENCE: Duration = Duration::from_millis(2500);
 
+/// The same after a session whose link was saturated (its heartbeats
+/// came about 3 s apart, so the receiver asks for about 7 s of silence).
+const SATURATED_SESSION_SILENCE: Duration = Duration::from_secs(10);
+
 /// Which binary a configuration is for.
 enum Side {
     Sender,
@@ -88,24 +92,6 @@ fn exit_status(p: &mut Proc, limit: Duration) -> Option<ExitStatus> {
         std::thread::sleep(Duration::from_millis(50));
     }
     None
-}
-
-/// Waits until `value()` has not changed for `quiet` (at most `limit`).
-fn wait_quiet(quiet: Duration, limit: Duration, mut value: impl FnMut() -> u64) -> u64 {
-    let start = Instant::now();
-    let mut last = value();
-    let mut since = Instant::now();
-    while start.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = value();
-        if now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            break;
-        }
-    }
-    last
 }
 
 /// The raw stream `stem` as the file sink wrote it: its numbered `.bin`
@@ -255,9 +241,12 @@ fn a_sender_restarted_after_kill_9_with_a_partly_sent_spool_reads_its_tcp_source
     );
 
     // Without authentication the receiver follows a new session once the
-    // old one has been silent for 2 s (docs/wire-format.md, Sessions);
-    // restart after that, so the test is about the sender alone.
-    std::thread::sleep(OLD_SESSION_SILENCE);
+    // old one has been silent for twice its observed heartbeat gap
+    // (docs/wire-format.md, Sessions), and holds at most 32 MiB of the new
+    // one's frames meanwhile. The killed sender's link was saturated, which
+    // stretched its heartbeat gap to about 3 s; restart after the silence
+    // that asks for, so the test is about the sender alone.
+    std::thread::sleep(SATURATED_SESSION_SILENCE);
     let mut sender = run(&s, "sender-2", "weir-sender", &cfg);
     let mut feed = tcpfeed(&s, "feed-2", source_port, "10M", 2);
     let fed = exit_status(&mut feed, Duration::from_secs(60));
@@ -269,21 +258,23 @@ fn a_sender_restarted_after_kill_9_with_a_partly_sent_spool_reads_its_tcp_source
     );
     let out = s.join("out");
     let expected = fed_bytes(2, 10 << 20);
-    let got = wait_quiet(Duration::from_secs(2), Duration::from_secs(60), || {
-        raw_stream(&out, "raw").len() as u64
-    });
+    // The new connection's bytes end the stream once they have all arrived.
+    let ends_with_new = || {
+        let raw = raw_stream(&out, "raw");
+        raw.len() > expected.len() && raw[raw.len() - expected.len()..] == expected[..]
+    };
+    let start = Instant::now();
+    while !ends_with_new() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        ends_with_new(),
+        "the new connection's 10 MiB arrived whole, in order, at the end of the stream \
+         (after the first connection's spooled part): {} bytes",
+        raw_stream(&out, "raw").len()
+    );
     assert!(sender.stop(Duration::from_secs(20)), "sender stop");
     assert!(receiver.stop(Duration::from_secs(20)), "receiver stop");
-    let raw = raw_stream(&out, "raw");
-    assert!(
-        raw.len() as u64 == got && raw.len() > expected.len(),
-        "the raw stream holds the first connection's spooled part and the new one: {} bytes",
-        raw.len()
-    );
-    assert!(
-        raw[raw.len() - expected.len()..] == expected[..],
-        "the new connection's 10 MiB arrived whole, in order, at the end of the stream"
-    );
     let m = read_json(&s.join("sender-metrics.json"));
     assert!(
         m["records_in"].as_u64().unwrap_or(0) >= 160,
