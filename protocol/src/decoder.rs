@@ -201,6 +201,8 @@ pub enum GapCause {
     SenderSpoolOverflow,
     /// The sender's spool lost them to a crash (damaged tail).
     SenderSpoolDamaged,
+    /// They were in a corrupt part in the middle of the sender's spool.
+    SenderSpoolCorrupt,
 }
 
 impl GapCause {
@@ -210,6 +212,7 @@ impl GapCause {
             GapCause::ReceiverDown => "receiver-down",
             GapCause::SenderSpoolOverflow => "sender-spool-overflow",
             GapCause::SenderSpoolDamaged => "sender-spool-damaged",
+            GapCause::SenderSpoolCorrupt => "sender-spool-corrupt",
         }
     }
 }
@@ -1425,6 +1428,7 @@ impl Decoder {
         let cause = match notice.cause {
             NoticeCause::SpoolOverflow => GapCause::SenderSpoolOverflow,
             NoticeCause::SpoolDamaged => GapCause::SenderSpoolDamaged,
+            NoticeCause::SpoolCorrupt => GapCause::SenderSpoolCorrupt,
         };
         self.emit_gap(
             &meta.name,

@@ -129,6 +129,9 @@ pub enum NoticeCause {
     /// The sender found them damaged in its spool after a crash (torn or
     /// corrupt tail) and cut them away.
     SpoolDamaged,
+    /// They were in a corrupt stretch in the middle of a spool segment
+    /// (failed CRC or decode); the sender skipped it and sent the rest.
+    SpoolCorrupt,
 }
 
 #[cfg(test)]

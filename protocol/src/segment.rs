@@ -2,6 +2,11 @@
 //! receiver's journal): each entry is `[u32 len][u32 crc32 of payload]
 //! [payload]`, little-endian. Pure functions over `Read`/`Write`; the logs
 //! themselves live in the binaries.
+//!
+//! A reader that meets a bad entry in the middle of a log (not a torn tail)
+//! uses [`check_entry_at`] and [`find_next_entry`] to find where readable
+//! entries resume; it never skips by a length it has not checked, because
+//! a corrupt length field would land it inside another entry's payload.
 
 use std::io::{self, Read, Write};
 
@@ -63,6 +68,53 @@ pub fn read_entry(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<ReadOutcom
     Ok(ReadOutcome::Entry)
 }
 
+/// Checks the framed entry at the start of `data` (header, length bound,
+/// CRC); returns its payload or why it is not a readable entry.
+/// `Ok(None)` is a clean end (`data` is empty).
+pub fn check_entry_at(data: &[u8]) -> Result<Option<&[u8]>, &'static str> {
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let Some(header) = data.get(..ENTRY_HEADER) else {
+        return Err("truncated entry header");
+    };
+    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_ENTRY {
+        return Err("impossible entry length");
+    }
+    let Some(payload) = data.get(ENTRY_HEADER..ENTRY_HEADER + len) else {
+        return Err("truncated entry");
+    };
+    if crc32fast::hash(payload) != crc {
+        return Err("CRC mismatch");
+    }
+    Ok(Some(payload))
+}
+
+/// The first offset at or after `from` where a whole entry starts whose
+/// CRC matches and whose payload `plausible` accepts (checked before the
+/// CRC, so a cheap test keeps a search through garbage fast). `None`: no
+/// readable entry follows, i.e. the rest of `data` is a torn tail.
+pub fn find_next_entry(
+    data: &[u8],
+    from: usize,
+    mut plausible: impl FnMut(&[u8]) -> bool,
+) -> Option<usize> {
+    let last = data.len().checked_sub(ENTRY_HEADER + 1)?;
+    (from..=last).find(|&at| {
+        let header = &data[at..at + ENTRY_HEADER];
+        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+        if len == 0 || len > MAX_ENTRY || len > data.len() - at - ENTRY_HEADER {
+            return false;
+        }
+        let payload = &data[at + ENTRY_HEADER..at + ENTRY_HEADER + len];
+        plausible(payload)
+            && crc32fast::hash(payload)
+                == u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +149,46 @@ mod tests {
             }
             prop_assert!(whole <= payloads.len());
         }
+
+        #[test]
+        fn after_garbage_in_the_middle_the_next_whole_entry_is_found(
+            payloads in proptest::collection::vec(proptest::collection::vec(1u8..255, 1..300), 3..10),
+            victim in any::<usize>(),
+            garbage in proptest::collection::vec(any::<u8>(), 1..40),
+        ) {
+            let mut log = Vec::new();
+            let mut starts = Vec::new();
+            for p in &payloads {
+                starts.push(log.len());
+                write_entry(&mut log, p).unwrap();
+            }
+            // Overwrite bytes at the start of one entry (not the last).
+            let victim = victim % (payloads.len() - 1);
+            let at = starts[victim];
+            let end = (at + garbage.len()).min(starts[victim + 1]);
+            log[at..end].copy_from_slice(&garbage[..end - at]);
+            // Payloads never hold a 0 byte, so "starts with a nonzero byte
+            // and the CRC matches" only accepts a real entry start.
+            let found = find_next_entry(&log, at + 1, |p| p[0] != 0);
+            if check_entry_at(&log[at..]).is_err() {
+                prop_assert!(found.is_some_and(|f| starts.contains(&f) && f > at));
+                let f = found.unwrap();
+                prop_assert_eq!(check_entry_at(&log[f..]).unwrap().unwrap(), &payloads[starts.iter().position(|s| *s == f).unwrap()][..]);
+            }
+        }
+    }
+
+    #[test]
+    fn check_entry_at_names_what_is_wrong() {
+        let mut log = Vec::new();
+        write_entry(&mut log, b"hello").unwrap();
+        assert_eq!(check_entry_at(&log).unwrap(), Some(&b"hello"[..]));
+        assert_eq!(check_entry_at(&[]).unwrap(), None);
+        assert_eq!(check_entry_at(&log[..5]), Err("truncated entry header"));
+        assert_eq!(check_entry_at(&log[..10]), Err("truncated entry"));
+        let mut bad = log.clone();
+        bad[9] ^= 1;
+        assert_eq!(check_entry_at(&bad), Err("CRC mismatch"));
+        assert_eq!(find_next_entry(&bad, 0, |_| true), None);
     }
 }

@@ -9,6 +9,7 @@
 //! `weir-sender keygen` writes such a key.
 
 mod config;
+mod fatal;
 mod link;
 mod metrics;
 mod sources;
@@ -236,7 +237,11 @@ fn run(path: &Path) -> Result<()> {
     let session =
         weir_protocol::config::session_id_at(std::time::SystemTime::now(), rand::random());
     let counters = Arc::new(Counters::default());
-    let spool = SharedSpool::new(Spool::open(loaded.spool.clone(), counters.clone())?);
+    let fatal = fatal::Fatal::new();
+    let spool = SharedSpool::new(
+        Spool::open(loaded.spool.clone(), counters.clone())?,
+        fatal.clone(),
+    );
     let signer = loaded
         .signer
         .clone()
@@ -300,10 +305,10 @@ fn run(path: &Path) -> Result<()> {
                 })
                 .collect(),
         };
-        std::thread::Builder::new()
-            .name("weir-link".into())
-            .spawn(move || link::run(params, enc, socket, spool, counters, stop))
-            .context("starting the link thread")?
+        fatal::spawn("weir-link", fatal.clone(), move || {
+            link::run(params, enc, socket, spool, counters, stop)
+        })
+        .context("starting the link thread")?
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -313,30 +318,31 @@ fn run(path: &Path) -> Result<()> {
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let metrics_cfg = loaded.config.metrics.clone();
-    let mut spool_failure: Option<String> = None;
     let mut ticker_stop_handle = None;
     let hash = loaded.hash.clone();
     runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
+        let mut source_names = std::collections::HashMap::new();
         for source in sources {
             let handle = SourceHandle::new(source.name(), spool.clone(), counters.clone(), shutdown_rx.clone());
-            let name = source.name().to_string();
-            tasks.spawn(async move {
-                if let Err(e) = source.run(handle).await {
-                    tracing::error!(source = %name, "source stopped: {e:#}");
-                }
-            });
+            let name = format!("source {}", source.name());
+            let id = tasks.spawn(source.run(handle)).id();
+            source_names.insert(id, name);
         }
         let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ticker = {
             let (spool, ticker_stop) = (spool.clone(), ticker_stop.clone());
-            std::thread::Builder::new().name("weir-spool-sync".into()).spawn(move || {
+            fatal::spawn("weir-spool-sync", fatal.clone(), move || {
                 while !ticker_stop.load(Ordering::Relaxed) {
                     spool.tick();
                     std::thread::sleep(Duration::from_millis(2));
                 }
+                Ok(())
             })
         };
+        if let Err(e) = &ticker {
+            fatal.report("weir-spool-sync", &format!("cannot start the thread: {e}"));
+        }
         let started = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut mode = link::STOP;
@@ -348,14 +354,46 @@ fn run(path: &Path) -> Result<()> {
                 _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
                     tracing::info!("terminated; stopping (unsent records stay in the spool)"); break;
                 }
-                done = tasks.join_next() => if done.is_none() {
-                    tracing::info!("every source has finished; sending what the spool holds, then stopping");
-                    mode = link::DRAIN;
-                    break;
+                // Logged where it happened; the sender stops and exits non-zero.
+                _ = fatal.notify.notified() => break,
+                done = tasks.join_next_with_id() => match done {
+                    None => {
+                        tracing::info!("every source has finished; sending what the spool holds, then stopping");
+                        mode = link::DRAIN;
+                        break;
+                    }
+                    Some(Ok((id, Ok(())))) => {
+                        let name = source_names.get(&id).map_or("a source", String::as_str);
+                        tracing::info!("{name} finished");
+                    }
+                    Some(Ok((id, Err(e)))) => {
+                        let name = source_names.get(&id).map_or("a source", String::as_str);
+                        fatal.report(name, &format!("{e:#}"));
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        let name = source_names.get(&e.id()).map_or("a source", String::as_str);
+                        let cause = if e.is_panic() {
+                            format!("panicked: {}", fatal::panic_message(&*e.into_panic()))
+                        } else {
+                            "cancelled".to_string()
+                        };
+                        fatal.report(name, &cause);
+                        break;
+                    }
                 },
                 _ = tick.tick() => {
-                    if let Some(failure) = spool.failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                        spool_failure = Some(failure);
+                    // A thread that ended without reporting (it cannot
+                    // while running, but nothing may end unnoticed).
+                    if fatal.first().is_some() {
+                        break;
+                    }
+                    if link.is_finished() {
+                        fatal.report("weir-link", "ended while the sender was running");
+                        break;
+                    }
+                    if ticker.as_ref().is_ok_and(|t| t.is_finished()) {
+                        fatal.report("weir-spool-sync", "ended while the sender was running");
                         break;
                     }
                     if let Some(path) = &metrics_cfg.path {
@@ -366,6 +404,8 @@ fn run(path: &Path) -> Result<()> {
                             ("auth", serde_json::Value::from(auth_status.clone())),
                         ];
                         if let Err(e) = counters.write_file(path, &extra) {
+                            // Retried every second, counted.
+                            Counters::add(&counters.metrics_write_errors, 1);
                             tracing::warn!("metrics.path: cannot write {}: {e}", path.display());
                         }
                     }
@@ -376,6 +416,9 @@ fn run(path: &Path) -> Result<()> {
                 }
             }
         }
+        if fatal.first().is_some() {
+            mode = link::STOP;
+        }
         let _ = shutdown_tx.send(true);
         tasks.shutdown().await;
         stop.store(mode, Ordering::Relaxed);
@@ -383,32 +426,36 @@ fn run(path: &Path) -> Result<()> {
         ticker_stop_handle = Some((ticker_stop, ticker));
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
-    // While the link drains the spool (every source finished), a signal
-    // still stops the sender promptly; what is unsent stays spooled.
+    // While the link drains the spool (every source finished), a signal or
+    // a fatal error still stops the sender promptly; what is unsent stays spooled.
     {
-        let stop = stop.clone();
+        let (stop, fatal) = (stop.clone(), fatal.clone());
         std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                rt.block_on(async {
+                let why = rt.block_on(async {
+                    let failed = fatal.notify.notified();
+                    tokio::pin!(failed);
+                    failed.as_mut().enable();
+                    if fatal.first().is_some() {
+                        return "a fatal error";
+                    }
                     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
                     tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+                        _ = tokio::signal::ctrl_c() => "a signal",
+                        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => "a signal",
+                        _ = failed => "a fatal error",
                     }
                 });
-                tracing::info!(
-                    "signal received while draining: stopping (unsent records stay in the spool)"
-                );
+                tracing::info!("{why} while draining: stopping (unsent records stay in the spool)");
                 stop.store(link::STOP, Ordering::Relaxed);
             }
         });
     }
-    let result = link
-        .join()
-        .map_err(|_| anyhow::anyhow!("the link thread panicked"))?;
+    // A failure of the link thread was reported by `fatal::spawn`.
+    let _ = link.join();
     if let Some((stop, Ok(ticker))) = ticker_stop_handle {
         stop.store(true, Ordering::Relaxed);
         let _ = ticker.join();
@@ -417,12 +464,6 @@ fn run(path: &Path) -> Result<()> {
         tracing::error!("spool: final sync failed: {e:#}");
     }
     log_status(&counters);
-    if let Some(failure) = spool_failure {
-        anyhow::bail!(
-            "spool.path {}: {failure}; fix the disk and restart",
-            loaded.spool.path.display()
-        );
-    }
     if let Some(path) = &loaded.config.metrics.path {
         let _ = counters.write_file(
             path,
@@ -433,7 +474,10 @@ fn run(path: &Path) -> Result<()> {
             ],
         );
     }
-    result
+    if let Some((thread, cause)) = fatal.first() {
+        anyhow::bail!("{thread} failed: {cause}");
+    }
+    Ok(())
 }
 
 fn log_status(counters: &Counters) {

@@ -1,13 +1,21 @@
 //! The sender's counters: every record taken, dropped or sent is counted
 //! here, published in heartbeats, in the metrics file and in status lines.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
 
 macro_rules! counters {
     ($($name:ident: $doc:literal),* $(,)?) => {
         #[derive(Debug, Default)]
-        pub struct Counters { $(#[doc = $doc] pub $name: AtomicU64,)* }
+        pub struct Counters {
+            $(#[doc = $doc] pub $name: AtomicU64,)*
+            /// What each source is doing (the metrics file's `sources`).
+            pub sources: SourceBoard,
+        }
 
         impl Counters {
             pub fn snapshot(&self) -> Vec<(String, u64)> {
@@ -23,11 +31,15 @@ counters! {
     spool_dropped_records: "records deleted unsent with the oldest spool segment (spool.max_bytes or max_age); announced as gaps",
     spool_bytes: "bytes the spool holds (sent and unsent)",
     spool_damaged_records: "records lost with a damaged spool tail after a crash; announced as gaps",
+    spool_corrupt_records: "records in corrupt stretches in the middle of spool segments (or that did not decode); skipped and announced as sender-spool-corrupt gaps",
     gap_notices_sent: "dropped ranges announced to the receiver",
     resent_records: "records sent again on an operator's resend request",
     repeated_records: "extra copies sent for streams with `repeat`",
     repeat_skipped: "copies not sent because REPEAT_LIMIT bytes of copies were already waiting",
     source_connections: "connections accepted by tcp sources",
+    source_accept_errors: "failed accepts of tcp sources; each is retried after a backoff",
+    source_peer_errors: "source connections that ended with an error (reset, timeout) instead of a clean close",
+    metrics_write_errors: "failed writes of the metrics file (retried every second)",
     records_sent: "records packed into blocks",
     datagrams_sent: "UDP datagrams sent on the link",
     wire_bytes_sent: "UDP payload bytes sent on the link",
@@ -52,11 +64,46 @@ impl Counters {
         for (k, v) in self.snapshot() {
             map.insert(k, v.into());
         }
+        map.insert("sources".to_string(), self.sources.to_json());
         for (k, v) in extra {
             map.insert((*k).to_string(), v.clone());
         }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&map).expect("json"))?;
         std::fs::rename(tmp, path)
+    }
+}
+
+/// The state of one source, as the metrics file shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceStatus {
+    /// `running`, `listening`, `connected`, `retrying` (waiting out a
+    /// backoff after an error) or `finished`.
+    pub state: &'static str,
+    pub connections: u64,
+    /// Connections that ended with an error.
+    pub peer_errors: u64,
+    /// Accepts that failed (each retried after a backoff).
+    pub accept_errors: u64,
+    /// The last error, until the next success.
+    pub last_error: Option<String>,
+}
+
+/// Every source's status, by stream name.
+#[derive(Debug, Default)]
+pub struct SourceBoard(Mutex<BTreeMap<String, SourceStatus>>);
+
+impl SourceBoard {
+    pub fn update(&self, source: &str, f: impl FnOnce(&mut SourceStatus)) {
+        let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match board.get_mut(source) {
+            Some(s) => f(s),
+            None => f(board.entry(source.to_string()).or_default()),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_value(&*board).unwrap_or_default()
     }
 }

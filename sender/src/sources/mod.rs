@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use weir_protocol::RecordBody;
 
-use crate::metrics::Counters;
+use crate::metrics::{Counters, SourceStatus};
 use crate::spool::Shared;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,12 +69,23 @@ impl SourceConfig {
     }
 
     /// Runs until the input ends (stdin EOF, generator count) or shutdown.
+    /// An error ends the sender (see `fatal`); what a source can retry
+    /// (a lost peer, a failed accept) it retries itself.
     pub async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
-        match self {
+        let (counters, stream) = (handle.counters.clone(), handle.stream.clone());
+        let result = match self {
             SourceConfig::Tcp(c) => tcp::run(c, handle).await,
             SourceConfig::Stdin(c) => stdin::run(c, handle).await,
             SourceConfig::Generator(c) => generator::run(c, handle).await,
-        }
+        };
+        counters.sources.update(&stream, |s| match &result {
+            Ok(()) => s.state = "finished",
+            Err(e) => {
+                s.state = "failed";
+                s.last_error = Some(format!("{e:#}"));
+            }
+        });
+        result
     }
 }
 
@@ -102,6 +113,7 @@ impl SourceHandle {
         counters: Arc<Counters>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        counters.sources.update(stream, |s| s.state = "running");
         SourceHandle {
             stream: stream.to_string(),
             spool,
@@ -124,6 +136,11 @@ impl SourceHandle {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Updates this source's status in the metrics file.
+    pub fn status(&self, f: impl FnOnce(&mut SourceStatus)) {
+        self.counters.sources.update(&self.stream, f);
     }
 
     /// For byte-stream sources that can be flow-controlled (a TCP peer, a

@@ -8,6 +8,7 @@
 //! its oldest chunks out (counted in spool_dropped_records, announced as a gap).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
@@ -17,6 +18,12 @@ use weir_protocol::{Chunk, RecordBody};
 
 use super::SourceHandle;
 use crate::metrics::Counters;
+
+/// First wait after a failed accept, doubled per failure in a row up to
+/// `ACCEPT_BACKOFF_MAX`: a persistent failure (out of file descriptors)
+/// costs a log line and a retry every few seconds, not a busy loop.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,21 +67,40 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
         )
     })?;
     tracing::info!(source = %cfg.name, listen = %cfg.listen, "tcp source listening");
+    handle.status(|s| s.state = "listening");
     let chunk = parse_size(&cfg.chunk_size).expect("validated") as usize;
     let mut shutdown = handle.shutdown.clone();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (mut conn, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(source = %cfg.name, "accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Counters::add(&handle.counters().source_accept_errors, 1);
+                    tracing::warn!(source = %cfg.name, retry_in_ms = backoff.as_millis() as u64,
+                        "accept failed: {e}; retrying (counted in source_accept_errors)");
+                    handle.status(|s| {
+                        s.state = "retrying";
+                        s.accept_errors += 1;
+                        s.last_error = Some(format!("accept: {e}"));
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    handle.status(|s| s.state = "listening");
                     continue;
                 }
             },
             _ = shutdown.changed() => return Ok(()),
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         Counters::add(&handle.counters().source_connections, 1);
+        handle.status(|s| {
+            s.state = "connected";
+            s.connections += 1;
+        });
         tracing::info!(source = %cfg.name, %peer, "connection accepted");
         let mut total: u64 = 0;
         loop {
@@ -103,7 +129,14 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                     handle.emit(RecordBody::Bytes(Chunk { data, end: false }));
                 }
                 Err(e) => {
-                    tracing::warn!(source = %cfg.name, %peer, "read failed, closing connection: {e}");
+                    // The peer reconnects when it can; the stream goes on.
+                    Counters::add(&handle.counters().source_peer_errors, 1);
+                    tracing::warn!(source = %cfg.name, %peer,
+                        "connection lost ({e}); closing it and waiting for the peer to reconnect (counted in source_peer_errors)");
+                    handle.status(|s| {
+                        s.peer_errors += 1;
+                        s.last_error = Some(format!("{peer}: {e}"));
+                    });
                     break;
                 }
             }
@@ -113,5 +146,6 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             end: true,
         }));
         tracing::info!(source = %cfg.name, %peer, bytes = total, "connection closed");
+        handle.status(|s| s.state = "listening");
     }
 }
