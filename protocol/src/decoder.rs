@@ -3,8 +3,9 @@
 //! Shards are collected per block; a block with k of its k + m shards is
 //! rebuilt and its records are released strictly in block order, so every
 //! stream keeps its order. A block still incomplete when a later block has
-//! waited `block_timeout`, or when it falls `max_blocks_in_flight` behind the
-//! newest, is given up. Losses are then found by sequence number: a record
+//! waited `block_timeout` (the wait limit) and it has itself had no shard
+//! for as long, or when it falls `max_blocks_in_flight` behind the newest,
+//! is given up. Losses are then found by sequence number: a record
 //! whose sequence jumps, or a heartbeat naming a later last sequence once
 //! every block it covers is resolved, yields a [`Gap`] with the exact range.
 //!
@@ -420,6 +421,10 @@ struct PendingBlock {
     count: usize,
     /// When k shards were in and the block was rebuilt.
     decoded_at: Option<Nanos>,
+    /// When the block's last shard was accepted: a block is not given up
+    /// by the timeout while its own shards keep arriving (see
+    /// `handle_timeout`).
+    last_shard_at: Nanos,
     decoded: bool,
 }
 
@@ -1056,6 +1061,7 @@ impl Decoder {
                 present: vec![false; k + m],
                 count: 0,
                 decoded_at: None,
+                last_shard_at: now,
                 decoded: false,
             });
         if block.k != k
@@ -1080,6 +1086,7 @@ impl Decoder {
         }
         block.buf[index * shard_len..(index + 1) * shard_len].copy_from_slice(shard);
         block.count += 1;
+        block.last_shard_at = block.last_shard_at.max(now);
         session.newest = session.newest.max(h.block);
         self.stats.shards_accepted += 1;
         // Mean gap between shards (idle periods capped), for `wait_limit`.
@@ -1198,10 +1205,17 @@ impl Decoder {
                 .iter()
                 .filter(|c| c.0 > session.base)
                 .map(|c| c.1);
+            // A base block whose shards are still arriving is not given up
+            // before it has had none for the wait limit (`handle_timeout`).
+            let base_quiet = session
+                .pending
+                .get(&session.base)
+                .filter(|b| !b.decoded)
+                .map_or(0, |b| b.last_shard_at);
             later
                 .chain(checks)
                 .min()
-                .map(|t| t.saturating_add(self.wait_limit()))
+                .map(|t| t.max(base_quiet).saturating_add(self.wait_limit()))
         });
         [blocks, self.takeover_at(), self.jump_at()]
             .into_iter()
@@ -1248,10 +1262,28 @@ impl Decoder {
                 .map(|c| c.0)
                 .max();
             let blocked = !session.pending.get(&base).is_some_and(|b| b.decoded);
-            match witness.max(vouched) {
-                Some(until) if blocked => self.give_up_through(until.saturating_sub(1)),
-                _ => return,
-            }
+            let Some(until) = witness.max(vouched).filter(|_| blocked) else {
+                return;
+            };
+            // Invariant: a block is given up by the timeout only once it has
+            // had no shard for the wait limit, measured from its own last
+            // shard. A short final interleave group completes its small last
+            // block long before its round-robin neighbours, whose shards are
+            // still arriving; they must not become link loss. Each of a
+            // block's k + m shards is accepted once, so a block holds the
+            // base back for at most (k + m) x the wait limit, and the window
+            // (`max_blocks_in_flight`) still bounds what is pending.
+            let arriving = session
+                .pending
+                .range(base..until)
+                .find(|(_, b)| !b.decoded && !timed_out(b.last_shard_at))
+                .map(|(k, _)| *k);
+            let through = match arriving {
+                Some(first) if first <= base => return,
+                Some(first) => first - 1,
+                None => until.saturating_sub(1),
+            };
+            self.give_up_through(through);
         }
     }
 
@@ -1833,15 +1865,20 @@ mod tests {
             let mut seqs = delivered_seqs(&mut dec);
             // Shaped like a real RS(64,16) shard, so it waits for more.
             dec.handle_datagram(0, &forged(42, u64::MAX, 64, 16, 0, &[0u8; 1416]));
+            // Session 43 sends a frame a millisecond once 42 has been silent
+            // for 2 s, the takeover silence of an unauthenticated sender.
+            let at = |i: usize| 2 * NANOS_PER_SEC + i as Nanos * crate::NANOS_PER_MILLI;
             for (i, f) in other[..40].iter().enumerate() {
-                dec.handle_datagram(i as Nanos, f);
-                dec.handle_timeout(i as Nanos * NANOS_PER_SEC);
+                dec.handle_datagram(at(i), f);
+                dec.handle_timeout(at(i));
             }
             seqs.extend(delivered_seqs(&mut dec));
             // The new session took over once the old one fell silent, and
-            // still decodes what comes next.
-            for f in &other[40..] {
-                dec.handle_datagram(100 * NANOS_PER_SEC, f);
+            // still decodes what comes next, although its small last block
+            // completed long before its interleaved neighbours.
+            for (i, f) in other.iter().enumerate().skip(40) {
+                dec.handle_datagram(at(i), f);
+                dec.handle_timeout(at(i));
             }
             dec.handle_timeout(200 * NANOS_PER_SEC);
             (seqs, delivered_seqs(&mut dec))
@@ -1918,11 +1955,14 @@ mod tests {
 
     #[test]
     fn frames_with_fec_shapes_beyond_the_receiver_limits_are_rejected_and_counted() {
-        let mut dec = Decoder::new(DecoderConfig {
-            max_data_shards: 64,
-            max_parity_shards: 32,
-            ..DecoderConfig::default()
-        }, test_verifier());
+        let mut dec = Decoder::new(
+            DecoderConfig {
+                max_data_shards: 64,
+                max_parity_shards: 32,
+                ..DecoderConfig::default()
+            },
+            test_verifier(),
+        );
         dec.handle_datagram(0, &forged(42, 0, 255, 1, 0, &[0u8; 64]));
         dec.handle_datagram(0, &forged(42, 0, 64, 33, 0, &[0u8; 64]));
         dec.handle_datagram(0, &forged(42, 0, 64, 32, 0, &[0u8; 64]));

@@ -681,8 +681,7 @@ fn slow_link_run(count: u64) -> Harness {
 
 #[test]
 fn a_slow_link_loses_no_block_to_the_timeout_while_interleaved_groups_trickle_in() {
-    // 58 000 points: a count whose final group does not hit the weakness
-    // shown by the ignored test below.
+    // 58 000 points: full final groups; 60 000 (below) ends in a short one.
     let h = slow_link_run(58_000);
     assert_eq!(
         h.dec.stats().blocks_lost + h.dec.stats().blocks_missing,
@@ -963,17 +962,14 @@ fn a_sender_after_a_link_outage_longer_than_the_window_is_followed_with_exact_li
     assert!((35_000..45_000).all(|i| delivered.binary_search(&i).is_ok()));
 }
 
-/// Known decoder weakness, found when frame version 3 moved MTU-1500 shards
-/// from 1436 to 1416 bytes: 60 000 points then end in a short final group
-/// whose last block is small (few data shards), so it completes long before
-/// its round-robin neighbours, which need ~64 rounds of 6 datagrams; those
-/// neighbours exceed `wait_limit` (256 mean inter-arrival times) while their
-/// shards are still arriving, and are given up as link loss. The same
-/// happens at 62 000 and 64 000 points, and at 1436-byte shards for other
-/// counts. Fix belongs to the decoder's timeout (e.g. do not give up a block
-/// whose shards are still arriving); run with `--ignored` to reproduce.
+/// Found when frame version 3 moved MTU-1500 shards from 1436 to 1416
+/// bytes: 60 000 points end in a short final group whose last block is
+/// small (few data shards), so it completes long before its round-robin
+/// neighbours, which need ~64 rounds of 6 datagrams. The decoder once gave
+/// those neighbours up as link loss when the small block had outwaited
+/// `wait_limit`, while their shards were still arriving; now a block is only
+/// given up once it has had no shard of its own for the wait limit.
 #[test]
-#[ignore = "known decoder timeout weakness with a small final block in a short group; see the comment"]
 fn a_small_final_block_does_not_time_out_its_group_neighbours_on_a_slow_link() {
     let h = slow_link_run(60_000);
     assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
