@@ -43,7 +43,9 @@ bench: build
 ## FUZZ_SECONDS long, one after the other; see docs/fuzzing.md.
 FUZZ_SECONDS ?= 600
 FUZZ_TARGET_DIR ?= /var/tmp/weir-fuzz-target
-FUZZ_TARGETS ?= frame_parse decoder_datagrams decoder_frames record_decode segment_read
+# decoder_frames before decoder_datagrams: its corpus, replayed with
+# WEIR_FUZZ_DUMP_DATAGRAMS, seeds decoder_datagrams with valid frames.
+FUZZ_TARGETS ?= frame_parse decoder_frames decoder_datagrams record_decode segment_read
 # Extra libFuzzer flags, e.g. "-fork=1 -ignore_crashes=1" to keep going past a crash.
 FUZZ_FLAGS ?=
 # cargo-fuzz build flags: the default has overflow checks on; "-O" fuzzes
@@ -54,6 +56,12 @@ fuzz:
 	@mkdir -p $(FUZZ_TARGET_DIR)/logs; failed=""; \
 	for t in $(FUZZ_TARGETS); do \
 		echo "== fuzz $$t for $(FUZZ_SECONDS) s (log: $(FUZZ_TARGET_DIR)/logs/$$t.log)"; \
+		if [ $$t = decoder_datagrams ] && [ -d fuzz/corpus/decoder_frames ]; then \
+			mkdir -p fuzz/corpus/decoder_datagrams; \
+			( cd fuzz && WEIR_FUZZ_DUMP_DATAGRAMS=$$PWD/corpus/decoder_datagrams \
+				cargo +nightly fuzz run --sanitizer none $(FUZZ_BUILD) --target-dir $(FUZZ_TARGET_DIR) decoder_frames -- -runs=0 ) \
+				> $(FUZZ_TARGET_DIR)/logs/seed-decoder_datagrams.log 2>&1 || echo "seeding decoder_datagrams failed: see $(FUZZ_TARGET_DIR)/logs/seed-decoder_datagrams.log"; \
+		fi; \
 		( cd fuzz && cargo +nightly fuzz run --sanitizer none $(FUZZ_BUILD) --target-dir $(FUZZ_TARGET_DIR) $$t -- \
 			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -max_len=16384 $(FUZZ_FLAGS) ) \
 			> $(FUZZ_TARGET_DIR)/logs/$$t.log 2>&1 || failed="$$failed $$t"; \

@@ -7,11 +7,12 @@
 //! named in a gap.
 #![no_main]
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use weir_fuzz::{tick, Promise};
+use weir_fuzz::{dump_dir, join_datagrams, tick, Promise};
 use weir_protocol::bundle::{self, put_entry};
 use weir_protocol::fec::Fec;
 use weir_protocol::frame::{FrameHeader, FLAG_CONTROL, FRAME_OVERHEAD};
@@ -294,11 +295,15 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut forged = false;
     let mut events: Vec<Event> = Vec::new();
     let mut now = 0u64;
+    let transcript = RefCell::new(Vec::new());
     let deliver = |dec: &mut Decoder,
                    now: u64,
                    frame: &[u8],
                    promise: &mut Promise,
                    events: &mut Vec<Event>| {
+        if dump_dir().is_some() {
+            transcript.borrow_mut().push((now, frame.to_vec()));
+        }
         dec.handle_datagram(now, frame);
         tick(dec, now);
         events.extend(promise.drain(dec));
@@ -456,6 +461,11 @@ fuzz_target!(|ops: Vec<Op>| {
         now += 10 * NANOS_PER_SEC;
         dec.handle_timeout(now);
         events.extend(promise.drain(&mut dec));
+    }
+    if let Some(dir) = dump_dir() {
+        let input = join_datagrams(&transcript.borrow());
+        let name = format!("{:08x}-{}", weir_fuzz::crc32(&input), input.len());
+        std::fs::write(dir.join(name), &input).expect("writing to WEIR_FUZZ_DUMP_DATAGRAMS");
     }
     if forged {
         return;

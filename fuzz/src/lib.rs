@@ -32,6 +32,32 @@ pub fn split_datagrams(mut data: &[u8]) -> Vec<(u8, Vec<u8>)> {
     out
 }
 
+/// The inverse of `split_datagrams`: datagrams that arrived `at` these
+/// times (nanoseconds), as one `decoder_datagrams` input, each with the
+/// reseal flag set. Steps over 127 ms are cut to 127 ms.
+pub fn join_datagrams(datagrams: &[(Nanos, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut last = 0;
+    for (at, d) in datagrams {
+        let step = (at.saturating_sub(last) / weir_protocol::NANOS_PER_MILLI).min(127) as u8;
+        last = *at;
+        let len = d.len().min(u16::MAX as usize);
+        out.push(0x80 | step);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(&d[..len]);
+    }
+    out
+}
+
+/// Where `decoder_frames` writes the datagrams of each input it runs, as
+/// `decoder_datagrams` inputs (a seed corpus that starts past the parser):
+/// the directory in `WEIR_FUZZ_DUMP_DATAGRAMS`, if set.
+pub fn dump_dir() -> Option<&'static std::path::Path> {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| std::env::var_os("WEIR_FUZZ_DUMP_DATAGRAMS").map(Into::into))
+        .as_deref()
+}
+
 /// CRC32 (IEEE), as the frame trailer uses.
 pub fn crc32(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
