@@ -3,7 +3,8 @@
 //! sent toward the OT side while records flow, and zero while the receiver
 //! is stopped and the IT kernel would answer with ICMP (with the shipped
 //! nftables ruleset loaded). Needs root and network namespaces (CI runs as
-//! root); without them each test says so on stderr and skips.
+//! root); without them each test says so on stderr and skips, or fails
+//! when `WEIR_REQUIRE_NETNS=1`.
 
 mod common;
 
@@ -28,8 +29,12 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Prints why a namespace test cannot run, so a skip is never silent.
+/// Prints why a namespace test cannot run, so a skip is never silent; with
+/// `WEIR_REQUIRE_NETNS=1` in the environment a skip is a failure instead.
 fn skip(test: &str, why: &str) {
+    if std::env::var_os("WEIR_REQUIRE_NETNS").is_some_and(|v| v == "1") {
+        panic!("{test} cannot run ({why}) and WEIR_REQUIRE_NETNS=1 forbids skipping it");
+    }
     eprintln!(
         "\n######## SKIPPED {test}: {why}\n######## the no-return-path proof did NOT run; \
          run the tests as root on a host with network namespaces (CI does)\n"
@@ -146,7 +151,7 @@ impl Link {
             "off",
         ]);
         let it_mac =
-            link.counter_file(&link.it, &format!("/sys/class/net/{}/address", link.it_dev));
+            link.read_in_namespace(&link.it, &format!("/sys/class/net/{}/address", link.it_dev));
         sh(&[
             "ip",
             "-n",
@@ -169,7 +174,7 @@ impl Link {
         sh(&["ip", "-n", &self.it, "link", "set", &self.it_dev, "up"]);
     }
 
-    fn counter_file(&self, ns: &str, path: &str) -> String {
+    fn read_in_namespace(&self, ns: &str, path: &str) -> String {
         sh(&["ip", "netns", "exec", ns, "cat", path])
     }
 
@@ -188,7 +193,7 @@ impl Link {
     }
 
     fn dev_counter(&self, ns: &str, dev: &str, name: &str) -> u64 {
-        self.counter_file(ns, &format!("/sys/class/net/{dev}/statistics/{name}"))
+        self.read_in_namespace(ns, &format!("/sys/class/net/{dev}/statistics/{name}"))
             .parse()
             .expect("interface counter")
     }
