@@ -5,7 +5,7 @@
 //! The fix belongs in `protocol/src/decoder.rs` (issue 7, part 3: checked
 //! arithmetic and a bound on how far one frame may move the window). Two
 //! tests fail on the decoder of main at 62f8d11 in any build and are
-//! `#[ignore]`d until that fix lands; the other two fail there only with
+//! `#[ignore]`d until that fix lands; the other three fail there only with
 //! overflow checks on (`overflow-checks = true`, which part 3 asks for in
 //! the release profile). Run them all with `cargo nextest run --release -p
 //! weir-protocol --run-ignored all -E 'binary(fuzz_regressions)'`.
@@ -128,6 +128,28 @@ fn a_first_frame_numbered_u64_max_is_handled() {
     decode(vec![seal(header, &[0])]);
 }
 
+/// fuzz/regressions/decoder_datagrams-decoded-block-u64-max-overflows-base-increment:
+/// a live session receives a decodable block numbered `u64::MAX`; once the
+/// timer has given the blocks below it up, `deliver_ready` increments
+/// `base` past `u64::MAX` (a panic with overflow checks on; without, the
+/// window wraps to block 0).
+#[test]
+fn a_decoded_block_numbered_u64_max_is_delivered() {
+    let mut frames = genuine_frames();
+    let header = FrameHeader {
+        flags: 0,
+        session: SESSION,
+        block: u64::MAX,
+        index: 0,
+        k: 1,
+        m: 0,
+        shard_len: 1,
+        data_len: 0,
+    };
+    frames.push(seal(header, &[0]));
+    decode(frames);
+}
+
 /// fuzz/regressions/decoder_frames-heartbeat-next-block-u64-max-overflows-base-plus-one:
 /// a session's first frame is a heartbeat with `next_block = u64::MAX`; the
 /// timer gives blocks up to it, then `base + 1` in `handle_timeout`
@@ -161,6 +183,8 @@ fn a_heartbeat_claiming_every_sequence_number_never_names_a_gap_of_zero_records(
 /// one heartbeat with the live session's id and a far-ahead `next_block`
 /// makes `handle_timeout` give the missing blocks up one per loop turn, up
 /// to that number: 4.3e9 turns in the fuzzer's input (over 60 s), 1e12 here.
+/// (fuzz/regressions/decoder_datagrams-two-heartbeats-far-apart-spin-in-handle-timeout
+/// is the same with two heartbeats and no data frame.)
 #[test]
 #[ignore = "fails until the decoder fix for issue 7 part 3 lands (fuzz/regressions/README.md)"]
 fn a_heartbeat_far_ahead_of_the_live_session_does_not_hang_the_decoder() {
