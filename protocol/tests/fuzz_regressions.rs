@@ -3,9 +3,9 @@
 //! frames each, that overflow the decoder's arithmetic or make it spin.
 //!
 //! The fix belongs in `protocol/src/decoder.rs` (issue 7, part 3: checked
-//! arithmetic and a bound on how far one frame may move the window). Two
+//! arithmetic and a bound on how far one frame may move the window). Four
 //! tests fail on the decoder of main at 62f8d11 in any build and are
-//! `#[ignore]`d until that fix lands; the other three fail there only with
+//! `#[ignore]`d until that fix lands; the other two fail there only with
 //! overflow checks on (`overflow-checks = true`, which part 3 asks for in
 //! the release profile). Run them all with `cargo nextest run --release -p
 //! weir-protocol --run-ignored all -E 'binary(fuzz_regressions)'`.
@@ -110,14 +110,19 @@ fn decode(datagrams: Vec<Vec<u8>>) -> Vec<Event> {
     }
 }
 
-/// fuzz/regressions/decoder_frames-first-frame-block-u64-max-overflows-window-check:
-/// `session.base + max_in_flight` in `handle_shard` overflows (a panic
-/// with overflow checks on; it wraps harmlessly without them).
+/// fuzz/regressions/decoder_frames-first-frame-block-u64-max-overflows-window-check
+/// and decoder_frames-block-u64-max-then-another-session-spins: the first
+/// frame is numbered `u64::MAX`. With overflow checks `session.base +
+/// max_in_flight` in `handle_shard` panics; without, the session switch to
+/// the genuine sender gives that session's blocks up through `u64::MAX`,
+/// where `through + 1` in `give_up_through` wraps to 0 and the loop never
+/// ends (issue 7's reproduction of the hang).
 #[test]
-fn a_first_frame_numbered_u64_max_is_handled() {
+#[ignore = "fails until the decoder fix for issue 7 part 3 lands (fuzz/regressions/README.md)"]
+fn a_frame_numbered_u64_max_then_another_session_is_handled() {
     let header = FrameHeader {
         flags: 0,
-        session: SESSION,
+        session: SESSION + 1,
         block: u64::MAX,
         index: 0,
         k: 1,
@@ -125,7 +130,71 @@ fn a_first_frame_numbered_u64_max_is_handled() {
         shard_len: 1,
         data_len: 0,
     };
-    decode(vec![seal(header, &[0])]);
+    let mut frames = vec![seal(header, &[0])];
+    frames.extend(genuine_frames());
+    let events = decode(frames);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Record(_))),
+        "the genuine sender's record is delivered"
+    );
+}
+
+/// A stream accounted up to `u64::MAX` (found by `decoder_frames` built
+/// without overflow checks, input
+/// decoder_frames-stream-at-u64-max-reopens-from-zero): the cursor's next
+/// expected sequence `last + 1` in `prepare_cursor` wraps to 0, so records
+/// from 0 of the same stream and epoch are delivered again (a panic with
+/// overflow checks).
+#[test]
+#[ignore = "fails until the decoder fix for issue 7 part 3 lands (fuzz/regressions/README.md)"]
+fn a_stream_accounted_up_to_u64_max_does_not_start_again_from_zero() {
+    use weir_protocol::bundle::{put_entry, TAG_RECORD, TAG_STREAM_INFO};
+    let info = StreamInfo {
+        id: 0,
+        name: "s".into(),
+        source_type: "test".into(),
+        first_seq: 0,
+        epoch: 1,
+    };
+    let mut data = Vec::new();
+    let bytes = postcard::to_allocvec(&info).expect("encodes");
+    put_entry(&mut data, TAG_STREAM_INFO, 0, &bytes);
+    for seq in [u64::MAX, 5] {
+        let record = Record {
+            stream: 0,
+            seq,
+            resent: false,
+            body: RecordBody::Bytes(Chunk {
+                data: vec![1],
+                end: false,
+            }),
+        };
+        let bytes = postcard::to_allocvec(&record).expect("encodes");
+        put_entry(&mut data, TAG_RECORD, 0, &bytes);
+    }
+    let header = FrameHeader {
+        flags: 0,
+        session: SESSION,
+        block: 0,
+        index: 0,
+        k: 1,
+        m: 0,
+        shard_len: data.len() as u16,
+        data_len: data.len() as u32,
+    };
+    let events = decode(vec![seal(header, &data)]);
+    let delivered: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Record(d) => Some(d.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![u64::MAX],
+        "record 5 comes after record u64::MAX of the same stream and epoch"
+    );
 }
 
 /// fuzz/regressions/decoder_datagrams-decoded-block-u64-max-overflows-base-increment:
