@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR
 CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: all build demo test test-services ci fmt-check clippy bench clean
+.PHONY: all build demo test test-services ci fmt-check clippy bench fuzz clean
 
 all: build
 
@@ -38,6 +38,36 @@ ci: fmt-check clippy test
 ## Throughput against a raw UDP ceiling on this machine (not a test).
 bench: build
 	$(BIN)/weir-bench
+
+## Fuzz the parsers and the decoder with cargo-fuzz (nightly), each target
+## FUZZ_SECONDS long, one after the other; see docs/fuzzing.md.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGET_DIR ?= /var/tmp/weir-fuzz-target
+# decoder_frames before decoder_datagrams: its corpus, replayed with
+# WEIR_FUZZ_DUMP_DATAGRAMS, seeds decoder_datagrams with valid frames.
+FUZZ_TARGETS ?= frame_parse decoder_frames decoder_datagrams record_decode segment_read
+# Extra libFuzzer flags, e.g. "-fork=1 -ignore_crashes=1" to keep going past a crash.
+FUZZ_FLAGS ?=
+# cargo-fuzz build flags: the default has overflow checks on; "-O" fuzzes
+# the arithmetic as the release build ships it (wrapping).
+FUZZ_BUILD ?=
+fuzz:
+	@command -v cargo-fuzz >/dev/null || { echo "make fuzz needs cargo-fuzz and a nightly toolchain: cargo install cargo-fuzz; rustup toolchain install nightly"; exit 1; }
+	@mkdir -p $(FUZZ_TARGET_DIR)/logs; failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s (log: $(FUZZ_TARGET_DIR)/logs/$$t.log)"; \
+		if [ $$t = decoder_datagrams ] && [ -d fuzz/corpus/decoder_frames ]; then \
+			mkdir -p fuzz/corpus/decoder_datagrams; \
+			( cd fuzz && WEIR_FUZZ_DUMP_DATAGRAMS=$$PWD/corpus/decoder_datagrams \
+				cargo +nightly fuzz run --sanitizer none $(FUZZ_BUILD) --target-dir $(FUZZ_TARGET_DIR) decoder_frames -- -runs=0 ) \
+				> $(FUZZ_TARGET_DIR)/logs/seed-decoder_datagrams.log 2>&1 || echo "seeding decoder_datagrams failed: see $(FUZZ_TARGET_DIR)/logs/seed-decoder_datagrams.log"; \
+		fi; \
+		( cd fuzz && cargo +nightly fuzz run --sanitizer none $(FUZZ_BUILD) --target-dir $(FUZZ_TARGET_DIR) $$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -max_len=16384 $(FUZZ_FLAGS) ) \
+			> $(FUZZ_TARGET_DIR)/logs/$$t.log 2>&1 || failed="$$failed $$t"; \
+		grep -E "^#[0-9]+.*(DONE|cov:)" $(FUZZ_TARGET_DIR)/logs/$$t.log | tail -1; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes or errors in:$$failed (inputs under fuzz/artifacts/, logs in $(FUZZ_TARGET_DIR)/logs)"; exit 1; fi
 
 clean:
 	$(CARGO) clean

@@ -13,6 +13,10 @@ use std::io::{self, Read, Write};
 pub const ENTRY_HEADER: usize = 8;
 /// Largest entry accepted when reading back; anything larger is corruption.
 pub const MAX_ENTRY: usize = 64 << 20;
+/// The payload buffer grows by at most this much ahead of the bytes read,
+/// so a corrupt length near `MAX_ENTRY` on a short file costs this much
+/// memory, not 64 MiB per read (found by fuzzing: `fuzz/` segment_read).
+const READ_STEP: usize = 1 << 20;
 
 /// Writes one framed entry; returns the bytes written.
 pub fn write_entry(w: &mut impl Write, payload: &[u8]) -> io::Result<u64> {
@@ -58,9 +62,14 @@ pub fn read_entry(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<ReadOutcom
     if len == 0 || len > MAX_ENTRY {
         return Ok(ReadOutcome::Torn("impossible entry length"));
     }
-    buf.resize(len, 0);
-    if fill(r, buf)? < len {
-        return Ok(ReadOutcome::Torn("truncated entry"));
+    buf.clear();
+    while buf.len() < len {
+        let at = buf.len();
+        let step = (len - at).min(READ_STEP);
+        buf.resize(at + step, 0);
+        if fill(r, &mut buf[at..])? < step {
+            return Ok(ReadOutcome::Torn("truncated entry"));
+        }
     }
     if crc32fast::hash(buf) != crc {
         return Ok(ReadOutcome::Torn("CRC mismatch"));
@@ -119,6 +128,40 @@ pub fn find_next_entry(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_corrupt_length_on_a_short_log_allocates_one_read_step_not_the_claimed_length() {
+        let mut log = Vec::new();
+        log.extend_from_slice(&(MAX_ENTRY as u32).to_le_bytes());
+        log.extend_from_slice(&0u32.to_le_bytes());
+        log.extend_from_slice(&[7; 100]);
+        let mut buf = Vec::new();
+        let outcome = read_entry(&mut &log[..], &mut buf).unwrap();
+        assert_eq!(outcome, ReadOutcome::Torn("truncated entry"));
+        assert!(
+            buf.capacity() <= READ_STEP,
+            "a 108-byte log made the reader allocate {} bytes",
+            buf.capacity()
+        );
+    }
+
+    #[test]
+    fn an_entry_larger_than_one_read_step_round_trips() {
+        let payload: Vec<u8> = (0..READ_STEP * 2 + 5).map(|i| i as u8).collect();
+        let mut log = Vec::new();
+        write_entry(&mut log, &payload).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_entry(&mut &log[..], &mut buf).unwrap(),
+            ReadOutcome::Entry
+        );
+        assert_eq!(buf, payload);
+        let cut = &log[..log.len() - 1];
+        assert_eq!(
+            read_entry(&mut &cut[..], &mut buf).unwrap(),
+            ReadOutcome::Torn("truncated entry")
+        );
+    }
 
     proptest! {
         #[test]
