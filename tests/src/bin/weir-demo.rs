@@ -232,12 +232,15 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Lines of the sink's JSON Lines files (`*.jsonl`); the sink's own hidden
+/// ledger of the files it created is not output.
 fn count_lines(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     entries
         .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .map(|b| b.iter().filter(|c| **c == b'\n').count() as u64)
         .sum()
