@@ -4,9 +4,11 @@
 //! a valid CRC, whole blocks FEC-encoded so they decode. Checks: no panic or
 //! hang, the delivery promise (`Promise`) on every event, and, when nothing
 //! was forged, every record the sender pushed is delivered exactly once or
-//! named in a gap. Authentication is disabled on both ends, so forged
-//! frames reach the decoder's state (as on a link with `[auth] disabled`,
-//! or for a forger holding the key).
+//! named in a gap. Both ends hold one fixed key, as in production (the
+//! decoder trusts authenticated frames); forged frames are tagged with it
+//! too, as a forger holding the key or a faulty sender would, so they reach
+//! the decoder's state. The datagrams dumped for `decoder_datagrams` are
+//! rewritten unauthenticated, the layout that target feeds its decoder.
 #![no_main]
 
 use std::cell::RefCell;
@@ -144,7 +146,7 @@ fn name(n: u8) -> String {
 
 fn seal(h: FrameHeader, shard: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; shard.len() + FRAME_OVERHEAD];
-    let n = h.write(shard, &mut out, &weir_protocol::Signer::Disabled);
+    let n = h.write(shard, &mut out, &weir_fuzz::fuzz_signer());
     out.truncate(n);
     out
 }
@@ -279,7 +281,7 @@ fuzz_target!(|ops: Vec<Op>| {
     cfg.interleave = 2;
     cfg.warmup_parity = 2;
     cfg.validate().expect("fuzz encoder config");
-    let mut enc = Encoder::new(cfg, weir_protocol::Signer::Disabled);
+    let mut enc = Encoder::new(cfg, weir_fuzz::fuzz_signer());
     for s in 0..STREAMS {
         enc.add_stream(&name(s as u8), "fuzz", 0, 1);
     }
@@ -291,7 +293,11 @@ fuzz_target!(|ops: Vec<Op>| {
         buf,
         next_seq: [0; STREAMS],
     };
-    let mut dec = Decoder::new(DecoderConfig::default(), weir_protocol::Verifier::disabled());
+    let dec_cfg = DecoderConfig {
+        frames_authenticated: true,
+        ..DecoderConfig::default()
+    };
+    let mut dec = Decoder::new(dec_cfg, weir_fuzz::fuzz_verifier());
     let mut fec = Fec::default();
     let mut promise = Promise::default();
     let mut forged = false;
@@ -463,7 +469,12 @@ fuzz_target!(|ops: Vec<Op>| {
         deliver(&mut dec, now, &f, &mut promise, &mut events);
     }
     if let Some(dir) = dump_dir() {
-        let input = join_datagrams(&transcript.borrow());
+        let unauthenticated: Vec<_> = transcript
+            .borrow()
+            .iter()
+            .map(|(at, d)| (*at, weir_fuzz::without_tag(d)))
+            .collect();
+        let input = join_datagrams(&unauthenticated);
         let name = format!("{:08x}-{}", weir_fuzz::crc32(&input), input.len());
         std::fs::write(dir.join(name), &input).expect("writing to WEIR_FUZZ_DUMP_DATAGRAMS");
         return;

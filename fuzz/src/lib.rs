@@ -8,20 +8,52 @@ use weir_protocol::{Decoder, Event, Nanos};
 
 /// Splits `data` into (time step, datagram) pairs. Each datagram is
 /// preceded by 3 bytes: a time step in milliseconds (low 7 bits) with bit 7
-/// asking to make the datagram's shard length field and CRC match its
-/// bytes, so the mutation reaches the checks and the state machine behind
-/// them; then a big-endian u16 length (cut to what is left of the input).
+/// asking to make the datagram an unauthenticated frame whose flag, key id,
+/// shard length field and CRC match its bytes, so the mutation reaches the
+/// checks and the state machine behind them; then a big-endian u16 length
+/// (cut to what is left of the input).
+/// The key both ends of `decoder_frames` hold.
+pub fn fuzz_key() -> weir_protocol::Key {
+    weir_protocol::Key::from_bytes(&[0x46; weir_protocol::auth::KEY_LEN]).expect("32 bytes")
+}
+
+pub fn fuzz_signer() -> weir_protocol::Signer {
+    weir_protocol::Signer::Key(fuzz_key())
+}
+
+pub fn fuzz_verifier() -> weir_protocol::Verifier {
+    weir_protocol::Verifier::new(vec![fuzz_key()]).expect("one key")
+}
+
+/// A frame tagged with [`fuzz_key`] rewritten in the unauthenticated layout
+/// (what `decoder_datagrams` feeds its decoder); anything else unchanged.
+pub fn without_tag(datagram: &[u8]) -> Vec<u8> {
+    use weir_protocol::frame::{FrameHeader, FRAME_OVERHEAD};
+    match FrameHeader::parse(datagram, &fuzz_verifier()) {
+        Ok((header, shard)) => {
+            let mut out = vec![0u8; shard.len() + FRAME_OVERHEAD];
+            let n = header.write(shard, &mut out, &weir_protocol::Signer::Disabled);
+            out.truncate(n);
+            out
+        }
+        Err(_) => datagram.to_vec(),
+    }
+}
+
 pub fn split_datagrams(mut data: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    use weir_protocol::frame::{CRC_LEN, FRAME_OVERHEAD, HEADER_LEN};
+    use weir_protocol::frame::{CRC_LEN, FLAG_UNAUTHENTICATED, HEADER_LEN};
     let mut out = Vec::new();
     while data.len() >= 3 {
         let (step, reseal) = (data[0] & 0x7f, data[0] & 0x80 != 0);
         let len = (u16::from_be_bytes([data[1], data[2]]) as usize).min(data.len() - 3);
         let mut datagram = data[3..3 + len].to_vec();
         data = &data[3 + len..];
-        if reseal && datagram.len() >= FRAME_OVERHEAD && datagram.len() - FRAME_OVERHEAD <= 0xffff {
-            let shard_len = (datagram.len() - FRAME_OVERHEAD) as u16;
-            datagram[26..28].copy_from_slice(&shard_len.to_be_bytes());
+        let overhead = HEADER_LEN + CRC_LEN;
+        if reseal && datagram.len() >= overhead && datagram.len() - overhead <= 0xffff {
+            let shard_len = (datagram.len() - overhead) as u16;
+            datagram[3] |= FLAG_UNAUTHENTICATED;
+            datagram[4..8].copy_from_slice(&[0; 4]);
+            datagram[30..32].copy_from_slice(&shard_len.to_be_bytes());
             let end = datagram.len() - CRC_LEN;
             debug_assert_eq!(end, HEADER_LEN + shard_len as usize);
             let crc = crc32(&datagram[..end]);
