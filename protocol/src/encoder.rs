@@ -240,8 +240,19 @@ impl Encoder {
         self.stats.records += 1;
         self.stats.record_bytes += record_bytes.len() as u64;
         self.pack(now, record.stream, &record_bytes);
+        // A heartbeat claims a record (`last_seq`) once the block holding its
+        // end is sealed, so the receiver names it in a gap if that block is
+        // lost. `pack` ends by writing into the open block and seals that
+        // block itself when the record fills it: then the end is already
+        // sealed and the claim is made now (left to the next seal, it would
+        // wait for a block that may never come, and a record lost with its
+        // block would be named nowhere).
         if !record.resent {
-            self.open_completed.push((record.stream, record.seq));
+            if self.open.is_empty() {
+                self.streams[record.stream as usize].last_sealed = Some(record.seq);
+            } else {
+                self.open_completed.push((record.stream, record.seq));
+            }
         }
         self.scratch = record_bytes;
         if self.open_since.is_none() && !self.open.is_empty() {
@@ -530,7 +541,19 @@ impl Encoder {
             self.form_group(now)?;
         }
         let session = self.cfg.session;
-        let (block, index) = self.group.next()?;
+        let Some((block, index)) = self.group.next() else {
+            // The group's last frame went out on the previous call and
+            // `next` only now finds the group done: whatever waits behind
+            // it (a heartbeat, the next group) is ready, so it goes now
+            // rather than after one more call (a caller that polls until
+            // None would otherwise leave the final heartbeat unsent). The
+            // group is done now, so the second call does not come back here.
+            return if group_done {
+                None
+            } else {
+                self.poll_frame(now, buf)
+            };
+        };
         let offset = index * block.shard_len;
         let header = FrameHeader {
             flags: 0,

@@ -277,3 +277,158 @@ fn a_heartbeat_far_ahead_of_the_live_session_does_not_hang_the_decoder() {
         "the genuine record is delivered"
     );
 }
+
+/// fuzz/artifacts/decoder_frames/crash-ca65e4d46af0d30426727c6cc0bffcd77d821296
+/// (and six more like it), with nothing forged: one record that ends
+/// exactly where a block fills up was never claimed by a heartbeat
+/// (`last_seq` stayed `None`), because the encoder sealed the block inside
+/// `pack` before noting the record complete, so the note waited for a
+/// later seal that never came. With the block holding its first piece lost,
+/// the record was neither delivered nor named in a gap.
+#[test]
+fn a_record_that_fills_its_last_block_exactly_is_claimed_by_the_heartbeat_and_named_in_a_gap_when_lost(
+) {
+    let mut cfg = EncoderConfig::new(SESSION);
+    cfg.shard_size = 256;
+    cfg.data_shards = 4;
+    cfg.parity_shards = 2;
+    cfg.interleave = 2;
+    cfg.warmup_parity = 2;
+    cfg.validate().expect("test encoder config");
+    let mut enc = Encoder::new(cfg, signer());
+    let stream = enc.add_stream("s0", "test", 0, 1);
+    // 2016 bytes: with the stream info and entry headers, two blocks of
+    // 4 x 256 bytes exactly (the fuzz input's Push { len: 252 }).
+    enc.push(
+        0,
+        &Record {
+            stream,
+            seq: 0,
+            resent: false,
+            body: RecordBody::Bytes(Chunk {
+                data: vec![252; 2016],
+                end: false,
+            }),
+        },
+    );
+    // As the fuzz target's finish: the blocks go out, then a heartbeat.
+    let mut buf = vec![0; enc.max_frame_len()];
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    enc.flush(0);
+    enc.handle_timeout(0);
+    frames.extend(std::iter::from_fn(|| {
+        enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())
+    }));
+    enc.heartbeat_now(0);
+    enc.handle_timeout(0);
+    frames.extend(std::iter::from_fn(|| {
+        enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())
+    }));
+    let verifier = weir_protocol::Verifier::new(vec![key()]).expect("key");
+    // Block 0 (the record's first piece) is lost entirely; the rest arrives.
+    let arriving: Vec<Vec<u8>> = frames
+        .into_iter()
+        .filter(|f| {
+            let (h, _) = FrameHeader::parse(f, &verifier).expect("genuine frame parses");
+            h.flags & FLAG_CONTROL != 0 || h.block != 0
+        })
+        .collect();
+    let events = decode(arriving);
+    let claimed = events.iter().any(|e| {
+        matches!(e, Event::Heartbeat(hb)
+            if hb.streams.iter().any(|s| s.info.name == "s0" && s.last_seq == Some(0)))
+    });
+    assert!(claimed, "no heartbeat claims record 0: {events:?}");
+    let accounted = events
+        .iter()
+        .filter(|e| match e {
+            Event::Record(d) => &*d.stream == "s0" && d.seq == 0,
+            Event::Gap(g) => &*g.stream == "s0" && g.from == 0,
+            _ => false,
+        })
+        .count();
+    assert_eq!(
+        accounted, 1,
+        "record 0 is neither delivered nor named in a gap exactly once: {events:?}"
+    );
+}
+
+/// fuzz/artifacts/decoder_frames/crash-d6e85f41992c2eb1a0aee0032acade80e4c10b45
+/// (and four more like it), with nothing forged: `Encoder::poll_frame`
+/// returned None on the call after a group's last frame although the next
+/// group, or a heartbeat queued behind it, was ready. A caller that polls
+/// until None (the fuzz target's finish) left the last block and the final
+/// heartbeat unsent, so no heartbeat claimed the records of a lost block.
+#[test]
+fn polling_the_encoder_until_none_after_a_flush_sends_every_block_and_the_heartbeat() {
+    let mut cfg = EncoderConfig::new(SESSION);
+    cfg.shard_size = 256;
+    cfg.data_shards = 4;
+    cfg.parity_shards = 2;
+    cfg.interleave = 2;
+    cfg.warmup_parity = 2;
+    cfg.validate().expect("test encoder config");
+    let mut enc = Encoder::new(cfg, signer());
+    let s0 = enc.add_stream("s0", "test", 0, 1);
+    let s1 = enc.add_stream("s1", "test", 0, 1);
+    let mut buf = vec![0; enc.max_frame_len()];
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    // The fuzz input's Push { stream: 10, len: 251 }, Push { stream: 138,
+    // len: 255 }: five blocks, the last one alone in its group.
+    for (stream, len) in [(s1, 251usize), (s0, 255)] {
+        enc.push(
+            0,
+            &Record {
+                stream,
+                seq: 0,
+                resent: false,
+                body: RecordBody::Bytes(Chunk {
+                    data: vec![len as u8; len * 8],
+                    end: false,
+                }),
+            },
+        );
+        enc.handle_timeout(0);
+        frames.extend(std::iter::from_fn(|| {
+            enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())
+        }));
+    }
+    enc.flush(0);
+    enc.handle_timeout(0);
+    frames.extend(std::iter::from_fn(|| {
+        enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())
+    }));
+    enc.heartbeat_now(0);
+    enc.handle_timeout(0);
+    frames.extend(std::iter::from_fn(|| {
+        enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())
+    }));
+    assert!(
+        enc.is_idle(),
+        "polling until None left frames unsent after a flush"
+    );
+    let verifier = weir_protocol::Verifier::new(vec![key()]).expect("key");
+    // Block 0 (s1's first piece) is lost; everything else arrives.
+    let arriving: Vec<Vec<u8>> = frames
+        .into_iter()
+        .filter(|f| {
+            let (h, _) = FrameHeader::parse(f, &verifier).expect("genuine frame parses");
+            h.flags & FLAG_CONTROL != 0 || h.block != 0
+        })
+        .collect();
+    let events = decode(arriving);
+    for (stream, what) in [("s0", "delivered"), ("s1", "named in a gap")] {
+        let accounted = events
+            .iter()
+            .filter(|e| match e {
+                Event::Record(d) => &*d.stream == stream && d.seq == 0,
+                Event::Gap(g) => &*g.stream == stream && g.from == 0,
+                _ => false,
+            })
+            .count();
+        assert_eq!(
+            accounted, 1,
+            "record 0 of {stream} is not {what} exactly once: {events:?}"
+        );
+    }
+}
