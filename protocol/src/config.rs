@@ -48,6 +48,22 @@ pub struct EncoderConfig {
     /// Sealed blocks waiting for the pacer; `Encoder::is_backlogged` turns
     /// true at this bound so memory stays bounded.
     pub max_queued_blocks: usize,
+    /// The link's capacity in bytes per second, counting `wire_overhead`
+    /// per datagram (what the sender's pacer allows). Used to measure how
+    /// much of the link is idle and to time the spread.
+    pub link_rate: u64,
+    /// Bytes a datagram costs on the link beyond its UDP payload.
+    pub wire_overhead: usize,
+    /// Most parity shards a block may carry when the link has idle capacity
+    /// (configured plus spare parity); never below the configured parity.
+    pub spare_parity_max: usize,
+    /// Consecutive datagrams a burst may take without costing any block
+    /// more than its parity: each block's shards are spread over the time
+    /// the link needs for burst_tolerance × (k + m) / m datagrams.
+    /// 0 sends each block's shards back to back.
+    pub burst_tolerance: usize,
+    /// Longest spread of one block's shards: bounds the added latency.
+    pub max_spread: Nanos,
 }
 
 impl EncoderConfig {
@@ -67,6 +83,11 @@ impl EncoderConfig {
             warmup_blocks: 4,
             warmup_parity: 32,
             max_queued_blocks: 64,
+            link_rate: 1_000_000_000 / 8,
+            wire_overhead: 66,
+            spare_parity_max: 64,
+            burst_tolerance: 256,
+            max_spread: 50 * NANOS_PER_MILLI,
         }
     }
 
@@ -109,6 +130,15 @@ impl EncoderConfig {
         }
         if self.heartbeat_interval == 0 {
             return fail("heartbeat.interval", "must be greater than zero");
+        }
+        if self.link_rate == 0 {
+            return fail("link.rate", "must be greater than zero");
+        }
+        if self.data_shards + self.spare_parity_max > MAX_SHARDS {
+            return fail(
+                "fec.spare_parity_max",
+                "data_shards + spare_parity_max must not exceed 256",
+            );
         }
         if self.max_queued_blocks < self.interleave {
             return fail(

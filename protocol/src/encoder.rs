@@ -1,10 +1,17 @@
 //! The sender's state machine: records in, frames out.
 //!
 //! `push` packs records into the open block; a block is sealed when full or
-//! when its oldest record has waited `flush_after`. Sealed blocks get their
-//! parity and join an interleave group; `poll_frame` emits the group's shards
-//! round-robin (shard 0 of every block, then shard 1, ...). Heartbeats jump
-//! the queue. The caller paces `poll_frame` to the link rate.
+//! when its oldest record has waited `flush_after`. A sealed block gets its
+//! parity when it goes in flight (at most `interleave` blocks at once), and
+//! each of its shards a due time: the k + m shards are spread evenly over the
+//! block's *spread*, data first, so that a burst of `burst_tolerance`
+//! consecutive datagrams costs the block at most its parity. `poll_frame`
+//! emits the in-flight shard with the earliest due time (before it is due
+//! only while sealed blocks wait, i.e. under backlog, where the order alone
+//! interleaves the blocks). Parity beyond the configured ratio ("spare
+//! parity") is added only where the link's measured idle capacity pays for
+//! it. Heartbeats jump the queue. The caller paces `poll_frame` to the link
+//! rate. See docs/wire-format.md, "Spreading and spare parity".
 
 use std::collections::VecDeque;
 
@@ -33,9 +40,21 @@ pub struct EncoderStats {
     /// Blocks sealed by the flush timer before they were full.
     pub partial_blocks: u64,
     pub warmup_blocks: u64,
-    /// Blocks sent in a group shorter than `interleave` (the link had spare
-    /// capacity), which carry the full configured parity count.
+    /// Blocks given parity beyond the configured ratio from the link's idle
+    /// capacity.
     pub spare_parity_blocks: u64,
+    /// Parity frames beyond the configured ratio (and beyond warm-up
+    /// parity): what spare capacity carried.
+    pub spare_parity_frames: u64,
+    /// Bytes of data shards and of parity shards written (shard payloads,
+    /// without frame overhead): parity_bytes / data_bytes is the overhead.
+    pub data_bytes: u64,
+    pub parity_bytes: u64,
+    /// The widest spread given to a block, in nanoseconds.
+    pub max_spread: u64,
+    /// Spare parity frames computed but not sent: the link got busy before
+    /// they were due, so data went first.
+    pub spare_parity_dropped: u64,
     pub data_frames: u64,
     pub parity_frames: u64,
     pub control_frames: u64,
@@ -53,39 +72,78 @@ struct StreamState {
 struct SealedBlock {
     number: u64,
     k: usize,
-    /// Parity shards: decided and computed when the block joins a group.
+    /// Parity shards: decided and computed when the block goes in flight.
     m: usize,
     shard_len: usize,
     data_len: usize,
-    /// k * shard_len data bytes, then m parity shards once in a group.
+    /// k * shard_len data bytes, then m parity shards once in flight.
     shards: Vec<u8>,
-    sealed_at: Nanos,
 }
 
-/// Shards of up to `interleave` blocks, sent round-robin.
-#[derive(Default)]
-struct Group {
-    blocks: Vec<SealedBlock>,
-    shard: usize,
-    block: usize,
+/// A block whose shards are being sent, each at its due time.
+struct InFlight {
+    block: SealedBlock,
+    /// Parity shards below this index count as configured parity; the
+    /// rest were added from spare capacity.
+    configured: usize,
+    /// Next shard index to send.
+    next: usize,
+    /// Due time of shard 0 and the spacing of the next ones.
+    t0: Nanos,
+    step: Nanos,
+    /// When (in frames polled) this block last sent a shard: among blocks
+    /// with a shard due, the least recently served goes next, so blocks in
+    /// flight take turns whatever their spread.
+    served: u64,
 }
 
-impl Group {
-    fn next(&mut self) -> Option<(&SealedBlock, usize)> {
-        let widest = self.blocks.iter().map(|b| b.k + b.m).max()?;
-        while self.shard < widest {
-            while self.block < self.blocks.len() {
-                let b = self.block;
-                self.block += 1;
-                if self.shard < self.blocks[b].k + self.blocks[b].m {
-                    return Some((&self.blocks[b], self.shard));
-                }
-            }
-            self.block = 0;
-            self.shard += 1;
-        }
-        None
+impl InFlight {
+    fn due(&self) -> Nanos {
+        self.t0
+            .saturating_add(self.step.saturating_mul(self.next as u64))
     }
+
+    fn done(&self) -> bool {
+        self.next >= self.block.k + self.block.m
+    }
+
+    /// Data or configured parity still to send (spare parity does not
+    /// count: it is sent only where the link is otherwise idle).
+    fn owes(&self) -> bool {
+        self.next < self.block.k + self.configured
+    }
+}
+
+/// Blocks in flight with only spare parity left are kept at most this many
+/// times `interleave`; past it the oldest one's spare parity is dropped.
+const SPARE_ONLY_FACTOR: usize = 4;
+
+/// Length of the windows in which the link's use is measured.
+const MEASURE_WINDOW: Nanos = 100 * crate::NANOS_PER_MILLI;
+
+/// Share of the measured idle capacity that spare parity may plan on; the
+/// rest is headroom for a load that rises before the next measurement.
+const SPARE_SHARE: f64 = 0.9;
+
+/// What the link carried in the last complete measuring window.
+#[derive(Default, Clone, Copy)]
+struct LinkUse {
+    /// Frames per second, all kinds.
+    frames: f64,
+    /// Data frames per second.
+    data: f64,
+    /// Share of the link's capacity taken by frames other than spare parity.
+    busy: f64,
+}
+
+#[derive(Default)]
+struct Meter {
+    start: Nanos,
+    frames: u64,
+    data: u64,
+    /// Wire bytes of frames other than spare parity.
+    busy_bytes: u64,
+    last: Option<LinkUse>,
 }
 
 pub struct Encoder {
@@ -102,14 +160,18 @@ pub struct Encoder {
     open_completed: Vec<(StreamId, u64)>,
     next_block: u64,
     sealed: VecDeque<SealedBlock>,
-    group: Group,
+    in_flight: Vec<InFlight>,
+    meter: Meter,
     /// Control frames, each sent once every block numbered below its
     /// `after_block` has been sent, so a heartbeat never overtakes the
     /// blocks it describes.
     control: VecDeque<(u64, Vec<u8>)>,
-    /// Set by `flush`: send the sealed blocks without waiting for a full group.
+    /// Set by `flush`: send what is sealed and in flight without waiting
+    /// for due times.
     flushing: bool,
     next_control_seq: u64,
+    /// Frames polled: the clock of `InFlight::served`.
+    polled: u64,
     next_heartbeat: Option<Nanos>,
     start: Option<Nanos>,
     last_data_frame: Option<Nanos>,
@@ -117,8 +179,8 @@ pub struct Encoder {
     config_hash: String,
     counters: Vec<(String, u64)>,
     scratch: Vec<u8>,
-    /// Block buffers of sent groups, reused so the hot path does not fault
-    /// in fresh pages for every block; at most one group's worth is kept.
+    /// Block buffers of sent blocks, reused so the hot path does not fault
+    /// in fresh pages for every block; at most `interleave` are kept.
     spare_buffers: Vec<Vec<u8>>,
     stats: EncoderStats,
 }
@@ -141,10 +203,12 @@ impl Encoder {
             open_completed: Vec::new(),
             next_block: 0,
             sealed: VecDeque::new(),
-            group: Group::default(),
+            in_flight: Vec::new(),
+            meter: Meter::default(),
             control: VecDeque::new(),
             flushing: false,
             next_control_seq: 0,
+            polled: 0,
             next_heartbeat: None,
             start: None,
             last_data_frame: None,
@@ -272,10 +336,10 @@ impl Encoder {
         );
         stream.last_pushed = Some(notice.to);
         let bytes = postcard::to_allocvec(notice).expect("GapNotice serializes");
-        self.ensure_stream_info(now, notice.stream);
+        self.ensure_stream_info(notice.stream);
         if entry_len(TAG_GAP_NOTICE, 0, bytes.len()) > self.room() {
-            self.seal(now, false);
-            self.ensure_stream_info(now, notice.stream);
+            self.seal(false);
+            self.ensure_stream_info(notice.stream);
         }
         put_entry(&mut self.open, TAG_GAP_NOTICE, 0, &bytes);
         self.open_completed.push((notice.stream, notice.to));
@@ -285,14 +349,14 @@ impl Encoder {
     }
 
     /// Names the stream in the open block, so a block is readable on its own.
-    fn ensure_stream_info(&mut self, now: Nanos, stream: StreamId) {
+    fn ensure_stream_info(&mut self, stream: StreamId) {
         if self.open_streams.contains(&stream) {
             return;
         }
         let info = postcard::to_allocvec(&self.streams[stream as usize].info)
             .expect("StreamInfo serializes");
         if self.room() < entry_len(TAG_STREAM_INFO, 0, info.len()) + MIN_FRAGMENT {
-            self.seal(now, false);
+            self.seal(false);
         }
         put_entry(&mut self.open, TAG_STREAM_INFO, 0, &info);
         self.open_streams.push(stream);
@@ -303,42 +367,42 @@ impl Encoder {
     }
 
     fn pack(&mut self, now: Nanos, stream: StreamId, bytes: &[u8]) {
-        self.ensure_stream_info(now, stream);
+        self.ensure_stream_info(stream);
         if entry_len(TAG_RECORD, 0, bytes.len()) <= self.room() {
             put_entry(&mut self.open, TAG_RECORD, 0, bytes);
             if self.room() < MAX_ENTRY_HEADER + 1 {
-                self.seal(now, false);
+                self.seal(false);
             }
             return;
         }
         if self.room() < MIN_FRAGMENT + MAX_ENTRY_HEADER {
             // Too little room for a useful first piece: start afresh.
-            self.seal(now, false);
+            self.seal(false);
             return self.pack(now, stream, bytes);
         }
         let total = bytes.len() as u32;
         let first =
             self.room() - (1 + bundle::varint_len(total) + bundle::varint_len(self.room() as u32));
         put_entry(&mut self.open, TAG_FIRST, total, &bytes[..first]);
-        self.seal(now, false);
+        self.seal(false);
         let mut rest = &bytes[first..];
         loop {
             if entry_len(TAG_LAST, 0, rest.len()) <= self.room() {
                 put_entry(&mut self.open, TAG_LAST, 0, rest);
                 if self.room() < MAX_ENTRY_HEADER + 1 {
-                    self.seal(now, false);
+                    self.seal(false);
                 }
                 return;
             }
             let piece = self.room() - (1 + bundle::varint_len(self.room() as u32));
             put_entry(&mut self.open, TAG_MIDDLE, 0, &rest[..piece]);
-            self.seal(now, false);
+            self.seal(false);
             rest = &rest[piece..];
         }
     }
 
     /// Turns the open block into a sealed block with parity.
-    fn seal(&mut self, now: Nanos, by_timer: bool) {
+    fn seal(&mut self, by_timer: bool) {
         if self.open.is_empty() {
             return;
         }
@@ -362,7 +426,6 @@ impl Encoder {
             shard_len,
             data_len,
             shards,
-            sealed_at: now,
         });
         self.stats.blocks += 1;
         if by_timer {
@@ -375,9 +438,9 @@ impl Encoder {
         self.open_since = None;
     }
 
-    /// Parity for a block of k data shards: the configured ratio, but never
-    /// fewer than min(4, M) shards, because a small block with proportional
-    /// parity (1 + 1) would be lost by two drops.
+    /// Configured parity for a block of k data shards: the configured ratio,
+    /// but never fewer than min(4, M) shards, because a small block with
+    /// proportional parity (1 + 1) would be lost by two drops.
     fn parity_for(&self, k: usize) -> usize {
         let (kk, mm) = (self.cfg.data_shards, self.cfg.parity_shards);
         if mm == 0 {
@@ -386,17 +449,15 @@ impl Encoder {
         (k * mm).div_ceil(kk).max(mm.min(4)).min(MAX_SHARDS - k)
     }
 
-    /// When the caller should next call `handle_timeout`.
+    /// When the caller should next call `handle_timeout` or `poll_frame`
+    /// (a shard falls due).
     pub fn poll_timeout(&self) -> Option<Nanos> {
         let flush = self
             .open_since
             .filter(|_| self.sealed.is_empty())
             .map(|t| t + self.cfg.flush_after);
-        let group = self
-            .sealed
-            .front()
-            .map(|b| b.sealed_at + self.cfg.flush_after);
-        [flush, group, self.next_heartbeat]
+        let due = self.in_flight.iter().map(InFlight::due).min();
+        [flush, due, self.next_heartbeat]
             .into_iter()
             .flatten()
             .min()
@@ -411,7 +472,7 @@ impl Encoder {
                 .open_since
                 .is_some_and(|t| now >= t + self.cfg.flush_after)
         {
-            self.seal(now, true);
+            self.seal(true);
         }
         let due = *self.next_heartbeat.get_or_insert(now);
         if now >= due {
@@ -423,7 +484,8 @@ impl Encoder {
     /// Seals whatever is open so it is sent without waiting for the timer
     /// (end of input, shutdown).
     pub fn flush(&mut self, now: Nanos) {
-        self.seal(now, true);
+        self.start.get_or_insert(now);
+        self.seal(true);
         self.flushing = true;
     }
 
@@ -435,17 +497,20 @@ impl Encoder {
 
     /// Every block numbered below this has had all its frames polled.
     pub fn unsent_from(&self) -> u64 {
-        if !self.group.blocks.is_empty() && !self.group.next_is_done() {
-            return self.group.blocks[0].number;
-        }
-        self.sealed.front().map_or(self.next_block, |b| b.number)
+        let queued = self.sealed.front().map_or(self.next_block, |b| b.number);
+        self.in_flight
+            .iter()
+            .filter(|f| f.owes())
+            .map(|f| f.block.number)
+            .min()
+            .map_or(queued, |n| n.min(queued))
     }
 
     /// True when nothing is waiting to be sent.
     pub fn is_idle(&self) -> bool {
         self.open.is_empty()
             && self.sealed.is_empty()
-            && self.group.blocks.is_empty()
+            && self.in_flight.is_empty()
             && self.control.is_empty()
     }
 
@@ -521,39 +586,43 @@ impl Encoder {
     }
 
     /// Writes the next datagram into `buf` (at least `max_frame_len` bytes)
-    /// and returns its length, or None when nothing is ready to send now.
+    /// and returns its length, or None when nothing is ready to send now
+    /// (`poll_timeout` says when something will be).
     pub fn poll_frame(&mut self, now: Nanos, buf: &mut [u8]) -> Option<usize> {
-        let group_done = self.group.blocks.is_empty() || self.group.next_is_done();
-        let next_unsent = self.sealed.front().map_or(self.next_block, |b| b.number);
-        if group_done
-            && self
-                .control
-                .front()
-                .is_some_and(|(after, _)| *after <= next_unsent)
+        self.meter_roll(now);
+        let unsent_from = self.unsent_from();
+        if self
+            .control
+            .front()
+            .is_some_and(|(after, _)| *after <= unsent_from)
         {
             let (_, frame) = self.control.pop_front().expect("front exists");
             buf[..frame.len()].copy_from_slice(&frame);
             self.stats.control_frames += 1;
             self.stats.wire_bytes += frame.len() as u64;
+            self.meter_count(frame.len(), false, false);
             return Some(frame.len());
         }
-        if group_done {
-            self.form_group(now)?;
-        }
+        self.admit(now);
+        // Under backlog (sealed blocks wait) or when flushing, due times
+        // do not hold shards back: the link must not idle while data waits.
+        // Data and configured parity go before spare parity; among those of
+        // a kind, the block served least recently.
+        let eager = self.flushing || !self.sealed.is_empty();
+        let i = self
+            .in_flight
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| eager || f.due() <= now)
+            .min_by_key(|(_, f)| (!f.owes(), f.served, f.block.number))
+            .map(|(i, _)| i)?;
         let session = self.cfg.session;
-        let Some((block, index)) = self.group.next() else {
-            // The group's last frame went out on the previous call and
-            // `next` only now finds the group done: whatever waits behind
-            // it (a heartbeat, the next group) is ready, so it goes now
-            // rather than after one more call (a caller that polls until
-            // None would otherwise leave the final heartbeat unsent). The
-            // group is done now, so the second call does not come back here.
-            return if group_done {
-                None
-            } else {
-                self.poll_frame(now, buf)
-            };
-        };
+        let f = &mut self.in_flight[i];
+        let index = f.next;
+        f.next += 1;
+        self.polled += 1;
+        f.served = self.polled;
+        let block = &f.block;
         let offset = index * block.shard_len;
         let header = FrameHeader {
             flags: 0,
@@ -565,82 +634,201 @@ impl Encoder {
             shard_len: block.shard_len as u16,
             data_len: block.data_len as u32,
         };
-        let is_parity = index >= block.k;
         let n = header.write(
             &block.shards[offset..offset + block.shard_len],
             buf,
             &self.signer,
         );
+        let is_parity = index >= block.k;
+        let spare = index >= block.k + f.configured;
         if is_parity {
             self.stats.parity_frames += 1;
+            self.stats.parity_bytes += block.shard_len as u64;
         } else {
             self.stats.data_frames += 1;
+            self.stats.data_bytes += block.shard_len as u64;
+        }
+        if spare {
+            self.stats.spare_parity_frames += 1;
         }
         self.stats.wire_bytes += n as u64;
         self.last_data_frame = Some(now);
+        self.meter_count(n, !is_parity, spare);
+        if self.in_flight[i].done() {
+            let sent = self.in_flight.swap_remove(i);
+            self.recycle(sent.block.shards);
+            if self.in_flight.is_empty() && self.sealed.is_empty() {
+                self.flushing = false;
+            }
+        }
         Some(n)
     }
 
-    fn form_group(&mut self, now: Nanos) -> Option<()> {
-        if self.sealed.is_empty() {
-            self.flushing = false;
+    /// Counts a frame polled into the current measuring window.
+    fn meter_count(&mut self, len: usize, data: bool, spare: bool) {
+        self.meter.frames += 1;
+        if data {
+            self.meter.data += 1;
         }
-        let ready = self.flushing
-            || self.sealed.len() >= self.cfg.interleave
-            || self
-                .sealed
-                .front()
-                .is_some_and(|b| now >= b.sealed_at + self.cfg.flush_after);
-        if !ready {
-            self.group = Group::default();
-            return None;
+        if !spare {
+            self.meter.busy_bytes += (len + self.cfg.wire_overhead) as u64;
         }
-        for mut sent in std::mem::take(&mut self.group.blocks) {
-            if self.spare_buffers.len() < self.cfg.interleave {
-                sent.shards.clear();
-                self.spare_buffers.push(sent.shards);
-            }
+    }
+
+    /// Closes the measuring window once it is `MEASURE_WINDOW` old (a window
+    /// that spans an idle period is longer, and shows the link idle).
+    fn meter_roll(&mut self, now: Nanos) {
+        let elapsed = now.saturating_sub(self.meter.start);
+        if elapsed < MEASURE_WINDOW {
+            return;
         }
-        let take = self.sealed.len().min(self.cfg.interleave);
-        let mut blocks: Vec<SealedBlock> = self.sealed.drain(..take).collect();
-        // A group that is not full means the link has spare capacity: spend
-        // it on parity, because a short group spreads a burst over fewer
-        // blocks than `interleave`.
-        let spare = take < self.cfg.interleave;
-        let idle = self
-            .last_data_frame
-            .is_none_or(|t| now.saturating_sub(t) >= self.cfg.idle_after);
-        if idle && self.group.blocks.is_empty() {
+        let secs = elapsed as f64 / crate::NANOS_PER_SEC as f64;
+        self.meter.last = Some(LinkUse {
+            frames: self.meter.frames as f64 / secs,
+            data: self.meter.data as f64 / secs,
+            busy: self.meter.busy_bytes as f64 / (secs * self.cfg.link_rate as f64),
+        });
+        self.meter.start = now;
+        self.meter.frames = 0;
+        self.meter.data = 0;
+        self.meter.busy_bytes = 0;
+    }
+
+    /// Frames per second the link can carry at full-size frames.
+    fn link_frames_per_sec(&self) -> f64 {
+        self.cfg.link_rate as f64 / (self.max_frame_len() + self.cfg.wire_overhead) as f64
+    }
+
+    /// Puts sealed blocks in flight, up to `interleave` at once: decides
+    /// each one's parity, computes it, and spreads its shards.
+    fn admit(&mut self, now: Nanos) {
+        let owing = self.in_flight.iter().filter(|f| f.owes()).count();
+        if self.sealed.is_empty() || owing >= self.cfg.interleave {
+            return;
+        }
+        let idle = self.in_flight.is_empty()
+            && self
+                .last_data_frame
+                .is_none_or(|t| now.saturating_sub(t) >= self.cfg.idle_after);
+        if idle {
             self.warmup_left = self.cfg.warmup_blocks;
         }
-        for block in &mut blocks {
+        let t0 = now;
+        let mut owing = owing;
+        while owing < self.cfg.interleave {
+            // Blocks still queued behind this one: the link is behind, so
+            // there is no idle capacity to spend.
+            let backlog = self.sealed.len() > 1;
+            let Some(mut block) = self.sealed.pop_front() else {
+                break;
+            };
             let k = block.k;
-            let mut m = self.parity_for(k);
-            if spare {
-                m = m.max(self.cfg.parity_shards).min(MAX_SHARDS - k);
-                self.stats.spare_parity_blocks += 1;
-            }
+            let mut configured = self.parity_for(k);
             if self.warmup_left > 0 {
                 self.warmup_left -= 1;
                 self.stats.warmup_blocks += 1;
-                m = m.max(self.cfg.warmup_parity).min(MAX_SHARDS - k);
+                configured = configured.max(self.cfg.warmup_parity).min(MAX_SHARDS - k);
             }
+            let spare = if backlog {
+                0
+            } else {
+                self.spare_for(k, configured)
+            };
+            if spare > 0 {
+                self.stats.spare_parity_blocks += 1;
+            }
+            let m = configured + spare;
             block.m = m;
             block.shards.resize((k + m) * block.shard_len, 0);
             self.fec.encode(k, m, block.shard_len, &mut block.shards);
+            let spread = self.spread_for(k, m);
+            self.stats.max_spread = self.stats.max_spread.max(spread);
+            let step = spread / (k + m) as u64;
+            self.in_flight.push(InFlight {
+                block,
+                configured,
+                next: 0,
+                t0,
+                step,
+                served: 0,
+            });
+            owing += 1;
         }
-        self.group = Group {
-            blocks,
-            shard: 0,
-            block: 0,
-        };
-        Some(())
+        self.bound_spare_only();
     }
-}
 
-impl Group {
-    fn next_is_done(&self) -> bool {
-        let widest = self.blocks.iter().map(|b| b.k + b.m).max().unwrap_or(0);
-        self.shard >= widest
+    /// Drops the spare parity of the oldest blocks that have nothing else
+    /// left while more than `SPARE_ONLY_FACTOR × interleave` are in flight.
+    fn bound_spare_only(&mut self) {
+        while self.in_flight.len() > SPARE_ONLY_FACTOR * self.cfg.interleave {
+            let Some(i) = self
+                .in_flight
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| !f.owes())
+                .min_by_key(|(_, f)| f.block.number)
+                .map(|(i, _)| i)
+            else {
+                return;
+            };
+            let dropped = self.in_flight.swap_remove(i);
+            self.stats.spare_parity_dropped +=
+                (dropped.block.k + dropped.block.m - dropped.next) as u64;
+            self.recycle(dropped.block.shards);
+        }
+    }
+
+    fn recycle(&mut self, mut buffer: Vec<u8>) {
+        if self.spare_buffers.len() < self.cfg.interleave {
+            buffer.clear();
+            self.spare_buffers.push(buffer);
+        }
+    }
+
+    /// Parity beyond `configured` that the link's idle capacity pays for:
+    /// the measured idle share of the link (90% of it), divided among the
+    /// data frames in proportion to k, up to `spare_parity_max` in all.
+    fn spare_for(&self, k: usize, configured: usize) -> usize {
+        if self.cfg.parity_shards == 0 {
+            return 0;
+        }
+        let cap = self
+            .cfg
+            .spare_parity_max
+            .min(MAX_SHARDS - k)
+            .saturating_sub(configured);
+        if cap == 0 {
+            return 0;
+        }
+        let Some(used) = self.meter.last else {
+            return cap;
+        };
+        let idle_frames = (1.0 - used.busy).max(0.0) * SPARE_SHARE * self.link_frames_per_sec();
+        if used.data < 1.0 {
+            return cap;
+        }
+        let per_data_shard = idle_frames / used.data;
+        ((k as f64 * per_data_shard) as usize).min(cap)
+    }
+
+    /// How long a block's shards are spread: long enough that a burst of
+    /// `burst_tolerance` consecutive datagrams, at the rate the link
+    /// carried frames lately (at least the rate this block adds), costs it
+    /// at most its m shards; at most `max_spread`.
+    fn spread_for(&self, k: usize, m: usize) -> Nanos {
+        if m == 0 || self.cfg.burst_tolerance == 0 {
+            return 0;
+        }
+        let n = (k + m) as f64;
+        let recent = self.meter.last.map_or(0.0, |u| u.frames);
+        let capacity = self.link_frames_per_sec();
+        // Positions per second the burst is counted in: what the link
+        // carried lately, but no fewer than one block's shards per flush
+        // interval, and no more than the link carries.
+        let floor = n * crate::NANOS_PER_SEC as f64 / self.cfg.flush_after.max(1) as f64;
+        let rate = recent.max(floor.min(capacity)).min(capacity).max(1.0);
+        let positions = self.cfg.burst_tolerance as f64 * n / m as f64;
+        let secs = positions / rate;
+        ((secs * crate::NANOS_PER_SEC as f64) as Nanos).min(self.cfg.max_spread)
     }
 }

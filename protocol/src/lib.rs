@@ -23,6 +23,7 @@ pub mod fec;
 pub mod frame;
 pub mod record;
 pub mod segment;
+pub mod sim;
 pub mod units;
 
 pub use auth::{AuthError, Key, KeyError, KeyId, Signer, Verifier};

@@ -153,6 +153,16 @@ pub struct FecConfig {
     pub warmup_parity: usize,
     #[serde(default = "default_idle_ms")]
     pub idle_ms: u64,
+    /// Most parity shards per block when the link has idle capacity.
+    #[serde(default = "default_spare_parity_max")]
+    pub spare_parity_max: usize,
+    /// Consecutive datagrams a burst may take without costing a block
+    /// more than its parity; sets how far each block's shards are spread.
+    #[serde(default = "default_burst_tolerance")]
+    pub burst_tolerance: usize,
+    /// Longest spread of one block's shards, in milliseconds.
+    #[serde(default = "default_max_spread_ms")]
+    pub max_spread_ms: u64,
 }
 
 fn default_data_shards() -> usize {
@@ -176,6 +186,15 @@ fn default_warmup_parity() -> usize {
 fn default_idle_ms() -> u64 {
     1000
 }
+fn default_spare_parity_max() -> usize {
+    64
+}
+fn default_burst_tolerance() -> usize {
+    256
+}
+fn default_max_spread_ms() -> u64 {
+    50
+}
 
 impl Default for FecConfig {
     fn default() -> Self {
@@ -187,6 +206,9 @@ impl Default for FecConfig {
             warmup_blocks: default_warmup_blocks(),
             warmup_parity: default_warmup_parity(),
             idle_ms: default_idle_ms(),
+            spare_parity_max: default_spare_parity_max(),
+            burst_tolerance: default_burst_tolerance(),
+            max_spread_ms: default_max_spread_ms(),
         }
     }
 }
@@ -342,6 +364,15 @@ impl Loaded {
         e.idle_after = c.fec.idle_ms * NANOS_PER_MILLI;
         e.heartbeat_interval = c.heartbeat.interval_ms * NANOS_PER_MILLI;
         e.max_queued_blocks = e.max_queued_blocks.max(2 * e.interleave);
+        e.link_rate = self.rate_bps / 8;
+        e.wire_overhead = if c.link.destination.is_ipv6() {
+            crate::link::WIRE_OVERHEAD_IPV6
+        } else {
+            crate::link::WIRE_OVERHEAD
+        };
+        e.spare_parity_max = c.fec.spare_parity_max.max(c.fec.parity_shards);
+        e.burst_tolerance = c.fec.burst_tolerance;
+        e.max_spread = c.fec.max_spread_ms * NANOS_PER_MILLI;
         e
     }
 
@@ -444,6 +475,24 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
     }
     if c.fec.data_shards + c.fec.warmup_parity > MAX_SHARDS {
         bail!("fec.warmup_parity: data_shards + warmup_parity must not exceed 256");
+    }
+    if c.fec.data_shards + c.fec.spare_parity_max > MAX_SHARDS {
+        bail!(
+            "fec.spare_parity_max: data_shards + spare_parity_max is {} but must not exceed 256",
+            c.fec.data_shards + c.fec.spare_parity_max
+        );
+    }
+    if c.fec.burst_tolerance > 100_000 {
+        bail!(
+            "fec.burst_tolerance: {} datagrams is beyond any spread; use 0 (no spreading) to 100000",
+            c.fec.burst_tolerance
+        );
+    }
+    if c.fec.max_spread_ms > 1_000 {
+        bail!(
+            "fec.max_spread_ms: {} must be at most 1000 (the receiver waits `decoder.block_timeout_ms`, 300 by default, for a block)",
+            c.fec.max_spread_ms
+        );
     }
     if c.fec.flush_ms == 0 || c.fec.flush_ms > 10_000 {
         bail!(

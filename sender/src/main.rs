@@ -274,6 +274,9 @@ fn run(path: &Path) -> Result<()> {
         data_shards = loaded.config.fec.data_shards,
         parity_shards = loaded.config.fec.parity_shards,
         interleave = loaded.config.fec.interleave,
+        spare_parity_max = loaded.config.fec.spare_parity_max,
+        burst_tolerance = loaded.config.fec.burst_tolerance,
+        max_spread_ms = loaded.config.fec.max_spread_ms,
         auth = %auth_status,
         "weir-sender starting"
     );
