@@ -1,8 +1,11 @@
 //! weir-linksim: a one-way UDP relay that impairs the link between a weir
-//! sender and receiver (loss, bursts, reordering, duplication, corruption).
+//! sender and receiver (loss; uniform, Gilbert–Elliott and periodic bursts;
+//! reordering, duplication, corruption).
 //!
 //! Datagrams arriving on `--listen` go through the seeded decision logic in
-//! `weir_tests::linksim` and out to `--target`. Nothing is ever sent back
+//! `weir_tests::linksim` and out to `--target`; the relay passes each
+//! batch's arrival time (monotonic, from its start) in, for the periodic
+//! bursts. Nothing is ever sent back
 //! towards the source: the listen socket is only read, the output socket is
 //! only written.
 
@@ -42,25 +45,41 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 --listen is passed through the impairment model and what survives is sent to --target. \
 Nothing is ever sent back towards the source.\n\n\
 Impairment model, per arriving datagram, in this order (one seeded ChaCha8 stream; the same \
---seed and the same datagram sequence reproduce the same decisions):\n\
- 1. Burst loss (Gilbert-Elliott style, bad state loses everything): if a burst is in \
-progress the datagram is dropped. Otherwise with probability --burst-start a burst begins: \
-its length L is drawn uniformly from 1..=--burst-len and this datagram and the next L-1 are \
-dropped.\n\
- 2. Random loss: with probability --loss the datagram is dropped.\n\
- 3. Corruption: with probability --corrupt 1 to 3 distinct random bits are flipped.\n\
- 4. Duplication: with probability --duplicate it is sent twice.\n\
- 5. Reordering: with probability --reorder it is held back and sent right after the next \
+--seed and the same datagram sequence at the same times reproduce the same decisions; a step \
+that drops a datagram ends its handling, so later steps make no draw for it):\n\
+ 1. Periodic bursts: with --burst-every-ms T and --burst-count N, a burst is due once per T: \
+the first at a phase drawn (from --seed) uniformly within T after the first datagram \
+arrives, then every T. At the first arrival at or after a due time, that datagram and the \
+next N-1 arrivals are dropped (dropped_periodic). Periods with no arrival start no burst of \
+their own; a burst due while the previous one has not yet dropped its N starts anew, so at \
+fewer than N arrivals per T everything is dropped. A datagram's time is when the relay \
+read its receive batch (recvmmsg), on a monotonic clock.\n\
+ 2. Uniform bursts: if one is in progress the datagram is dropped. Otherwise with \
+probability --burst-start a burst begins: its length L is drawn uniformly from \
+1..=--burst-len and this datagram and the next L-1 are dropped (dropped_burst).\n\
+ 3. Gilbert-Elliott bursts, geometric length: outside a burst, with probability --ge-start \
+(P) a burst begins and this datagram is dropped (dropped_ge); inside one, with probability \
+--ge-stay (Q) the datagram is dropped too, else the burst ends there and this datagram goes on to step 4 \
+(no --ge-start draw for it). Mean burst 1/(1-Q); the model drops a fraction r/(1+r) of the \
+datagrams it sees, r = P/(1-Q). --ge-mean-burst B --ge-loss F set Q = 1-1/B and \
+P = F/(1-F)/B instead (mean burst 20 at 4% loss: Q = 0.95, P = 0.0020833).\n\
+ 4. Random loss: with probability --loss the datagram is dropped (dropped_random).\n\
+ 5. Corruption: with probability --corrupt 1 to 3 distinct random bits are flipped.\n\
+ 6. Duplication: with probability --duplicate it is sent twice.\n\
+ 7. Reordering: with probability --reorder it is held back and sent right after the next \
 K arriving datagrams (K uniform in 1..=8). Held datagrams are also released when no input \
 arrives for 50 ms, and on exit.\n\n\
 On exit (end of --duration, SIGINT or SIGTERM) the counters are printed to stderr as JSON \
 and written to --stats-file, which is also rewritten every second (atomically, so a SIGKILL \
 leaves the last second's numbers). Counters: received, forwarded (sent without error), \
-dropped_random, dropped_burst, bursts, longest_burst, reordered, duplicated, corrupted, \
+dropped_random, dropped_burst, bursts and longest_burst (the uniform model's), dropped_ge, \
+ge_bursts, longest_ge_burst, dropped_periodic, periodic_bursts, longest_drop_run (most \
+consecutive arrivals dropped, for any reason), reordered, duplicated, corrupted, \
 send_errors (any send failure, e.g. ECONNREFUSED; counted, never fatal), recv_errors, held \
 (still held back), recv_calls, send_calls, max_gro_segments_seen, max_gso_segments_used, \
 seconds, listen_so_rcvbuf, target_so_sndbuf. Invariant once held is 0: received + \
-duplicated = forwarded + send_errors + dropped_random + dropped_burst.\n\n\
+duplicated = forwarded + send_errors + dropped_random + dropped_burst + dropped_ge + \
+dropped_periodic.\n\n\
 I/O is batched through quinn-udp (recvmmsg + GRO in, GSO out: runs of equal-sized \
 datagrams leave in one sendmsg), which keeps datagram order and does not change decisions."
 )]
@@ -84,6 +103,28 @@ struct Args {
     /// Longest burst in datagrams; each burst's length is uniform in 1..=N.
     #[arg(long, default_value_t = 0)]
     burst_len: u32,
+    /// Gilbert-Elliott: probability per datagram (outside a burst) of
+    /// starting a burst of geometric length; this datagram is dropped.
+    #[arg(long, default_value_t = 0.0)]
+    ge_start: f64,
+    /// Gilbert-Elliott: probability each datagram after a dropped one is
+    /// dropped too; mean burst 1/(1-Q), e.g. 0.95 for 20.
+    #[arg(long, default_value_t = 0.0)]
+    ge_stay: f64,
+    /// Gilbert-Elliott mean burst length in datagrams; with --ge-loss, sets
+    /// --ge-stay and --ge-start.
+    #[arg(long, requires = "ge_loss", conflicts_with_all = ["ge_start", "ge_stay"])]
+    ge_mean_burst: Option<f64>,
+    /// Fraction of datagrams the Gilbert-Elliott model drops in the long
+    /// run, e.g. 0.04; with --ge-mean-burst.
+    #[arg(long, requires = "ge_mean_burst", conflicts_with_all = ["ge_start", "ge_stay"])]
+    ge_loss: Option<f64>,
+    /// Period of the periodic bursts, in milliseconds (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    burst_every_ms: f64,
+    /// Consecutive arriving datagrams each periodic burst drops.
+    #[arg(long, default_value_t = 0)]
+    burst_count: u32,
     /// Probability a datagram is held back and sent after the next 1..=8.
     #[arg(long, default_value_t = 0.0)]
     reorder: f64,
@@ -135,6 +176,12 @@ impl Relay {
             "dropped_burst": c.dropped_burst,
             "bursts": c.bursts,
             "longest_burst": c.longest_burst,
+            "dropped_ge": c.dropped_ge,
+            "ge_bursts": c.ge_bursts,
+            "longest_ge_burst": c.longest_ge_burst,
+            "dropped_periodic": c.dropped_periodic,
+            "periodic_bursts": c.periodic_bursts,
+            "longest_drop_run": c.longest_drop_run,
             "reordered": c.reordered,
             "duplicated": c.duplicated,
             "corrupted": c.corrupted,
@@ -225,6 +272,9 @@ impl Relay {
             match received {
                 Ok(Ok(n)) => {
                     self.counters.recv_calls += 1;
+                    // One time for the batch: its datagrams arrived together.
+                    let now_ns =
+                        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     for (meta, slice) in metas[..n].iter().zip(&slices) {
                         let data = &slice[..meta.len];
                         let stride = if meta.stride == 0 {
@@ -237,10 +287,10 @@ impl Relay {
                             .max_gro_segments_seen
                             .max(datagrams_in(meta) as u64);
                         if data.is_empty() {
-                            self.sim.process(data, &mut out);
+                            self.sim.process(now_ns, data, &mut out);
                         }
                         for datagram in data.chunks(stride) {
-                            self.sim.process(datagram, &mut out);
+                            self.sim.process(now_ns, datagram, &mut out);
                         }
                     }
                     self.send_all(&mut out).await;
@@ -273,10 +323,18 @@ impl Relay {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let (ge_start, ge_stay) = match (args.ge_mean_burst, args.ge_loss) {
+        (Some(mean_burst), Some(loss)) => ImpairmentConfig::ge_for(mean_burst, loss)?,
+        _ => (args.ge_start, args.ge_stay),
+    };
     let config = ImpairmentConfig {
         loss: args.loss,
         burst_start: args.burst_start,
         burst_len: args.burst_len,
+        ge_start,
+        ge_stay,
+        burst_every_ms: args.burst_every_ms,
+        burst_count: args.burst_count,
         reorder: args.reorder,
         duplicate: args.duplicate,
         corrupt: args.corrupt,
