@@ -331,6 +331,17 @@ pub struct DecoderStats {
     /// Blocks that needed Reed-Solomon to rebuild missing data shards.
     pub blocks_repaired: u64,
     pub shards_rebuilt: u64,
+    /// Decoded blocks by the data shards Reed-Solomon rebuilt in each, in
+    /// the buckets of [`REBUILT_BUCKETS`]: 0, 1, 2-3, 4-7, ... 64+. The
+    /// buckets sum to `blocks_decoded`; all but the first to
+    /// `blocks_repaired`.
+    pub rebuilt_per_block: [u64; REBUILT_BUCKETS.len()],
+    /// The most data shards rebuilt in one block.
+    pub shards_rebuilt_max: u64,
+    /// The largest share of its parity shards (m, from its header) that a
+    /// block used up: data shards rebuilt * 100 / m, rounded down. 100 is a
+    /// block one more lost shard would have made a gap of.
+    pub parity_used_max_pct: u64,
     /// Blocks given up with some but fewer than k shards.
     pub blocks_lost: u64,
     /// Blocks given up with no shard seen at all.
@@ -357,8 +368,40 @@ pub struct DecoderStats {
     pub open_gaps_forgotten: u64,
 }
 
+/// Names of the [`DecoderStats::rebuilt_per_block`] buckets: blocks with
+/// that many data shards rebuilt. Powers of two, so each bucket reads as
+/// "about this much of a block was lost" whatever k is.
+pub const REBUILT_BUCKETS: [&str; 8] = ["0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+"];
+
 impl DecoderStats {
-    /// Every counter with its name, for metrics and logs.
+    /// Counts a decoded block of `m` parity shards in which Reed-Solomon
+    /// rebuilt `rebuilt` data shards (0 when all data shards arrived).
+    fn note_decoded(&mut self, rebuilt: usize, m: usize) {
+        // A block rebuilds at most m data shards (it decodes from any k of
+        // its k + m), so the share is at most 100.
+        debug_assert!(rebuilt <= m, "rebuilt {rebuilt} of m {m}");
+        self.blocks_decoded += 1;
+        // 0 -> 0, 1 -> 1, 2..=3 -> 2, 4..=7 -> 3, ..., 64.. -> 7.
+        let bucket = (usize::BITS - rebuilt.leading_zeros()) as usize;
+        self.rebuilt_per_block[bucket.min(REBUILT_BUCKETS.len() - 1)] += 1;
+        if rebuilt == 0 {
+            return;
+        }
+        self.blocks_repaired += 1;
+        self.shards_rebuilt += rebuilt as u64;
+        self.shards_rebuilt_max = self.shards_rebuilt_max.max(rebuilt as u64);
+        let pct = (rebuilt * 100 / m.max(1)).min(100) as u64;
+        self.parity_used_max_pct = self.parity_used_max_pct.max(pct);
+    }
+
+    /// The `rebuilt_per_block` histogram with its bucket names, for
+    /// metrics and logs.
+    pub fn rebuilt_histogram(&self) -> [(&'static str, u64); REBUILT_BUCKETS.len()] {
+        std::array::from_fn(|i| (REBUILT_BUCKETS[i], self.rebuilt_per_block[i]))
+    }
+
+    /// Every scalar counter with its name, for metrics and logs (the
+    /// histogram is in [`DecoderStats::rebuilt_histogram`]).
     pub fn fields(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("datagrams", self.datagrams),
@@ -389,6 +432,8 @@ impl DecoderStats {
             ("blocks_decoded", self.blocks_decoded),
             ("blocks_repaired", self.blocks_repaired),
             ("shards_rebuilt", self.shards_rebuilt),
+            ("shards_rebuilt_max", self.shards_rebuilt_max),
+            ("parity_used_max_pct", self.parity_used_max_pct),
             ("blocks_lost", self.blocks_lost),
             ("blocks_missing", self.blocks_missing),
             ("records", self.records),
@@ -1110,11 +1155,7 @@ impl Decoder {
                 block.decoded = true;
                 block.decoded_at = Some(now);
                 block.buf.truncate(block.data_len);
-                self.stats.blocks_decoded += 1;
-                if rebuilt > 0 {
-                    self.stats.blocks_repaired += 1;
-                    self.stats.shards_rebuilt += rebuilt as u64;
-                }
+                self.stats.note_decoded(rebuilt, m);
             }
             None => {
                 // k shards present yet no rebuild: cannot happen with a
@@ -1664,7 +1705,17 @@ mod tests {
         seqs: std::ops::Range<u64>,
         signer: crate::Signer,
     ) -> Vec<Vec<u8>> {
-        let mut enc = crate::Encoder::new(EncoderConfig::new(session), signer);
+        frames_with(EncoderConfig::new(session), seqs, signer)
+    }
+
+    /// Every frame an encoder configured with `cfg` sends for records
+    /// `seqs` of one stream "s".
+    fn frames_with(
+        cfg: EncoderConfig,
+        seqs: std::ops::Range<u64>,
+        signer: crate::Signer,
+    ) -> Vec<Vec<u8>> {
+        let mut enc = crate::Encoder::new(cfg, signer);
         let s = enc.add_stream("s", "generator", seqs.start, 7);
         enc.handle_timeout(0);
         for seq in seqs {
@@ -1967,6 +2018,106 @@ mod tests {
         dec.handle_datagram(0, &forged(42, 0, 64, 33, 0, &[0u8; 64]));
         dec.handle_datagram(0, &forged(42, 0, 64, 32, 0, &[0u8; 64]));
         assert_eq!(dec.stats().rejected_fec_shape, 2);
+    }
+
+    #[test]
+    fn rebuilt_shards_per_block_fill_their_histogram_buckets_and_the_maxima() {
+        // Small shards, so 3000 records fill several blocks.
+        let cfg = EncoderConfig {
+            shard_size: 128,
+            ..EncoderConfig::new(42)
+        };
+        let frames = frames_with(cfg, 0..3000, crate::Signer::Key(test_key()));
+        // Each data block's (k, m), in the order the encoder sent them.
+        let mut blocks: Vec<(u64, usize, usize)> = Vec::new();
+        for f in &frames {
+            let (h, _) = FrameHeader::parse(f, &test_verifier()).unwrap();
+            if !h.is_control() && !blocks.iter().any(|b| b.0 == h.block) {
+                blocks.push((h.block, h.k as usize, h.m as usize));
+            }
+        }
+        // Lose 1 data shard of one block, 3 of another and all the parity
+        // can cover (m) of a third; the other blocks lose nothing.
+        let usable: Vec<_> = blocks.iter().filter(|b| b.1 >= b.2 && b.2 >= 3).collect();
+        assert!(
+            usable.len() >= 3,
+            "need 3 blocks with k >= m >= 3: {blocks:?}"
+        );
+        let (full, full_m) = (usable[2].0, usable[2].2);
+        let lose = [(usable[0].0, 1), (usable[1].0, 3), (full, full_m)];
+        let lost = |h: &FrameHeader| {
+            lose.iter()
+                .any(|&(b, n)| h.block == b && !h.is_control() && (h.index as usize) < n)
+        };
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
+        for f in &frames {
+            let (h, _) = FrameHeader::parse(f, &test_verifier()).unwrap();
+            if !lost(&h) {
+                dec.handle_datagram(0, f);
+            }
+        }
+        dec.handle_timeout(NANOS_PER_SEC);
+        assert_eq!(delivered_seqs(&mut dec), (0..3000).collect::<Vec<_>>());
+        let s = dec.stats();
+        assert_eq!(s.blocks_decoded, blocks.len() as u64);
+        assert_eq!(s.blocks_repaired, 3);
+        assert_eq!(s.shards_rebuilt, 1 + 3 + full_m as u64);
+        let mut expected = [0u64; REBUILT_BUCKETS.len()];
+        expected[0] = blocks.len() as u64 - 3;
+        expected[1] += 1;
+        expected[2] += 1;
+        expected[(usize::BITS - full_m.leading_zeros()) as usize] += 1;
+        assert_eq!(s.rebuilt_per_block, expected);
+        assert_eq!(s.rebuilt_per_block.iter().sum::<u64>(), s.blocks_decoded);
+        assert_eq!(s.shards_rebuilt_max, full_m.max(3) as u64);
+        assert_eq!(s.parity_used_max_pct, 100);
+        let names: Vec<_> = s.rebuilt_histogram().iter().map(|b| b.0).collect();
+        assert_eq!(names, REBUILT_BUCKETS);
+        let fields = s.fields();
+        assert!(fields.contains(&("shards_rebuilt_max", full_m.max(3) as u64)));
+        assert!(fields.contains(&("parity_used_max_pct", 100)));
+    }
+
+    #[test]
+    fn rebuilt_counts_land_in_power_of_two_buckets_and_the_parity_share_rounds_down() {
+        let mut s = DecoderStats::default();
+        for (rebuilt, bucket) in [
+            (0, "0"),
+            (1, "1"),
+            (2, "2-3"),
+            (3, "2-3"),
+            (4, "4-7"),
+            (7, "4-7"),
+            (8, "8-15"),
+            (15, "8-15"),
+            (16, "16-31"),
+            (31, "16-31"),
+            (32, "32-63"),
+            (63, "32-63"),
+            (64, "64+"),
+            (200, "64+"),
+        ] {
+            let before = s.rebuilt_histogram();
+            s.note_decoded(rebuilt, 255);
+            let after = s.rebuilt_histogram();
+            let grew: Vec<_> = (0..after.len())
+                .filter(|&i| after[i].1 > before[i].1)
+                .map(|i| after[i].0)
+                .collect();
+            assert_eq!(grew, [bucket], "{rebuilt} rebuilt");
+        }
+        assert_eq!(s.shards_rebuilt_max, 200);
+        assert_eq!(s.parity_used_max_pct, 200 * 100 / 255);
+        // 12 of 16 parity used is 75 %; 2 of 3 rounds down to 66.
+        let mut s = DecoderStats::default();
+        s.note_decoded(12, 16);
+        assert_eq!((s.shards_rebuilt_max, s.parity_used_max_pct), (12, 75));
+        s.note_decoded(2, 3);
+        assert_eq!((s.shards_rebuilt_max, s.parity_used_max_pct), (12, 75));
+        s.note_decoded(13, 13);
+        assert_eq!((s.shards_rebuilt_max, s.parity_used_max_pct), (13, 100));
+        assert_eq!(s.blocks_decoded, 3);
+        assert_eq!(s.blocks_repaired, 3);
     }
 
     #[test]

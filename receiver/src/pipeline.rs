@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use globset::GlobSet;
 use serde_json::json;
-use weir_protocol::decoder::Delivered;
-use weir_protocol::{Decoder, Event, Heartbeat, Nanos};
+use weir_protocol::decoder::{Delivered, REBUILT_BUCKETS};
+use weir_protocol::{Decoder, DecoderStats, Event, Heartbeat, Nanos};
 
 use crate::audit::AuditLog;
 use crate::journal::Journal;
@@ -195,6 +195,9 @@ impl Pipeline {
         let mut last_log = Instant::now();
         // Frames rejected by authentication, as last warned about.
         let mut auth_warned: (u64, Option<Instant>) = (0, None);
+        // The rebuilt-shards histogram at the last status line, for the
+        // worst bucket within the interval.
+        let mut logged_rebuilt = self.decoder.stats().rebuilt_per_block;
         loop {
             let disconnected = match batches.recv_timeout(Duration::from_millis(20)) {
                 Ok(batch) => {
@@ -319,7 +322,7 @@ impl Pipeline {
                 self.write_metrics(unrouted_records, &watch);
                 if !self.log_interval.is_zero() && last_log.elapsed() >= self.log_interval {
                     last_log = Instant::now();
-                    self.log_status();
+                    self.log_status(&mut logged_rebuilt);
                 }
             }
         }
@@ -355,7 +358,7 @@ impl Pipeline {
         }
         self.compact();
         self.write_metrics(unrouted_records, &watch);
-        self.log_status();
+        self.log_status(&mut logged_rebuilt);
         self.audit.write("receiver-stop", json!({}));
         self.audit.sync();
         self.failure
@@ -705,6 +708,14 @@ impl Pipeline {
         );
         map.insert("sender_config_hash".into(), json!(watch.config_hash));
         map.insert("auth".into(), crate::auth_status(self.decoder.verifier()));
+        let rebuilt: serde_json::Map<String, serde_json::Value> = self
+            .decoder
+            .stats()
+            .rebuilt_histogram()
+            .iter()
+            .map(|(bucket, n)| (bucket.to_string(), json!(n)))
+            .collect();
+        map.insert("rebuilt_per_block".into(), rebuilt.into());
         map.insert(
             "heartbeat_age_ms".into(),
             json!(watch.last.map(|l| l.elapsed().as_millis() as u64)),
@@ -744,12 +755,20 @@ impl Pipeline {
         }
     }
 
-    fn log_status(&self) {
+    /// The periodic `status` line. `logged_rebuilt` is the rebuilt-shards
+    /// histogram at the previous line; it is updated.
+    fn log_status(&self, logged_rebuilt: &mut [u64; REBUILT_BUCKETS.len()]) {
         let s = self.decoder.stats();
+        let interval = rebuilt_max_bucket(logged_rebuilt, &s.rebuilt_per_block);
+        *logged_rebuilt = s.rebuilt_per_block;
         tracing::info!(
             datagrams = s.datagrams,
             records = s.records,
             blocks_repaired = s.blocks_repaired,
+            rebuilt_per_block = rebuilt_line(s).as_str(),
+            shards_rebuilt_max = s.shards_rebuilt_max,
+            parity_used_max_pct = s.parity_used_max_pct,
+            rebuilt_max_interval = interval,
             blocks_lost = s.blocks_lost,
             gaps = s.gaps,
             gap_records = s.gap_records,
@@ -761,6 +780,28 @@ impl Pipeline {
             "status"
         );
     }
+}
+
+/// The rebuilt-shards histogram as one log field: `0:9120 1:310 2-3:41 ...`.
+fn rebuilt_line(s: &DecoderStats) -> String {
+    s.rebuilt_histogram()
+        .iter()
+        .map(|(bucket, n)| format!("{bucket}:{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The highest rebuilt-shards bucket that gained a block between two
+/// histograms (`"0"` when every block since decoded without repair), or
+/// `"none"` when no block was decoded in between.
+fn rebuilt_max_bucket(
+    before: &[u64; REBUILT_BUCKETS.len()],
+    now: &[u64; REBUILT_BUCKETS.len()],
+) -> &'static str {
+    (0..REBUILT_BUCKETS.len())
+        .rev()
+        .find(|&i| now[i] > before[i])
+        .map_or("none", |i| REBUILT_BUCKETS[i])
 }
 
 /// The text of a thread's panic payload.
@@ -832,5 +873,27 @@ mod tests {
             "{failure}"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_status_line_names_each_rebuilt_bucket_and_the_worst_one_of_the_interval() {
+        let s = DecoderStats {
+            rebuilt_per_block: [9120, 310, 41, 2, 0, 0, 0, 0],
+            ..Default::default()
+        };
+        assert_eq!(
+            rebuilt_line(&s),
+            "0:9120 1:310 2-3:41 4-7:2 8-15:0 16-31:0 32-63:0 64+:0"
+        );
+        let before = s.rebuilt_per_block;
+        assert_eq!(rebuilt_max_bucket(&before, &before), "none");
+        let mut now = before;
+        now[0] += 100;
+        assert_eq!(rebuilt_max_bucket(&before, &now), "0");
+        now[1] += 3;
+        now[4] += 1;
+        assert_eq!(rebuilt_max_bucket(&before, &now), "8-15");
+        now[7] += 1;
+        assert_eq!(rebuilt_max_bucket(&before, &now), "64+");
     }
 }

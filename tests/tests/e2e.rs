@@ -192,6 +192,23 @@ fn generator_points_arrive_complete_in_the_file_sink_through_2pct_loss_with_burs
         m["blocks_repaired"].as_u64().unwrap() > 0,
         "FEC repaired nothing: {m}"
     );
+    let rebuilt = m["rebuilt_per_block"]
+        .as_object()
+        .expect("rebuilt_per_block");
+    let blocks = |repaired_only: bool| -> u64 {
+        rebuilt
+            .iter()
+            .filter(|(bucket, _)| !repaired_only || bucket.as_str() != "0")
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(Some(blocks(false)), m["blocks_decoded"].as_u64(), "{m}");
+    assert_eq!(Some(blocks(true)), m["blocks_repaired"].as_u64(), "{m}");
+    let pct = m["parity_used_max_pct"].as_u64().unwrap();
+    assert!(
+        m["shards_rebuilt_max"].as_u64().unwrap() > 0 && pct > 0 && pct <= 100,
+        "no repair margin shown under loss: {m}"
+    );
     assert!(gaps(&s.join("audit.jsonl"), "plant/gen").is_empty());
     let first = &json_lines(&out.join("plant_gen.000001.jsonl"))[0];
     for key in ["stream", "seq", "kind", "ts", "tag", "value", "quality"] {
