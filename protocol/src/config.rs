@@ -76,7 +76,7 @@ impl EncoderConfig {
             shard_size: shard_size_for_mtu(1500).expect("1500 is a valid MTU"),
             data_shards: 64,
             parity_shards: 16,
-            interleave: 8,
+            interleave: 24,
             flush_after: 5 * NANOS_PER_MILLI,
             heartbeat_interval: NANOS_PER_SEC,
             idle_after: NANOS_PER_SEC,
@@ -86,8 +86,8 @@ impl EncoderConfig {
             link_rate: 1_000_000_000 / 8,
             wire_overhead: 66,
             spare_parity_max: 64,
-            burst_tolerance: 256,
-            max_spread: 50 * NANOS_PER_MILLI,
+            burst_tolerance: 384,
+            max_spread: 100 * NANOS_PER_MILLI,
         }
     }
 

@@ -95,12 +95,20 @@ struct InFlight {
     /// with a shard due, the least recently served goes next, so blocks in
     /// flight take turns whatever their spread.
     served: u64,
+    last_sent: Option<Nanos>,
 }
 
 impl InFlight {
+    /// When the next shard may go: on its schedule, but never sooner than
+    /// one step after the previous one, so a block that fell behind (the
+    /// link was busy) keeps its spacing instead of catching up in a run of
+    /// its own shards that one burst could take.
     fn due(&self) -> Nanos {
-        self.t0
-            .saturating_add(self.step.saturating_mul(self.next as u64))
+        let planned = self
+            .t0
+            .saturating_add(self.step.saturating_mul(self.next as u64));
+        self.last_sent
+            .map_or(planned, |t| planned.max(t.saturating_add(self.step)))
     }
 
     fn done(&self) -> bool {
@@ -622,6 +630,7 @@ impl Encoder {
         f.next += 1;
         self.polled += 1;
         f.served = self.polled;
+        f.last_sent = Some(now);
         let block = &f.block;
         let offset = index * block.shard_len;
         let header = FrameHeader {
@@ -751,6 +760,7 @@ impl Encoder {
                 t0,
                 step,
                 served: 0,
+                last_sent: None,
             });
             owing += 1;
         }

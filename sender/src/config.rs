@@ -172,7 +172,7 @@ fn default_parity_shards() -> usize {
     16
 }
 fn default_interleave() -> usize {
-    8
+    24
 }
 fn default_flush_ms() -> u64 {
     5
@@ -190,10 +190,10 @@ fn default_spare_parity_max() -> usize {
     64
 }
 fn default_burst_tolerance() -> usize {
-    256
+    384
 }
 fn default_max_spread_ms() -> u64 {
-    50
+    100
 }
 
 impl Default for FecConfig {

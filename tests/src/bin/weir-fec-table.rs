@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use weir_protocol::sim::{run, LossModel, Outcome, Scenario};
 use weir_protocol::units::parse_rate;
-use weir_protocol::{EncoderConfig, NANOS_PER_SEC};
+use weir_protocol::{EncoderConfig, NANOS_PER_MILLI, NANOS_PER_SEC};
 
 #[derive(Parser)]
 #[command(about = "Print weir's FEC tolerance table from the seeded simulation")]
@@ -32,6 +32,24 @@ struct Args {
     /// Parallel runs.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Instead of the defaults: `[fec] parity_shards`.
+    #[arg(long)]
+    parity_shards: Option<usize>,
+    /// Instead of the defaults: `[fec] interleave`.
+    #[arg(long)]
+    interleave: Option<usize>,
+    /// Instead of the defaults: `[fec] spare_parity_max`.
+    #[arg(long)]
+    spare_parity_max: Option<usize>,
+    /// Instead of the defaults: `[fec] burst_tolerance`.
+    #[arg(long)]
+    burst_tolerance: Option<usize>,
+    /// Instead of the defaults: `[fec] max_spread_ms`.
+    #[arg(long)]
+    max_spread_ms: Option<u64>,
+    /// Instead of the defaults: `[fec] flush_ms`.
+    #[arg(long)]
+    flush_ms: Option<u64>,
 }
 
 fn models() -> Vec<(&'static str, LossModel)> {
@@ -76,6 +94,39 @@ fn main() -> Result<()> {
     }
     let mut encoder = EncoderConfig::new(1);
     encoder.link_rate = rate_bps / 8;
+    let mut changed = Vec::new();
+    if let Some(v) = args.parity_shards {
+        encoder.parity_shards = v;
+        changed.push(format!("parity_shards {v}"));
+    }
+    if let Some(v) = args.interleave {
+        encoder.interleave = v;
+        encoder.max_queued_blocks = encoder.max_queued_blocks.max(2 * v);
+        changed.push(format!("interleave {v}"));
+    }
+    if let Some(v) = args.spare_parity_max {
+        encoder.spare_parity_max = v;
+        changed.push(format!("spare_parity_max {v}"));
+    }
+    if let Some(v) = args.burst_tolerance {
+        encoder.burst_tolerance = v;
+        changed.push(format!("burst_tolerance {v}"));
+    }
+    if let Some(v) = args.max_spread_ms {
+        encoder.max_spread = v * NANOS_PER_MILLI;
+        changed.push(format!("max_spread_ms {v}"));
+    }
+    if let Some(v) = args.flush_ms {
+        encoder.flush_after = v * NANOS_PER_MILLI;
+        changed.push(format!("flush_ms {v}"));
+    }
+    encoder.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "--{}: {}",
+            e.key.rsplit('.').next().unwrap_or(e.key).replace('_', "-"),
+            e.message
+        )
+    })?;
     let mut rows: Vec<(usize, LossModel, f64)> = Vec::new();
     for (_, model) in &chosen {
         for load in &loads {
@@ -106,8 +157,13 @@ fn main() -> Result<()> {
     });
     let mut results = results.into_inner().expect("results");
     results.sort_by_key(|(i, _)| *i);
+    let what = if changed.is_empty() {
+        "Defaults".to_string()
+    } else {
+        format!("Defaults except {}", changed.join(", "))
+    };
     println!(
-        "Defaults (RS {}+{}, interleave {}, flush_ms {}, spare_parity_max {}, burst_tolerance {}, max_spread_ms {}), link {}, {} generator points per row, seed {}:",
+        "{what} (RS {}+{}, interleave {}, flush_ms {}, spare_parity_max {}, burst_tolerance {}, max_spread_ms {}), link {}, {} generator points per row, seed {}:",
         encoder.data_shards,
         encoder.parity_shards,
         encoder.interleave,
