@@ -33,11 +33,12 @@ pub struct EncoderConfig {
     pub shard_size: usize,
     pub data_shards: usize,
     pub parity_shards: usize,
-    /// Blocks whose shards are sent round-robin, so a burst of B lost
-    /// datagrams costs each block about B / interleave shards.
+    /// Blocks in flight at once (owing data or configured parity), whose
+    /// shards interleave: under backlog a burst of B lost datagrams costs
+    /// each block about B / interleave shards.
     pub interleave: usize,
-    /// Longest a record waits in a part-filled block, and a sealed block
-    /// waits for its interleave group, before being sent anyway.
+    /// Longest a record waits in a part-filled block before it is sealed
+    /// (while no sealed block waits for the link).
     pub flush_after: Nanos,
     pub heartbeat_interval: Nanos,
     /// No data frame for this long counts as idle: the next blocks get
@@ -67,9 +68,11 @@ pub struct EncoderConfig {
 }
 
 impl EncoderConfig {
-    /// Defaults for a 1500-byte MTU: RS(64,16) is 20% of the wire as parity;
-    /// with interleave 8 it rebuilds a block that loses up to 16 of its 80
-    /// shards, e.g. 5% random loss together with a 20-datagram burst.
+    /// Defaults for a 1500-byte MTU and a 1 Gbit/s link: RS(64,16) is 20% of
+    /// the wire as parity at full load, where interleave 24 spaces a block's
+    /// shards 24 datagrams apart (a 384-datagram burst costs it at most its
+    /// 16 parity); below full load spare parity and spreading keep that
+    /// burst tolerance (docs/wire-format.md, "Spreading and interleaving").
     pub fn new(session: u64) -> Self {
         EncoderConfig {
             session,

@@ -71,6 +71,14 @@ pub enum LossModel {
         len: u32,
         every: Nanos,
     },
+    /// The first `len` datagrams sent after the link was quiet for at least
+    /// `quiet` are lost: what links do on wake-up (NIC power states,
+    /// neighbour resolution), the loss clustered at the start of a
+    /// transfer that warm-up parity is for.
+    AfterIdle {
+        quiet: Nanos,
+        len: u32,
+    },
 }
 
 impl LossModel {
@@ -100,6 +108,10 @@ impl LossModel {
                 "a burst of {len} every {} s",
                 every as f64 / NANOS_PER_SEC as f64
             ),
+            LossModel::AfterIdle { quiet, len } => format!(
+                "the first {len} after {} ms quiet",
+                quiet / crate::NANOS_PER_MILLI
+            ),
         }
     }
 }
@@ -111,6 +123,7 @@ pub struct Channel {
     in_burst: bool,
     burst_left: u32,
     next_period: Nanos,
+    last_sent: Option<Nanos>,
     pub sent: u64,
     pub lost: u64,
     pub bursts: u64,
@@ -132,6 +145,7 @@ impl Channel {
             in_burst: false,
             burst_left: 0,
             next_period,
+            last_sent: None,
             sent: 0,
             lost: 0,
             bursts: 0,
@@ -143,6 +157,7 @@ impl Channel {
     /// Whether the datagram sent at `now` arrives.
     pub fn carries(&mut self, now: Nanos) -> bool {
         self.sent += 1;
+        let quiet_since = self.last_sent.replace(now);
         let lost = match self.model {
             LossModel::None => false,
             LossModel::Random { p } => self.rng.chance(p),
@@ -160,6 +175,18 @@ impl Channel {
                     while self.next_period <= now {
                         self.next_period += every;
                     }
+                    self.burst_left = len;
+                    self.bursts += 1;
+                }
+                if self.burst_left > 0 {
+                    self.burst_left -= 1;
+                    true
+                } else {
+                    false
+                }
+            }
+            LossModel::AfterIdle { quiet, len } => {
+                if quiet_since.is_none_or(|t| now.saturating_sub(t) >= quiet) {
                     self.burst_left = len;
                     self.bursts += 1;
                 }
@@ -432,5 +459,24 @@ mod tests {
         assert_eq!(c.bursts, 5);
         assert_eq!(c.lost, 500);
         assert_eq!(c.longest_burst, 100);
+    }
+
+    #[test]
+    fn after_idle_loss_takes_the_first_datagrams_after_each_quiet_spell() {
+        let mut c = Channel::new(
+            LossModel::AfterIdle {
+                quiet: NANOS_PER_SEC,
+                len: 10,
+            },
+            1,
+        );
+        let fates: Vec<bool> = (0..30).map(|i| c.carries(i * 1000)).collect();
+        assert!(fates[..10].iter().all(|d| !d) && fates[10..].iter().all(|d| *d));
+        // Two seconds of silence: the next ten are lost again.
+        let fates: Vec<bool> = (0..30)
+            .map(|i| c.carries(3 * NANOS_PER_SEC + i * 1000))
+            .collect();
+        assert!(fates[..10].iter().all(|d| !d) && fates[10..].iter().all(|d| *d));
+        assert_eq!((c.bursts, c.lost), (2, 20));
     }
 }

@@ -975,3 +975,161 @@ fn a_small_final_block_does_not_time_out_its_group_neighbours_on_a_slow_link() {
     assert_eq!(h.out.gap_count(), 0, "gaps: {:?}", h.out.gaps);
     h.out.assert_exact("slow", 0..60_000);
 }
+
+// ---- Bursts at every load (issue 8): the rate-driven simulation of
+// `weir_protocol::sim`, defaults, 1 Gbit/s. `make fec-table` runs the same
+// scenarios over 10,000,000 records each, at 1 Gbit/s and 200 Mbit/s, for
+// the table in docs/wire-format.md; these shorter runs keep CI fast.
+
+mod rate_driven {
+    use weir_protocol::sim::{run, LossModel, Outcome, Scenario};
+    use weir_protocol::{EncoderConfig, NANOS_PER_MILLI, NANOS_PER_SEC};
+
+    const RECORDS: u64 = 1_000_000;
+
+    fn defaults() -> EncoderConfig {
+        let mut cfg = EncoderConfig::new(1);
+        cfg.link_rate = 1_000_000_000 / 8;
+        cfg
+    }
+
+    fn scenario(cfg: EncoderConfig, load: f64, loss: LossModel, seed: u64) -> Scenario {
+        Scenario {
+            encoder: cfg,
+            load,
+            records: RECORDS,
+            loss,
+            seed,
+            idle_every: 0,
+            idle_for: 0,
+        }
+    }
+
+    fn assert_nothing_lost(o: &Outcome, what: &str) {
+        assert_eq!(
+            o.unaccounted, 0,
+            "{what}: records neither delivered nor in a gap: {o:?}"
+        );
+        assert!(o.datagrams_lost > 0, "{what}: the link lost nothing: {o:?}");
+        assert_eq!(o.lost, 0, "{what}: records lost: {o:?}");
+        assert_eq!(o.blocks_lost, 0, "{what}: {o:?}");
+        assert_eq!(o.delivered, o.records, "{what}: {o:?}");
+    }
+
+    #[test]
+    fn defaults_lose_no_record_to_5pct_random_loss_at_5_50_and_80pct_load() {
+        for load in [0.05, 0.5, 0.8] {
+            let o = run(&scenario(
+                defaults(),
+                load,
+                LossModel::Random { p: 0.05 },
+                11,
+            ));
+            assert_nothing_lost(&o, &format!("5% random loss at {load}"));
+        }
+    }
+
+    #[test]
+    fn defaults_lose_no_record_to_gilbert_elliott_bursts_of_mean_20_at_5_and_80pct_load() {
+        for load in [0.05, 0.8] {
+            let loss = LossModel::gilbert_elliott(20.0, 0.04);
+            let o = run(&scenario(defaults(), load, loss, 12));
+            assert_nothing_lost(&o, &format!("GE bursts at {load}"));
+            assert!(o.longest_burst >= 60, "bursts were long: {o:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_lose_no_record_to_a_100_datagram_burst_every_second_at_5_and_80pct_load() {
+        for load in [0.05, 0.8] {
+            let loss = LossModel::Periodic {
+                len: 100,
+                every: NANOS_PER_SEC,
+            };
+            // At 200 Mbit/s a million points take seconds, so several
+            // bursts fall in the run even at 80% load.
+            let mut cfg = defaults();
+            cfg.link_rate = 200_000_000 / 8;
+            let o = run(&scenario(cfg, load, loss, 13));
+            assert_nothing_lost(&o, &format!("100-datagram bursts at {load}"));
+            assert_eq!(o.longest_burst, 100);
+            assert!(o.datagrams_lost >= 200, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn the_same_bursts_cost_records_with_spreading_and_spare_parity_turned_off() {
+        // What the defaults buy: the configured code alone, shards of a
+        // block back to back, loses blocks to the same Gilbert–Elliott
+        // bursts at low load.
+        let mut cfg = defaults();
+        cfg.spare_parity_max = cfg.parity_shards;
+        cfg.burst_tolerance = 0;
+        cfg.warmup_blocks = 0;
+        let o = run(&scenario(
+            cfg,
+            0.05,
+            LossModel::gilbert_elliott(20.0, 0.04),
+            12,
+        ));
+        assert_eq!(o.unaccounted, 0);
+        assert!(o.lost > 0, "{o:?}");
+    }
+
+    #[test]
+    fn parity_falls_back_to_the_configured_ratio_when_the_link_is_full() {
+        let cfg = defaults();
+        let configured = cfg.parity_shards as f64 / cfg.data_shards as f64;
+        // Offered 120% of the link: the encoder is backlogged throughout.
+        let o = run(&scenario(cfg, 1.2, LossModel::None, 14));
+        assert_eq!(o.delivered, o.records);
+        assert!(
+            o.overhead() >= configured && o.overhead() < configured * 1.1,
+            "parity / data {} vs configured {configured}: {o:?}",
+            o.overhead()
+        );
+        // And at low load the idle link carries several times the parity.
+        let o = run(&scenario(defaults(), 0.05, LossModel::None, 14));
+        assert!(o.overhead() > 2.0, "{o:?}");
+        assert!(o.spare_parity_frames > 0);
+    }
+
+    #[test]
+    fn the_first_blocks_after_idle_get_full_protection() {
+        // 5 s of silence every 20,000 records; the link then loses the first
+        // 40 datagrams after each quiet spell (a cold link waking up).
+        let loss = LossModel::AfterIdle {
+            quiet: NANOS_PER_SEC,
+            len: 40,
+        };
+        let mut s = scenario(defaults(), 0.05, loss, 15);
+        s.records = 200_000;
+        s.idle_every = 20_000;
+        s.idle_for = 5 * NANOS_PER_SEC;
+        let o = run(&s);
+        assert!(o.datagrams_lost >= 9 * 40, "{o:?}");
+        assert_nothing_lost(&o, "loss after idle");
+        // Without spreading, spare and warm-up parity the same wake-up
+        // loss takes the first block of each transfer.
+        s.encoder.spare_parity_max = s.encoder.parity_shards;
+        s.encoder.burst_tolerance = 0;
+        s.encoder.warmup_blocks = 0;
+        let o = run(&s);
+        assert!(o.lost > 0, "{o:?}");
+    }
+
+    #[test]
+    fn latency_stays_within_flush_ms_plus_max_spread_at_every_load() {
+        let cfg = defaults();
+        let bound = (cfg.flush_after + cfg.max_spread) as f64 / NANOS_PER_MILLI as f64;
+        for load in [0.05, 0.5, 0.8] {
+            let o = run(&scenario(cfg.clone(), load, LossModel::None, 16));
+            assert_eq!(o.delivered, o.records);
+            assert!(
+                o.latency_max_ms <= bound,
+                "at {load}: latency max {} ms above {bound} ms",
+                o.latency_max_ms
+            );
+        }
+    }
+}

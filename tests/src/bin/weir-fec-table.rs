@@ -23,7 +23,7 @@ struct Args {
     /// Loads to run, as shares of the rate (comma-separated).
     #[arg(long, default_value = "0.05,0.5,0.8")]
     loads: String,
-    /// Only these models (comma-separated: random1, random5, ge20, burst100); all by default.
+    /// Only these models (comma-separated: random1, random5, random10, ge20, ge50, burst100, burst300); all by default.
     #[arg(long)]
     models: Option<String>,
     /// Seed of the loss model.
@@ -56,11 +56,20 @@ fn models() -> Vec<(&'static str, LossModel)> {
     vec![
         ("random1", LossModel::Random { p: 0.01 }),
         ("random5", LossModel::Random { p: 0.05 }),
+        ("random10", LossModel::Random { p: 0.10 }),
         ("ge20", LossModel::gilbert_elliott(20.0, 0.04)),
+        ("ge50", LossModel::gilbert_elliott(50.0, 0.04)),
         (
             "burst100",
             LossModel::Periodic {
                 len: 100,
+                every: NANOS_PER_SEC,
+            },
+        ),
+        (
+            "burst300",
+            LossModel::Periodic {
+                len: 300,
                 every: NANOS_PER_SEC,
             },
         ),
@@ -87,7 +96,7 @@ fn main() -> Result<()> {
         let names: Vec<&str> = list.split(',').map(str::trim).collect();
         for n in &names {
             if !chosen.iter().any(|(m, _)| m == n) {
-                bail!("--models: unknown model `{n}`; use random1, random5, ge20 or burst100");
+                bail!("--models: unknown model `{n}`; use random1, random5, random10, ge20, ge50, burst100 or burst300");
             }
         }
         chosen.retain(|(m, _)| names.contains(m));
