@@ -1080,8 +1080,11 @@ mod rate_driven {
     fn parity_falls_back_to_the_configured_ratio_when_the_link_is_full() {
         let cfg = defaults();
         let configured = cfg.parity_shards as f64 / cfg.data_shards as f64;
-        // Offered 120% of the link: the encoder is backlogged throughout.
-        let o = run(&scenario(cfg, 1.2, LossModel::None, 14));
+        // Offered 120% of the link: the encoder is backlogged after the
+        // first moments (before its first measurement it plans the cap).
+        let mut s = scenario(cfg, 1.2, LossModel::None, 14);
+        s.records = 5_000_000;
+        let o = run(&s);
         assert_eq!(o.delivered, o.records);
         assert!(
             o.overhead() >= configured && o.overhead() < configured * 1.1,
