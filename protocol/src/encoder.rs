@@ -143,6 +143,11 @@ impl InFlight {
 /// times `interleave`; past it the oldest one's spare parity is dropped.
 const SPARE_ONLY_FACTOR: usize = 2;
 
+/// Share of the link taken by data and configured parity (in the last
+/// measuring window) from which the encoder treats the link as full: no
+/// spare parity, configured parity only.
+const FULL_LOAD: f64 = 0.95;
+
 /// Length of the windows in which the link's use is measured.
 const MEASURE_WINDOW: Nanos = 100 * crate::NANOS_PER_MILLI;
 
@@ -331,7 +336,7 @@ impl Encoder {
             postcard::to_extend(record, scratch).expect("postcard into a Vec cannot fail");
         self.stats.records += 1;
         self.stats.record_bytes += record_bytes.len() as u64;
-        self.pack(now, record.stream, &record_bytes);
+        self.pack(record.stream, &record_bytes);
         // A heartbeat claims a record (`last_seq`) once the block holding its
         // end is sealed, so the receiver names it in a gap if that block is
         // lost. `pack` ends by writing into the open block and seals that
@@ -394,7 +399,7 @@ impl Encoder {
         self.cfg.block_capacity() - self.open.len()
     }
 
-    fn pack(&mut self, now: Nanos, stream: StreamId, bytes: &[u8]) {
+    fn pack(&mut self, stream: StreamId, bytes: &[u8]) {
         self.ensure_stream_info(stream);
         if entry_len(TAG_RECORD, 0, bytes.len()) <= self.room() {
             put_entry(&mut self.open, TAG_RECORD, 0, bytes);
@@ -406,7 +411,7 @@ impl Encoder {
         if self.room() < MIN_FRAGMENT + MAX_ENTRY_HEADER {
             // Too little room for a useful first piece: start afresh.
             self.seal(false);
-            return self.pack(now, stream, bytes);
+            return self.pack(stream, bytes);
         }
         let total = bytes.len() as u32;
         let first =
@@ -764,14 +769,24 @@ impl Encoder {
         let t0 = now;
         let mut owing = owing;
         while owing < self.cfg.interleave {
-            // Blocks still queued behind this one: the link is behind, so
-            // there is no idle capacity to spend.
-            let backlog = self.sealed.len() > 1;
+            // Full load: more blocks wait than can go in flight, or the
+            // link was (nearly) full in the last measuring window. Then
+            // there is no idle capacity to spend, and parity stays at the
+            // configured ratio. A source handing over several blocks' worth
+            // at once is not full load.
+            let backlog = self.sealed.len() > self.cfg.interleave
+                || self.meter.last.is_some_and(|u| u.busy >= FULL_LOAD);
             let Some(mut block) = self.sealed.pop_front() else {
                 break;
             };
             let k = block.k;
             let mut configured = self.parity_for(k);
+            if !backlog {
+                // Below full load every block gets at least the full M:
+                // a partial block with proportional parity (12 + 4) is lost
+                // far more often than a full one (64 + 16) at the same loss.
+                configured = configured.max(self.cfg.parity_shards).min(MAX_SHARDS - k);
+            }
             if self.warmup_left > 0 {
                 self.warmup_left -= 1;
                 self.stats.warmup_blocks += 1;

@@ -223,6 +223,11 @@ pub struct Scenario {
     /// the start of a transfer after idle.
     pub idle_every: u64,
     pub idle_for: Nanos,
+    /// Records are handed over in batches every `tick` (0: each at its own
+    /// time). The sender's generator source ticks every 5 ms, and polling
+    /// sources are bursty alike; with `flush_ms` 5 this makes the partial
+    /// blocks of all sizes a real source makes.
+    pub tick: Nanos,
 }
 
 /// What a run did and lost.
@@ -320,18 +325,28 @@ pub fn run(s: &Scenario) -> Outcome {
     let mut in_gap: u64 = 0;
     let mut done_at: Option<Nanos> = None;
     enc.handle_timeout(0);
+    // When the record nominally due at `at` is handed over.
+    let release = |at: f64| -> Nanos {
+        if s.tick == 0 {
+            at as Nanos
+        } else {
+            ((at / s.tick as f64).ceil() as Nanos).saturating_mul(s.tick)
+        }
+    };
     loop {
+        // Timers before records due at the same instant: a flush timer that
+        // fires as a tick hands over records seals the block first.
+        if enc.poll_timeout().is_some_and(|t| t <= now) {
+            enc.handle_timeout(now);
+        }
         // Records due by now.
-        while next_seq < s.records && next_at as Nanos <= now && !enc.is_backlogged() {
+        while next_seq < s.records && release(next_at) <= now && !enc.is_backlogged() {
             enc.push(now, &point(stream, next_seq, now));
             next_seq += 1;
             next_at += gap;
-            if s.idle_every > 0 && next_seq % s.idle_every == 0 {
+            if s.idle_every > 0 && next_seq.is_multiple_of(s.idle_every) {
                 next_at += s.idle_for as f64;
             }
-        }
-        if enc.poll_timeout().is_some_and(|t| t <= now) {
-            enc.handle_timeout(now);
         }
         let mut sent = false;
         if link_free <= now {
@@ -382,7 +397,7 @@ pub fn run(s: &Scenario) -> Outcome {
         }
         // Nothing to send now: jump to the next event.
         let mut next = [
-            (next_seq < s.records && !enc.is_backlogged()).then_some(next_at as Nanos),
+            (next_seq < s.records && !enc.is_backlogged()).then_some(release(next_at)),
             enc.poll_timeout(),
             dec.poll_timeout(),
             (link_free > now).then_some(link_free),

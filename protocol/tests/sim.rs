@@ -1002,6 +1002,9 @@ mod rate_driven {
             seed,
             idle_every: 0,
             idle_for: 0,
+            // Records in batches every 5 ms, as the generator source hands
+            // them over: partial blocks of every size.
+            tick: 5 * NANOS_PER_MILLI,
         }
     }
 

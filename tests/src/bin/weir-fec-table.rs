@@ -29,6 +29,10 @@ struct Args {
     /// Seed of the loss model.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Records are handed over in batches every this many ms, as the
+    /// generator source does (5); 0 hands each over at its own time.
+    #[arg(long, default_value_t = 5)]
+    tick_ms: u64,
     /// Parallel runs.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
@@ -158,6 +162,7 @@ fn main() -> Result<()> {
                     seed: args.seed,
                     idle_every: 0,
                     idle_for: 0,
+                    tick: args.tick_ms * NANOS_PER_MILLI,
                 });
                 eprintln!("done: {} at {:.0}%", loss.describe(), load * 100.0);
                 results.lock().expect("results").push((i, outcome));
@@ -172,7 +177,7 @@ fn main() -> Result<()> {
         format!("Defaults except {}", changed.join(", "))
     };
     println!(
-        "{what} (RS {}+{}, interleave {}, flush_ms {}, spare_parity_max {}, burst_tolerance {}, max_spread_ms {}), link {}, {} generator points per row, seed {}:",
+        "{what} (RS {}+{}, interleave {}, flush_ms {}, spare_parity_max {}, burst_tolerance {}, max_spread_ms {}), link {}, {} generator points per row (handed over every {} ms), seed {}:",
         encoder.data_shards,
         encoder.parity_shards,
         encoder.interleave,
@@ -182,6 +187,7 @@ fn main() -> Result<()> {
         encoder.max_spread / 1_000_000,
         args.rate,
         args.records,
+        args.tick_ms,
         args.seed
     );
     println!();
