@@ -414,5 +414,25 @@ fn publish(enc: &mut Encoder, counters: &Counters) {
     counters
         .parity_frames
         .store(s.parity_frames, Ordering::Relaxed);
+    counters.data_frames.store(s.data_frames, Ordering::Relaxed);
+    counters.data_bytes.store(s.data_bytes, Ordering::Relaxed);
+    counters
+        .parity_bytes
+        .store(s.parity_bytes, Ordering::Relaxed);
+    counters
+        .spare_parity_blocks
+        .store(s.spare_parity_blocks, Ordering::Relaxed);
+    counters
+        .spare_parity_frames
+        .store(s.spare_parity_frames, Ordering::Relaxed);
+    counters
+        .spare_parity_dropped
+        .store(s.spare_parity_dropped, Ordering::Relaxed);
+    counters
+        .warmup_blocks
+        .store(s.warmup_blocks, Ordering::Relaxed);
+    counters
+        .max_spread_us
+        .store(s.max_spread / 1_000, Ordering::Relaxed);
     enc.set_counters(counters.snapshot());
 }

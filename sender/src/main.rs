@@ -493,6 +493,9 @@ fn log_status(counters: &Counters) {
         datagrams = s["datagrams_sent"],
         wire_bytes = s["wire_bytes_sent"],
         send_errors = s["send_errors"],
+        parity_overhead_pct = counters.parity_overhead_pct().unwrap_or(0.0),
+        spare_parity_frames = s["spare_parity_frames"],
+        spare_parity_dropped = s["spare_parity_dropped"],
         "status"
     );
 }

@@ -47,11 +47,27 @@ counters! {
     blocks_sent: "FEC blocks sealed",
     parity_frames: "parity shards sent",
     pacer_waits: "times the pacer held back a batch to keep to the link rate",
+    data_frames: "data shards sent",
+    data_bytes: "shard payload bytes of the data shards sent (no frame overhead)",
+    parity_bytes: "shard payload bytes of the parity shards sent, spare parity included; parity_bytes / data_bytes is the parity overhead",
+    spare_parity_blocks: "blocks given parity beyond fec.parity_shards from the link's measured idle capacity",
+    spare_parity_frames: "parity shards sent beyond the configured (and warm-up) parity, paid for by idle capacity",
+    spare_parity_dropped: "spare parity shards computed but not sent because the link got busy first",
+    warmup_blocks: "blocks sent with fec.warmup_parity after the link was idle",
+    max_spread_us: "widest spread in time given to one block's shards since start, in microseconds (at most fec.max_spread_ms)",
 }
 
 impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Parity bytes per 100 data bytes sent so far (spare parity included),
+    /// to one decimal; None before the first data shard.
+    pub fn parity_overhead_pct(&self) -> Option<f64> {
+        let data = self.data_bytes.load(Ordering::Relaxed);
+        let parity = self.parity_bytes.load(Ordering::Relaxed);
+        (data > 0).then(|| (parity as f64 * 1000.0 / data as f64).round() / 10.0)
     }
 
     /// Writes a JSON object of all counters atomically (temp file + rename).
@@ -63,6 +79,9 @@ impl Counters {
         let mut map = serde_json::Map::new();
         for (k, v) in self.snapshot() {
             map.insert(k, v.into());
+        }
+        if let Some(pct) = self.parity_overhead_pct() {
+            map.insert("parity_overhead_pct".to_string(), pct.into());
         }
         map.insert("sources".to_string(), self.sources.to_json());
         for (k, v) in extra {
