@@ -89,6 +89,9 @@ struct InFlight {
     /// Shards below this index are sent on their schedule; the rest are
     /// reserve spare parity, sent only where the link would otherwise idle.
     scheduled: usize,
+    /// Shards from this index on are not sent: k + m, or `scheduled` once
+    /// the reserve is given up (flush, or too many blocks in flight).
+    end: usize,
     /// Next shard index to send.
     next: usize,
     /// Due time of shard 0 and the spacing of the next ones.
@@ -118,7 +121,7 @@ impl InFlight {
     }
 
     fn done(&self) -> bool {
-        self.next >= self.block.k + self.block.m
+        self.next >= self.end
     }
 
     /// Data or configured parity still to send (spare parity does not
@@ -518,6 +521,15 @@ impl Encoder {
     /// (end of input, shutdown).
     pub fn flush(&mut self, now: Nanos) {
         self.start.get_or_insert(now);
+        // Reserve parity waits for idle moments, which a flush does not
+        // wait for: give it up, so the encoder goes idle once the scheduled
+        // shards are out.
+        for f in &mut self.in_flight {
+            let end = f.end.min(f.scheduled.max(f.next));
+            self.stats.spare_parity_dropped += (f.end - end) as u64;
+            f.end = end;
+        }
+        self.in_flight.retain(|f| !f.done());
         self.seal(true);
         self.flushing = true;
     }
@@ -776,6 +788,7 @@ impl Encoder {
             // at once is not full load.
             let backlog = self.sealed.len() > self.cfg.interleave
                 || self.meter.last.is_some_and(|u| u.busy >= FULL_LOAD);
+            let reserve_wanted = !self.flushing;
             let Some(mut block) = self.sealed.pop_front() else {
                 break;
             };
@@ -806,7 +819,7 @@ impl Encoder {
                     .min(MAX_SHARDS - k)
                     .saturating_sub(configured);
                 let planned = self.spare_for(k, configured).min(cap);
-                (planned, cap - planned)
+                (planned, if reserve_wanted { cap - planned } else { 0 })
             };
             if planned + reserve > 0 {
                 self.stats.spare_parity_blocks += 1;
@@ -822,6 +835,7 @@ impl Encoder {
                 block,
                 configured,
                 scheduled: k + configured + planned,
+                end: k + m,
                 next: 0,
                 t0,
                 step,
@@ -849,8 +863,7 @@ impl Encoder {
                 return;
             };
             let dropped = self.in_flight.swap_remove(i);
-            self.stats.spare_parity_dropped +=
-                (dropped.block.k + dropped.block.m - dropped.next) as u64;
+            self.stats.spare_parity_dropped += (dropped.end - dropped.next) as u64;
             self.recycle(dropped.block.shards);
         }
     }

@@ -1139,3 +1139,43 @@ mod rate_driven {
         }
     }
 }
+
+/// Found end to end: a sender draining its spool at shutdown never went
+/// idle, because blocks kept reserve spare parity that only goes out in idle
+/// moments, which a flush does not wait for.
+#[test]
+fn a_flushed_encoder_goes_idle_once_its_scheduled_shards_are_out() {
+    // Records take about 70% of this link, so blocks plan part of their
+    // spare parity and keep the rest as reserve.
+    let mut cfg = EncoderConfig::new(1);
+    cfg.link_rate = 7_500_000;
+    let mut enc = Encoder::new(cfg, signer());
+    let s = enc.add_stream("gen", "generator", 0, 1);
+    enc.handle_timeout(0);
+    let mut buf = vec![0u8; enc.max_frame_len()];
+    let mut now = 0;
+    for i in 0..30_000 {
+        enc.push(now, &point(s, i));
+        now += 10_000;
+        if enc.poll_timeout().is_some_and(|t| t <= now) {
+            enc.handle_timeout(now);
+        }
+        // One frame per record: a link too slow to send all the reserve.
+        enc.poll_frame(now, &mut buf);
+    }
+    assert!(enc.stats().spare_parity_blocks > 0, "{:?}", enc.stats());
+    enc.flush(now);
+    enc.heartbeat_now(now);
+    for _ in 0..10_000 {
+        if enc.is_idle() {
+            break;
+        }
+        now += 100_000;
+        if enc.poll_timeout().is_some_and(|t| t <= now) {
+            enc.handle_timeout(now);
+        }
+        while enc.poll_frame(now, &mut buf).is_some() {}
+    }
+    assert!(enc.is_idle(), "still busy after a flush: {:?}", enc.stats());
+    assert!(enc.stats().spare_parity_dropped > 0);
+}
