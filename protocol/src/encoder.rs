@@ -151,6 +151,11 @@ const SPARE_ONLY_FACTOR: usize = 2;
 /// spare parity, configured parity only.
 const FULL_LOAD: f64 = 0.95;
 
+/// Share of the measured idle capacity reserve spare parity may use, and
+/// the most reserve frames sent back to back.
+const RESERVE_SHARE: f64 = 0.5;
+const RESERVE_BURST: f64 = 4.0;
+
 /// Length of the windows in which the link's use is measured.
 const MEASURE_WINDOW: Nanos = 100 * crate::NANOS_PER_MILLI;
 
@@ -208,6 +213,9 @@ pub struct Encoder {
     next_control_seq: u64,
     /// Frames polled: the clock of `InFlight::served`.
     polled: u64,
+    /// Token bucket of reserve spare parity frames (`reserve_allowed`).
+    reserve_tokens: f64,
+    reserve_at: Nanos,
     next_heartbeat: Option<Nanos>,
     start: Option<Nanos>,
     last_data_frame: Option<Nanos>,
@@ -245,6 +253,8 @@ impl Encoder {
             flushing: false,
             next_control_seq: 0,
             polled: 0,
+            reserve_tokens: RESERVE_BURST,
+            reserve_at: 0,
             next_heartbeat: None,
             start: None,
             last_data_frame: None,
@@ -492,8 +502,19 @@ impl Encoder {
             .open_since
             .filter(|_| self.sealed.is_empty())
             .map(|t| t + self.cfg.flush_after);
-        let due = self.in_flight.iter().map(InFlight::due).min();
-        [flush, due, self.next_heartbeat]
+        let due = self
+            .in_flight
+            .iter()
+            .filter(|f| f.class() < 2)
+            .map(InFlight::due)
+            .min();
+        let reserve = self
+            .in_flight
+            .iter()
+            .any(|f| f.class() == 2)
+            .then(|| self.next_reserve_at())
+            .flatten();
+        [flush, due, reserve, self.next_heartbeat]
             .into_iter()
             .flatten()
             .min()
@@ -664,22 +685,23 @@ impl Encoder {
         // Reserve parity only where nothing is due and nothing waits, and
         // never two shards of one block in a row while another block has
         // reserve left.
-        let i = scheduled.or_else(|| {
-            if eager
-                || self
+        let i = match scheduled {
+            Some(i) => i,
+            None => {
+                if eager || !self.reserve_allowed(now) {
+                    return None;
+                }
+                let i = self
                     .in_flight
                     .iter()
-                    .any(|f| f.class() < 2 && f.due() <= now)
-            {
-                return None;
+                    .enumerate()
+                    .filter(|(_, f)| f.class() == 2)
+                    .min_by_key(|(_, f)| (f.served, f.block.number))
+                    .map(|(i, _)| i)?;
+                self.reserve_tokens -= 1.0;
+                i
             }
-            self.in_flight
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| f.class() == 2)
-                .min_by_key(|(_, f)| (f.served, f.block.number))
-                .map(|(i, _)| i)
-        })?;
+        };
         let session = self.cfg.session;
         let f = &mut self.in_flight[i];
         let index = f.next;
@@ -727,6 +749,32 @@ impl Encoder {
             }
         }
         Some(n)
+    }
+
+    /// Whether a reserve spare parity frame may go now. Reserve fills idle
+    /// moments at a bounded rate (a small token bucket filled at the idle
+    /// share of the link last measured), so the driver, which gathers a
+    /// batch of frames at once, never fills a whole batch with reserve
+    /// that data due a moment later would have to wait behind.
+    fn reserve_allowed(&mut self, now: Nanos) -> bool {
+        let idle = self.meter.last.map_or(1.0, |u| (1.0 - u.busy).max(0.0));
+        let per_sec = idle * RESERVE_SHARE * self.link_frames_per_sec();
+        let elapsed = now.saturating_sub(self.reserve_at) as f64 / crate::NANOS_PER_SEC as f64;
+        self.reserve_at = now;
+        self.reserve_tokens = (self.reserve_tokens + elapsed * per_sec).min(RESERVE_BURST);
+        self.reserve_tokens >= 1.0
+    }
+
+    /// When the reserve bucket next holds a whole token (None while the
+    /// link was measured full).
+    fn next_reserve_at(&self) -> Option<Nanos> {
+        let idle = self.meter.last.map_or(1.0, |u| (1.0 - u.busy).max(0.0));
+        let per_sec = idle * RESERVE_SHARE * self.link_frames_per_sec();
+        if per_sec <= 0.0 {
+            return None;
+        }
+        let wait = (1.0 - self.reserve_tokens).max(0.0) / per_sec;
+        Some(self.reserve_at + (wait * crate::NANOS_PER_SEC as f64).ceil() as Nanos)
     }
 
     /// Counts a frame polled into the current measuring window.

@@ -148,6 +148,11 @@ pub fn run(
     let mut last_publish = Instant::now();
     let mut flushed = false;
     let mut send_errors_logged = Instant::now() - Duration::from_secs(60);
+    // When the frames polled so far will have left at the link rate.
+    let mut link_free: Nanos = 0;
+    let airtime = |len: usize| -> Nanos {
+        ((len + overhead) as u128 * 8 * 1_000_000_000 / u128::from(params.rate_bps.max(1))) as Nanos
+    };
 
     loop {
         let t = now();
@@ -301,9 +306,15 @@ pub fn run(
             carry.clear();
         }
         while count < batch_max {
-            let Some(n) = enc.poll_frame(t, &mut buf[used..used + frame_len]) else {
+            // Each frame is polled at the time the pacer will let it onto
+            // the link, not at the time the batch is gathered: the encoder
+            // spaces a block's shards in time, and a batch at a low rate
+            // spans milliseconds (44 frames at 100 Mbit/s: 5.4 ms).
+            let at = t.max(link_free);
+            let Some(n) = enc.poll_frame(at, &mut buf[used..used + frame_len]) else {
                 break;
             };
+            link_free = at + airtime(n);
             if count == 0 {
                 seg = n;
             } else if n > seg {
