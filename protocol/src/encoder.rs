@@ -538,8 +538,18 @@ impl Encoder {
         }
     }
 
-    /// Seals whatever is open so it is sent without waiting for the timer
-    /// (end of input, shutdown).
+    /// Seals whatever is open without waiting for the timer, and sends
+    /// the rest on its schedule: the last blocks keep their spread and
+    /// their spare parity, reserve included (the end of all input). The
+    /// encoder is idle once every shard is out.
+    pub fn finish(&mut self, now: Nanos) {
+        self.start.get_or_insert(now);
+        self.seal(true);
+    }
+
+    /// Seals whatever is open and sends everything at once, without
+    /// waiting for due times, giving up reserve spare parity (a prompt
+    /// shutdown).
     pub fn flush(&mut self, now: Nanos) {
         self.start.get_or_insert(now);
         // Reserve parity waits for idle moments, which a flush does not

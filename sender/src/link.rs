@@ -160,8 +160,16 @@ pub fn run(
         let drained =
             mode == DRAIN && resends.is_empty() && repeats.is_empty() && spool.lock().is_drained();
         if (mode == STOP || drained) && !flushed {
-            // On STOP what is still in the spool stays there for the next start.
-            enc.flush(t);
+            // On STOP what is still in the spool stays there for the next
+            // start, and what the encoder holds goes out at once. After the
+            // last source finished there is no hurry: the last blocks keep
+            // their spread and spare parity, the protection they would have
+            // had with traffic behind them.
+            if mode == STOP {
+                enc.flush(t);
+            } else {
+                enc.finish(t);
+            }
             enc.heartbeat_now(t);
             flushed = true;
         }
