@@ -971,10 +971,12 @@ impl Encoder {
         let recent = self.meter.last.map_or(0.0, |u| u.frames);
         let capacity = self.link_frames_per_sec();
         // Positions per second the burst is counted in: what the link
-        // carried lately, but no fewer than one block's shards per flush
-        // interval, and no more than the link carries.
+        // carried lately (no more than it can carry); with no measurement
+        // yet (after idle), one block's shards per flush interval.
         let floor = n * crate::NANOS_PER_SEC as f64 / self.cfg.flush_after.max(1) as f64;
-        let rate = recent.max(floor.min(capacity)).min(capacity).max(1.0);
+        let rate = if recent >= 1.0 { recent } else { floor }
+            .min(capacity)
+            .max(1.0);
         let positions = self.cfg.burst_tolerance as f64 * n / m as f64;
         let secs = positions / rate;
         ((secs * crate::NANOS_PER_SEC as f64) as Nanos).min(self.cfg.max_spread)
