@@ -360,6 +360,10 @@ pub struct DecoderStats {
     pub gap_notices: u64,
     /// Resent records that filled an open gap and were delivered.
     pub resent_recovered: u64,
+    /// Records of a new sender session, sent again from its spool, that
+    /// filled an open gap (a link-loss gap of blocks the previous session
+    /// was sending when it died) and were delivered.
+    pub spool_recovered: u64,
     /// Resent records already delivered (or never in a gap): dropped.
     pub resent_duplicate: u64,
     /// Resent records ahead of the stream's position: dropped, the
@@ -449,6 +453,7 @@ impl DecoderStats {
             ("sequence_resets", self.sequence_resets),
             ("gap_notices", self.gap_notices),
             ("resent_recovered", self.resent_recovered),
+            ("spool_recovered", self.spool_recovered),
             ("resent_duplicate", self.resent_duplicate),
             ("resent_ahead", self.resent_ahead),
             ("open_gaps_forgotten", self.open_gaps_forgotten),
@@ -1459,6 +1464,24 @@ impl Decoder {
             self.note_recovered(&meta.name, record.seq);
         } else {
             if record.seq < expected {
+                // Sent again by a new session from the sender's spool (the
+                // old one died with blocks half sent, some of them lost):
+                // a record in an open gap fills it, like a resend.
+                if self.take_from_open_gap(&meta.name, record.seq) {
+                    self.stats.spool_recovered += 1;
+                    self.note_recovered(&meta.name, record.seq);
+                    self.stats.records += 1;
+                    self.events.push_back(Event::Record(Delivered {
+                        stream: meta.name.clone(),
+                        source_type: meta.source_type.clone(),
+                        session: session_id,
+                        epoch: meta.epoch,
+                        seq: record.seq,
+                        resent: true,
+                        body: record.body,
+                    }));
+                    return;
+                }
                 self.stats.duplicate_records += 1;
                 return;
             }

@@ -514,6 +514,56 @@ fn a_restarted_sender_resending_from_its_spool_causes_no_duplicates_and_no_gap()
     assert_eq!(h.dec.stats().sequence_resets, 0);
 }
 
+/// A sender killed while its blocks were on the wire: some were lost, later
+/// ones arrived, so the lost records became a link-loss gap. The restarted
+/// sender sends again from its spool's last sent mark: the records in the
+/// gap are delivered (recovered), the others dropped as duplicates.
+#[test]
+fn a_restarted_sender_resending_from_its_spool_fills_the_gap_its_predecessor_left() {
+    let mut h = Harness::new(8, EncoderConfig::new(100), Impairments::default());
+    let s = h.enc.add_stream("gen", "generator", 0, 42);
+    h.enc.handle_timeout(0);
+    for i in 0..1000 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    // Records 1000..2000 are lost on the link, 2000..3000 arrive.
+    h.link.imp.loss = 1.0;
+    for i in 1000..2000 {
+        h.push(&point(s, i));
+    }
+    h.enc.flush(h.now);
+    h.pump();
+    h.link.imp.loss = 0.0;
+    for i in 2000..3000 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    let gaps = h.out.gaps["gen"].clone();
+    assert!(
+        !gaps.is_empty() && gaps.iter().all(|g| g.2 == GapCause::LinkLoss),
+        "{gaps:?}"
+    );
+    let gap_records: u64 = gaps.iter().map(|g| g.1 - g.0 + 1).sum();
+    // The new session resends everything from 900.
+    h.enc = Encoder::new(EncoderConfig::new(200), signer());
+    let s = h.enc.add_stream("gen", "generator", 900, 42);
+    h.enc.handle_timeout(h.now);
+    for i in 900..3500 {
+        h.push(&point(s, i));
+    }
+    h.finish();
+    let st = h.dec.stats();
+    assert_eq!(st.spool_recovered, gap_records);
+    assert_eq!(st.duplicate_records, 2100 - gap_records);
+    let mut seqs = h.out.delivered["gen"].clone();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..3500).collect::<Vec<_>>(), "each record once");
+    let recovered: u64 = h.out.recovered.iter().map(|r| r.2 - r.1 + 1).sum();
+    assert_eq!(recovered, gap_records);
+}
+
 #[test]
 fn a_spool_overflow_notice_becomes_a_gap_with_its_cause_and_a_resend_recovers_it() {
     let mut h = Harness::new(13, EncoderConfig::new(1), Impairments::default());

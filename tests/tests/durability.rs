@@ -183,7 +183,13 @@ fn kill_9_of_the_sender_mid_run_loses_nothing_and_duplicates_nothing() {
             &s,
             sender_port,
             "200Mbit",
-            "",
+            // Spreading keeps up to 100 ms of blocks half sent; a kill then
+            // leaves those with a lost shard unrecoverable, and their records
+            // come back only as out-of-order recoveries from the restarted
+            // sender's spool (tested in protocol/tests/sim.rs,
+            // `a_restarted_sender_resending_from_its_spool_fills_the_gap_its_predecessor_left`).
+            // This test is about the spool: blocks go out back to back.
+            "[fec]\nburst_tolerance = 0\n",
             &format!(
                 "[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 50\nrate = 30000\n\
                  [[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{source_port}\"\n"
@@ -546,7 +552,9 @@ fn resend_fills_a_gap_caused_by_link_loss_and_the_audit_log_shows_its_recovery()
             &s,
             sender_port,
             "100Mbit",
-            "",
+            // The configured parity only, shards back to back: 60% loss
+            // must beat the FEC somewhere (spare parity would repair it).
+            "[fec]\nspare_parity_max = 16\nburst_tolerance = 0\nwarmup_blocks = 0\n",
             &format!(
                 "[[sources]]\nname = \"gen\"\ntype = \"generator\"\ntags = 10\nrate = 10000\ncount = {total}\n\
                  [[sources]]\nname = \"idle\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{idle_port}\"\n"
