@@ -63,7 +63,9 @@ pub struct EncoderConfig {
     /// the link needs for burst_tolerance × (k + m) / m datagrams.
     /// 0 sends each block's shards back to back.
     pub burst_tolerance: usize,
-    /// Longest spread of one block's shards: bounds the added latency.
+    /// Longest time one block's shards take: they are planned over at most
+    /// half of it, and a block that fell behind catches up from
+    /// `t0 + max_spread` on. Bounds the added latency.
     pub max_spread: Nanos,
 }
 
@@ -90,7 +92,7 @@ impl EncoderConfig {
             wire_overhead: 66,
             spare_parity_max: 64,
             burst_tolerance: 384,
-            max_spread: 100 * NANOS_PER_MILLI,
+            max_spread: 200 * NANOS_PER_MILLI,
         }
     }
 

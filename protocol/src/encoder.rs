@@ -109,15 +109,21 @@ impl InFlight {
     /// When the next shard may go: on its schedule, but never sooner than
     /// one step after the previous one, so a block that fell behind (the
     /// link was busy) keeps its spacing instead of catching up in a run of
-    /// its own shards that one burst could take; and never after its
-    /// deadline (`t0 + max_spread`), which bounds the latency.
+    /// its own shards that one burst could take; and from its deadline
+    /// (`t0 + max_spread`) on, four times as fast, which bounds the latency.
     fn due(&self) -> Nanos {
         let planned = self
             .t0
             .saturating_add(self.step.saturating_mul(self.next as u64));
-        self.last_sent
-            .map_or(planned, |t| planned.max(t.saturating_add(self.step)))
-            .min(self.deadline)
+        let Some(last) = self.last_sent else {
+            return planned.min(self.deadline);
+        };
+        let spaced = planned.max(last.saturating_add(self.step));
+        // Past the deadline the block catches up, but at no more than four
+        // shards per step: a stalled sender must not turn a block's last
+        // shards into one run that a single burst takes.
+        let catch_up = self.deadline.max(last.saturating_add(self.step / 4));
+        spaced.min(catch_up)
     }
 
     fn done(&self) -> bool {
@@ -962,7 +968,7 @@ impl Encoder {
     /// How long a block's shards are spread: long enough that a burst of
     /// `burst_tolerance` consecutive datagrams, at the rate the link
     /// carried frames lately (at least the rate this block adds), costs it
-    /// at most its m shards; at most `max_spread`.
+    /// at most its m shards; at most half of `max_spread`.
     fn spread_for(&self, k: usize, m: usize) -> Nanos {
         if m == 0 || self.cfg.burst_tolerance == 0 {
             return 0;
@@ -979,6 +985,9 @@ impl Encoder {
             .max(1.0);
         let positions = self.cfg.burst_tolerance as f64 * n / m as f64;
         let secs = positions / rate;
-        ((secs * crate::NANOS_PER_SEC as f64) as Nanos).min(self.cfg.max_spread)
+        // Planned within half of `max_spread`: the other half is headroom
+        // for a block that falls behind (a busy link, a stalled sender)
+        // before its deadline makes it catch up.
+        ((secs * crate::NANOS_PER_SEC as f64) as Nanos).min(self.cfg.max_spread / 2)
     }
 }

@@ -193,7 +193,7 @@ fn default_burst_tolerance() -> usize {
     384
 }
 fn default_max_spread_ms() -> u64 {
-    100
+    200
 }
 
 impl Default for FecConfig {
