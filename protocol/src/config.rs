@@ -148,7 +148,7 @@ impl EncoderConfig {
         if self.max_queued_blocks < self.interleave {
             return fail(
                 "internal.max_queued_blocks",
-                "must hold at least one interleave group",
+                "must hold at least `interleave` blocks",
             );
         }
         Ok(())

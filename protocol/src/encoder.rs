@@ -219,6 +219,10 @@ pub struct Encoder {
     next_control_seq: u64,
     /// Frames polled: the clock of `InFlight::served`.
     polled: u64,
+    /// Set by the driver while records wait upstream (a spool backlog):
+    /// the sender, not the link, is the bottleneck, so there is no idle
+    /// capacity to spend on spare parity.
+    input_waiting: bool,
     /// Token bucket of reserve spare parity frames (`reserve_allowed`).
     reserve_tokens: f64,
     reserve_at: Nanos,
@@ -259,6 +263,7 @@ impl Encoder {
             flushing: false,
             next_control_seq: 0,
             polled: 0,
+            input_waiting: false,
             reserve_tokens: RESERVE_BURST,
             reserve_at: 0,
             next_heartbeat: None,
@@ -323,6 +328,14 @@ impl Encoder {
     pub fn set_counters(&mut self, counters: Vec<(String, u64)>) {
         self.counters = counters;
         self.counters.truncate(MAX_HEARTBEAT_COUNTERS);
+    }
+
+    /// Tells the encoder whether records wait upstream of it (the sender's
+    /// spool has more than one read holds). While they do, blocks get the
+    /// configured parity only: a sender that cannot keep up with its input
+    /// is at full load whatever the link's rate says.
+    pub fn set_input_waiting(&mut self, waiting: bool) {
+        self.input_waiting = waiting;
     }
 
     /// True when enough sealed blocks wait for the link that the caller
@@ -850,7 +863,8 @@ impl Encoder {
             // there is no idle capacity to spend, and parity stays at the
             // configured ratio. A source handing over several blocks' worth
             // at once is not full load.
-            let backlog = self.sealed.len() > self.cfg.interleave
+            let backlog = self.input_waiting
+                || self.sealed.len() > self.cfg.interleave
                 || self.meter.last.is_some_and(|u| u.busy >= FULL_LOAD);
             let reserve_wanted = !self.flushing;
             let Some(mut block) = self.sealed.pop_front() else {

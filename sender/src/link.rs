@@ -219,6 +219,9 @@ pub fn run(
             if !items.is_empty() {
                 spool.room.notify_waiters();
             }
+            // A full read means more waits in the spool: the sender is
+            // behind its input, so no spare parity (see the encoder).
+            enc.set_input_waiting(items.len() >= FEED_BATCH);
             let mut last_index = None;
             for item in items.drain(..) {
                 match item {
