@@ -1450,41 +1450,33 @@ impl Decoder {
         let Some(expected) = self.prepare_cursor(&meta) else {
             return;
         };
-        if record.resent && record.seq != expected {
-            // A resent record only fills a gap; it never moves the stream on.
+        // Delivered after later records of its stream (it fills a gap).
+        let mut late = record.resent;
+        if record.seq < expected || (record.resent && record.seq != expected) {
+            // A resent record only fills a gap; it never moves the stream
+            // on. A record sent again by a new session from the sender's
+            // spool (the old one died with blocks half sent, some of them
+            // lost) fills an open gap the same way, or is a duplicate.
             if record.seq > expected {
                 self.stats.resent_ahead += 1;
                 return;
             }
             if !self.take_from_open_gap(&meta.name, record.seq) {
-                self.stats.resent_duplicate += 1;
+                if record.resent {
+                    self.stats.resent_duplicate += 1;
+                } else {
+                    self.stats.duplicate_records += 1;
+                }
                 return;
             }
-            self.stats.resent_recovered += 1;
+            if record.resent {
+                self.stats.resent_recovered += 1;
+            } else {
+                self.stats.spool_recovered += 1;
+            }
+            late = true;
             self.note_recovered(&meta.name, record.seq);
         } else {
-            if record.seq < expected {
-                // Sent again by a new session from the sender's spool (the
-                // old one died with blocks half sent, some of them lost):
-                // a record in an open gap fills it, like a resend.
-                if self.take_from_open_gap(&meta.name, record.seq) {
-                    self.stats.spool_recovered += 1;
-                    self.note_recovered(&meta.name, record.seq);
-                    self.stats.records += 1;
-                    self.events.push_back(Event::Record(Delivered {
-                        stream: meta.name.clone(),
-                        source_type: meta.source_type.clone(),
-                        session: session_id,
-                        epoch: meta.epoch,
-                        seq: record.seq,
-                        resent: true,
-                        body: record.body,
-                    }));
-                    return;
-                }
-                self.stats.duplicate_records += 1;
-                return;
-            }
             if record.seq > expected {
                 self.emit_gap(&meta.name, expected, record.seq - 1, None);
             }
@@ -1497,7 +1489,7 @@ impl Decoder {
             session: session_id,
             epoch: meta.epoch,
             seq: record.seq,
-            resent: record.resent,
+            resent: late,
             body: record.body,
         }));
     }

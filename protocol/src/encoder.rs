@@ -685,11 +685,12 @@ impl Encoder {
     /// (`poll_timeout` says when something will be).
     pub fn poll_frame(&mut self, now: Nanos, buf: &mut [u8]) -> Option<usize> {
         self.meter_roll(now);
-        let unsent_from = self.unsent_from();
+        // `unsent_from` scans the blocks in flight: only when a control
+        // frame waits.
         if self
             .control
             .front()
-            .is_some_and(|(after, _)| *after <= unsent_from)
+            .is_some_and(|(after, _)| *after <= self.unsent_from())
         {
             let (_, frame) = self.control.pop_front().expect("front exists");
             buf[..frame.len()].copy_from_slice(&frame);
@@ -844,8 +845,11 @@ impl Encoder {
     /// Puts sealed blocks in flight, up to `interleave` at once: decides
     /// each one's parity, computes it, and spreads its shards.
     fn admit(&mut self, now: Nanos) {
+        if self.sealed.is_empty() {
+            return;
+        }
         let owing = self.in_flight.iter().filter(|f| f.owes()).count();
-        if self.sealed.is_empty() || owing >= self.cfg.interleave {
+        if owing >= self.cfg.interleave {
             return;
         }
         let idle = self.in_flight.is_empty()

@@ -432,29 +432,19 @@ fn take_resend_requests(spool_path: &Path, queue: &mut VecDeque<Entry>) {
 /// counters to the encoder for its next heartbeat.
 fn publish(enc: &mut Encoder, counters: &Counters) {
     let s = enc.stats();
-    counters.blocks_sent.store(s.blocks, Ordering::Relaxed);
-    counters
-        .parity_frames
-        .store(s.parity_frames, Ordering::Relaxed);
-    counters.data_frames.store(s.data_frames, Ordering::Relaxed);
-    counters.data_bytes.store(s.data_bytes, Ordering::Relaxed);
-    counters
-        .parity_bytes
-        .store(s.parity_bytes, Ordering::Relaxed);
-    counters
-        .spare_parity_blocks
-        .store(s.spare_parity_blocks, Ordering::Relaxed);
-    counters
-        .spare_parity_frames
-        .store(s.spare_parity_frames, Ordering::Relaxed);
-    counters
-        .spare_parity_dropped
-        .store(s.spare_parity_dropped, Ordering::Relaxed);
-    counters
-        .warmup_blocks
-        .store(s.warmup_blocks, Ordering::Relaxed);
-    counters
-        .max_spread_us
-        .store(s.max_spread / 1_000, Ordering::Relaxed);
+    for (counter, value) in [
+        (&counters.blocks_sent, s.blocks),
+        (&counters.parity_frames, s.parity_frames),
+        (&counters.data_frames, s.data_frames),
+        (&counters.data_bytes, s.data_bytes),
+        (&counters.parity_bytes, s.parity_bytes),
+        (&counters.spare_parity_blocks, s.spare_parity_blocks),
+        (&counters.spare_parity_frames, s.spare_parity_frames),
+        (&counters.spare_parity_dropped, s.spare_parity_dropped),
+        (&counters.warmup_blocks, s.warmup_blocks),
+        (&counters.max_spread_us, s.max_spread / 1_000),
+    ] {
+        counter.store(value, Ordering::Relaxed);
+    }
     enc.set_counters(counters.snapshot());
 }
