@@ -563,6 +563,9 @@ impl Encoder {
     /// encoder is idle once every shard is out.
     pub fn finish(&mut self, now: Nanos) {
         self.start.get_or_insert(now);
+        // The input has ended: nothing waits upstream any more, so the last
+        // blocks get the spare parity the now idle link pays for.
+        self.input_waiting = false;
         self.seal(true);
     }
 
@@ -580,6 +583,7 @@ impl Encoder {
             f.end = end;
         }
         self.in_flight.retain(|f| !f.done());
+        self.input_waiting = false;
         self.seal(true);
         self.flushing = true;
     }

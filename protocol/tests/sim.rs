@@ -1229,3 +1229,37 @@ fn a_flushed_encoder_goes_idle_once_its_scheduled_shards_are_out() {
     assert!(enc.is_idle(), "still busy after a flush: {:?}", enc.stats());
     assert!(enc.stats().spare_parity_dropped > 0);
 }
+
+/// Regression: a sender behind its input (`set_input_waiting(true)`) sends
+/// configured parity only; when its input then ends (`finish`), the last
+/// block must not keep that full-load verdict, or the tail of a transfer,
+/// alone on an idle link, has the least protection of all.
+#[test]
+fn the_last_block_after_the_input_ends_gets_spare_parity_though_input_was_waiting() {
+    let mut cfg = EncoderConfig::new(1);
+    cfg.link_rate = 100_000_000;
+    let mut enc = Encoder::new(cfg, signer());
+    let s = enc.add_stream("gen", "generator", 0, 1);
+    enc.handle_timeout(0);
+    let mut buf = vec![0u8; enc.max_frame_len()];
+    let mut now = 0;
+    enc.set_input_waiting(true);
+    for i in 0..100 {
+        enc.push(now, &point(s, i));
+    }
+    assert_eq!(enc.stats().spare_parity_blocks, 0, "{:?}", enc.stats());
+    enc.finish(now);
+    for _ in 0..10_000 {
+        if enc.is_idle() {
+            break;
+        }
+        now += 100_000;
+        if enc.poll_timeout().is_some_and(|t| t <= now) {
+            enc.handle_timeout(now);
+        }
+        while enc.poll_frame(now, &mut buf).is_some() {}
+    }
+    assert!(enc.is_idle(), "still busy: {:?}", enc.stats());
+    assert_eq!(enc.stats().spare_parity_blocks, 1, "{:?}", enc.stats());
+    assert!(enc.stats().spare_parity_frames > 0, "{:?}", enc.stats());
+}
