@@ -148,6 +148,49 @@ impl InFlight {
     }
 }
 
+/// What `poll_frame` chooses a block by, kept beside each block in flight
+/// (`Encoder::keys`, same index) so the choice, made for every frame, scans
+/// a few bytes per block instead of the blocks themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    /// The order blocks are served in, smallest first: class (bits 62-63),
+    /// then blocks never served (bit 61 clear) by number, then the others
+    /// by when they were last served.
+    rank: u64,
+    /// When its next shard is due.
+    due: Nanos,
+}
+
+impl Key {
+    fn of(f: &InFlight) -> Key {
+        let order = if f.served == 0 {
+            f.block.number
+        } else {
+            (1 << 61) | f.served
+        };
+        debug_assert!(f.block.number < 1 << 61 && f.served < 1 << 61);
+        Key {
+            rank: (u64::from(f.class()) << 62) | order,
+            due: f.due(),
+        }
+    }
+
+    fn class(self) -> u8 {
+        (self.rank >> 62) as u8
+    }
+}
+
+/// The index of the smallest-ranked key that `eligible` admits.
+fn pick(keys: &[Key], eligible: impl Fn(Key) -> bool) -> Option<usize> {
+    let mut best: Option<(u64, usize)> = None;
+    for (i, k) in keys.iter().enumerate() {
+        if eligible(*k) && best.is_none_or(|(rank, _)| k.rank < rank) {
+            best = Some((k.rank, i));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
 /// Blocks in flight with only spare parity left are kept at most this many
 /// times `interleave`; past it the oldest one's spare parity is dropped.
 const SPARE_ONLY_FACTOR: usize = 2;
@@ -208,6 +251,8 @@ pub struct Encoder {
     next_block: u64,
     sealed: VecDeque<SealedBlock>,
     in_flight: Vec<InFlight>,
+    /// `Key::of` each block in flight, same order as `in_flight`.
+    keys: Vec<Key>,
     meter: Meter,
     /// Control frames, each sent once every block numbered below its
     /// `after_block` has been sent, so a heartbeat never overtakes the
@@ -258,6 +303,7 @@ impl Encoder {
             next_block: 0,
             sealed: VecDeque::new(),
             in_flight: Vec::new(),
+            keys: Vec::new(),
             meter: Meter::default(),
             control: VecDeque::new(),
             flushing: false,
@@ -522,15 +568,15 @@ impl Encoder {
             .filter(|_| self.sealed.is_empty())
             .map(|t| t + self.cfg.flush_after);
         let due = self
-            .in_flight
+            .keys
             .iter()
-            .filter(|f| f.class() < 2)
-            .map(InFlight::due)
+            .filter(|k| k.class() < 2)
+            .map(|k| k.due)
             .min();
         let reserve = self
-            .in_flight
+            .keys
             .iter()
-            .any(|f| f.class() == 2)
+            .any(|k| k.class() == 2)
             .then(|| self.next_reserve_at())
             .flatten();
         [flush, due, reserve, self.next_heartbeat]
@@ -583,6 +629,7 @@ impl Encoder {
             f.end = end;
         }
         self.in_flight.retain(|f| !f.done());
+        self.keys = self.in_flight.iter().map(Key::of).collect();
         self.input_waiting = false;
         self.seal(true);
         self.flushing = true;
@@ -709,13 +756,16 @@ impl Encoder {
         // Data and configured parity go before spare parity; among those of
         // a kind, the block served least recently.
         let eager = self.flushing || !self.sealed.is_empty();
-        let scheduled = self
-            .in_flight
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.class() < 2 && (eager || f.due() <= now))
-            .min_by_key(|(_, f)| (f.class(), f.served, f.block.number))
-            .map(|(i, _)| i);
+        debug_assert!(
+            self.keys.len() == self.in_flight.len()
+                && self
+                    .keys
+                    .iter()
+                    .zip(&self.in_flight)
+                    .all(|(k, f)| *k == Key::of(f)),
+            "selection keys out of step with the blocks in flight"
+        );
+        let scheduled = pick(&self.keys, |k| k.class() < 2 && (eager || k.due <= now));
         // Reserve parity only where nothing is due and nothing waits, and
         // never two shards of one block in a row while another block has
         // reserve left.
@@ -725,13 +775,7 @@ impl Encoder {
                 if eager || !self.reserve_allowed(now) {
                     return None;
                 }
-                let i = self
-                    .in_flight
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| f.class() == 2)
-                    .min_by_key(|(_, f)| (f.served, f.block.number))
-                    .map(|(i, _)| i)?;
+                let i = pick(&self.keys, |k| k.class() == 2)?;
                 self.reserve_tokens -= 1.0;
                 i
             }
@@ -775,7 +819,9 @@ impl Encoder {
         self.stats.wire_bytes += n as u64;
         self.last_data_frame = Some(now);
         self.meter_count(n, !is_parity, spare);
+        self.keys[i] = Key::of(&self.in_flight[i]);
         if self.in_flight[i].done() {
+            self.keys.swap_remove(i);
             let sent = self.in_flight.swap_remove(i);
             self.recycle(sent.block.shards);
             if self.in_flight.is_empty() && self.sealed.is_empty() {
@@ -852,7 +898,7 @@ impl Encoder {
         if self.sealed.is_empty() {
             return;
         }
-        let owing = self.in_flight.iter().filter(|f| f.owes()).count();
+        let owing = self.keys.iter().filter(|k| k.class() == 0).count();
         if owing >= self.cfg.interleave {
             return;
         }
@@ -929,6 +975,8 @@ impl Encoder {
                 last_sent: None,
                 deadline: t0.saturating_add(self.cfg.max_spread),
             });
+            self.keys
+                .push(Key::of(self.in_flight.last().expect("just pushed")));
             owing += 1;
         }
         self.bound_spare_only();
@@ -948,6 +996,7 @@ impl Encoder {
             else {
                 return;
             };
+            self.keys.swap_remove(i);
             let dropped = self.in_flight.swap_remove(i);
             self.stats.spare_parity_dropped += (dropped.end - dropped.next) as u64;
             self.recycle(dropped.block.shards);
