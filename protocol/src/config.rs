@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::frame::{shard_size_for_mtu, MAX_SHARDS};
+use crate::frame::{max_shard_for_mtu, shard_size_for_mtu, MAX_SHARDS};
 use crate::{Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
 
 /// Deepest interleave accepted; the decoder also uses it to decide how far
@@ -197,7 +197,7 @@ impl Default for DecoderConfig {
             block_timeout: 300 * NANOS_PER_MILLI,
             max_record_size: 16 << 20,
             max_streams: 4096,
-            max_shard_len: shard_size_for_mtu(1500).expect("valid MTU"),
+            max_shard_len: max_shard_for_mtu(1500).expect("valid MTU"),
             // Twice the sender's default k = 64, and its warm-up parity 32
             // twice over: room for a larger configured sender, while a hostile
             // k = 255 block (about 65 KB per inverted matrix) is refused.

@@ -407,7 +407,7 @@ pub fn parse(text: &str) -> Result<Loaded> {
         max_blocks_in_flight: c.decoder.max_blocks_in_flight,
         block_timeout: c.decoder.block_timeout_ms * NANOS_PER_MILLI,
         max_record_size,
-        max_shard_len: weir_protocol::frame::shard_size_for_mtu(c.link.mtu)
+        max_shard_len: weir_protocol::frame::max_shard_for_mtu(c.link.mtu)
             .expect("mtu checked above"),
         max_data_shards: c.fec.max_data_shards,
         max_parity_shards: c.fec.max_parity_shards,
