@@ -35,9 +35,13 @@ clippy:
 
 ci: fmt-check clippy test
 
-## Throughput against a raw UDP ceiling on this machine (not a test).
+## Issue 9's table on this machine (not a test): raw-UDP ceiling, bulk
+## goodput, CPU and peak RSS per side, small-record rates, latency, a
+## lagging sink; also written to /var/tmp/weir-bench/bench.json.
+## BENCH_FLAGS adds e.g. "--runs 5" or "--compare".
+BENCH_FLAGS ?=
 bench: build
-	$(BIN)/weir-bench
+	$(BIN)/weir-bench $(BENCH_FLAGS)
 
 ## The FEC tolerance table of docs/wire-format.md, from the seeded
 ## simulation: 10,000,000 records per row, at 1 Gbit/s and at 200 Mbit/s

@@ -32,6 +32,35 @@ fn stat_cpu_seconds(path: &str) -> Result<f64> {
     Ok((utime + stime) as f64 / USER_HZ)
 }
 
+/// User + system CPU seconds of another process so far (all its threads).
+pub fn pid_cpu_seconds(pid: u32) -> Result<f64> {
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// `VmHWM` (peak resident set size, KiB) from the text of a
+/// /proc/PID/status file.
+pub fn vm_hwm_kib(status: &str) -> Result<u64> {
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM line in the status file (a kernel thread, or not Linux?)")?;
+    let mut fields = line.split_whitespace().skip(1);
+    let (value, unit) = (fields.next(), fields.next());
+    if unit != Some("kB") {
+        bail!("VmHWM line {line:?}: expected a value in kB");
+    }
+    value
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("VmHWM line {line:?}: no number"))
+}
+
+/// Peak resident memory of a running process, in KiB.
+pub fn pid_peak_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    vm_hwm_kib(&text).with_context(|| path.clone())
+}
+
 /// CPU seconds used so far by the whole process (all threads).
 pub fn process_cpu_seconds() -> Result<f64> {
     stat_cpu_seconds("/proc/self/stat")
@@ -45,6 +74,18 @@ pub fn thread_cpu_seconds() -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_rss_is_read_from_vm_hwm_in_kib() {
+        let status =
+            "Name:\tweir-receiver\nVmPeak:\t  900000 kB\nVmHWM:\t   81234 kB\nVmRSS:\t 70000 kB\n";
+        assert_eq!(vm_hwm_kib(status).unwrap(), 81_234);
+        assert!(vm_hwm_kib("Name:\tx\n").is_err());
+        assert!(vm_hwm_kib("VmHWM:\t12 MB\n").is_err());
+        let own = pid_peak_rss_kib(std::process::id()).unwrap();
+        assert!(own > 0);
+        assert!(pid_cpu_seconds(std::process::id()).unwrap() >= 0.0);
+    }
 
     #[test]
     fn cpu_seconds_are_readable_and_grow() {

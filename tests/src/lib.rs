@@ -7,11 +7,13 @@
 //! `weir-tcpsink` checks what comes out, and `weir-udpblast` measures the raw
 //! UDP ceiling of the machine to compare weir against.
 //!
-//! The library holds what the binaries share: size/rate parsing ([`units`]),
+//! The library holds what the binaries share: the bench's measurements and
+//! report ([`bench`]), size/rate parsing ([`units`]),
 //! the seeded data stream ([`pattern`]), hashing and JSON reports
 //! ([`report`]), socket setup ([`net`]), pacing ([`pacer`]), CPU accounting
 //! ([`cpu`]) and the link simulator's sans-IO decision logic ([`linksim`]).
 
+pub mod bench;
 pub mod cpu;
 pub mod linksim;
 pub mod net;

@@ -1,42 +1,96 @@
-//! `weir-bench` (`make bench`): weir's throughput against a raw UDP ceiling
-//! measured in the same run on the same machine. Not a test: it reports
-//! ratios and never passes or fails on time.
+//! `weir-bench` (`make bench`): issue 9's one table, measured in one run on
+//! this machine, printed as markdown and written to `<dir>/bench.json`. Not
+//! a test: it reports figures and ratios and never passes or fails on time.
+//!
+//! Every weir run has its spool and journal on disk (`<dir>/store`),
+//! frames authenticated (HMAC-SHA256, a key from `weir-sender keygen`),
+//! MTU 1500 and RS 32+8 (`[fec] data_shards = 32, parity_shards = 8`):
 //!
 //! 1. Ceiling: `weir-udpblast pair` (1472-byte datagrams with GSO/GRO),
-//!    paced from high to low until a rate loses under 0.5% of datagrams;
-//!    plus the unpaced GSO figure and the one-datagram-per-syscall figure.
-//! 2. weir: `weir-tcpfeed` → tcp source → weir-sender → UDP (loopback) →
-//!    weir-receiver → tcp sink → `weir-tcpsink`, MTU 1500, RS(64,16) = 20%
-//!    parity, the sender paced at `--rate`; frames authenticated
-//!    (HMAC-SHA256, a key made by `weir-sender keygen`), then the same with
-//!    `[auth] disabled = true` on both sides, to show what authentication
-//!    costs in the same run.
+//!    unpaced and paced from high to low; the best rate losing under 0.5%
+//!    is the ceiling; plus the one-datagram-per-syscall figure.
+//! 2. Bulk: `weir-tcpfeed` → tcp source → weir-sender → UDP (loopback) →
+//!    weir-receiver → tcp sink → `weir-tcpsink`, `--runs` times, median by
+//!    goodput: goodput, CPU s/GB and peak RSS per side, gaps.
+//! 3. Small records: a generator source (1000 tags, a fixed count) into a
+//!    file sink (lines counted in its files) and into a tcp sink
+//!    (`weir-tcpsink --expect-lines`): records/s from first to last record.
+//! 4. Latency: the generator at 1000 points/s into a tcp sink, default
+//!    spool and journal fsync settings; `weir-tcpsink --latency` takes each
+//!    line's arrival minus its `ts`; p50, p99, max.
+//! 5. Lagging sink: a tcp sink whose peer reads nothing
+//!    (`weir-tcpsink --hold-until`) until the receiver's small journal has
+//!    filled and dropped records for it, then reads everything; the
+//!    receiver's peak RSS.
+//!
+//! Gaps are counted from each run's audit log; peak RSS is `VmHWM`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use serde_json::{json, Value};
+use serde_json::Value;
+use weir_tests::bench::{
+    count_audit_gaps, AuditGaps, Bulk, Comparisons, LaggingSink, Latency, LatencySummary, Machine,
+    Params, PeakRss, Report, SmallRecords, UdpCeiling, RSS_BOUND_MIB, SCHEMA,
+};
+use weir_tests::cpu::{pid_cpu_seconds, pid_peak_rss_kib};
+use weir_tests::units::parse_bytes;
+
+/// The FEC code every run uses: RS 32+8, 20% of the wire is parity.
+const DATA_SHARDS: u64 = 32;
+const PARITY_SHARDS: u64 = 8;
+const MTU: u64 = 1500;
+/// Tags of the generator in the small-record and latency runs.
+const SMALL_TAGS: u64 = 1000;
+/// How often the bench polls files, metrics and processes.
+const POLL: Duration = Duration::from_millis(20);
+/// A run whose output stops growing for this long is over.
+const IDLE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
-#[command(about = "Measure weir's throughput against a raw UDP ceiling on this machine")]
+#[command(about = "Measure weir on this machine: issue 9's table, printed and written as JSON")]
 struct Args {
-    /// Bytes pushed through each run (binary suffixes).
-    #[arg(long, default_value = "1G")]
+    /// Bytes pushed through each bulk run (binary suffixes).
+    #[arg(long, default_value = "512M")]
     bytes: String,
-    /// Link rate the weir sender is paced at.
+    /// `[link] rate` of the weir sender in every run.
     #[arg(long, default_value = "4Gbit")]
     rate: String,
-    /// weir runs (the median is reported).
+    /// Bulk and small-record runs each (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Scratch directory.
+    /// Scratch directory, on disk: configs, logs, spools, journals, bench.json.
     #[arg(long, default_value = "/var/tmp/weir-bench")]
     dir: PathBuf,
+    /// Generator points per small-record run.
+    #[arg(long, default_value_t = 2_000_000)]
+    small_records: u64,
+    /// Generator rate of the small-record runs, points/s (high enough to saturate).
+    #[arg(long, default_value_t = 2_000_000.0)]
+    small_rate: f64,
+    /// Length of the latency run, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    latency_secs: f64,
+    /// Generator rate of the latency run, points/s.
+    #[arg(long, default_value_t = 1000.0)]
+    latency_rate: f64,
+    /// `[journal] max_bytes` of the lagging-sink run; it feeds twice this
+    /// plus 128 MiB.
+    #[arg(long, default_value = "64M")]
+    lag_journal: String,
+    /// Also run bulk with spool and journal on tmpfs, and with
+    /// `[auth] disabled = true`, to show what the disk and the MAC cost.
+    #[arg(long)]
+    compare: bool,
 }
 
+/// Kills (SIGKILL) and reaps the processes of a run when dropped.
+#[derive(Default)]
 struct Kill(Vec<Child>);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -61,30 +115,16 @@ fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The last stdout line of a finished command, as JSON.
 fn run_json(cmd: &mut Command) -> Result<Value> {
     let out = cmd.stderr(Stdio::null()).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or(""))
-        .with_context(|| format!("parsing output: {text}"))
+    last_json_line(&out.stdout)
 }
 
-/// (CPU seconds, peak resident KiB) of a running process, from /proc.
-fn proc_usage(pid: u32) -> (f64, u64) {
-    let ticks = 100.0; // USER_HZ is 100 on Linux
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let cpu = (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        / ticks;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (cpu, hwm)
+fn last_json_line(stdout: &[u8]) -> Result<Value> {
+    let text = String::from_utf8_lossy(stdout);
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .with_context(|| format!("parsing output: {text}"))
 }
 
 fn read_json(p: &Path) -> Value {
@@ -99,6 +139,18 @@ fn free_port() -> u16 {
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
         .unwrap_or(47_500)
+}
+
+fn fresh_dir(p: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(p);
+    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<Stdio> {
+    let p = dir.join(name);
+    Ok(std::fs::File::create(&p)
+        .with_context(|| format!("creating {}", p.display()))?
+        .into())
 }
 
 /// `[auth]` tables for both sides: a fresh key in `dir`, or disabled.
@@ -125,250 +177,914 @@ fn auth_tables(dir: &Path, auth: bool) -> Result<(String, String)> {
     ))
 }
 
-fn weir_run(args: &Args, run: usize, store: &Path, auth: bool) -> Result<Value> {
-    let dir = args.dir.join(format!("run{run}"));
-    // Spool and journal live under `store` (tmpfs or disk).
-    let st = store.join(format!("run{run}"));
-    let _ = std::fs::remove_dir_all(&st);
-    std::fs::create_dir_all(&st)?;
-    let st = st.display();
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let (link, src, dst) = (free_port(), free_port(), free_port());
-    let d = dir.display();
-    let (sender_auth, receiver_auth) = auth_tables(&dir, auth)?;
-    std::fs::write(
-        dir.join("receiver.toml"),
-        format!(
-            "{receiver_auth}[link]\nlisten = \"127.0.0.1:{link}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{st}/journal\"\n\
-             [metrics]\npath = \"{d}/receiver.json\"\nlog_interval_s = 0\n\
-             [[sinks]]\nname = \"replay\"\ntype = \"tcp\"\nconnect = \"127.0.0.1:{dst}\"\n"
-        ),
-    )?;
-    std::fs::write(
-        dir.join("sender.toml"),
-        format!(
-            "{sender_auth}[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = 1500\n[fec]\ndata_shards = 64\nparity_shards = 16\n[spool]\npath = \"{st}/spool\"\n\
-             [metrics]\npath = \"{d}/sender.json\"\nlog_interval_s = 0\n\
-             [[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{src}\"\n",
-            args.rate
-        ),
-    )?;
-    let log = |n: &str| -> Result<Stdio> { Ok(std::fs::File::create(dir.join(n))?.into()) };
-    let mut procs = Kill(Vec::new());
+/// One weir sender/receiver pair: its configs, and what goes around it.
+struct Pair<'a> {
+    /// Configs, logs, metrics and the audit log.
+    dir: &'a Path,
+    /// Spool and journal (disk or tmpfs).
+    store: &'a Path,
+    auth: bool,
+    link_rate: &'a str,
+    /// The `[[sources]]` table.
+    source: String,
+    /// The `[[sinks]]` table.
+    sink: String,
+    /// Extra keys of the receiver's `[journal]`.
+    journal: String,
+}
+
+/// The pids of a started pair (the children themselves are in a [`Kill`])
+/// and the sampler of their usage.
+struct Started {
+    usage: Arc<Mutex<[Usage; 2]>>,
+    stop: Arc<AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+    pids: [u32; 2],
+}
+
+/// The last CPU seconds and the highest `VmHWM` read of one process.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    cpu_s: Option<f64>,
+    peak_kib: u64,
+}
+
+/// How often a run's processes are sampled. A sender whose sources all
+/// finish exits on its own, and an exited process has no `VmHWM` (its CPU
+/// time stays readable until it is reaped), so its peak is the last sample.
+const SAMPLE: Duration = Duration::from_millis(20);
+
+fn sample(pids: [u32; 2], usage: &Mutex<[Usage; 2]>) {
+    let mut u = usage.lock().unwrap_or_else(|e| e.into_inner());
+    for (pid, u) in pids.into_iter().zip(u.iter_mut()) {
+        if let Ok(cpu) = pid_cpu_seconds(pid) {
+            u.cpu_s = Some(cpu);
+        }
+        if let Ok(kib) = pid_peak_rss_kib(pid) {
+            u.peak_kib = u.peak_kib.max(kib);
+        }
+    }
+}
+
+impl Pair<'_> {
+    fn start(&self, procs: &mut Kill) -> Result<Started> {
+        fresh_dir(self.store)?;
+        let (d, st) = (self.dir.display(), self.store.display());
+        let link = free_port();
+        let (sender_auth, receiver_auth) = auth_tables(self.dir, self.auth)?;
+        std::fs::write(
+            self.dir.join("receiver.toml"),
+            format!(
+                "{receiver_auth}[link]\nlisten = \"127.0.0.1:{link}\"\nmtu = {MTU}\n\
+                 [audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{st}/journal\"\n{}\
+                 [metrics]\npath = \"{d}/receiver.json\"\nlog_interval_s = 0\n{}",
+                self.journal, self.sink
+            ),
+        )?;
+        std::fs::write(
+            self.dir.join("sender.toml"),
+            format!(
+                "{sender_auth}[link]\ndestination = \"127.0.0.1:{link}\"\nrate = \"{}\"\nmtu = {MTU}\n\
+                 [fec]\ndata_shards = {DATA_SHARDS}\nparity_shards = {PARITY_SHARDS}\n\
+                 [spool]\npath = \"{st}/spool\"\n\
+                 [metrics]\npath = \"{d}/sender.json\"\nlog_interval_s = 0\n{}",
+                self.link_rate, self.source
+            ),
+        )?;
+        let receiver = Command::new(bin("weir-receiver")?)
+            .args(["run", "--config"])
+            .arg(self.dir.join("receiver.toml"))
+            .stderr(log_file(self.dir, "receiver.log")?)
+            .spawn()?;
+        let receiver_pid = receiver.id();
+        procs.0.push(receiver);
+        let sender = Command::new(bin("weir-sender")?)
+            .args(["run", "--config"])
+            .arg(self.dir.join("sender.toml"))
+            .stderr(log_file(self.dir, "sender.log")?)
+            .spawn()?;
+        let sender_pid = sender.id();
+        procs.0.push(sender);
+        let pids = [sender_pid, receiver_pid];
+        let usage = Arc::new(Mutex::new([Usage::default(); 2]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (usage, stop) = (usage.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("usage-sampler".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        sample(pids, &usage);
+                        std::thread::sleep(SAMPLE);
+                    }
+                })
+                .context("starting the usage sampler thread")?
+        };
+        Ok(Started {
+            usage,
+            stop,
+            sampler: Some(sampler),
+            pids,
+        })
+    }
+}
+
+impl Started {
+    /// CPU seconds of (sender, receiver) and their peak RSS so far; call
+    /// before the processes are killed.
+    fn usage(&self) -> Result<(f64, f64, PeakRss)> {
+        sample(self.pids, &self.usage);
+        let [s, r] = *self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        if s.peak_kib == 0 || r.peak_kib == 0 {
+            bail!("no memory figure of the sender or the receiver (did one fail to start? see sender.log, receiver.log)");
+        }
+        Ok((
+            s.cpu_s
+                .context("no CPU time of the sender; see sender.log")?,
+            r.cpu_s
+                .context("no CPU time of the receiver; see receiver.log")?,
+            PeakRss {
+                sender_peak_rss_mib: s.peak_kib as f64 / 1024.0,
+                receiver_peak_rss_mib: r.peak_kib as f64 / 1024.0,
+            },
+        ))
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.sampler.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn audit_gaps(dir: &Path) -> Result<AuditGaps> {
+    let p = dir.join("audit.jsonl");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    count_audit_gaps(&text).with_context(|| p.display().to_string())
+}
+
+/// Waits for `child` to exit, up to `limit`.
+fn wait_exit(child: &mut Child, limit: Duration, what: &str, dir: &Path) -> Result<()> {
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > limit {
+            bail!(
+                "{what} did not finish within {limit:?}; see {}",
+                dir.display()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+fn generator(rate: f64, count: u64) -> String {
+    format!(
+        "[[sources]]\nname = \"gen\"\ntype = \"generator\"\ntags = {SMALL_TAGS}\nrate = {rate:?}\ncount = {count}\n"
+    )
+}
+
+fn tcp_sink(name: &str, port: u16) -> String {
+    format!("[[sinks]]\nname = \"{name}\"\ntype = \"tcp\"\nconnect = \"127.0.0.1:{port}\"\n")
+}
+
+/// Ceilings the bulk goodput is divided by, MB/s.
+#[derive(Clone, Copy)]
+struct Ceilings {
+    gso: f64,
+    plain: f64,
+}
+
+fn bulk_run(args: &Args, dir: &Path, store: &Path, auth: bool, ceil: Ceilings) -> Result<Bulk> {
+    fresh_dir(dir)?;
+    let (src, dst) = (free_port(), free_port());
+    let bytes = parse_bytes(&args.bytes).context("--bytes")?;
+    let mut procs = Kill::default();
     let sink = Command::new(bin("weir-tcpsink")?)
-        .args([
-            "--no-hash",
-            "--listen",
-            &format!("127.0.0.1:{dst}"),
-            "--expect-bytes",
-            &args.bytes,
-            "--timeout",
-            "120",
-            "--idle-timeout",
-            "5",
-        ])
-        .arg("--report")
+        .args(["--no-hash", "--listen", &format!("127.0.0.1:{dst}")])
+        .args(["--expect-bytes", &bytes.to_string(), "--timeout", "600"])
+        .args(["--idle-timeout", "10", "--report"])
         .arg(dir.join("sink.json"))
         .stdout(Stdio::null())
-        .stderr(log("tcpsink.log")?)
+        .stderr(log_file(dir, "tcpsink.log")?)
         .spawn()?;
     procs.0.push(sink);
-    let receiver = Command::new(bin("weir-receiver")?)
-        .args(["run", "--config"])
-        .arg(dir.join("receiver.toml"))
-        .stderr(log("receiver.log")?)
-        .spawn()?;
-    let receiver_pid = receiver.id();
-    procs.0.push(receiver);
-    let sender = Command::new(bin("weir-sender")?)
-        .args(["run", "--config"])
-        .arg(dir.join("sender.toml"))
-        .stderr(log("sender.log")?)
-        .spawn()?;
-    let sender_pid = sender.id();
-    procs.0.push(sender);
-    std::thread::sleep(Duration::from_millis(500));
+    let pair = Pair {
+        dir,
+        store,
+        auth,
+        link_rate: &args.rate,
+        source: format!(
+            "[[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{src}\"\n"
+        ),
+        sink: tcp_sink("replay", dst),
+        journal: String::new(),
+    }
+    .start(&mut procs)?;
     let feed = run_json(Command::new(bin("weir-tcpfeed")?).args([
         "--no-hash",
         "--connect",
         &format!("127.0.0.1:{src}"),
         "--bytes",
-        &args.bytes,
+        &bytes.to_string(),
     ]))?;
-    let started = Instant::now();
-    while procs.0[0].try_wait()?.is_none() {
-        if started.elapsed() > Duration::from_secs(130) {
-            bail!("tcpsink did not finish; see {}", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (sender_cpu, sender_kib) = proc_usage(sender_pid);
-    let (receiver_cpu, receiver_kib) = proc_usage(receiver_pid);
-    std::thread::sleep(Duration::from_millis(1200)); // one more metrics snapshot
+    wait_exit(
+        &mut procs.0[0],
+        Duration::from_secs(610),
+        "weir-tcpsink",
+        dir,
+    )?;
+    let (sender_cpu, receiver_cpu, rss) = pair.usage()?;
+    std::thread::sleep(Duration::from_millis(600)); // one more metrics snapshot and audit sync
     let sink = read_json(&dir.join("sink.json"));
     let s = read_json(&dir.join("sender.json"));
-    let r = read_json(&dir.join("receiver.json"));
-    let bytes = sink["bytes"].as_f64().unwrap_or(0.0);
+    let delivered = sink["bytes"].as_u64().unwrap_or(0);
+    if feed["bytes"].as_u64() != Some(bytes) {
+        bail!(
+            "weir-tcpfeed wrote {} of {bytes} bytes; see {}",
+            feed["bytes"],
+            dir.display()
+        );
+    }
     let span = sink["first_byte_to_last_byte_seconds"]
         .as_f64()
         .unwrap_or(f64::NAN);
     let wire = s["wire_bytes_sent"].as_f64().unwrap_or(0.0);
-    let gb = bytes / 1e9;
-    Ok(json!({
-        "bytes_fed": feed["bytes"], "bytes_delivered": bytes, "seconds": span,
-        "goodput_mb_s": bytes / span / 1e6, "wire_mb_s": wire / span / 1e6,
-        "datagrams": s["datagrams_sent"], "receiver_gaps": r["gaps"], "blocks_lost": r["blocks_lost"],
-        "sender_cpu_s_per_gb": sender_cpu / gb, "receiver_cpu_s_per_gb": receiver_cpu / gb,
-        "sender_peak_mib": sender_kib as f64 / 1024.0, "receiver_peak_mib": receiver_kib as f64 / 1024.0,
-    }))
+    let gb = delivered as f64 / 1e9;
+    let goodput = delivered as f64 / span / 1e6;
+    Ok(Bulk {
+        bytes_delivered: delivered,
+        seconds: span,
+        goodput_mb_s: goodput,
+        wire_mb_s: wire / span / 1e6,
+        goodput_per_gso_ceiling: ratio(goodput, ceil.gso),
+        goodput_per_plain_ceiling: ratio(goodput, ceil.plain),
+        sender_cpu_s_per_gb: sender_cpu / gb,
+        receiver_cpu_s_per_gb: receiver_cpu / gb,
+        rss,
+        gaps: audit_gaps(dir)?,
+    })
 }
 
-/// Runs weir `args.runs` times with its spool and journal under `root`;
-/// prints each run and returns the median by wire rate.
-fn run_variant(args: &Args, label: &str, root: &Path, auth: bool) -> Result<Value> {
-    println!("\nweir, {label}:");
+/// `a / b`, or not a number (`null` in bench.json, "n/a" in the table)
+/// when the ceiling `b` was not measured.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+/// The median run by `key` (the upper one of an even count).
+fn median_by<T: Clone>(runs: &[T], key: impl Fn(&T) -> f64) -> Option<T> {
+    let mut sorted: Vec<&T> = runs.iter().collect();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted.get(sorted.len() / 2).map(|r| (*r).clone())
+}
+
+fn bulk_variant(
+    args: &Args,
+    report: &mut Report,
+    label: &str,
+    store: &Path,
+    auth: bool,
+    ceil: Ceilings,
+) -> Result<(Bulk, Vec<Bulk>)> {
+    println!("\nbulk, {label}:");
     let mut runs = Vec::new();
     for i in 0..args.runs {
-        let r = weir_run(args, i, root, auth)?;
+        let r = bulk_run(
+            args,
+            &args.dir.join(format!("bulk{i}")),
+            &store.join(format!("bulk{i}")),
+            auth,
+            ceil,
+        )?;
         println!(
-            "  run {}: {:.0} MB/s goodput, {:.0} MB/s wire ({:.2} s), gaps {}, CPU s/GB sender {:.2} receiver {:.2}",
+            "  run {}: {:.0} MB/s goodput, {:.0} MB/s wire ({:.2} s), gaps {} ({} records), CPU s/GB sender {:.2} receiver {:.2}, peak RSS MiB sender {:.0} receiver {:.0}",
             i + 1,
-            r["goodput_mb_s"].as_f64().unwrap_or(0.0),
-            r["wire_mb_s"].as_f64().unwrap_or(0.0),
-            r["seconds"].as_f64().unwrap_or(0.0),
-            r["receiver_gaps"],
-            r["sender_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
-            r["receiver_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
+            r.goodput_mb_s,
+            r.wire_mb_s,
+            r.seconds,
+            r.gaps.gaps,
+            r.gaps.gap_records,
+            r.sender_cpu_s_per_gb,
+            r.receiver_cpu_s_per_gb,
+            r.rss.sender_peak_rss_mib,
+            r.rss.receiver_peak_rss_mib,
         );
+        report.note_rss(r.rss);
         runs.push(r);
     }
-    runs.sort_by(|a, b| {
-        a["wire_mb_s"]
-            .as_f64()
-            .partial_cmp(&b["wire_mb_s"].as_f64())
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    Ok(runs[runs.len() / 2].clone())
+    let _ = std::fs::remove_dir_all(store);
+    let median = median_by(&runs, |r| r.goodput_mb_s).context("--runs must be at least 1")?;
+    Ok((median, runs))
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    std::fs::create_dir_all(&args.dir)?;
-    let rmem = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    println!(
-        "weir-bench: {} per run, MTU 1500 (1472-byte UDP payloads), net.core.rmem_max = {rmem}",
-        args.bytes
-    );
+/// Total size of the sink's output files in `dir` (not its dot files).
+fn output_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
 
-    // 1. The raw UDP ceiling.
+/// Newlines in the sink's `.jsonl` output files in `dir`.
+fn output_lines(dir: &Path) -> Result<u64> {
+    let mut lines = 0u64;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "jsonl") {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            lines += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+    }
+    Ok(lines)
+}
+
+fn small_file_run(args: &Args, dir: &Path, store: &Path) -> Result<SmallRecords> {
+    fresh_dir(dir)?;
+    let out = dir.join("out");
+    let mut procs = Kill::default();
+    let pair = Pair {
+        dir,
+        store,
+        auth: true,
+        link_rate: &args.rate,
+        source: generator(args.small_rate, args.small_records),
+        sink: format!(
+            "[[sinks]]\nname = \"files\"\ntype = \"file\"\ndir = \"{}\"\n",
+            out.display()
+        ),
+        journal: String::new(),
+    }
+    .start(&mut procs)?;
+    // The file sink's output grows batch by batch: the run spans from the
+    // first poll that sees bytes to the last poll that sees them grow.
+    let limit = Duration::from_secs_f64(60.0 + args.small_records as f64 / 10_000.0);
+    let started = Instant::now();
+    let (mut first, mut last, mut size) = (None, None, 0u64);
+    loop {
+        let now_size = output_bytes(&out);
+        let now = Instant::now();
+        if now_size != size {
+            first.get_or_insert(now);
+            last = Some(now);
+            size = now_size;
+        }
+        let written = read_json(&dir.join("receiver.json"))["sink.files.records"]
+            .as_u64()
+            .unwrap_or(0);
+        if written >= args.small_records && last.is_some_and(|t| now - t > POLL * 5) {
+            break;
+        }
+        if last.is_some_and(|t| now - t > IDLE) || started.elapsed() > limit {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let (_, _, rss) = pair.usage()?;
+    std::thread::sleep(Duration::from_millis(300)); // audit sync
+    let delivered = output_lines(&out)?;
+    let seconds = match (first, last) {
+        (Some(a), Some(b)) => (b - a).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let result = SmallRecords {
+        sink: "file".into(),
+        records_sent: args.small_records,
+        records_delivered: delivered,
+        seconds,
+        records_per_s: delivered as f64 / seconds,
+        rss,
+        gaps: audit_gaps(dir)?,
+    };
+    drop(procs);
+    Ok(result)
+}
+
+fn small_tcp_run(args: &Args, dir: &Path, store: &Path) -> Result<SmallRecords> {
+    fresh_dir(dir)?;
+    let dst = free_port();
+    let mut procs = Kill::default();
+    let limit = 60.0 + args.small_records as f64 / 10_000.0;
+    let sink = Command::new(bin("weir-tcpsink")?)
+        .args(["--no-hash", "--listen", &format!("127.0.0.1:{dst}")])
+        .args(["--expect-lines", &args.small_records.to_string()])
+        .args([
+            "--timeout",
+            &format!("{limit}"),
+            "--idle-timeout",
+            "5",
+            "--report",
+        ])
+        .arg(dir.join("sink.json"))
+        .stdout(Stdio::null())
+        .stderr(log_file(dir, "tcpsink.log")?)
+        .spawn()?;
+    procs.0.push(sink);
+    let pair = Pair {
+        dir,
+        store,
+        auth: true,
+        link_rate: &args.rate,
+        source: generator(args.small_rate, args.small_records),
+        sink: tcp_sink("peer", dst),
+        journal: String::new(),
+    }
+    .start(&mut procs)?;
+    wait_exit(
+        &mut procs.0[0],
+        Duration::from_secs_f64(limit + 10.0),
+        "weir-tcpsink",
+        dir,
+    )?;
+    let (_, _, rss) = pair.usage()?;
+    std::thread::sleep(Duration::from_millis(300)); // audit sync
+    let sink = read_json(&dir.join("sink.json"));
+    let delivered = sink["lines"].as_u64().unwrap_or(0);
+    let seconds = sink["first_byte_to_last_byte_seconds"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    Ok(SmallRecords {
+        sink: "tcp".into(),
+        records_sent: args.small_records,
+        records_delivered: delivered,
+        seconds,
+        records_per_s: delivered as f64 / seconds,
+        rss,
+        gaps: audit_gaps(dir)?,
+    })
+}
+
+fn small_variant(
+    args: &Args,
+    report: &mut Report,
+    sink: &str,
+    run: fn(&Args, &Path, &Path) -> Result<SmallRecords>,
+) -> Result<SmallRecords> {
+    println!(
+        "\nsmall records, {} points of 1000 tags at up to {:.0}/s into the {sink} sink:",
+        args.small_records, args.small_rate
+    );
+    let store = args.dir.join("store");
+    let mut runs = Vec::new();
+    for i in 0..args.runs {
+        let name = format!("small-{sink}{i}");
+        let r = run(args, &args.dir.join(&name), &store.join(&name))?;
+        println!(
+            "  run {}: {:.0} records/s ({} of {} delivered in {:.2} s), gaps {} ({} records), peak RSS MiB sender {:.0} receiver {:.0}",
+            i + 1,
+            r.records_per_s,
+            r.records_delivered,
+            r.records_sent,
+            r.seconds,
+            r.gaps.gaps,
+            r.gaps.gap_records,
+            r.rss.sender_peak_rss_mib,
+            r.rss.receiver_peak_rss_mib,
+        );
+        report.note_rss(r.rss);
+        runs.push(r);
+    }
+    let _ = std::fs::remove_dir_all(&store);
+    median_by(&runs, |r| r.records_per_s).context("--runs must be at least 1")
+}
+
+fn latency_run(args: &Args, report: &mut Report) -> Result<Latency> {
+    let dir = args.dir.join("latency");
+    let store = args.dir.join("store").join("latency");
+    fresh_dir(&dir)?;
+    let count = (args.latency_rate * args.latency_secs).round() as u64;
+    if count == 0 {
+        bail!(
+            "--latency-secs {} at --latency-rate {} is no record; raise them",
+            args.latency_secs,
+            args.latency_rate
+        );
+    }
+    println!(
+        "\nlatency, {count} points at {:.0}/s into the tcp sink, default fsync settings:",
+        args.latency_rate
+    );
+    let dst = free_port();
+    let limit = args.latency_secs + 60.0;
+    let mut procs = Kill::default();
+    let sink = Command::new(bin("weir-tcpsink")?)
+        .args([
+            "--no-hash",
+            "--latency",
+            "--listen",
+            &format!("127.0.0.1:{dst}"),
+        ])
+        .args(["--expect-lines", &count.to_string()])
+        .args([
+            "--timeout",
+            &format!("{limit}"),
+            "--idle-timeout",
+            "5",
+            "--report",
+        ])
+        .arg(dir.join("sink.json"))
+        .stdout(Stdio::null())
+        .stderr(log_file(&dir, "tcpsink.log")?)
+        .spawn()?;
+    procs.0.push(sink);
+    let pair = Pair {
+        dir: &dir,
+        store: &store,
+        auth: true,
+        link_rate: &args.rate,
+        source: generator(args.latency_rate, count),
+        sink: tcp_sink("peer", dst),
+        journal: String::new(),
+    }
+    .start(&mut procs)?;
+    wait_exit(
+        &mut procs.0[0],
+        Duration::from_secs_f64(limit + 10.0),
+        "weir-tcpsink",
+        &dir,
+    )?;
+    let (_, _, rss) = pair.usage()?;
+    std::thread::sleep(Duration::from_millis(300)); // audit sync
+    let sink = read_json(&dir.join("sink.json"));
+    let summary: LatencySummary = serde_json::from_value(sink["latency"].clone())
+        .with_context(|| format!("no latency in {}", dir.join("sink.json").display()))?;
+    let r = Latency {
+        rate: args.latency_rate,
+        seconds: sink["first_byte_to_last_byte_seconds"]
+            .as_f64()
+            .unwrap_or(0.0),
+        unparsed: sink["latency_unparsed"].as_u64().unwrap_or(0),
+        summary,
+        rss,
+        gaps: audit_gaps(&dir)?,
+    };
+    println!(
+        "  {} samples: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; unparsed {}, gaps {}",
+        r.summary.samples,
+        r.summary.p50_ms,
+        r.summary.p99_ms,
+        r.summary.max_ms,
+        r.unparsed,
+        r.gaps.gaps
+    );
+    report.note_rss(r.rss);
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&store);
+    Ok(r)
+}
+
+/// What the lagging-sink run feeds for a journal bound of `journal` bytes:
+/// the receiver hands a sink up to 64 MiB of records in memory
+/// (`SINK_QUEUE_BYTES`) before it counts as behind, the loopback socket
+/// buffers hold a few MiB more, and only then does the journal fill; twice
+/// the journal on top makes it overflow for certain.
+fn lag_bytes(journal: u64) -> u64 {
+    journal.saturating_mul(2).saturating_add(128 << 20)
+}
+
+fn lagging_run(args: &Args, report: &mut Report) -> Result<LaggingSink> {
+    let dir = args.dir.join("lagging");
+    let store = args.dir.join("store").join("lagging");
+    fresh_dir(&dir)?;
+    let journal = parse_bytes(&args.lag_journal).context("--lag-journal")?;
+    let fed = lag_bytes(journal);
+    println!(
+        "\nlagging sink: {} MiB into a tcp sink that reads nothing until the {} MiB journal has filled:",
+        fed >> 20,
+        journal >> 20
+    );
+    let (src, dst) = (free_port(), free_port());
+    let hold = dir.join("release");
+    let mut procs = Kill::default();
+    let sink = Command::new(bin("weir-tcpsink")?)
+        .args(["--no-hash", "--listen", &format!("127.0.0.1:{dst}")])
+        .arg("--hold-until")
+        .arg(&hold)
+        .args(["--timeout", "900", "--idle-timeout", "5", "--report"])
+        .arg(dir.join("sink.json"))
+        .stdout(Stdio::null())
+        .stderr(log_file(&dir, "tcpsink.log")?)
+        .spawn()?;
+    procs.0.push(sink);
+    let pair = Pair {
+        dir: &dir,
+        store: &store,
+        auth: true,
+        link_rate: &args.rate,
+        source: format!(
+            "[[sources]]\nname = \"raw\"\ntype = \"tcp\"\nlisten = \"127.0.0.1:{src}\"\n"
+        ),
+        sink: tcp_sink("lag", dst),
+        journal: format!("max_bytes = {journal}\n"),
+    }
+    .start(&mut procs)?;
+    let feed = Command::new(bin("weir-tcpfeed")?)
+        .args([
+            "--no-hash",
+            "--connect",
+            &format!("127.0.0.1:{src}"),
+            "--bytes",
+            &fed.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    procs.0.push(feed);
+    // Hold the peer until the journal has dropped records for it; if that
+    // never happens (the feed ended and the journal stopped growing), let
+    // it read anyway and say so.
+    let held_from = Instant::now();
+    let (mut journal_bytes, mut still_since) = (0u64, Instant::now());
+    let filled = loop {
+        let m = read_json(&dir.join("receiver.json"));
+        if m["sink.lag.overflow_records"].as_u64().unwrap_or(0) > 0 {
+            break true;
+        }
+        let now_bytes = m["journal_bytes"].as_u64().unwrap_or(0);
+        if now_bytes != journal_bytes {
+            (journal_bytes, still_since) = (now_bytes, Instant::now());
+        }
+        let fed_all = procs.0[3].try_wait()?.is_some();
+        if (fed_all && still_since.elapsed() > IDLE)
+            || held_from.elapsed() > Duration::from_secs(600)
+        {
+            break false;
+        }
+        std::thread::sleep(POLL * 5);
+    };
+    let held_seconds = held_from.elapsed().as_secs_f64();
+    std::fs::write(&hold, b"").with_context(|| format!("creating {}", hold.display()))?;
+    wait_exit(
+        &mut procs.0[3],
+        Duration::from_secs(600),
+        "weir-tcpfeed",
+        &dir,
+    )?;
+    let feed_out = procs.0[3].stdout.take().map(|mut o| {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut o, &mut v);
+        v
+    });
+    let feed = last_json_line(&feed_out.unwrap_or_default())?;
+    wait_exit(
+        &mut procs.0[0],
+        Duration::from_secs(900),
+        "weir-tcpsink",
+        &dir,
+    )?;
+    let (_, _, rss) = pair.usage()?;
+    std::thread::sleep(Duration::from_millis(600)); // one more metrics snapshot and audit sync
+    let sink = read_json(&dir.join("sink.json"));
+    let m = read_json(&dir.join("receiver.json"));
+    let r = LaggingSink {
+        journal_max_bytes: journal,
+        bytes_fed: feed["bytes"].as_u64().unwrap_or(0),
+        bytes_delivered: sink["bytes"].as_u64().unwrap_or(0),
+        held_seconds,
+        journal_filled: filled,
+        overflow_records: m["sink.lag.overflow_records"].as_u64().unwrap_or(0),
+        rss,
+        gaps: audit_gaps(&dir)?,
+    };
+    println!(
+        "  held {:.1} s ({}), then {} of {} bytes delivered; {} records overflowed, gaps {}; peak RSS MiB sender {:.0} receiver {:.0}",
+        r.held_seconds,
+        if filled { "journal filled" } else { "journal did NOT fill" },
+        r.bytes_delivered,
+        r.bytes_fed,
+        r.overflow_records,
+        r.gaps.gaps,
+        r.rss.sender_peak_rss_mib,
+        r.rss.receiver_peak_rss_mib,
+    );
+    report.note_rss(r.rss);
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&store);
+    Ok(r)
+}
+
+fn machine(rmem_max: Option<u64>) -> Machine {
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|c| !c.is_empty());
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown".into(), |(_, m)| m.trim().to_string());
+    Machine {
+        commit,
+        date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        cpu_model,
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get() as u64),
+        rmem_max,
+    }
+}
+
+fn udp_ceiling(bytes: &str) -> Result<UdpCeiling> {
     let blast = bin("weir-udpblast")?;
-    let unpaced = run_json(Command::new(&blast).args(["pair", "--bytes", &args.bytes]))?;
-    let plain = run_json(Command::new(&blast).args(["--no-gso", "pair", "--bytes", &args.bytes]))?;
+    let unpaced = run_json(Command::new(&blast).args(["pair", "--bytes", bytes]))?;
+    let plain = run_json(Command::new(&blast).args(["--no-gso", "pair", "--bytes", bytes]))?;
     // The ceiling: the most any run delivered while losing under 0.5%
     // (unpaced GSO runs vary from lossless to heavy loss between runs).
-    let mut ceiling = Value::Null;
-    let mut candidates = vec![("unpaced", unpaced.clone())];
+    let mut best: (String, f64) = ("none".into(), 0.0);
+    let mut candidates = vec![("unpaced".to_string(), unpaced.clone())];
     for rate in ["80Gbit", "60Gbit", "40Gbit", "30Gbit", "20Gbit", "10Gbit"] {
         candidates.push((
-            rate,
-            run_json(Command::new(&blast).args(["pair", "--bytes", &args.bytes, "--rate", rate]))?,
+            rate.to_string(),
+            run_json(Command::new(&blast).args(["pair", "--bytes", bytes, "--rate", rate]))?,
         ));
     }
     for (rate, r) in candidates {
         let mb_s = r["mb_per_s_received"].as_f64().unwrap_or(0.0);
-        if r["loss_percent"].as_f64().unwrap_or(100.0) < 0.5
-            && mb_s > ceiling["mb_s"].as_f64().unwrap_or(0.0)
-        {
-            ceiling = json!({ "rate": rate, "mb_s": mb_s, "loss_percent": r["loss_percent"], "cpu_s": r["cpu_seconds"] });
+        if r["loss_percent"].as_f64().unwrap_or(100.0) < 0.5 && mb_s > best.1 {
+            best = (rate, mb_s);
         }
     }
-    let ceiling_mb_s = ceiling["mb_s"].as_f64().unwrap_or(f64::NAN);
+    let c = UdpCeiling {
+        gso_mb_s: best.1,
+        gso_rate: best.0,
+        gso_unpaced_mb_s: unpaced["mb_per_s_received"].as_f64().unwrap_or(0.0),
+        gso_unpaced_loss_percent: unpaced["loss_percent"].as_f64().unwrap_or(0.0),
+        plain_mb_s: plain["mb_per_s_received"].as_f64().unwrap_or(0.0),
+        plain_loss_percent: plain["loss_percent"].as_f64().unwrap_or(0.0),
+    };
     println!("\nraw UDP ceiling (weir-udpblast pair, sender and receiver threads in one process):");
     println!(
-        "  GSO/GRO, unpaced:            {:>8.0} MB/s received, {:.1}% lost",
-        unpaced["mb_per_s_received"].as_f64().unwrap_or(0.0),
-        unpaced["loss_percent"].as_f64().unwrap_or(0.0)
+        "  GSO/GRO, unpaced:             {:>7.0} MB/s received, {:.1}% lost",
+        c.gso_unpaced_mb_s, c.gso_unpaced_loss_percent
     );
     println!(
         "  GSO/GRO, best run <0.5% loss: {:>7.0} MB/s ({}; the ceiling used below)",
-        ceiling_mb_s,
-        ceiling["rate"].as_str().unwrap_or("none")
+        c.gso_mb_s, c.gso_rate
     );
     println!(
-        "  one datagram per syscall:    {:>8.0} MB/s received, {:.1}% lost",
-        plain["mb_per_s_received"].as_f64().unwrap_or(0.0),
-        plain["loss_percent"].as_f64().unwrap_or(0.0)
+        "  one datagram per syscall:     {:>7.0} MB/s received, {:.1}% lost",
+        c.plain_mb_s, c.plain_loss_percent
+    );
+    if c.gso_rate == "none" {
+        println!("  (no GSO run lost under 0.5%: the machine is too busy for a ceiling; its ratios are n/a)");
+    }
+    Ok(c)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let bulk_bytes = parse_bytes(&args.bytes).context("--bytes")?;
+    if args.runs == 0 {
+        bail!("--runs 0 measures nothing; use 1 or more");
+    }
+    if !(args.small_rate > 0.0 && args.latency_rate > 0.0 && args.latency_secs > 0.0) {
+        bail!("--small-rate, --latency-rate and --latency-secs must be above 0");
+    }
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating --dir {}", args.dir.display()))?;
+    let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    let store = args.dir.join("store");
+    let mut report = Report {
+        schema: SCHEMA,
+        machine: machine(rmem_max),
+        params: Params {
+            bulk_bytes,
+            link_rate: args.rate.clone(),
+            runs: args.runs as u64,
+            mtu: MTU,
+            data_shards: DATA_SHARDS,
+            parity_shards: PARITY_SHARDS,
+            store: store.display().to_string(),
+            small_records: args.small_records,
+            small_rate: args.small_rate,
+            small_tags: SMALL_TAGS,
+            latency_seconds: args.latency_secs,
+            latency_rate: args.latency_rate,
+            lag_journal_max_bytes: parse_bytes(&args.lag_journal).context("--lag-journal")?,
+            lag_bytes: lag_bytes(parse_bytes(&args.lag_journal)?),
+        },
+        rss_bound_mib: RSS_BOUND_MIB,
+        rss_within_bound: true,
+        ..Report::default()
+    };
+    println!(
+        "weir-bench at {} on {} ({} cores), {}: spool and journal on disk under {}, frames authenticated, MTU {MTU}, RS {DATA_SHARDS}+{PARITY_SHARDS}, sender [link] rate {}, net.core.rmem_max = {}",
+        report.machine.commit.as_deref().unwrap_or("(no git)"),
+        report.machine.cpu_model,
+        report.machine.nproc,
+        report.machine.date,
+        store.display(),
+        args.rate,
+        rmem_max.map_or("unknown".into(), |v| v.to_string()),
     );
 
-    // 2. weir, with spool and journal in memory (tmpfs), then on disk.
-    let memory_root = PathBuf::from("/dev/shm/weir-bench");
-    let memory = run_variant(
+    report.udp_ceiling = udp_ceiling(&args.bytes)?;
+    let ceil = Ceilings {
+        gso: report.udp_ceiling.gso_mb_s,
+        plain: report.udp_ceiling.plain_mb_s,
+    };
+    let (bulk, bulk_runs) = bulk_variant(
         &args,
-        "spool and journal on tmpfs (/dev/shm), frames authenticated",
-        &memory_root,
+        &mut report,
+        &format!(
+            "{} MiB, spool and journal on disk, authenticated",
+            bulk_bytes >> 20
+        ),
+        &store,
         true,
+        ceil,
     )?;
-    let _ = std::fs::remove_dir_all(&memory_root);
-    let no_auth = run_variant(
-        &args,
-        "spool and journal on tmpfs (/dev/shm), [auth] disabled = true",
-        &memory_root,
-        false,
-    )?;
-    let _ = std::fs::remove_dir_all(&memory_root);
-    let disk_root = args.dir.join("store");
-    let disk = run_variant(
-        &args,
-        &format!("spool and journal on disk ({})", disk_root.display()),
-        &disk_root,
-        true,
-    )?;
-    let _ = std::fs::remove_dir_all(&disk_root);
+    (report.bulk, report.bulk_runs) = (bulk, bulk_runs);
+    if args.compare {
+        let tmpfs = PathBuf::from("/dev/shm/weir-bench");
+        let (bulk_tmpfs, _) = bulk_variant(
+            &args,
+            &mut report,
+            "spool and journal on tmpfs (/dev/shm), authenticated",
+            &tmpfs,
+            true,
+            ceil,
+        )?;
+        let (bulk_auth_disabled, _) = bulk_variant(
+            &args,
+            &mut report,
+            "on disk, [auth] disabled = true",
+            &store,
+            false,
+            ceil,
+        )?;
+        report.comparisons = Some(Comparisons {
+            bulk_tmpfs,
+            bulk_auth_disabled,
+        });
+    }
+    report.small_records_file = small_variant(&args, &mut report, "file", small_file_run)?;
+    report.small_records_tcp = small_variant(&args, &mut report, "tcp", small_tcp_run)?;
+    report.latency = latency_run(&args, &mut report)?;
+    report.lagging_sink = lagging_run(&args, &mut report)?;
+    let _ = std::fs::remove_dir_all(&store);
+
     println!(
-        "\nsummary (median of {} runs each, sender paced at {}):",
-        args.runs, args.rate
+        "\nweir-bench, {} ({}), {} on {} cores; medians of {} runs:\n",
+        report.machine.date,
+        report.machine.commit.as_deref().unwrap_or("no git"),
+        report.machine.cpu_model,
+        report.machine.nproc,
+        args.runs
     );
-    for (label, m) in [("tmpfs", &memory), ("noauth", &no_auth), ("disk", &disk)] {
-        let wire = m["wire_mb_s"].as_f64().unwrap_or(0.0);
+    print!("{}", report.markdown_table());
+    if let Some(c) = &report.comparisons {
+        let (b, t, n) = (&report.bulk, &c.bulk_tmpfs, &c.bulk_auth_disabled);
         println!(
-            "  {label:<5} goodput {:>6.0} MB/s, wire {:>6.0} MB/s, wire/ceiling {:.2}, wire/plain {:.2}, CPU s/GB sender {:.2} receiver {:.2}, peak MiB sender {:.0} receiver {:.0}, gaps {}",
-            m["goodput_mb_s"].as_f64().unwrap_or(0.0),
-            wire,
-            wire / ceiling_mb_s,
-            wire / plain["mb_per_s_received"].as_f64().unwrap_or(f64::NAN),
-            m["sender_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
-            m["receiver_cpu_s_per_gb"].as_f64().unwrap_or(0.0),
-            m["sender_peak_mib"].as_f64().unwrap_or(0.0),
-            m["receiver_peak_mib"].as_f64().unwrap_or(0.0),
-            m["receiver_gaps"],
+            "\ndisk / tmpfs goodput {:.2}; authentication on / off goodput {:.2}, CPU s/GB sender {:.2} vs {:.2}, receiver {:.2} vs {:.2}",
+            b.goodput_mb_s / t.goodput_mb_s,
+            b.goodput_mb_s / n.goodput_mb_s,
+            b.sender_cpu_s_per_gb,
+            n.sender_cpu_s_per_gb,
+            b.receiver_cpu_s_per_gb,
+            n.receiver_cpu_s_per_gb,
         );
     }
-    println!(
-        "  disk / tmpfs goodput: {:.2}  (GSO ceiling {:.0} MB/s, one datagram per syscall {:.0} MB/s)",
-        disk["goodput_mb_s"].as_f64().unwrap_or(0.0) / memory["goodput_mb_s"].as_f64().unwrap_or(f64::NAN),
-        ceiling_mb_s,
-        plain["mb_per_s_received"].as_f64().unwrap_or(0.0)
-    );
-    let f = |m: &Value, k: &str| m[k].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "  authentication on / off (tmpfs): goodput {:.2}, CPU s/GB sender {:.2} vs {:.2} (+{:.2}), receiver {:.2} vs {:.2} (+{:.2})",
-        f(&memory, "goodput_mb_s") / f(&no_auth, "goodput_mb_s"),
-        f(&memory, "sender_cpu_s_per_gb"),
-        f(&no_auth, "sender_cpu_s_per_gb"),
-        f(&memory, "sender_cpu_s_per_gb") - f(&no_auth, "sender_cpu_s_per_gb"),
-        f(&memory, "receiver_cpu_s_per_gb"),
-        f(&no_auth, "receiver_cpu_s_per_gb"),
-        f(&memory, "receiver_cpu_s_per_gb") - f(&no_auth, "receiver_cpu_s_per_gb"),
-    );
-    let report = json!({ "ceiling": ceiling, "unpaced": unpaced, "plain": plain, "tmpfs": memory, "tmpfs_auth_disabled": no_auth, "disk": disk, "rmem_max": rmem, "rate": args.rate });
-    std::fs::write(
-        args.dir.join("bench.json"),
-        serde_json::to_vec_pretty(&report)?,
-    )?;
-    println!("\nfull report: {}", args.dir.join("bench.json").display());
+    let path = args.dir.join("bench.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nthe same as JSON: {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_run_is_the_middle_one_by_its_key() {
+        let runs = [3.0, 1.0, 2.0];
+        assert_eq!(median_by(&runs, |v| *v), Some(2.0));
+        assert_eq!(median_by(&[1.0, 4.0], |v| *v), Some(4.0));
+        assert_eq!(median_by::<f64>(&[], |v| *v), None);
+    }
+
+    #[test]
+    fn a_ratio_to_an_unmeasured_ceiling_is_not_a_number() {
+        assert_eq!(ratio(50.0, 200.0), 0.25);
+        assert!(ratio(50.0, 0.0).is_nan());
+    }
 }

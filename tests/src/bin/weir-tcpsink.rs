@@ -1,21 +1,35 @@
 //! weir-tcpsink: accepts TCP connections one after another, hashes every
 //! byte received, and reports the total and SHA-256 so an end-to-end test
-//! can compare it with what weir-tcpfeed sent into the diode.
+//! can compare it with what weir-tcpfeed sent into the diode. For the
+//! bench it also counts lines, measures the latency of JSON lines (arrival
+//! minus their `ts`), and can hold off reading to play a lagging peer.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
+use weir_tests::bench::{record_ts_ns, LatencySummary, LineSplitter};
 use weir_tests::report::{print_json_line, sha256_hex, write_json_file};
 use weir_tests::units::parse_bytes;
 
 /// Read size; large enough that syscalls do not dominate at GB/s.
 const READ_BUFFER: usize = 256 * 1024;
+
+/// Longest line --count-lines/--latency keep whole; the sinks' JSON lines
+/// of small records are a few hundred bytes.
+const MAX_LINE: usize = 1 << 20;
+
+/// Latency samples kept (8 MB): 1000 points/s for over 16 minutes. Later
+/// lines are counted but not sampled (`latency_samples_capped`).
+const MAX_LATENCY_SAMPLES: usize = 1 << 20;
+
+/// How often --hold-until checks for its file.
+const HOLD_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,12 +39,15 @@ const READ_BUFFER: usize = 256 * 1024;
     long_about = "Listens on --listen and prints \"listening on ADDR\" to stderr once bound \
 (with the real port when --listen ends in :0). Accepts connections one at a time, reads each \
 to its end, and computes one SHA-256 over all bytes of all connections in arrival order.\n\n\
-Stops when --expect-bytes have been received in total, or when no data has arrived for \
---idle-timeout seconds after the first byte, or after --timeout seconds overall. Then prints \
-one JSON line to stdout (and writes it to --report): {\"bytes\":N,\"sha256\":\"hex\",\
-\"seconds\":f,\"connections\":c,\"first_byte_to_last_byte_seconds\":f,\"read_errors\":e,\
-\"end\":\"expect_bytes|idle_timeout|timeout\"}. seconds runs from listening to the last byte \
-(to the end if no byte came).\n\n\
+Stops when --expect-bytes have been received in total (or --expect-lines lines), or when no \
+data has arrived for --idle-timeout seconds after the first byte, or after --timeout seconds \
+overall. Then prints one JSON line to stdout (and writes it to --report): {\"bytes\":N,\
+\"sha256\":\"hex\",\"seconds\":f,\"connections\":c,\"first_byte_to_last_byte_seconds\":f,\
+\"read_errors\":e,\"end\":\"expect_bytes|expect_lines|idle_timeout|timeout\",\"lines\":n}. \
+seconds runs from listening to the last byte (to the end if no byte came). With --latency the \
+report adds \"latency\": {\"samples\",\"p50_ms\",\"p99_ms\",\"max_ms\"}, \"latency_unparsed\" \
+and \"latency_samples_capped\": each line's arrival time minus its \"ts\" (RFC 3339), the \
+clock of this machine on both ends.\n\n\
 Exit status: 0, except 1 when --expect-bytes was given and fewer bytes arrived."
 )]
 struct Args {
@@ -52,6 +69,21 @@ struct Args {
     /// For benchmarks: count bytes without hashing them ("sha256" is then null).
     #[arg(long)]
     no_hash: bool,
+    /// Count newline-terminated lines ("lines" in the report; 0 without it).
+    #[arg(long)]
+    count_lines: bool,
+    /// Stop once this many lines have arrived (implies --count-lines).
+    #[arg(long)]
+    expect_lines: Option<u64>,
+    /// Measure each line's latency: arrival time minus its JSON "ts"
+    /// (implies --count-lines).
+    #[arg(long)]
+    latency: bool,
+    /// Neither accept nor read until this file exists: a peer that has
+    /// stopped reading (connections wait in the kernel's backlog and the
+    /// writer's socket buffers fill).
+    #[arg(long)]
+    hold_until: Option<PathBuf>,
 }
 
 fn seconds_arg(flag: &str, value: f64) -> Result<Duration> {
@@ -73,6 +105,7 @@ struct Tally {
 #[derive(Clone, Copy)]
 enum End {
     ExpectBytes,
+    ExpectLines,
     IdleTimeout,
     Timeout,
 }
@@ -81,6 +114,7 @@ impl End {
     fn name(self) -> &'static str {
         match self {
             End::ExpectBytes => "expect_bytes",
+            End::ExpectLines => "expect_lines",
             End::IdleTimeout => "idle_timeout",
             End::Timeout => "timeout",
         }
@@ -94,6 +128,14 @@ struct Sink {
     tally: Tally,
     hasher: Sha256,
     hash: bool,
+    /// Set with --count-lines, --expect-lines or --latency.
+    lines: Option<LineSplitter>,
+    expect_lines: Option<u64>,
+    latency: bool,
+    latency_ms: Vec<f64>,
+    latency_unparsed: u64,
+    latency_capped: u64,
+    hold_until: Option<PathBuf>,
 }
 
 impl Sink {
@@ -110,12 +152,53 @@ impl Sink {
         }
     }
 
-    fn done(&self) -> bool {
-        self.expect_bytes.is_some_and(|n| self.tally.bytes >= n)
+    fn done(&self) -> Option<End> {
+        if self.expect_bytes.is_some_and(|n| self.tally.bytes >= n) {
+            return Some(End::ExpectBytes);
+        }
+        let lines = self.lines.as_ref().map_or(0, |l| l.lines);
+        self.expect_lines
+            .is_some_and(|n| lines >= n)
+            .then_some(End::ExpectLines)
+    }
+
+    /// Counts the lines in `data` and, with --latency, samples each one.
+    fn take_lines(&mut self, data: &[u8], arrival_ns: i64) {
+        let Some(splitter) = self.lines.as_mut() else {
+            return;
+        };
+        if !self.latency {
+            splitter.feed(data, |_| {});
+            return;
+        }
+        let (samples, unparsed, capped) = (
+            &mut self.latency_ms,
+            &mut self.latency_unparsed,
+            &mut self.latency_capped,
+        );
+        splitter.feed(data, |line| match record_ts_ns(line) {
+            Ok(ts) if samples.len() < MAX_LATENCY_SAMPLES => {
+                samples.push(arrival_ns.saturating_sub(ts) as f64 / 1e6)
+            }
+            Ok(_) => *capped += 1,
+            Err(_) => *unparsed += 1,
+        });
     }
 
     async fn run(&mut self, listener: &TcpListener) -> End {
         let mut buf = vec![0u8; READ_BUFFER];
+        if let Some(path) = self.hold_until.clone() {
+            eprintln!("weir-tcpsink: not reading until {} exists", path.display());
+            while !path.exists() {
+                if let Some((at, why)) = self.deadline() {
+                    if Instant::now() >= at {
+                        return why;
+                    }
+                }
+                tokio::time::sleep(HOLD_POLL).await;
+            }
+            eprintln!("weir-tcpsink: {} exists; reading", path.display());
+        }
         loop {
             let accepted = match self.deadline() {
                 Some((at, why)) => {
@@ -161,8 +244,12 @@ impl Sink {
                         if self.hash {
                             self.hasher.update(&buf[..n]);
                         }
-                        if self.done() {
-                            return End::ExpectBytes;
+                        let arrival_ns = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+                        self.take_lines(&buf[..n], arrival_ns);
+                        if let Some(end) = self.done() {
+                            return end;
                         }
                     }
                     Err(e) => {
@@ -202,6 +289,14 @@ fn main() -> Result<()> {
             tally: Tally::default(),
             hasher: Sha256::new(),
             hash: !args.no_hash,
+            lines: (args.count_lines || args.expect_lines.is_some() || args.latency)
+                .then(|| LineSplitter::new(MAX_LINE)),
+            expect_lines: args.expect_lines,
+            latency: args.latency,
+            latency_ms: Vec::new(),
+            latency_unparsed: 0,
+            latency_capped: 0,
+            hold_until: args.hold_until.clone(),
         };
         let end = sink.run(&listener).await;
         let ended = Instant::now();
@@ -215,7 +310,7 @@ fn main() -> Result<()> {
             (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
             _ => 0.0,
         };
-        let report = serde_json::json!({
+        let mut report = serde_json::json!({
             "bytes": t.bytes,
             "sha256": if sink.hash { sha256_hex(sink.hasher.clone()).into() } else { serde_json::Value::Null },
             "seconds": seconds,
@@ -223,7 +318,14 @@ fn main() -> Result<()> {
             "first_byte_to_last_byte_seconds": span,
             "read_errors": t.read_errors,
             "end": end.name(),
+            "lines": sink.lines.as_ref().map_or(0, |l| l.lines),
         });
+        if sink.latency {
+            let summary = LatencySummary::of(sink.latency_ms.clone());
+            report["latency"] = serde_json::to_value(summary).context("latency summary")?;
+            report["latency_unparsed"] = sink.latency_unparsed.into();
+            report["latency_samples_capped"] = sink.latency_capped.into();
+        }
         print_json_line(&report)?;
         if let Some(path) = &args.report {
             write_json_file(path, &report)
@@ -234,6 +336,15 @@ fn main() -> Result<()> {
                 bail!(
                     "expected {n} bytes (--expect-bytes) but received {} before {}",
                     t.bytes,
+                    end.name()
+                );
+            }
+        }
+        if let Some(n) = args.expect_lines {
+            let lines = sink.lines.as_ref().map_or(0, |l| l.lines);
+            if lines < n {
+                bail!(
+                    "expected {n} lines (--expect-lines) but received {lines} before {}",
                     end.name()
                 );
             }

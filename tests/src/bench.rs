@@ -1,0 +1,686 @@
+//! What `weir-bench` and `weir-tcpsink` compute from raw observations:
+//! percentiles, the source timestamp of a delivered record, gaps counted
+//! from the receiver's audit log, and the one report `make bench` prints as
+//! a markdown table and writes as `bench.json`.
+//!
+//! The JSON key names are a stable interface (docs/performance.md, "What is
+//! measured"): rename a field only together with that section and
+//! [`SCHEMA`].
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Version of the `bench.json` layout; raise it when a key changes meaning.
+pub const SCHEMA: u32 = 1;
+
+/// Issue 9's memory bound: the peak RSS of each side in every bench run.
+pub const RSS_BOUND_MIB: f64 = 256.0;
+
+/// The nearest-rank percentile `p` (0 < p ≤ 100) of `sorted` (ascending):
+/// the smallest sample with at least p% of the samples at or below it.
+/// `None` for no samples.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    debug_assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "not sorted");
+    if sorted.is_empty() || !(p > 0.0 && p <= 100.0) {
+        return None;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
+}
+
+/// p50, p99 and max of latency samples in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub samples: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LatencySummary {
+    /// Summarises `samples_ms` (any order); all zero for no samples.
+    pub fn of(mut samples_ms: Vec<f64>) -> Self {
+        samples_ms.retain(|v| v.is_finite());
+        samples_ms.sort_by(f64::total_cmp);
+        LatencySummary {
+            samples: samples_ms.len() as u64,
+            p50_ms: percentile(&samples_ms, 50.0).unwrap_or(0.0),
+            p99_ms: percentile(&samples_ms, 99.0).unwrap_or(0.0),
+            max_ms: samples_ms.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// Nanoseconds since the Unix epoch of an RFC 3339 timestamp such as
+/// `2026-11-30T00:25:12.123456789Z` (what the sinks write as `ts`).
+pub fn unix_ns_of_rfc3339(text: &str) -> Result<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(text)
+        .with_context(|| format!("{text:?} is not an RFC 3339 timestamp"))?;
+    t.timestamp_nanos_opt()
+        .with_context(|| format!("{text:?} is outside the nanosecond range"))
+}
+
+/// The source timestamp (`ts`, RFC 3339) of one JSON line written by the
+/// file, stdout or tcp sink, in nanoseconds since the Unix epoch.
+pub fn record_ts_ns(line: &[u8]) -> Result<i64> {
+    let v: serde_json::Value = serde_json::from_slice(line).context("line is not JSON")?;
+    match v.get("ts").and_then(serde_json::Value::as_str) {
+        Some(ts) => unix_ns_of_rfc3339(ts),
+        None => bail!("line has no string \"ts\""),
+    }
+}
+
+/// Splits a byte stream that arrives in arbitrary pieces into lines. A line
+/// longer than `max_line` is dropped whole and counted in `overlong`, so a
+/// peer that never sends a newline cannot grow the buffer.
+pub struct LineSplitter {
+    carry: Vec<u8>,
+    max_line: usize,
+    dropping: bool,
+    pub lines: u64,
+    pub overlong: u64,
+}
+
+impl LineSplitter {
+    pub fn new(max_line: usize) -> Self {
+        LineSplitter {
+            carry: Vec::new(),
+            max_line,
+            dropping: false,
+            lines: 0,
+            overlong: 0,
+        }
+    }
+
+    /// Feeds the next piece; calls `on_line` with each completed line
+    /// (without its `\n`). Overlong lines are counted in `lines` too.
+    pub fn feed(&mut self, mut bytes: &[u8], mut on_line: impl FnMut(&[u8])) {
+        while let Some(i) = bytes.iter().position(|&b| b == b'\n') {
+            self.lines += 1;
+            if self.dropping {
+                self.dropping = false;
+            } else if self.carry.is_empty() {
+                on_line(&bytes[..i]);
+            } else if self.carry.len() + i <= self.max_line {
+                self.carry.extend_from_slice(&bytes[..i]);
+                on_line(&self.carry);
+            } else {
+                self.overlong += 1;
+            }
+            self.carry.clear();
+            bytes = &bytes[i + 1..];
+        }
+        if self.dropping {
+            return;
+        }
+        if self.carry.len() + bytes.len() > self.max_line {
+            self.carry.clear();
+            self.dropping = true;
+            self.overlong += 1;
+        } else {
+            self.carry.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// Gap events in a receiver audit log (`[audit] path`, JSON lines).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditGaps {
+    /// `gap` events.
+    pub gaps: u64,
+    /// Records they name (`to - from + 1`, inclusive ranges).
+    pub gap_records: u64,
+    /// Records named per `cause` (`link-loss`, `sink-overflow:NAME`, ...).
+    pub gap_records_by_cause: BTreeMap<String, u64>,
+}
+
+/// Counts the `gap` events of an audit log and the records they name.
+/// A line that is not JSON, or a gap without numeric `from`/`to`, is an
+/// error naming the line: a bench must not read a damaged log as "no gaps".
+pub fn count_audit_gaps(text: &str) -> Result<AuditGaps> {
+    let mut out = AuditGaps::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("audit line {}: not JSON", i + 1))?;
+        if v.get("event").and_then(serde_json::Value::as_str) != Some("gap") {
+            continue;
+        }
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .with_context(|| format!("audit line {}: gap without a numeric {k:?}", i + 1))
+        };
+        let (from, to) = (field("from")?, field("to")?);
+        if from > to {
+            bail!("audit line {}: gap from {from} is after to {to}", i + 1);
+        }
+        let records = to - from + 1;
+        let cause = v
+            .get("cause")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("unknown");
+        out.gaps += 1;
+        out.gap_records = out.gap_records.saturating_add(records);
+        let by_cause = out
+            .gap_records_by_cause
+            .entry(cause.to_string())
+            .or_default();
+        *by_cause = by_cause.saturating_add(records);
+    }
+    Ok(out)
+}
+
+/// Where and on what the bench ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    /// `git rev-parse --short HEAD`, when run inside a checkout.
+    pub commit: Option<String>,
+    /// RFC 3339, UTC, when the bench started.
+    pub date: String,
+    pub cpu_model: String,
+    pub nproc: u64,
+    /// `net.core.rmem_max`, which caps the receiver's socket buffer.
+    pub rmem_max: Option<u64>,
+}
+
+/// The settings every figure depends on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    pub bulk_bytes: u64,
+    /// `[link] rate` of the sender (all runs).
+    pub link_rate: String,
+    pub runs: u64,
+    pub mtu: u64,
+    pub data_shards: u64,
+    pub parity_shards: u64,
+    /// Directory holding the spools and journals (on disk, not tmpfs).
+    pub store: String,
+    pub small_records: u64,
+    pub small_rate: f64,
+    pub small_tags: u64,
+    pub latency_seconds: f64,
+    pub latency_rate: f64,
+    pub lag_journal_max_bytes: u64,
+    pub lag_bytes: u64,
+}
+
+/// The raw UDP ceiling from `weir-udpblast pair`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UdpCeiling {
+    /// Best GSO/GRO run losing under 0.5% (MB = 10^6 bytes).
+    pub gso_mb_s: f64,
+    /// The pacing of that run ("unpaced" or a rate).
+    pub gso_rate: String,
+    pub gso_unpaced_mb_s: f64,
+    pub gso_unpaced_loss_percent: f64,
+    /// One datagram per `sendmsg`, unpaced.
+    pub plain_mb_s: f64,
+    pub plain_loss_percent: f64,
+}
+
+/// Peak resident memory (`VmHWM`) of both sides in one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeakRss {
+    pub sender_peak_rss_mib: f64,
+    pub receiver_peak_rss_mib: f64,
+}
+
+/// One bulk run: random bytes, tcp → sender → UDP → receiver → tcp.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bulk {
+    pub bytes_delivered: u64,
+    /// First to last byte at the sink.
+    pub seconds: f64,
+    pub goodput_mb_s: f64,
+    pub wire_mb_s: f64,
+    pub goodput_per_gso_ceiling: f64,
+    pub goodput_per_plain_ceiling: f64,
+    pub sender_cpu_s_per_gb: f64,
+    pub receiver_cpu_s_per_gb: f64,
+    #[serde(flatten)]
+    pub rss: PeakRss,
+    #[serde(flatten)]
+    pub gaps: AuditGaps,
+}
+
+/// Small records (generator points) into one sink.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SmallRecords {
+    /// "file" or "tcp".
+    pub sink: String,
+    pub records_sent: u64,
+    /// Lines the sink wrote (file) or the peer received (tcp).
+    pub records_delivered: u64,
+    /// First to last delivered record.
+    pub seconds: f64,
+    pub records_per_s: f64,
+    #[serde(flatten)]
+    pub rss: PeakRss,
+    #[serde(flatten)]
+    pub gaps: AuditGaps,
+}
+
+/// Arrival time minus source timestamp of each record, at a steady rate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub rate: f64,
+    pub seconds: f64,
+    /// Lines that had no parsable `ts` (expected 0).
+    pub unparsed: u64,
+    #[serde(flatten)]
+    pub summary: LatencySummary,
+    #[serde(flatten)]
+    pub rss: PeakRss,
+    #[serde(flatten)]
+    pub gaps: AuditGaps,
+}
+
+/// A tcp sink whose peer does not read until the journal has filled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LaggingSink {
+    pub journal_max_bytes: u64,
+    pub bytes_fed: u64,
+    pub bytes_delivered: u64,
+    /// Seconds the peer did not read.
+    pub held_seconds: f64,
+    /// Whether `sink.NAME.overflow_records` rose above 0 before the peer
+    /// began to read (the journal filled and dropped for this sink).
+    pub journal_filled: bool,
+    /// `sink.NAME.overflow_records` at the end.
+    pub overflow_records: u64,
+    #[serde(flatten)]
+    pub rss: PeakRss,
+    #[serde(flatten)]
+    pub gaps: AuditGaps,
+}
+
+/// Bulk variants beside the headline row, when `--compare` is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Comparisons {
+    /// Spool and journal on tmpfs, authenticated.
+    pub bulk_tmpfs: Bulk,
+    /// On disk, `[auth] disabled = true` on both sides.
+    pub bulk_auth_disabled: Bulk,
+}
+
+/// Everything `make bench` measures: `bench.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: u32,
+    pub machine: Machine,
+    pub params: Params,
+    pub udp_ceiling: UdpCeiling,
+    /// Median of the runs by goodput; disk, authenticated.
+    pub bulk: Bulk,
+    pub bulk_runs: Vec<Bulk>,
+    pub small_records_file: SmallRecords,
+    pub small_records_tcp: SmallRecords,
+    pub latency: Latency,
+    pub lagging_sink: LaggingSink,
+    /// The highest peak RSS of each side over every run above.
+    pub peak_rss_max: PeakRss,
+    pub rss_bound_mib: f64,
+    /// Both maxima at or under `rss_bound_mib`.
+    pub rss_within_bound: bool,
+    pub comparisons: Option<Comparisons>,
+}
+
+impl Report {
+    /// Records `rss` in the running maximum and the bound check.
+    pub fn note_rss(&mut self, rss: PeakRss) {
+        let m = &mut self.peak_rss_max;
+        m.sender_peak_rss_mib = m.sender_peak_rss_mib.max(rss.sender_peak_rss_mib);
+        m.receiver_peak_rss_mib = m.receiver_peak_rss_mib.max(rss.receiver_peak_rss_mib);
+        self.rss_within_bound = m.sender_peak_rss_mib <= self.rss_bound_mib
+            && m.receiver_peak_rss_mib <= self.rss_bound_mib;
+    }
+
+    /// The one table: markdown, a row per metric, its unit in a column.
+    pub fn markdown_table(&self) -> String {
+        let (b, f, t, l, g) = (
+            &self.bulk,
+            &self.small_records_file,
+            &self.small_records_tcp,
+            &self.latency,
+            &self.lagging_sink,
+        );
+        let mib = |v: u64| format!("{:.0}", v as f64 / f64::from(1u32 << 20));
+        // A ratio to a ceiling that was not measured is not a number.
+        let num = |v: f64, digits: usize| {
+            if v.is_finite() {
+                format!("{v:.digits$}")
+            } else {
+                "n/a".to_string()
+            }
+        };
+        let causes = |g: &AuditGaps| {
+            let list: Vec<String> = g
+                .gap_records_by_cause
+                .iter()
+                .map(|(cause, n)| format!("{cause} {n}"))
+                .collect();
+            if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(", ")
+            }
+        };
+        let rows: Vec<(String, String, &str)> = vec![
+            (
+                format!(
+                    "raw UDP ceiling, GSO/GRO (best <0.5% loss, {})",
+                    self.udp_ceiling.gso_rate
+                ),
+                num(self.udp_ceiling.gso_mb_s, 0),
+                "MB/s",
+            ),
+            (
+                "raw UDP, one datagram per syscall".into(),
+                num(self.udp_ceiling.plain_mb_s, 0),
+                "MB/s",
+            ),
+            (
+                format!(
+                    "bulk goodput ({} MiB, median of {})",
+                    mib(self.params.bulk_bytes),
+                    self.params.runs
+                ),
+                num(b.goodput_mb_s, 0),
+                "MB/s",
+            ),
+            (
+                "bulk goodput / GSO ceiling".into(),
+                num(b.goodput_per_gso_ceiling, 3),
+                "ratio",
+            ),
+            (
+                "bulk goodput / one-datagram-per-syscall ceiling".into(),
+                num(b.goodput_per_plain_ceiling, 2),
+                "ratio",
+            ),
+            (
+                "bulk CPU, sender".into(),
+                num(b.sender_cpu_s_per_gb, 2),
+                "s/GB",
+            ),
+            (
+                "bulk CPU, receiver".into(),
+                num(b.receiver_cpu_s_per_gb, 2),
+                "s/GB",
+            ),
+            (
+                "bulk peak RSS, sender".into(),
+                num(b.rss.sender_peak_rss_mib, 0),
+                "MiB",
+            ),
+            (
+                "bulk peak RSS, receiver".into(),
+                num(b.rss.receiver_peak_rss_mib, 0),
+                "MiB",
+            ),
+            (
+                "bulk gaps (records)".into(),
+                format!("{} ({})", b.gaps.gaps, b.gaps.gap_records),
+                "gaps",
+            ),
+            (
+                "small records → file sink".into(),
+                num(f.records_per_s, 0),
+                "records/s",
+            ),
+            (
+                "small records → file sink, delivered / sent, gaps".into(),
+                format!(
+                    "{} / {}, {}",
+                    f.records_delivered, f.records_sent, f.gaps.gaps
+                ),
+                "records",
+            ),
+            (
+                "small records → tcp sink".into(),
+                num(t.records_per_s, 0),
+                "records/s",
+            ),
+            (
+                "small records → tcp sink, delivered / sent, gaps".into(),
+                format!(
+                    "{} / {}, {}",
+                    t.records_delivered, t.records_sent, t.gaps.gaps
+                ),
+                "records",
+            ),
+            (
+                format!("latency p50 ({:.0} points/s, tcp sink)", l.rate),
+                num(l.summary.p50_ms, 1),
+                "ms",
+            ),
+            ("latency p99".into(), num(l.summary.p99_ms, 1), "ms"),
+            ("latency max".into(), num(l.summary.max_ms, 1), "ms"),
+            (
+                "latency samples, gaps".into(),
+                format!("{}, {}", l.summary.samples, l.gaps.gaps),
+                "records",
+            ),
+            (
+                format!(
+                    "lagging sink: receiver peak RSS (journal {} MiB{})",
+                    mib(g.journal_max_bytes),
+                    if g.journal_filled {
+                        ", filled"
+                    } else {
+                        ", NOT filled"
+                    }
+                ),
+                num(g.rss.receiver_peak_rss_mib, 0),
+                "MiB",
+            ),
+            (
+                "lagging sink: gap records by cause".into(),
+                causes(&g.gaps),
+                "records",
+            ),
+            (
+                "peak RSS over all runs, sender / receiver".into(),
+                format!(
+                    "{:.0} / {:.0}",
+                    self.peak_rss_max.sender_peak_rss_mib, self.peak_rss_max.receiver_peak_rss_mib
+                ),
+                "MiB",
+            ),
+            (
+                format!("peak RSS ≤ {:.0} MiB in every run", self.rss_bound_mib),
+                if self.rss_within_bound { "yes" } else { "NO" }.into(),
+                "",
+            ),
+        ];
+        let mut out = String::from("| metric | value | unit |\n|---|---:|---|\n");
+        for (metric, value, unit) in rows {
+            out.push_str(&format!("| {metric} | {value} | {unit} |\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 50.0), Some(2.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&v, 0.0), None);
+    }
+
+    #[test]
+    fn latency_summary_sorts_and_skips_non_finite_samples() {
+        let s = LatencySummary::of(vec![5.0, 1.0, f64::NAN, 3.0, 2.0, 4.0]);
+        assert_eq!(s.samples, 5);
+        assert_eq!(s.p50_ms, 3.0);
+        assert_eq!(s.p99_ms, 5.0);
+        assert_eq!(s.max_ms, 5.0);
+        assert_eq!(LatencySummary::of(Vec::new()), LatencySummary::default());
+    }
+
+    #[test]
+    fn sink_timestamps_parse_to_unix_nanoseconds() {
+        assert_eq!(
+            unix_ns_of_rfc3339("1970-01-01T00:00:01.000000002Z").unwrap(),
+            1_000_000_002
+        );
+        assert_eq!(
+            unix_ns_of_rfc3339("2026-11-30T00:25:12.123456789Z").unwrap(),
+            1_795_998_312_123_456_789
+        );
+        assert_eq!(unix_ns_of_rfc3339("1970-01-01T01:00:00+01:00").unwrap(), 0);
+        assert!(unix_ns_of_rfc3339("yesterday").is_err());
+        let line = br#"{"stream":"gen","seq":3,"kind":"point","ts":"1970-01-01T00:00:00.5Z","tag":"gen/tag-00001","value":1.0,"quality":0}"#;
+        assert_eq!(record_ts_ns(line).unwrap(), 500_000_000);
+        assert!(record_ts_ns(br#"{"seq":3}"#).is_err());
+        assert!(record_ts_ns(b"not json").is_err());
+    }
+
+    #[test]
+    fn lines_split_across_pieces_come_out_whole_and_overlong_ones_are_dropped() {
+        let mut s = LineSplitter::new(8);
+        let mut got = Vec::new();
+        for piece in [&b"ab"[..], b"c\nde", b"f\n\nxy", b"z\n"] {
+            s.feed(piece, |l| got.push(String::from_utf8_lossy(l).into_owned()));
+        }
+        assert_eq!(got, ["abc", "def", "", "xyz"]);
+        assert_eq!((s.lines, s.overlong), (4, 0));
+        got.clear();
+        s.feed(b"0123456", |l| {
+            got.push(String::from_utf8_lossy(l).into_owned())
+        });
+        s.feed(b"789abc", |l| {
+            got.push(String::from_utf8_lossy(l).into_owned())
+        });
+        s.feed(b"def\nok\n", |l| {
+            got.push(String::from_utf8_lossy(l).into_owned())
+        });
+        assert_eq!(got, ["ok"]);
+        assert_eq!((s.lines, s.overlong), (6, 1));
+    }
+
+    #[test]
+    fn audit_gaps_count_events_and_inclusive_record_ranges() {
+        let log = concat!(
+            r#"{"event":"start","at":"t","prev":"0"}"#,
+            "\n",
+            r#"{"event":"gap","stream":"a","from":10,"to":14,"cause":"link-loss","at":"t","prev":"1"}"#,
+            "\n",
+            r#"{"event":"gap","stream":"a","from":20,"to":20,"cause":"sink-overflow:x","at":"t","prev":"2"}"#,
+            "\n",
+            r#"{"event":"recovered","stream":"a","from":10,"to":14,"at":"t","prev":"3"}"#,
+            "\n"
+        );
+        let gaps = count_audit_gaps(log).unwrap();
+        assert_eq!((gaps.gaps, gaps.gap_records), (2, 6));
+        assert_eq!(
+            gaps.gap_records_by_cause,
+            BTreeMap::from([("link-loss".into(), 5), ("sink-overflow:x".into(), 1)])
+        );
+        assert_eq!(count_audit_gaps("").unwrap(), AuditGaps::default());
+        let err = count_audit_gaps("{\"event\":\"gap\",\"from\":1}\n").unwrap_err();
+        assert!(format!("{err:#}").contains("line 1"), "{err:#}");
+        assert!(count_audit_gaps("{torn").is_err());
+    }
+
+    #[test]
+    fn bench_json_keeps_its_documented_key_names() {
+        let mut r = Report {
+            schema: SCHEMA,
+            rss_bound_mib: RSS_BOUND_MIB,
+            ..Report::default()
+        };
+        r.note_rss(PeakRss {
+            sender_peak_rss_mib: 40.0,
+            receiver_peak_rss_mib: 90.0,
+        });
+        assert!(r.rss_within_bound);
+        let v = serde_json::to_value(&r).unwrap();
+        for key in [
+            "schema",
+            "machine",
+            "params",
+            "udp_ceiling",
+            "bulk",
+            "bulk_runs",
+            "small_records_file",
+            "small_records_tcp",
+            "latency",
+            "lagging_sink",
+            "peak_rss_max",
+            "rss_bound_mib",
+            "rss_within_bound",
+            "comparisons",
+        ] {
+            assert!(v.get(key).is_some(), "missing top-level key {key}");
+        }
+        for key in [
+            "goodput_mb_s",
+            "goodput_per_gso_ceiling",
+            "goodput_per_plain_ceiling",
+            "sender_cpu_s_per_gb",
+            "receiver_cpu_s_per_gb",
+            "sender_peak_rss_mib",
+            "receiver_peak_rss_mib",
+            "gaps",
+            "gap_records",
+        ] {
+            assert!(v["bulk"].get(key).is_some(), "missing bulk.{key}");
+        }
+        for key in ["p50_ms", "p99_ms", "max_ms", "samples"] {
+            assert!(v["latency"].get(key).is_some(), "missing latency.{key}");
+        }
+        for key in ["commit", "date", "cpu_model", "nproc"] {
+            assert!(v["machine"].get(key).is_some(), "missing machine.{key}");
+        }
+        assert!(v["small_records_tcp"].get("records_per_s").is_some());
+        assert!(v["lagging_sink"].get("receiver_peak_rss_mib").is_some());
+        let back: Report = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+        r.note_rss(PeakRss {
+            sender_peak_rss_mib: 10.0,
+            receiver_peak_rss_mib: 300.0,
+        });
+        assert!(!r.rss_within_bound);
+        assert_eq!(r.peak_rss_max.sender_peak_rss_mib, 40.0);
+    }
+
+    #[test]
+    fn the_table_has_one_row_per_metric_with_units() {
+        let r = Report::default();
+        let table = r.markdown_table();
+        for needle in [
+            "raw UDP ceiling",
+            "bulk goodput",
+            "bulk CPU, sender",
+            "bulk peak RSS, receiver",
+            "small records → file sink",
+            "small records → tcp sink",
+            "latency p99",
+            "lagging sink: receiver peak RSS",
+            "| MB/s |",
+            "| s/GB |",
+            "| ms |",
+            "| records/s |",
+        ] {
+            assert!(table.contains(needle), "table lacks {needle:?}:\n{table}");
+        }
+        assert!(table
+            .lines()
+            .all(|l| l.starts_with('|') && l.ends_with('|')));
+    }
+}
