@@ -127,6 +127,15 @@ pub struct LinkConfig {
         deserialize_with = "weir_protocol::units::size_text"
     )]
     pub send_buffer: String,
+    /// The receiver's socket receive buffer as granted (its `link.recv_buffer`,
+    /// capped by the receiver host's `net.core.rmem_max`): the pacer's burst
+    /// is at most a quarter of it, so one burst never fills it
+    /// (docs/configuration.md, "Sizing rate and buffers").
+    #[serde(
+        default = "default_receiver_buffer",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
+    pub receiver_buffer: String,
 }
 
 fn default_mtu() -> usize {
@@ -134,6 +143,9 @@ fn default_mtu() -> usize {
 }
 fn default_send_buffer() -> String {
     "8MiB".into()
+}
+fn default_receiver_buffer() -> String {
+    "4MiB".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -344,6 +356,8 @@ pub struct Loaded {
     pub rate_bps: u64,
     pub spool: crate::spool::Settings,
     pub send_buffer: usize,
+    /// `link.receiver_buffer` in bytes.
+    pub receiver_buffer: usize,
     pub hash: String,
     /// How frames are tagged: set by `load` from `[auth]` (the key file is
     /// read and checked there); `parse`, which reads no files, leaves None.
@@ -446,6 +460,17 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
     };
     let send_buffer = parse_size(&c.link.send_buffer)
         .map_err(|e| anyhow::anyhow!("link.send_buffer: {e}"))? as usize;
+    let receiver_buffer = parse_size(&c.link.receiver_buffer)
+        .map_err(|e| anyhow::anyhow!("link.receiver_buffer: {e}"))?
+        as usize;
+    if receiver_buffer < 256 << 10 {
+        bail!(
+            "link.receiver_buffer: {} is below 256KiB; set it to the receiver's granted socket \
+             buffer (its log says `granted` at start) and raise the receiver host's \
+             net.core.rmem_max if that is smaller",
+            c.link.receiver_buffer
+        );
+    }
     if !(576..=65_535).contains(&c.link.mtu)
         || shard_size_for(c.link.mtu, c.link.destination.is_ipv6()).is_none()
     {
@@ -528,6 +553,7 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         rate_bps,
         spool,
         send_buffer,
+        receiver_buffer,
         hash: String::new(),
         signer: None,
     };

@@ -32,6 +32,16 @@ const FEED_BATCH: usize = 4096;
 
 /// Token bucket in bytes; the bucket holds at most `burst` bytes, so the
 /// sender never exceeds the rate over any window longer than burst/rate.
+/// The pacer's burst in bytes: 2 ms at the link rate, so a sender thread
+/// that lost the CPU for a moment can catch up, but never more than a
+/// quarter of the receiver's socket buffer (at 16 Gbit/s 2 ms is 4 MB, a
+/// whole 4 MiB buffer: one burst arriving while the receiver is busy would
+/// overflow it), and never less than two GSO batches, the pacer's unit.
+pub fn pacer_burst(rate_bps: u64, batch_bytes: usize, receiver_buffer: usize) -> usize {
+    let two_ms = (rate_bps / 8 / 500) as usize;
+    two_ms.min(receiver_buffer / 4).max(2 * batch_bytes)
+}
+
 pub struct Pacer {
     bytes_per_sec: f64,
     burst: f64,
@@ -77,6 +87,8 @@ pub struct LinkParams {
     /// Source type of each configured stream, for announcements.
     pub source_types: HashMap<String, String>,
     pub spool_path: PathBuf,
+    /// `link.receiver_buffer`: the pacer's burst is at most a quarter of it.
+    pub receiver_buffer: usize,
     /// Streams whose records are sent more than once: (copies, spacing).
     pub repeats: HashMap<String, (u32, Duration)>,
 }
@@ -121,8 +133,7 @@ pub fn run(
     let batch_max = socket.batch_for(frame_len);
     let overhead = params.wire_overhead;
     let batch_bytes = batch_max * (frame_len + overhead);
-    // Burst: two batches, or 2 ms at the link rate, whichever is larger.
-    let burst = (2 * batch_bytes).max((params.rate_bps / 8 / 500) as usize);
+    let burst = pacer_burst(params.rate_bps, batch_bytes, params.receiver_buffer);
     let mut pacer = Pacer::new(params.rate_bps, burst);
     tracing::info!(
         gso_segments = batch_max,
@@ -447,4 +458,30 @@ fn publish(enc: &mut Encoder, counters: &Counters) {
         counter.store(value, Ordering::Relaxed);
     }
     enc.set_counters(counters.snapshot());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pacer_burst;
+
+    const BATCH: usize = 44 * 1530;
+
+    #[test]
+    fn the_pacer_burst_is_2_ms_at_the_link_rate_when_the_receiver_buffer_allows() {
+        // 1 Gbit/s: 2 ms is 250 kB, under a quarter of 4 MiB.
+        assert_eq!(pacer_burst(1_000_000_000, BATCH, 4 << 20), 250_000);
+    }
+
+    #[test]
+    fn the_pacer_burst_never_exceeds_a_quarter_of_the_receiver_buffer() {
+        // 16 Gbit/s: 2 ms is 4 MB, the whole of a 4 MiB buffer.
+        assert_eq!(pacer_burst(16_000_000_000, BATCH, 4 << 20), 1 << 20);
+        assert_eq!(pacer_burst(16_000_000_000, BATCH, 64 << 20), 4_000_000);
+    }
+
+    #[test]
+    fn the_pacer_burst_is_at_least_two_gso_batches() {
+        assert_eq!(pacer_burst(10_000_000, BATCH, 4 << 20), 2 * BATCH);
+        assert_eq!(pacer_burst(16_000_000_000, BATCH, 256 << 10), 2 * BATCH);
+    }
 }

@@ -297,6 +297,7 @@ fn run(path: &Path) -> Result<()> {
                 .map(|s| (s.name().to_string(), s.type_name().to_string()))
                 .collect(),
             spool_path: loaded.spool.path.clone(),
+            receiver_buffer: loaded.receiver_buffer,
             repeats: sources
                 .iter()
                 .filter(|s| s.repeat().0 > 1)
