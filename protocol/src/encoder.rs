@@ -396,25 +396,56 @@ impl Encoder {
     /// are exempt. Panics on an unregistered stream or a sequence that goes
     /// backwards: both are the driver's bugs, never input from outside.
     pub fn push(&mut self, now: Nanos, record: &Record) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let bytes = postcard::to_extend(record, scratch).expect("postcard into a Vec cannot fail");
+        self.push_record_bytes(now, record.stream, record.seq, record.resent, &bytes);
+        self.scratch = bytes;
+    }
+
+    /// As [`Self::push`], for a body already serialized (postcard, as
+    /// [`RecordBody`] serializes): the sender's spool stores bodies so, and
+    /// the link thread hands them over without decoding them. The caller
+    /// has checked `body` (with [`crate::record::RecordBodyRef::parse`]).
+    pub fn push_encoded(
+        &mut self,
+        now: Nanos,
+        stream: StreamId,
+        seq: u64,
+        resent: bool,
+        body: &[u8],
+    ) {
+        debug_assert!(crate::record::RecordBodyRef::parse(body).is_ok());
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        crate::record::put_record_head(&mut scratch, stream, seq, resent);
+        scratch.extend_from_slice(body);
+        self.push_record_bytes(now, stream, seq, resent, &scratch);
+        self.scratch = scratch;
+    }
+
+    fn push_record_bytes(
+        &mut self,
+        now: Nanos,
+        id: StreamId,
+        seq: u64,
+        resent: bool,
+        record_bytes: &[u8],
+    ) {
         self.start.get_or_insert(now);
-        let stream = &mut self.streams[record.stream as usize];
-        if !record.resent {
+        let stream = &mut self.streams[id as usize];
+        if !resent {
             let expected = stream.last_pushed.map_or(stream.info.first_seq, |s| s + 1);
             assert!(
-                record.seq >= expected,
+                seq >= expected,
                 "records of stream {} pushed out of sequence",
                 stream.info.name
             );
-            stream.last_pushed = Some(record.seq);
+            stream.last_pushed = Some(seq);
         }
-
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        let record_bytes =
-            postcard::to_extend(record, scratch).expect("postcard into a Vec cannot fail");
         self.stats.records += 1;
         self.stats.record_bytes += record_bytes.len() as u64;
-        self.pack(record.stream, &record_bytes);
+        self.pack(id, record_bytes);
         // A heartbeat claims a record (`last_seq`) once the block holding its
         // end is sealed, so the receiver names it in a gap if that block is
         // lost. `pack` ends by writing into the open block and seals that
@@ -422,14 +453,13 @@ impl Encoder {
         // sealed and the claim is made now (left to the next seal, it would
         // wait for a block that may never come, and a record lost with its
         // block would be named nowhere).
-        if !record.resent {
+        if !resent {
             if self.open.is_empty() {
-                self.streams[record.stream as usize].last_sealed = Some(record.seq);
+                self.streams[id as usize].last_sealed = Some(seq);
             } else {
-                self.open_completed.push((record.stream, record.seq));
+                self.open_completed.push((id, seq));
             }
         }
-        self.scratch = record_bytes;
         if self.open_since.is_none() && !self.open.is_empty() {
             self.open_since = Some(now);
         }

@@ -439,8 +439,8 @@ mod tests {
         // A receiver accepts the largest shard that fits, aligned or not.
         assert_eq!(max_shard_for_mtu(1500), Some(1416));
         // The largest multiple of 64 that fits: 64 more would not.
-        assert!(1408 + FRAME_OVERHEAD + IP_UDP_OVERHEAD <= 1500);
-        assert!(1408 + 64 + FRAME_OVERHEAD + IP_UDP_OVERHEAD > 1500);
+        const { assert!(1408 + FRAME_OVERHEAD + IP_UDP_OVERHEAD <= 1500) };
+        const { assert!(1408 + 64 + FRAME_OVERHEAD + IP_UDP_OVERHEAD > 1500) };
     }
 
     proptest! {

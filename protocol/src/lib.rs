@@ -33,8 +33,8 @@ pub use decoder::{Decoder, DecoderStats, Event, Gap, GapCause};
 pub use encoder::{Encoder, EncoderStats};
 pub use frame::{FrameError, FrameHeader};
 pub use record::{
-    Chunk, GapNotice, Log, Message, NoticeCause, Point, Record, RecordBody, StreamId, StreamInfo,
-    Value,
+    Chunk, GapNotice, Log, Message, NoticeCause, Point, Record, RecordBody, RecordBodyRef,
+    StreamId, StreamInfo, Value,
 };
 
 /// Monotonic time in nanoseconds from an origin the caller chooses.

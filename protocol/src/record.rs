@@ -134,6 +134,89 @@ pub enum NoticeCause {
     SpoolCorrupt,
 }
 
+/// A serialized [`RecordBody`] read in place: the same postcard encoding,
+/// with every string and byte string borrowed from the input. The sender's
+/// link thread checks a spooled body with it (no allocation, nothing
+/// copied) and hands the bytes to the encoder as they are
+/// ([`crate::Encoder::push_encoded`]). Its variants and fields mirror
+/// `RecordBody` exactly, in order; a test proves every body decodes as both.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub enum RecordBodyRef<'a> {
+    Point(#[serde(borrow)] PointRef<'a>),
+    Message(#[serde(borrow)] MessageRef<'a>),
+    Log(#[serde(borrow)] LogRef<'a>),
+    Bytes(#[serde(borrow)] ChunkRef<'a>),
+}
+
+impl<'a> RecordBodyRef<'a> {
+    /// Reads a whole serialized body; trailing bytes are an error.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, postcard::Error> {
+        match postcard::take_from_bytes::<RecordBodyRef>(bytes)? {
+            (body, []) => Ok(body),
+            _ => Err(postcard::Error::DeserializeBadEncoding),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct PointRef<'a> {
+    pub tag: &'a str,
+    pub ts_ns: i64,
+    #[serde(borrow)]
+    pub value: ValueRef<'a>,
+    pub quality: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub enum ValueRef<'a> {
+    F64(f64),
+    I64(i64),
+    Bool(bool),
+    Str(&'a str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct MessageRef<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct LogRef<'a> {
+    pub facility: u8,
+    pub severity: u8,
+    pub host: &'a str,
+    pub app: &'a str,
+    pub text: &'a str,
+    pub ts_ns: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct ChunkRef<'a> {
+    pub data: &'a [u8],
+    pub end: bool,
+}
+
+/// Most bytes [`put_record_head`] writes: a u32 and a u64 as postcard
+/// varints (5 + 10) and a bool.
+pub const MAX_RECORD_HEAD: usize = 16;
+
+/// Writes what postcard writes for a [`Record`] before its body: `stream`
+/// and `seq` as varints, then `resent`. Followed by a serialized body, the
+/// bytes equal `postcard::to_allocvec(&record)` (a test proves it).
+pub fn put_record_head(out: &mut Vec<u8>, stream: StreamId, seq: u64, resent: bool) {
+    let mut v = u64::from(stream);
+    for n in [v, seq] {
+        v = n;
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    out.push(u8::from(resent));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +278,47 @@ mod tests {
             let bytes = postcard::to_allocvec(&record).unwrap();
             let back: Record = postcard::from_bytes(&bytes).unwrap();
             prop_assert_eq!(back, record);
+        }
+
+        #[test]
+        fn a_serialized_body_reads_in_place_as_the_same_fields(body in body()) {
+            let bytes = postcard::to_allocvec(&body).unwrap();
+            let view = RecordBodyRef::parse(&bytes).unwrap();
+            let same = match (&body, view) {
+                (RecordBody::Point(p), RecordBodyRef::Point(v)) => {
+                    p.tag == v.tag && p.ts_ns == v.ts_ns && p.quality == v.quality
+                        && match (&p.value, v.value) {
+                            (Value::F64(a), ValueRef::F64(b)) => a.to_bits() == b.to_bits(),
+                            (Value::I64(a), ValueRef::I64(b)) => *a == b,
+                            (Value::Bool(a), ValueRef::Bool(b)) => *a == b,
+                            (Value::Str(a), ValueRef::Str(b)) => a == b,
+                            _ => false,
+                        }
+                }
+                (RecordBody::Message(m), RecordBodyRef::Message(v)) => m.topic == v.topic && m.payload == v.payload,
+                (RecordBody::Log(l), RecordBodyRef::Log(v)) => {
+                    (l.facility, l.severity, l.host.as_str(), l.app.as_str(), l.text.as_str(), l.ts_ns)
+                        == (v.facility, v.severity, v.host, v.app, v.text, v.ts_ns)
+                }
+                (RecordBody::Bytes(c), RecordBodyRef::Bytes(v)) => c.data == v.data && c.end == v.end,
+                _ => false,
+            };
+            prop_assert!(same, "{:?} read as {:?}", body, view);
+            // A truncated body is refused, and so is one with bytes after it.
+            prop_assert!(RecordBodyRef::parse(&bytes[..bytes.len() - 1]).is_err());
+            let mut longer = bytes.clone();
+            longer.push(0);
+            prop_assert!(RecordBodyRef::parse(&longer).is_err());
+        }
+
+        #[test]
+        fn a_record_head_and_a_serialized_body_are_the_record_as_postcard_writes_it(stream in any::<u32>(), seq in any::<u64>(), resent in any::<bool>(), body in body()) {
+            let mut bytes = Vec::new();
+            put_record_head(&mut bytes, stream, seq, resent);
+            prop_assert!(bytes.len() <= MAX_RECORD_HEAD);
+            bytes.extend_from_slice(&postcard::to_allocvec(&body).unwrap());
+            let record = Record { stream, seq, resent, body };
+            prop_assert_eq!(bytes, postcard::to_allocvec(&record).unwrap());
         }
 
         #[test]

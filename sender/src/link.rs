@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use weir_protocol::{Encoder, GapNotice, Nanos, Record, StreamId};
 
 use crate::metrics::Counters;
-use crate::spool::{Entry, Item, Shared};
+use crate::spool::{Batch, Entry, Item, Shared};
 use crate::udp::LinkSocket;
 
 /// Bytes a datagram costs on an Ethernet link beyond its UDP payload:
@@ -29,6 +29,10 @@ pub const DRAIN: u8 = 2;
 
 /// Records moved from the spool to the encoder per step.
 const FEED_BATCH: usize = 4096;
+/// And at most about this many bytes of them (one record more at most):
+/// the batch is read into memory, and 4096 records of 64 KiB would be
+/// 256 MiB, the whole memory budget of a side.
+const FEED_BYTES: usize = 4 << 20;
 
 /// Token bucket in bytes; the bucket holds at most `burst` bytes, so the
 /// sender never exceeds the rate over any window longer than burst/rate.
@@ -104,10 +108,37 @@ const RESEND_LIMIT: usize = 1_000_000;
 struct Streams {
     ids: HashMap<String, StreamId>,
     types: HashMap<String, String>,
+    /// The stream looked up last: consecutive records are mostly of one
+    /// stream, and comparing a name is cheaper than hashing it.
+    last: Option<(String, StreamId)>,
 }
 
 impl Streams {
     fn id(&mut self, enc: &mut Encoder, spool: &Shared, name: &str, first_seq: u64) -> StreamId {
+        if let Some((last, id)) = &self.last {
+            if last == name {
+                return *id;
+            }
+        }
+        let id = self.lookup(enc, spool, name, first_seq);
+        match &mut self.last {
+            Some((last, last_id)) => {
+                last.clear();
+                last.push_str(name);
+                *last_id = id;
+            }
+            None => self.last = Some((name.to_string(), id)),
+        }
+        id
+    }
+
+    fn lookup(
+        &mut self,
+        enc: &mut Encoder,
+        spool: &Shared,
+        name: &str,
+        first_seq: u64,
+    ) -> StreamId {
         if let Some(id) = self.ids.get(name) {
             return *id;
         }
@@ -143,10 +174,11 @@ pub fn run(
     );
     let mut buf = vec![0u8; batch_max * frame_len];
     let mut carry: Vec<u8> = Vec::with_capacity(frame_len);
-    let mut items: Vec<Item> = Vec::with_capacity(FEED_BATCH);
+    let mut batch = Batch::default();
     let mut streams = Streams {
         ids: HashMap::new(),
         types: params.source_types,
+        last: None,
     };
     // (spool index after a pushed batch, block it ends in): the batch is on
     // the wire once that block has been fully sent.
@@ -226,42 +258,33 @@ pub fn run(
                 );
                 Counters::add(&counters.resent_records, 1);
             }
-            spool.lock().read(&mut items, FEED_BATCH)?;
-            if !items.is_empty() {
+            batch.clear();
+            spool.lock().read(&mut batch, FEED_BATCH, FEED_BYTES)?;
+            if !batch.items.is_empty() {
                 spool.room.notify_waiters();
             }
             // A full read means more waits in the spool: the sender is
             // behind its input, so no spare parity (see the encoder).
-            enc.set_input_waiting(items.len() >= FEED_BATCH);
+            enc.set_input_waiting(batch.items.len() >= FEED_BATCH || batch.bytes() >= FEED_BYTES);
             let mut last_index = None;
-            for item in items.drain(..) {
+            for item in &batch.items {
                 match item {
-                    Item::Record { index, entry } => {
-                        let id = streams.id(&mut enc, &spool, &entry.stream, entry.seq);
-                        if let Some((copies, delay)) = params.repeats.get(&entry.stream) {
+                    Item::Record(r) => {
+                        let name = batch.stream(r);
+                        let id = streams.id(&mut enc, &spool, name, r.seq);
+                        if let Some((copies, delay)) = params.repeats.get(name) {
+                            let entry = batch.entry(r);
                             let size = crate::spool::entry_size(&entry);
                             if repeat_bytes + size <= REPEAT_LIMIT {
                                 repeat_bytes += size;
-                                repeats.push_back((
-                                    Instant::now() + *delay,
-                                    copies - 1,
-                                    entry.clone(),
-                                ));
+                                repeats.push_back((Instant::now() + *delay, copies - 1, entry));
                             } else {
                                 Counters::add(&counters.repeat_skipped, 1);
                             }
                         }
-                        enc.push(
-                            t,
-                            &Record {
-                                stream: id,
-                                seq: entry.seq,
-                                resent: false,
-                                body: entry.body,
-                            },
-                        );
+                        enc.push_encoded(t, id, r.seq, false, batch.body(r));
                         Counters::add(&counters.records_sent, 1);
-                        last_index = Some(index + 1);
+                        last_index = Some(r.index + 1);
                     }
                     Item::Dropped {
                         stream,
@@ -269,14 +292,14 @@ pub fn run(
                         to,
                         cause,
                     } => {
-                        let id = streams.id(&mut enc, &spool, &stream, from);
+                        let id = streams.id(&mut enc, &spool, stream, *from);
                         enc.push_gap_notice(
                             t,
                             &GapNotice {
                                 stream: id,
-                                from,
-                                to,
-                                cause,
+                                from: *from,
+                                to: *to,
+                                cause: *cause,
                             },
                         );
                         Counters::add(&counters.gap_notices_sent, 1);

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use weir_protocol::segment::{
     check_entry_at, find_next_entry, read_entry, write_entry, ReadOutcome, ENTRY_HEADER,
 };
-use weir_protocol::{NoticeCause, RecordBody};
+use weir_protocol::{NoticeCause, RecordBody, RecordBodyRef};
 
 use crate::fatal::Fatal;
 use crate::metrics::Counters;
@@ -59,13 +59,74 @@ pub struct Entry {
     pub body: RecordBody,
 }
 
+/// Records as the spool stores them, for the link thread: each record's
+/// stream name and serialized body stay bytes in one buffer, checked but
+/// not decoded, and go to the encoder as they are
+/// (`Encoder::push_encoded`): no per-record allocation, no decoding and
+/// re-encoding.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    pub items: Vec<Item>,
+}
+
+/// One spooled record in a [`Batch`]: where its stream name and body are
+/// in the batch's bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spooled {
+    pub index: u64,
+    pub seq: u64,
+    stream: (usize, usize),
+    body: (usize, usize),
+}
+
+impl Batch {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+    }
+
+    /// Bytes of names and bodies held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn stream(&self, r: &Spooled) -> &str {
+        std::str::from_utf8(&self.bytes[r.stream.0..r.stream.1]).expect("checked when read")
+    }
+
+    /// The body, serialized as `RecordBody` serializes.
+    pub fn body(&self, r: &Spooled) -> &[u8] {
+        &self.bytes[r.body.0..r.body.1]
+    }
+
+    /// The record decoded (for repeats, which keep a copy, and tests).
+    pub fn entry(&self, r: &Spooled) -> Entry {
+        Entry {
+            stream: self.stream(r).to_string(),
+            seq: r.seq,
+            body: postcard::from_bytes(self.body(r)).expect("checked when read"),
+        }
+    }
+
+    fn push(&mut self, index: u64, stream: &str, seq: u64, body: &[u8]) {
+        let s0 = self.bytes.len();
+        self.bytes.extend_from_slice(stream.as_bytes());
+        let b0 = self.bytes.len();
+        self.bytes.extend_from_slice(body);
+        self.items.push(Item::Record(Spooled {
+            index,
+            seq,
+            stream: (s0, b0),
+            body: (b0, self.bytes.len()),
+        }));
+    }
+}
+
 /// What the link thread reads, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
-    Record {
-        index: u64,
-        entry: Entry,
-    },
+    Record(Spooled),
     /// `from..=to` of `stream` were dropped unsent (spool bound or damage).
     Dropped {
         stream: String,
@@ -987,12 +1048,13 @@ impl Spool {
         }
     }
 
-    /// Moves up to `max` items into `out`: first any notices of dropped
-    /// ranges, then fsynced records from the read position.
-    pub fn read(&mut self, out: &mut Vec<Item>, max: usize) -> Result<()> {
+    /// Moves up to `max` items, and records of about `max_bytes` in all,
+    /// into `out`: first any notices of dropped ranges, then fsynced
+    /// records from the read position.
+    pub fn read(&mut self, out: &mut Batch, max: usize, max_bytes: usize) -> Result<()> {
         self.release_pending();
         while let Some((stream, from, to, cause)) = self.dropped.pop_front() {
-            out.push(Item::Dropped {
+            out.items.push(Item::Dropped {
                 stream,
                 from,
                 to,
@@ -1000,19 +1062,25 @@ impl Spool {
             });
         }
         let mut buf = std::mem::take(&mut self.scratch);
-        let result = self.read_records(out, max, &mut buf);
+        let result = self.read_records(out, max, max_bytes, &mut buf);
         self.scratch = buf;
         result
     }
 
-    fn read_records(&mut self, out: &mut Vec<Item>, max: usize, buf: &mut Vec<u8>) -> Result<()> {
+    fn read_records(
+        &mut self,
+        out: &mut Batch,
+        max: usize,
+        max_bytes: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
         let mut n = 0;
         // Stop where damaged records were, so their notice goes first.
         let limit = match self.pending.front() {
             Some((at, _)) => self.saved_durable.min(*at),
             None => self.saved_durable,
         };
-        while n < max && self.read_index < limit {
+        while n < max && out.bytes() < max_bytes && self.read_index < limit {
             let Some(seg) = self
                 .segments
                 .iter()
@@ -1059,11 +1127,17 @@ impl Spool {
             self.read_index += 1;
             reader.index += 1;
             n += 1;
-            match postcard::from_bytes::<Entry>(buf) {
-                Ok(entry) => out.push(Item::Record {
-                    index: self.read_index - 1,
-                    entry,
-                }),
+            // The body is checked in place (RecordBodyRef: nothing
+            // allocated or copied) and goes on as bytes.
+            let read = postcard::take_from_bytes::<EntryHead>(buf)
+                .map_err(|e| e.to_string())
+                .and_then(|(head, body)| {
+                    RecordBodyRef::parse(body)
+                        .map(|_| (head, body))
+                        .map_err(|e| e.to_string())
+                });
+            match read {
+                Ok((head, body)) => out.push(self.read_index - 1, head.stream, head.seq, body),
                 Err(e) => {
                     // Its CRC matched, so the bytes are what was written;
                     // announce the one record and go on.
@@ -1077,7 +1151,7 @@ impl Spool {
                     tracing::warn!(stream = head.stream, seq = head.seq,
                         "spool: a record does not decode ({e}); announced to the receiver as sender-spool-corrupt");
                     Counters::add(&self.counters.spool_corrupt_records, 1);
-                    out.push(Item::Dropped {
+                    out.items.push(Item::Dropped {
                         stream: head.stream.to_string(),
                         from: head.seq,
                         to: head.seq,
@@ -1299,17 +1373,49 @@ mod tests {
         d
     }
 
-    fn read_all(s: &mut Spool) -> Vec<Item> {
+    /// An item as read, its record decoded.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Got {
+        Record {
+            index: u64,
+            entry: Entry,
+        },
+        Dropped {
+            stream: String,
+            from: u64,
+            to: u64,
+            cause: NoticeCause,
+        },
+    }
+
+    fn read_all(s: &mut Spool) -> Vec<Got> {
         s.sync().unwrap();
         s.save_state().unwrap();
         let mut out = Vec::new();
         // A notice of damage stops a read where the damage was.
         loop {
-            let before = out.len();
-            s.read(&mut out, usize::MAX).unwrap();
-            if out.len() == before {
+            let mut batch = Batch::default();
+            s.read(&mut batch, usize::MAX, usize::MAX).unwrap();
+            if batch.items.is_empty() {
                 return out;
             }
+            out.extend(batch.items.iter().map(|item| match item {
+                Item::Record(r) => Got::Record {
+                    index: r.index,
+                    entry: batch.entry(r),
+                },
+                Item::Dropped {
+                    stream,
+                    from,
+                    to,
+                    cause,
+                } => Got::Dropped {
+                    stream: stream.clone(),
+                    from: *from,
+                    to: *to,
+                    cause: *cause,
+                },
+            }));
         }
     }
 
@@ -1337,7 +1443,7 @@ mod tests {
         );
         let items = read_all(&mut s);
         assert_eq!(items.len(), 6, "entries 4..10 were not marked sent");
-        assert!(matches!(&items[0], Item::Record { index: 4, entry } if entry.seq == 4));
+        assert!(matches!(&items[0], Got::Record { index: 4, entry } if entry.seq == 4));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1368,7 +1474,7 @@ mod tests {
         );
         assert!(matches!(
             &items[4],
-            Item::Dropped {
+            Got::Dropped {
                 from: 4,
                 to: 4,
                 cause: NoticeCause::SpoolDamaged,
@@ -1398,10 +1504,10 @@ mod tests {
         let mut got: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for i in items {
             match i {
-                Item::Dropped {
+                Got::Dropped {
                     stream, from, to, ..
                 } => dropped.push((stream, from, to)),
-                Item::Record { entry, .. } => got.entry(entry.stream).or_default().push(entry.seq),
+                Got::Record { entry, .. } => got.entry(entry.stream).or_default().push(entry.seq),
             }
         }
         for stream in ["a", "b"] {
@@ -1516,11 +1622,11 @@ mod tests {
         let mut notices = Vec::new();
         for item in &items {
             match item {
-                Item::Record { entry, .. } => seen
+                Got::Record { entry, .. } => seen
                     .entry(entry.stream.as_str())
                     .or_default()
                     .push(entry.seq),
-                Item::Dropped {
+                Got::Dropped {
                     stream,
                     from,
                     to,
@@ -1595,14 +1701,14 @@ mod tests {
         let seqs: Vec<u64> = items
             .iter()
             .filter_map(|i| match i {
-                Item::Record { entry, .. } => Some(entry.seq),
+                Got::Record { entry, .. } => Some(entry.seq),
                 _ => None,
             })
             .collect();
         let expected: Vec<u64> = (0..100).chain(count..400).collect();
         assert_eq!(seqs, expected, "the records around the hole, in order");
         assert!(
-            items.contains(&Item::Dropped {
+            items.contains(&Got::Dropped {
                 stream: "a".into(),
                 from: 100,
                 to: count - 1,
@@ -1634,7 +1740,7 @@ mod tests {
         assert_eq!(items.len(), 6);
         assert_eq!(
             items[5],
-            Item::Dropped {
+            Got::Dropped {
                 stream: "a".into(),
                 from: 5,
                 to: 5,
