@@ -267,6 +267,10 @@ pub fn run(
             // behind its input, so no spare parity (see the encoder).
             enc.set_input_waiting(batch.items.len() >= FEED_BATCH || batch.bytes() >= FEED_BYTES);
             let mut last_index = None;
+            // Counted once per batch: the counters are shared with the
+            // source threads, and an atomic add per record would move their
+            // cache line between cores a million times a second.
+            let mut records = 0;
             for item in &batch.items {
                 match item {
                     Item::Record(r) => {
@@ -283,7 +287,7 @@ pub fn run(
                             }
                         }
                         enc.push_encoded(t, id, r.seq, false, batch.body(r));
-                        Counters::add(&counters.records_sent, 1);
+                        records += 1;
                         last_index = Some(r.index + 1);
                     }
                     Item::Dropped {
@@ -306,6 +310,7 @@ pub fn run(
                     }
                 }
             }
+            Counters::add(&counters.records_sent, records);
             if let Some(index) = last_index {
                 pushed.push_back((index, enc.next_block()));
             }

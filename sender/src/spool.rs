@@ -833,48 +833,74 @@ impl Spool {
 
     /// Appends a record, assigning the stream's next sequence number.
     /// Never waits on the link; a full spool drops its oldest segment.
+    #[cfg(test)]
     pub fn append(&mut self, stream: &str, body: &RecordBody) -> Result<u64> {
-        let seq = self.stream(stream).next_seq;
+        self.append_batch(stream, std::slice::from_ref(body))
+    }
+
+    /// Appends records of one stream, numbered in order; returns the last
+    /// number. The stream is looked up, the clock read and the bounds
+    /// enforced once per batch, not per record.
+    pub fn append_batch(&mut self, stream: &str, bodies: &[RecordBody]) -> Result<u64> {
+        let first = self.stream(stream).next_seq;
+        let mut seq = first;
         let mut payload = std::mem::take(&mut self.scratch);
-        payload.clear();
-        let payload = postcard::to_extend(&EntryRef { stream, seq, body }, payload)
-            .expect("postcard into Vec");
-        // A large record (a stream chunk) goes to the OS at once, so a crash
-        // of this process cannot lose it; small ones within the sync
-        // thread's 2 ms tick.
-        let big = payload.len() >= 8192;
-        let written = write_entry(&mut self.writer, &payload).and_then(|n| {
-            if big {
-                self.writer.flush()?;
+        let mut result = Ok(());
+        for body in bodies {
+            payload.clear();
+            payload = postcard::to_extend(&EntryRef { stream, seq, body }, payload)
+                .expect("postcard into Vec");
+            // A large record (a stream chunk) goes to the OS at once, so a
+            // crash of this process cannot lose it; small ones within the
+            // sync thread's 2 ms tick.
+            let big = payload.len() >= 8192;
+            let written = write_entry(&mut self.writer, &payload).and_then(|n| {
+                if big {
+                    self.writer.flush()?;
+                }
+                Ok(n)
+            });
+            if let Err(e) = written {
+                result = Err(anyhow::Error::new(e).context(format!(
+                    "spool: cannot write to {}",
+                    self.settings.path.display()
+                )));
+                break;
             }
-            Ok(n)
-        });
-        let size = (ENTRY_HEADER + payload.len()) as u64;
+            let size = (ENTRY_HEADER + payload.len()) as u64;
+            seq += 1;
+            let seg = self.segments.back_mut().expect("active segment");
+            seg.count += 1;
+            seg.bytes += size;
+            let segment_full = seg.bytes >= self.settings.segment_bytes();
+            self.total_bytes += size;
+            self.unsynced_bytes += size;
+            self.unsent_bytes += size;
+            self.next_index += 1;
+            if segment_full {
+                self.segments.back_mut().expect("active segment").modified = SystemTime::now();
+                if let Err(e) = self.rotate() {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
         self.scratch = payload;
-        written
-            .with_context(|| format!("spool: cannot write to {}", self.settings.path.display()))?;
+        // Whatever was written is numbered, even if a later write failed.
         self.streams
             .get_mut(stream)
             .expect("created above")
-            .next_seq = seq + 1;
-        let seg = self.segments.back_mut().expect("active segment");
-        seg.count += 1;
-        seg.bytes += size;
-        seg.modified = SystemTime::now();
-        let segment_full = seg.bytes >= self.settings.segment_bytes();
-        self.total_bytes += size;
-        self.unsynced_bytes += size;
-        self.unsent_bytes += size;
-        self.next_index += 1;
-        self.state_dirty = true;
+            .next_seq = seq;
+        if seq > first {
+            self.segments.back_mut().expect("active segment").modified = SystemTime::now();
+            self.state_dirty = true;
+        }
         if self.unsynced_bytes >= self.settings.fsync_bytes {
             self.sync_wanted = true;
         }
-        if segment_full {
-            self.rotate()?;
-        }
+        result?;
         self.enforce_bounds()?;
-        Ok(seq)
+        Ok(seq.saturating_sub(1))
     }
 
     fn rotate(&mut self) -> Result<()> {
@@ -1280,9 +1306,11 @@ impl SharedSpool {
     }
 
     /// Appends for a source. A disk failure stops the sender with the error.
-    pub fn append(&self, stream: &str, body: &RecordBody) {
+    /// Appends records of one stream under one lock (see
+    /// [`Spool::append_batch`]).
+    pub fn append_batch(&self, stream: &str, bodies: &[RecordBody]) {
         let mut spool = self.lock();
-        if let Err(e) = spool.append(stream, body) {
+        if let Err(e) = spool.append_batch(stream, bodies) {
             drop(spool);
             if self.fatal.first().is_none() {
                 self.fatal

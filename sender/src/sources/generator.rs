@@ -53,6 +53,9 @@ impl Config {
 }
 
 const TICK: Duration = Duration::from_millis(5);
+/// Points appended to the spool under one lock: few enough that the link
+/// thread, which reads under the same lock, never waits long.
+const EMIT_BATCH: usize = 256;
 
 pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
     let tags: Vec<String> = (0..cfg.tags)
@@ -60,6 +63,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
         .collect();
     let start = Instant::now();
     let mut emitted: u64 = 0;
+    let mut batch = Vec::with_capacity(EMIT_BATCH);
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -75,13 +79,17 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
         while emitted < due {
             let tag = emitted % cfg.tags as u64;
             let phase = tag as f64 * 0.1 + ts_ns as f64 * 1e-9;
-            handle.emit(RecordBody::Point(Point {
+            batch.push(RecordBody::Point(Point {
                 tag: tags[tag as usize].clone(),
                 ts_ns,
                 value: Value::F64((phase.sin() * 100.0 * 1000.0).round() / 1000.0),
                 quality: 0,
             }));
             emitted += 1;
+            if batch.len() == EMIT_BATCH || emitted == due {
+                handle.emit_batch(&batch);
+                batch.clear();
+            }
         }
         if cfg.count.is_some_and(|c| emitted >= c) {
             tracing::info!(source = %cfg.name, points = emitted, "generator finished its count");
