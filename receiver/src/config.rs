@@ -251,13 +251,15 @@ pub struct JournalConfig {
         deserialize_with = "weir_protocol::units::size_text"
     )]
     pub max_bytes: String,
-    /// fsync after this many journaled bytes...
+    /// While an fsync runs, queue the next one once this many bytes were
+    /// journaled (an fsync starts at once when none runs)...
     #[serde(
         default = "default_fsync_bytes",
         deserialize_with = "weir_protocol::units::size_text"
     )]
     pub fsync_bytes: String,
-    /// ...or this many milliseconds; sinks get records only once fsynced.
+    /// ...or this many milliseconds passed; sinks get records only once
+    /// fsynced.
     #[serde(default = "default_fsync_ms")]
     pub fsync_ms: u64,
 }

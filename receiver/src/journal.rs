@@ -1,9 +1,12 @@
 //! The receiver's journal: every decoded record (and every gap the decoder
-//! accounted) is appended here first, fsynced on a bound, and only then
-//! handed to the sinks. Each sink confirms how far it has written; the
-//! journal is compacted when every sink has saved a cursor past a segment,
-//! and when it passes `max_bytes` the oldest segment goes anyway: records a
-//! sink had not been given yet become gaps with cause `sink-overflow:NAME`.
+//! accounted) is appended here first, fsynced, and only then handed to
+//! the sinks. Fsyncs are group commits: one starts as soon as entries were
+//! appended and none is running; entries appended while one runs are
+//! covered by the next (`Journal::sync_due`). Each sink confirms how far it
+//! has written; the journal is compacted when every sink has saved a
+//! cursor past a segment, and when it passes `max_bytes` the oldest
+//! segment goes anyway: records a sink had not been given yet become gaps
+//! with cause `sink-overflow:NAME`.
 //! Every read checks each entry's CRC; a damaged entry in the middle of a
 //! segment becomes a hole that readers skip, and its records become gaps
 //! with cause `journal-corrupt` (see `map_segment`, `Corruption`).
@@ -22,7 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -203,14 +206,38 @@ struct SyncJob {
     state: Vec<u8>,
 }
 
+/// Wakes the thread that waits for entries to become durable (the decoder
+/// thread hands them to the sinks), called by the syncer thread after each
+/// fsync and after a failure.
+pub type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// What the journal and its syncer thread share.
+struct SyncShared {
+    /// Entries below this are fsynced (set by the syncer thread).
+    durable: AtomicU64,
+    /// The first fsync failure; the durable index stops moving after it.
+    failure: Mutex<Option<String>>,
+    /// Fsync jobs done (a segment fsync and a state file save each).
+    fsyncs: AtomicU64,
+    /// Notified with `durable` or `failure` changed, for `Journal::sync`.
+    changed: Condvar,
+    changed_lock: Mutex<()>,
+    waker: OnceLock<Waker>,
+}
+
+impl SyncShared {
+    fn notify(&self) {
+        drop(self.changed_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_all();
+        if let Some(wake) = self.waker.get() {
+            wake();
+        }
+    }
+}
+
 /// Runs fsyncs off the decoder thread, in order; a failure is kept for the
 /// decoder thread to see (and the durable index stops moving).
-fn syncer(
-    jobs: std::sync::mpsc::Receiver<SyncJob>,
-    root: PathBuf,
-    durable: Arc<AtomicU64>,
-    failure: Arc<Mutex<Option<String>>>,
-) {
+fn syncer(jobs: std::sync::mpsc::Receiver<SyncJob>, root: PathBuf, shared: Arc<SyncShared>) {
     while let Ok(job) = jobs.recv() {
         let result = job
             .file
@@ -218,12 +245,16 @@ fn syncer(
             .context("journal: fsync of a segment")
             .and_then(|_| write_atomically(&root.join("state.json"), &job.state));
         match result {
-            Ok(()) => durable.store(job.up_to, Ordering::Release),
+            Ok(()) => {
+                shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+                shared.durable.store(job.up_to, Ordering::Release);
+            }
             Err(e) => {
-                let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+                let mut f = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
                 f.get_or_insert_with(|| format!("{e:#}"));
             }
         }
+        shared.notify();
     }
 }
 
@@ -232,12 +263,11 @@ pub struct Journal {
     segments: VecDeque<Segment>,
     writer: BufWriter<File>,
     next_index: u64,
-    /// Entries below this are fsynced (set by the syncer thread).
-    durable: Arc<AtomicU64>,
+    /// The durable index, failure and fsync count the syncer thread sets.
+    sync: Arc<SyncShared>,
     /// Highest index handed to the syncer.
     requested: u64,
     jobs: std::sync::mpsc::SyncSender<SyncJob>,
-    sync_failure: Arc<Mutex<Option<String>>>,
     unsynced_bytes: u64,
     last_sync: Instant,
     total_bytes: u64,
@@ -800,15 +830,21 @@ impl Journal {
             streams = state.streams.len(),
             "journal opened"
         );
-        let durable = Arc::new(AtomicU64::new(next_index));
-        let sync_failure = Arc::new(Mutex::new(None));
+        let sync = Arc::new(SyncShared {
+            durable: AtomicU64::new(next_index),
+            failure: Mutex::new(None),
+            fsyncs: AtomicU64::new(0),
+            changed: Condvar::new(),
+            changed_lock: Mutex::new(()),
+            waker: OnceLock::new(),
+        });
         // A few jobs in flight at most: each covers everything before it.
         let (jobs, rx) = std::sync::mpsc::sync_channel(4);
         {
-            let (root, durable, failure) = (root.clone(), durable.clone(), sync_failure.clone());
+            let (root, sync) = (root.clone(), sync.clone());
             std::thread::Builder::new()
                 .name("weir-journal-sync".into())
-                .spawn(move || syncer(rx, root, durable, failure))
+                .spawn(move || syncer(rx, root, sync))
                 .context("starting the journal's fsync thread")?;
         }
         Ok(Journal {
@@ -816,10 +852,9 @@ impl Journal {
             segments,
             writer,
             next_index,
-            durable,
+            sync,
             requested: next_index,
             jobs,
-            sync_failure,
             unsynced_bytes: 0,
             last_sync: Instant::now(),
             total_bytes,
@@ -856,12 +891,25 @@ impl Journal {
 
     /// Entries below this are fsynced; only they go to sinks.
     pub fn durable_index(&self) -> u64 {
-        self.durable.load(Ordering::Acquire)
+        self.sync.durable.load(Ordering::Acquire)
+    }
+
+    /// Fsyncs done since the journal opened (each a group commit).
+    pub fn fsyncs(&self) -> u64 {
+        self.sync.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Sets what the syncer thread calls after each fsync (and failure),
+    /// so the thread waiting to hand durable entries on wakes at once. Set
+    /// once; a second waker is ignored.
+    pub fn set_waker(&self, waker: Waker) {
+        let _ = self.sync.waker.set(waker);
     }
 
     /// The first fsync failure, if any: the receiver must stop.
     pub fn failure(&self) -> Option<String> {
-        self.sync_failure
+        self.sync
+            .failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -978,10 +1026,16 @@ impl Journal {
         Ok(())
     }
 
-    /// True when the fsync bound (bytes or time) has been reached.
+    /// True when entries wait for an fsync that should be requested now:
+    /// at once when no fsync is running (group commit: entries appended
+    /// while one runs wait for it and are all covered by the next), or,
+    /// while one runs, once `fsync_bytes` were appended or `fsync_ms`
+    /// passed since the last request (the next job is then queued behind
+    /// it, which bounds a batch handed to the sinks).
     pub fn sync_due(&self) -> bool {
         self.requested != self.next_index
-            && (self.unsynced_bytes >= self.settings.fsync_bytes
+            && (self.durable_index() >= self.requested
+                || self.unsynced_bytes >= self.settings.fsync_bytes
                 || self.last_sync.elapsed() >= self.settings.fsync_interval)
     }
 
@@ -1018,11 +1072,22 @@ impl Journal {
     /// Requests an fsync and waits for it (shutdown, tests).
     pub fn sync(&mut self) -> Result<u64> {
         let target = self.request_sync()?;
+        let mut guard = self
+            .sync
+            .changed_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         while self.durable_index() < target {
             if let Some(f) = self.failure() {
                 bail!("{f}");
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // The syncer notifies under `changed_lock` after it moves the
+            // durable index: checked under the lock, no wake is missed.
+            guard = self
+                .sync
+                .changed
+                .wait(guard)
+                .unwrap_or_else(|p| p.into_inner());
         }
         Ok(target)
     }

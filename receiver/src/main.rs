@@ -321,6 +321,19 @@ fn run(path: &Path) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let recv_stats = Arc::new(udp::RecvStats::default());
     let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel(RECV_POOL);
+    // The socket thread holds the only strong reference: when it ends the
+    // channel disconnects and the decoder thread drains and stops. The
+    // journal's syncer wakes the decoder through a weak one.
+    let batch_tx = Arc::new(batch_tx);
+    {
+        let wake = Arc::downgrade(&batch_tx);
+        journal.set_waker(Box::new(move || {
+            if let Some(tx) = wake.upgrade() {
+                // A full queue already wakes the decoder thread.
+                let _ = tx.try_send(pipeline::Input::Durable);
+            }
+        }));
+    }
     let (free_tx, free_rx) = std::sync::mpsc::sync_channel(RECV_POOL);
     let recv = {
         let (stop, stats) = (stop.clone(), recv_stats.clone());

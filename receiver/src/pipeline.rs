@@ -22,6 +22,19 @@ use crate::journal::Journal;
 use crate::sinks::{Batch, SinkShared};
 use crate::udp::{RecvBatch, RecvStats};
 
+/// What wakes the decoder thread: datagrams from the socket thread, or
+/// the journal's syncer saying an fsync finished (entries became durable
+/// and can go to the sinks now, not at the next datagram or timeout).
+pub enum Input {
+    Datagrams(RecvBatch),
+    Durable,
+}
+
+/// The longest the decoder thread sleeps with nothing arriving: the
+/// periodic work (heartbeat watch, compaction, metrics) runs at 250 ms
+/// and the decoder's own timers wake it earlier.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+
 pub struct SinkHandle {
     pub shared: Arc<SinkShared>,
     pub tx: SyncSender<Batch>,
@@ -165,11 +178,7 @@ const AUTH_WARN_INTERVAL: Duration = Duration::from_secs(10);
 impl Pipeline {
     /// Runs until the socket thread hangs up, then drains to the sinks.
     /// Returns the journal failure that stopped it, if one did.
-    pub fn run(
-        mut self,
-        batches: Receiver<RecvBatch>,
-        free: SyncSender<RecvBatch>,
-    ) -> Option<String> {
+    pub fn run(mut self, batches: Receiver<Input>, free: SyncSender<RecvBatch>) -> Option<String> {
         let origin = Instant::now();
         let now = || origin.elapsed().as_nanos() as Nanos;
         let mut watch = HeartbeatWatch {
@@ -199,8 +208,12 @@ impl Pipeline {
         // worst bucket within the interval.
         let mut logged_rebuilt = self.decoder.stats().rebuilt_per_block;
         loop {
-            let disconnected = match batches.recv_timeout(Duration::from_millis(20)) {
-                Ok(batch) => {
+            // Sleep until input, an fsync, or the decoder's next timer.
+            let wait = self.decoder.poll_timeout().map_or(IDLE_WAIT, |d| {
+                Duration::from_nanos(d.saturating_sub(now())).min(IDLE_WAIT)
+            });
+            let disconnected = match batches.recv_timeout(wait) {
+                Ok(Input::Datagrams(batch)) => {
                     let t = now();
                     for d in batch.datagrams() {
                         self.decoder.handle_datagram(t, d);
@@ -208,6 +221,7 @@ impl Pipeline {
                     let _ = free.try_send(batch);
                     false
                 }
+                Ok(Input::Durable) => false,
                 Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => true,
             };
@@ -646,6 +660,7 @@ impl Pipeline {
         m.push(("recv_errors".into(), r.errors.load(Ordering::Relaxed)));
         m.push(("records_unrouted".into(), unrouted));
         m.push(("journal_bytes".into(), self.journal.total_bytes()));
+        m.push(("journal_fsyncs".into(), self.journal.fsyncs()));
         m.push(("journal_corrupt_entries".into(), self.corrupt_entries));
         m.push(("audit_errors".into(), self.audit.errors));
         m.push(("journal_compaction_errors".into(), self.compaction_errors));

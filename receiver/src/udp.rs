@@ -91,7 +91,7 @@ impl LinkSocket {
     /// reusing the ones that come back on `free`.
     pub fn run(
         self,
-        out: SyncSender<RecvBatch>,
+        out: Arc<SyncSender<crate::pipeline::Input>>,
         free: Receiver<RecvBatch>,
         pool: usize,
         stop: Arc<AtomicBool>,
@@ -141,7 +141,7 @@ impl LinkSocket {
                         let bytes: usize = batch.meta[..n].iter().map(|m| m.len).sum();
                         stats.datagrams.fetch_add(count as u64, Ordering::Relaxed);
                         stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                        if out.send(batch).is_err() {
+                        if out.send(crate::pipeline::Input::Datagrams(batch)).is_err() {
                             return Ok(());
                         }
                     }

@@ -241,14 +241,16 @@ pub struct SpoolConfig {
     /// Segments older than this are deleted the same way (e.g. "7d", "12h").
     #[serde(default = "default_spool_age")]
     pub max_age: String,
-    /// fsync after this many appended bytes...
+    /// No longer used by the spool (it fsyncs as a group commit, see
+    /// docs/configuration.md); still checked so a config stays portable.
     #[serde(
         default = "default_fsync_bytes",
         deserialize_with = "weir_protocol::units::size_text"
     )]
     pub fsync_bytes: String,
-    /// ...or this many milliseconds, whichever comes first. Records are
-    /// sent only once fsynced.
+    /// The longest the idle spool sync thread sleeps before it checks
+    /// `max_age`; an append wakes it at once. Records are sent only once
+    /// fsynced.
     #[serde(default = "default_fsync_ms")]
     pub fsync_ms: u64,
 }
@@ -455,7 +457,6 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         path: c.spool.path.clone(),
         max_bytes: spool_bytes,
         max_age,
-        fsync_bytes,
         fsync_interval: std::time::Duration::from_millis(c.spool.fsync_ms),
     };
     let send_buffer = parse_size(&c.link.send_buffer)

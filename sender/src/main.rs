@@ -333,14 +333,10 @@ fn run(path: &Path) -> Result<()> {
             let id = tasks.spawn(source.run(handle)).id();
             source_names.insert(id, name);
         }
-        let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ticker = {
-            let (spool, ticker_stop) = (spool.clone(), ticker_stop.clone());
+            let spool = spool.clone();
             fatal::spawn("weir-spool-sync", fatal.clone(), move || {
-                while !ticker_stop.load(Ordering::Relaxed) {
-                    spool.tick();
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                spool.run_sync();
                 Ok(())
             })
         };
@@ -427,7 +423,7 @@ fn run(path: &Path) -> Result<()> {
         tasks.shutdown().await;
         stop.store(mode, Ordering::Relaxed);
         spool.appended.notify_all();
-        ticker_stop_handle = Some((ticker_stop, ticker));
+        ticker_stop_handle = Some(ticker);
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     // While the link drains the spool (every source finished), a signal or
@@ -460,8 +456,8 @@ fn run(path: &Path) -> Result<()> {
     }
     // A failure of the link thread was reported by `fatal::spawn`.
     let _ = link.join();
-    if let Some((stop, Ok(ticker))) = ticker_stop_handle {
-        stop.store(true, Ordering::Relaxed);
+    if let Some(Ok(ticker)) = ticker_stop_handle {
+        spool.stop_sync();
         let _ = ticker.join();
     }
     if let Err(e) = spool.lock().sync() {

@@ -30,6 +30,7 @@ counters! {
     bytes_in: "payload bytes handed over by sources",
     spool_dropped_records: "records deleted unsent with the oldest spool segment (spool.max_bytes or max_age); announced as gaps",
     spool_bytes: "bytes the spool holds (sent and unsent)",
+    spool_fsyncs: "spool fsyncs (group commits: each covers every record appended before it started, and saves state)",
     spool_damaged_records: "records lost with a damaged spool tail after a crash; announced as gaps",
     spool_corrupt_records: "records in corrupt stretches in the middle of spool segments (or that did not decode); skipped and announced as sender-spool-corrupt gaps",
     gap_notices_sent: "dropped ranges announced to the receiver",

@@ -8,8 +8,10 @@
 //! ```
 //!
 //! Every entry has a global index (its position in append order). Appends
-//! never block a source on the link: they go to the OS at once and are
-//! fsynced on a bound (`fsync_bytes` or `fsync_ms`); the reader only reads
+//! never block a source on the link or on the disk: the sync thread writes
+//! them to the OS and fsyncs them as a group commit (an fsync starts as
+//! soon as entries were appended and none is running; entries appended
+//! while one runs are all covered by the next); the reader only reads
 //! fsynced entries, so nothing sent can vanish in a power loss and have its
 //! sequence number reused. When the spool passes `max_bytes` or its oldest
 //! segment passes `max_age`, the oldest segment is deleted; records in it
@@ -156,7 +158,7 @@ pub struct Settings {
     pub path: PathBuf,
     pub max_bytes: u64,
     pub max_age: Duration,
-    pub fsync_bytes: u64,
+    /// `spool.fsync_ms`: the longest the idle sync thread sleeps.
     pub fsync_interval: Duration,
 }
 
@@ -223,8 +225,6 @@ pub struct Spool {
     /// and eviction), because byte-stream sources stop reading above a
     /// bound of it and only start again when it falls.
     unsent_bytes: u64,
-    unsynced_bytes: u64,
-    last_sync: Instant,
     total_bytes: u64,
     streams: BTreeMap<String, StreamState>,
     read_index: u64,
@@ -236,8 +236,16 @@ pub struct Spool {
     sent_index: u64,
     state_dirty: bool,
     last_state_save: Instant,
-    /// The fsync bound was reached: the ticker should sync now.
+    /// A segment was closed or the link is draining: the sync thread
+    /// should sync now.
     sync_wanted: bool,
+    /// The sync thread waits for work on `sync_wake`: an append or a moved
+    /// sent position must wake it (only then, so appends cost no wake-up
+    /// while it is busy).
+    sync_idle: bool,
+    sync_wake: Arc<std::sync::Condvar>,
+    /// The sync thread should end (`SharedSpool::stop_sync`).
+    sync_stop: bool,
     /// Closed segments whose final fsync is still to run.
     retired_files: Vec<File>,
     counters: Arc<Counters>,
@@ -797,8 +805,6 @@ impl Spool {
             durable_index: next_index,
             saved_durable: 0,
             unsent_bytes,
-            unsynced_bytes: 0,
-            last_sync: Instant::now(),
             total_bytes,
             streams: state.streams,
             read_index,
@@ -809,6 +815,9 @@ impl Spool {
             state_dirty: true,
             last_state_save: Instant::now(),
             sync_wanted: false,
+            sync_idle: false,
+            sync_wake: Arc::new(std::sync::Condvar::new()),
+            sync_stop: false,
             retired_files: Vec::new(),
             counters,
             scratch: Vec::new(),
@@ -851,8 +860,8 @@ impl Spool {
             payload = postcard::to_extend(&EntryRef { stream, seq, body }, payload)
                 .expect("postcard into Vec");
             // A large record (a stream chunk) goes to the OS at once, so a
-            // crash of this process cannot lose it; small ones within the
-            // sync thread's 2 ms tick.
+            // crash of this process cannot lose it; small ones when the sync
+            // thread, woken by the append, starts the fsync that covers them.
             let big = payload.len() >= 8192;
             let written = write_entry(&mut self.writer, &payload).and_then(|n| {
                 if big {
@@ -874,7 +883,6 @@ impl Spool {
             seg.bytes += size;
             let segment_full = seg.bytes >= self.settings.segment_bytes();
             self.total_bytes += size;
-            self.unsynced_bytes += size;
             self.unsent_bytes += size;
             self.next_index += 1;
             if segment_full {
@@ -895,12 +903,17 @@ impl Spool {
             self.segments.back_mut().expect("active segment").modified = SystemTime::now();
             self.state_dirty = true;
         }
-        if self.unsynced_bytes >= self.settings.fsync_bytes {
-            self.sync_wanted = true;
-        }
         result?;
         self.enforce_bounds()?;
+        self.wake_sync();
         Ok(seq.saturating_sub(1))
+    }
+
+    /// Wakes the sync thread if it waits for work (see `sync_idle`).
+    fn wake_sync(&mut self) {
+        if std::mem::take(&mut self.sync_idle) {
+            self.sync_wake.notify_one();
+        }
     }
 
     fn rotate(&mut self) -> Result<()> {
@@ -929,12 +942,26 @@ impl Spool {
         Ok(())
     }
 
-    /// True when an fsync (and state save) should run now.
+    /// True when an fsync (and state save) should run now: at once for
+    /// anything appended and not yet fsynced (only the sync thread runs
+    /// them, one at a time, so this is the group commit's "none running"),
+    /// and within `STATE_INTERVAL` for a moved sent position.
     fn sync_due(&self) -> bool {
         self.sync_wanted
-            || (self.durable_index != self.next_index
-                && self.last_sync.elapsed() >= self.settings.fsync_interval)
+            || self.durable_index != self.next_index
             || (self.state_dirty && self.last_state_save.elapsed() >= STATE_INTERVAL)
+    }
+
+    /// How long the idle sync thread may sleep: until a moved sent
+    /// position is due to be saved, else `fsync_ms` (it then ages out
+    /// segments, which appends also do; appends and a moved sent position
+    /// wake it earlier).
+    fn sync_idle_wait(&self) -> Duration {
+        if self.state_dirty {
+            STATE_INTERVAL.saturating_sub(self.last_state_save.elapsed())
+        } else {
+            self.settings.fsync_interval
+        }
     }
 
     /// Writes buffered entries to the OS and returns the fsync work for
@@ -954,8 +981,6 @@ impl Spool {
             sent_index: self.sent_index,
         };
         self.sync_wanted = false;
-        self.unsynced_bytes = 0;
-        self.last_sync = Instant::now();
         Ok(SyncJob {
             files,
             up_to: self.next_index,
@@ -973,6 +998,7 @@ impl Spool {
         self.counters
             .spool_bytes
             .store(self.total_bytes, Ordering::Relaxed);
+        Counters::add(&self.counters.spool_fsyncs, 1);
     }
 
     /// Fsyncs everything appended and saves state, holding the spool
@@ -1217,6 +1243,7 @@ impl Spool {
         if index > self.sent_index {
             self.sent_index = index;
             self.state_dirty = true;
+            self.wake_sync();
         }
     }
 
@@ -1291,17 +1318,22 @@ pub struct SharedSpool {
     fatal: Arc<Fatal>,
     /// Woken when the link thread reads, for flow-controlled sources.
     pub room: tokio::sync::Notify,
-    /// Woken when records are appended, for the link thread.
+    /// Woken when appended records became durable (readable), for the
+    /// link thread.
     pub appended: std::sync::Condvar,
+    /// The spool's `sync_wake`: the sync thread waits on it when idle.
+    unsynced: Arc<std::sync::Condvar>,
 }
 
 impl SharedSpool {
     pub fn new(spool: Spool, fatal: Arc<Fatal>) -> Shared {
+        let unsynced = spool.sync_wake.clone();
         Arc::new(SharedSpool {
             inner: Mutex::new(spool),
             fatal,
             room: tokio::sync::Notify::new(),
             appended: std::sync::Condvar::new(),
+            unsynced,
         })
     }
 
@@ -1319,11 +1351,45 @@ impl SharedSpool {
         }
     }
 
-    /// Ages out segments and, when due, fsyncs and saves state without
-    /// holding the spool during the fsync (sources keep appending).
+    /// The sync thread: runs `tick` until `stop_sync`.
+    pub fn run_sync(&self) {
+        while !self.lock().sync_stop {
+            self.tick();
+        }
+    }
+
+    /// Ends `run_sync` (after the fsync it is running, if any).
+    pub fn stop_sync(&self) {
+        self.lock().sync_stop = true;
+        self.unsynced.notify_all();
+    }
+
+    /// Waits until something is to be fsynced (an append wakes it) or the
+    /// idle wait passes, ages out segments and, when due, fsyncs and saves
+    /// state without holding the spool during the fsync (sources keep
+    /// appending; what they append meanwhile goes in the next fsync).
     pub fn tick(&self) {
         let job = {
             let mut spool = self.lock();
+            // After a fatal error (the sender is stopping) a failing fsync
+            // is retried every `fsync_ms`, not in a tight loop.
+            let failed = self.fatal.first().is_some();
+            if (failed || !spool.sync_due()) && !spool.sync_stop {
+                // Checked and waited on under the lock: an append after
+                // the check sees `sync_idle` and wakes this thread.
+                spool.sync_idle = !failed;
+                let wait = if failed {
+                    spool.settings.fsync_interval
+                } else {
+                    spool.sync_idle_wait()
+                };
+                spool = self
+                    .unsynced
+                    .wait_timeout(spool, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                spool.sync_idle = false;
+            }
             if let Err(e) = spool.writer.flush() {
                 self.fail(anyhow::Error::new(e).context("spool: writing a segment"));
             }
@@ -1383,7 +1449,6 @@ mod tests {
             path: dir.to_path_buf(),
             max_bytes,
             max_age: Duration::from_secs(3600),
-            fsync_bytes: 1 << 20,
             fsync_interval: Duration::from_millis(10),
         }
     }

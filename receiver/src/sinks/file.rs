@@ -20,7 +20,7 @@ use weir_protocol::decoder::Delivered;
 use weir_protocol::units::parse_size;
 use weir_protocol::RecordBody;
 
-use super::{default_streams, record_json, Sink, SinkError};
+use super::{default_streams, json_line, Sink, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -291,8 +291,7 @@ impl Sink for FileSink {
             match &r.body {
                 RecordBody::Bytes(c) => self.line.extend_from_slice(&c.data),
                 _ => {
-                    serde_json::to_writer(&mut self.line, &record_json(r))
-                        .map_err(|e| SinkError::Retry(e.into()))?;
+                    json_line::write_record(&mut self.line, r);
                     self.line.push(b'\n');
                 }
             }

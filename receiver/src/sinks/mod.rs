@@ -5,6 +5,7 @@
 //! and its test.
 
 pub mod file;
+pub mod json_line;
 pub mod stdout;
 pub mod tcp;
 
@@ -12,15 +13,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use weir_protocol::decoder::Delivered;
-use weir_protocol::RecordBody;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -162,7 +161,7 @@ pub struct SinkShared {
     /// Journal bytes of the batches in `in_flight`, and the most seen.
     pub in_flight_bytes: AtomicU64,
     pub in_flight_bytes_peak: AtomicU64,
-    /// Cursor saves that failed (each logged; the next batch tries again).
+    /// Cursor saves that failed (each logged; the cursor saver tries again).
     pub cursor_errors: AtomicU64,
     /// Records dropped for this sink by journal overflow (audited as gaps).
     pub overflow_records: AtomicU64,
@@ -186,18 +185,118 @@ pub struct SinkThread {
     pub dead_letter_path: PathBuf,
 }
 
+/// The latest cursor a sink thread confirmed, waiting for its saver.
+#[derive(Default)]
+struct CursorSlot {
+    state: Mutex<CursorSlotState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct CursorSlotState {
+    next: Option<(u64, Value)>,
+    done: bool,
+}
+
+impl CursorSlot {
+    fn lock(&self) -> MutexGuard<'_, CursorSlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces any cursor not yet taken: only the newest matters.
+    fn put(&self, index: u64, resume: Value) {
+        self.lock().next = Some((index, resume));
+        self.changed.notify_one();
+    }
+
+    fn finish(&self) {
+        self.lock().done = true;
+        self.changed.notify_one();
+    }
+}
+
+/// A sink's cursor saver: saves the newest cursor put in `slot`, off the
+/// sink thread (a save is an fsync, and the next batch does not wait for
+/// it). One at a time, so saves are in order; a failed save is tried again
+/// after `CURSOR_INTERVAL` unless a newer cursor replaced it. After
+/// `finish` it saves what is left once and ends.
+fn run_cursor_saver(shared: &SinkShared, path: &Path, slot: &CursorSlot) {
+    let mut failed: Option<(u64, Value)> = None;
+    loop {
+        let (next, done) = {
+            let mut s = slot.lock();
+            if s.next.is_none() && !s.done {
+                s = match failed {
+                    Some(_) => {
+                        slot.changed
+                            .wait_timeout(s, CURSOR_INTERVAL)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    None => slot.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
+                };
+            }
+            (s.next.take(), s.done)
+        };
+        let job = match next {
+            Some(newer) => Some(newer),
+            None => failed.take(),
+        };
+        failed = None;
+        if let Some((index, resume)) = job {
+            if !save_cursor(shared, path, index, resume.clone()) {
+                failed = Some((index, resume));
+            }
+        }
+        if done {
+            return;
+        }
+    }
+}
+
 /// The loop of one sink's thread: route, write with retry, dead-letter what
-/// is rejected for good, flush, confirm, save the cursor. Ends when the
-/// decoder side hangs up (after writing what it was given), or when
+/// is rejected for good, flush, confirm, and hand the cursor to the sink's
+/// cursor saver (a scoped thread). Ends when the decoder side hangs up
+/// (after writing what it was given, and saving its cursor), or when
 /// `abort` is set while retrying.
 pub fn run_sink(t: SinkThread) {
+    let (shared, cursor_path) = (t.shared.clone(), t.cursor_path.clone());
+    let slot = CursorSlot::default();
+    std::thread::scope(|scope| {
+        let saver = std::thread::Builder::new()
+            .name(format!("cursor-{}", shared.name))
+            .spawn_scoped(scope, || run_cursor_saver(&shared, &cursor_path, &slot))
+            .expect("starting the sink's cursor saver thread");
+        let save = |index: u64, resume: Value| {
+            // A saver that died would leave the cursor behind for good:
+            // the sink thread dies with it, which stops the receiver.
+            assert!(!saver.is_finished(), "the sink's cursor saver thread died");
+            slot.put(index, resume);
+        };
+        // Also when the sink panics: the scope waits for the saver before
+        // the panic goes on to end the thread (which stops the receiver).
+        let _finish = FinishOnDrop(&slot);
+        sink_loop(t, save);
+    });
+}
+
+/// Ends the cursor saver when the sink loop ends, however it ends.
+struct FinishOnDrop<'a>(&'a CursorSlot);
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
     let SinkThread {
         shared,
         mut sink,
         routes,
         batches,
         abort,
-        cursor_path,
+        cursor_path: _,
         dead_letter_path,
     } = t;
     let name = shared.name.clone();
@@ -212,9 +311,7 @@ pub fn run_sink(t: SinkThread) {
             Ok(b) => b,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if let Some(end) = unsaved.take() {
-                    if !save_cursor(&shared, &cursor_path, end, sink.resume_state()) {
-                        unsaved = Some(end);
-                    }
+                    save(end, sink.resume_state());
                     last_save = Instant::now();
                 }
                 continue;
@@ -289,19 +386,18 @@ pub fn run_sink(t: SinkThread) {
         previous = Some(batch.records.clone());
         unsaved = Some(batch.end);
         if last_save.elapsed() >= CURSOR_INTERVAL {
-            if save_cursor(&shared, &cursor_path, batch.end, sink.resume_state()) {
-                unsaved = None;
-            }
+            save(batch.end, sink.resume_state());
+            unsaved = None;
             last_save = Instant::now();
         }
     }
     if let Some(end) = unsaved {
-        save_cursor(&shared, &cursor_path, end, sink.resume_state());
+        save(end, sink.resume_state());
     }
 }
 
 /// Saves the cursor; only then may compaction pass `index` (`saved`).
-/// A failure is logged and counted, and the next batch or tick tries again.
+/// A failure is logged and counted, and the saver tries again.
 fn save_cursor(shared: &SinkShared, path: &Path, index: u64, resume: Value) -> bool {
     let cursor = crate::journal::SinkCursor { index, resume };
     let bytes = serde_json::to_vec(&cursor).expect("json");
@@ -320,113 +416,88 @@ fn save_cursor(shared: &SinkShared, path: &Path, index: u64, resume: Value) -> b
 
 fn dead_letter(name: &str, path: &Path, record: &Delivered, reason: &str) {
     tracing::warn!(sink = %name, stream = %record.stream, seq = record.seq, "record rejected for good, written to the dead-letter file: {reason}");
-    let mut line = json!({ "sink": name, "reason": reason, "at": crate::audit::now_rfc3339(), "record": record_json(record) }).to_string();
-    line.push('\n');
+    let mut line = Vec::with_capacity(256);
+    line.extend_from_slice(b"{\"sink\":");
+    json_line::write_str(&mut line, name);
+    line.extend_from_slice(b",\"reason\":");
+    json_line::write_str(&mut line, reason);
+    line.extend_from_slice(b",\"at\":\"");
+    json_line::write_rfc3339_ns(&mut line, json_line::now_ns());
+    line.extend_from_slice(b"\",\"record\":");
+    json_line::write_record(&mut line, record);
+    line.extend_from_slice(b"}\n");
     let result = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .and_then(|mut f| {
             use std::io::Write;
-            f.write_all(line.as_bytes())?;
+            f.write_all(&line)?;
             f.sync_data()
         });
     if let Err(e) = result {
-        tracing::error!(sink = %name, "cannot write the dead-letter file {}: {e}; the record was: {}", path.display(), line.trim());
+        tracing::error!(sink = %name, "cannot write the dead-letter file {}: {e}; the record was: {}", path.display(), String::from_utf8_lossy(&line).trim());
     }
-}
-
-/// RFC 3339 UTC with nanoseconds.
-pub fn rfc3339_ns(ts_ns: i64) -> String {
-    chrono::DateTime::from_timestamp_nanos(ts_ns)
-        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-}
-
-/// The JSON object a record becomes in the file, stdout and tcp sinks.
-/// Kinds without a source timestamp get the time the receiver wrote them.
-pub fn record_json(r: &Delivered) -> Value {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let ts = r
-        .body
-        .timestamp_ns()
-        .map_or_else(crate::audit::now_rfc3339, rfc3339_ns);
-    let mut v = json!({ "stream": &*r.stream, "seq": r.seq, "kind": r.body.kind(), "ts": ts });
-    let obj = v.as_object_mut().expect("object");
-    match &r.body {
-        RecordBody::Point(p) => {
-            obj.insert("tag".into(), json!(p.tag));
-            let value = match &p.value {
-                weir_protocol::Value::F64(f) => json!(f),
-                weir_protocol::Value::I64(i) => json!(i),
-                weir_protocol::Value::Bool(b) => json!(b),
-                weir_protocol::Value::Str(s) => json!(s),
-            };
-            obj.insert("value".into(), value);
-            obj.insert("quality".into(), json!(p.quality));
-        }
-        RecordBody::Message(m) => {
-            obj.insert("topic".into(), json!(m.topic));
-            obj.insert("payload".into(), json!(b64.encode(&m.payload)));
-        }
-        RecordBody::Log(l) => {
-            obj.insert("facility".into(), json!(l.facility));
-            obj.insert("severity".into(), json!(l.severity));
-            obj.insert("host".into(), json!(l.host));
-            obj.insert("app".into(), json!(l.app));
-            obj.insert("text".into(), json!(l.text));
-        }
-        RecordBody::Bytes(c) => {
-            obj.insert("data".into(), json!(b64.encode(&c.data)));
-            obj.insert("end".into(), json!(c.end));
-        }
-    }
-    v
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir_protocol::{Message, Point, Value as V};
-
-    fn delivered(body: RecordBody) -> Delivered {
-        Delivered {
-            stream: Arc::from("plant/a"),
-            source_type: Arc::from("generator"),
-            session: 1,
-            epoch: 1,
-            seq: 7,
-            resent: false,
-            body,
-        }
-    }
 
     #[test]
-    fn a_point_becomes_the_documented_json_line() {
-        let r = delivered(RecordBody::Point(Point {
-            tag: "t1".into(),
-            ts_ns: 1_500_000_000_123_456_789,
-            value: V::F64(2.5),
-            quality: 0,
-        }));
-        let v = record_json(&r);
-        assert_eq!(v["stream"], "plant/a");
-        assert_eq!(v["seq"], 7);
-        assert_eq!(v["kind"], "point");
-        assert_eq!(v["ts"], "2017-07-14T02:40:00.123456789Z");
-        assert_eq!(v["tag"], "t1");
-        assert_eq!(v["value"], 2.5);
-        assert_eq!(v["quality"], 0);
-    }
-
-    #[test]
-    fn a_message_payload_is_base64() {
-        let r = delivered(RecordBody::Message(Message {
-            topic: "a/b".into(),
-            payload: b"hi".to_vec(),
-        }));
-        let v = record_json(&r);
-        assert_eq!(v["topic"], "a/b");
-        assert_eq!(v["payload"], "aGk=");
+    fn the_cursor_saver_retries_a_failed_save_and_saves_the_newest_at_finish() {
+        let dir = std::env::temp_dir().join(format!("weir-cursor-saver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sinks").join("s.json");
+        let shared = SinkShared {
+            name: "s".into(),
+            confirmed: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            in_flight_bytes_peak: AtomicU64::new(0),
+            cursor_errors: AtomicU64::new(0),
+            overflow_records: AtomicU64::new(0),
+            stats: SinkStats::default(),
+        };
+        let slot = CursorSlot::default();
+        std::thread::scope(|scope| {
+            scope.spawn(|| run_cursor_saver(&shared, &path, &slot));
+            // The directory is missing: the save fails and is counted.
+            slot.put(5, Value::Null);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while shared.cursor_errors.load(Ordering::Relaxed) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the failed save was never counted"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(shared.saved.load(Ordering::Relaxed), 0);
+            // Once the disk is back, the retry saves it.
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            while shared.saved.load(Ordering::Relaxed) != 5 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the failed save was never retried"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            slot.put(6, Value::Null);
+            slot.put(7, serde_json::json!({ "f": 1 }));
+            slot.finish();
+        });
+        assert_eq!(
+            shared.saved.load(Ordering::Relaxed),
+            7,
+            "the newest is saved at finish"
+        );
+        let saved = crate::journal::load_sink_cursor(&path).unwrap().unwrap();
+        assert_eq!(
+            (saved.index, saved.resume),
+            (7, serde_json::json!({ "f": 1 }))
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 
-use super::{default_streams, record_json, Sink, SinkError};
+use super::{default_streams, json_line, Sink, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -15,29 +15,45 @@ pub struct Config {
     pub streams: Vec<String>,
 }
 
+/// Bytes of lines collected before they go to standard output in one
+/// write; a batch is written out at its end in any case (`flush`).
+const WRITE_BYTES: usize = 1 << 16;
+
 pub struct StdoutSink {
-    out: std::io::BufWriter<std::io::Stdout>,
+    /// Lines not yet written: a batch becomes one write, not one per record.
+    lines: Vec<u8>,
 }
 
 impl StdoutSink {
     pub fn new() -> Self {
         StdoutSink {
-            out: std::io::BufWriter::with_capacity(1 << 16, std::io::stdout()),
+            lines: Vec::with_capacity(WRITE_BYTES),
         }
+    }
+
+    fn write_out(&mut self) -> std::io::Result<()> {
+        // Taken before the write: after a failed write the batch is
+        // offered again whole, so nothing of it may stay behind twice.
+        let result = std::io::stdout().lock().write_all(&self.lines);
+        self.lines.clear();
+        result
     }
 }
 
 impl Sink for StdoutSink {
     fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
         for r in records {
-            serde_json::to_writer(&mut self.out, &record_json(r))
-                .map_err(|e| SinkError::Retry(e.into()))?;
-            self.out.write_all(b"\n")?;
+            json_line::write_record(&mut self.lines, r);
+            self.lines.push(b'\n');
+            if self.lines.len() >= WRITE_BYTES {
+                self.write_out()?;
+            }
         }
         Ok(())
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        Ok(self.out.flush()?)
+        self.write_out()?;
+        Ok(std::io::stdout().lock().flush()?)
     }
 }

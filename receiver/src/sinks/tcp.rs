@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 use weir_protocol::RecordBody;
 
-use super::{default_streams, record_json, Sink, SinkError};
+use super::{default_streams, json_line, Sink, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +46,8 @@ pub struct TcpSink {
     /// Written into a connection's buffer, not yet flushed.
     unflushed: HashMap<Arc<str>, (u64, u64)>,
     sessions: HashMap<Arc<str>, u64>,
+    /// The JSON line being written (reused, so no allocation per record).
+    line: Vec<u8>,
 }
 
 impl TcpSink {
@@ -56,6 +58,7 @@ impl TcpSink {
             written: HashMap::new(),
             unflushed: HashMap::new(),
             sessions: HashMap::new(),
+            line: Vec::with_capacity(512),
         }
     }
 
@@ -121,10 +124,13 @@ impl Sink for TcpSink {
                     result
                 }
                 _ => {
-                    let mut line = serde_json::to_vec(&record_json(r))
-                        .map_err(|e| SinkError::Retry(e.into()))?;
+                    let mut line = std::mem::take(&mut self.line);
+                    line.clear();
+                    json_line::write_record(&mut line, r);
                     line.push(b'\n');
-                    self.conn(&r.stream).and_then(|w| Ok(w.write_all(&line)?))
+                    let written = self.conn(&r.stream).and_then(|w| Ok(w.write_all(&line)?));
+                    self.line = line;
+                    written
                 }
             };
             if let Err(e) = result {
