@@ -200,9 +200,9 @@ impl Pipeline {
         let mut logged_rebuilt = self.decoder.stats().rebuilt_per_block;
         loop {
             let disconnected = match batches.recv_timeout(Duration::from_millis(20)) {
-                Ok(batch) => {
+                Ok(mut batch) => {
                     let t = now();
-                    for d in batch.datagrams() {
+                    for d in batch.datagrams_mut() {
                         self.decoder.handle_datagram(t, d);
                     }
                     let _ = free.try_send(batch);
