@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let datagrams = split_datagrams(data);
     for (step, datagram) in &datagrams {
         now += u64::from(*step) * NANOS_PER_MILLI;
-        dec.handle_datagram(now, datagram);
+        dec.handle_datagram(now, &mut datagram.to_vec());
         tick(&mut dec, now);
         promise.drain(&mut dec);
     }

@@ -315,7 +315,7 @@ fuzz_target!(|ops: Vec<Op>| {
             transcript.borrow_mut().push((now, frame.to_vec()));
             return;
         }
-        dec.handle_datagram(now, frame);
+        dec.handle_datagram(now, &mut frame.to_vec());
         tick(dec, now);
         events.extend(promise.drain(dec));
     };

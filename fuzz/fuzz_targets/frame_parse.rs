@@ -3,7 +3,7 @@
 //! again with their CRC recomputed, so the header checks behind the CRC
 //! are reached too. Both receivers are tried: one with authentication
 //! disabled (frames without a tag) and one holding a fixed key (a frame it
-//! accepts carries that key's tag; the fuzzer cannot forge one, so this
+//! accepts carries that key's GCM tag; the fuzzer cannot forge one, so this
 //! mostly exercises the rejection paths in front of the tag check).
 #![no_main]
 
@@ -22,12 +22,14 @@ fn parse_and_rewrite(datagram: &[u8]) {
         (Verifier::disabled(), Signer::Disabled),
         (keyed, Signer::Key(key())),
     ] {
-        rewrite_with(datagram, &verifier, &signer);
+        rewrite_with(datagram, verifier, &signer);
     }
 }
 
-fn rewrite_with(datagram: &[u8], verifier: &Verifier, signer: &Signer) {
-    if let Ok((header, shard)) = FrameHeader::parse(datagram, verifier) {
+fn rewrite_with(datagram: &[u8], mut verifier: Verifier, signer: &Signer) {
+    // Parsing decrypts in place: parse a copy, compare with the original.
+    let mut opened = datagram.to_vec();
+    if let Ok((header, shard)) = FrameHeader::parse(&mut opened, &mut verifier) {
         let mut out = vec![0u8; shard.len() + FRAME_OVERHEAD];
         let n = header.write(shard, &mut out, signer);
         assert_eq!(

@@ -66,7 +66,7 @@ use crate::bundle::{Entries, Entry};
 use crate::config::{DecoderConfig, MAX_INTERLEAVE};
 use crate::control::{Control, Heartbeat, StreamStatus};
 use crate::fec::Fec;
-use crate::frame::{FrameError, FrameHeader};
+use crate::frame::{FrameError, FrameHeader, HEADER_LEN};
 use crate::record::{GapNotice, NoticeCause, Record, RecordBody, StreamId, StreamInfo};
 use crate::Nanos;
 
@@ -115,7 +115,8 @@ enum Seen {
 struct Held {
     /// Where each held frame points (its block, or a heartbeat's next_block).
     positions: Vec<u64>,
-    frames: Vec<Vec<u8>>,
+    /// Held frames, already authenticated and decrypted: header and shard.
+    frames: Vec<(FrameHeader, Vec<u8>)>,
     bytes: usize,
     /// (control, block, index) of the frames held: distinct frames only.
     seen: HashSet<(bool, u64, u16)>,
@@ -154,18 +155,20 @@ impl Held {
     }
 
     /// Holds a frame, unless it repeats one held or the bytes are spent.
-    fn hold(&mut self, header: &FrameHeader, position: u64, datagram: &[u8]) -> Hold {
+    fn hold(&mut self, header: &FrameHeader, position: u64, shard: &[u8]) -> Hold {
         let key = (header.is_control(), header.block, header.index);
         if self.seen.contains(&key) {
             return Hold::Repeat;
         }
-        if self.bytes.saturating_add(datagram.len()) > HELD_MAX_BYTES {
+        // Counted as the frame's bytes on the wire, less tag and CRC.
+        let bytes = HEADER_LEN + shard.len();
+        if self.bytes.saturating_add(bytes) > HELD_MAX_BYTES {
             return Hold::Full;
         }
         self.seen.insert(key);
         self.positions.push(position);
-        self.bytes = self.bytes.saturating_add(datagram.len());
-        self.frames.push(datagram.to_vec());
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.frames.push((*header, shard.to_vec()));
         Hold::Held
     }
 
@@ -687,11 +690,13 @@ impl Decoder {
         self.events.pop_front()
     }
 
-    pub fn handle_datagram(&mut self, now: Nanos, datagram: &[u8]) {
+    /// Takes one datagram from the link. Its shard is decrypted in place,
+    /// so the caller's buffer holds unspecified bytes afterwards.
+    pub fn handle_datagram(&mut self, now: Nanos, datagram: &mut [u8]) {
         self.stats.datagrams += 1;
         // The only place datagrams from the link are parsed: CRC and tag
         // are checked here, before any state below is touched.
-        let (header, shard) = match FrameHeader::parse(datagram, &self.verifier) {
+        let (header, shard) = match FrameHeader::parse(datagram, &mut self.verifier) {
             Ok(parsed) => parsed,
             Err(e) => {
                 let counter = match e {
@@ -738,17 +743,18 @@ impl Decoder {
                 self.stats.bad_control += 1;
                 return;
             };
-            self.hold_candidate(now, &header, position, datagram);
+            self.hold_candidate(now, &header, position, shard);
             return;
         }
-        self.handle_frame(now, &header, shard, datagram);
+        self.handle_frame(now, &header, shard);
     }
 
-    fn handle_frame(&mut self, now: Nanos, header: &FrameHeader, shard: &[u8], datagram: &[u8]) {
+    /// Handles an authenticated frame: its header and plaintext shard.
+    fn handle_frame(&mut self, now: Nanos, header: &FrameHeader, shard: &[u8]) {
         if header.is_control() {
-            self.handle_control(now, header, shard, datagram);
+            self.handle_control(now, header, shard);
         } else {
-            self.handle_shard(now, header, shard, datagram);
+            self.handle_shard(now, header, shard);
         }
     }
 
@@ -775,7 +781,7 @@ impl Decoder {
     /// over (see the takeover rule in the module doc), then switches and
     /// decodes them, so stray, invented or replayed frames cannot end a
     /// live session.
-    fn hold_candidate(&mut self, now: Nanos, header: &FrameHeader, position: u64, datagram: &[u8]) {
+    fn hold_candidate(&mut self, now: Nanos, header: &FrameHeader, position: u64, shard: &[u8]) {
         let id = header.session;
         if self.candidate.as_ref().is_some_and(|c| c.id != id) {
             let old = self.candidate.take().expect("checked above");
@@ -788,7 +794,7 @@ impl Decoder {
             id,
             held: Held::new(),
         });
-        match c.held.hold(header, position, datagram) {
+        match c.held.hold(header, position, shard) {
             Hold::Held => {}
             Hold::Repeat => self.stats.replayed += 1,
             Hold::Full => self.stats.rejected_held_overflow += 1,
@@ -849,12 +855,11 @@ impl Decoder {
         self.replay_held(now, c.held.frames);
     }
 
-    /// Decodes held frames in arrival order, as if they arrived now.
-    fn replay_held(&mut self, now: Nanos, frames: Vec<Vec<u8>>) {
-        for frame in &frames {
-            if let Ok((header, shard)) = FrameHeader::parse(frame, &self.verifier) {
-                self.handle_frame(now, &header, shard, frame);
-            }
+    /// Decodes held frames in arrival order, as if they arrived now (they
+    /// were authenticated and decrypted when they arrived).
+    fn replay_held(&mut self, now: Nanos, frames: Vec<(FrameHeader, Vec<u8>)>) {
+        for (header, shard) in &frames {
+            self.handle_frame(now, header, shard);
         }
     }
 
@@ -929,11 +934,11 @@ impl Decoder {
 
     /// Holds a frame of the live session that points past its bound, as
     /// evidence of a jump (the window rule).
-    fn hold_ahead(&mut self, now: Nanos, header: &FrameHeader, position: u64, datagram: &[u8]) {
+    fn hold_ahead(&mut self, now: Nanos, header: &FrameHeader, position: u64, shard: &[u8]) {
         self.stats.far_ahead += 1;
         let session = self.session.as_mut().expect("session present");
         let held = session.ahead.get_or_insert_with(Held::new);
-        match held.hold(header, position, datagram) {
+        match held.hold(header, position, shard) {
             Hold::Held => {}
             Hold::Repeat => self.stats.replayed += 1,
             Hold::Full => self.stats.rejected_held_overflow += 1,
@@ -980,7 +985,7 @@ impl Decoder {
         self.replay_held(now, held.frames);
     }
 
-    fn handle_control(&mut self, now: Nanos, header: &FrameHeader, body: &[u8], datagram: &[u8]) {
+    fn handle_control(&mut self, now: Nanos, header: &FrameHeader, body: &[u8]) {
         self.stats.control_frames += 1;
         let Ok(Control::Heartbeat(hb)) = postcard::from_bytes::<Control>(body) else {
             self.stats.bad_control += 1;
@@ -1001,7 +1006,7 @@ impl Decoder {
         if hb.next_block > session.newest.saturating_add(slide).saturating_add(1)
             || header.block > control_bound
         {
-            self.hold_ahead(now, header, hb.next_block, datagram);
+            self.hold_ahead(now, header, hb.next_block, body);
             return;
         }
         match session.note_control(header.block) {
@@ -1076,7 +1081,7 @@ impl Decoder {
         );
     }
 
-    fn handle_shard(&mut self, now: Nanos, h: &FrameHeader, shard: &[u8], datagram: &[u8]) {
+    fn handle_shard(&mut self, now: Nanos, h: &FrameHeader, shard: &[u8]) {
         let max_in_flight = self.cfg.max_blocks_in_flight as u64;
         let slide = self.slide();
         let session = self.session.as_mut().expect("session started");
@@ -1085,7 +1090,7 @@ impl Decoder {
             return;
         }
         if h.block > session.newest.saturating_add(slide) {
-            self.hold_ahead(now, h, h.block, datagram);
+            self.hold_ahead(now, h, h.block, shard);
             return;
         }
         if let Some(through) = h
@@ -1764,7 +1769,7 @@ mod tests {
         fn decoder_survives_arbitrary_datagrams(datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 0..40)) {
             let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for (i, d) in datagrams.iter().enumerate() {
-                dec.handle_datagram(i as Nanos, d);
+                dec.handle_datagram(i as Nanos, &mut d.to_vec());
                 dec.handle_timeout(i as Nanos * 1_000_000_000);
                 while dec.poll_event().is_some() {}
             }
@@ -1791,7 +1796,7 @@ mod tests {
                     let crc = crc32fast::hash(&f[..end]);
                     f[end..].copy_from_slice(&crc.to_be_bytes());
                 }
-                dec.handle_datagram(0, &f);
+                dec.handle_datagram(0, &mut f.to_vec());
                 while dec.poll_event().is_some() {}
             }
             dec.handle_timeout(u64::MAX / 2);
@@ -1807,7 +1812,7 @@ mod tests {
         let unauthenticated = some_frames(crate::Signer::Disabled);
         let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         for f in forged.iter().chain(&unauthenticated) {
-            dec.handle_datagram(0, f);
+            dec.handle_datagram(0, &mut f.to_vec());
         }
         // Forged with the genuine key's id and a valid CRC.
         let mut bad_tag = forged[0].clone();
@@ -1815,7 +1820,7 @@ mod tests {
         let end = bad_tag.len() - 4;
         let crc = crc32fast::hash(&bad_tag[..end]);
         bad_tag[end..].copy_from_slice(&crc.to_be_bytes());
-        dec.handle_datagram(0, &bad_tag);
+        dec.handle_datagram(0, &mut bad_tag.to_vec());
         dec.handle_timeout(10 * crate::NANOS_PER_SEC);
         assert_eq!(dec.poll_event(), None, "a rejected frame produced an event");
         let s = dec.stats().clone();
@@ -1825,7 +1830,7 @@ mod tests {
         assert_eq!((s.shards_accepted, s.control_frames), (0, 0));
         // The genuine session is then delivered in full.
         for f in &genuine {
-            dec.handle_datagram(0, f);
+            dec.handle_datagram(0, &mut f.to_vec());
         }
         let mut records = 0;
         while let Some(ev) = dec.poll_event() {
@@ -1834,7 +1839,7 @@ mod tests {
         assert_eq!(records, 300);
         // A receiver with authentication off refuses tagged frames.
         let mut off = Decoder::new(DecoderConfig::default(), Verifier::disabled());
-        off.handle_datagram(0, &genuine[0]);
+        off.handle_datagram(0, &mut genuine[0].to_vec());
         assert_eq!(off.stats().rejected_auth_disabled, 1);
         assert_eq!(off.poll_event(), None);
     }
@@ -1843,15 +1848,15 @@ mod tests {
     fn each_rejection_reason_is_counted() {
         let frames = some_frames(crate::Signer::Key(test_key()));
         let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
-        dec.handle_datagram(0, b"short");
+        dec.handle_datagram(0, &mut b"short".to_vec());
         let mut bad_magic = frames[0].clone();
         bad_magic[0] = b'X';
-        dec.handle_datagram(0, &bad_magic);
+        dec.handle_datagram(0, &mut bad_magic.to_vec());
         let mut bad_crc = frames[0].clone();
         *bad_crc.last_mut().unwrap() ^= 1;
-        dec.handle_datagram(0, &bad_crc);
-        dec.handle_datagram(0, &frames[1]);
-        dec.handle_datagram(0, &frames[1]);
+        dec.handle_datagram(0, &mut bad_crc.to_vec());
+        dec.handle_datagram(0, &mut frames[1].to_vec());
+        dec.handle_datagram(0, &mut frames[1].to_vec());
         let s = dec.stats();
         assert_eq!(
             (s.rejected_truncated, s.rejected_bad_magic, s.rejected_crc),
@@ -1926,16 +1931,16 @@ mod tests {
         let (seqs, later) = finishes_in_time(move || {
             let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for f in &live {
-                dec.handle_datagram(0, f);
+                dec.handle_datagram(0, &mut f.to_vec());
             }
             let mut seqs = delivered_seqs(&mut dec);
             // Shaped like a real RS(64,16) shard, so it waits for more.
-            dec.handle_datagram(0, &forged(42, u64::MAX, 64, 16, 0, &[0u8; 1416]));
+            dec.handle_datagram(0, &mut forged(42, u64::MAX, 64, 16, 0, &[0u8; 1416]));
             // Session 43 sends a frame a millisecond once 42 has been silent
             // for 2 s, the takeover silence of an unauthenticated sender.
             let at = |i: usize| 2 * NANOS_PER_SEC + i as Nanos * crate::NANOS_PER_MILLI;
             for (i, f) in other[..40].iter().enumerate() {
-                dec.handle_datagram(at(i), f);
+                dec.handle_datagram(at(i), &mut f.to_vec());
                 dec.handle_timeout(at(i));
             }
             seqs.extend(delivered_seqs(&mut dec));
@@ -1943,7 +1948,7 @@ mod tests {
             // still decodes what comes next, although its small last block
             // completed long before its interleaved neighbours.
             for (i, f) in other.iter().enumerate().skip(40) {
-                dec.handle_datagram(at(i), f);
+                dec.handle_datagram(at(i), &mut f.to_vec());
                 dec.handle_timeout(at(i));
             }
             dec.handle_timeout(200 * NANOS_PER_SEC);
@@ -1961,7 +1966,7 @@ mod tests {
         let seqs = finishes_in_time(move || {
             let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for f in &first {
-                dec.handle_datagram(0, f);
+                dec.handle_datagram(0, &mut f.to_vec());
             }
             let hb = Heartbeat {
                 session: 42,
@@ -1973,11 +1978,11 @@ mod tests {
                 parts: 1,
                 streams: Vec::new(),
             };
-            dec.handle_datagram(0, &forged_heartbeat(1000, &hb));
+            dec.handle_datagram(0, &mut forged_heartbeat(1000, &hb));
             dec.handle_timeout(NANOS_PER_SEC);
             // The real sender goes on.
             for f in &second {
-                dec.handle_datagram(NANOS_PER_SEC, f);
+                dec.handle_datagram(NANOS_PER_SEC, &mut f.to_vec());
             }
             dec.handle_timeout(2 * NANOS_PER_SEC);
             delivered_seqs(&mut dec)
@@ -1989,7 +1994,7 @@ mod tests {
     fn a_heartbeat_claiming_last_seq_u64_max_is_rejected_without_overflow() {
         let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         for f in frames_of(42, 0..300) {
-            dec.handle_datagram(0, &f);
+            dec.handle_datagram(0, &mut f.to_vec());
         }
         while dec.poll_event().is_some() {}
         let info = StreamInfo {
@@ -2012,7 +2017,7 @@ mod tests {
                 last_seq: Some(u64::MAX),
             }],
         };
-        dec.handle_datagram(0, &forged_heartbeat(1000, &hb));
+        dec.handle_datagram(0, &mut forged_heartbeat(1000, &hb));
         dec.handle_timeout(NANOS_PER_SEC);
         assert_eq!(dec.stats().gaps, 0);
         assert_eq!(dec.stats().gap_records, 0);
@@ -2029,9 +2034,9 @@ mod tests {
             },
             test_verifier(),
         );
-        dec.handle_datagram(0, &forged(42, 0, 255, 1, 0, &[0u8; 64]));
-        dec.handle_datagram(0, &forged(42, 0, 64, 33, 0, &[0u8; 64]));
-        dec.handle_datagram(0, &forged(42, 0, 64, 32, 0, &[0u8; 64]));
+        dec.handle_datagram(0, &mut forged(42, 0, 255, 1, 0, &[0u8; 64]));
+        dec.handle_datagram(0, &mut forged(42, 0, 64, 33, 0, &[0u8; 64]));
+        dec.handle_datagram(0, &mut forged(42, 0, 64, 32, 0, &[0u8; 64]));
         assert_eq!(dec.stats().rejected_fec_shape, 2);
     }
 
@@ -2046,7 +2051,7 @@ mod tests {
         // Each data block's (k, m), in the order the encoder sent them.
         let mut blocks: Vec<(u64, usize, usize)> = Vec::new();
         for f in &frames {
-            let (h, _) = FrameHeader::parse(f, &test_verifier()).unwrap();
+            let (h, _) = FrameHeader::parse(&mut f.to_vec(), &mut test_verifier()).unwrap();
             if !h.is_control() && !blocks.iter().any(|b| b.0 == h.block) {
                 blocks.push((h.block, h.k as usize, h.m as usize));
             }
@@ -2066,9 +2071,9 @@ mod tests {
         };
         let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         for f in &frames {
-            let (h, _) = FrameHeader::parse(f, &test_verifier()).unwrap();
+            let (h, _) = FrameHeader::parse(&mut f.to_vec(), &mut test_verifier()).unwrap();
             if !lost(&h) {
-                dec.handle_datagram(0, f);
+                dec.handle_datagram(0, &mut f.to_vec());
             }
         }
         dec.handle_timeout(NANOS_PER_SEC);
@@ -2140,13 +2145,13 @@ mod tests {
         let frames = frames_of(42, 0..3000);
         let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         for f in &frames {
-            dec.handle_datagram(0, f);
+            dec.handle_datagram(0, &mut f.to_vec());
         }
         dec.handle_timeout(NANOS_PER_SEC);
         let before = dec.stats().clone();
         // Everything again: delivered blocks are stale, heartbeats replayed.
         for f in &frames {
-            dec.handle_datagram(2 * NANOS_PER_SEC, f);
+            dec.handle_datagram(2 * NANOS_PER_SEC, &mut f.to_vec());
         }
         dec.handle_timeout(3 * NANOS_PER_SEC);
         let after = dec.stats();
@@ -2168,16 +2173,16 @@ mod tests {
         let (stats, seqs) = finishes_in_time(move || {
             let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
             for f in &live {
-                dec.handle_datagram(0, f);
+                dec.handle_datagram(0, &mut f.to_vec());
             }
             // Eight distinct shards at the highest block accepted, and the
             // live session silent: the window follows them.
             for index in 0..8 {
-                dec.handle_datagram(0, &forged(42, MAX_BLOCK, 64, 16, index, &[0u8; 1416]));
+                dec.handle_datagram(0, &mut forged(42, MAX_BLOCK, 64, 16, index, &[0u8; 1416]));
             }
             dec.handle_timeout(10 * NANOS_PER_SEC);
             for f in &other {
-                dec.handle_datagram(20 * NANOS_PER_SEC, f);
+                dec.handle_datagram(20 * NANOS_PER_SEC, &mut f.to_vec());
             }
             dec.handle_timeout(40 * NANOS_PER_SEC);
             dec.handle_timeout(u64::MAX);

@@ -813,6 +813,12 @@ impl Encoder {
         let session = self.cfg.session;
         let f = &mut self.in_flight[i];
         let index = f.next;
+        // Each (block, index) is written once: it is the frame's GCM nonce
+        // (docs/wire-format.md, "Why a nonce never repeats").
+        debug_assert!(
+            index < f.block.k + f.block.m,
+            "shard index beyond the block"
+        );
         f.next += 1;
         self.polled += 1;
         f.served = self.polled;

@@ -1,12 +1,13 @@
-//! Frames: one UDP datagram each. A fixed header, a shard, an authentication
-//! tag over both, and a CRC32 over everything before it.
+//! Frames: one UDP datagram each. A fixed header, a shard (encrypted unless
+//! authentication is disabled), an AES-256-GCM tag over both, and a CRC32
+//! over everything before it.
 //!
 //! ```text
 //! offset size field
 //!  0     2    magic 0x57 0x52 ("WR")
-//!  2     1    version (3)
+//!  2     1    version (4)
 //!  3     1    flags (bit 0: control frame; bit 1: unauthenticated)
-//!  4     4    key id of the tagging key (0 in unauthenticated frames)
+//!  4     4    key id of the sealing key (0 in unauthenticated frames)
 //!  8     8    session id (random per sender start)
 //! 16     8    block number (data) or control sequence (control)
 //! 24     2    shard index within the block (0..k+m)
@@ -14,30 +15,34 @@
 //! 28     2    m: parity shards in this block
 //! 30     2    shard length n in bytes
 //! 32     4    data length: bytes of block data before padding
-//! 36     n    shard
-//! 36+n  16    tag: HMAC-SHA256 of bytes 0..36+n, first 16 bytes
-//!             (absent when flag bit 1 is set)
+//! 36     n    shard: AES-256-GCM ciphertext under the session subkey, with
+//!             bytes 0..36 as associated data (plaintext when unauthenticated)
+//! 36+n  16    tag: the GCM tag (absent when flag bit 1 is set)
 //! 52+n   4    CRC32 (IEEE) of every byte before it (at 36+n when unauthenticated)
 //! ```
-//! All integers are big-endian.
+//! All integers are big-endian. The GCM nonce is not sent: it is the
+//! frame's place in its session (control flag, block, index), and the key
+//! is derived per session (see [`crate::auth`] and docs/wire-format.md).
 //!
 //! The receiver checks, in this order and before any decoder state or FEC
-//! is touched: length, magic, version, length against the header, CRC32
-//! (link corruption), then the tag (forgery) with the key named by the key
-//! id, then the header's values. The tag covers every header field, so a
-//! replayed frame cannot be altered (e.g. moved to another block or session)
-//! without failing it; rejecting replays of unaltered frames is the
-//! decoder's job. See [`crate::auth`].
+//! is touched: length, magic, version, length against the header, the
+//! header's values (all cheap, so garbage costs little), CRC32 (link
+//! corruption), then the tag (forgery) with the key named by the key id,
+//! decrypting the shard in place. The tag covers every header field, so a
+//! replayed frame cannot be altered (e.g. moved to another block or
+//! session) without failing it; rejecting replays of unaltered frames is
+//! the decoder's job. See [`crate::auth`].
 
 use thiserror::Error;
 
-use crate::auth::{AuthError, Signer, Verifier, KEY_ID_LEN, TAG_LEN};
+use crate::auth::{AuthError, FrameId, Signer, Verifier, KEY_ID_LEN, TAG_LEN};
 
 pub const MAGIC: [u8; 2] = *b"WR";
-/// 3: every frame carries a key id and, unless flagged unauthenticated, a
-/// 128-bit tag. (2: records carry `resent`, stream infos an `epoch`,
-/// blocks gap notices.)
-pub const VERSION: u8 = 3;
+/// 4: the shard is AES-256-GCM encrypted under a per-session subkey and the
+/// tag is the GCM tag. (3: every frame carries a key id and, unless flagged
+/// unauthenticated, an HMAC-SHA256-128 tag over the plaintext; 2: records
+/// carry `resent`, stream infos an `epoch`, blocks gap notices.)
+pub const VERSION: u8 = 4;
 pub const HEADER_LEN: usize = 36;
 pub const CRC_LEN: usize = 4;
 /// Bytes an authenticated frame adds around its shard; unauthenticated
@@ -107,9 +112,21 @@ impl FrameHeader {
         self.flags & FLAG_CONTROL != 0
     }
 
-    /// Writes header, shard, tag (unless `signer` is disabled) and CRC into
-    /// `out`; returns the frame length. The unauthenticated flag in
-    /// `self.flags` is ignored: `signer` decides it.
+    /// The frame's place in its session: its GCM nonce.
+    pub fn frame_id(&self) -> FrameId {
+        FrameId {
+            control: self.is_control(),
+            block: self.block,
+            index: self.index,
+        }
+    }
+
+    /// Writes header, shard (encrypted in place in `out` unless `signer` is
+    /// disabled), tag and CRC into `out`; returns the frame length. The
+    /// unauthenticated flag in `self.flags` is ignored: `signer` decides it.
+    /// The caller never writes two different shards with the same session
+    /// and [`FrameHeader::frame_id`] (the encoder's invariant, see
+    /// docs/wire-format.md "Why a nonce never repeats").
     /// Panics if `out` is too small or `shard` is not `shard_len` long: both are
     /// the caller's invariants, not input from outside.
     pub fn write(&self, shard: &[u8], out: &mut [u8], signer: &Signer) -> usize {
@@ -140,8 +157,10 @@ impl FrameHeader {
         out[32..36].copy_from_slice(&self.data_len.to_be_bytes());
         out[HEADER_LEN..body_end].copy_from_slice(shard);
         if let Some(key) = key {
-            let tag = key.tag(&out[..body_end]);
-            out[body_end..body_end + TAG_LEN].copy_from_slice(&tag);
+            let (header, rest) = out.split_at_mut(HEADER_LEN);
+            let (body, after) = rest.split_at_mut(shard.len());
+            let tag = key.seal(self.session, self.frame_id(), header, body);
+            after[..TAG_LEN].copy_from_slice(&tag);
         }
         let crc_at = body_end + tag_len;
         let crc = crc32fast::hash(&out[..crc_at]);
@@ -149,12 +168,13 @@ impl FrameHeader {
         total
     }
 
-    /// Parses and checks a datagram, authentication included; returns the
-    /// header and the shard bytes. Nothing of the datagram is used before
-    /// its CRC and tag are checked.
+    /// Parses and checks a datagram, authentication included, and decrypts
+    /// its shard in place; returns the header and the plaintext shard.
+    /// Nothing of the datagram is used before its CRC and tag are checked;
+    /// on an error the datagram's bytes are unspecified.
     pub fn parse<'a>(
-        datagram: &'a [u8],
-        verifier: &Verifier,
+        datagram: &'a mut [u8],
+        verifier: &mut Verifier,
     ) -> Result<(FrameHeader, &'a [u8]), FrameError> {
         if datagram.len() < MIN_FRAME_LEN {
             return Err(FrameError::Truncated {
@@ -167,36 +187,24 @@ impl FrameHeader {
         if datagram[2] != VERSION {
             return Err(FrameError::UnsupportedVersion(datagram[2]));
         }
-        let be16 = |at: usize| u16::from_be_bytes([datagram[at], datagram[at + 1]]);
-        let be32 =
-            |at: usize| u32::from_be_bytes(datagram[at..at + 4].try_into().expect("4 bytes"));
-        let be64 =
-            |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
-        let flags = datagram[3];
+        let bytes: &[u8] = datagram;
+        let be16 = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
+        let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let flags = bytes[3];
         let authenticated = flags & FLAG_UNAUTHENTICATED == 0;
         let tag_len = if authenticated { TAG_LEN } else { 0 };
         let shard_len = be16(30);
         let body_end = HEADER_LEN + shard_len as usize;
         let expected = body_end + tag_len + CRC_LEN;
-        if datagram.len() != expected {
+        if bytes.len() != expected {
             return Err(FrameError::LengthMismatch {
-                len: datagram.len(),
+                len: bytes.len(),
                 expected,
             });
         }
-        let crc_at = body_end + tag_len;
-        if crc32fast::hash(&datagram[..crc_at]) != be32(crc_at) {
-            return Err(FrameError::BadCrc);
-        }
-        let key_id = be32(4);
-        let tag = authenticated.then(|| &datagram[body_end..crc_at]);
-        verifier.check(key_id, &datagram[..body_end], tag)?;
-        if !authenticated && key_id != 0 {
-            return Err(FrameError::InvalidHeader(
-                "key id set in an unauthenticated frame",
-            ));
-        }
         const _: () = assert!(KEY_ID_LEN == 4, "the key id field is a u32");
+        let key_id = be32(4);
         let header = FrameHeader {
             flags,
             session: be64(8),
@@ -207,8 +215,23 @@ impl FrameHeader {
             shard_len,
             data_len: be32(32),
         };
+        // The header's values before the CRC: a datagram that cannot be a
+        // frame costs a few comparisons, not a pass over its bytes.
         header.validate()?;
-        Ok((header, &datagram[HEADER_LEN..body_end]))
+        let crc_at = body_end + tag_len;
+        if crc32fast::hash(&bytes[..crc_at]) != be32(crc_at) {
+            return Err(FrameError::BadCrc);
+        }
+        let (head, rest) = datagram.split_at_mut(HEADER_LEN);
+        let (shard, after) = rest.split_at_mut(shard_len as usize);
+        let tag = authenticated.then(|| &after[..TAG_LEN]);
+        verifier.open(key_id, header.session, header.frame_id(), head, shard, tag)?;
+        if !authenticated && key_id != 0 {
+            return Err(FrameError::InvalidHeader(
+                "key id set in an unauthenticated frame",
+            ));
+        }
+        Ok((header, shard))
     }
 
     fn validate(&self) -> Result<(), FrameError> {
@@ -290,27 +313,42 @@ mod tests {
         Verifier::new(bytes.iter().map(|b| key(*b)).collect()).unwrap()
     }
 
+    /// Parses a copy of `bytes` (parsing decrypts in place) with a fresh
+    /// verifier; returns the header and the plaintext shard.
+    fn parse(bytes: &[u8], mut v: Verifier) -> Result<(FrameHeader, Vec<u8>), FrameError> {
+        let mut copy = bytes.to_vec();
+        FrameHeader::parse(&mut copy, &mut v).map(|(h, s)| (h, s.to_vec()))
+    }
+
+    /// Rewrites the CRC of a whole frame after it was altered.
+    fn fix_crc(frame: &mut [u8]) {
+        let n = frame.len();
+        let crc = crc32fast::hash(&frame[..n - CRC_LEN]);
+        frame[n - CRC_LEN..].copy_from_slice(&crc.to_be_bytes());
+    }
+
     #[test]
     fn authenticated_frame_round_trips_and_rejects_any_flipped_bit() {
         let shard = vec![0xAB; 16];
         let mut buf = [0u8; 128];
         let n = header(16).write(&shard, &mut buf, &signer(1));
         assert_eq!(n, 16 + FRAME_OVERHEAD);
-        let (h, s) = FrameHeader::parse(&buf[..n], &verifier(&[1])).unwrap();
+        let (h, s) = parse(&buf[..n], verifier(&[1])).unwrap();
         assert_eq!(h, header(16));
-        assert_eq!(s, &shard[..]);
+        assert_eq!(s, shard);
         for bit in 0..n * 8 {
             let mut bad = buf[..n].to_vec();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                FrameHeader::parse(&bad, &verifier(&[1])).is_err(),
+                parse(&bad, verifier(&[1])).is_err(),
                 "bit {bit} flipped was accepted"
             );
         }
     }
 
-    /// A forger who recomputes the CRC after altering a header field or the
-    /// shard is caught by the tag, whatever bit it changed.
+    /// A forger who recomputes the CRC after altering a header field, the
+    /// encrypted shard or the tag is caught by the GCM tag, whatever bit it
+    /// changed (or, for a header value made invalid, by the header check).
     #[test]
     fn any_altered_bit_with_a_recomputed_crc_fails_the_tag() {
         let shard = vec![0x5A; 24];
@@ -320,27 +358,104 @@ mod tests {
         for bit in 0..(n - CRC_LEN) * 8 {
             let mut bad = buf[..n].to_vec();
             bad[bit / 8] ^= 1 << (bit % 8);
-            let crc = crc32fast::hash(&bad[..n - CRC_LEN]);
-            bad[n - CRC_LEN..].copy_from_slice(&crc.to_be_bytes());
-            let err = FrameHeader::parse(&bad, &verifier(&[1])).unwrap_err();
+            fix_crc(&mut bad);
+            let err = parse(&bad, verifier(&[1])).unwrap_err();
             let byte = bit / 8;
             if byte < 4 || byte == 30 || byte == 31 {
                 // magic, version, flags, shard length: structure checks
                 // come first and reject before the tag is looked at.
                 continue;
             }
+            let bad_tag = matches!(err, FrameError::Auth(AuthError::BadTag(_)));
             if (4..8).contains(&byte) {
                 assert!(
                     matches!(err, FrameError::Auth(AuthError::UnknownKey(_))),
                     "bit {bit}: {err}"
                 );
+            } else if (24..HEADER_LEN).contains(&byte) {
+                // index, k, m, data length: checked before the CRC.
+                assert!(
+                    bad_tag || matches!(err, FrameError::InvalidHeader(_)),
+                    "bit {bit}: {err}"
+                );
             } else {
                 assert!(
-                    matches!(err, FrameError::Auth(AuthError::BadTag(_))),
+                    bad_tag,
                     "bit {bit} (byte {byte}, body ends at {body_end}): {err}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_shard_is_encrypted_on_the_wire_and_decrypted_by_parse() {
+        let shard = b"a plaintext record that must not be readable on the link".to_vec();
+        let len = shard.len();
+        let mut buf = [0u8; 256];
+        let n = header(len as u16).write(&shard, &mut buf, &signer(1));
+        let wire = &buf[HEADER_LEN..HEADER_LEN + len];
+        assert_ne!(wire, &shard[..]);
+        assert!(
+            wire.windows(8).all(|w| !shard.windows(8).any(|p| p == w)),
+            "no 8 plaintext bytes appear on the wire"
+        );
+        let (_, plain) = parse(&buf[..n], verifier(&[1])).unwrap();
+        assert_eq!(plain, shard);
+    }
+
+    /// A genuine frame replayed with another session id (CRC recomputed)
+    /// fails: the session selects the subkey and is associated data.
+    #[test]
+    fn a_frame_replayed_under_another_session_id_fails_the_tag() {
+        let shard = vec![0x77; 32];
+        let mut buf = [0u8; 128];
+        let n = header(32).write(&shard, &mut buf, &signer(1));
+        for other in [8u64, 6, 7 ^ (1 << 63)] {
+            let mut replay = buf[..n].to_vec();
+            replay[8..16].copy_from_slice(&other.to_be_bytes());
+            fix_crc(&mut replay);
+            assert_eq!(
+                parse(&replay, verifier(&[1])),
+                Err(FrameError::Auth(AuthError::BadTag(key(1).id()))),
+                "session {other}"
+            );
+        }
+        // Moved to another block or shard index, or made a control frame.
+        for (at, value) in [(23usize, 43u8), (25, 2)] {
+            let mut moved = buf[..n].to_vec();
+            moved[at] = value;
+            fix_crc(&mut moved);
+            assert_eq!(
+                parse(&moved, verifier(&[1])),
+                Err(FrameError::Auth(AuthError::BadTag(key(1).id())))
+            );
+        }
+    }
+
+    #[test]
+    fn a_version_3_frame_is_rejected_as_unsupported_version() {
+        let shard = vec![1; 16];
+        let mut buf = [0u8; 128];
+        let n = header(16).write(&shard, &mut buf, &signer(1));
+        buf[2] = 3;
+        fix_crc(&mut buf[..n]);
+        let err = parse(&buf[..n], verifier(&[1])).unwrap_err();
+        assert_eq!(err, FrameError::UnsupportedVersion(3));
+        assert!(err.to_string().contains("speaks version 4"), "{err}");
+    }
+
+    /// Header values are checked before the CRC is computed, so garbage
+    /// shaped like a frame is refused without a pass over its bytes.
+    #[test]
+    fn an_invalid_header_is_refused_before_the_crc() {
+        let shard = vec![1; 16];
+        let mut buf = [0u8; 128];
+        let n = header(16).write(&shard, &mut buf, &signer(1));
+        buf[26..28].copy_from_slice(&0u16.to_be_bytes()); // k = 0, CRC now wrong
+        assert_eq!(
+            parse(&buf[..n], verifier(&[1])),
+            Err(FrameError::InvalidHeader("k (data shards) is zero"))
+        );
     }
 
     #[test]
@@ -349,7 +464,7 @@ mod tests {
         let mut buf = [0u8; 128];
         let n = header(16).write(&shard, &mut buf, &signer(2));
         assert_eq!(
-            FrameHeader::parse(&buf[..n], &verifier(&[1])),
+            parse(&buf[..n], verifier(&[1])),
             Err(FrameError::Auth(AuthError::UnknownKey(key(2).id())))
         );
     }
@@ -361,10 +476,9 @@ mod tests {
         let n = header(16).write(&shard, &mut buf, &signer(2));
         // Claim key 1's id and fix the CRC: the tag was made with key 2.
         buf[4..8].copy_from_slice(&key(1).id().0.to_be_bytes());
-        let crc = crc32fast::hash(&buf[..n - CRC_LEN]);
-        buf[n - CRC_LEN..n].copy_from_slice(&crc.to_be_bytes());
+        fix_crc(&mut buf[..n]);
         assert_eq!(
-            FrameHeader::parse(&buf[..n], &verifier(&[1])),
+            parse(&buf[..n], verifier(&[1])),
             Err(FrameError::Auth(AuthError::BadTag(key(1).id())))
         );
     }
@@ -372,11 +486,11 @@ mod tests {
     #[test]
     fn during_a_rotation_frames_of_either_key_are_accepted() {
         let shard = vec![9; 16];
-        let both = verifier(&[1, 2]);
+        let both = || verifier(&[1, 2]);
         for k in [1, 2] {
             let mut buf = [0u8; 128];
             let n = header(16).write(&shard, &mut buf, &signer(k));
-            assert!(FrameHeader::parse(&buf[..n], &both).is_ok(), "key {k}");
+            assert!(parse(&buf[..n], both()).is_ok(), "key {k}");
         }
     }
 
@@ -387,24 +501,24 @@ mod tests {
         let n = header(16).write(&shard, &mut buf, &Signer::Disabled);
         assert_eq!(n, 16 + HEADER_LEN + CRC_LEN);
         assert_eq!(buf[3] & FLAG_UNAUTHENTICATED, FLAG_UNAUTHENTICATED);
-        let (h, s) = FrameHeader::parse(&buf[..n], &Verifier::disabled()).unwrap();
+        let (h, s) = parse(&buf[..n], Verifier::disabled()).unwrap();
         assert_eq!(h.flags & !FLAG_UNAUTHENTICATED, 0);
-        assert_eq!(s, &shard[..]);
+        assert_eq!(s, shard);
         assert_eq!(
-            FrameHeader::parse(&buf[..n], &verifier(&[1])),
+            parse(&buf[..n], verifier(&[1])),
             Err(FrameError::Auth(AuthError::Unauthenticated))
         );
         for bit in 0..n * 8 {
             let mut bad = buf[..n].to_vec();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                FrameHeader::parse(&bad, &Verifier::disabled()).is_err(),
+                parse(&bad, Verifier::disabled()).is_err(),
                 "bit {bit} flipped was accepted"
             );
         }
         let m = header(16).write(&shard, &mut buf, &signer(1));
         assert_eq!(
-            FrameHeader::parse(&buf[..m], &Verifier::disabled()),
+            parse(&buf[..m], Verifier::disabled()),
             Err(FrameError::Auth(AuthError::AuthenticationDisabled))
         );
     }
@@ -424,7 +538,7 @@ mod tests {
         stripped.extend_from_slice(&crc.to_be_bytes());
         assert!(n > stripped.len());
         assert_eq!(
-            FrameHeader::parse(&stripped, &verifier(&[1])),
+            parse(&stripped, verifier(&[1])),
             Err(FrameError::Auth(AuthError::Unauthenticated))
         );
     }
@@ -446,8 +560,8 @@ mod tests {
     proptest! {
         #[test]
         fn parse_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let _ = FrameHeader::parse(&bytes, &verifier(&[1]));
-            let _ = FrameHeader::parse(&bytes, &Verifier::disabled());
+            let _ = parse(&bytes, verifier(&[1]));
+            let _ = parse(&bytes, Verifier::disabled());
         }
 
         #[test]
@@ -457,11 +571,11 @@ mod tests {
                                   shard_len: shard.len() as u16, data_len: shard.len() as u32 };
             let mut buf = vec![0u8; shard.len() + FRAME_OVERHEAD];
             let n = h.write(&shard, &mut buf, &signer(key_byte));
-            let (h2, s2) = FrameHeader::parse(&buf[..n], &verifier(&[key_byte])).unwrap();
+            let (h2, s2) = parse(&buf[..n], verifier(&[key_byte])).unwrap();
             prop_assert_eq!(h2, h);
-            prop_assert_eq!(s2, &shard[..]);
+            prop_assert_eq!(s2, shard.clone());
             let other = key_byte.wrapping_add(1);
-            prop_assert!(FrameHeader::parse(&buf[..n], &verifier(&[other])).is_err());
+            prop_assert!(parse(&buf[..n], verifier(&[other])).is_err());
         }
 
         #[test]
@@ -470,7 +584,7 @@ mod tests {
             let mut buf = vec![0u8; 64 + FRAME_OVERHEAD];
             let n = header(64).write(&shard, &mut buf, &signer(key_byte));
             buf[bit / 8] ^= 1 << (bit % 8);
-            prop_assert!(FrameHeader::parse(&buf[..n], &verifier(&[key_byte])).is_err());
+            prop_assert!(parse(&buf[..n], verifier(&[key_byte])).is_err());
         }
     }
 }

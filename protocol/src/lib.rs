@@ -7,8 +7,9 @@
 //! heartbeats). Time is always passed in as [`Nanos`] from any monotonic
 //! origin, so the same code runs under a seeded in-memory link in tests.
 //!
-//! Layers, bottom up: [`auth`] (keys, HMAC-SHA256 tags), [`frame`]
-//! (header + shard + tag + CRC32, checked before anything else), [`fec`]
+//! Layers, bottom up: [`auth`] (keys, per-session AES-256-GCM
+//! subkeys), [`frame`] (header + encrypted shard + tag + CRC32, checked
+//! before anything else), [`fec`]
 //! (Reed-Solomon k + m), [`bundle`] (records packed into block data,
 //! fragmented across blocks when large), [`control`] (heartbeats), and the
 //! [`encoder`] / [`decoder`] state machines.
@@ -26,7 +27,7 @@ pub mod segment;
 pub mod sim;
 pub mod units;
 
-pub use auth::{AuthError, Key, KeyError, KeyId, Signer, Verifier};
+pub use auth::{AuthError, FrameId, Key, KeyError, KeyId, Signer, Verifier};
 pub use config::{ConfigError, DecoderConfig, EncoderConfig};
 pub use control::{Control, Heartbeat, StreamStatus};
 pub use decoder::{Decoder, DecoderStats, Event, Gap, GapCause};

@@ -354,7 +354,7 @@ pub fn run(s: &Scenario) -> Outcome {
                 link_free = now
                     + ((n + cfg.wire_overhead) as f64 * NANOS_PER_SEC as f64 / capacity) as Nanos;
                 if channel.carries(now) {
-                    dec.handle_datagram(now, &buf[..n]);
+                    dec.handle_datagram(now, &mut buf[..n]);
                 }
                 sent = true;
             }

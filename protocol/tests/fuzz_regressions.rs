@@ -99,7 +99,7 @@ fn decode(datagrams: Vec<Vec<u8>>) -> Vec<Event> {
         };
         let mut dec = Decoder::new(cfg, weir_protocol::Verifier::new(vec![key()]).expect("key"));
         for d in &datagrams {
-            dec.handle_datagram(0, d);
+            dec.handle_datagram(0, &mut d.to_vec());
         }
         dec.handle_timeout(10 * NANOS_PER_SEC);
         let events: Vec<Event> = std::iter::from_fn(|| dec.poll_event()).collect();
@@ -324,12 +324,13 @@ fn a_record_that_fills_its_last_block_exactly_is_claimed_by_the_heartbeat_and_na
     frames.extend(std::iter::from_fn(|| {
         enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())
     }));
-    let verifier = weir_protocol::Verifier::new(vec![key()]).expect("key");
+    let mut verifier = weir_protocol::Verifier::new(vec![key()]).expect("key");
     // Block 0 (the record's first piece) is lost entirely; the rest arrives.
     let arriving: Vec<Vec<u8>> = frames
         .into_iter()
         .filter(|f| {
-            let (h, _) = FrameHeader::parse(f, &verifier).expect("genuine frame parses");
+            let (h, _) =
+                FrameHeader::parse(&mut f.clone(), &mut verifier).expect("genuine frame parses");
             h.flags & FLAG_CONTROL != 0 || h.block != 0
         })
         .collect();
@@ -407,12 +408,13 @@ fn polling_the_encoder_until_none_after_a_flush_sends_every_block_and_the_heartb
         enc.is_idle(),
         "polling until None left frames unsent after a flush"
     );
-    let verifier = weir_protocol::Verifier::new(vec![key()]).expect("key");
+    let mut verifier = weir_protocol::Verifier::new(vec![key()]).expect("key");
     // Block 0 (s1's first piece) is lost; everything else arrives.
     let arriving: Vec<Vec<u8>> = frames
         .into_iter()
         .filter(|f| {
-            let (h, _) = FrameHeader::parse(f, &verifier).expect("genuine frame parses");
+            let (h, _) =
+                FrameHeader::parse(&mut f.clone(), &mut verifier).expect("genuine frame parses");
             h.flags & FLAG_CONTROL != 0 || h.block != 0
         })
         .collect();

@@ -245,7 +245,7 @@ impl Harness {
 
     fn deliver(&mut self) {
         while let Some(d) = self.wire.pop_front() {
-            self.dec.handle_datagram(self.now, &d);
+            self.dec.handle_datagram(self.now, &mut d.to_vec());
         }
         if self.dec.poll_timeout().is_some_and(|t| t <= self.now) {
             self.dec.handle_timeout(self.now);
@@ -627,7 +627,7 @@ fn replayed_frames_of_an_old_session_are_rejected() {
     }
     h.finish();
     for f in &old {
-        h.dec.handle_datagram(h.now, f);
+        h.dec.handle_datagram(h.now, &mut f.to_vec());
     }
     h.deliver();
     assert_eq!(h.dec.stats().rejected_stale_session, old.len() as u64);
@@ -648,7 +648,7 @@ fn a_stray_frame_of_another_session_does_not_end_the_live_one() {
     other.handle_timeout(0);
     let n = other.poll_frame(0, &mut h.frame).unwrap();
     let stray = h.frame[..n].to_vec();
-    h.dec.handle_datagram(h.now, &stray);
+    h.dec.handle_datagram(h.now, &mut stray.to_vec());
     // ...and the live session carries on, complete.
     for i in 5000..10_000 {
         h.push(&point(s, i));
@@ -784,7 +784,7 @@ fn one_forged_far_ahead_frame_of_the_live_session_does_not_turn_later_records_in
     h.pump();
     let shard = h.enc.config().shard_size;
     h.dec
-        .handle_datagram(h.now, &forged_frame(41, 1_000_000, 64, 16, shard));
+        .handle_datagram(h.now, &mut forged_frame(41, 1_000_000, 64, 16, shard));
     for i in 20_000..60_000 {
         h.push(&point(s, i));
     }
@@ -818,7 +818,7 @@ fn forty_frames_of_an_invented_session_do_not_take_over_from_a_live_sender() {
             h.enc.flush(h.now);
             h.pump();
             if let Some(f) = forged.next() {
-                h.dec.handle_datagram(h.now, &f);
+                h.dec.handle_datagram(h.now, &mut f.to_vec());
             }
         }
     }
@@ -867,7 +867,7 @@ fn replayed_frames_of_an_earlier_session_do_not_take_over_while_the_live_one_is_
     let step = 5 * NANOS_PER_SEC / replay.len() as u64;
     for f in &replay {
         h.now += step;
-        h.dec.handle_datagram(h.now, f);
+        h.dec.handle_datagram(h.now, &mut f.to_vec());
         h.dec.handle_timeout(h.now);
     }
     h.out.take(&mut h.dec, false);

@@ -124,7 +124,7 @@ pub fn auth_status(verifier: &Verifier) -> serde_json::Value {
         json!("disabled")
     } else {
         json!({
-            "mac": "hmac-sha256-128",
+            "mac": weir_protocol::auth::SCHEME,
             "key_ids": verifier.key_ids().iter().map(|id| id.to_string()).collect::<Vec<_>>(),
         })
     }

@@ -213,9 +213,9 @@ impl Pipeline {
                 Duration::from_nanos(d.saturating_sub(now())).min(IDLE_WAIT)
             });
             let disconnected = match batches.recv_timeout(wait) {
-                Ok(Input::Datagrams(batch)) => {
+                Ok(Input::Datagrams(mut batch)) => {
                     let t = now();
-                    for d in batch.datagrams() {
+                    for d in batch.datagrams_mut() {
                         self.decoder.handle_datagram(t, d);
                     }
                     let _ = free.try_send(batch);

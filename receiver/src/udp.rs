@@ -27,14 +27,16 @@ impl RecvBatch {
         }
     }
 
-    /// Every datagram in arrival order (GRO buffers split by their stride).
-    pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
+    /// Every datagram in arrival order (GRO buffers split by their stride),
+    /// writable: the decoder decrypts each shard in place in the receive
+    /// buffer instead of copying it out.
+    pub fn datagrams_mut(&mut self) -> impl Iterator<Item = &mut [u8]> {
         self.meta[..self.filled]
             .iter()
-            .zip(&self.bufs)
+            .zip(&mut self.bufs)
             .flat_map(|(m, b)| {
                 let stride = m.stride.max(1);
-                b[..m.len].chunks(stride)
+                b[..m.len].chunks_mut(stride)
             })
     }
 }

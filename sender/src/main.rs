@@ -247,7 +247,7 @@ fn run(path: &Path) -> Result<()> {
         .clone()
         .context("[auth]: the key was not loaded")?;
     let auth_status = match &signer {
-        Signer::Key(k) => format!("hmac-sha256-128 key {}", k.id()),
+        Signer::Key(k) => format!("{} key {}", weir_protocol::auth::SCHEME, k.id()),
         Signer::Disabled => "disabled".to_string(),
     };
     if matches!(signer, Signer::Disabled) {

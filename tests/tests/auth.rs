@@ -180,6 +180,7 @@ fn an_authenticated_run_delivers_every_record() {
         .to_string();
     let m = read_json(&metrics);
     assert_eq!(m["auth"]["key_ids"][0], Value::from(key_id.clone()), "{m}");
+    assert_eq!(m["auth"]["mac"], "aes-256-gcm", "{m}");
     for reason in [
         "rejected_unauthenticated",
         "rejected_unknown_key",
@@ -190,7 +191,7 @@ fn an_authenticated_run_delivers_every_record() {
     }
     let sm = read_json(&s.join("sender-metrics.json"));
     assert!(
-        sm["auth"].as_str().unwrap_or("").contains(&key_id),
+        sm["auth"].as_str().unwrap_or("") == format!("aes-256-gcm key {key_id}"),
         "sender status shows its key: {sm}"
     );
 }
