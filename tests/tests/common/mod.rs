@@ -197,9 +197,14 @@ pub fn read_json(path: &Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The complete lines of a JSON-lines file, parsed. A file a sink is still
+/// writing may end in part of a line (its buffer reached the disk at an
+/// arbitrary byte): that part is not read until its newline is there.
 pub fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    std::str::from_utf8(&bytes[..end])
+        .unwrap_or_else(|e| panic!("{} is not UTF-8: {e}", path.display()))
         .lines()
         .map(|l| {
             serde_json::from_str(l)
