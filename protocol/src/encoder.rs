@@ -180,6 +180,16 @@ impl Key {
     }
 }
 
+/// Bytes a block's buffer grows to at most: its data and the most parity
+/// any block gets, so filling it and adding parity never reallocates.
+fn block_buffer_len(cfg: &EncoderConfig) -> usize {
+    let parity = cfg
+        .parity_shards
+        .max(cfg.warmup_parity)
+        .max(cfg.spare_parity_max);
+    (cfg.data_shards + parity).min(MAX_SHARDS) * cfg.shard_size
+}
+
 /// The index of the smallest-ranked key that `eligible` admits.
 fn pick(keys: &[Key], eligible: impl Fn(Key) -> bool) -> Option<usize> {
     let mut best: Option<(u64, usize)> = None;
@@ -292,7 +302,7 @@ impl Encoder {
         cfg.validate()
             .expect("encoder configuration validated by the caller");
         Encoder {
-            open: Vec::with_capacity(cfg.block_capacity()),
+            open: Vec::with_capacity(block_buffer_len(&cfg)),
             cfg,
             signer,
             fec: Fec::default(),
@@ -555,7 +565,10 @@ impl Encoder {
         } else {
             data_len.div_ceil(k)
         };
-        let fresh = self.spare_buffers.pop().unwrap_or_default();
+        let fresh = self
+            .spare_buffers
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(block_buffer_len(&self.cfg)));
         let mut shards = std::mem::replace(&mut self.open, fresh);
         shards.resize(k * shard_len, 0);
         let number = self.next_block;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use globset::GlobSet;
 use serde_json::json;
 use weir_protocol::decoder::{Delivered, REBUILT_BUCKETS};
-use weir_protocol::{Decoder, DecoderStats, Event, Heartbeat, Nanos};
+use weir_protocol::{Decoder, DecoderStats, Event, Heartbeat, Nanos, RecordBody};
 
 use crate::audit::AuditLog;
 use crate::journal::Journal;
@@ -77,7 +77,34 @@ const CATCH_UP_BATCH: usize = 1024;
 /// batches in flight a lagging sink held 1024 x 32 entries, about 2 GiB
 /// of 64 KiB records; by bytes it is at most 32 MiB plus one record.
 pub const CATCH_UP_BYTES: u64 = 1 << 20;
-/// Journal bytes queued for one sink before it counts as behind: live
+/// What a batch weighs against `SINK_QUEUE_BYTES`: its journal bytes, or
+/// its records' size in memory if larger. A small record (a point: some
+/// 60 bytes in the journal) takes about three times that in memory, so
+/// counting journal bytes alone let 64 MiB of points hold over 200 MiB.
+pub fn batch_weight(journal_bytes: u64, records: &[Delivered]) -> u64 {
+    let memory: usize = records
+        .iter()
+        .map(|r| {
+            let heap = match &r.body {
+                RecordBody::Point(p) => {
+                    p.tag.capacity()
+                        + match &p.value {
+                            weir_protocol::Value::Str(s) => s.capacity(),
+                            _ => 0,
+                        }
+                }
+                RecordBody::Message(m) => m.topic.capacity() + m.payload.capacity(),
+                RecordBody::Log(l) => l.host.capacity() + l.app.capacity() + l.text.capacity(),
+                RecordBody::Bytes(c) => c.data.capacity(),
+            };
+            // The allocator's own header per heap block, roughly.
+            std::mem::size_of::<Delivered>() + heap + 16
+        })
+        .sum();
+    journal_bytes.max(memory as u64)
+}
+
+/// Bytes queued for one sink before it counts as behind (`batch_weight`): live
 /// batches are bounded by `journal.fsync_bytes`, catch-up batches by
 /// `CATCH_UP_BYTES`; this caps the sum (plus the one batch that crosses
 /// it), so memory stays bounded whatever `fsync_bytes` is.
@@ -419,7 +446,8 @@ impl Pipeline {
 
     /// Sends a batch to a sink, counting it in flight; false if the sink
     /// thread is gone.
-    fn send(s: &mut SinkHandle, batch: Batch) -> bool {
+    fn send(s: &mut SinkHandle, mut batch: Batch) -> bool {
+        batch.bytes = batch_weight(batch.bytes, &batch.records);
         let (end, bytes) = (batch.end, batch.bytes);
         s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let now = s.shared.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -832,6 +860,43 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+    fn delivered(body: RecordBody) -> Delivered {
+        Delivered {
+            stream: Arc::from("s"),
+            source_type: Arc::from("generator"),
+            session: 1,
+            epoch: 1,
+            seq: 0,
+            resent: false,
+            body,
+        }
+    }
+
+    #[test]
+    fn small_records_weigh_their_size_in_memory_and_large_ones_their_journal_bytes() {
+        let points: Vec<Delivered> = (0..1000)
+            .map(|i| {
+                delivered(RecordBody::Point(weir_protocol::Point {
+                    tag: format!("plant/tag-{i:05}"),
+                    ts_ns: 0,
+                    value: weir_protocol::Value::F64(1.0),
+                    quality: 0,
+                }))
+            })
+            .collect();
+        // About 60 journal bytes each; far more in memory.
+        let weight = batch_weight(60_000, &points);
+        assert!(
+            weight >= 1000 * (std::mem::size_of::<Delivered>() as u64 + 15),
+            "{weight}"
+        );
+        let chunks = vec![delivered(RecordBody::Bytes(weir_protocol::Chunk {
+            data: vec![0; 1000],
+            end: false,
+        }))];
+        assert_eq!(batch_weight(1 << 20, &chunks), 1 << 20);
+    }
 
     #[test]
     fn a_sink_thread_that_dies_stops_the_receiver_naming_the_thread_and_the_cause() {

@@ -33,6 +33,11 @@ const FEED_BATCH: usize = 4096;
 /// the batch is read into memory, and 4096 records of 64 KiB would be
 /// 256 MiB, the whole memory budget of a side.
 const FEED_BYTES: usize = 4 << 20;
+/// Unread spool bytes from which the sender counts as behind its input. A
+/// sender that keeps up holds about one fsync's worth of records unread
+/// (a few ms: 1 MiB is 8 ms at 1 Gbit/s); a tcp source stops reading at
+/// 16 MiB (`STREAM_HIGH_WATER`).
+const INPUT_WAITING_BYTES: u64 = 1 << 20;
 
 /// Token bucket in bytes; the bucket holds at most `burst` bytes, so the
 /// sender never exceeds the rate over any window longer than burst/rate.
@@ -259,13 +264,23 @@ pub fn run(
                 Counters::add(&counters.resent_records, 1);
             }
             batch.clear();
-            spool.lock().read(&mut batch, FEED_BATCH, FEED_BYTES)?;
+            let unread = {
+                let mut sp = spool.lock();
+                sp.read(&mut batch, FEED_BATCH, FEED_BYTES)?;
+                sp.unsent_bytes()
+            };
             if !batch.items.is_empty() {
                 spool.room.notify_waiters();
             }
-            // A full read means more waits in the spool: the sender is
-            // behind its input, so no spare parity (see the encoder).
-            enc.set_input_waiting(batch.items.len() >= FEED_BATCH || batch.bytes() >= FEED_BYTES);
+            // A full read, or records piling up in the spool (appended, not
+            // yet durable or not yet read), means the sender is behind its
+            // input: it is at full load whatever the link rate says, and
+            // spare parity would only slow it down further (see the encoder).
+            enc.set_input_waiting(
+                batch.items.len() >= FEED_BATCH
+                    || batch.bytes() >= FEED_BYTES
+                    || unread >= INPUT_WAITING_BYTES,
+            );
             let mut last_index = None;
             // Counted once per batch: the counters are shared with the
             // source threads, and an atomic add per record would move their

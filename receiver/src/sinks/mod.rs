@@ -134,8 +134,9 @@ pub struct Batch {
     pub start: u64,
     pub end: u64,
     pub records: Arc<Vec<Delivered>>,
-    /// Journal bytes of entries `start..end` (what the batch weighs in
-    /// `SinkShared::in_flight_bytes`).
+    /// What the batch weighs in `SinkShared::in_flight_bytes`: its journal
+    /// bytes or its records' size in memory, whichever is larger
+    /// (`pipeline::batch_weight`).
     pub bytes: u64,
 }
 
