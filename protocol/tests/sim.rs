@@ -1216,18 +1216,24 @@ fn a_flushed_encoder_goes_idle_once_its_scheduled_shards_are_out() {
     assert!(enc.stats().spare_parity_blocks > 0, "{:?}", enc.stats());
     enc.flush(now);
     enc.heartbeat_now(now);
+    send_until_idle(&mut enc, now, &mut buf);
+    assert!(enc.is_idle(), "still busy after a flush: {:?}", enc.stats());
+    assert!(enc.stats().spare_parity_dropped > 0);
+}
+
+/// Polls every frame the encoder has, letting time pass in 0.1 ms steps,
+/// until it is idle (at most 1 s).
+fn send_until_idle(enc: &mut Encoder, mut now: Nanos, buf: &mut [u8]) {
     for _ in 0..10_000 {
         if enc.is_idle() {
-            break;
+            return;
         }
         now += 100_000;
         if enc.poll_timeout().is_some_and(|t| t <= now) {
             enc.handle_timeout(now);
         }
-        while enc.poll_frame(now, &mut buf).is_some() {}
+        while enc.poll_frame(now, buf).is_some() {}
     }
-    assert!(enc.is_idle(), "still busy after a flush: {:?}", enc.stats());
-    assert!(enc.stats().spare_parity_dropped > 0);
 }
 
 /// Regression: a sender behind its input (`set_input_waiting(true)`) sends
@@ -1242,23 +1248,14 @@ fn the_last_block_after_the_input_ends_gets_spare_parity_though_input_was_waitin
     let s = enc.add_stream("gen", "generator", 0, 1);
     enc.handle_timeout(0);
     let mut buf = vec![0u8; enc.max_frame_len()];
-    let mut now = 0;
+    let now = 0;
     enc.set_input_waiting(true);
     for i in 0..100 {
         enc.push(now, &point(s, i));
     }
     assert_eq!(enc.stats().spare_parity_blocks, 0, "{:?}", enc.stats());
     enc.finish(now);
-    for _ in 0..10_000 {
-        if enc.is_idle() {
-            break;
-        }
-        now += 100_000;
-        if enc.poll_timeout().is_some_and(|t| t <= now) {
-            enc.handle_timeout(now);
-        }
-        while enc.poll_frame(now, &mut buf).is_some() {}
-    }
+    send_until_idle(&mut enc, now, &mut buf);
     assert!(enc.is_idle(), "still busy: {:?}", enc.stats());
     assert_eq!(enc.stats().spare_parity_blocks, 1, "{:?}", enc.stats());
     assert!(enc.stats().spare_parity_frames > 0, "{:?}", enc.stats());
