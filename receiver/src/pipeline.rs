@@ -226,6 +226,7 @@ impl Pipeline {
         let mut awaiting: VecDeque<Awaiting> = VecDeque::new();
         let mut unrouted: HashSet<Arc<str>> = HashSet::new();
         let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut last_routed: Option<(Arc<str>, bool)> = None;
         let mut unrouted_records: u64 = 0;
         let mut last_tick = Instant::now();
         let mut last_log = Instant::now();
@@ -259,10 +260,20 @@ impl Pipeline {
             while let Some(ev) = self.decoder.poll_event() {
                 match ev {
                     Event::Record(r) => {
-                        let sinks = &self.sinks;
-                        let is_routed = *routed
-                            .entry(r.stream.clone())
-                            .or_insert_with(|| sinks.iter().any(|s| s.routes.is_match(&*r.stream)));
+                        // Records mostly come in runs of one stream: the
+                        // decoder hands out the same `Arc` for a stream, so
+                        // a pointer compare saves hashing its name.
+                        let is_routed = match &last_routed {
+                            Some((stream, is)) if Arc::ptr_eq(stream, &r.stream) => *is,
+                            _ => {
+                                let sinks = &self.sinks;
+                                let is = *routed.entry(r.stream.clone()).or_insert_with(|| {
+                                    sinks.iter().any(|s| s.routes.is_match(&*r.stream))
+                                });
+                                last_routed = Some((r.stream.clone(), is));
+                                is
+                            }
+                        };
                         if !is_routed {
                             unrouted_records += 1;
                             if unrouted.insert(r.stream.clone()) {
