@@ -71,6 +71,19 @@ impl TcpSink {
                         self.connect
                     )
                 })?;
+            // With no server listening on a local port in the ephemeral
+            // range, the kernel can pick that very port as the connection's
+            // own and connect the socket to itself (TCP simultaneous open):
+            // writes would then "succeed" into nothing, and the port stays
+            // taken from the server that should have it. Refuse it; the
+            // retry connects again.
+            if s.local_addr().ok() == Some(self.connect) {
+                anyhow::bail!(
+                    "connecting to {}: the connection reached itself (no server is listening \
+                     there); check that the server is up",
+                    self.connect
+                );
+            }
             s.set_nodelay(true).ok();
             tracing::info!(stream = %stream, server = %self.connect, "tcp sink connected");
             self.conns.insert(
