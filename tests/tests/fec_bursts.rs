@@ -346,7 +346,15 @@ fn every_record_arrives_through_gilbert_elliott_bursts_at_80pct_load() {
     let run = run_through_link(
         "ge-high",
         HIGH,
-        53,
+        // Seed 53 (used until 2026-11-30) drops 121 and then 87 datagrams
+        // within 400 (208 of 400, about 46 ms of this link): beyond the
+        // per-burst tolerance, and survived or not depending on how much
+        // spare parity the blocks then had, so the test failed about one
+        // run in three. About one seed in five has such a cluster within
+        // a run (docs/wire-format.md, "FEC defaults and the loss they
+        // tolerate"); 61 has bursts of up to 121 but at most 137 drops in
+        // any 400 datagrams.
+        61,
         &["--ge-mean-burst", "20", "--ge-loss", "0.04"],
     );
     assert_ge_bursts(&run.linksim);
