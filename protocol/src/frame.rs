@@ -63,7 +63,7 @@ const KNOWN_FLAGS: u8 = FLAG_CONTROL | FLAG_UNAUTHENTICATED;
 
 /// Shard sizes are a multiple of this: Reed-Solomon's SIMD kernels work
 /// on 32 or 64 bytes at a time and finish any remainder byte by byte, which
-/// at MTU 1500 (1416 bytes, 8 over a multiple of 32) cost 5 to 15% of the
+/// at MTU 1500 (1416 bytes, 8 over a multiple of 32) cost 6 to 17% of the
 /// encoding time (docs/performance.md); the 8 bytes given up are 0.6% of a
 /// frame.
 pub const SHARD_ALIGN: usize = 64;

@@ -17,7 +17,7 @@ mod sinks;
 mod udp;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,6 @@ use serde_json::json;
 use weir_protocol::{Decoder, Verifier};
 
 use crate::pipeline::{Pipeline, SinkHandle};
-use crate::sinks::SinkStats;
 
 #[derive(Parser)]
 #[command(
@@ -283,17 +282,7 @@ fn run(path: &Path) -> Result<()> {
             None => journal.first_index(),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(pipeline::SINK_QUEUE + 1);
-        let shared = Arc::new(sinks::SinkShared {
-            name: common.name.clone(),
-            confirmed: AtomicU64::new(start),
-            saved: AtomicU64::new(start),
-            in_flight: AtomicUsize::new(0),
-            in_flight_bytes: AtomicU64::new(0),
-            in_flight_bytes_peak: AtomicU64::new(0),
-            cursor_errors: AtomicU64::new(0),
-            overflow_records: AtomicU64::new(0),
-            stats: SinkStats::default(),
-        });
+        let shared = Arc::new(sinks::SinkShared::new(&common.name, start));
         let thread = {
             let t = sinks::SinkThread {
                 shared: shared.clone(),

@@ -457,8 +457,8 @@ impl Pipeline {
 
     /// Sends a batch to a sink, counting it in flight; false if the sink
     /// thread is gone.
-    fn send(s: &mut SinkHandle, mut batch: Batch) -> bool {
-        batch.bytes = batch_weight(batch.bytes, &batch.records);
+    /// `batch.bytes` is its weight (`batch_weight`).
+    fn send(s: &mut SinkHandle, batch: Batch) -> bool {
         let (end, bytes) = (batch.end, batch.bytes);
         s.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let now = s.shared.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -478,6 +478,8 @@ impl Pipeline {
     /// Hands a durable batch to every sink that is caught up; a sink whose
     /// queue is full falls behind and is served from the journal later.
     fn dispatch(&mut self, batch: Arc<Vec<Delivered>>, start: u64, end: u64, bytes: u64) {
+        // Weighed once: every sink shares the same records.
+        let bytes = batch_weight(bytes, &batch);
         for s in &mut self.sinks {
             if s.dispatched == start && Self::has_room(s) {
                 Self::send(
@@ -537,8 +539,8 @@ impl Pipeline {
                 let batch = Batch {
                     start,
                     end,
+                    bytes: batch_weight(bytes, &records),
                     records: Arc::new(records),
-                    bytes,
                 };
                 if !Self::send(&mut self.sinks[i], batch) {
                     break;
@@ -870,7 +872,6 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, AtomicUsize};
 
     fn delivered(body: RecordBody) -> Delivered {
         Delivered {
@@ -920,17 +921,7 @@ mod tests {
             fsync_interval: Duration::from_millis(5),
         })
         .unwrap();
-        let shared = Arc::new(SinkShared {
-            name: "files".into(),
-            confirmed: AtomicU64::new(0),
-            saved: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            in_flight_bytes: AtomicU64::new(0),
-            in_flight_bytes_peak: AtomicU64::new(0),
-            cursor_errors: AtomicU64::new(0),
-            overflow_records: AtomicU64::new(0),
-            stats: Default::default(),
-        });
+        let shared = Arc::new(SinkShared::new("files", 0));
         let (tx, _rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::spawn(|| panic!("disk on fire"));
         while !thread.is_finished() {

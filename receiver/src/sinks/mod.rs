@@ -169,6 +169,24 @@ pub struct SinkShared {
     pub stats: SinkStats,
 }
 
+impl SinkShared {
+    /// A sink's shared state, resuming at journal index `start` (its saved
+    /// cursor): nothing in flight, no counts yet.
+    pub fn new(name: &str, start: u64) -> Self {
+        SinkShared {
+            name: name.to_string(),
+            confirmed: AtomicU64::new(start),
+            saved: AtomicU64::new(start),
+            in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            in_flight_bytes_peak: AtomicU64::new(0),
+            cursor_errors: AtomicU64::new(0),
+            overflow_records: AtomicU64::new(0),
+            stats: SinkStats::default(),
+        }
+    }
+}
+
 /// Backoff between retries of a failed write: doubles from 100 ms to 10 s,
 /// each wait jittered by ±50%.
 const RETRY_START: Duration = Duration::from_millis(100);
@@ -450,17 +468,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weir-cursor-saver-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("sinks").join("s.json");
-        let shared = SinkShared {
-            name: "s".into(),
-            confirmed: AtomicU64::new(0),
-            saved: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            in_flight_bytes: AtomicU64::new(0),
-            in_flight_bytes_peak: AtomicU64::new(0),
-            cursor_errors: AtomicU64::new(0),
-            overflow_records: AtomicU64::new(0),
-            stats: SinkStats::default(),
-        };
+        let shared = SinkShared::new("s", 0);
         let slot = CursorSlot::default();
         std::thread::scope(|scope| {
             scope.spawn(|| run_cursor_saver(&shared, &path, &slot));
