@@ -173,3 +173,11 @@ impl SourceHandle {
         *self.shutdown.borrow()
     }
 }
+
+/// The sender's clock now, nanoseconds since the Unix epoch (0 before it):
+/// the timestamp of records whose input carries none.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
