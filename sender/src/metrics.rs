@@ -107,6 +107,10 @@ pub struct SourceStatus {
     pub accept_errors: u64,
     /// The last error, until the next success.
     pub last_error: Option<String>,
+    /// Counts particular to a source type (a syslog source's
+    /// `parse_errors`, a udp source's `datagrams`), by name.
+    #[serde(flatten)]
+    pub counts: BTreeMap<&'static str, u64>,
 }
 
 /// Every source's status, by stream name.

@@ -7,7 +7,9 @@
 pub mod file;
 pub mod json_line;
 pub mod stdout;
+pub mod syslog;
 pub mod tcp;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,8 @@ pub enum SinkConfig {
     File(file::Config),
     Stdout(stdout::Config),
     Tcp(tcp::Config),
+    Syslog(syslog::Config),
+    Udp(udp::Config),
 }
 
 /// Keys every sink has.
@@ -47,6 +51,8 @@ impl SinkConfig {
             SinkConfig::File(c) => (&c.name, &c.streams),
             SinkConfig::Stdout(c) => (&c.name, &c.streams),
             SinkConfig::Tcp(c) => (&c.name, &c.streams),
+            SinkConfig::Syslog(c) => (&c.name, &c.streams),
+            SinkConfig::Udp(c) => (&c.name, &c.streams),
         };
         Common {
             name: name.clone(),
@@ -59,6 +65,8 @@ impl SinkConfig {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(_) => Ok(()),
             SinkConfig::Tcp(c) => c.validate(),
+            SinkConfig::Syslog(c) => c.validate(),
+            SinkConfig::Udp(c) => c.validate(),
         }
     }
 
@@ -67,6 +75,8 @@ impl SinkConfig {
             SinkConfig::File(c) => Box::new(file::FileSink::new(c)?),
             SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink::new()),
             SinkConfig::Tcp(c) => Box::new(tcp::TcpSink::new(c)),
+            SinkConfig::Syslog(c) => Box::new(syslog::SyslogSink::new(c)?),
+            SinkConfig::Udp(c) => Box::new(udp::UdpSink::new(c)),
         })
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod generator;
 pub mod stdin;
+pub mod syslog;
 pub mod tcp;
+pub mod udp;
 
 use std::sync::Arc;
 
@@ -20,6 +22,8 @@ pub enum SourceConfig {
     Tcp(tcp::Config),
     Stdin(stdin::Config),
     Generator(generator::Config),
+    Syslog(syslog::Config),
+    Udp(udp::Config),
 }
 
 impl SourceConfig {
@@ -28,6 +32,8 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => &c.name,
             SourceConfig::Stdin(c) => &c.name,
             SourceConfig::Generator(c) => &c.name,
+            SourceConfig::Syslog(c) => &c.name,
+            SourceConfig::Udp(c) => &c.name,
         }
     }
 
@@ -36,6 +42,8 @@ impl SourceConfig {
             SourceConfig::Tcp(_) => "tcp",
             SourceConfig::Stdin(_) => "stdin",
             SourceConfig::Generator(_) => "generator",
+            SourceConfig::Syslog(_) => "syslog",
+            SourceConfig::Udp(_) => "udp",
         }
     }
 
@@ -45,6 +53,8 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => (c.repeat, c.repeat_delay_ms),
             SourceConfig::Stdin(c) => (c.repeat, c.repeat_delay_ms),
             SourceConfig::Generator(c) => (c.repeat, c.repeat_delay_ms),
+            SourceConfig::Syslog(c) => (c.repeat, c.repeat_delay_ms),
+            SourceConfig::Udp(c) => (c.repeat, c.repeat_delay_ms),
         }
     }
 
@@ -65,6 +75,8 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => c.validate(),
             SourceConfig::Stdin(c) => c.validate(),
             SourceConfig::Generator(c) => c.validate(),
+            SourceConfig::Syslog(c) => c.validate(),
+            SourceConfig::Udp(c) => c.validate(),
         }
     }
 
@@ -77,6 +89,8 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => tcp::run(c, handle).await,
             SourceConfig::Stdin(c) => stdin::run(c, handle).await,
             SourceConfig::Generator(c) => generator::run(c, handle).await,
+            SourceConfig::Syslog(c) => syslog::run(c, handle).await,
+            SourceConfig::Udp(c) => udp::run(c, handle).await,
         };
         counters.sources.update(&stream, |s| match &result {
             Ok(()) => s.state = "finished",

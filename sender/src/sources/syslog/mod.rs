@@ -1,0 +1,512 @@
+//! `syslog`: receives syslog messages (RFC 5424 and RFC 3164) on one UDP
+//! or TCP address and hands each over as a `Log` record. Over TCP a
+//! message is newline-framed or octet-counted (RFC 6587), told apart per
+//! message; connections are served side by side. A message that does not
+//! parse still becomes a `Log`: its raw text, `parse_error` saying why
+//! (see [`parse`]). Parse errors, truncated messages and kernel drops are
+//! counted in the source's status in the metrics file.
+
+pub mod parse;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chrono::FixedOffset;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use weir_protocol::units::parse_size;
+use weir_protocol::{Log, RecordBody};
+
+use super::udp::{bind_udp, kernel_drops};
+use super::{now_ns, SourceHandle};
+use crate::metrics::Counters;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub name: String,
+    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
+    #[serde(default = "super::default_repeat")]
+    pub repeat: u32,
+    /// Spacing of the copies; an outage shorter than this costs one copy.
+    #[serde(default = "super::default_repeat_delay")]
+    pub repeat_delay_ms: u64,
+    /// `udp://ip:port` or `tcp://ip:port`.
+    pub listen: String,
+    /// Longest message kept; a longer one is cut to this and flagged.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: String,
+    /// The zone RFC 3164 timestamps (which carry none) are read in, `+HH:MM`.
+    #[serde(default = "default_offset")]
+    pub rfc3164_utc_offset: String,
+    /// UDP: the socket's receive buffer (the kernel caps it at net.core.rmem_max).
+    #[serde(default = "super::udp::default_receive_buffer")]
+    pub receive_buffer: String,
+    /// TCP: connections served at once; more are closed on accept (counted).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_message_size() -> String {
+    "64KiB".into()
+}
+
+fn default_offset() -> String {
+    "+00:00".into()
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Udp(SocketAddr),
+    Tcp(SocketAddr),
+}
+
+/// `udp://ip:port` or `tcp://ip:port`.
+pub fn parse_listen(key: &str, s: &str) -> Result<Listen, String> {
+    let (scheme, addr) = s
+        .split_once("://")
+        .ok_or_else(|| format!("{key}: `{s}` must be udp://ip:port or tcp://ip:port"))?;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("{key}: `{addr}` is not an ip:port ({e})"))?;
+    match scheme {
+        "udp" => Ok(Listen::Udp(addr)),
+        "tcp" => Ok(Listen::Tcp(addr)),
+        other => Err(format!(
+            "{key}: scheme `{other}` is not udp or tcp (TLS is not supported yet)"
+        )),
+    }
+}
+
+/// `+HH:MM` / `-HH:MM` (or `Z`).
+fn parse_offset(s: &str) -> Result<FixedOffset, String> {
+    let bad = || format!("rfc3164_utc_offset: `{s}` must look like +01:00 or -05:30");
+    if s == "Z" {
+        return Ok(FixedOffset::east_opt(0).expect("0 is valid"));
+    }
+    let sign = match s.as_bytes().first() {
+        Some(b'+') => 1,
+        Some(b'-') => -1,
+        _ => return Err(bad()),
+    };
+    let (h, m) = s[1..].split_once(':').ok_or_else(bad)?;
+    let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        parse_listen("listen", &self.listen)?;
+        let max =
+            parse_size(&self.max_message_size).map_err(|e| format!("max_message_size: {e}"))?;
+        if !(480..=(16 << 20)).contains(&max) {
+            return Err(format!(
+                "max_message_size: {} must be between 480B (RFC 5424's minimum) and 16MiB",
+                self.max_message_size
+            ));
+        }
+        parse_offset(&self.rfc3164_utc_offset)?;
+        super::udp::check_receive_buffer(&self.receive_buffer)?;
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err(format!(
+                "max_connections: {} must be between 1 and 65536",
+                self.max_connections
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Warns at most once a second per source, saying how many were not logged.
+struct WarnLimit {
+    last: Option<Instant>,
+    quiet: u64,
+}
+
+impl WarnLimit {
+    fn new() -> Self {
+        WarnLimit {
+            last: None,
+            quiet: 0,
+        }
+    }
+
+    fn warn(&mut self, source: &str, what: &str) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            self.quiet += 1;
+            return;
+        }
+        tracing::warn!(source, not_logged_since_last = self.quiet, "{what}");
+        self.last = Some(Instant::now());
+        self.quiet = 0;
+    }
+}
+
+/// A message as it came off the wire, parsed, truncation flagged; and
+/// whether it parsed.
+fn to_log(
+    data: &[u8],
+    truncated_from: Option<usize>,
+    max: usize,
+    cx: &parse::Context,
+) -> (Log, bool) {
+    let mut log = parse::parse(data, cx);
+    let parsed_ok = log.parse_error.is_none();
+    if let Some(len) = truncated_from {
+        let note = format!(
+            "truncated: the message had {}{len} bytes, the first {max} were kept (max_message_size)",
+            if len == max + 1 { "more than " } else { "" },
+        );
+        log.parse_error = Some(match log.parse_error.take() {
+            Some(e) => format!("{e}; {note}"),
+            None => note,
+        });
+    }
+    (log, parsed_ok)
+}
+
+/// Counts one message in the source's status; logs a flagged one.
+fn account(
+    handle: &SourceHandle,
+    name: &str,
+    log: &Log,
+    parsed_ok: bool,
+    truncated: bool,
+    warn: &mut WarnLimit,
+) {
+    handle.status(|s| {
+        *s.counts.entry("messages").or_default() += 1;
+        if !parsed_ok {
+            *s.counts.entry("parse_errors").or_default() += 1;
+        }
+        if truncated {
+            *s.counts.entry("truncated").or_default() += 1;
+        }
+    });
+    if let Some(e) = &log.parse_error {
+        warn.warn(
+            name,
+            &format!(
+                "message from {} kept raw and flagged (counted in the source's parse_errors / truncated): {e}",
+                log.host
+            ),
+        );
+    }
+}
+
+pub async fn run(cfg: Config, handle: SourceHandle) -> anyhow::Result<()> {
+    let listen = parse_listen("listen", &cfg.listen).expect("validated");
+    let max = parse_size(&cfg.max_message_size).expect("validated") as usize;
+    let offset = parse_offset(&cfg.rfc3164_utc_offset).expect("validated");
+    match listen {
+        Listen::Udp(addr) => run_udp(cfg, addr, max, offset, handle).await,
+        Listen::Tcp(addr) => run_tcp(cfg, addr, max, offset, handle).await,
+    }
+}
+
+/// Datagrams taken from the socket per batch handed to the spool.
+const UDP_BATCH: usize = 64;
+
+async fn run_udp(
+    cfg: Config,
+    addr: SocketAddr,
+    max: usize,
+    offset: FixedOffset,
+    mut handle: SourceHandle,
+) -> anyhow::Result<()> {
+    let buffer = parse_size(&cfg.receive_buffer).expect("validated") as usize;
+    let (sock, got) = bind_udp(addr, buffer).map_err(|e| {
+        anyhow::anyhow!(
+            "sources.{}: cannot listen on udp {addr} ({e}); check `listen`",
+            cfg.name
+        )
+    })?;
+    tracing::info!(source = %cfg.name, %addr, receive_buffer = got, "syslog source listening (udp)");
+    handle.status(|s| s.state = "listening");
+    let mut shutdown = handle.shutdown.clone();
+    // A datagram can be up to 64 KiB: read it whole to know its length.
+    let mut buf = vec![0u8; 65_536];
+    let mut warn = WarnLimit::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut logs = Vec::with_capacity(UDP_BATCH);
+    loop {
+        let first = tokio::select! {
+            r = sock.recv_from(&mut buf) => r,
+            _ = tick.tick() => {
+                if let Some(drops) = kernel_drops(addr) {
+                    handle.status(|s| { s.counts.insert("kernel_drops", drops); });
+                }
+                continue;
+            }
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            match r {
+                Ok((n, peer)) => {
+                    let host = peer.ip().to_string();
+                    let cx = parse::Context {
+                        now_ns: now_ns(),
+                        rfc3164_offset: offset,
+                        peer_host: &host,
+                    };
+                    let truncated = (n > max).then_some(n);
+                    let (log, parsed_ok) = to_log(&buf[..n.min(max)], truncated, max, &cx);
+                    account(
+                        &handle,
+                        &cfg.name,
+                        &log,
+                        parsed_ok,
+                        truncated.is_some(),
+                        &mut warn,
+                    );
+                    logs.push(RecordBody::Log(log));
+                }
+                Err(e) => {
+                    Counters::add(&handle.counters().source_peer_errors, 1);
+                    handle.status(|s| {
+                        s.peer_errors += 1;
+                        s.last_error = Some(format!("udp receive: {e}"));
+                    });
+                    warn.warn(
+                        &cfg.name,
+                        &format!("udp receive failed: {e} (counted in source_peer_errors)"),
+                    );
+                }
+            }
+            if logs.len() < UDP_BATCH {
+                next = match sock.try_recv_from(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                    r => Some(r),
+                };
+            }
+        }
+        if !logs.is_empty() {
+            handle.emit_batch(&logs);
+            logs.clear();
+        }
+    }
+}
+
+/// What a TCP connection's task tells the source's loop.
+enum Event {
+    Log {
+        log: Log,
+        parsed_ok: bool,
+        truncated: bool,
+    },
+    Closed {
+        peer: SocketAddr,
+        error: Option<String>,
+    },
+}
+
+/// Messages parsed ahead of the spool, across all connections: a bound
+/// so a slow spool slows the peers (TCP flow control) instead of growing memory.
+const TCP_QUEUE: usize = 1024;
+
+async fn run_tcp(
+    cfg: Config,
+    addr: SocketAddr,
+    max: usize,
+    offset: FixedOffset,
+    mut handle: SourceHandle,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "sources.{}: cannot listen on tcp {addr} ({e}); check `listen`",
+            cfg.name
+        )
+    })?;
+    tracing::info!(source = %cfg.name, %addr, "syslog source listening (tcp)");
+    handle.status(|s| s.state = "listening");
+    let mut shutdown = handle.shutdown.clone();
+    let (tx, mut rx) = mpsc::channel::<Event>(TCP_QUEUE);
+    let mut active = 0usize;
+    let mut warn = WarnLimit::new();
+    let mut logs = Vec::with_capacity(UDP_BATCH);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((conn, peer)) if active >= cfg.max_connections => {
+                    drop(conn);
+                    handle.status(|s| *s.counts.entry("rejected_connections").or_default() += 1);
+                    warn.warn(&cfg.name, &format!(
+                        "closed the connection from {peer}: max_connections ({}) are open (counted in rejected_connections)",
+                        cfg.max_connections));
+                }
+                Ok((conn, peer)) => {
+                    active += 1;
+                    Counters::add(&handle.counters().source_connections, 1);
+                    handle.status(|s| { s.state = "connected"; s.connections += 1; });
+                    tracing::info!(source = %cfg.name, %peer, "syslog connection accepted");
+                    tokio::spawn(serve(conn, peer, max, offset, tx.clone(), handle.shutdown.clone()));
+                }
+                Err(e) => {
+                    Counters::add(&handle.counters().source_accept_errors, 1);
+                    handle.status(|s| { s.accept_errors += 1; s.last_error = Some(format!("accept: {e}")); });
+                    warn.warn(&cfg.name, &format!("accept failed: {e}; retrying in 100 ms (counted in source_accept_errors)"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            event = rx.recv() => {
+                let mut next = event;
+                while let Some(ev) = next.take() {
+                    match ev {
+                        Event::Log { log, parsed_ok, truncated } => {
+                            account(&handle, &cfg.name, &log, parsed_ok, truncated, &mut warn);
+                            logs.push(RecordBody::Log(log));
+                        }
+                        Event::Closed { peer, error } => {
+                            active -= 1;
+                            match error {
+                                Some(e) => {
+                                    Counters::add(&handle.counters().source_peer_errors, 1);
+                                    tracing::warn!(source = %cfg.name, %peer, "connection lost ({e}) (counted in source_peer_errors)");
+                                    handle.status(|s| { s.peer_errors += 1; s.last_error = Some(format!("{peer}: {e}")); });
+                                }
+                                None => tracing::info!(source = %cfg.name, %peer, "syslog connection closed"),
+                            }
+                            if active == 0 {
+                                handle.status(|s| s.state = "listening");
+                            }
+                        }
+                    }
+                    if logs.len() < UDP_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !logs.is_empty() {
+                    // Unlike UDP, TCP can wait: hold the peers back while
+                    // the spool is over its high-water mark.
+                    if !handle.wait_for_room().await {
+                        handle.emit_batch(&logs);
+                        return Ok(());
+                    }
+                    handle.emit_batch(&logs);
+                    logs.clear();
+                }
+            }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Reads one connection, frames and parses its messages, and hands them
+/// to the source's loop; ends at EOF, an error or shutdown.
+async fn serve(
+    mut conn: TcpStream,
+    peer: SocketAddr,
+    max: usize,
+    offset: FixedOffset,
+    tx: mpsc::Sender<Event>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let host = peer.ip().to_string();
+    let mut framer = parse::Framer::new(max);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut error = None;
+    let send = |frame: parse::Frame| {
+        let cx = parse::Context {
+            now_ns: now_ns(),
+            rfc3164_offset: offset,
+            peer_host: &host,
+        };
+        let truncated = frame.truncated_from.is_some();
+        let (log, parsed_ok) = to_log(&frame.data, frame.truncated_from, max, &cx);
+        Event::Log {
+            log,
+            parsed_ok,
+            truncated,
+        }
+    };
+    loop {
+        let n = tokio::select! {
+            r = conn.read(&mut buf) => r,
+            _ = shutdown.changed() => break,
+        };
+        match n {
+            Ok(0) => {
+                if let Some(frame) = framer.finish() {
+                    if tx.send(send(frame)).await.is_err() {
+                        return;
+                    }
+                }
+                break;
+            }
+            Ok(n) => {
+                framer.push(&buf[..n]);
+                while let Some(frame) = framer.next_frame() {
+                    if tx.send(send(frame)).await.is_err() {
+                        return; // the source ended
+                    }
+                }
+            }
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let _ = tx.send(Event::Closed { peer, error }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_takes_udp_or_tcp_and_names_the_key() {
+        assert_eq!(
+            parse_listen("listen", "udp://127.0.0.1:5514"),
+            Ok(Listen::Udp("127.0.0.1:5514".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_listen("listen", "tcp://[::1]:5514"),
+            Ok(Listen::Tcp("[::1]:5514".parse().unwrap()))
+        );
+        for bad in ["127.0.0.1:5514", "tls://127.0.0.1:1", "udp://host:1"] {
+            let e = parse_listen("listen", bad).unwrap_err();
+            assert!(e.starts_with("listen: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn offsets_parse_and_bad_ones_name_the_key() {
+        assert_eq!(parse_offset("+01:30").unwrap().local_minus_utc(), 5400);
+        assert_eq!(parse_offset("-05:00").unwrap().local_minus_utc(), -18000);
+        assert!(parse_offset("01:00")
+            .unwrap_err()
+            .starts_with("rfc3164_utc_offset"));
+    }
+
+    #[test]
+    fn a_truncated_message_is_flagged_with_its_length() {
+        let cx = parse::Context {
+            now_ns: 0,
+            rfc3164_offset: FixedOffset::east_opt(0).unwrap(),
+            peer_host: "h",
+        };
+        let (log, parsed_ok) = to_log(b"<13>1 - h a - - - abc", Some(5000), 480, &cx);
+        assert!(parsed_ok);
+        assert_eq!(log.text, "abc");
+        assert_eq!(
+            log.parse_error.as_deref(),
+            Some(
+                "truncated: the message had 5000 bytes, the first 480 were kept (max_message_size)"
+            )
+        );
+    }
+}
