@@ -690,7 +690,7 @@ mod tests {
     #[test]
     fn framer_mixes_newline_and_octet_counted_frames() {
         let mut f = Framer::new(1024);
-        f.push(b"<13>a\r\n11 <13>b\nc d\n\n<13>e\n5 <1>x");
+        f.push(b"<13>a\r\n9 <13>b\nc d\n\n<13>e\n5 <1>x");
         assert_eq!(
             frames(&mut f),
             vec![plain(b"<13>a"), plain(b"<13>b\nc d"), plain(b"<13>e")]
@@ -704,19 +704,19 @@ mod tests {
 
     #[test]
     fn framer_truncates_oversized_frames_and_resyncs() {
-        let mut f = Framer::new(4);
+        let mut f = Framer::new(5);
         f.push(b"10 0123456789<13>x\n<13>long line\n<1>\n");
         assert_eq!(
             frames(&mut f),
             vec![
                 Frame {
-                    data: b"0123".to_vec(),
+                    data: b"01234".to_vec(),
                     truncated_from: Some(10)
                 },
                 plain(b"<13>x"),
                 Frame {
-                    data: b"<13>".to_vec(),
-                    truncated_from: Some(5)
+                    data: b"<13>l".to_vec(),
+                    truncated_from: Some(6)
                 },
                 plain(b"<1>"),
             ]
