@@ -442,13 +442,13 @@ fn ten_thousand_datagrams_of_mixed_sizes_arrive_byte_identical_at_the_udp_sink()
     );
     assert!(got == sent, "the datagrams differ or are out of order");
     // The file sink's copies carry the topic and the sender's peer address.
+    assert!(
+        wait_until(Duration::from_secs(30), || stream_lines(&out, "telemetry")
+            .len()
+            == N),
+        "the file sink did not write every datagram"
+    );
     let lines = stream_lines(&out, "telemetry");
-    assert!(wait_until(Duration::from_secs(30), || stream_lines(
-        &out,
-        "telemetry"
-    )
-    .len()
-        == N));
     assert_eq!(lines[0]["topic"], "plant/telemetry");
     assert_eq!(lines[0]["origin"], feed_addr.to_string());
     let m = read_json(&s.join("sender-metrics.json"));
@@ -473,10 +473,7 @@ fn read_octet_counted(listener: TcpListener, n: usize) -> std::thread::JoinHandl
                 break;
             }
             buf.extend_from_slice(&chunk[..k]);
-            loop {
-                let Some(sp) = buf.iter().position(|&b| b == b' ') else {
-                    break;
-                };
+            while let Some(sp) = buf.iter().position(|&b| b == b' ') {
                 let len: usize = std::str::from_utf8(&buf[..sp])
                     .unwrap()
                     .parse()
