@@ -218,24 +218,33 @@ struct Positions {
 }
 
 impl Positions {
+    fn is_last(&self, stream: &Arc<str>) -> bool {
+        // Catch-up batches read from the journal carry other `Arc`s of
+        // the same name: the pointer is only the fast path.
+        self.last
+            .as_ref()
+            .is_some_and(|(s, _)| Arc::ptr_eq(s, stream) || **s == **stream)
+    }
+
     fn get(&mut self, stream: &Arc<str>) -> Option<(u64, u64)> {
-        match &self.last {
-            Some((s, p)) if Arc::ptr_eq(s, stream) => Some(*p),
-            _ => self.map.get(stream).copied(),
+        if self.is_last(stream) {
+            return self.last.as_ref().map(|(_, p)| *p);
         }
+        self.map.get(stream).copied()
     }
 
     fn set(&mut self, stream: &Arc<str>, at: (u64, u64)) {
-        match &mut self.last {
-            Some((s, p)) if Arc::ptr_eq(s, stream) => *p = at,
-            _ => {
-                if let Some((s, p)) = self.last.take() {
-                    self.map.insert(s, p);
-                }
-                self.map.remove(stream);
-                self.last = Some((stream.clone(), at));
+        if self.is_last(stream) {
+            if let Some((_, p)) = &mut self.last {
+                *p = at;
             }
+            return;
         }
+        if let Some((s, p)) = self.last.take() {
+            self.map.insert(s, p);
+        }
+        self.map.remove(stream);
+        self.last = Some((stream.clone(), at));
     }
 
     /// True when `r` is at or below what was confirmed in its epoch (a
@@ -523,6 +532,380 @@ mod tests {
             (saved.index, saved.resume),
             (7, serde_json::json!({ "f": 1 }))
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    use std::collections::VecDeque;
+
+    use crate::sinks::Position;
+    use weir_protocol::{Chunk, RecordBody};
+
+    /// What the fake sink does on one call.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        /// Confirm the first n (at most all).
+        Confirm(usize),
+        /// Fail with nothing confirmed, or with the first n confirmed.
+        Fail(usize),
+        /// Reject the record at this place (the ones before it confirmed).
+        Reject(usize),
+    }
+
+    /// What the fake sink was given and kept, shared with the test.
+    #[derive(Default)]
+    struct Seen {
+        /// Every call: when, and the (stream, epoch, seq) it was offered.
+        calls: Vec<(Instant, Vec<(String, u64, u64)>)>,
+        /// What the destination holds: confirmed records, in order.
+        kept: Vec<(String, u64, u64)>,
+        /// The positions a transactional destination stored with them.
+        stored: Vec<Position>,
+    }
+
+    /// A test double of a destination: follows a script, keeps what it
+    /// confirms, and (when `transactional`) stores positions with it.
+    struct FakeSink {
+        seen: Arc<Mutex<Seen>>,
+        script: VecDeque<Step>,
+        transactional: bool,
+        loses_unconfirmed: bool,
+    }
+
+    impl FakeSink {
+        fn new(seen: &Arc<Mutex<Seen>>, script: &[Step]) -> Self {
+            FakeSink {
+                seen: seen.clone(),
+                script: script.iter().copied().collect(),
+                transactional: false,
+                loses_unconfirmed: false,
+            }
+        }
+    }
+
+    fn key(r: &Delivered) -> (String, u64, u64) {
+        (r.stream.to_string(), r.epoch, r.seq)
+    }
+
+    impl Sink for FakeSink {
+        fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+            let mut seen = self.seen.lock().unwrap();
+            seen.calls
+                .push((Instant::now(), records.iter().map(|r| key(r)).collect()));
+            let step = self.script.pop_front().unwrap_or(Step::Confirm(usize::MAX));
+            let kept = match step {
+                Step::Confirm(n) | Step::Fail(n) => n.min(records.len()),
+                Step::Reject(at) => at,
+            };
+            seen.kept.extend(records[..kept].iter().map(|r| key(r)));
+            if self.transactional {
+                for p in crate::sinks::positions_after(&records[..kept]) {
+                    seen.stored.retain(|s| s.stream != p.stream);
+                    seen.stored.push(p);
+                }
+            }
+            match step {
+                Step::Confirm(_) => Ok(kept),
+                Step::Fail(n) => Err(SinkError::Retry {
+                    confirmed: n,
+                    error: anyhow::anyhow!("destination down"),
+                }),
+                Step::Reject(at) => Err(SinkError::Reject {
+                    at,
+                    reason: "too large".into(),
+                }),
+            }
+        }
+
+        fn unconfirmed_loss(&mut self) -> bool {
+            self.loses_unconfirmed
+        }
+
+        fn stored_positions(&mut self) -> anyhow::Result<Option<Vec<Position>>> {
+            Ok(self
+                .transactional
+                .then(|| self.seen.lock().unwrap().stored.clone()))
+        }
+    }
+
+    fn rec(stream: &str, epoch: u64, seq: u64) -> Delivered {
+        Delivered {
+            stream: Arc::from(stream),
+            source_type: Arc::from("test"),
+            session: 1,
+            epoch,
+            seq,
+            resent: false,
+            body: RecordBody::Bytes(Chunk {
+                data: vec![seq as u8],
+                end: false,
+            }),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("weir-delivery-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A running sink thread fed by the test, as the decoder thread feeds it.
+    struct Running {
+        shared: Arc<SinkShared>,
+        tx: Option<std::sync::mpsc::SyncSender<Batch>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+        cursor: PathBuf,
+        dead_letters: PathBuf,
+    }
+
+    impl Running {
+        fn start(dir: &Path, sink: FakeSink, streams: &str, start: u64) -> Self {
+            let shared = Arc::new(SinkShared::new("fake", start));
+            let (tx, rx) = std::sync::mpsc::sync_channel(8);
+            let t = SinkThread {
+                shared: shared.clone(),
+                sink: Box::new(sink),
+                routes: crate::sinks::matcher(&[streams.to_string()]).unwrap(),
+                batches: rx,
+                abort: Arc::new(AtomicBool::new(false)),
+                cursor_path: dir.join("fake.json"),
+                dead_letter_path: dir.join("fake.dead.jsonl"),
+            };
+            Running {
+                shared,
+                tx: Some(tx),
+                thread: Some(std::thread::spawn(move || run_sink(t))),
+                cursor: dir.join("fake.json"),
+                dead_letters: dir.join("fake.dead.jsonl"),
+            }
+        }
+
+        fn send(&self, start: u64, records: Vec<Delivered>) {
+            let end = start + records.len() as u64;
+            self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.tx
+                .as_ref()
+                .unwrap()
+                .send(Batch {
+                    start,
+                    end,
+                    records: Arc::new(records),
+                    bytes: 0,
+                })
+                .unwrap();
+        }
+
+        fn wait_confirmed(&self, index: u64) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.shared.confirmed.load(Ordering::Acquire) < index {
+                assert!(Instant::now() < deadline, "never confirmed {index}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// Hangs up and waits for the thread (which saves its cursor).
+        fn finish(mut self) -> Arc<SinkShared> {
+            drop(self.tx.take());
+            self.thread.take().unwrap().join().unwrap();
+            self.shared.clone()
+        }
+    }
+
+    #[test]
+    fn a_failing_sink_is_retried_with_a_growing_backoff_and_gets_each_record_once() {
+        let dir = scratch("retry");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        // Down three times, the second time after confirming one record.
+        let sink = FakeSink::new(&seen, &[Step::Fail(0), Step::Fail(1), Step::Fail(0)]);
+        let run = Running::start(&dir, sink, "*", 0);
+        run.send(0, (0..5).map(|i| rec("a", 1, i)).collect());
+        let shared = run.finish();
+        let seen = seen.lock().unwrap();
+        let kept: Vec<u64> = seen.kept.iter().map(|k| k.2).collect();
+        assert_eq!(kept, [0, 1, 2, 3, 4], "each record kept once, in order");
+        assert_eq!(seen.calls.len(), 4);
+        let offered: Vec<usize> = seen.calls.iter().map(|c| c.1.len()).collect();
+        assert_eq!(
+            offered,
+            [5, 5, 4, 4],
+            "what was confirmed is not offered again"
+        );
+        // Waits of 100, 200, 400 ms, each jittered 0.5x to 1.5x.
+        let waits: Vec<Duration> = seen.calls.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        for (wait, base) in waits.iter().zip([100u64, 200, 400]) {
+            assert!(
+                *wait >= Duration::from_millis(base / 2),
+                "waited {wait:?} before a retry, less than half of {base} ms"
+            );
+        }
+        assert_eq!(shared.stats.retries.load(Ordering::Relaxed), 3);
+        assert_eq!(shared.stats.errors.load(Ordering::Relaxed), 3);
+        assert_eq!(shared.stats.records.load(Ordering::Relaxed), 5);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_cursor_moves_only_once_the_sink_confirmed_the_whole_batch() {
+        let dir = scratch("cursor");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        // Confirms 2, then 0 (no progress, no error), then fails: the batch
+        // is not done until all 6 are confirmed.
+        let sink = FakeSink::new(
+            &seen,
+            &[
+                Step::Confirm(2),
+                Step::Confirm(0),
+                Step::Fail(1),
+                Step::Fail(0),
+            ],
+        );
+        let run = Running::start(&dir, sink, "*", 10);
+        run.send(10, (0..6).map(|i| rec("a", 1, i)).collect());
+        // While the sink is still failing, the cursor stays where it was.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.lock().unwrap().calls.len() < 3 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(run.shared.confirmed.load(Ordering::Acquire), 10);
+        assert!(
+            !run.cursor.exists(),
+            "no cursor is saved before a confirmation"
+        );
+        run.wait_confirmed(16);
+        let shared = run.finish();
+        assert_eq!(shared.saved.load(Ordering::Acquire), 16);
+        let cursor = crate::journal::load_sink_cursor(&dir.join("fake.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cursor.index, 16);
+        let kept: Vec<u64> = seen.lock().unwrap().kept.iter().map(|k| k.2).collect();
+        assert_eq!(kept, [0, 1, 2, 3, 4, 5]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn replays_after_a_restart_are_dropped_at_the_positions_a_transactional_sink_stored() {
+        let dir = scratch("replay");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let batch = |from: u64, to: u64| -> Vec<Delivered> {
+            (from..to)
+                .flat_map(|i| [rec("a", 7, i), rec("b", 9, i)])
+                .collect()
+        };
+        let mut sink = FakeSink::new(&seen, &[]);
+        sink.transactional = true;
+        let run = Running::start(&dir, sink, "*", 0);
+        run.send(0, batch(0, 5));
+        run.send(10, batch(5, 8));
+        run.finish();
+        // A crash lost the cursor saves: the journal replays from 0, and
+        // more records follow.
+        let mut sink = FakeSink::new(&seen, &[]);
+        sink.transactional = true;
+        let run = Running::start(&dir, sink, "*", 0);
+        run.send(0, batch(0, 5));
+        run.send(10, batch(5, 10));
+        let shared = run.finish();
+        let seen = seen.lock().unwrap();
+        for stream in ["a", "b"] {
+            let kept: Vec<u64> = seen
+                .kept
+                .iter()
+                .filter(|k| k.0 == stream)
+                .map(|k| k.2)
+                .collect();
+            assert_eq!(
+                kept,
+                (0..10).collect::<Vec<_>>(),
+                "stream {stream} once each"
+            );
+        }
+        assert_eq!(shared.stats.duplicates.load(Ordering::Relaxed), 16);
+        // The second run was never offered a record the destination held.
+        let last_calls: Vec<&(String, u64, u64)> =
+            seen.calls[2..].iter().flat_map(|c| c.1.iter()).collect();
+        assert!(last_calls.iter().all(|k| k.2 >= 8), "{last_calls:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn records_at_or_below_a_streams_confirmed_sequence_are_dropped_but_resends_and_new_epochs_pass(
+    ) {
+        let dir = scratch("order");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let run = Running::start(&dir, FakeSink::new(&seen, &[]), "plant/*", 0);
+        let mut resent = rec("plant/a", 1, 1);
+        resent.resent = true;
+        run.send(
+            0,
+            vec![
+                rec("plant/a", 1, 5),
+                rec("plant/a", 1, 6),
+                rec("plant/a", 1, 6),  // a duplicate
+                rec("plant/a", 1, 4),  // behind: out of order
+                rec("office/x", 1, 0), // not routed here
+                resent,                // fills an older gap
+                rec("plant/a", 2, 0),  // a sequence reset: new epoch
+                rec("plant/a", 2, 1),
+            ],
+        );
+        let shared = run.finish();
+        let kept: Vec<(String, u64, u64)> = seen.lock().unwrap().kept.clone();
+        let want = [
+            ("plant/a", 1, 5),
+            ("plant/a", 1, 6),
+            ("plant/a", 1, 1),
+            ("plant/a", 2, 0),
+            ("plant/a", 2, 1),
+        ];
+        assert_eq!(kept, want.map(|(s, e, q)| (s.to_string(), e, q)).to_vec());
+        assert_eq!(shared.stats.duplicates.load(Ordering::Relaxed), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_rejected_record_goes_to_the_dead_letter_file_and_delivery_goes_on_after_it() {
+        let dir = scratch("dead");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let run = Running::start(&dir, FakeSink::new(&seen, &[Step::Reject(2)]), "*", 0);
+        run.send(0, (0..5).map(|i| rec("a", 1, i)).collect());
+        let dead = run.dead_letters.clone();
+        let shared = run.finish();
+        let kept: Vec<u64> = seen.lock().unwrap().kept.iter().map(|k| k.2).collect();
+        assert_eq!(kept, [0, 1, 3, 4]);
+        let text = std::fs::read_to_string(dead).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(
+            (
+                line["sink"].as_str(),
+                line["reason"].as_str(),
+                line["record"]["seq"].as_u64()
+            ),
+            (Some("fake"), Some("too large"), Some(2))
+        );
+        assert_eq!(shared.stats.dead_letters.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.confirmed.load(Ordering::Relaxed), 5);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sink_that_may_lose_confirmed_records_gets_the_previous_batch_again_after_a_failure() {
+        let dir = scratch("lossy");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut sink = FakeSink::new(&seen, &[Step::Confirm(3), Step::Fail(0)]);
+        sink.loses_unconfirmed = true;
+        let run = Running::start(&dir, sink, "*", 0);
+        run.send(0, (0..3).map(|i| rec("a", 1, i)).collect());
+        run.send(3, (3..5).map(|i| rec("a", 1, i)).collect());
+        run.finish();
+        let seen = seen.lock().unwrap();
+        let offered: Vec<Vec<u64>> = seen
+            .calls
+            .iter()
+            .map(|c| c.1.iter().map(|k| k.2).collect())
+            .collect();
+        assert_eq!(offered, [vec![0, 1, 2], vec![3, 4], vec![0, 1, 2, 3, 4]]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
