@@ -551,13 +551,16 @@ mod tests {
         Reject(usize),
     }
 
+    /// A record as the fake sink sees it: (stream, epoch, seq).
+    type Key = (String, u64, u64);
+
     /// What the fake sink was given and kept, shared with the test.
     #[derive(Default)]
     struct Seen {
         /// Every call: when, and the (stream, epoch, seq) it was offered.
-        calls: Vec<(Instant, Vec<(String, u64, u64)>)>,
+        calls: Vec<(Instant, Vec<Key>)>,
         /// What the destination holds: confirmed records, in order.
-        kept: Vec<(String, u64, u64)>,
+        kept: Vec<Key>,
         /// The positions a transactional destination stored with them.
         stored: Vec<Position>,
     }
@@ -582,7 +585,7 @@ mod tests {
         }
     }
 
-    fn key(r: &Delivered) -> (String, u64, u64) {
+    fn key(r: &Delivered) -> Key {
         (r.stream.to_string(), r.epoch, r.seq)
     }
 
