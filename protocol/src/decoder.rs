@@ -1751,6 +1751,7 @@ mod tests {
                 ts_ns: 0,
                 value: Value::I64(seq as i64),
                 quality: 0,
+                status: None,
             });
             enc.push(
                 0,

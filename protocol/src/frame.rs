@@ -38,11 +38,13 @@ use thiserror::Error;
 use crate::auth::{AuthError, FrameId, Signer, Verifier, KEY_ID_LEN, TAG_LEN};
 
 pub const MAGIC: [u8; 2] = *b"WR";
-/// 4: the shard is AES-256-GCM encrypted under a per-session subkey and the
+/// 5: records carry the fields plant sources need (message retain, QoS,
+/// user properties, origin and receive time; log proc id, msg id,
+/// structured data and parse error; point status). 4: the shard is AES-256-GCM encrypted under a per-session subkey and the
 /// tag is the GCM tag. (3: every frame carries a key id and, unless flagged
 /// unauthenticated, an HMAC-SHA256-128 tag over the plaintext; 2: records
 /// carry `resent`, stream infos an `epoch`, blocks gap notices.)
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 pub const HEADER_LEN: usize = 36;
 pub const CRC_LEN: usize = 4;
 /// Bytes an authenticated frame adds around its shard; unauthenticated
@@ -441,7 +443,7 @@ mod tests {
         fix_crc(&mut buf[..n]);
         let err = parse(&buf[..n], verifier(&[1])).unwrap_err();
         assert_eq!(err, FrameError::UnsupportedVersion(3));
-        assert!(err.to_string().contains("speaks version 4"), "{err}");
+        assert!(err.to_string().contains("speaks version 5"), "{err}");
     }
 
     /// Header values are checked before the CRC is computed, so garbage

@@ -35,7 +35,7 @@ pub use encoder::{Encoder, EncoderStats};
 pub use frame::{FrameError, FrameHeader};
 pub use record::{
     Chunk, GapNotice, Log, Message, NoticeCause, Point, Record, RecordBody, RecordBodyRef,
-    StreamId, StreamInfo, Value,
+    SdElement, StreamId, StreamInfo, Value, QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN,
 };
 
 /// Monotonic time in nanoseconds from an origin the caller chooses.

@@ -42,7 +42,8 @@ impl RecordBody {
         match self {
             RecordBody::Point(p) => Some(p.ts_ns),
             RecordBody::Log(l) => Some(l.ts_ns),
-            RecordBody::Message(_) | RecordBody::Bytes(_) => None,
+            RecordBody::Message(m) => Some(m.ts_ns),
+            RecordBody::Bytes(_) => None,
         }
     }
 }
@@ -54,9 +55,20 @@ pub struct Point {
     /// Nanoseconds since the Unix epoch, as stamped by the source.
     pub ts_ns: i64,
     pub value: Value,
-    /// OPC-UA style quality: 0 = good; anything else is source-specific.
+    /// [`QUALITY_GOOD`], [`QUALITY_UNCERTAIN`] or [`QUALITY_BAD`].
     pub quality: u8,
+    /// What the source said about the value when it is not simply good:
+    /// an OPC UA status code (`BadCommunicationError (0x80050000)`), a
+    /// Modbus exception, `communication-lost`. `None` for most points.
+    pub status: Option<String>,
 }
+
+/// [`Point::quality`]: the value is good.
+pub const QUALITY_GOOD: u8 = 0;
+/// [`Point::quality`]: the source is not sure of the value.
+pub const QUALITY_UNCERTAIN: u8 = 1;
+/// [`Point::quality`]: the value is not usable (the source or the path to it failed).
+pub const QUALITY_BAD: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Value {
@@ -66,15 +78,43 @@ pub enum Value {
     Str(String),
 }
 
-/// A message with a topic, as from MQTT or a line of stdin.
+/// A message with a topic, as from MQTT, a UDP datagram or a line of stdin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub topic: String,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// When the sender received it, nanoseconds since the Unix epoch.
+    pub ts_ns: i64,
+    /// MQTT retain flag (false from other sources).
+    pub retain: bool,
+    /// MQTT QoS it was received with (0 from other sources).
+    pub qos: u8,
+    /// MQTT 5 user properties, in their order (names may repeat).
+    pub properties: Vec<(String, String)>,
+    /// Where it came from when the topic does not say: a `udp` source's
+    /// peer `ip:port`.
+    pub origin: Option<String>,
 }
 
-/// A syslog-like log line.
+impl Message {
+    /// A message with only a topic, a payload and a receive time (QoS 0,
+    /// not retained, no properties, no origin).
+    pub fn new(topic: impl Into<String>, payload: Vec<u8>, ts_ns: i64) -> Self {
+        Message {
+            topic: topic.into(),
+            payload,
+            ts_ns,
+            retain: false,
+            qos: 0,
+            properties: Vec::new(),
+            origin: None,
+        }
+    }
+}
+
+/// A syslog message (RFC 5424 or RFC 3164), or a line that did not parse
+/// as one (then `parse_error` says why and `text` is the raw line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Log {
     pub facility: u8,
@@ -82,7 +122,24 @@ pub struct Log {
     pub host: String,
     pub app: String,
     pub text: String,
+    /// The message's timestamp (the sender's clock when it had none).
     pub ts_ns: i64,
+    /// RFC 5424 PROCID (RFC 3164: the `[pid]` after the tag); empty if none.
+    pub proc_id: String,
+    /// RFC 5424 MSGID; empty if none.
+    pub msg_id: String,
+    /// RFC 5424 structured data, elements in order.
+    pub structured_data: Vec<SdElement>,
+    /// Set when the input was not valid syslog: why.
+    pub parse_error: Option<String>,
+}
+
+/// One RFC 5424 structured-data element: `[id name="value" ...]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SdElement {
+    pub id: String,
+    /// Parameters in order (names may repeat), values unescaped.
+    pub params: Vec<(String, String)>,
 }
 
 /// A chunk of a raw byte stream; consecutive chunks of a stream concatenate.
@@ -165,6 +222,7 @@ pub struct PointRef<'a> {
     #[serde(borrow)]
     pub value: ValueRef<'a>,
     pub quality: u8,
+    pub status: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -179,6 +237,11 @@ pub enum ValueRef<'a> {
 pub struct MessageRef<'a> {
     pub topic: &'a str,
     pub payload: &'a [u8],
+    pub ts_ns: i64,
+    pub retain: bool,
+    pub qos: u8,
+    pub properties: PairsRef,
+    pub origin: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -189,7 +252,66 @@ pub struct LogRef<'a> {
     pub app: &'a str,
     pub text: &'a str,
     pub ts_ns: i64,
+    pub proc_id: &'a str,
+    pub msg_id: &'a str,
+    pub structured_data: SdRef,
+    pub parse_error: Option<&'a str>,
 }
+
+/// A serialized `Vec<(String, String)>`, checked in place: every string is
+/// valid UTF-8 within the input. Only the count is kept (the link thread
+/// checks spooled bodies; it never reads their fields).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairsRef {
+    pub len: usize,
+}
+
+/// A serialized `Vec<SdElement>`, checked in place like [`PairsRef`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SdRef {
+    pub len: usize,
+}
+
+/// One `SdElement` checked in place.
+#[derive(Deserialize)]
+struct SdElementRef<'a> {
+    #[serde(borrow)]
+    _id: &'a str,
+    _params: PairsRef,
+}
+
+/// Deserializes a sequence by walking its elements as `$elem` (borrowed,
+/// so nothing is allocated) and keeping their count.
+macro_rules! counted_seq {
+    ($ty:ident, $elem:ty) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = usize;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a sequence")
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<usize, A::Error> {
+                        let mut n = 0;
+                        while seq.next_element::<$elem>()?.is_some() {
+                            n += 1;
+                        }
+                        Ok(n)
+                    }
+                }
+                Ok($ty {
+                    len: d.deserialize_seq(V)?,
+                })
+            }
+        }
+    };
+}
+counted_seq!(PairsRef, (&'de str, &'de str));
+counted_seq!(SdRef, SdElementRef<'de>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 pub struct ChunkRef<'a> {
@@ -233,36 +355,88 @@ mod tests {
         ]
     }
 
+    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec((".{0,12}", ".{0,12}"), 0..3)
+    }
+
     fn body() -> impl Strategy<Value = RecordBody> {
         prop_oneof![
-            (".{0,60}", any::<i64>(), value(), any::<u8>()).prop_map(
-                |(tag, ts_ns, value, quality)| RecordBody::Point(Point {
-                    tag,
-                    ts_ns,
-                    value,
-                    quality
-                })
-            ),
-            (".{0,60}", proptest::collection::vec(any::<u8>(), 0..300))
-                .prop_map(|(topic, payload)| RecordBody::Message(Message { topic, payload })),
             (
+                ".{0,60}",
+                any::<i64>(),
+                value(),
                 any::<u8>(),
-                any::<u8>(),
-                ".{0,20}",
-                ".{0,20}",
-                ".{0,200}",
-                any::<i64>()
+                proptest::option::of(".{0,20}")
             )
-                .prop_map(|(facility, severity, host, app, text, ts_ns)| {
-                    RecordBody::Log(Log {
-                        facility,
-                        severity,
-                        host,
-                        app,
-                        text,
+                .prop_map(|(tag, ts_ns, value, quality, status)| {
+                    RecordBody::Point(Point {
+                        tag,
                         ts_ns,
+                        value,
+                        quality,
+                        status,
                     })
                 }),
+            (
+                ".{0,60}",
+                proptest::collection::vec(any::<u8>(), 0..300),
+                any::<i64>(),
+                any::<bool>(),
+                any::<u8>(),
+                pairs(),
+                proptest::option::of(".{0,20}")
+            )
+                .prop_map(
+                    |(topic, payload, ts_ns, retain, qos, properties, origin)| {
+                        RecordBody::Message(Message {
+                            topic,
+                            payload,
+                            ts_ns,
+                            retain,
+                            qos,
+                            properties,
+                            origin,
+                        })
+                    }
+                ),
+            (
+                (
+                    any::<u8>(),
+                    any::<u8>(),
+                    ".{0,20}",
+                    ".{0,20}",
+                    ".{0,200}",
+                    any::<i64>()
+                ),
+                (
+                    ".{0,8}",
+                    ".{0,8}",
+                    proptest::collection::vec((".{0,12}", pairs()), 0..3),
+                    proptest::option::of(".{0,20}")
+                )
+            )
+                .prop_map(
+                    |(
+                        (facility, severity, host, app, text, ts_ns),
+                        (proc_id, msg_id, sd, parse_error),
+                    )| {
+                        RecordBody::Log(Log {
+                            facility,
+                            severity,
+                            host,
+                            app,
+                            text,
+                            ts_ns,
+                            proc_id,
+                            msg_id,
+                            structured_data: sd
+                                .into_iter()
+                                .map(|(id, params)| SdElement { id, params })
+                                .collect(),
+                            parse_error,
+                        })
+                    },
+                ),
             (
                 proptest::collection::vec(any::<u8>(), 0..2000),
                 any::<bool>()
@@ -287,6 +461,7 @@ mod tests {
             let same = match (&body, view) {
                 (RecordBody::Point(p), RecordBodyRef::Point(v)) => {
                     p.tag == v.tag && p.ts_ns == v.ts_ns && p.quality == v.quality
+                        && p.status.as_deref() == v.status
                         && match (&p.value, v.value) {
                             (Value::F64(a), ValueRef::F64(b)) => a.to_bits() == b.to_bits(),
                             (Value::I64(a), ValueRef::I64(b)) => *a == b,
@@ -295,10 +470,18 @@ mod tests {
                             _ => false,
                         }
                 }
-                (RecordBody::Message(m), RecordBodyRef::Message(v)) => m.topic == v.topic && m.payload == v.payload,
+                (RecordBody::Message(m), RecordBodyRef::Message(v)) => {
+                    m.topic == v.topic && m.payload == v.payload && m.ts_ns == v.ts_ns
+                        && m.retain == v.retain && m.qos == v.qos
+                        && m.properties.len() == v.properties.len
+                        && m.origin.as_deref() == v.origin
+                }
                 (RecordBody::Log(l), RecordBodyRef::Log(v)) => {
                     (l.facility, l.severity, l.host.as_str(), l.app.as_str(), l.text.as_str(), l.ts_ns)
                         == (v.facility, v.severity, v.host, v.app, v.text, v.ts_ns)
+                        && (l.proc_id.as_str(), l.msg_id.as_str(), l.parse_error.as_deref())
+                            == (v.proc_id, v.msg_id, v.parse_error)
+                        && l.structured_data.len() == v.structured_data.len
                 }
                 (RecordBody::Bytes(c), RecordBodyRef::Bytes(v)) => c.data == v.data && c.end == v.end,
                 _ => false,

@@ -289,6 +289,7 @@ fn point(stream: u32, seq: u64, at: Nanos) -> Record {
             ts_ns: at as i64,
             value: Value::F64(seq as f64 * 0.25),
             quality: 0,
+            status: None,
         }),
     }
 }

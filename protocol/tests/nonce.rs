@@ -28,6 +28,7 @@ fn record(stream: u32, seq: u64, len: usize, resent: bool) -> Record {
             ts_ns: seq as i64,
             value: Value::F64(seq as f64),
             quality: 0,
+            status: None,
         })
     } else {
         RecordBody::Bytes(Chunk {

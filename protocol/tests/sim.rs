@@ -285,6 +285,7 @@ fn point(stream: u32, seq: u64) -> Record {
             ts_ns: 1_700_000_000_000_000_000 + seq as i64,
             value: Value::F64(seq as f64 * 0.5),
             quality: 0,
+            status: None,
         }),
     }
 }

@@ -898,6 +898,7 @@ mod tests {
                     ts_ns: 0,
                     value: weir_protocol::Value::F64(1.0),
                     quality: 0,
+                    status: None,
                 }))
             })
             .collect();

@@ -508,6 +508,7 @@ mod tests {
                 ts_ns: 0,
                 value: Value::I64(seq as i64),
                 quality: 0,
+                status: None,
             }),
         )
     }
@@ -676,10 +677,7 @@ mod tests {
         let big = rec(
             "m",
             0,
-            RecordBody::Message(weir_protocol::Message {
-                topic: "t".into(),
-                payload: vec![1; 4000],
-            }),
+            RecordBody::Message(weir_protocol::Message::new("t", vec![1; 4000], 0)),
         );
         match sink.write(&[&big]) {
             Err(SinkError::Reject { at: 0, reason }) => assert!(reason.contains("max_line_bytes")),

@@ -6,9 +6,13 @@
 //! Keys, in this order: `stream`, `seq`, `kind`, `ts` (RFC 3339 UTC with
 //! nanoseconds: the source timestamp, or the time the receiver wrote the
 //! record for kinds without one), then the body's fields:
-//! point `tag`, `value` (a non-finite float is `null`), `quality`;
-//! message `topic`, `payload` (base64); log `facility`, `severity`, `host`,
-//! `app`, `text`; bytes `data` (base64), `end`. Strings are escaped as
+//! point `tag`, `value` (a non-finite float is `null`), `quality`, and
+//! `status` when the point has one; message `topic`, `payload` (base64),
+//! `retain`, `qos`, and `properties` (`[["name","value"],...]`) when it has
+//! any and `origin` when it has one; log `facility`, `severity`, `host`,
+//! `app`, `text`, `proc_id`, `msg_id`, and `structured_data`
+//! (`{"id":[["name","value"],...],...}`) when it has any and `parse_error`
+//! when it did not parse; bytes `data` (base64), `end`. Strings are escaped as
 //! `serde_json` escapes them. The test module keeps the previous
 //! `serde_json::Value` path as the oracle the writer is checked against.
 
@@ -48,12 +52,28 @@ pub fn write_record(out: &mut Vec<u8>, r: &Delivered) {
             }
             out.extend_from_slice(b",\"quality\":");
             write_u64(out, p.quality.into());
+            if let Some(status) = &p.status {
+                out.extend_from_slice(b",\"status\":");
+                write_str(out, status);
+            }
         }
         RecordBody::Message(m) => {
             out.extend_from_slice(b",\"topic\":");
             write_str(out, &m.topic);
             out.extend_from_slice(b",\"payload\":");
             write_base64(out, &m.payload);
+            out.extend_from_slice(b",\"retain\":");
+            out.extend_from_slice(if m.retain { b"true" } else { b"false" });
+            out.extend_from_slice(b",\"qos\":");
+            write_u64(out, m.qos.into());
+            if !m.properties.is_empty() {
+                out.extend_from_slice(b",\"properties\":");
+                write_pairs(out, &m.properties);
+            }
+            if let Some(origin) = &m.origin {
+                out.extend_from_slice(b",\"origin\":");
+                write_str(out, origin);
+            }
         }
         RecordBody::Log(l) => {
             out.extend_from_slice(b",\"facility\":");
@@ -66,6 +86,26 @@ pub fn write_record(out: &mut Vec<u8>, r: &Delivered) {
             write_str(out, &l.app);
             out.extend_from_slice(b",\"text\":");
             write_str(out, &l.text);
+            out.extend_from_slice(b",\"proc_id\":");
+            write_str(out, &l.proc_id);
+            out.extend_from_slice(b",\"msg_id\":");
+            write_str(out, &l.msg_id);
+            if !l.structured_data.is_empty() {
+                out.extend_from_slice(b",\"structured_data\":{");
+                for (i, e) in l.structured_data.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_str(out, &e.id);
+                    out.push(b':');
+                    write_pairs(out, &e.params);
+                }
+                out.push(b'}');
+            }
+            if let Some(err) = &l.parse_error {
+                out.extend_from_slice(b",\"parse_error\":");
+                write_str(out, err);
+            }
         }
         RecordBody::Bytes(c) => {
             out.extend_from_slice(b",\"data\":");
@@ -75,6 +115,22 @@ pub fn write_record(out: &mut Vec<u8>, r: &Delivered) {
         }
     }
     out.push(b'}');
+}
+
+/// `[["name","value"],...]`.
+fn write_pairs(out: &mut Vec<u8>, pairs: &[(String, String)]) {
+    out.push(b'[');
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'[');
+        write_str(out, k);
+        out.push(b',');
+        write_str(out, v);
+        out.push(b']');
+    }
+    out.push(b']');
 }
 
 /// Nanoseconds since the Unix epoch now (negative before it).
@@ -223,7 +279,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
     use std::sync::Arc;
-    use weir_protocol::{Chunk, Log, Message, Point};
+    use weir_protocol::{Chunk, Log, Message, Point, SdElement};
 
     /// The previous path, kept as the oracle: a `serde_json::Value` per
     /// record, with chrono formatting the timestamp.
@@ -249,10 +305,21 @@ mod tests {
                 };
                 obj.insert("value".into(), value);
                 obj.insert("quality".into(), json!(p.quality));
+                if let Some(s) = &p.status {
+                    obj.insert("status".into(), json!(s));
+                }
             }
             RecordBody::Message(m) => {
                 obj.insert("topic".into(), json!(m.topic));
                 obj.insert("payload".into(), json!(b64.encode(&m.payload)));
+                obj.insert("retain".into(), json!(m.retain));
+                obj.insert("qos".into(), json!(m.qos));
+                if !m.properties.is_empty() {
+                    obj.insert("properties".into(), json!(m.properties));
+                }
+                if let Some(o) = &m.origin {
+                    obj.insert("origin".into(), json!(o));
+                }
             }
             RecordBody::Log(l) => {
                 obj.insert("facility".into(), json!(l.facility));
@@ -260,6 +327,19 @@ mod tests {
                 obj.insert("host".into(), json!(l.host));
                 obj.insert("app".into(), json!(l.app));
                 obj.insert("text".into(), json!(l.text));
+                obj.insert("proc_id".into(), json!(l.proc_id));
+                obj.insert("msg_id".into(), json!(l.msg_id));
+                if !l.structured_data.is_empty() {
+                    let sd: serde_json::Map<String, serde_json::Value> = l
+                        .structured_data
+                        .iter()
+                        .map(|e| (e.id.clone(), json!(e.params)))
+                        .collect();
+                    obj.insert("structured_data".into(), serde_json::Value::Object(sd));
+                }
+                if let Some(e) = &l.parse_error {
+                    obj.insert("parse_error".into(), json!(e));
+                }
             }
             RecordBody::Bytes(c) => {
                 obj.insert("data".into(), json!(b64.encode(&c.data)));
@@ -317,6 +397,19 @@ mod tests {
         ]
     }
 
+    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec((text(), text()), 0..3)
+    }
+
+    /// Structured data with distinct ids (RFC 5424 allows an id once).
+    fn sd() -> impl Strategy<Value = Vec<SdElement>> {
+        proptest::collection::btree_map(text(), pairs(), 0..3).prop_map(|m| {
+            m.into_iter()
+                .map(|(id, params)| SdElement { id, params })
+                .collect()
+        })
+    }
+
     fn body() -> impl Strategy<Value = RecordBody> {
         let ts = prop_oneof![
             any::<i64>(),
@@ -327,28 +420,67 @@ mod tests {
             -1_000_000_000_000i64..1_000_000_000_000,
         ];
         prop_oneof![
-            (text(), ts.clone(), value(), any::<u8>()).prop_map(|(tag, ts_ns, value, quality)| {
-                RecordBody::Point(Point {
-                    tag,
-                    ts_ns,
-                    value,
-                    quality,
-                })
-            }),
-            (text(), proptest::collection::vec(any::<u8>(), 0..64))
-                .prop_map(|(topic, payload)| RecordBody::Message(Message { topic, payload })),
-            (any::<u8>(), any::<u8>(), text(), text(), text(), ts).prop_map(
-                |(facility, severity, host, app, text, ts_ns)| {
-                    RecordBody::Log(Log {
-                        facility,
-                        severity,
-                        host,
-                        app,
-                        text,
+            (
+                text(),
+                ts.clone(),
+                value(),
+                any::<u8>(),
+                proptest::option::of(text())
+            )
+                .prop_map(|(tag, ts_ns, value, quality, status)| {
+                    RecordBody::Point(Point {
+                        tag,
                         ts_ns,
+                        value,
+                        quality,
+                        status,
                     })
-                }
-            ),
+                }),
+            (
+                text(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+                ts.clone(),
+                any::<bool>(),
+                0u8..3,
+                pairs(),
+                proptest::option::of(text())
+            )
+                .prop_map(
+                    |(topic, payload, ts_ns, retain, qos, properties, origin)| {
+                        RecordBody::Message(Message {
+                            topic,
+                            payload,
+                            ts_ns,
+                            retain,
+                            qos,
+                            properties,
+                            origin,
+                        })
+                    }
+                ),
+            (
+                (any::<u8>(), any::<u8>(), text(), text(), text(), ts),
+                (text(), text(), sd(), proptest::option::of(text()))
+            )
+                .prop_map(
+                    |(
+                        (facility, severity, host, app, text, ts_ns),
+                        (proc_id, msg_id, structured_data, parse_error),
+                    )| {
+                        RecordBody::Log(Log {
+                            facility,
+                            severity,
+                            host,
+                            app,
+                            text,
+                            ts_ns,
+                            proc_id,
+                            msg_id,
+                            structured_data,
+                            parse_error,
+                        })
+                    }
+                ),
             (proptest::collection::vec(any::<u8>(), 0..64), any::<bool>())
                 .prop_map(|(data, end)| RecordBody::Bytes(Chunk { data, end })),
         ]
@@ -433,6 +565,7 @@ mod tests {
                 ts_ns: 1_500_000_000_123_456_789,
                 value: Value::F64(2.5),
                 quality: 0,
+                status: None,
             }),
         );
         assert_eq!(
@@ -446,10 +579,7 @@ mod tests {
         let r = delivered(
             "m",
             1,
-            RecordBody::Message(Message {
-                topic: "a/b".into(),
-                payload: b"hi".to_vec(),
-            }),
+            RecordBody::Message(Message::new("a/b", b"hi".to_vec(), 0)),
         );
         let v: serde_json::Value = serde_json::from_slice(&line(&r)).unwrap();
         assert_eq!(v["topic"], "a/b");
@@ -462,6 +592,7 @@ mod tests {
                 ts_ns: 0,
                 value: Value::F64(f64::NAN),
                 quality: 0,
+                status: None,
             }),
         );
         let v: serde_json::Value = serde_json::from_slice(&line(&nan)).unwrap();

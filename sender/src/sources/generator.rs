@@ -2,7 +2,7 @@
 //! benchmarks. Each tick emits the points due since the last one, cycling
 //! through `tags` tags with a sine wave per tag.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use weir_protocol::{Point, RecordBody, Value};
@@ -73,9 +73,7 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
         }
         let due = (start.elapsed().as_secs_f64() * cfg.rate) as u64;
         let due = cfg.count.map_or(due, |c| due.min(c));
-        let ts_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
+        let ts_ns = super::now_ns();
         while emitted < due {
             let tag = emitted % cfg.tags as u64;
             let phase = tag as f64 * 0.1 + ts_ns as f64 * 1e-9;
@@ -84,6 +82,7 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 ts_ns,
                 value: Value::F64((phase.sin() * 100.0 * 1000.0).round() / 1000.0),
                 quality: 0,
+                status: None,
             }));
             emitted += 1;
             if batch.len() == EMIT_BATCH || emitted == due {

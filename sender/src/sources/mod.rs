@@ -457,6 +457,14 @@ impl SourceHandle {
     }
 }
 
+/// The sender's clock now, nanoseconds since the Unix epoch (0 before it):
+/// the timestamp of records whose input carries none.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,10 +583,7 @@ mod tests {
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut handle = SourceHandle::new("plant/mqtt", spool.clone(), counters.clone(), stop_rx);
-        let body = RecordBody::Message(weir_protocol::Message {
-            topic: "a".into(),
-            payload: b"1".to_vec(),
-        });
+        let body = RecordBody::Message(weir_protocol::Message::new("a", b"1".to_vec(), 0));
         let first = handle.emit_tracked(std::slice::from_ref(&body));
         let second = handle.emit_tracked(&[body.clone(), body.clone()]);
         assert!(first < second);

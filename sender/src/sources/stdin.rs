@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use weir_protocol::{Chunk, Message, RecordBody};
 
-use super::{Source, SourceHandle};
+use super::{now_ns, Source, SourceHandle};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,10 +70,11 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                         line.pop();
                     }
                 }
-                handle.emit(RecordBody::Message(Message {
-                    topic: topic.clone(),
-                    payload: line.clone(),
-                }));
+                handle.emit(RecordBody::Message(Message::new(
+                    topic.clone(),
+                    line.clone(),
+                    now_ns(),
+                )));
             }
         }
         Mode::Raw => {
