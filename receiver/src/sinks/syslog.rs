@@ -8,10 +8,8 @@
 //! no syslog form: each is rejected to the dead-letter file (counted in
 //! the sink's `dead_letters`); route only log streams here with `streams`.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -19,14 +17,11 @@ use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 use weir_protocol::{Log, RecordBody};
 
-use super::{default_streams, Sink, SinkError};
+use super::{BuildContext, Sink, SinkBuilder, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    #[serde(default = "default_streams")]
-    pub streams: Vec<String>,
     /// `udp://host:port` or `tcp://host:port` of the collector.
     pub target: String,
 }
@@ -60,9 +55,15 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
     }
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "syslog";
+
+    fn validate(&self) -> Result<(), String> {
         parse_target(&self.target).map(|_| ())
+    }
+
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(SyslogSink::new(self, ctx.name())?))
     }
 }
 
@@ -165,24 +166,17 @@ pub struct SyslogSink {
     name: String,
     target: Target,
     conn: Option<Conn>,
-    /// (epoch, last seq) written and flushed per stream, to skip on a retry.
-    written: HashMap<Arc<str>, (u64, u64)>,
-    /// Written into the connection's buffer, not yet flushed.
-    unflushed: HashMap<Arc<str>, (u64, u64)>,
     msg: Vec<u8>,
     frame: Vec<u8>,
 }
 
 impl SyslogSink {
-    pub fn new(cfg: &Config) -> Result<Self> {
-        let target =
-            parse_target(&cfg.target).map_err(|e| anyhow::anyhow!("sinks.{}: {e}", cfg.name))?;
+    pub fn new(cfg: &Config, name: &str) -> Result<Self> {
+        let target = parse_target(&cfg.target).map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?;
         Ok(SyslogSink {
-            name: cfg.name.clone(),
+            name: name.to_string(),
             target,
             conn: None,
-            written: HashMap::new(),
-            unflushed: HashMap::new(),
             msg: Vec::with_capacity(1024),
             frame: Vec::with_capacity(1024),
         })
@@ -244,23 +238,31 @@ impl SyslogSink {
         self.frame = frame;
         if result.is_err() {
             self.conn = None;
-            self.unflushed.clear();
         }
         result
+    }
+
+    /// Over TCP, pushes what is buffered to the collector.
+    fn flush(&mut self) -> Result<()> {
+        if let Some(Conn::Tcp(w)) = &mut self.conn {
+            if let Err(e) = w.flush() {
+                self.conn = None;
+                return Err(anyhow::anyhow!("flushing to the collector: {e}"));
+            }
+        }
+        Ok(())
     }
 }
 
 impl Sink for SyslogSink {
-    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
+    /// Sends each log; over TCP the batch is confirmed once its flush
+    /// succeeds, over UDP each record once the kernel took its datagram.
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+        let udp = matches!(self.target, Target::Udp(_));
         for (i, r) in records.iter().enumerate() {
-            let done = self
-                .unflushed
-                .get(&r.stream)
-                .or(self.written.get(&r.stream));
-            if !r.resent && done.is_some_and(|w| w.0 == r.epoch && r.seq <= w.1) {
-                continue; // written before a retry or a rejected record
-            }
             let RecordBody::Log(log) = &r.body else {
+                // The records before it are confirmed by the reject: flush them first.
+                self.flush().map_err(SinkError::retry)?;
                 return Err(SinkError::Reject {
                     at: i,
                     reason: format!(
@@ -271,37 +273,21 @@ impl Sink for SyslogSink {
             };
             self.msg.clear();
             format_rfc5424(&mut self.msg, log);
-            self.send().map_err(SinkError::Retry)?;
-            if !r.resent {
-                self.unflushed.insert(r.stream.clone(), (r.epoch, r.seq));
+            if let Err(error) = self.send() {
+                let confirmed = if udp { i } else { 0 };
+                return Err(SinkError::Retry { confirmed, error });
             }
         }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if let Some(Conn::Tcp(w)) = &mut self.conn {
-            if let Err(e) = w.flush() {
-                self.conn = None;
-                self.unflushed.clear();
-                return Err(anyhow::anyhow!("flushing to the collector: {e}"));
-            }
-        }
-        self.written.extend(self.unflushed.drain());
-        Ok(())
+        self.flush().map_err(SinkError::retry)?;
+        Ok(records.len())
     }
 
     /// Over TCP the collector may have lost what the kernel had accepted:
-    /// the replayed batches go again (at least once). Over UDP what was
+    /// the previous batch goes again (at least once). Over UDP what was
     /// sent is gone either way; a failed send is retried from the record
     /// that failed.
-    fn forget_written(&mut self) -> bool {
-        if matches!(self.target, Target::Tcp(_)) {
-            self.written.clear();
-            self.unflushed.clear();
-            return true;
-        }
-        false
+    fn unconfirmed_loss(&mut self) -> bool {
+        matches!(self.target, Target::Tcp(_))
     }
 }
 

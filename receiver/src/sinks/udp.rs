@@ -8,29 +8,30 @@
 //! and payloads over 65,507 bytes (no UDP datagram holds them), are
 //! rejected to the dead-letter file (counted in `dead_letters`).
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 use weir_protocol::RecordBody;
 
-use super::{default_streams, Sink, SinkError};
+use super::{BuildContext, Sink, SinkBuilder, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    #[serde(default = "default_streams")]
-    pub streams: Vec<String>,
     /// ip:port the datagrams go to.
     pub target: SocketAddr,
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "udp";
+
+    fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(UdpSink::new(self)))
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if self.target.port() == 0 || self.target.ip().is_unspecified() {
             return Err(format!(
                 "target: {} must be a concrete ip:port",
@@ -47,8 +48,6 @@ pub const MAX_DATAGRAM: usize = 65_507;
 pub struct UdpSink {
     target: SocketAddr,
     sock: Option<UdpSocket>,
-    /// (epoch, last seq) sent per stream, to skip on a retry.
-    written: HashMap<Arc<str>, (u64, u64)>,
 }
 
 impl UdpSink {
@@ -56,7 +55,6 @@ impl UdpSink {
         UdpSink {
             target: cfg.target,
             sock: None,
-            written: HashMap::new(),
         }
     }
 
@@ -77,16 +75,9 @@ impl UdpSink {
 }
 
 impl Sink for UdpSink {
-    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
+    /// Each record is confirmed once the kernel took its datagram.
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
         for (i, r) in records.iter().enumerate() {
-            if !r.resent
-                && self
-                    .written
-                    .get(&r.stream)
-                    .is_some_and(|w| w.0 == r.epoch && r.seq <= w.1)
-            {
-                continue; // sent before a retry or a rejected record
-            }
             let reject = |reason: String| SinkError::Reject { at: i, reason };
             let RecordBody::Message(m) = &r.body else {
                 return Err(reject(format!(
@@ -106,18 +97,14 @@ impl Sink for UdpSink {
                     format!("sending a datagram to {target} (check `target` and that it is up)")
                 })
             });
-            if let Err(e) = sent {
+            if let Err(error) = sent {
                 self.sock = None;
-                return Err(SinkError::Retry(e));
-            }
-            if !r.resent {
-                self.written.insert(r.stream.clone(), (r.epoch, r.seq));
+                return Err(SinkError::Retry {
+                    confirmed: i,
+                    error,
+                });
             }
         }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        Ok(())
+        Ok(records.len())
     }
 }

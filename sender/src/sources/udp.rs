@@ -13,19 +13,12 @@ use serde::{Deserialize, Serialize};
 use weir_protocol::units::parse_size;
 use weir_protocol::{Message, RecordBody};
 
-use super::{now_ns, SourceHandle};
+use super::{now_ns, Source, SourceHandle};
 use crate::metrics::Counters;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
-    #[serde(default = "super::default_repeat")]
-    pub repeat: u32,
-    /// Spacing of the copies; an outage shorter than this costs one copy.
-    #[serde(default = "super::default_repeat_delay")]
-    pub repeat_delay_ms: u64,
     /// ip:port to receive on.
     pub listen: SocketAddr,
     /// The messages' topic; default: the source's name.
@@ -51,8 +44,10 @@ pub fn check_receive_buffer(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl Source for Config {
+    const TYPE: &'static str = "udp";
+
+    fn validate(&self) -> Result<(), String> {
         if self.listen.port() == 0 {
             return Err(format!("listen: {} needs a port", self.listen));
         }
@@ -60,6 +55,10 @@ impl Config {
             return Err("topic: is empty; leave it out to use the source's name".into());
         }
         check_receive_buffer(&self.receive_buffer)
+    }
+
+    async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
+        run(self, handle).await
     }
 }
 
@@ -102,22 +101,23 @@ pub fn kernel_drops(addr: SocketAddr) -> Option<u64> {
 /// Datagrams taken from the socket per batch handed to the spool.
 const BATCH: usize = 64;
 
-pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+    let name = handle.stream().to_string();
     let buffer = parse_size(&cfg.receive_buffer).expect("validated") as usize;
     let (sock, granted) = bind_udp(cfg.listen, buffer).map_err(|e| {
         anyhow::anyhow!(
             "sources.{}: cannot listen on udp {} ({e}); check `listen`",
-            cfg.name,
+            name,
             cfg.listen
         )
     })?;
     if granted < buffer {
-        tracing::warn!(source = %cfg.name, asked = buffer, granted,
+        tracing::warn!(source = %name, asked = buffer, granted,
             "the kernel granted a smaller receive buffer than receive_buffer (raise net.core.rmem_max)");
     }
-    tracing::info!(source = %cfg.name, listen = %cfg.listen, receive_buffer = granted, "udp source listening");
+    tracing::info!(source = %name, listen = %cfg.listen, receive_buffer = granted, "udp source listening");
     handle.status(|s| s.state = "listening");
-    let topic = cfg.topic.clone().unwrap_or_else(|| cfg.name.clone());
+    let topic = cfg.topic.clone().unwrap_or_else(|| name.clone());
     let mut shutdown = handle.shutdown.clone();
     let mut buf = vec![0u8; 65_536];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -129,7 +129,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 if let Some(drops) = kernel_drops(cfg.listen) {
                     if drops > last_drops {
-                        tracing::warn!(source = %cfg.name, dropped = drops - last_drops,
+                        tracing::warn!(source = %name, dropped = drops - last_drops,
                             "the kernel dropped datagrams: the receive buffer was full (counted in the source's kernel_drops)");
                         last_drops = drops;
                     }
@@ -153,7 +153,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 Err(e) => {
                     // E.g. ICMP errors reported on the socket: nothing lost here.
                     Counters::add(&handle.counters().source_peer_errors, 1);
-                    tracing::warn!(source = %cfg.name, "udp receive failed: {e} (counted in source_peer_errors)");
+                    tracing::warn!(source = %name, "udp receive failed: {e} (counted in source_peer_errors)");
                     handle.status(|s| {
                         s.peer_errors += 1;
                         s.last_error = Some(format!("udp receive: {e}"));

@@ -20,19 +20,12 @@ use weir_protocol::units::parse_size;
 use weir_protocol::{Log, RecordBody};
 
 use super::udp::{bind_udp, kernel_drops};
-use super::{now_ns, SourceHandle};
+use super::{now_ns, Source, SourceHandle};
 use crate::metrics::Counters;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
-    #[serde(default = "super::default_repeat")]
-    pub repeat: u32,
-    /// Spacing of the copies; an outage shorter than this costs one copy.
-    #[serde(default = "super::default_repeat_delay")]
-    pub repeat_delay_ms: u64,
     /// `udp://ip:port` or `tcp://ip:port`.
     pub listen: String,
     /// Longest message kept; a longer one is cut to this and flagged.
@@ -103,8 +96,10 @@ fn parse_offset(s: &str) -> Result<FixedOffset, String> {
     FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl Source for Config {
+    const TYPE: &'static str = "syslog";
+
+    fn validate(&self) -> Result<(), String> {
         parse_listen("listen", &self.listen)?;
         let max =
             parse_size(&self.max_message_size).map_err(|e| format!("max_message_size: {e}"))?;
@@ -123,6 +118,10 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
+        run(self, handle).await
     }
 }
 
@@ -206,7 +205,7 @@ fn account(
     }
 }
 
-pub async fn run(cfg: Config, handle: SourceHandle) -> anyhow::Result<()> {
+async fn run(cfg: Config, handle: SourceHandle) -> anyhow::Result<()> {
     let listen = parse_listen("listen", &cfg.listen).expect("validated");
     let max = parse_size(&cfg.max_message_size).expect("validated") as usize;
     let offset = parse_offset(&cfg.rfc3164_utc_offset).expect("validated");
@@ -226,14 +225,15 @@ async fn run_udp(
     offset: FixedOffset,
     mut handle: SourceHandle,
 ) -> anyhow::Result<()> {
+    let name = handle.stream().to_string();
     let buffer = parse_size(&cfg.receive_buffer).expect("validated") as usize;
     let (sock, got) = bind_udp(addr, buffer).map_err(|e| {
         anyhow::anyhow!(
             "sources.{}: cannot listen on udp {addr} ({e}); check `listen`",
-            cfg.name
+            name
         )
     })?;
-    tracing::info!(source = %cfg.name, %addr, receive_buffer = got, "syslog source listening (udp)");
+    tracing::info!(source = %name, %addr, receive_buffer = got, "syslog source listening (udp)");
     handle.status(|s| s.state = "listening");
     let mut shutdown = handle.shutdown.clone();
     // A datagram can be up to 64 KiB: read it whole to know its length.
@@ -266,7 +266,7 @@ async fn run_udp(
                     let (log, parsed_ok) = to_log(&buf[..n.min(max)], truncated, max, &cx);
                     account(
                         &handle,
-                        &cfg.name,
+                        &name,
                         &log,
                         parsed_ok,
                         truncated.is_some(),
@@ -281,7 +281,7 @@ async fn run_udp(
                         s.last_error = Some(format!("udp receive: {e}"));
                     });
                     warn.warn(
-                        &cfg.name,
+                        &name,
                         &format!("udp receive failed: {e} (counted in source_peer_errors)"),
                     );
                 }
@@ -324,13 +324,14 @@ async fn run_tcp(
     offset: FixedOffset,
     mut handle: SourceHandle,
 ) -> anyhow::Result<()> {
+    let name = handle.stream().to_string();
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
             "sources.{}: cannot listen on tcp {addr} ({e}); check `listen`",
-            cfg.name
+            name
         )
     })?;
-    tracing::info!(source = %cfg.name, %addr, "syslog source listening (tcp)");
+    tracing::info!(source = %name, %addr, "syslog source listening (tcp)");
     handle.status(|s| s.state = "listening");
     let mut shutdown = handle.shutdown.clone();
     let (tx, mut rx) = mpsc::channel::<Event>(TCP_QUEUE);
@@ -343,7 +344,7 @@ async fn run_tcp(
                 Ok((conn, peer)) if active >= cfg.max_connections => {
                     drop(conn);
                     handle.status(|s| *s.counts.entry("rejected_connections").or_default() += 1);
-                    warn.warn(&cfg.name, &format!(
+                    warn.warn(&name, &format!(
                         "closed the connection from {peer}: max_connections ({}) are open (counted in rejected_connections)",
                         cfg.max_connections));
                 }
@@ -351,13 +352,13 @@ async fn run_tcp(
                     active += 1;
                     Counters::add(&handle.counters().source_connections, 1);
                     handle.status(|s| { s.state = "connected"; s.connections += 1; });
-                    tracing::info!(source = %cfg.name, %peer, "syslog connection accepted");
+                    tracing::info!(source = %name, %peer, "syslog connection accepted");
                     tokio::spawn(serve(conn, peer, max, offset, tx.clone(), handle.shutdown.clone()));
                 }
                 Err(e) => {
                     Counters::add(&handle.counters().source_accept_errors, 1);
                     handle.status(|s| { s.accept_errors += 1; s.last_error = Some(format!("accept: {e}")); });
-                    warn.warn(&cfg.name, &format!("accept failed: {e}; retrying in 100 ms (counted in source_accept_errors)"));
+                    warn.warn(&name, &format!("accept failed: {e}; retrying in 100 ms (counted in source_accept_errors)"));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -366,7 +367,7 @@ async fn run_tcp(
                 while let Some(ev) = next.take() {
                     match ev {
                         Event::Log { log, parsed_ok, truncated } => {
-                            account(&handle, &cfg.name, &log, parsed_ok, truncated, &mut warn);
+                            account(&handle, &name, &log, parsed_ok, truncated, &mut warn);
                             logs.push(RecordBody::Log(log));
                         }
                         Event::Closed { peer, error } => {
@@ -374,10 +375,10 @@ async fn run_tcp(
                             match error {
                                 Some(e) => {
                                     Counters::add(&handle.counters().source_peer_errors, 1);
-                                    tracing::warn!(source = %cfg.name, %peer, "connection lost ({e}) (counted in source_peer_errors)");
+                                    tracing::warn!(source = %name, %peer, "connection lost ({e}) (counted in source_peer_errors)");
                                     handle.status(|s| { s.peer_errors += 1; s.last_error = Some(format!("{peer}: {e}")); });
                                 }
-                                None => tracing::info!(source = %cfg.name, %peer, "syslog connection closed"),
+                                None => tracing::info!(source = %name, %peer, "syslog connection closed"),
                             }
                             if active == 0 {
                                 handle.status(|s| s.state = "listening");
