@@ -1323,17 +1323,23 @@ pub struct SharedSpool {
     pub appended: std::sync::Condvar,
     /// The spool's `sync_wake`: the sync thread waits on it when idle.
     unsynced: Arc<std::sync::Condvar>,
+    /// The spool position below which every appended record is fsynced
+    /// (moved by the sync thread after each fsync): what
+    /// [`SharedSpool::append_batch_at`] positions are compared against.
+    durable: tokio::sync::watch::Sender<u64>,
 }
 
 impl SharedSpool {
     pub fn new(spool: Spool, fatal: Arc<Fatal>) -> Shared {
         let unsynced = spool.sync_wake.clone();
+        let durable = tokio::sync::watch::Sender::new(spool.durable_index);
         Arc::new(SharedSpool {
             inner: Mutex::new(spool),
             fatal,
             room: tokio::sync::Notify::new(),
             appended: std::sync::Condvar::new(),
             unsynced,
+            durable,
         })
     }
 
@@ -1341,14 +1347,30 @@ impl SharedSpool {
     /// Appends records of one stream under one lock (see
     /// [`Spool::append_batch`]).
     pub fn append_batch(&self, stream: &str, bodies: &[RecordBody]) {
+        self.append_batch_at(stream, bodies);
+    }
+
+    /// As [`SharedSpool::append_batch`], and returns the spool position just
+    /// past the appended records: they are fsynced once [`SharedSpool::durable`]
+    /// reaches it.
+    pub fn append_batch_at(&self, stream: &str, bodies: &[RecordBody]) -> u64 {
         let mut spool = self.lock();
-        if let Err(e) = spool.append_batch(stream, bodies) {
-            drop(spool);
+        let result = spool.append_batch(stream, bodies);
+        let at = spool.next_index;
+        drop(spool);
+        if let Err(e) = result {
             if self.fatal.first().is_none() {
                 self.fatal
                     .report(&format!("source {stream}"), &format!("{e:#}"));
             }
         }
+        at
+    }
+
+    /// The spool position below which every appended record is fsynced;
+    /// it only grows. A failed fsync stops the sender and it stops growing.
+    pub fn durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.durable.subscribe()
     }
 
     /// The sync thread: runs `tick` until `stop_sync`.
@@ -1407,7 +1429,12 @@ impl SharedSpool {
         if let Err(e) = job.run() {
             return self.fail(e);
         }
-        self.lock().finish_sync(&job);
+        let durable = {
+            let mut spool = self.lock();
+            spool.finish_sync(&job);
+            spool.durable_index
+        };
+        self.durable.send_replace(durable);
         self.appended.notify_all();
     }
 

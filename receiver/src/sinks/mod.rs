@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod json_line;
+pub mod mqtt;
 pub mod stdout;
 pub mod tcp;
 
@@ -27,6 +28,7 @@ pub enum SinkConfig {
     File(file::Config),
     Stdout(stdout::Config),
     Tcp(tcp::Config),
+    Mqtt(mqtt::Config),
 }
 
 /// Keys every sink has.
@@ -47,6 +49,7 @@ impl SinkConfig {
             SinkConfig::File(c) => (&c.name, &c.streams),
             SinkConfig::Stdout(c) => (&c.name, &c.streams),
             SinkConfig::Tcp(c) => (&c.name, &c.streams),
+            SinkConfig::Mqtt(c) => (&c.name, &c.streams),
         };
         Common {
             name: name.clone(),
@@ -59,6 +62,7 @@ impl SinkConfig {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(_) => Ok(()),
             SinkConfig::Tcp(c) => c.validate(),
+            SinkConfig::Mqtt(c) => c.validate(),
         }
     }
 
@@ -67,6 +71,7 @@ impl SinkConfig {
             SinkConfig::File(c) => Box::new(file::FileSink::new(c)?),
             SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink::new()),
             SinkConfig::Tcp(c) => Box::new(tcp::TcpSink::new(c)),
+            SinkConfig::Mqtt(c) => Box::new(mqtt::MqttSink::new(c)?),
         })
     }
 }

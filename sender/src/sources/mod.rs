@@ -3,6 +3,7 @@
 //! docs section and its test.
 
 pub mod generator;
+pub mod mqtt;
 pub mod stdin;
 pub mod tcp;
 
@@ -20,6 +21,7 @@ pub enum SourceConfig {
     Tcp(tcp::Config),
     Stdin(stdin::Config),
     Generator(generator::Config),
+    Mqtt(mqtt::Config),
 }
 
 impl SourceConfig {
@@ -28,6 +30,7 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => &c.name,
             SourceConfig::Stdin(c) => &c.name,
             SourceConfig::Generator(c) => &c.name,
+            SourceConfig::Mqtt(c) => &c.name,
         }
     }
 
@@ -36,6 +39,7 @@ impl SourceConfig {
             SourceConfig::Tcp(_) => "tcp",
             SourceConfig::Stdin(_) => "stdin",
             SourceConfig::Generator(_) => "generator",
+            SourceConfig::Mqtt(_) => "mqtt",
         }
     }
 
@@ -45,6 +49,7 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => (c.repeat, c.repeat_delay_ms),
             SourceConfig::Stdin(c) => (c.repeat, c.repeat_delay_ms),
             SourceConfig::Generator(c) => (c.repeat, c.repeat_delay_ms),
+            SourceConfig::Mqtt(c) => (c.repeat, c.repeat_delay_ms),
         }
     }
 
@@ -65,6 +70,7 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => c.validate(),
             SourceConfig::Stdin(c) => c.validate(),
             SourceConfig::Generator(c) => c.validate(),
+            SourceConfig::Mqtt(c) => c.validate(),
         }
     }
 
@@ -77,6 +83,7 @@ impl SourceConfig {
             SourceConfig::Tcp(c) => tcp::run(c, handle).await,
             SourceConfig::Stdin(c) => stdin::run(c, handle).await,
             SourceConfig::Generator(c) => generator::run(c, handle).await,
+            SourceConfig::Mqtt(c) => mqtt::run(c, handle).await,
         };
         counters.sources.update(&stream, |s| match &result {
             Ok(()) => s.state = "finished",
@@ -95,6 +102,37 @@ pub fn default_repeat() -> u32 {
 
 pub fn default_repeat_delay() -> u64 {
     1000
+}
+
+/// A position in the spool: the records emitted up to it are durable once
+/// the spool's fsync covers it ([`SourceHandle::durable_watch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+/// Watches the spool's fsynced position, for a source that keeps many
+/// tickets at once (an MQTT QoS 1 source acknowledging packets in order).
+pub struct DurableWatch {
+    durable: tokio::sync::watch::Receiver<u64>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl DurableWatch {
+    /// True once everything emitted up to `ticket` is fsynced in the spool.
+    pub fn covers(&self, ticket: Ticket) -> bool {
+        *self.durable.borrow() >= ticket.0
+    }
+
+    /// Waits until the fsynced position moves; false on shutdown (or when
+    /// the spool is gone), after which nothing more becomes durable.
+    pub async fn changed(&mut self) -> bool {
+        if *self.shutdown.borrow() {
+            return false;
+        }
+        tokio::select! {
+            r = self.durable.changed() => r.is_ok(),
+            _ = self.shutdown.changed() => false,
+        }
+    }
 }
 
 /// What a running source uses to hand records over.
@@ -127,9 +165,31 @@ impl SourceHandle {
         self.emit_batch(std::slice::from_ref(&body));
     }
 
+    /// As [`SourceHandle::emit_batch`], and returns a ticket that a
+    /// [`DurableWatch`] resolves once the spool's fsync covers these
+    /// records: a source whose protocol acknowledges (MQTT QoS 1)
+    /// acknowledges only then.
+    pub fn emit_tracked(&mut self, bodies: &[RecordBody]) -> Ticket {
+        self.count(bodies);
+        Ticket(self.spool.append_batch_at(&self.stream, bodies))
+    }
+
+    /// The spool's fsynced position, for a source that holds many tickets.
+    pub fn durable_watch(&self) -> DurableWatch {
+        DurableWatch {
+            durable: self.spool.durable(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
     /// Appends records to the spool under one lock, counted once: for
     /// sources that produce many records at a time.
     pub fn emit_batch(&mut self, bodies: &[RecordBody]) {
+        self.count(bodies);
+        self.spool.append_batch(&self.stream, bodies);
+    }
+
+    fn count(&self, bodies: &[RecordBody]) {
         let bytes: usize = bodies
             .iter()
             .map(|body| match body {
@@ -140,7 +200,6 @@ impl SourceHandle {
             .sum();
         Counters::add(&self.counters.records_in, bodies.len() as u64);
         Counters::add(&self.counters.bytes_in, bytes as u64);
-        self.spool.append_batch(&self.stream, bodies);
     }
 
     pub fn counters(&self) -> &Counters {
