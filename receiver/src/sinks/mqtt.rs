@@ -412,6 +412,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
 }
 
 /// One record as a publish.
+#[derive(Debug)]
 struct Publish {
     topic: String,
     payload: Vec<u8>,
