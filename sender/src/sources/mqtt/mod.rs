@@ -361,8 +361,17 @@ impl Client {
                 } else {
                     QoS::AtLeastOnce
                 };
-                c.try_subscribe_many(topics.iter().map(|t| v5b::Filter::new(t.clone(), qos)))
-                    .is_ok()
+                // Retain As Published: a live retained message keeps its
+                // flag (MQTT 3.1.1 clears it on live delivery); retained
+                // messages are sent only for a new subscription, not for a
+                // kept one subscribed again.
+                c.try_subscribe_many(topics.iter().map(|t| {
+                    let mut f = v5b::Filter::new(t.clone(), qos);
+                    f.preserve_retain = true;
+                    f.retain_forward_rule = v5b::RetainForwardRule::OnNewSubscribe;
+                    f
+                }))
+                .is_ok()
             }
         }
     }
