@@ -48,6 +48,8 @@ pub struct Metric {
 
 /// `Payload.Metric.value` (the scalar members; `dataset_value`,
 /// `template_value` and `extension_value` are not read).
+// Variant names follow the .proto's oneof members.
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum MetricValue {
     #[prost(uint32, tag = "10")]
@@ -87,6 +89,7 @@ pub struct PropertyValue {
 }
 
 /// `Payload.PropertyValue.value` (scalar members).
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum PropertyValueKind {
     #[prost(uint32, tag = "3")]
