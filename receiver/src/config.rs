@@ -27,7 +27,7 @@ pub struct ReceiverConfig {
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::sinks::deserialize_all")]
     pub sinks: Vec<SinkConfig>,
     /// Required: frames must be authenticated unless this says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -355,18 +355,20 @@ fn refuse_shared_file_dirs(sinks: &[SinkConfig]) -> Result<()> {
     }
     let mut seen: Vec<(PathBuf, &str, &Path)> = Vec::new();
     for s in sinks {
-        let SinkConfig::File(f) = s else { continue };
+        let Some(f) = s.config::<crate::sinks::file::Config>() else {
+            continue;
+        };
         let k = key(&f.dir);
         if let Some((_, other, other_dir)) = seen.iter().find(|(d, _, _)| *d == k) {
             bail!(
                 "sinks ({}).dir and sinks ({other}).dir: both file sinks write to {} ({}); \
                  give each file sink its own dir",
-                f.name,
+                s.common().name,
                 f.dir.display(),
                 other_dir.display()
             );
         }
-        seen.push((k, &f.name, &f.dir));
+        seen.push((k, &s.common().name, &f.dir));
     }
     Ok(())
 }
@@ -417,7 +419,10 @@ pub fn parse(text: &str) -> Result<Loaded> {
     };
     decoder.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     if c.sinks.is_empty() {
-        bail!("sinks: no [[sinks]] configured; add at least one (type = \"file\", \"stdout\" or \"tcp\")");
+        bail!(
+            "sinks: no [[sinks]] configured; add at least one (type = one of {})",
+            crate::sinks::known_types()
+        );
     }
     let mut names = std::collections::HashSet::new();
     for (i, s) in c.sinks.iter().enumerate() {

@@ -10,6 +10,7 @@
 
 mod audit;
 mod config;
+mod delivery;
 mod gaps;
 mod journal;
 mod pipeline;
@@ -282,9 +283,9 @@ fn run(path: &Path) -> Result<()> {
             None => journal.first_index(),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(pipeline::SINK_QUEUE + 1);
-        let shared = Arc::new(sinks::SinkShared::new(&common.name, start));
+        let shared = Arc::new(delivery::SinkShared::new(&common.name, start));
         let thread = {
-            let t = sinks::SinkThread {
+            let t = delivery::SinkThread {
                 shared: shared.clone(),
                 sink,
                 routes: routes.clone(),
@@ -295,7 +296,7 @@ fn run(path: &Path) -> Result<()> {
             };
             std::thread::Builder::new()
                 .name(format!("sink-{}", common.name))
-                .spawn(move || sinks::run_sink(t))
+                .spawn(move || delivery::run_sink(t))
                 .context("starting a sink thread")?
         };
         sinks.push(SinkHandle {

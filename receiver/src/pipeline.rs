@@ -18,8 +18,8 @@ use weir_protocol::decoder::{Delivered, REBUILT_BUCKETS};
 use weir_protocol::{Decoder, DecoderStats, Event, Heartbeat, Nanos, RecordBody};
 
 use crate::audit::AuditLog;
+use crate::delivery::{Batch, SinkShared};
 use crate::journal::Journal;
-use crate::sinks::{Batch, SinkShared};
 use crate::udp::{RecvBatch, RecvStats};
 
 /// What wakes the decoder thread: datagrams from the socket thread, or
@@ -737,6 +737,10 @@ impl Pipeline {
             m.push((
                 format!("sink.{name}.retries"),
                 s.retries.load(Ordering::Relaxed),
+            ));
+            m.push((
+                format!("sink.{name}.duplicates"),
+                s.duplicates.load(Ordering::Relaxed),
             ));
             m.push((
                 format!("sink.{name}.cursor_errors"),

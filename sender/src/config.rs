@@ -27,7 +27,7 @@ pub struct SenderConfig {
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::sources::deserialize_all")]
     pub sources: Vec<SourceConfig>,
     /// Required: frames are authenticated unless this says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -533,7 +533,10 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         );
     }
     if c.sources.is_empty() {
-        bail!("sources: no [[sources]] configured; add at least one (type = \"tcp\", \"stdin\" or \"generator\")");
+        bail!(
+            "sources: no [[sources]] configured; add at least one (type = one of {})",
+            crate::sources::known_types()
+        );
     }
     let mut names = std::collections::HashSet::new();
     for (i, s) in c.sources.iter().enumerate() {

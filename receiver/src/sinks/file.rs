@@ -7,6 +7,7 @@
 //! its length after the last confirmed batch) is exact: after a crash each
 //! file is cut back to that length, files started after it are removed, and
 //! the journal replays from the sink's cursor, so no record is written twice.
+//! A write that fails is undone the same way before it is tried again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -20,14 +21,11 @@ use weir_protocol::decoder::Delivered;
 use weir_protocol::units::parse_size;
 use weir_protocol::RecordBody;
 
-use super::{default_streams, json_line, Sink, SinkError};
+use super::{json_line, BuildContext, Sink, SinkBuilder, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    #[serde(default = "default_streams")]
-    pub streams: Vec<String>,
     pub dir: PathBuf,
     #[serde(
         default = "default_max_file",
@@ -50,8 +48,14 @@ fn default_max_line() -> String {
     "16MiB".into()
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "file";
+
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(FileSink::new(self, ctx.name())?))
+    }
+
+    fn validate(&self) -> Result<(), String> {
         let size = parse_size(&self.max_file_bytes).map_err(|e| format!("max_file_bytes: {e}"))?;
         if size < 4096 {
             return Err(format!(
@@ -134,10 +138,13 @@ pub struct FileSink {
     max_bytes: u64,
     max_line: u64,
     files: HashMap<(Arc<str>, bool), OpenFile>,
-    /// Every stream's current file, kept across restarts via the cursor.
+    /// Every stream's current file and its length as written so far.
     current: BTreeMap<String, Current>,
-    /// (epoch, last seq) written per stream, to skip on a retry.
-    written: HashMap<Arc<str>, (u64, u64)>,
+    /// `current` as of the last confirmed write: the resume state saved
+    /// with the cursor, and what a failed write is cut back to.
+    confirmed: BTreeMap<String, Current>,
+    /// A failed write could not be undone yet: undo it before writing.
+    needs_rollback: bool,
     line: Vec<u8>,
 }
 
@@ -146,12 +153,11 @@ fn key_name(stream: &str, raw: bool) -> String {
 }
 
 impl FileSink {
-    pub fn new(cfg: &Config) -> Result<Self> {
+    /// The sink `name` (its ledger is named after it) writing to `cfg.dir`.
+    pub fn new(cfg: &Config, name: &str) -> Result<Self> {
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("dir: cannot create {}", cfg.dir.display()))?;
-        let ledger = cfg
-            .dir
-            .join(format!(".weir-created-{}", file_stem(&cfg.name)));
+        let ledger = cfg.dir.join(format!(".weir-created-{}", file_stem(name)));
         let created = match std::fs::read_to_string(&ledger) {
             Ok(text) => text.lines().map(str::to_string).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
@@ -165,7 +171,8 @@ impl FileSink {
             max_line: parse_size(&cfg.max_line_bytes).expect("validated"),
             files: HashMap::new(),
             current: BTreeMap::new(),
-            written: HashMap::new(),
+            confirmed: BTreeMap::new(),
+            needs_rollback: false,
             line: Vec::with_capacity(512),
         })
     }
@@ -276,16 +283,65 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
+    /// Confirmed once every file touched is fsynced. A record over
+    /// `max_line_bytes` is rejected after the records before it are
+    /// confirmed. A failure cuts every file back to the last confirmed
+    /// write (see `rollback`), so the retry writes nothing twice.
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+        if self.needs_rollback {
+            self.rollback()?;
+        }
+        let stop = match self.write_records(records) {
+            Ok(()) => None,
+            Err(SinkError::Reject { at, reason }) => Some((at, reason)),
+            Err(SinkError::Retry { error, .. }) => return Err(self.failed(error)),
+        };
+        if let Err(e) = self.flush() {
+            return Err(self.failed(e));
+        }
+        self.confirmed.clone_from(&self.current);
+        match stop {
+            None => Ok(records.len()),
+            Some((at, reason)) => Err(SinkError::Reject { at, reason }),
+        }
+    }
+
+    fn resume_state(&self) -> serde_json::Value {
+        serde_json::to_value(&self.confirmed).expect("json")
+    }
+
+    /// Cuts every file back to what the last confirmed batch left and
+    /// removes files started after it: the journal replays the rest.
+    fn resume(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.cut_back(state)
+    }
+}
+
+impl FileSink {
+    /// A write failed: undo what it wrote, or remember to before the next.
+    fn failed(&mut self, error: anyhow::Error) -> SinkError {
+        self.needs_rollback = true;
+        if let Err(e) = self.rollback() {
+            tracing::warn!(dir = %self.dir.display(), "file sink: cannot cut back to the last confirmed write yet ({e:#}); tried again before the next write");
+        }
+        SinkError::retry(error)
+    }
+
+    /// Drops what is buffered and cuts every file back to the last
+    /// confirmed write, removing files started since (see `cut_back`).
+    fn rollback(&mut self) -> Result<()> {
+        for (_, f) in self.files.drain() {
+            // Unconfirmed bytes still in the buffer are dropped, not written.
+            let _ = f.writer.into_parts();
+        }
+        let state = serde_json::to_value(&self.confirmed).expect("json");
+        self.cut_back(&state)?;
+        self.needs_rollback = false;
+        Ok(())
+    }
+
+    fn write_records(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
         for (at, r) in records.iter().enumerate() {
-            if !r.resent
-                && self
-                    .written
-                    .get(&r.stream)
-                    .is_some_and(|w| w.0 == r.epoch && r.seq <= w.1)
-            {
-                continue; // written before a retried failure
-            }
             let raw = matches!(r.body, RecordBody::Bytes(_));
             self.line.clear();
             match &r.body {
@@ -324,9 +380,6 @@ impl Sink for FileSink {
                 .with_context(|| format!("writing {}", f.name))?;
             f.size += self.line.len() as u64;
             f.dirty = true;
-            if !r.resent {
-                self.written.insert(r.stream.clone(), (r.epoch, r.seq));
-            }
         }
         Ok(())
     }
@@ -354,13 +407,9 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    fn resume_state(&self) -> serde_json::Value {
-        serde_json::to_value(&self.current).expect("json")
-    }
-
-    /// Cuts every file back to what the last confirmed batch left and
-    /// removes files started after it: the journal replays the rest.
-    fn resume(&mut self, state: &serde_json::Value) -> Result<()> {
+    /// Cuts every file back to the lengths in `state` (a saved resume
+    /// state) and removes the files this sink started after it.
+    fn cut_back(&mut self, state: &serde_json::Value) -> Result<()> {
         // The resume state is the only proof of which files the sink wrote:
         // without it nothing may be cut or removed, so an unreadable one
         // stops the start (the caller names the cursor file).
@@ -427,6 +476,7 @@ impl Sink for FileSink {
                 )?;
             }
         }
+        self.confirmed.clone_from(&current);
         self.current = current;
         Ok(())
     }
@@ -465,8 +515,6 @@ mod tests {
 
     fn config(dir: &std::path::Path, max: &str) -> Config {
         Config {
-            name: "f".into(),
-            streams: default_streams(),
             dir: dir.to_path_buf(),
             max_file_bytes: max.into(),
             max_line_bytes: "1KiB".into(),
@@ -507,7 +555,7 @@ mod tests {
     #[test]
     fn points_become_jsonl_bytes_stay_raw_and_files_are_numbered_per_stream() {
         let dir = scratch("names");
-        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
         let points: Vec<Delivered> = (0..100).map(point).collect();
         let bytes = rec(
             "raw",
@@ -519,9 +567,7 @@ mod tests {
         );
         let mut refs: Vec<&Delivered> = points.iter().collect();
         refs.push(&bytes);
-        sink.write(&refs).unwrap();
-        sink.write(&refs).unwrap(); // a retry writes nothing twice
-        sink.flush().unwrap();
+        assert_eq!(sink.write(&refs).unwrap(), refs.len());
         assert_eq!(
             std::fs::read(dir.join("raw.000001.bin")).unwrap(),
             b"hello\0world"
@@ -537,20 +583,17 @@ mod tests {
     #[test]
     fn resume_cuts_back_to_the_last_confirmed_batch_so_a_replay_writes_nothing_twice() {
         let dir = scratch("resume");
-        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
         let points: Vec<Delivered> = (0..100).map(point).collect();
         let refs: Vec<&Delivered> = points.iter().collect();
         sink.write(&refs[..40]).unwrap();
-        sink.flush().unwrap();
         let saved = sink.resume_state();
         // Written and flushed after the cursor was saved, then a crash.
         sink.write(&refs[40..70]).unwrap();
-        sink.flush().unwrap();
         drop(sink);
-        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
         sink.resume(&saved).unwrap();
         sink.write(&refs[40..]).unwrap();
-        sink.flush().unwrap();
         assert_eq!(seqs(&dir), (0..100).collect::<Vec<_>>());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -568,7 +611,7 @@ mod tests {
             serde_json::json!({ "jsonl|plant/a": 5 }),
             serde_json::Value::Null,
         ] {
-            let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+            let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
             let err = sink
                 .resume(&state)
                 .expect_err("an unreadable state must not resume");
@@ -594,11 +637,10 @@ mod tests {
         // Someone else's files that look like the sink's.
         std::fs::write(dir.join("plant_a.000009.jsonl"), b"theirs\n").unwrap();
         std::fs::write(dir.join("other.000001.jsonl"), b"theirs\n").unwrap();
-        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
         let points: Vec<Delivered> = (0..10).map(point).collect();
         let refs: Vec<&Delivered> = points.iter().collect();
         sink.write(&refs[..5]).unwrap();
-        sink.flush().unwrap();
         assert!(dir.join("plant_a.000010.jsonl").exists());
         // Numbered after the sink's current file of that stream.
         std::fs::write(dir.join("plant_a.000011.jsonl"), b"theirs\n").unwrap();
@@ -606,10 +648,9 @@ mod tests {
         // A stream first written after the cursor was saved, then a crash.
         let late = rec("late", 0, points[0].body.clone());
         sink.write(&[&late]).unwrap();
-        sink.flush().unwrap();
         drop(sink);
         assert!(dir.join("late.000001.jsonl").exists());
-        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
         sink.resume(&saved).unwrap();
         assert!(
             !dir.join("late.000001.jsonl").exists(),
@@ -632,7 +673,7 @@ mod tests {
     #[test]
     fn an_overlong_record_is_rejected_for_the_dead_letter_file() {
         let dir = scratch("reject");
-        let mut sink = FileSink::new(&config(&dir, "4KiB")).unwrap();
+        let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
         let big = rec(
             "m",
             0,
@@ -643,6 +684,42 @@ mod tests {
             other => panic!("expected a rejection, got {other:?}"),
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_back_to_the_last_confirmed_one_so_its_retry_writes_nothing_twice() {
+        let dir = scratch("rollback");
+        let mut sink = FileSink::new(&config(&dir, "4KiB"), "f").unwrap();
+        let points: Vec<Delivered> = (0..100).map(point).collect();
+        let refs: Vec<&Delivered> = points.iter().collect();
+        assert_eq!(sink.write(&refs[..10]).unwrap(), 10);
+        // The file the batch rotates into cannot be created: a directory
+        // is in its way, so the write fails part way through.
+        std::fs::create_dir(dir.join("plant_a.000002.jsonl")).unwrap();
+        match sink.write(&refs[10..]) {
+            Err(SinkError::Retry { confirmed: 0, .. }) => {}
+            other => panic!("expected a retryable failure, got {other:?}"),
+        }
+        assert_eq!(
+            seqs_in(&dir, "plant_a.000001.jsonl"),
+            (0..10).collect::<Vec<_>>()
+        );
+        std::fs::remove_dir(dir.join("plant_a.000002.jsonl")).unwrap();
+        assert_eq!(sink.write(&refs[10..]).unwrap(), 90);
+        assert_eq!(seqs(&dir), (0..100).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn seqs_in(dir: &std::path::Path, name: &str) -> Vec<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
     }
 
     #[test]

@@ -1,8 +1,17 @@
-//! Sinks: where rebuilt records go on the IT side. Each sink has a config
-//! struct and a [`Sink`] impl; [`run_sink`] gives every sink the same
-//! stream routing, retry with backoff, and cursor confirmation. Adding a
-//! sink touches its file, one variant in [`SinkConfig`], its docs section
-//! and its test.
+//! Sinks: where rebuilt records go on the IT side.
+//!
+//! A sink is one file (or folder) under `sinks/`: its `Config` (serde,
+//! `deny_unknown_fields`, only the sink's own keys) implements
+//! [`SinkBuilder`], which builds a [`Sink`] (blocking, on the sink's own
+//! thread) or an [`AsyncSink`] (on the shared sink runtime), and one line in
+//! [`REGISTRY`] maps its `type` to it. The keys every sink has (`name`,
+//! `streams`) are in [`Common`], read before the rest of the table goes to
+//! the sink's `Config`.
+//!
+//! What is the same for every sink lives in `crate::delivery`, not here:
+//! routing by stream, dropping replays by (stream, epoch, seq), retry with
+//! backoff, dead letters, the cursor. A sink only writes a batch and says
+//! how much of it the destination confirmed.
 
 pub mod file;
 pub mod json_line;
@@ -10,70 +19,323 @@ pub mod mqtt;
 pub mod stdout;
 pub mod tcp;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::any::Any;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use weir_protocol::decoder::Delivered;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SinkConfig {
-    File(file::Config),
-    Stdout(stdout::Config),
-    Tcp(tcp::Config),
-    Mqtt(mqtt::Config),
+/// Every sink type, by the `type` string of its `[[sinks]]` table: one
+/// line per sink.
+pub const REGISTRY: &[Registration] = &[
+    Registration::of::<file::Config>(),
+    Registration::of::<stdout::Config>(),
+    Registration::of::<tcp::Config>(),
+    Registration::of::<mqtt::Config>(),
+];
+
+/// A sink type's `Config` (the sink's own keys, serde with
+/// `deny_unknown_fields`): checks itself and builds the sink.
+pub trait SinkBuilder:
+    Serialize + DeserializeOwned + Debug + Clone + Send + Sync + 'static
+{
+    /// The `type` that selects this sink in `[[sinks]]`.
+    const TYPE: &'static str;
+
+    /// Checks the sink's own keys without touching the destination; the
+    /// error starts with the key name (`max_file_bytes: …`), the caller
+    /// prefixes `sinks[i] (name).`.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Builds the sink at start. Must not need the destination to be up:
+    /// connect in the first `write` (a failed write is retried with
+    /// backoff). An async sink returns `ctx.async_sink(sink)`.
+    fn build(&self, ctx: &BuildContext) -> anyhow::Result<Box<dyn Sink>>;
 }
 
-/// Keys every sink has.
+/// Why a write failed.
+#[derive(Debug)]
+pub enum SinkError {
+    /// The destination failed (down, timed out, refused for now). The
+    /// first `confirmed` records of the batch are confirmed; the rest is
+    /// offered again after a backoff. Before returning it, a sink undoes
+    /// what it wrote and did not confirm where it can (the file sink cuts
+    /// its files back), or says it cannot via [`Sink::unconfirmed_loss`].
+    Retry {
+        confirmed: usize,
+        error: anyhow::Error,
+    },
+    /// Record `at` can never be written (too large, refused by schema): it
+    /// goes to the sink's dead-letter file and delivery goes on after it.
+    /// The records before `at` are confirmed.
+    Reject { at: usize, reason: String },
+}
+
+impl SinkError {
+    /// A failure with nothing of the batch confirmed.
+    pub fn retry(error: impl Into<anyhow::Error>) -> Self {
+        SinkError::Retry {
+            confirmed: 0,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for SinkError {
+    fn from(e: anyhow::Error) -> Self {
+        SinkError::retry(e)
+    }
+}
+
+impl From<std::io::Error> for SinkError {
+    fn from(e: std::io::Error) -> Self {
+        SinkError::retry(e)
+    }
+}
+
+/// A destination for records, driven by `crate::delivery` on the sink's
+/// own thread (blocking calls are fine here: nothing else runs on it).
+///
+/// `write` gets the records routed to this sink, in journal order, without
+/// records the sink already confirmed (delivery drops replays by stream,
+/// epoch and sequence), and returns `Ok(n)`: the first `n` records are
+/// **confirmed**, i.e. durable at the destination (fsynced for a file,
+/// acknowledged by the broker for MQTT QoS 1 / Kafka `acks=all`, committed
+/// for a database; handed to the kernel is the best a plain TCP or stdout
+/// destination can say). `n` below the batch's length means "offer the rest
+/// again" (no error counted). Only confirmed records move the sink's
+/// cursor; the cursor is saved (at most every 100 ms) with
+/// [`Sink::resume_state`], and the journal keeps everything after it.
+pub trait Sink: Send {
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError>;
+
+    /// What the sink needs to resume exactly after a restart (the file
+    /// sink's file lengths), as of the last confirmed record; saved with
+    /// the cursor.
+    fn resume_state(&self) -> Value {
+        Value::Null
+    }
+
+    /// Called once at start with the last saved `resume_state`, before any
+    /// write: the journal replays everything after the saved cursor.
+    fn resume(&mut self, _state: &Value) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Called after a retryable failure: true when records this sink
+    /// confirmed earlier may have been lost with it (no end-to-end
+    /// acknowledgement, as with plain TCP). Delivery then offers the
+    /// previous batch again before the failed one (at least once).
+    fn unconfirmed_loss(&mut self) -> bool {
+        false
+    }
+
+    /// For a destination that stores, in the same transaction as the
+    /// records, each stream's last written (epoch, seq) (see
+    /// [`positions_after`]; a database table, a broker's idempotent key).
+    /// Called before the first write; delivery then drops every replayed
+    /// record at or below these positions, so a cursor saved behind the
+    /// destination never writes a record twice (exactly once).
+    fn stored_positions(&mut self) -> anyhow::Result<Option<Vec<Position>>> {
+        Ok(None)
+    }
+}
+
+/// A sink written against an async client (rumqttc, rdkafka, async-nats,
+/// tokio-postgres). The contract is [`Sink`]'s; the methods are async and
+/// run on the shared sink runtime (`BuildContext::async_sink`), whose
+/// worker threads do only network I/O: the delivery thread waits for each
+/// call, and does the disk work (cursor, dead letters) itself. Background
+/// tasks a client needs (an MQTT event loop that receives PUBACKs) can be
+/// spawned with `tokio::spawn` from these methods. A call that hangs is
+/// cut off after [`ASYNC_WRITE_TIMEOUT`] and counts as a retryable failure
+/// with nothing confirmed, so a sink must be able to resume after its
+/// future is dropped at any await.
+pub trait AsyncSink: Send + 'static {
+    fn write(
+        &mut self,
+        records: &[&Delivered],
+    ) -> impl Future<Output = Result<usize, SinkError>> + Send;
+
+    fn resume_state(&self) -> Value {
+        Value::Null
+    }
+
+    fn resume(&mut self, _state: &Value) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    fn unconfirmed_loss(&mut self) -> bool {
+        false
+    }
+
+    fn stored_positions(
+        &mut self,
+    ) -> impl Future<Output = anyhow::Result<Option<Vec<Position>>>> + Send {
+        async { Ok(None) }
+    }
+}
+
+/// The longest one call of an [`AsyncSink`] may take.
+pub const ASYNC_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The runtime every async sink shares, started on first use: two worker
+/// threads are plenty for network clients, and they never do disk work.
+fn sink_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt.handle().clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("weir-sink-rt")
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async sink runtime: {e}"))?;
+    Ok(RUNTIME.get_or_init(|| rt).handle().clone())
+}
+
+/// What a sink's `build` gets.
+pub struct BuildContext {
+    name: String,
+}
+
+impl BuildContext {
+    pub fn new(name: &str) -> Self {
+        BuildContext {
+            name: name.to_string(),
+        }
+    }
+
+    /// The sink's configured `name`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The shared runtime async sinks run on (for a client that must be
+    /// created inside one).
+    #[allow(dead_code)] // for async sinks (MQTT, Kafka, NATS, Postgres)
+    pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Handle> {
+        sink_runtime()
+    }
+
+    /// Runs an [`AsyncSink`] on the shared sink runtime.
+    #[allow(dead_code)] // for async sinks (MQTT, Kafka, NATS, Postgres)
+    pub fn async_sink<S: AsyncSink>(&self, sink: S) -> anyhow::Result<Box<dyn Sink>> {
+        Ok(Box::new(OnRuntime {
+            sink,
+            runtime: sink_runtime()?,
+        }))
+    }
+}
+
+/// An [`AsyncSink`] driven from its delivery thread.
+struct OnRuntime<S> {
+    sink: S,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<S> OnRuntime<S> {
+    /// Runs `f` on the runtime (so it can spawn and use timers), waiting on
+    /// the calling thread, cut off after ASYNC_WRITE_TIMEOUT.
+    fn call<'a, T>(
+        runtime: &tokio::runtime::Handle,
+        what: &str,
+        f: impl Future<Output = T> + Send + 'a,
+    ) -> Result<T, anyhow::Error> {
+        let _entered = runtime.enter();
+        runtime
+            .block_on(tokio::time::timeout(ASYNC_WRITE_TIMEOUT, f))
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{what} took longer than {} s; cut off",
+                    ASYNC_WRITE_TIMEOUT.as_secs()
+                )
+            })
+    }
+}
+
+impl<S: AsyncSink> Sink for OnRuntime<S> {
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+        Self::call(&self.runtime, "a write", self.sink.write(records))?
+    }
+    fn resume_state(&self) -> Value {
+        self.sink.resume_state()
+    }
+    fn resume(&mut self, state: &Value) -> anyhow::Result<()> {
+        Self::call(&self.runtime, "resuming", self.sink.resume(state))?
+    }
+    fn unconfirmed_loss(&mut self) -> bool {
+        self.sink.unconfirmed_loss()
+    }
+    fn stored_positions(&mut self) -> anyhow::Result<Option<Vec<Position>>> {
+        Self::call(
+            &self.runtime,
+            "reading stored positions",
+            self.sink.stored_positions(),
+        )?
+    }
+}
+
+/// A stream's last written record, as a transactional sink stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub stream: String,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// The position each stream reaches with `records` (resent records, which
+/// fill older gaps, do not move it), in order of first appearance: what a
+/// transactional sink stores with them.
+#[allow(dead_code)] // for transactional sinks (Postgres); tested
+pub fn positions_after(records: &[&Delivered]) -> Vec<Position> {
+    let mut out: Vec<Position> = Vec::new();
+    for r in records.iter().filter(|r| !r.resent) {
+        match out.iter_mut().rev().find(|p| *p.stream == *r.stream) {
+            Some(p) => (p.epoch, p.seq) = (r.epoch, r.seq),
+            None => out.push(Position {
+                stream: r.stream.to_string(),
+                epoch: r.epoch,
+                seq: r.seq,
+            }),
+        }
+    }
+    out
+}
+
+/// A record's identity, unique across sender restarts: for idempotent
+/// keys (NATS `Nats-Msg-Id`, a Kafka key, a database's unique key).
+#[allow(dead_code)] // for idempotent sinks (NATS, Kafka); tested
+pub fn record_id(r: &Delivered) -> String {
+    format!("{}/{:016x}/{}", r.stream, r.epoch, r.seq)
+}
+
+/// The keys every sink has.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Common {
     pub name: String,
     /// Glob patterns of stream names this sink receives.
+    #[serde(default = "default_streams")]
     pub streams: Vec<String>,
 }
 
+/// The fields of [`Common`], taken out of a `[[sinks]]` table before the
+/// rest goes to the sink's `Config` (a test keeps them in step).
+const COMMON_KEYS: &[&str] = &["name", "streams"];
+
 pub fn default_streams() -> Vec<String> {
     vec!["*".into()]
-}
-
-impl SinkConfig {
-    pub fn common(&self) -> Common {
-        let (name, streams) = match self {
-            SinkConfig::File(c) => (&c.name, &c.streams),
-            SinkConfig::Stdout(c) => (&c.name, &c.streams),
-            SinkConfig::Tcp(c) => (&c.name, &c.streams),
-            SinkConfig::Mqtt(c) => (&c.name, &c.streams),
-        };
-        Common {
-            name: name.clone(),
-            streams: streams.clone(),
-        }
-    }
-
-    pub fn validate(&self) -> Result<(), String> {
-        match self {
-            SinkConfig::File(c) => c.validate(),
-            SinkConfig::Stdout(_) => Ok(()),
-            SinkConfig::Tcp(c) => c.validate(),
-            SinkConfig::Mqtt(c) => c.validate(),
-        }
-    }
-
-    pub fn build(&self) -> anyhow::Result<Box<dyn Sink>> {
-        Ok(match self {
-            SinkConfig::File(c) => Box::new(file::FileSink::new(c)?),
-            SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink::new()),
-            SinkConfig::Tcp(c) => Box::new(tcp::TcpSink::new(c)),
-            SinkConfig::Mqtt(c) => Box::new(mqtt::MqttSink::new(c)?),
-        })
-    }
 }
 
 pub fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
@@ -87,431 +349,195 @@ pub fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
     b.build().map_err(|e| e.to_string())
 }
 
-/// Why a write failed: worth retrying (the destination is down), or a
-/// record the sink will never accept (it goes to the dead-letter file and
-/// delivery continues after it).
+/// One line of [`REGISTRY`]: a `type` string and how to read its `Config`.
+pub struct Registration {
+    pub type_name: &'static str,
+    parse: fn(toml::Value) -> Result<Box<dyn Component>, toml::de::Error>,
+}
+
+impl Registration {
+    pub const fn of<B: SinkBuilder>() -> Self {
+        Registration {
+            type_name: B::TYPE,
+            parse: parse_as::<B>,
+        }
+    }
+}
+
+fn parse_as<B: SinkBuilder>(table: toml::Value) -> Result<Box<dyn Component>, toml::de::Error> {
+    Ok(Box::new(B::deserialize(table)?))
+}
+
+/// A [`SinkBuilder`] behind a pointer: what the registry hands out.
+trait Component: Debug + Send + Sync {
+    fn type_name(&self) -> &'static str;
+    fn validate(&self) -> Result<(), String>;
+    fn build(&self, ctx: &BuildContext) -> anyhow::Result<Box<dyn Sink>>;
+    fn to_json(&self) -> Value;
+    fn clone_box(&self) -> Box<dyn Component>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<B: SinkBuilder> Component for B {
+    fn type_name(&self) -> &'static str {
+        B::TYPE
+    }
+    fn validate(&self) -> Result<(), String> {
+        SinkBuilder::validate(self)
+    }
+    fn build(&self, ctx: &BuildContext) -> anyhow::Result<Box<dyn Sink>> {
+        SinkBuilder::build(self, ctx)
+    }
+    fn to_json(&self) -> Value {
+        serde_json::to_value(self).expect("a sink config serializes")
+    }
+    fn clone_box(&self) -> Box<dyn Component> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// One `[[sinks]]` table: the common keys and the sink's own `Config`.
 #[derive(Debug)]
-pub enum SinkError {
-    Retry(anyhow::Error),
-    Reject { at: usize, reason: String },
+pub struct SinkConfig {
+    pub common: Common,
+    component: Box<dyn Component>,
 }
 
-impl From<anyhow::Error> for SinkError {
-    fn from(e: anyhow::Error) -> Self {
-        SinkError::Retry(e)
-    }
-}
-
-impl From<std::io::Error> for SinkError {
-    fn from(e: std::io::Error) -> Self {
-        SinkError::Retry(e.into())
-    }
-}
-
-/// A destination for records. On a retryable error the batch is offered
-/// again after a backoff, so a sink remembers the last sequence it wrote
-/// per stream and skips records at or below it. `flush` makes what was
-/// written durable (file) or visible (network); only then is the journal
-/// cursor moved past the batch.
-pub trait Sink: Send {
-    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError>;
-    fn flush(&mut self) -> anyhow::Result<()>;
-    /// What the sink needs to resume exactly after a restart, saved with
-    /// its cursor after every confirmed batch.
-    fn resume_state(&self) -> Value {
-        Value::Null
-    }
-    /// A retryable failure happened: a sink that cannot know what its
-    /// destination kept (no acknowledgement) forgets what it wrote, so the
-    /// previous and current batches are written again (at least once).
-    /// Returns true when the previous batch must be written again.
-    fn forget_written(&mut self) -> bool {
-        false
-    }
-    /// Called once at start with the last saved `resume_state`.
-    fn resume(&mut self, _state: &Value) -> anyhow::Result<()> {
-        Ok(())
-    }
-}
-
-/// Journal entries `start..end` handed to a sink: the records among them.
-pub struct Batch {
-    pub start: u64,
-    pub end: u64,
-    pub records: Arc<Vec<Delivered>>,
-    /// What the batch weighs in `SinkShared::in_flight_bytes`: its journal
-    /// bytes or its records' size in memory, whichever is larger
-    /// (`pipeline::batch_weight`).
-    pub bytes: u64,
-}
-
-#[derive(Debug, Default)]
-pub struct SinkStats {
-    pub records: AtomicU64,
-    pub batches: AtomicU64,
-    pub errors: AtomicU64,
-    pub retries: AtomicU64,
-    pub dead_letters: AtomicU64,
-}
-
-/// What the decoder thread and a sink thread share.
-pub struct SinkShared {
-    pub name: String,
-    /// Journal entries below this are written and flushed by the sink.
-    pub confirmed: AtomicU64,
-    /// The index of the last cursor saved to disk: what a restart resumes
-    /// from, so compaction never drops an entry at or after it.
-    pub saved: AtomicU64,
-    /// Batches sent to the sink thread and not yet taken.
-    pub in_flight: AtomicUsize,
-    /// Journal bytes of the batches in `in_flight`, and the most seen.
-    pub in_flight_bytes: AtomicU64,
-    pub in_flight_bytes_peak: AtomicU64,
-    /// Cursor saves that failed (each logged; the cursor saver tries again).
-    pub cursor_errors: AtomicU64,
-    /// Records dropped for this sink by journal overflow (audited as gaps).
-    pub overflow_records: AtomicU64,
-    pub stats: SinkStats,
-}
-
-impl SinkShared {
-    /// A sink's shared state, resuming at journal index `start` (its saved
-    /// cursor): nothing in flight, no counts yet.
-    pub fn new(name: &str, start: u64) -> Self {
-        SinkShared {
-            name: name.to_string(),
-            confirmed: AtomicU64::new(start),
-            saved: AtomicU64::new(start),
-            in_flight: AtomicUsize::new(0),
-            in_flight_bytes: AtomicU64::new(0),
-            in_flight_bytes_peak: AtomicU64::new(0),
-            cursor_errors: AtomicU64::new(0),
-            overflow_records: AtomicU64::new(0),
-            stats: SinkStats::default(),
+impl Clone for SinkConfig {
+    fn clone(&self) -> Self {
+        SinkConfig {
+            common: self.common.clone(),
+            component: self.component.clone_box(),
         }
     }
 }
 
-/// Backoff between retries of a failed write: doubles from 100 ms to 10 s,
-/// each wait jittered by ±50%.
-const RETRY_START: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(10);
-/// Cursor saves are at most this frequent (each is an fsync).
-const CURSOR_INTERVAL: Duration = Duration::from_millis(100);
-
-pub struct SinkThread {
-    pub shared: Arc<SinkShared>,
-    pub sink: Box<dyn Sink>,
-    pub routes: GlobSet,
-    pub batches: Receiver<Batch>,
-    pub abort: Arc<AtomicBool>,
-    pub cursor_path: PathBuf,
-    pub dead_letter_path: PathBuf,
+/// Every known `type`, for error messages: `` `file`, `stdout`, `tcp` ``.
+pub fn known_types() -> String {
+    REGISTRY
+        .iter()
+        .map(|r| format!("`{}`", r.type_name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-/// The latest cursor a sink thread confirmed, waiting for its saver.
-#[derive(Default)]
-struct CursorSlot {
-    state: Mutex<CursorSlotState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct CursorSlotState {
-    next: Option<(u64, Value)>,
-    done: bool,
-}
-
-impl CursorSlot {
-    fn lock(&self) -> MutexGuard<'_, CursorSlotState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Replaces any cursor not yet taken: only the newest matters.
-    fn put(&self, index: u64, resume: Value) {
-        self.lock().next = Some((index, resume));
-        self.changed.notify_one();
-    }
-
-    fn finish(&self) {
-        self.lock().done = true;
-        self.changed.notify_one();
-    }
-}
-
-/// A sink's cursor saver: saves the newest cursor put in `slot`, off the
-/// sink thread (a save is an fsync, and the next batch does not wait for
-/// it). One at a time, so saves are in order; a failed save is tried again
-/// after `CURSOR_INTERVAL` unless a newer cursor replaced it. After
-/// `finish` it saves what is left once and ends.
-fn run_cursor_saver(shared: &SinkShared, path: &Path, slot: &CursorSlot) {
-    let mut failed: Option<(u64, Value)> = None;
-    loop {
-        let (next, done) = {
-            let mut s = slot.lock();
-            if s.next.is_none() && !s.done {
-                s = match failed {
-                    Some(_) => {
-                        slot.changed
-                            .wait_timeout(s, CURSOR_INTERVAL)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    }
-                    None => slot.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
-                };
+impl SinkConfig {
+    /// Reads `sinks[index]`: `type`, then the common keys, then the rest as
+    /// the sink's `Config`. Errors name the entry, its type and the key.
+    pub fn from_table(index: usize, mut table: toml::Table) -> Result<Self, String> {
+        let at = format!("sinks[{index}]");
+        let type_name = match table.remove("type") {
+            Some(toml::Value::String(t)) => t,
+            Some(other) => {
+                return Err(format!(
+                    "{at}.type: `{other}` is not a string; use one of {}",
+                    known_types()
+                ))
             }
-            (s.next.take(), s.done)
+            None => {
+                return Err(format!(
+                    "{at}: missing key `type`; use one of {}",
+                    known_types()
+                ))
+            }
         };
-        let job = match next {
-            Some(newer) => Some(newer),
-            None => failed.take(),
+        let Some(registration) = REGISTRY.iter().find(|r| r.type_name == type_name) else {
+            return Err(format!(
+                "{at}: unknown type `{type_name}`; known types: {}",
+                known_types()
+            ));
         };
-        failed = None;
-        if let Some((index, resume)) = job {
-            if !save_cursor(shared, path, index, resume.clone()) {
-                failed = Some((index, resume));
+        let at = format!("{at} (type {type_name})");
+        let mut common = toml::Table::new();
+        for key in COMMON_KEYS {
+            if let Some(v) = table.remove(*key) {
+                common.insert(key.to_string(), v);
             }
         }
-        if done {
-            return;
-        }
-    }
-}
-
-/// The loop of one sink's thread: route, write with retry, dead-letter what
-/// is rejected for good, flush, confirm, and hand the cursor to the sink's
-/// cursor saver (a scoped thread). Ends when the decoder side hangs up
-/// (after writing what it was given, and saving its cursor), or when
-/// `abort` is set while retrying.
-pub fn run_sink(t: SinkThread) {
-    let (shared, cursor_path) = (t.shared.clone(), t.cursor_path.clone());
-    let slot = CursorSlot::default();
-    std::thread::scope(|scope| {
-        let saver = std::thread::Builder::new()
-            .name(format!("cursor-{}", shared.name))
-            .spawn_scoped(scope, || run_cursor_saver(&shared, &cursor_path, &slot))
-            .expect("starting the sink's cursor saver thread");
-        let save = |index: u64, resume: Value| {
-            // A saver that died would leave the cursor behind for good:
-            // the sink thread dies with it, which stops the receiver.
-            assert!(!saver.is_finished(), "the sink's cursor saver thread died");
-            slot.put(index, resume);
-        };
-        // Also when the sink panics: the scope waits for the saver before
-        // the panic goes on to end the thread (which stops the receiver).
-        let _finish = FinishOnDrop(&slot);
-        sink_loop(t, save);
-    });
-}
-
-/// Ends the cursor saver when the sink loop ends, however it ends.
-struct FinishOnDrop<'a>(&'a CursorSlot);
-
-impl Drop for FinishOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.finish();
-    }
-}
-
-fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
-    let SinkThread {
-        shared,
-        mut sink,
-        routes,
-        batches,
-        abort,
-        cursor_path: _,
-        dead_letter_path,
-    } = t;
-    let name = shared.name.clone();
-    let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
-    // The last batch written, offered again after a failure (see forget_written).
-    let mut previous: Option<Arc<Vec<Delivered>>> = None;
-    let mut last_end = 0;
-    let mut last_save = Instant::now() - CURSOR_INTERVAL;
-    let mut unsaved: Option<u64> = None;
-    loop {
-        let batch = match batches.recv_timeout(CURSOR_INTERVAL) {
-            Ok(b) => b,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(end) = unsaved.take() {
-                    save(end, sink.resume_state());
-                    last_save = Instant::now();
-                }
-                continue;
+        let common = Common::deserialize(toml::Value::Table(common))
+            .map_err(|e| format!("{at}: {}", e.message()))?;
+        let component = (registration.parse)(toml::Value::Table(table)).map_err(|e| {
+            let message = e.message().replace("unknown field", "unknown key");
+            if message.starts_with("unknown key") {
+                format!(
+                    "{at}: {message}; every sink also takes {}",
+                    COMMON_KEYS
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                format!("{at}: {message}")
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-        shared
-            .in_flight_bytes
-            .fetch_sub(batch.bytes, Ordering::Relaxed);
-        // Batches come in journal order; a jump forward is an overflow skip.
-        debug_assert!(
-            batch.start >= last_end && batch.start <= batch.end,
-            "batch {}..{} after {last_end}",
-            batch.start,
-            batch.end
-        );
-        last_end = batch.end;
-        let mut records: Vec<&Delivered> = batch
-            .records
-            .iter()
-            .filter(|r| {
-                *routed
-                    .entry(r.stream.clone())
-                    .or_insert_with(|| routes.is_match(&*r.stream))
-            })
-            .collect();
-        let mut delay = RETRY_START;
-        let mut replayed = false;
-        while !records.is_empty() {
-            let result = sink
-                .write(&records)
-                .and_then(|_| sink.flush().map_err(SinkError::Retry));
-            match result {
-                Ok(()) => break,
-                Err(SinkError::Reject { at, reason }) => {
-                    let rejected = records.remove(at.min(records.len() - 1));
-                    dead_letter(&name, &dead_letter_path, rejected, &reason);
-                    shared.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(SinkError::Retry(e)) => {
-                    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    if sink.forget_written() && !replayed {
-                        replayed = true;
-                        if let Some(prev) = &previous {
-                            let mut again: Vec<&Delivered> = prev
-                                .iter()
-                                .filter(|r| routed.get(&r.stream).copied().unwrap_or(false))
-                                .collect();
-                            again.append(&mut records);
-                            records = again;
-                        }
+        })?;
+        Ok(SinkConfig { common, component })
+    }
+
+    pub fn common(&self) -> &Common {
+        &self.common
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        self.component.type_name()
+    }
+
+    /// The sink's own `Config`, if it is of type `B`.
+    pub fn config<B: SinkBuilder>(&self) -> Option<&B> {
+        self.component.as_any().downcast_ref()
+    }
+
+    /// Checks the sink's own keys; the error starts with the key name.
+    pub fn validate(&self) -> Result<(), String> {
+        self.component.validate()
+    }
+
+    pub fn build(&self) -> anyhow::Result<Box<dyn Sink>> {
+        self.component.build(&BuildContext::new(&self.common.name))
+    }
+}
+
+/// The effective configuration shows a sink as it was written: `type`,
+/// the common keys, then the sink's own (defaults filled in).
+impl Serialize for SinkConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("type", self.type_name())?;
+        let common = serde_json::to_value(&self.common).expect("json");
+        for fields in [common, self.component.to_json()] {
+            if let Value::Object(fields) = fields {
+                for (k, v) in fields {
+                    // TOML has no null: an unset optional key is left out.
+                    if !v.is_null() {
+                        map.serialize_entry(&k, &v)?;
                     }
-                    if abort.load(Ordering::Relaxed) {
-                        tracing::error!(sink = %name, "giving up on a batch of {} records at shutdown; they stay in the journal: {e:#}", records.len());
-                        return;
-                    }
-                    tracing::warn!(sink = %name, retry_in_ms = delay.as_millis() as u64, "write failed: {e:#}");
-                    shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    // Jitter (0.5x to 1.5x) so sinks failing together do not retry in step.
-                    std::thread::sleep(delay.mul_f64(rand::random::<f64>() + 0.5));
-                    delay = (delay * 2).min(RETRY_MAX);
                 }
             }
         }
-        shared
-            .stats
-            .records
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
-        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-        shared.confirmed.store(batch.end, Ordering::Release);
-        previous = Some(batch.records.clone());
-        unsaved = Some(batch.end);
-        if last_save.elapsed() >= CURSOR_INTERVAL {
-            save(batch.end, sink.resume_state());
-            unsaved = None;
-            last_save = Instant::now();
-        }
-    }
-    if let Some(end) = unsaved {
-        save(end, sink.resume_state());
+        map.end()
     }
 }
 
-/// Saves the cursor; only then may compaction pass `index` (`saved`).
-/// A failure is logged and counted, and the saver tries again.
-fn save_cursor(shared: &SinkShared, path: &Path, index: u64, resume: Value) -> bool {
-    let cursor = crate::journal::SinkCursor { index, resume };
-    let bytes = serde_json::to_vec(&cursor).expect("json");
-    match crate::journal::write_atomically(path, &bytes) {
-        Ok(()) => {
-            shared.saved.store(index, Ordering::Release);
-            true
-        }
-        Err(e) => {
-            shared.cursor_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(sink = %shared.name, "cannot save the sink cursor {}: {e:#}; the journal keeps everything after the last saved one", path.display());
-            false
-        }
-    }
-}
-
-fn dead_letter(name: &str, path: &Path, record: &Delivered, reason: &str) {
-    tracing::warn!(sink = %name, stream = %record.stream, seq = record.seq, "record rejected for good, written to the dead-letter file: {reason}");
-    let mut line = Vec::with_capacity(256);
-    line.extend_from_slice(b"{\"sink\":");
-    json_line::write_str(&mut line, name);
-    line.extend_from_slice(b",\"reason\":");
-    json_line::write_str(&mut line, reason);
-    line.extend_from_slice(b",\"at\":\"");
-    json_line::write_rfc3339_ns(&mut line, json_line::now_ns());
-    line.extend_from_slice(b"\",\"record\":");
-    json_line::write_record(&mut line, record);
-    line.extend_from_slice(b"}\n");
-    let result = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| {
-            use std::io::Write;
-            f.write_all(&line)?;
-            f.sync_data()
-        });
-    if let Err(e) = result {
-        tracing::error!(sink = %name, "cannot write the dead-letter file {}: {e}; the record was: {}", path.display(), String::from_utf8_lossy(&line).trim());
-    }
+/// `sinks = [...]` of the receiver config, each entry read with its index.
+pub fn deserialize_all<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SinkConfig>, D::Error> {
+    let tables = Vec::<toml::Table>::deserialize(d)?;
+    tables
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| SinkConfig::from_table(i, t).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
-    #[test]
-    fn the_cursor_saver_retries_a_failed_save_and_saves_the_newest_at_finish() {
-        let dir = std::env::temp_dir().join(format!("weir-cursor-saver-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("sinks").join("s.json");
-        let shared = SinkShared::new("s", 0);
-        let slot = CursorSlot::default();
-        std::thread::scope(|scope| {
-            scope.spawn(|| run_cursor_saver(&shared, &path, &slot));
-            // The directory is missing: the save fails and is counted.
-            slot.put(5, Value::Null);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while shared.cursor_errors.load(Ordering::Relaxed) == 0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "the failed save was never counted"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            assert_eq!(shared.saved.load(Ordering::Relaxed), 0);
-            // Once the disk is back, the retry saves it.
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            while shared.saved.load(Ordering::Relaxed) != 5 {
-                assert!(
-                    Instant::now() < deadline,
-                    "the failed save was never retried"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            slot.put(6, Value::Null);
-            slot.put(7, serde_json::json!({ "f": 1 }));
-            slot.finish();
-        });
-        assert_eq!(
-            shared.saved.load(Ordering::Relaxed),
-            7,
-            "the newest is saved at finish"
-        );
-        let saved = crate::journal::load_sink_cursor(&path).unwrap().unwrap();
-        assert_eq!(
-            (saved.index, saved.resume),
-            (7, serde_json::json!({ "f": 1 }))
-        );
-        std::fs::remove_dir_all(dir).unwrap();
+    fn parse(index: usize, text: &str) -> Result<SinkConfig, String> {
+        SinkConfig::from_table(index, toml::from_str(text).unwrap())
     }
 
     #[test]
@@ -520,5 +546,158 @@ mod tests {
         assert!(m.is_match("plant/a"));
         assert!(!m.is_match("office/a"));
         assert!(matcher(&[]).is_err());
+    }
+
+    #[test]
+    fn an_unknown_type_is_refused_naming_every_known_type() {
+        let err = parse(1, "type = \"kafka\"\nname = \"k\"").unwrap_err();
+        assert!(err.starts_with("sinks[1]: unknown type `kafka`"), "{err}");
+        for r in REGISTRY {
+            assert!(err.contains(&format!("`{}`", r.type_name)), "{err}");
+        }
+        let err = parse(0, "type = 3\nname = \"k\"").unwrap_err();
+        assert!(err.starts_with("sinks[0].type:"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_naming_the_key_the_entry_and_its_type() {
+        let err = parse(
+            2,
+            "type = \"tcp\"\nname = \"t\"\nconnect = \"127.0.0.1:1\"\nconect = 1",
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("sinks[2] (type tcp): unknown key `conect`"),
+            "{err}"
+        );
+        assert!(err.contains("`streams`"), "{err}");
+        let err = parse(0, "type = \"file\"\nname = \"f\"").unwrap_err();
+        assert!(
+            err.contains("sinks[0] (type file): missing field `dir`"),
+            "{err}"
+        );
+        let err = parse(0, "type = \"stdout\"\nname = \"o\"\nstreams = \"*\"").unwrap_err();
+        assert!(err.starts_with("sinks[0] (type stdout): "), "{err}");
+    }
+
+    #[test]
+    fn common_keys_are_read_once_and_each_sink_keeps_only_its_own() {
+        let s = parse(
+            0,
+            "type = \"file\"\nname = \"f\"\nstreams = [\"plant/*\"]\ndir = \"/tmp/x\"",
+        )
+        .unwrap();
+        assert_eq!(s.common().streams, vec!["plant/*".to_string()]);
+        assert_eq!(
+            s.config::<file::Config>().unwrap().dir,
+            std::path::PathBuf::from("/tmp/x")
+        );
+        assert!(s.config::<tcp::Config>().is_none());
+        let fields = serde_json::to_value(&s.common).unwrap();
+        let fields: Vec<&str> = fields
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(fields, COMMON_KEYS);
+        #[derive(Serialize)]
+        struct Wrap {
+            sinks: Vec<SinkConfig>,
+        }
+        assert_eq!(
+            toml::to_string(&Wrap { sinks: vec![s] }).unwrap(),
+            "[[sinks]]\ntype = \"file\"\nname = \"f\"\nstreams = [\"plant/*\"]\ndir = \"/tmp/x\"\nmax_file_bytes = \"256MiB\"\nmax_line_bytes = \"16MiB\"\n"
+        );
+    }
+
+    fn rec(stream: &str, epoch: u64, seq: u64, resent: bool) -> Delivered {
+        Delivered {
+            stream: Arc::from(stream),
+            source_type: Arc::from("x"),
+            session: 1,
+            epoch,
+            seq,
+            resent,
+            body: weir_protocol::RecordBody::Bytes(weir_protocol::Chunk {
+                data: vec![],
+                end: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn positions_after_a_batch_are_each_streams_last_record_not_its_resends() {
+        let recs = [
+            rec("a", 1, 5, false),
+            rec("b", 2, 9, false),
+            rec("a", 1, 6, false),
+            rec("a", 1, 2, true),
+            rec("b", 3, 0, false),
+        ];
+        let refs: Vec<&Delivered> = recs.iter().collect();
+        let p = positions_after(&refs);
+        let got: Vec<(&str, u64, u64)> = p
+            .iter()
+            .map(|p| (p.stream.as_str(), p.epoch, p.seq))
+            .collect();
+        assert_eq!(got, [("a", 1, 6), ("b", 3, 0)]);
+        assert_eq!(record_id(&recs[1]), "b/0000000000000002/9");
+    }
+
+    /// An async sink that confirms what it is given after a timer (which
+    /// needs a runtime), and fails while `down`.
+    struct Acks {
+        got: Arc<std::sync::Mutex<Vec<u64>>>,
+        down: bool,
+    }
+
+    impl AsyncSink for Acks {
+        async fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if self.down {
+                return Err(SinkError::retry(anyhow::anyhow!("broker down")));
+            }
+            self.got
+                .lock()
+                .unwrap()
+                .extend(records.iter().map(|r| r.seq));
+            Ok(records.len())
+        }
+        fn unconfirmed_loss(&mut self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn an_async_sink_runs_on_the_shared_runtime_behind_the_blocking_trait() {
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ctx = BuildContext::new("acks");
+        let mut sink = ctx
+            .async_sink(Acks {
+                got: got.clone(),
+                down: true,
+            })
+            .unwrap();
+        let recs = [rec("a", 1, 0, false), rec("a", 1, 1, false)];
+        let refs: Vec<&Delivered> = recs.iter().collect();
+        // Called from a plain thread, as the delivery thread does.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(matches!(
+                    sink.write(&refs),
+                    Err(SinkError::Retry { confirmed: 0, .. })
+                ));
+                assert!(sink.unconfirmed_loss());
+            });
+        });
+        let mut sink = ctx
+            .async_sink(Acks {
+                got: got.clone(),
+                down: false,
+            })
+            .unwrap();
+        assert_eq!(sink.write(&refs).unwrap(), 2);
+        assert_eq!(*got.lock().unwrap(), [0, 1]);
     }
 }

@@ -20,7 +20,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -29,7 +28,7 @@ use weir_protocol::decoder::Delivered;
 use weir_protocol::units::parse_size;
 use weir_protocol::RecordBody;
 
-use super::{default_streams, json_line, Sink, SinkError};
+use super::{json_line, BuildContext, Sink, SinkBuilder, SinkError};
 
 /// Publishes not yet acknowledged at once: enough to keep a loopback or
 /// LAN broker busy. rumqttc's own in-flight limit and its request channel
@@ -44,9 +43,6 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    #[serde(default = "default_streams")]
-    pub streams: Vec<String>,
     /// `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883, TLS).
     pub url: String,
     /// Topics are `prefix/<original topic>` (messages) or `prefix/<tag>`
@@ -144,8 +140,21 @@ fn read_password(path: &PathBuf) -> Result<String, String> {
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "mqtt";
+
+    fn validate(&self) -> Result<(), String> {
+        self.check()
+    }
+
+    /// Connects in the first `write`, not here.
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(MqttSink::new(self, ctx.name())?))
+    }
+}
+
 impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         let broker = parse_url(&self.url)?;
         if self.prefix.is_empty()
             || self.prefix.contains(['+', '#', '\0'])
@@ -191,10 +200,10 @@ impl Config {
         Ok(())
     }
 
-    fn client_id(&self) -> String {
+    /// The configured client id, or `weir-` and the sink's name.
+    fn client_id(&self, sink: &str) -> String {
         self.client_id.clone().unwrap_or_else(|| {
-            let name: String = self
-                .name
+            let name: String = sink
                 .chars()
                 .map(|c| {
                     if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -236,7 +245,7 @@ struct Session {
 }
 
 impl Session {
-    fn open(cfg: &Config, broker: &Broker, password: Option<&str>) -> Result<Session> {
+    fn open(cfg: &Config, name: &str, broker: &Broker, password: Option<&str>) -> Result<Session> {
         let max_packet = parse_size(&cfg.max_packet_size).expect("validated") as usize;
         let transport = if broker.tls {
             let ca = cfg
@@ -255,7 +264,7 @@ impl Session {
             .map(|u| (u, password.unwrap_or_default().to_string()));
         // Every event of a window fits: a publish makes at most two.
         let (tx, events) = sync_channel(2 * WINDOW + 64);
-        let name = cfg.name.clone();
+        let client_id = cfg.client_id(name);
         let forward = move |event: Event| -> bool {
             match tx.try_send(event) {
                 Ok(()) => true,
@@ -264,7 +273,7 @@ impl Session {
             }
         };
         let client = if cfg.protocol == "5" {
-            let mut o = rumqttc::v5::MqttOptions::new(cfg.client_id(), &broker.host, broker.port);
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, &broker.host, broker.port);
             o.set_keep_alive(Duration::from_secs(30))
                 .set_clean_start(true)
                 .set_max_packet_size(Some(max_packet as u32))
@@ -277,7 +286,7 @@ impl Session {
                 o.set_transport(t);
             }
             let (client, mut connection) = rumqttc::v5::Client::new(o, WINDOW + 16);
-            spawn(&name, move || {
+            spawn(name, move || {
                 use rumqttc::v5::mqttbytes::v5::Packet;
                 use rumqttc::v5::Event as E;
                 for event in connection.iter() {
@@ -300,7 +309,7 @@ impl Session {
             })?;
             Client::V5(client)
         } else {
-            let mut o = rumqttc::MqttOptions::new(cfg.client_id(), &broker.host, broker.port);
+            let mut o = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
             o.set_keep_alive(Duration::from_secs(30))
                 .set_clean_session(true)
                 .set_max_packet_size(max_packet, max_packet)
@@ -313,7 +322,7 @@ impl Session {
                 o.set_transport(t);
             }
             let (client, mut connection) = rumqttc::Client::new(o, WINDOW + 16);
-            spawn(&name, move || {
+            spawn(name, move || {
                 use rumqttc::{Event as E, Packet};
                 for event in connection.iter() {
                     let forwarded = match event {
@@ -422,31 +431,30 @@ struct Publish {
 }
 
 pub struct MqttSink {
+    name: String,
     cfg: Config,
     broker: Broker,
     password: Option<String>,
     max_packet: usize,
     session: Option<Session>,
-    /// (epoch, last seq) acknowledged per stream, to skip on a retry.
-    written: HashMap<Arc<str>, (u64, u64)>,
     /// The JSON object of a point (reused buffer).
     line: Vec<u8>,
 }
 
 impl MqttSink {
-    pub fn new(cfg: &Config) -> Result<Self> {
-        let broker = parse_url(&cfg.url).map_err(|e| anyhow!("sinks.{}: {e}", cfg.name))?;
+    pub fn new(cfg: &Config, name: &str) -> Result<Self> {
+        let broker = parse_url(&cfg.url).map_err(|e| anyhow!("sinks.{name}: {e}"))?;
         let password = match &cfg.password_file {
-            Some(p) => Some(read_password(p).map_err(|e| anyhow!("sinks.{}: {e}", cfg.name))?),
+            Some(p) => Some(read_password(p).map_err(|e| anyhow!("sinks.{name}: {e}"))?),
             None => None,
         };
         Ok(MqttSink {
+            name: name.to_string(),
             cfg: cfg.clone(),
             broker,
             password,
             max_packet: parse_size(&cfg.max_packet_size).expect("validated") as usize,
             session: None,
-            written: HashMap::new(),
             line: Vec::with_capacity(512),
         })
     }
@@ -510,7 +518,6 @@ impl MqttSink {
         &mut self,
         session: &Session,
         records: &[&Delivered],
-        skip: &[bool],
         done: &mut usize,
     ) -> Result<(), SinkError> {
         let mut t = Tracker {
@@ -521,10 +528,6 @@ impl MqttSink {
         };
         let mut result = Ok(());
         for (i, r) in records.iter().enumerate() {
-            if skip[i] {
-                t.complete[i] = true;
-                continue;
-            }
             let p = match self.publish_of(r) {
                 Ok(p) => p,
                 Err(reason) => {
@@ -535,14 +538,14 @@ impl MqttSink {
             while t.outstanding >= WINDOW && result.is_ok() {
                 result = session
                     .next_event(Instant::now() + ACK_TIMEOUT)
-                    .map_err(|e| SinkError::Retry(e.context("waiting for PUBACKs")))
+                    .map_err(|e| SinkError::retry(e.context("waiting for PUBACKs")))
                     .and_then(|e| t.handle(e));
             }
             if result.is_err() {
                 break;
             }
             if let Err(e) = session.publish(&p) {
-                result = Err(SinkError::Retry(e));
+                result = Err(SinkError::retry(e));
                 break;
             }
             t.published.push_back(i);
@@ -560,10 +563,10 @@ impl MqttSink {
         // Wait for what is outstanding; after a rejection too, so the
         // records before it count as written.
         let deadline = Instant::now() + ACK_TIMEOUT;
-        while t.outstanding > 0 && !matches!(result, Err(SinkError::Retry(_))) {
+        while t.outstanding > 0 && !matches!(result, Err(SinkError::Retry { .. })) {
             if let Err(e) = session
                 .next_event(deadline)
-                .map_err(|e| SinkError::Retry(e.context("waiting for PUBACKs")))
+                .map_err(|e| SinkError::retry(e.context("waiting for PUBACKs")))
                 .and_then(|e| t.handle(e))
             {
                 result = Err(e);
@@ -576,8 +579,7 @@ impl MqttSink {
 
 /// Which publishes of a batch were sent and acknowledged.
 struct Tracker {
-    /// Per record: acknowledged (QoS 1), handed to the socket (QoS 0), or
-    /// skipped as written before.
+    /// Per record: acknowledged (QoS 1) or handed to the socket (QoS 0).
     complete: Vec<bool>,
     /// Packet id -> record, for QoS 1 publishes awaiting their PUBACK.
     waiting: HashMap<u16, usize>,
@@ -591,7 +593,7 @@ impl Tracker {
         match event {
             Event::Sent(pkid) => {
                 let i = self.published.pop_front().ok_or_else(|| {
-                    SinkError::Retry(anyhow!(
+                    SinkError::retry(anyhow!(
                         "the broker connection sent a publish this sink did not make"
                     ))
                 })?;
@@ -608,7 +610,7 @@ impl Tracker {
                     self.outstanding -= 1;
                 }
             }
-            Event::Lost(e) => return Err(SinkError::Retry(anyhow!("connection lost: {e}"))),
+            Event::Lost(e) => return Err(SinkError::retry(anyhow!("connection lost: {e}"))),
             Event::Connected => {}
         }
         Ok(())
@@ -616,50 +618,47 @@ impl Tracker {
 }
 
 impl Sink for MqttSink {
-    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
-        let skip: Vec<bool> = records
-            .iter()
-            .map(|r| {
-                !r.resent
-                    && self
-                        .written
-                        .get(&r.stream)
-                        .is_some_and(|w| w.0 == r.epoch && r.seq <= w.1)
-            })
-            .collect();
-        if skip.iter().all(|s| *s) {
-            return Ok(());
-        }
+    /// Confirms the records whose PUBACK came (QoS 0: handed to the socket).
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
         let session = match self.session.take() {
             Some(s) => s,
             None => {
-                let s = Session::open(&self.cfg, &self.broker, self.password.as_deref())
-                    .with_context(|| {
-                        format!(
-                            "connecting to the broker at {} (check `url` and that the broker is up)",
-                            self.cfg.url
-                        )
-                    })?;
-                tracing::info!(sink = %self.cfg.name, url = %self.cfg.url, "mqtt sink connected");
+                let s = Session::open(
+                    &self.cfg,
+                    &self.name,
+                    &self.broker,
+                    self.password.as_deref(),
+                )
+                .with_context(|| {
+                    format!(
+                        "connecting to the broker at {} (check `url` and that the broker is up)",
+                        self.cfg.url
+                    )
+                })
+                .map_err(SinkError::retry)?;
+                tracing::info!(sink = %self.name, url = %self.cfg.url, "mqtt sink connected");
                 s
             }
         };
         let mut done = 0;
-        let result = self.publish_batch(&session, records, &skip, &mut done);
-        for r in &records[..done] {
-            if !r.resent {
-                self.written.insert(r.stream.clone(), (r.epoch, r.seq));
+        let result = self.publish_batch(&session, records, &mut done);
+        match result {
+            Ok(()) => {
+                self.session = Some(session);
+                Ok(records.len())
+            }
+            Err(SinkError::Retry { error, .. }) => {
+                drop(session); // a new connection next time
+                Err(SinkError::Retry {
+                    confirmed: done,
+                    error,
+                })
+            }
+            Err(e) => {
+                self.session = Some(session);
+                Err(e)
             }
         }
-        match &result {
-            Err(SinkError::Retry(_)) => drop(session), // a new connection next time
-            _ => self.session = Some(session),
-        }
-        result
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        Ok(())
     }
 }
 
@@ -668,11 +667,9 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Result<Config, String> {
-        let text = format!(
-            "name = \"it\"\nurl = \"mqtt://127.0.0.1:1883\"\nprefix = \"it/plant\"\n{extra}"
-        );
+        let text = format!("url = \"mqtt://127.0.0.1:1883\"\nprefix = \"it/plant\"\n{extra}");
         let c: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
-        c.validate()?;
+        c.check()?;
         Ok(c)
     }
 
@@ -692,18 +689,16 @@ mod tests {
             assert!(err.starts_with(key), "{extra}: {err}");
         }
         for prefix in ["", "a/#", "a/"] {
-            let c: Config = toml::from_str(&format!(
-                "name = \"it\"\nurl = \"mqtt://h\"\nprefix = \"{prefix}\""
-            ))
-            .unwrap();
-            assert!(c.validate().unwrap_err().starts_with("prefix:"), "{prefix}");
+            let c: Config =
+                toml::from_str(&format!("url = \"mqtt://h\"\nprefix = \"{prefix}\"")).unwrap();
+            assert!(c.check().unwrap_err().starts_with("prefix:"), "{prefix}");
         }
         assert!(parse_url("http://h").unwrap_err().starts_with("url:"));
     }
 
     #[test]
     fn messages_keep_topic_retain_and_qos_and_points_go_to_their_tag_as_json() {
-        let mut sink = MqttSink::new(&config("").unwrap()).unwrap();
+        let mut sink = MqttSink::new(&config("").unwrap(), "it").unwrap();
         let rec = |body: RecordBody| Delivered {
             stream: "plant/mqtt".into(),
             source_type: "mqtt".into(),

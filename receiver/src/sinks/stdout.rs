@@ -5,14 +5,19 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 
-use super::{default_streams, json_line, Sink, SinkError};
+use super::{json_line, BuildContext, Sink, SinkBuilder, SinkError};
 
+/// No keys of its own: `name` and `streams` are every sink's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
-    pub name: String,
-    #[serde(default = "default_streams")]
-    pub streams: Vec<String>,
+pub struct Config {}
+
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "stdout";
+
+    fn build(&self, _ctx: &BuildContext) -> anyhow::Result<Box<dyn Sink>> {
+        Ok(Box::new(StdoutSink::new()))
+    }
 }
 
 /// Bytes of lines collected before they go to standard output in one
@@ -41,7 +46,9 @@ impl StdoutSink {
 }
 
 impl Sink for StdoutSink {
-    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
+    /// Confirmed once written to standard output and flushed: what a pipe
+    /// can say. A failure writes the whole batch again.
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
         for r in records {
             json_line::write_record(&mut self.lines, r);
             self.lines.push(b'\n');
@@ -49,11 +56,8 @@ impl Sink for StdoutSink {
                 self.write_out()?;
             }
         }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> anyhow::Result<()> {
         self.write_out()?;
-        Ok(std::io::stdout().lock().flush()?)
+        std::io::stdout().lock().flush()?;
+        Ok(records.len())
     }
 }

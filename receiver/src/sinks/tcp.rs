@@ -14,20 +14,23 @@ use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::Delivered;
 use weir_protocol::RecordBody;
 
-use super::{default_streams, json_line, Sink, SinkError};
+use super::{json_line, BuildContext, Sink, SinkBuilder, SinkError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    #[serde(default = "default_streams")]
-    pub streams: Vec<String>,
     /// ip:port of the server to replay into.
     pub connect: SocketAddr,
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "tcp";
+
+    fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(TcpSink::new(self)))
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if self.connect.port() == 0 || self.connect.ip().is_unspecified() {
             return Err(format!(
                 "connect: {} must be a concrete ip:port",
@@ -41,10 +44,6 @@ impl Config {
 pub struct TcpSink {
     connect: SocketAddr,
     conns: HashMap<Arc<str>, std::io::BufWriter<TcpStream>>,
-    /// (epoch, last seq) written per stream, to skip on a retry.
-    written: HashMap<Arc<str>, (u64, u64)>,
-    /// Written into a connection's buffer, not yet flushed.
-    unflushed: HashMap<Arc<str>, (u64, u64)>,
     sessions: HashMap<Arc<str>, u64>,
     /// The JSON line being written (reused, so no allocation per record).
     line: Vec<u8>,
@@ -55,8 +54,6 @@ impl TcpSink {
         TcpSink {
             connect: cfg.connect,
             conns: HashMap::new(),
-            written: HashMap::new(),
-            unflushed: HashMap::new(),
             sessions: HashMap::new(),
             line: Vec::with_capacity(512),
         }
@@ -96,16 +93,10 @@ impl TcpSink {
 }
 
 impl Sink for TcpSink {
-    fn write(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
+    /// Confirmed once flushed to the kernel: plain TCP has no end-to-end
+    /// acknowledgement (see `unconfirmed_loss`).
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
         for r in records {
-            if !r.resent
-                && self
-                    .written
-                    .get(&r.stream)
-                    .is_some_and(|w| w.0 == r.epoch && r.seq <= w.1)
-            {
-                continue; // written before a retried failure
-            }
             // A new sender session cannot continue a connection the old one
             // left open (the sender restarted mid-stream): close it first.
             if self
@@ -149,16 +140,21 @@ impl Sink for TcpSink {
             if let Err(e) = result {
                 // Drop the broken connection; the retry opens a new one.
                 self.conns.remove(&r.stream);
-                return Err(SinkError::Retry(e));
-            }
-            if !r.resent {
-                // Counted as written only once a flush succeeds.
-                self.unflushed.insert(r.stream.clone(), (r.epoch, r.seq));
+                return Err(SinkError::retry(e));
             }
         }
-        Ok(())
+        self.flush()?;
+        Ok(records.len())
     }
 
+    /// After a failed write the server may have lost what the kernel had
+    /// accepted: the previous batch is written again too (at least once).
+    fn unconfirmed_loss(&mut self) -> bool {
+        true
+    }
+}
+
+impl TcpSink {
     fn flush(&mut self) -> Result<()> {
         let mut failed = None;
         self.conns.retain(|stream, w| match w.flush() {
@@ -171,22 +167,8 @@ impl Sink for TcpSink {
             }
         });
         match failed {
-            Some(e) => {
-                self.unflushed.clear();
-                Err(e)
-            }
-            None => {
-                self.written.extend(self.unflushed.drain());
-                Ok(())
-            }
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-    }
-
-    /// After a failed write the server may have lost what the kernel had
-    /// accepted: forget what was written so the replayed batches go again.
-    fn forget_written(&mut self) -> bool {
-        self.written.clear();
-        self.unflushed.clear();
-        true
     }
 }

@@ -7,18 +7,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use weir_protocol::{Point, RecordBody, Value};
 
-use super::SourceHandle;
+use super::{Source, SourceHandle};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
-    #[serde(default = "super::default_repeat")]
-    pub repeat: u32,
-    /// Spacing of the copies; an outage shorter than this costs one copy.
-    #[serde(default = "super::default_repeat_delay")]
-    pub repeat_delay_ms: u64,
     /// Distinct tags, named `{name}/tag-00000` onwards.
     #[serde(default = "default_tags")]
     pub tags: u32,
@@ -37,8 +30,10 @@ fn default_rate() -> f64 {
     1000.0
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl Source for Config {
+    const TYPE: &'static str = "generator";
+
+    fn validate(&self) -> Result<(), String> {
         if self.tags == 0 || self.tags > 1_000_000 {
             return Err(format!("tags: {} must be between 1 and 1000000", self.tags));
         }
@@ -50,6 +45,10 @@ impl Config {
         }
         Ok(())
     }
+
+    async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
+        run(self, handle).await
+    }
 }
 
 const TICK: Duration = Duration::from_millis(5);
@@ -57,9 +56,10 @@ const TICK: Duration = Duration::from_millis(5);
 /// thread, which reads under the same lock, never waits long.
 const EMIT_BATCH: usize = 256;
 
-pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+    let name = handle.stream().to_string();
     let tags: Vec<String> = (0..cfg.tags)
-        .map(|i| format!("{}/tag-{i:05}", cfg.name))
+        .map(|i| format!("{}/tag-{i:05}", name))
         .collect();
     let start = Instant::now();
     let mut emitted: u64 = 0;
@@ -91,7 +91,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             }
         }
         if cfg.count.is_some_and(|c| emitted >= c) {
-            tracing::info!(source = %cfg.name, points = emitted, "generator finished its count");
+            tracing::info!(source = %name, points = emitted, "generator finished its count");
             return Ok(());
         }
     }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use weir_protocol::{Chunk, Message, RecordBody};
 
-use super::{now_ns, SourceHandle};
+use super::{now_ns, Source, SourceHandle};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -17,13 +17,6 @@ pub enum Mode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
-    #[serde(default = "super::default_repeat")]
-    pub repeat: u32,
-    /// Spacing of the copies; an outage shorter than this costs one copy.
-    #[serde(default = "super::default_repeat_delay")]
-    pub repeat_delay_ms: u64,
     #[serde(default = "default_mode")]
     pub mode: Mode,
     /// Topic of line messages; default: the source name.
@@ -39,17 +32,24 @@ fn default_mode() -> Mode {
 const MAX_LINE: usize = 1 << 20;
 const RAW_CHUNK: usize = 64 * 1024;
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl Source for Config {
+    const TYPE: &'static str = "stdin";
+
+    fn validate(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
+        run(self, handle).await
     }
 }
 
-pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+    let name = handle.stream().to_string();
     let stdin = tokio::io::stdin();
     match cfg.mode {
         Mode::Lines => {
-            let topic = cfg.topic.clone().unwrap_or_else(|| cfg.name.clone());
+            let topic = cfg.topic.clone().unwrap_or_else(|| name.clone());
             let mut reader = BufReader::with_capacity(256 * 1024, stdin);
             let mut line = Vec::new();
             loop {
@@ -99,6 +99,6 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!(source = %cfg.name, "stdin reached end of input");
+    tracing::info!(source = %name, "stdin reached end of input");
     Ok(())
 }

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use weir_protocol::units::parse_size;
 use weir_protocol::{Chunk, RecordBody};
 
-use super::SourceHandle;
+use super::{Source, SourceHandle};
 use crate::metrics::Counters;
 
 /// First wait after a failed accept, doubled per failure in a row up to
@@ -28,13 +28,6 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
-    #[serde(default = "super::default_repeat")]
-    pub repeat: u32,
-    /// Spacing of the copies; an outage shorter than this costs one copy.
-    #[serde(default = "super::default_repeat_delay")]
-    pub repeat_delay_ms: u64,
     pub listen: SocketAddr,
     /// Largest chunk read into one record.
     #[serde(default = "default_chunk")]
@@ -45,8 +38,10 @@ fn default_chunk() -> String {
     "64KiB".into()
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+impl Source for Config {
+    const TYPE: &'static str = "tcp";
+
+    fn validate(&self) -> Result<(), String> {
         let size = parse_size(&self.chunk_size).map_err(|e| format!("chunk_size: {e}"))?;
         if !(512..=(16 << 20)).contains(&size) {
             return Err(format!(
@@ -56,17 +51,22 @@ impl Config {
         }
         Ok(())
     }
+
+    async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
+        run(self, handle).await
+    }
 }
 
-pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+    let name = handle.stream().to_string();
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
         anyhow::anyhow!(
             "sources.{}: cannot listen on {} ({e}); check `listen`",
-            cfg.name,
+            name,
             cfg.listen
         )
     })?;
-    tracing::info!(source = %cfg.name, listen = %cfg.listen, "tcp source listening");
+    tracing::info!(source = %name, listen = %cfg.listen, "tcp source listening");
     handle.status(|s| s.state = "listening");
     let chunk = parse_size(&cfg.chunk_size).expect("validated") as usize;
     let mut shutdown = handle.shutdown.clone();
@@ -77,7 +77,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 Ok(c) => c,
                 Err(e) => {
                     Counters::add(&handle.counters().source_accept_errors, 1);
-                    tracing::warn!(source = %cfg.name, retry_in_ms = backoff.as_millis() as u64,
+                    tracing::warn!(source = %name, retry_in_ms = backoff.as_millis() as u64,
                         "accept failed: {e}; retrying (counted in source_accept_errors)");
                     handle.status(|s| {
                         s.state = "retrying";
@@ -101,7 +101,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             s.state = "connected";
             s.connections += 1;
         });
-        tracing::info!(source = %cfg.name, %peer, "connection accepted");
+        tracing::info!(source = %name, %peer, "connection accepted");
         let mut total: u64 = 0;
         loop {
             if !handle.wait_for_room().await {
@@ -131,7 +131,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 Err(e) => {
                     // The peer reconnects when it can; the stream goes on.
                     Counters::add(&handle.counters().source_peer_errors, 1);
-                    tracing::warn!(source = %cfg.name, %peer,
+                    tracing::warn!(source = %name, %peer,
                         "connection lost ({e}); closing it and waiting for the peer to reconnect (counted in source_peer_errors)");
                     handle.status(|s| {
                         s.peer_errors += 1;
@@ -145,7 +145,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             data: Vec::new(),
             end: true,
         }));
-        tracing::info!(source = %cfg.name, %peer, bytes = total, "connection closed");
+        tracing::info!(source = %name, %peer, bytes = total, "connection closed");
         handle.status(|s| s.state = "listening");
     }
 }

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use weir_protocol::units::parse_size;
 use weir_protocol::{Message, RecordBody};
 
-use super::{now_ns, DurableWatch, SourceHandle, Ticket};
+use super::{now_ns, DurableWatch, Source, SourceHandle, Ticket};
 use crate::metrics::Counters;
 
 pub use json_map::JsonMap;
@@ -62,13 +62,6 @@ const WARN_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
-    /// Send each record this many times in all (1 = once), see `repeat_delay_ms`.
-    #[serde(default = "super::default_repeat")]
-    pub repeat: u32,
-    /// Spacing of the copies; an outage shorter than this costs one copy.
-    #[serde(default = "super::default_repeat_delay")]
-    pub repeat_delay_ms: u64,
     /// `mqtt://host:port` (port 1883 if left out) or `mqtts://host:port`
     /// (TLS, port 8883 if left out).
     pub url: String,
@@ -196,8 +189,20 @@ fn check_filter(f: &str) -> Result<(), String> {
     Ok(())
 }
 
+impl Source for Config {
+    const TYPE: &'static str = "mqtt";
+
+    fn validate(&self) -> Result<(), String> {
+        self.check()
+    }
+
+    async fn run(self, handle: SourceHandle) -> anyhow::Result<()> {
+        run(self, handle).await
+    }
+}
+
 impl Config {
-    pub fn validate(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         let broker = parse_url(&self.url)?;
         if self.topics.is_empty() {
             return Err(
@@ -254,10 +259,10 @@ impl Config {
         Ok(())
     }
 
-    fn client_id(&self) -> String {
+    /// The configured client id, or `weir-` and the source's name.
+    fn client_id(&self, source: &str) -> String {
         self.client_id.clone().unwrap_or_else(|| {
-            let name: String = self
-                .name
+            let name: String = source
                 .chars()
                 .map(|c| {
                     if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -388,15 +393,14 @@ impl Client {
 /// system roots).
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-fn tls_transport(cfg: &Config) -> anyhow::Result<rumqttc::Transport> {
+fn tls_transport(cfg: &Config, name: &str) -> anyhow::Result<rumqttc::Transport> {
     let ca = cfg
         .ca_file
         .clone()
         .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
     let pem = std::fs::read(&ca).map_err(|e| {
         anyhow::anyhow!(
-            "sources.{}: ca_file: cannot read {} ({e})",
-            cfg.name,
+            "sources.{name}: ca_file: cannot read {} ({e})",
             ca.display()
         )
     })?;
@@ -406,13 +410,14 @@ fn tls_transport(cfg: &Config) -> anyhow::Result<rumqttc::Transport> {
 /// Opens the client and starts the connection task.
 fn connect(
     cfg: &Config,
+    name: &str,
     broker: &Broker,
     password: Option<String>,
     events: mpsc::Sender<Event>,
 ) -> anyhow::Result<(Client, tokio::task::JoinHandle<()>)> {
     let max_packet = parse_size(&cfg.max_packet_size).expect("validated") as usize;
     let transport = if broker.tls {
-        Some(tls_transport(cfg)?)
+        Some(tls_transport(cfg, name)?)
     } else {
         None
     };
@@ -422,7 +427,7 @@ fn connect(
         .clone()
         .map(|u| (u, password.unwrap_or_default()));
     Ok(if cfg.protocol == "5" {
-        let mut o = rumqttc::v5::MqttOptions::new(cfg.client_id(), &broker.host, broker.port);
+        let mut o = rumqttc::v5::MqttOptions::new(cfg.client_id(name), &broker.host, broker.port);
         o.set_keep_alive(keep_alive)
             .set_clean_start(cfg.clean_session)
             .set_manual_acks(true)
@@ -446,7 +451,7 @@ fn connect(
             tokio::spawn(drive_v5(eventloop, events)),
         )
     } else {
-        let mut o = rumqttc::MqttOptions::new(cfg.client_id(), &broker.host, broker.port);
+        let mut o = rumqttc::MqttOptions::new(cfg.client_id(name), &broker.host, broker.port);
         o.set_keep_alive(keep_alive)
             .set_clean_session(cfg.clean_session)
             .set_manual_acks(true)
@@ -619,9 +624,9 @@ struct Mapper {
 }
 
 impl Mapper {
-    fn new(cfg: &Config) -> Self {
+    fn new(cfg: &Config, source: &str) -> Self {
         Mapper {
-            source: cfg.name.clone(),
+            source: source.to_string(),
             sparkplug: cfg.sparkplug.then(sparkplug::Decoder::default),
             json: cfg.json.clone(),
             warn_unmapped: Throttled::new(),
@@ -691,22 +696,21 @@ impl Mapper {
     }
 }
 
-pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
-    let broker = parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("sources.{}: {e}", cfg.name))?;
+async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
+    let name = handle.stream().to_string();
+    let broker = parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("sources.{name}: {e}"))?;
     let password = match &cfg.password_file {
-        Some(p) => {
-            Some(read_password(p).map_err(|e| anyhow::anyhow!("sources.{}: {e}", cfg.name))?)
-        }
+        Some(p) => Some(read_password(p).map_err(|e| anyhow::anyhow!("sources.{name}: {e}"))?),
         None => None,
     };
     let (tx, mut events) = mpsc::channel(EVENT_QUEUE);
-    let (client, task) = connect(&cfg, &broker, password, tx)?;
+    let (client, task) = connect(&cfg, &name, &broker, password, tx)?;
     // The connection task ends with this function, however it ends.
     let _abort = AbortOnDrop(task);
-    tracing::info!(source = %cfg.name, url = %cfg.url, client_id = %cfg.client_id(),
+    tracing::info!(source = %name, url = %cfg.url, client_id = %cfg.client_id(&name),
         protocol = %cfg.protocol, topics = ?cfg.topics, "mqtt source connecting");
     handle.status(|s| s.state = "connecting");
-    let mut mapper = Mapper::new(&cfg);
+    let mut mapper = Mapper::new(&cfg, &name);
     let mut durable: DurableWatch = handle.durable_watch();
     let mut shutdown = handle.shutdown.clone();
     // QoS 1 messages spooled and not yet fsynced (ticket, packet id), in
@@ -738,7 +742,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             _ = shutdown.changed() => break,
             e = events.recv() => match e {
                 Some(e) => e,
-                None => anyhow::bail!("sources.{}: the mqtt connection task ended unexpectedly", cfg.name),
+                None => anyhow::bail!("sources.{name}: the mqtt connection task ended unexpectedly"),
             },
             ok = durable.changed(), if !unsynced.is_empty() => {
                 if !ok { break; }
@@ -761,12 +765,12 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 // broker send its retained messages again.
                 subscribe_due = first_connection || !session_present;
                 first_connection = false;
-                tracing::info!(source = %cfg.name, session_present, resubscribe = subscribe_due, "mqtt source connected");
+                tracing::info!(source = %name, session_present, resubscribe = subscribe_due, "mqtt source connected");
             }
             Event::Subscribed { refused } => {
                 if refused > 0 {
                     Counters::add(&handle.counters().mqtt_subscribe_refused, refused as u64);
-                    tracing::error!(source = %cfg.name, refused, topics = ?cfg.topics,
+                    tracing::error!(source = %name, refused, topics = ?cfg.topics,
                         "the broker refused {refused} of the topic filters (not authorized, or invalid); check `topics` and the broker's ACL (counted in mqtt_subscribe_refused)");
                     handle.status(|s| {
                         s.last_error = Some(format!("broker refused {refused} topic filter(s)"))
@@ -784,7 +788,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
                 unacked.clear();
                 subscribe_due = false;
                 Counters::add(&handle.counters().mqtt_connection_errors, 1);
-                tracing::warn!(source = %cfg.name, url = %cfg.url, retry_in_ms = retry_in.as_millis() as u64,
+                tracing::warn!(source = %name, url = %cfg.url, retry_in_ms = retry_in.as_millis() as u64,
                     unacknowledged = abandoned,
                     "mqtt connection lost or refused: {error}; reconnecting (counted in mqtt_connection_errors)");
                 handle.status(|s| {
@@ -812,7 +816,7 @@ pub async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
     }
     // Messages spooled but not yet fsynced are not acknowledged: the broker
     // delivers them again to the next run (persistent session).
-    tracing::info!(source = %cfg.name, unacknowledged = unsynced.len() + unacked.len(), "mqtt source stopping");
+    tracing::info!(source = %name, unacknowledged = unsynced.len() + unacked.len(), "mqtt source stopping");
     client.try_disconnect();
     Ok(())
 }
@@ -830,9 +834,9 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Result<Config, String> {
-        let text = format!("name = \"plant/mqtt\"\nurl = \"mqtt://127.0.0.1:1883\"\ntopics = [\"plant/#\"]\n{extra}");
+        let text = format!("url = \"mqtt://127.0.0.1:1883\"\ntopics = [\"plant/#\"]\n{extra}");
         let c: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
-        c.validate()?;
+        c.check()?;
         Ok(c)
     }
 
@@ -862,7 +866,7 @@ mod tests {
             (c.qos, c.protocol.as_str(), c.clean_session),
             (1, "3.1.1", false)
         );
-        assert_eq!(c.client_id(), "weir-plant-mqtt");
+        assert_eq!(c.client_id("plant/mqtt"), "weir-plant-mqtt");
     }
 
     #[test]
@@ -895,9 +899,8 @@ mod tests {
 
     #[test]
     fn sparkplug_json_and_plain_messages_map_as_configured() {
-        let mut cfg = config("sparkplug = true\njson = { value = \"/v\" }").unwrap();
-        cfg.name = "s".into();
-        let mut mapper = Mapper::new(&cfg);
+        let cfg = config("sparkplug = true\njson = { value = \"/v\" }").unwrap();
+        let mut mapper = Mapper::new(&cfg, "s");
         let counters = Counters::default();
         let msg = |topic: &str, payload: &[u8]| Incoming {
             topic: topic.into(),
