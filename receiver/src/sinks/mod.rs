@@ -15,6 +15,7 @@
 
 pub mod file;
 pub mod json_line;
+pub mod mqtt;
 pub mod stdout;
 pub mod syslog;
 pub mod tcp;
@@ -41,6 +42,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<tcp::Config>(),
     Registration::of::<syslog::Config>(),
     Registration::of::<udp::Config>(),
+    Registration::of::<mqtt::Config>(),
 ];
 
 /// A sink type's `Config` (the sink's own keys, serde with

@@ -10,6 +10,7 @@
 //! [`SourceHandle::durable`]) before it acknowledges them upstream.
 
 pub mod generator;
+pub mod mqtt;
 pub mod stdin;
 pub mod syslog;
 pub mod tcp;
@@ -37,6 +38,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<generator::Config>(),
     Registration::of::<syslog::Config>(),
     Registration::of::<udp::Config>(),
+    Registration::of::<mqtt::Config>(),
 ];
 
 /// A source type: its `Config` (the source's own keys, serde with

@@ -1,0 +1,742 @@
+//! `mqtt`: republishes records to the IT broker. A `Message` goes to
+//! `prefix/<its topic>` with its payload byte for byte, its retain flag,
+//! its QoS (or the configured `qos`) and, over MQTT 5, its user
+//! properties; a `Point` goes to `prefix/<tag>` as the JSON object the file
+//! sink writes (QoS 1 unless `qos` says otherwise); `Log` and `Bytes`
+//! records go to `prefix/<stream name>` as that JSON object too.
+//!
+//! `write` publishes a batch and returns only once the broker has
+//! acknowledged (PUBACK) every QoS 1 publish of it, so the journal cursor
+//! moves past a record only once the IT broker has it. On a lost connection
+//! or a missing acknowledgement the connection is dropped, the batch is
+//! offered again (retry with backoff, outside the sink) and a new
+//! connection publishes what was not acknowledged: records whose PUBACK
+//! came are skipped. A PUBACK lost with the connection makes the broker get
+//! that message twice (at least once, as MQTT QoS 1 is).
+//!
+//! The connection is rumqttc's synchronous client: its event loop runs on a
+//! thread per connection that only forwards events to the sink's thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use weir_protocol::decoder::Delivered;
+use weir_protocol::units::parse_size;
+use weir_protocol::RecordBody;
+
+use super::{json_line, BuildContext, Sink, SinkBuilder, SinkError};
+
+/// Publishes not yet acknowledged at once: enough to keep a loopback or
+/// LAN broker busy. rumqttc's own in-flight limit and its request channel
+/// are sized from it, so a publish never waits on a full channel.
+const WINDOW: usize = 256;
+/// The longest a connection may take to be accepted, and the longest the
+/// broker may take to acknowledge after the last publish of a batch,
+/// before the connection is given up and the batch retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883, TLS).
+    pub url: String,
+    /// Topics are `prefix/<original topic>` (messages) or `prefix/<tag>`
+    /// (points).
+    pub prefix: String,
+    /// 0 or 1 for every publish; unset: a message keeps its own QoS and
+    /// everything else is published with QoS 1.
+    #[serde(default)]
+    pub qos: Option<u8>,
+    /// `3.1.1` or `5` (MQTT 5 keeps user properties).
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Unique on the broker. Default: `weir-` and the sink's name.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password (one line), read at start.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM CA file for `mqtts://` (default: the system's roots,
+    /// /etc/ssl/certs/ca-certificates.crt).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Largest packet published; a record that would be larger goes to the
+    /// dead-letter file (the broker would drop the connection).
+    #[serde(
+        default = "default_max_packet",
+        deserialize_with = "weir_protocol::units::size_text"
+    )]
+    pub max_packet_size: String,
+}
+
+fn default_protocol() -> String {
+    "3.1.1".into()
+}
+
+fn default_max_packet() -> String {
+    "16MiB".into()
+}
+
+/// Where the broker is, from `url`.
+#[derive(Debug, Clone, PartialEq)]
+struct Broker {
+    host: String,
+    port: u16,
+    tls: bool,
+}
+
+fn parse_url(url: &str) -> Result<Broker, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(format!(
+            "url: `{url}` must start with mqtt:// or mqtts:// (e.g. \"mqtt://127.0.0.1:1883\")"
+        ));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(format!(
+            "url: `{url}` must be mqtt[s]://host[:port] (no path; credentials go in `username` and `password_file`)"
+        ));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && (h.starts_with('[') || !h.contains(':')) => {
+            let port: u16 = p
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("url: `{p}` in `{url}` is not a port (1-65535)"))?;
+            (h, port)
+        }
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("url: `{url}` has no host"));
+    }
+    Ok(Broker {
+        host: host.to_string(),
+        port,
+        tls,
+    })
+}
+
+fn read_password(path: &PathBuf) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "password_file: cannot read {} ({e}); it holds the broker password",
+            path.display()
+        )
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "mqtt";
+
+    fn validate(&self) -> Result<(), String> {
+        self.check()
+    }
+
+    /// Connects in the first `write`, not here.
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(MqttSink::new(self, ctx.name())?))
+    }
+}
+
+impl Config {
+    fn check(&self) -> Result<(), String> {
+        let broker = parse_url(&self.url)?;
+        if self.prefix.is_empty()
+            || self.prefix.contains(['+', '#', '\0'])
+            || self.prefix.ends_with('/')
+        {
+            return Err(format!(
+                "prefix: `{}` must be a non-empty topic without wildcards or a trailing `/` (e.g. \"it/plant\")",
+                self.prefix
+            ));
+        }
+        if self.qos.is_some_and(|q| q > 1) {
+            return Err("qos: must be 0 or 1 (or unset to keep each message's QoS)".into());
+        }
+        if !["3.1.1", "5"].contains(&self.protocol.as_str()) {
+            return Err(format!(
+                "protocol: `{}` must be \"3.1.1\" or \"5\"",
+                self.protocol
+            ));
+        }
+        if self.password_file.is_some() && self.username.is_none() {
+            return Err("password_file: is set without `username`".into());
+        }
+        if let Some(p) = &self.password_file {
+            read_password(p)?;
+        }
+        if let Some(ca) = &self.ca_file {
+            if !broker.tls {
+                return Err(format!(
+                    "ca_file: is set but `url` {} is not mqtts://",
+                    self.url
+                ));
+            }
+            std::fs::metadata(ca)
+                .map_err(|e| format!("ca_file: cannot read {} ({e})", ca.display()))?;
+        }
+        let max = parse_size(&self.max_packet_size).map_err(|e| format!("max_packet_size: {e}"))?;
+        if !(1024..=(256 << 20)).contains(&max) {
+            return Err(format!(
+                "max_packet_size: {} must be between 1KiB and 256MiB",
+                self.max_packet_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured client id, or `weir-` and the sink's name.
+    fn client_id(&self, sink: &str) -> String {
+        self.client_id.clone().unwrap_or_else(|| {
+            let name: String = sink
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            format!("weir-{name}")
+        })
+    }
+}
+
+/// The CA bundle `mqtts://` trusts when `ca_file` is not set (Debian's
+/// system roots).
+const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// What a connection's thread reports.
+enum Event {
+    Connected,
+    /// A publish left for the broker with this packet id (0 for QoS 0).
+    Sent(u16),
+    Acked(u16),
+    Lost(String),
+}
+
+enum Client {
+    V4(rumqttc::Client),
+    V5(rumqttc::v5::Client),
+}
+
+/// One connection: a client and the thread running its event loop. Dropped
+/// on any failure; the next write opens a new one, so nothing queued for the
+/// old one is ever sent twice by the library itself.
+struct Session {
+    client: Client,
+    events: Receiver<Event>,
+}
+
+impl Session {
+    fn open(cfg: &Config, name: &str, broker: &Broker, password: Option<&str>) -> Result<Session> {
+        let max_packet = parse_size(&cfg.max_packet_size).expect("validated") as usize;
+        let transport = if broker.tls {
+            let ca = cfg
+                .ca_file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
+            let pem = std::fs::read(&ca)
+                .with_context(|| format!("ca_file: cannot read {}", ca.display()))?;
+            Some(rumqttc::Transport::tls(pem, None, None))
+        } else {
+            None
+        };
+        let credentials = cfg
+            .username
+            .clone()
+            .map(|u| (u, password.unwrap_or_default().to_string()));
+        // Every event of a window fits: a publish makes at most two.
+        let (tx, events) = sync_channel(2 * WINDOW + 64);
+        let client_id = cfg.client_id(name);
+        let forward = move |event: Event| -> bool {
+            match tx.try_send(event) {
+                Ok(()) => true,
+                Err(TrySendError::Full(e)) => tx.send(e).is_ok(),
+                Err(TrySendError::Disconnected(_)) => false,
+            }
+        };
+        let client = if cfg.protocol == "5" {
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, &broker.host, broker.port);
+            o.set_keep_alive(Duration::from_secs(30))
+                .set_clean_start(true)
+                .set_max_packet_size(Some(max_packet as u32))
+                .set_outgoing_inflight_upper_limit(WINDOW as u16)
+                .set_request_channel_capacity(WINDOW + 16);
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (client, mut connection) = rumqttc::v5::Client::new(o, WINDOW + 16);
+            spawn(name, move || {
+                use rumqttc::v5::mqttbytes::v5::Packet;
+                use rumqttc::v5::Event as E;
+                for event in connection.iter() {
+                    let forwarded = match event {
+                        Ok(E::Incoming(Packet::ConnAck(_))) => forward(Event::Connected),
+                        Ok(E::Incoming(Packet::PubAck(a))) => forward(Event::Acked(a.pkid)),
+                        Ok(E::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                            forward(Event::Sent(pkid))
+                        }
+                        Ok(_) => true,
+                        Err(e) => {
+                            forward(Event::Lost(e.to_string()));
+                            return;
+                        }
+                    };
+                    if !forwarded {
+                        return;
+                    }
+                }
+            })?;
+            Client::V5(client)
+        } else {
+            let mut o = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
+            o.set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(true)
+                .set_max_packet_size(max_packet, max_packet)
+                .set_inflight(WINDOW as u16)
+                .set_request_channel_capacity(WINDOW + 16);
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (client, mut connection) = rumqttc::Client::new(o, WINDOW + 16);
+            spawn(name, move || {
+                use rumqttc::{Event as E, Packet};
+                for event in connection.iter() {
+                    let forwarded = match event {
+                        Ok(E::Incoming(Packet::ConnAck(_))) => forward(Event::Connected),
+                        Ok(E::Incoming(Packet::PubAck(a))) => forward(Event::Acked(a.pkid)),
+                        Ok(E::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                            forward(Event::Sent(pkid))
+                        }
+                        Ok(_) => true,
+                        Err(e) => {
+                            forward(Event::Lost(e.to_string()));
+                            return;
+                        }
+                    };
+                    if !forwarded {
+                        return;
+                    }
+                }
+            })?;
+            Client::V4(client)
+        };
+        let session = Session { client, events };
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            match session.next_event(deadline)? {
+                Event::Connected => return Ok(session),
+                Event::Lost(e) => return Err(anyhow!(e)),
+                Event::Sent(_) | Event::Acked(_) => {}
+            }
+        }
+    }
+
+    /// The next event, waiting until `deadline`.
+    fn next_event(&self, deadline: Instant) -> Result<Event> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.events.recv_timeout(wait) {
+            Ok(e) => Ok(e),
+            Err(RecvTimeoutError::Timeout) => Err(anyhow!("the broker did not answer in time")),
+            Err(RecvTimeoutError::Disconnected) => Err(anyhow!("the connection thread ended")),
+        }
+    }
+
+    fn publish(&self, p: &Publish) -> Result<()> {
+        let ok = match &self.client {
+            Client::V4(c) => {
+                let qos = if p.qos == 0 {
+                    rumqttc::QoS::AtMostOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                };
+                c.try_publish(p.topic.clone(), qos, p.retain, p.payload.clone())
+                    .is_ok()
+            }
+            Client::V5(c) => {
+                use rumqttc::v5::mqttbytes::QoS;
+                let qos = if p.qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                if p.properties.is_empty() {
+                    c.try_publish(p.topic.clone(), qos, p.retain, p.payload.clone())
+                        .is_ok()
+                } else {
+                    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                        user_properties: p.properties.clone(),
+                        ..Default::default()
+                    };
+                    c.try_publish_with_properties(
+                        p.topic.clone(),
+                        qos,
+                        p.retain,
+                        p.payload.clone(),
+                        props,
+                    )
+                    .is_ok()
+                }
+            }
+        };
+        // The channel holds a whole window, so a refusal means the
+        // connection's event loop is gone.
+        if ok {
+            Ok(())
+        } else {
+            Err(anyhow!("the connection closed while publishing"))
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name(format!("mqtt-{name}"))
+        .spawn(f)
+        .map(|_| ())
+        .context("starting the mqtt connection thread")
+}
+
+/// One record as a publish.
+#[derive(Debug)]
+struct Publish {
+    topic: String,
+    payload: Vec<u8>,
+    qos: u8,
+    retain: bool,
+    properties: Vec<(String, String)>,
+}
+
+pub struct MqttSink {
+    name: String,
+    cfg: Config,
+    broker: Broker,
+    password: Option<String>,
+    max_packet: usize,
+    session: Option<Session>,
+    /// The JSON object of a point (reused buffer).
+    line: Vec<u8>,
+}
+
+impl MqttSink {
+    pub fn new(cfg: &Config, name: &str) -> Result<Self> {
+        let broker = parse_url(&cfg.url).map_err(|e| anyhow!("sinks.{name}: {e}"))?;
+        let password = match &cfg.password_file {
+            Some(p) => Some(read_password(p).map_err(|e| anyhow!("sinks.{name}: {e}"))?),
+            None => None,
+        };
+        Ok(MqttSink {
+            name: name.to_string(),
+            cfg: cfg.clone(),
+            broker,
+            password,
+            max_packet: parse_size(&cfg.max_packet_size).expect("validated") as usize,
+            session: None,
+            line: Vec::with_capacity(512),
+        })
+    }
+
+    fn publish_of(&mut self, r: &Delivered) -> Result<Publish, String> {
+        let p = match &r.body {
+            RecordBody::Message(m) => Publish {
+                topic: format!("{}/{}", self.cfg.prefix, m.topic),
+                payload: m.payload.clone(),
+                qos: self.cfg.qos.unwrap_or(m.qos.min(1)),
+                retain: m.retain,
+                properties: if self.cfg.protocol == "5" {
+                    m.properties.clone()
+                } else {
+                    Vec::new()
+                },
+            },
+            body => {
+                self.line.clear();
+                json_line::write_record(&mut self.line, r);
+                let name = match body {
+                    RecordBody::Point(p) => &p.tag,
+                    _ => &*r.stream,
+                };
+                Publish {
+                    topic: format!("{}/{}", self.cfg.prefix, name),
+                    payload: self.line.clone(),
+                    qos: self.cfg.qos.unwrap_or(1),
+                    retain: false,
+                    properties: Vec::new(),
+                }
+            }
+        };
+        if p.topic.contains(['+', '#', '\0']) || p.topic.len() > 65_535 {
+            return Err(format!(
+                "topic `{}` cannot be published (wildcard or NUL character, or longer than 65535 bytes)",
+                p.topic
+            ));
+        }
+        // Fixed header, topic, packet id and properties fit in this margin.
+        let overhead = 16
+            + p.topic.len()
+            + p.properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 5)
+                .sum::<usize>();
+        if p.payload.len() + overhead > self.max_packet {
+            return Err(format!(
+                "a {}-byte publish is above max_packet_size {}",
+                p.payload.len() + overhead,
+                self.cfg.max_packet_size
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Publishes `records` on `session` and waits for their PUBACKs;
+    /// `done` gets how many from the start are acknowledged (or were QoS 0
+    /// and handed to the socket), also when this fails.
+    fn publish_batch(
+        &mut self,
+        session: &Session,
+        records: &[&Delivered],
+        done: &mut usize,
+    ) -> Result<(), SinkError> {
+        let mut t = Tracker {
+            complete: vec![false; records.len()],
+            waiting: HashMap::new(),
+            published: VecDeque::new(),
+            outstanding: 0,
+        };
+        let mut result = Ok(());
+        for (i, r) in records.iter().enumerate() {
+            let p = match self.publish_of(r) {
+                Ok(p) => p,
+                Err(reason) => {
+                    result = Err(SinkError::Reject { at: i, reason });
+                    break;
+                }
+            };
+            while t.outstanding >= WINDOW && result.is_ok() {
+                result = session
+                    .next_event(Instant::now() + ACK_TIMEOUT)
+                    .map_err(|e| SinkError::retry(e.context("waiting for PUBACKs")))
+                    .and_then(|e| t.handle(e));
+            }
+            if result.is_err() {
+                break;
+            }
+            if let Err(e) = session.publish(&p) {
+                result = Err(SinkError::retry(e));
+                break;
+            }
+            t.published.push_back(i);
+            t.outstanding += 1;
+            while let Ok(e) = session.events.try_recv() {
+                result = t.handle(e);
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        // Wait for what is outstanding; after a rejection too, so the
+        // records before it count as written.
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        while t.outstanding > 0 && !matches!(result, Err(SinkError::Retry { .. })) {
+            if let Err(e) = session
+                .next_event(deadline)
+                .map_err(|e| SinkError::retry(e.context("waiting for PUBACKs")))
+                .and_then(|e| t.handle(e))
+            {
+                result = Err(e);
+            }
+        }
+        *done = t.complete.iter().take_while(|c| **c).count();
+        result
+    }
+}
+
+/// Which publishes of a batch were sent and acknowledged.
+struct Tracker {
+    /// Per record: acknowledged (QoS 1) or handed to the socket (QoS 0).
+    complete: Vec<bool>,
+    /// Packet id -> record, for QoS 1 publishes awaiting their PUBACK.
+    waiting: HashMap<u16, usize>,
+    /// Records published, in the order their `Sent` events will come.
+    published: VecDeque<usize>,
+    outstanding: usize,
+}
+
+impl Tracker {
+    fn handle(&mut self, event: Event) -> Result<(), SinkError> {
+        match event {
+            Event::Sent(pkid) => {
+                let i = self.published.pop_front().ok_or_else(|| {
+                    SinkError::retry(anyhow!(
+                        "the broker connection sent a publish this sink did not make"
+                    ))
+                })?;
+                if pkid == 0 {
+                    self.complete[i] = true;
+                    self.outstanding -= 1;
+                } else {
+                    self.waiting.insert(pkid, i);
+                }
+            }
+            Event::Acked(pkid) => {
+                if let Some(i) = self.waiting.remove(&pkid) {
+                    self.complete[i] = true;
+                    self.outstanding -= 1;
+                }
+            }
+            Event::Lost(e) => return Err(SinkError::retry(anyhow!("connection lost: {e}"))),
+            Event::Connected => {}
+        }
+        Ok(())
+    }
+}
+
+impl Sink for MqttSink {
+    /// Confirms the records whose PUBACK came (QoS 0: handed to the socket).
+    fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+        let session = match self.session.take() {
+            Some(s) => s,
+            None => {
+                let s = Session::open(
+                    &self.cfg,
+                    &self.name,
+                    &self.broker,
+                    self.password.as_deref(),
+                )
+                .with_context(|| {
+                    format!(
+                        "connecting to the broker at {} (check `url` and that the broker is up)",
+                        self.cfg.url
+                    )
+                })
+                .map_err(SinkError::retry)?;
+                tracing::info!(sink = %self.name, url = %self.cfg.url, "mqtt sink connected");
+                s
+            }
+        };
+        let mut done = 0;
+        let result = self.publish_batch(&session, records, &mut done);
+        match result {
+            Ok(()) => {
+                self.session = Some(session);
+                Ok(records.len())
+            }
+            Err(SinkError::Retry { error, .. }) => {
+                drop(session); // a new connection next time
+                Err(SinkError::Retry {
+                    confirmed: done,
+                    error,
+                })
+            }
+            Err(e) => {
+                self.session = Some(session);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<Config, String> {
+        let text = format!("url = \"mqtt://127.0.0.1:1883\"\nprefix = \"it/plant\"\n{extra}");
+        let c: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn bad_keys_are_refused_naming_the_key() {
+        assert!(config("").is_ok());
+        for (extra, key) in [
+            ("qos = 2", "qos:"),
+            ("protocol = \"3\"", "protocol:"),
+            (
+                "password_file = \"/nonexistent\"\nusername = \"u\"",
+                "password_file: cannot read /nonexistent",
+            ),
+            ("ca_file = \"/etc/hostname\"", "ca_file:"),
+        ] {
+            let err = config(extra).unwrap_err();
+            assert!(err.starts_with(key), "{extra}: {err}");
+        }
+        for prefix in ["", "a/#", "a/"] {
+            let c: Config =
+                toml::from_str(&format!("url = \"mqtt://h\"\nprefix = \"{prefix}\"")).unwrap();
+            assert!(c.check().unwrap_err().starts_with("prefix:"), "{prefix}");
+        }
+        assert!(parse_url("http://h").unwrap_err().starts_with("url:"));
+    }
+
+    #[test]
+    fn messages_keep_topic_retain_and_qos_and_points_go_to_their_tag_as_json() {
+        let mut sink = MqttSink::new(&config("").unwrap(), "it").unwrap();
+        let rec = |body: RecordBody| Delivered {
+            stream: "plant/mqtt".into(),
+            source_type: "mqtt".into(),
+            session: 1,
+            epoch: 1,
+            seq: 7,
+            resent: false,
+            body,
+        };
+        let mut m = weir_protocol::Message::new("a/b", vec![0, 255, 1], 5);
+        m.retain = true;
+        m.qos = 1;
+        let p = sink.publish_of(&rec(RecordBody::Message(m))).unwrap();
+        assert_eq!(
+            (p.topic.as_str(), p.payload.as_slice(), p.qos, p.retain),
+            ("it/plant/a/b", &[0u8, 255, 1][..], 1, true)
+        );
+        let point = weir_protocol::Point {
+            tag: "G/E/Temp".into(),
+            ts_ns: 0,
+            value: weir_protocol::Value::F64(1.5),
+            quality: 0,
+            status: None,
+        };
+        let p = sink.publish_of(&rec(RecordBody::Point(point))).unwrap();
+        assert_eq!(
+            (p.topic.as_str(), p.qos, p.retain),
+            ("it/plant/G/E/Temp", 1, false)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(
+            (json["tag"].as_str(), json["value"].as_f64()),
+            (Some("G/E/Temp"), Some(1.5))
+        );
+        let bad = weir_protocol::Message::new("a/#", vec![], 5);
+        assert!(sink
+            .publish_of(&rec(RecordBody::Message(bad)))
+            .unwrap_err()
+            .contains("wildcard"));
+    }
+}
