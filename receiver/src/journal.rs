@@ -151,12 +151,13 @@ pub struct Settings {
 /// the pipeline audits it (`journal-corrupt`) for every sink it concerns.
 #[derive(Debug, Clone)]
 pub struct Corruption {
-    /// The segment file, or where a missing one should have been.
+    /// The segment file (for a missing one: the segment before it, whose
+    /// end the missing entries are mapped to).
     pub segment: PathBuf,
     /// Journal indexes `from..to` that no reader will deliver.
     pub from: u64,
     pub to: u64,
-    /// Byte range in the segment (`bytes` is 0 for a missing segment).
+    /// Byte range in the segment (`bytes` is 0 for entries missing at its end).
     pub offset: u64,
     pub bytes: u64,
     pub why: String,
@@ -327,23 +328,6 @@ impl Journal {
             |_| true,
         )?;
         let mut corrupt: Vec<Corruption> = Vec::new();
-        for m in &opened.missing {
-            tracing::error!(
-                from = m.from,
-                to = m.to,
-                "journal: the segment holding entries {}..{} is missing; they are skipped (journal-corrupt)",
-                m.from,
-                m.to
-            );
-            corrupt.push(Corruption {
-                segment: m.path.clone(),
-                from: m.from,
-                to: m.to,
-                offset: 0,
-                bytes: 0,
-                why: "segment file missing".into(),
-            });
-        }
         if let Some(r) = &opened.repair {
             if r.torn.index < state.durable_index {
                 // Fsynced entries, damaged in the middle of the newest
@@ -371,7 +355,13 @@ impl Journal {
         }
         for seg in log.segments() {
             for h in &seg.holes {
-                report_hole(&mut corrupt, &seg.path, h, "corrupt entry");
+                let why = match h.why {
+                    "entries missing at the end" => {
+                        "entries missing (a segment cut short or removed)"
+                    }
+                    _ => "corrupt entry",
+                };
+                report_hole(&mut corrupt, &seg.path, h, why);
             }
         }
         // Positions the state file has not accounted for, from the entries

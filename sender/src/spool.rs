@@ -366,14 +366,6 @@ impl Spool {
             },
             |payload| head_of(payload).is_some(),
         )?;
-        if let Some(m) = opened.missing.first() {
-            bail!(
-                "spool.path: entries {}..{} have no segment (expected {}); the spool was altered, move it away to start afresh",
-                m.from,
-                m.to,
-                m.path.display()
-            );
-        }
         let saved_streams = state.streams.clone();
         let mut continuity = Continuity::default();
         let damaged = opened.repair.is_some();

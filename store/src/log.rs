@@ -75,15 +75,6 @@ impl Segment {
     }
 }
 
-/// Entries `from..to` whose segment file is missing.
-#[derive(Debug, Clone)]
-pub struct Missing {
-    pub from: u64,
-    pub to: u64,
-    /// Where the segment should have been.
-    pub path: PathBuf,
-}
-
 /// A torn tail cut at open.
 #[derive(Debug, Clone)]
 pub struct Repair {
@@ -95,10 +86,11 @@ pub struct Repair {
     pub kept_entries: u64,
 }
 
-/// Damage `Log::open` found besides holes (which are in the segments).
+/// Damage `Log::open` found besides holes (which are in the segments:
+/// entries a missing segment held are a hole at the end of the segment
+/// before it, its entry count fixed by the next segment's name).
 #[derive(Debug, Default)]
 pub struct Opened {
-    pub missing: Vec<Missing>,
     pub repair: Option<Repair>,
 }
 
@@ -268,13 +260,6 @@ impl Log {
             }
             if first < expected {
                 bail!("{key}: segment {} starts at entry {first}, inside the segment before it (which ends at {expected}); the {what} was altered, move {} away", path.display(), dir.display());
-            }
-            if first > expected {
-                opened.missing.push(Missing {
-                    from: expected,
-                    to: first,
-                    path: segment_path(&dir, expected),
-                });
             }
             let mut data = std::fs::read(path)
                 .with_context(|| format!("{key}: reading {}", path.display()))?;
@@ -456,7 +441,12 @@ impl Log {
 
     /// Closes the newest segment (its fsync goes with the next
     /// `sync_files`) and starts a new one at the next index.
+    /// Does nothing while the newest segment is empty (a segment is named
+    /// by its first entry: the next one would have the same name).
     pub fn rotate(&mut self) -> Result<()> {
+        if self.segments.back().is_some_and(|s| s.count == 0) {
+            return Ok(());
+        }
         let path = segment_path(&self.settings.dir, self.next_index);
         let file = create_segment(&path)?;
         let old = std::mem::replace(
@@ -692,5 +682,609 @@ impl Log {
     /// The directory of the segments.
     pub fn dir(&self) -> &Path {
         &self.settings.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::{SyncJob, Syncer};
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    fn scratch(name: &str) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "weir-store-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn settings(dir: &Path, segment_bytes: u64) -> Settings {
+        Settings {
+            dir: dir.join("segments"),
+            key: "test.path",
+            what: "test",
+            segment_bytes,
+            write_buffer: 4096,
+        }
+    }
+
+    fn open(dir: &Path, segment_bytes: u64, rules: OpenRules) -> (Log, Opened) {
+        Log::open(settings(dir, segment_bytes), rules, |_| true).unwrap()
+    }
+
+    /// The payload of entry `index`: its size and bytes follow from the index.
+    fn payload(index: u64, size: usize) -> Vec<u8> {
+        let mut p = index.to_le_bytes().to_vec();
+        p.resize(size.max(8), (index % 251) as u8);
+        p
+    }
+
+    fn append(log: &mut Log, index_size: usize) -> u64 {
+        let index = log.next_index();
+        let (i, _, full) = log.append(&payload(index, index_size)).unwrap();
+        assert_eq!(i, index);
+        if full {
+            log.rotate().unwrap();
+        }
+        i
+    }
+
+    /// Every readable entry, read the way owners read.
+    fn read_all(log: &mut Log) -> Vec<(u64, Vec<u8>)> {
+        log.flush().unwrap();
+        let mut out = Vec::new();
+        let end = log
+            .read(&mut None, 0, u64::MAX, |i, p| {
+                out.push((i, p.to_vec()));
+                Step::Next
+            })
+            .unwrap();
+        assert!(matches!(end, ReadEnd::Done { .. }), "{end:?}");
+        out
+    }
+
+    fn disk_bytes(log: &Log) -> u64 {
+        std::fs::read_dir(log.dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    fn assert_counts_match_the_disk(log: &mut Log, entries: &[(u64, Vec<u8>)]) {
+        log.flush().unwrap();
+        assert_eq!(log.total_bytes(), disk_bytes(log), "total bytes = files");
+        let framed: u64 = entries
+            .iter()
+            .map(|(_, p)| (ENTRY_HEADER + p.len()) as u64)
+            .sum();
+        assert_eq!(log.entry_bytes(), framed, "entry bytes = readable entries");
+        let counted: u64 = log.segments().iter().map(|s| s.count).sum();
+        assert_eq!(counted, log.next_index() - log.first_index());
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let mut data = std::fs::read(path).unwrap();
+        data[at as usize] ^= 0x5a;
+        std::fs::write(path, data).unwrap();
+    }
+
+    /// Start offsets of the entries of a clean segment.
+    fn offsets(path: &Path) -> Vec<u64> {
+        let data = std::fs::read(path).unwrap();
+        let (mut at, mut out) = (HEADER_LEN as usize, Vec::new());
+        while at < data.len() {
+            out.push(at as u64);
+            at += crate::segment::entry_at(&data, at).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn byte_and_entry_counts_equal_the_files_after_appends_rotation_removal_and_reopen() {
+        let dir = scratch("counts");
+        let (mut log, opened) = open(&dir, 4096, OpenRules::default());
+        assert!(opened.repair.is_none());
+        for i in 0..500 {
+            append(&mut log, 10 + (i * 7) % 300);
+        }
+        assert!(log.segments().len() > 10, "rotated");
+        let all = read_all(&mut log);
+        assert_eq!(all.len(), 500);
+        assert!(all.iter().all(|(i, p)| *p == payload(*i, p.len())));
+        assert_counts_match_the_disk(&mut log, &all);
+        let retained = log.segments()[4].end();
+        let removed = log.remove_below(retained + 1).unwrap();
+        assert_eq!(removed, 5);
+        assert_eq!(log.first_index(), retained);
+        let kept: Vec<_> = all.into_iter().filter(|(i, _)| *i >= retained).collect();
+        assert_eq!(read_all(&mut log), kept);
+        assert_counts_match_the_disk(&mut log, &kept);
+        drop(log);
+        let (mut log, opened) = open(&dir, 4096, OpenRules::default());
+        assert!(opened.repair.is_none());
+        assert_eq!(log.next_index(), 500);
+        assert_eq!(read_all(&mut log), kept);
+        assert_counts_match_the_disk(&mut log, &kept);
+        assert_eq!(
+            append(&mut log, 20),
+            500,
+            "numbering goes on after a reopen"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_back_to_the_last_whole_entry_and_what_was_cut_is_reported() {
+        let dir = scratch("torn");
+        let (mut log, _) = open(&dir, 1 << 20, OpenRules::default());
+        for _ in 0..10 {
+            append(&mut log, 100);
+        }
+        log.flush().unwrap();
+        let seg = log.segments().back().unwrap().path.clone();
+        drop(log);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let at = offsets(&seg);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 30)
+            .unwrap();
+        let (mut log, opened) = open(&dir, 1 << 20, OpenRules::default());
+        let r = opened.repair.expect("a repair is reported");
+        assert_eq!(r.torn.index, 9, "the first entry lost");
+        assert_eq!(r.torn.offset, at[9]);
+        assert_eq!(r.kept_entries, 9);
+        assert_eq!(r.cut_bytes, len - 30 - at[9], "the partial entry's bytes");
+        assert_eq!(r.torn.why, "truncated entry");
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), at[9], "cut on disk");
+        assert_eq!(log.next_index(), 9);
+        let all = read_all(&mut log);
+        assert_eq!(all.len(), 9);
+        assert_counts_match_the_disk(&mut log, &all);
+        assert_eq!(
+            append(&mut log, 5),
+            9,
+            "the lost entry's index is the next one"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn damage_at_or_after_the_durable_position_is_a_torn_tail_even_with_whole_entries_after_it() {
+        let dir = scratch("torn-from");
+        let (mut log, _) = open(&dir, 1 << 20, OpenRules::default());
+        for _ in 0..10 {
+            append(&mut log, 100);
+        }
+        log.flush().unwrap();
+        let seg = log.segments().back().unwrap().path.clone();
+        drop(log);
+        flip(&seg, offsets(&seg)[6] + 20);
+        let rules = OpenRules {
+            torn_from: Some(5),
+            guess_past_damage: true,
+        };
+        let (log, opened) = open(&dir, 1 << 20, rules);
+        assert_eq!(opened.repair.map(|r| r.torn.index), Some(6));
+        assert_eq!(log.next_index(), 6);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_entry_mid_segment_is_a_hole_readers_skip_with_its_byte_and_entry_range() {
+        let dir = scratch("hole");
+        let (mut log, _) = open(&dir, 1 << 20, OpenRules::default());
+        for _ in 0..20 {
+            append(&mut log, 50);
+        }
+        log.flush().unwrap();
+        let seg = log.segments().back().unwrap().path.clone();
+        drop(log);
+        let at = offsets(&seg);
+        flip(&seg, at[7] + 12);
+        let (mut log, opened) = open(&dir, 1 << 20, OpenRules::default());
+        assert!(opened.repair.is_none(), "skipped by its intact length");
+        let holes = &log.segments()[0].holes;
+        assert_eq!(
+            holes,
+            &vec![Hole {
+                from: 7,
+                to: 8,
+                offset: at[7],
+                end_offset: at[8],
+                exact: true,
+                why: "CRC mismatch"
+            }]
+        );
+        assert_eq!(log.segments().len(), 2, "appends go to a new segment");
+        let all = read_all(&mut log);
+        assert_eq!(
+            all.iter().map(|e| e.0).collect::<Vec<_>>(),
+            (0..20).filter(|i| *i != 7).collect::<Vec<_>>()
+        );
+        assert_counts_match_the_disk(&mut log, &all);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_run_in_an_older_segment_is_counted_exactly_from_the_next_segments_name() {
+        let dir = scratch("run");
+        let (mut log, _) = open(&dir, 4096, OpenRules::default());
+        for _ in 0..200 {
+            append(&mut log, 60);
+        }
+        log.flush().unwrap();
+        let seg = log.segments()[0].path.clone();
+        let end = log.segments()[0].end();
+        drop(log);
+        let at = offsets(&seg);
+        // Garbage over the headers of entries 3, 4 and 5.
+        let mut data = std::fs::read(&seg).unwrap();
+        data[at[3] as usize..at[5] as usize + 8].fill(0xee);
+        std::fs::write(&seg, data).unwrap();
+        let (mut log, _) = open(&dir, 4096, OpenRules::default());
+        let h = log.segments()[0].holes.clone();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!((h[0].from, h[0].to, h[0].exact), (3, 6, true));
+        assert_eq!((h[0].offset, h[0].end_offset), (at[3], at[6]));
+        assert_eq!(log.segments()[0].end(), end);
+        let all = read_all(&mut log);
+        assert_eq!(all.len(), 197);
+        assert_counts_match_the_disk(&mut log, &all);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn without_the_end_a_damaged_run_is_guessed_as_one_entry_or_cuts_the_segment() {
+        for guess in [true, false] {
+            let dir = scratch("guess");
+            let (mut log, _) = open(&dir, 1 << 20, OpenRules::default());
+            for _ in 0..20 {
+                append(&mut log, 60);
+            }
+            log.flush().unwrap();
+            let seg = log.segments()[0].path.clone();
+            drop(log);
+            let at = offsets(&seg);
+            let mut data = std::fs::read(&seg).unwrap();
+            data[at[3] as usize..at[5] as usize + 8].fill(0xee);
+            std::fs::write(&seg, data).unwrap();
+            let rules = OpenRules {
+                torn_from: None,
+                guess_past_damage: guess,
+            };
+            let (mut log, opened) = open(&dir, 1 << 20, rules);
+            if guess {
+                assert!(opened.repair.is_none());
+                let h = &log.segments()[0].holes;
+                assert_eq!((h[0].from, h[0].to, h[0].exact), (3, 4, false));
+                assert_eq!(read_all(&mut log).len(), 17, "0..3 and 6..20");
+            } else {
+                assert_eq!(opened.repair.map(|r| r.torn.index), Some(3));
+                assert_eq!(read_all(&mut log).len(), 3);
+            }
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_missing_segment_is_a_hole_with_its_entry_range_at_the_end_of_the_one_before() {
+        let dir = scratch("missing");
+        let (mut log, _) = open(&dir, 4096, OpenRules::default());
+        for _ in 0..200 {
+            append(&mut log, 60);
+        }
+        let victim = log.segments()[1].clone();
+        drop(log);
+        std::fs::remove_file(&victim.path).unwrap();
+        let (mut log, opened) = open(&dir, 4096, OpenRules::default());
+        assert!(opened.repair.is_none());
+        let h = log.segments()[0].holes.clone();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!((h[0].from, h[0].to), (victim.first, victim.end()));
+        assert_eq!(h[0].offset, h[0].end_offset, "no bytes: the file is gone");
+        assert_eq!(h[0].why, "entries missing at the end");
+        assert_eq!(read_all(&mut log).len() as u64, 200 - victim.count);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_segment_of_an_older_format_is_refused_with_a_message_naming_the_directory() {
+        let dir = scratch("old-format");
+        let segs = dir.join("segments");
+        std::fs::create_dir_all(&segs).unwrap();
+        // An entry where the header should be: the layout before format 1.
+        let mut old = Vec::new();
+        crate::frame::write_entry(&mut old, b"an old record").unwrap();
+        std::fs::write(segs.join(format!("{:020}.seg", 0)), &old).unwrap();
+        let err = Log::open(settings(&dir, 4096), OpenRules::default(), |_| true)
+            .err()
+            .expect("refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("test.path"), "{msg}");
+        assert!(msg.contains(&segs.display().to_string()), "{msg}");
+        assert!(msg.contains("older weir") && msg.contains("move"), "{msg}");
+        assert_eq!(
+            std::fs::read(segs.join(format!("{:020}.seg", 0))).unwrap(),
+            old,
+            "left as it was"
+        );
+        // A future format is refused too, naming both.
+        let mut future = b"weir-seg".to_vec();
+        future.extend_from_slice(&9u32.to_le_bytes());
+        future.extend_from_slice(&[0; 4]);
+        std::fs::write(segs.join(format!("{:020}.seg", 0)), &future).unwrap();
+        let err = Log::open(settings(&dir, 4096), OpenRules::default(), |_| true)
+            .err()
+            .expect("refused");
+        assert!(format!("{err:#}").contains("format 9"), "{err:#}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_segment_created_without_its_header_by_a_crash_is_rewritten_empty() {
+        let dir = scratch("short-header");
+        let (mut log, _) = open(&dir, 1 << 20, OpenRules::default());
+        append(&mut log, 10);
+        log.rotate().unwrap();
+        drop(log);
+        let newest = segment_path(&dir.join("segments"), 1);
+        std::fs::write(&newest, b"weir").unwrap();
+        let (mut log, opened) = open(&dir, 1 << 20, OpenRules::default());
+        assert!(opened.repair.is_none());
+        assert_eq!(std::fs::metadata(&newest).unwrap().len(), HEADER_LEN);
+        assert_eq!(append(&mut log, 10), 1);
+        let all = read_all(&mut log);
+        assert_eq!(all.len(), 2);
+        assert_counts_match_the_disk(&mut log, &all);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_entry_the_owner_cannot_decode_is_a_hole_at_open() {
+        let dir = scratch("refused");
+        let (mut log, _) = open(&dir, 1 << 20, OpenRules::default());
+        for _ in 0..5 {
+            append(&mut log, 30);
+        }
+        drop(log);
+        let (mut log, _) =
+            Log::open(settings(&dir, 1 << 20), OpenRules::default(), |p| p[0] != 2).unwrap();
+        let h = &log.segments()[0].holes;
+        assert_eq!(
+            (h[0].from, h[0].to, h[0].why),
+            (2, 3, "entry does not decode")
+        );
+        let all = read_all(&mut log);
+        assert_eq!(all.len(), 4);
+        assert_counts_match_the_disk(&mut log, &all);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_reader_stops_before_an_entry_it_does_not_take_and_goes_on_from_there() {
+        let dir = scratch("cursor");
+        let (mut log, _) = open(&dir, 4096, OpenRules::default());
+        for _ in 0..300 {
+            append(&mut log, 40);
+        }
+        log.flush().unwrap();
+        let (mut cursor, mut at, mut seen) = (None, 0u64, Vec::new());
+        loop {
+            let mut taken = 0;
+            let end = log
+                .read(&mut cursor, at, 250, |i, p| {
+                    if taken == 7 {
+                        return Step::Stop;
+                    }
+                    assert_eq!(p, &payload(i, 40)[..]);
+                    seen.push(i);
+                    taken += 1;
+                    Step::Next
+                })
+                .unwrap();
+            match end {
+                ReadEnd::Stopped { next } => at = next,
+                ReadEnd::Done { next } => {
+                    assert_eq!(next, 250, "the limit");
+                    break;
+                }
+                ReadEnd::Unreadable(u) => panic!("{u:?}"),
+            }
+        }
+        assert_eq!(seen, (0..250).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_read_chunk_reads_whole() {
+        let dir = scratch("big");
+        let (mut log, _) = open(&dir, 64 << 20, OpenRules::default());
+        append(&mut log, 10);
+        append(&mut log, 3 * CHUNK + 5);
+        append(&mut log, 10);
+        let all = read_all(&mut log);
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[1].1, payload(1, 3 * CHUNK + 5));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn damage_found_by_a_read_is_mapped_into_holes_with_the_count_known() {
+        let dir = scratch("read-damage");
+        let (mut log, _) = open(&dir, 1 << 20, OpenRules::default());
+        for _ in 0..100 {
+            append(&mut log, 50);
+        }
+        log.flush().unwrap();
+        let seg = log.segments()[0].path.clone();
+        let at = offsets(&seg);
+        flip(&seg, at[40] + 2);
+        let end = log.read(&mut None, 0, 100, |_, _| Step::Next).unwrap();
+        let ReadEnd::Unreadable(u) = end else {
+            panic!("{end:?}")
+        };
+        assert_eq!((u.index, u.offset, u.len), (40, at[40], None));
+        let new = log.map_damage(0).unwrap();
+        assert_eq!(new.len(), 1);
+        assert_eq!((new[0].from, new[0].to), (40, 41));
+        assert!(log.map_damage(0).unwrap().is_empty(), "found once");
+        let all = read_all(&mut log);
+        assert_eq!(all.len(), 99);
+        assert_counts_match_the_disk(&mut log, &all);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_fsync_thread_publishes_durable_positions_in_order_and_wakes_waiters() {
+        let dir = scratch("syncer");
+        let (mut log, _) = open(&dir, 4096, OpenRules::default());
+        let mut syncer = Syncer::spawn("weir-test-sync", log.next_index(), 2).unwrap();
+        let woken = Arc::new(AtomicU64::new(0));
+        let w = woken.clone();
+        syncer.set_waker(Box::new(move || {
+            w.fetch_add(1, Ordering::Relaxed);
+        }));
+        assert!(syncer.idle());
+        for round in 1..=5u64 {
+            for _ in 0..50 {
+                append(&mut log, 30);
+            }
+            let up_to = log.next_index();
+            let state = dir.join("state.json");
+            syncer
+                .submit(SyncJob {
+                    files: log.sync_files().unwrap(),
+                    up_to,
+                    state: Some((state.clone(), format!("{round}").into_bytes())),
+                    what: "test",
+                })
+                .unwrap();
+            assert_eq!(syncer.requested(), up_to);
+            syncer.wait_durable(up_to).unwrap();
+            assert!(syncer.durable() >= up_to);
+            assert!(syncer.idle());
+            assert_eq!(
+                std::fs::read(&state).unwrap(),
+                format!("{round}").into_bytes()
+            );
+        }
+        assert_eq!(syncer.fsyncs(), 5);
+        // The waker runs after waiters are notified: give it a moment.
+        let t = std::time::Instant::now();
+        while woken.load(Ordering::Relaxed) < 5 && t.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(woken.load(Ordering::Relaxed), 5, "woken after each fsync");
+        assert!(syncer.failure().is_none());
+        assert!(
+            syncer.wait_durable(log.next_index() + 1).is_err(),
+            "waiting past what was handed over is a bug, not a hang"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(usize),
+        Rotate,
+        /// Drop the log and cut this many bytes off the newest segment.
+        Crash(u64),
+        Reopen,
+        /// Remove segments wholly below this share (in 1/8) of the entries.
+        Remove(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (1usize..600).prop_map(Op::Append),
+            1 => Just(Op::Rotate),
+            1 => (0u64..700).prop_map(Op::Crash),
+            1 => Just(Op::Reopen),
+            1 => (0u8..=8).prop_map(Op::Remove),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn random_appends_crashes_and_reopens_keep_exact_accounting(
+            ops in proptest::collection::vec(op(), 1..60)
+        ) {
+            let dir = scratch("prop");
+            let (mut log, _) = open(&dir, 2048, OpenRules::default());
+            // The model: every entry held, and where it is.
+            let mut model: Vec<(u64, Vec<u8>, u64, u64)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Append(size) => {
+                        let index = log.next_index();
+                        let p = payload(index, size);
+                        let (seg, off) = {
+                            let s = log.segments().back().unwrap();
+                            (s.first, s.bytes)
+                        };
+                        let (i, _, full) = log.append(&p).unwrap();
+                        prop_assert_eq!(i, index);
+                        model.push((i, p, seg, off));
+                        if full {
+                            log.rotate().unwrap();
+                        }
+                    }
+                    Op::Rotate => log.rotate().unwrap(),
+                    Op::Crash(cut) => {
+                        log.flush().unwrap();
+                        let newest = log.segments().back().unwrap().clone();
+                        drop(log);
+                        let len = std::fs::metadata(&newest.path).unwrap().len();
+                        let keep = len - cut.min(len - HEADER_LEN);
+                        std::fs::OpenOptions::new().write(true).open(&newest.path).unwrap()
+                            .set_len(keep).unwrap();
+                        let whole = |e: &(u64, Vec<u8>, u64, u64)| {
+                            e.2 != newest.first || e.3 + (ENTRY_HEADER + e.1.len()) as u64 <= keep
+                        };
+                        let lost = model.iter().filter(|e| !whole(e)).count() as u64;
+                        let partial = model.iter().any(|e| e.2 == newest.first && e.3 < keep && !whole(e));
+                        model.retain(whole);
+                        let (l, opened) = open(&dir, 2048, OpenRules::default());
+                        log = l;
+                        prop_assert_eq!(opened.repair.is_some(), partial);
+                        if let Some(r) = opened.repair {
+                            prop_assert_eq!(r.kept_entries + lost, newest.count);
+                            prop_assert_eq!(r.torn.index, newest.first + r.kept_entries);
+                        }
+                    }
+                    Op::Reopen => {
+                        drop(log);
+                        let (l, opened) = open(&dir, 2048, OpenRules::default());
+                        prop_assert!(opened.repair.is_none());
+                        log = l;
+                    }
+                    Op::Remove(share) => {
+                        let span = log.next_index() - log.first_index();
+                        let retained = log.first_index() + span * u64::from(share) / 8;
+                        log.remove_below(retained).unwrap();
+                        let first = log.first_index();
+                        model.retain(|e| e.0 >= first);
+                    }
+                }
+                let expected: Vec<(u64, Vec<u8>)> =
+                    model.iter().map(|e| (e.0, e.1.clone())).collect();
+                prop_assert_eq!(read_all(&mut log), expected.clone());
+                assert_counts_match_the_disk(&mut log, &expected);
+                prop_assert_eq!(log.next_index(), model.last().map_or(log.next_index(), |e| e.0 + 1));
+            }
+            drop(log);
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 }
