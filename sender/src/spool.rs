@@ -344,7 +344,9 @@ impl Spool {
             )
         })?;
         let state_path = root.join("state.json");
-        let mut state: State = match weir_store::read_if_present(&state_path)? {
+        let saved = weir_store::read_if_present(&state_path)?;
+        let state_found = saved.is_some();
+        let mut state: State = match saved {
             Some(b) => serde_json::from_slice(&b).with_context(|| {
                 format!("spool.path: {} is corrupt; move it away to rebuild sequence state from the segments", state_path.display())
             })?,
@@ -359,8 +361,9 @@ impl Spool {
                 write_buffer: 256 << 10,
             },
             OpenRules {
-                // Entries not fsynced when the state was saved may be torn.
-                torn_from: Some(state.durable_index),
+                // Entries not fsynced when the state was saved may be torn
+                // (without a state file nothing says where that was).
+                torn_from: state_found.then_some(state.durable_index),
                 // Sequence numbers measure what a guessed hole took.
                 guess_past_damage: true,
             },
