@@ -7,10 +7,12 @@
 //! their byte and entry ranges, so the owner can turn them into gaps);
 //! reads with large reads into a reused buffer; removal of whole old
 //! segments. What an entry means (a spooled record, a journal entry) is
-//! the owner's business.
+//! the owner's business. Also the reading of private key files
+//! (`secret`), which both binaries share.
 
 pub mod frame;
 pub mod log;
+pub mod secret;
 pub mod segment;
 pub mod sync;
 
