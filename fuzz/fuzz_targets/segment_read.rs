@@ -1,4 +1,4 @@
-//! The spool/journal entry reader (`segment::read_entry`, which both the
+//! The spool/journal entry reader (`weir_store::frame::read_entry`, which both the
 //! sender's spool and the receiver's journal use to read their logs back)
 //! on arbitrary file contents: never panics, never reads past the input,
 //! and stops at the first torn entry. Each whole entry's payload is then
@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir_protocol::segment::{read_entry, ReadOutcome, ENTRY_HEADER};
+use weir_store::frame::{read_entry, ReadOutcome, ENTRY_HEADER};
 use weir_protocol::Record;
 
 fuzz_target!(|data: &[u8]| {

@@ -23,7 +23,6 @@ pub mod encoder;
 pub mod fec;
 pub mod frame;
 pub mod record;
-pub mod segment;
 pub mod sim;
 pub mod units;
 

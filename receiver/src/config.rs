@@ -77,37 +77,14 @@ fn validate_auth(auth: Option<&AuthConfig>) -> Result<()> {
 /// group or others can access, one that is not a regular file, and one that
 /// is not exactly 32 bytes. The mode is checked on the opened file.
 pub fn read_key_file(path: &Path, setting: &str) -> Result<Key> {
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("{setting}: cannot open key file {}", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("{setting}: cannot stat key file {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{setting}: {} is not a regular file", path.display());
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "{setting}: key file {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    // One byte more than a key, so a longer file is seen as too long
-    // without reading all of it.
-    let mut bytes = Vec::with_capacity(KEY_LEN + 1);
-    file.take(KEY_LEN as u64 + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("{setting}: cannot read key file {}", path.display()))?;
-    Key::from_bytes(&bytes).map_err(|_| {
-        anyhow::anyhow!(
-            "{setting}: key file {} is {} bytes; a key file is exactly {KEY_LEN} bytes (write one with `weir-sender keygen --out FILE`)",
-            path.display(),
-            meta.len()
-        )
-    })
+    let bytes = weir_store::secret::read_private_file(
+        path,
+        setting,
+        KEY_LEN,
+        "write one with `weir-sender keygen --out FILE`",
+    )?;
+    Key::from_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{setting}: key file {}: {e}", path.display()))
 }
 
 /// The verifier `[auth]` asks for, reading and checking every key file.

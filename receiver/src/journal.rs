@@ -9,10 +9,12 @@
 //! with cause `sink-overflow:NAME`.
 //! Every read checks each entry's CRC; a damaged entry in the middle of a
 //! segment becomes a hole that readers skip, and its records become gaps
-//! with cause `journal-corrupt` (see `map_segment`, `Corruption`).
+//! with cause `journal-corrupt` (see `weir_store::segment::map_segment`,
+//! `Corruption`). The segments, their framing, repair and the fsync
+//! thread are `weir_store`'s; what an entry means is this module's.
 //!
 //! ```text
-//! segments/{index of first entry:020}.seg   entries framed by weir_protocol::segment
+//! segments/{index of first entry:020}.seg   a weir_store log: postcard(Entry) per entry
 //! state.json                                 per-stream decoder positions and the durable index
 //! sinks/{name}.json                          each sink's confirmed index and its resume data
 //! dead-letter/{name}.jsonl                   records a sink rejected for good, with the reason
@@ -20,19 +22,17 @@
 //!
 //! Only the decoder thread owns a `Journal`; sink threads never read files.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Seek, Write};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::{Delivered, StreamPosition};
-use weir_protocol::segment::{read_entry, write_entry, ReadOutcome, ENTRY_HEADER, MAX_ENTRY};
 use weir_protocol::RecordBody;
+use weir_store::frame::ENTRY_HEADER;
+use weir_store::{Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Syncer, Unreadable, Walked};
 
 // An entry is read, handed on and dropped; a `Gap` the size of a `Record`
 // costs nothing that boxing the body would save.
@@ -150,36 +150,17 @@ pub struct Settings {
     pub fsync_interval: Duration,
 }
 
-struct Segment {
-    first: u64,
-    count: u64,
-    bytes: u64,
-    path: PathBuf,
-    /// Corrupt runs of entries readers skip, sorted by `from`.
-    holes: Vec<Hole>,
-}
-
-/// Entries readers skip because their bytes are corrupt (a bad CRC, a
-/// length that leads nowhere, a payload that does not decode): journal
-/// indexes `from..to`, stored at bytes `offset..end_offset` of the segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hole {
-    from: u64,
-    to: u64,
-    offset: u64,
-    end_offset: u64,
-}
-
 /// A corrupt or missing range of the journal, found and not yet reported:
 /// the pipeline audits it (`journal-corrupt`) for every sink it concerns.
 #[derive(Debug, Clone)]
 pub struct Corruption {
-    /// The segment file, or where a missing one should have been.
+    /// The segment file (for a missing one: the segment before it, whose
+    /// end the missing entries are mapped to).
     pub segment: PathBuf,
     /// Journal indexes `from..to` that no reader will deliver.
     pub from: u64,
     pub to: u64,
-    /// Byte range in the segment (`bytes` is 0 for a missing segment).
+    /// Byte range in the segment (`bytes` is 0 for entries missing at its end).
     pub offset: u64,
     pub bytes: u64,
     pub why: String,
@@ -195,85 +176,26 @@ pub struct CorruptRanges {
     pub unknown: Vec<String>,
 }
 
-impl Segment {
-    fn end(&self) -> u64 {
-        self.first + self.count
-    }
-}
-
-/// An fsync for the syncer thread: the segment's file, the index every
-/// entry below which it makes durable, and the state file to write after.
-struct SyncJob {
-    file: File,
-    up_to: u64,
-    state: Vec<u8>,
-}
-
 /// Wakes the thread that waits for entries to become durable (the decoder
-/// thread hands them to the sinks), called by the syncer thread after each
+/// thread hands them to the sinks), called by the fsync thread after each
 /// fsync and after a failure.
-pub type Waker = Box<dyn Fn() + Send + Sync>;
+pub use weir_store::Waker;
 
-/// What the journal and its syncer thread share.
-struct SyncShared {
-    /// Entries below this are fsynced (set by the syncer thread).
-    durable: AtomicU64,
-    /// The first fsync failure; the durable index stops moving after it.
-    failure: Mutex<Option<String>>,
-    /// Fsync jobs done (a segment fsync and a state file save each).
-    fsyncs: AtomicU64,
-    /// Notified with `durable` or `failure` changed, for `Journal::sync`.
-    changed: Condvar,
-    changed_lock: Mutex<()>,
-    waker: OnceLock<Waker>,
-}
+/// A sequential read position in a segment, kept between catch-up reads
+/// so a sink that fell behind is served without rereading from the start.
+pub type Reader = weir_store::Cursor;
 
-impl SyncShared {
-    fn notify(&self) {
-        drop(self.changed_lock.lock().unwrap_or_else(|p| p.into_inner()));
-        self.changed.notify_all();
-        if let Some(wake) = self.waker.get() {
-            wake();
-        }
-    }
-}
-
-/// Runs fsyncs off the decoder thread, in order; a failure is kept for the
-/// decoder thread to see (and the durable index stops moving).
-fn syncer(jobs: std::sync::mpsc::Receiver<SyncJob>, root: PathBuf, shared: Arc<SyncShared>) {
-    while let Ok(job) = jobs.recv() {
-        let result = job
-            .file
-            .sync_data()
-            .context("journal: fsync of a segment")
-            .and_then(|_| write_atomically(&root.join("state.json"), &job.state));
-        match result {
-            Ok(()) => {
-                shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-                shared.durable.store(job.up_to, Ordering::Release);
-            }
-            Err(e) => {
-                let mut f = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
-                f.get_or_insert_with(|| format!("{e:#}"));
-            }
-        }
-        shared.notify();
-    }
-}
+pub use weir_store::write_atomically;
 
 pub struct Journal {
     settings: Settings,
-    segments: VecDeque<Segment>,
-    writer: BufWriter<File>,
-    next_index: u64,
-    /// The durable index, failure and fsync count the syncer thread sets.
-    sync: Arc<SyncShared>,
-    /// Highest index handed to the syncer.
-    requested: u64,
-    jobs: std::sync::mpsc::SyncSender<SyncJob>,
+    /// The segments (`weir_store::Log`): what an entry means is this
+    /// module's business, keeping them is the store's.
+    log: Log,
+    /// The fsync thread: the durable index, failure and fsync count.
+    syncer: Syncer,
     unsynced_bytes: u64,
     last_sync: Instant,
-    total_bytes: u64,
     positions: BTreeMap<String, Position>,
     /// After a torn-tail repair: the positions and durable index the state
     /// file had, for when every sink is known to have written the lost entries.
@@ -283,349 +205,6 @@ pub struct Journal {
     appended_bytes: u64,
     /// Corrupt ranges found and not yet taken by the pipeline.
     corrupt: Vec<Corruption>,
-}
-
-/// No journal reaches this many entries (2^62, at one entry per byte
-/// more than 4 EiB); a segment name beyond it is damage, and the bound
-/// keeps every index sum far from overflow.
-const MAX_INDEX: u64 = 1 << 62;
-
-fn seg_dir(root: &Path) -> PathBuf {
-    root.join("segments")
-}
-
-fn seg_path(root: &Path, first: u64) -> PathBuf {
-    seg_dir(root).join(format!("{first:020}.seg"))
-}
-
-/// A sequential read position in a segment, kept between catch-up reads
-/// so a sink that fell behind is served without rereading from the start.
-pub struct Reader {
-    first: u64,
-    file: BufReader<File>,
-    index: u64,
-    /// Byte offset of `index` in the segment.
-    offset: u64,
-}
-
-/// Where a read of whole entries stopped on bytes that are not one.
-#[derive(Debug, Clone, Copy)]
-struct Unreadable {
-    index: u64,
-    offset: u64,
-    /// The entry's length when its CRC held but its payload does not decode.
-    len: Option<u64>,
-}
-
-/// What `read_from` got: entries, their journal bytes, and whether it
-/// stopped on `max`/`max_bytes` (rather than at `limit` or the segment's
-/// end); or the first entry below `limit` that is not whole (corruption to
-/// map, then retry).
-type ReadFrom = std::result::Result<(Vec<(u64, Entry)>, u64, bool), Unreadable>;
-
-/// Up to `max` entries (and about `max_bytes`: at least one entry, then
-/// none that would pass it) of a segment from global index `from`, never
-/// at or past `limit`. Entries before `from` are skipped by reading them
-/// whole (their CRC is checked), and known holes are skipped by offset.
-fn read_from(
-    reader: &mut Option<Reader>,
-    seg: &Segment,
-    from: u64,
-    max: usize,
-    max_bytes: u64,
-    limit: u64,
-) -> Result<ReadFrom> {
-    if reader
-        .as_ref()
-        .is_none_or(|r| r.first != seg.first || r.index > from)
-    {
-        let file = BufReader::with_capacity(
-            1 << 20,
-            File::open(&seg.path).with_context(|| format!("opening {}", seg.path.display()))?,
-        );
-        *reader = Some(Reader {
-            first: seg.first,
-            file,
-            index: seg.first,
-            offset: 0,
-        });
-    }
-    let r = reader.as_mut().expect("opened");
-    let mut out = Vec::new();
-    let mut bytes = 0u64;
-    let mut buf = Vec::new();
-    let mut full = false;
-    // Only fsynced entries (below `limit`) are whole; never read past them.
-    while r.index < limit {
-        if out.len() >= max {
-            full = true;
-            break;
-        }
-        if let Some(h) = seg
-            .holes
-            .iter()
-            .find(|h| h.from <= r.index && r.index < h.to)
-        {
-            r.file
-                .seek(std::io::SeekFrom::Start(h.end_offset))
-                .with_context(|| format!("reading {}", seg.path.display()))?;
-            r.index = h.to;
-            r.offset = h.end_offset;
-            continue;
-        }
-        let at = (r.index, r.offset);
-        match read_entry(&mut r.file, &mut buf)
-            .with_context(|| format!("reading {}", seg.path.display()))?
-        {
-            ReadOutcome::Entry => {
-                let size = (ENTRY_HEADER + buf.len()) as u64;
-                if r.index >= from {
-                    if !out.is_empty() && bytes + size > max_bytes {
-                        // Not taken: step back so the next read starts here.
-                        r.file
-                            .seek_relative(-(size as i64))
-                            .with_context(|| format!("reading {}", seg.path.display()))?;
-                        full = true;
-                        break;
-                    }
-                    match postcard::from_bytes::<Entry>(&buf) {
-                        Ok(e) => out.push((r.index, e)),
-                        Err(_) => {
-                            *reader = None;
-                            return Ok(Err(Unreadable {
-                                index: at.0,
-                                offset: at.1,
-                                len: Some(size),
-                            }));
-                        }
-                    }
-                    bytes += size;
-                }
-                r.index += 1;
-                r.offset += size;
-            }
-            ReadOutcome::End | ReadOutcome::Torn(_) => {
-                *reader = None;
-                if at.0 < limit.min(seg.end()) {
-                    // Below the durable index every entry is whole: this is
-                    // corruption, not an entry still being written.
-                    return Ok(Err(Unreadable {
-                        index: at.0,
-                        offset: at.1,
-                        len: None,
-                    }));
-                }
-                break;
-            }
-        }
-    }
-    Ok(Ok((out, bytes, full)))
-}
-
-/// The whole entry at `off` in `data`: its length with the header, or why not.
-fn entry_at(data: &[u8], off: usize) -> std::result::Result<usize, &'static str> {
-    let Some(header) = off
-        .checked_add(ENTRY_HEADER)
-        .and_then(|end| data.get(off..end))
-    else {
-        return Err("truncated entry header");
-    };
-    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-    if len == 0 || len > MAX_ENTRY {
-        return Err("impossible entry length");
-    }
-    let Some(payload) = data.get(off + ENTRY_HEADER..off + ENTRY_HEADER + len) else {
-        return Err("truncated entry");
-    };
-    if crc32fast::hash(payload) != crc {
-        return Err("CRC mismatch");
-    }
-    Ok(ENTRY_HEADER + len)
-}
-
-/// A corrupt entry at `off` whose length header still holds: it fits in
-/// `data` and a whole entry (or the end of the data) follows it.
-fn skippable(data: &[u8], off: usize) -> Option<usize> {
-    let header = data.get(off..off.checked_add(ENTRY_HEADER)?)?;
-    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
-    if len == 0 || len > MAX_ENTRY {
-        return None;
-    }
-    let next = off + ENTRY_HEADER + len;
-    (next == data.len() || (next < data.len() && entry_at(data, next).is_ok()))
-        .then_some(ENTRY_HEADER + len)
-}
-
-/// A whole entry at `r` followed by another (or by the end of the data):
-/// where reading can pick up again after a damaged run. Two CRCs that
-/// hold by chance at a wrong offset are a 1 in 2^64 event.
-fn resyncs_at(data: &[u8], r: usize) -> bool {
-    entry_at(data, r).is_ok_and(|n| r + n == data.len() || entry_at(data, r + n).is_ok())
-}
-
-/// How a segment's bytes divide into entries.
-#[derive(Debug)]
-struct Mapped {
-    /// Entries, corrupt ones included (up to `torn` if it is set).
-    count: u64,
-    /// Bytes up to `torn`, or all of them.
-    good_len: u64,
-    holes: Vec<Hole>,
-    /// Where the segment stops early (a torn tail): byte offset, index, why.
-    torn: Option<(u64, u64, &'static str)>,
-}
-
-/// Walks a segment's bytes. A corrupt entry whose length header holds is
-/// skipped by that length (one entry lost). A longer damaged run is
-/// skipped to the next offset where whole entries resume, when `end` (the
-/// index after the segment's last entry) is known: the entries from there
-/// to the end of the data, counted, give the run's length in entries
-/// exactly. Should a second such run follow, the two and everything
-/// between them become one hole (only their sum is known). Without `end`
-/// the segment stops at such a run (`torn`). A failure at or after
-/// `torn_from` (entries not fsynced when the journal last saved its state)
-/// is a torn tail: the segment stops there too. Linear in the data.
-fn map_segment(data: &[u8], first: u64, end: Option<u64>, torn_from: Option<u64>) -> Mapped {
-    let (mut off, mut index, mut holes) = (0usize, first, Vec::new());
-    // A damaged run whose length is known only at the end: its first index
-    // and byte offset, where reading resumed, the entries since, and the
-    // single-entry holes since (indexes relative to the resync point).
-    let mut open: Option<(u64, usize, usize)> = None;
-    let (mut since, mut after): (u64, Vec<Hole>) = (0, Vec::new());
-    while off < data.len() {
-        let why = match entry_at(data, off) {
-            Ok(n) => {
-                off += n;
-                match open {
-                    Some(_) => since += 1,
-                    None => index += 1,
-                }
-                continue;
-            }
-            Err(why) => why,
-        };
-        let torn = open.is_none() && torn_from.is_some_and(|t| index >= t);
-        if let Some(n) = skippable(data, off).filter(|_| !torn) {
-            let at = if open.is_some() { since } else { index };
-            let hole = Hole {
-                from: at,
-                to: at + 1,
-                offset: off as u64,
-                end_offset: (off + n) as u64,
-            };
-            match open {
-                Some(_) => {
-                    after.push(hole);
-                    since += 1;
-                }
-                None => {
-                    holes.push(hole);
-                    index += 1;
-                }
-            }
-            off += n;
-            continue;
-        }
-        if end.is_none() || torn {
-            return Mapped {
-                count: index - first,
-                good_len: off as u64,
-                holes,
-                torn: Some((off as u64, index, why)),
-            };
-        }
-        let resync = (off + 1..data.len())
-            .find(|r| resyncs_at(data, *r))
-            .unwrap_or(data.len());
-        let (from, from_off) = open.map_or((index, off), |(f, o, _)| (f, o));
-        open = Some((from, from_off, resync));
-        since = 0;
-        after.clear();
-        off = resync;
-    }
-    if let (Some((from, from_off, resync)), Some(end)) = (open, end) {
-        let to = end.checked_sub(since).filter(|t| *t > from);
-        match to {
-            Some(to) => {
-                holes.push(Hole {
-                    from,
-                    to,
-                    offset: from_off as u64,
-                    end_offset: resync as u64,
-                });
-                holes.extend(after.iter().map(|h| Hole {
-                    from: to + h.from,
-                    to: to + h.to,
-                    ..*h
-                }));
-            }
-            // More entries after the run than the segment can hold: the
-            // resync point is not to be trusted, so all of it is lost.
-            None => holes.push(Hole {
-                from,
-                to: end.max(from + 1),
-                offset: from_off as u64,
-                end_offset: data.len() as u64,
-            }),
-        }
-        index = end.max(from + 1);
-    } else if let Some(end) = end.filter(|e| *e > index) {
-        // Whole entries end before the segment should: the rest is missing.
-        holes.push(Hole {
-            from: index,
-            to: end,
-            offset: off as u64,
-            end_offset: off as u64,
-        });
-        index = end;
-    }
-    Mapped {
-        count: index - first,
-        good_len: data.len().min(off) as u64,
-        holes,
-        torn: None,
-    }
-}
-
-/// Decoded entries of a mapped segment's bytes at or after `from` (up to
-/// `len`), skipping holes; an entry that does not decode becomes a hole.
-fn decode_entries(
-    data: &[u8],
-    first: u64,
-    from: u64,
-    len: u64,
-    holes: &mut Vec<Hole>,
-) -> Vec<(u64, Entry)> {
-    let (mut off, mut index, mut out) = (0usize, first, Vec::new());
-    let len = len as usize;
-    while off < len {
-        if let Some(h) = holes.iter().find(|h| h.from <= index && index < h.to) {
-            off = h.end_offset as usize;
-            index = h.to;
-            continue;
-        }
-        let Ok(n) = entry_at(data, off) else {
-            break; // mapped: cannot happen
-        };
-        if index >= from {
-            match postcard::from_bytes::<Entry>(&data[off + ENTRY_HEADER..off + n]) {
-                Ok(e) => out.push((index, e)),
-                Err(_) => {
-                    holes.push(Hole {
-                        from: index,
-                        to: index + 1,
-                        offset: off as u64,
-                        end_offset: (off + n) as u64,
-                    });
-                    holes.sort_by_key(|h| h.from);
-                }
-            }
-        }
-        off += n;
-        index += 1;
-    }
-    out
 }
 
 /// Moves a stream's position to an entry; `exact` takes the entry as the
@@ -661,206 +240,183 @@ fn apply_position(streams: &mut BTreeMap<String, Position>, e: Entry, exact: boo
     }
 }
 
+/// Logs a corrupt range readers skip and keeps it for the audit log.
+fn report_hole(corrupt: &mut Vec<Corruption>, segment: &Path, h: &Hole, why: &str) {
+    tracing::error!(
+        segment = %segment.display(),
+        from = h.from,
+        to = h.to,
+        offset = h.offset,
+        bytes = h.end_offset - h.offset,
+        "journal: corrupt entries; readers skip them (journal-corrupt)"
+    );
+    corrupt.push(Corruption {
+        segment: segment.to_path_buf(),
+        from: h.from,
+        to: h.to,
+        offset: h.offset,
+        bytes: h.end_offset - h.offset,
+        why: why.into(),
+    });
+}
+
+/// Entries decoded from a segment, and the holes found doing it.
+type Decoded = (Vec<(u64, Entry)>, Vec<Hole>);
+
+/// Decodes the entries of segment `i` from `from` on; an entry whose CRC
+/// holds but that does not decode becomes a hole (returned).
+fn decode_segment(log: &mut Log, i: usize, from: u64) -> Result<Decoded> {
+    let (mut out, mut bad) = (Vec::new(), Vec::new());
+    log.walk(i, |w| {
+        if let Walked::Entry {
+            index,
+            offset,
+            size,
+            payload,
+        } = w
+        {
+            if index >= from {
+                match postcard::from_bytes::<Entry>(payload) {
+                    Ok(e) => out.push((index, e)),
+                    Err(_) => bad.push(Hole {
+                        from: index,
+                        to: index + 1,
+                        offset,
+                        end_offset: offset + size,
+                        exact: true,
+                        why: "entry does not decode",
+                    }),
+                }
+            }
+        }
+    })?;
+    bad.retain(|h| log.add_hole(i, *h));
+    Ok((out, bad))
+}
+
 impl Journal {
     pub fn open(settings: Settings) -> Result<Self> {
         let root = settings.path.clone();
-        for dir in [seg_dir(&root), root.join("sinks"), root.join("dead-letter")] {
+        for dir in [root.join("sinks"), root.join("dead-letter")] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("journal.path: cannot create {}", dir.display()))?;
         }
         let state_path = root.join("state.json");
-        let mut state: State = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| {
+        let mut state: State = match weir_store::read_if_present(&state_path)? {
+            Some(b) => serde_json::from_slice(&b).with_context(|| {
                 format!(
                     "journal.path: {} is corrupt; move it away",
                     state_path.display()
                 )
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", state_path.display())),
+            None => State::default(),
         };
-        let mut listed: Vec<(u64, PathBuf)> = Vec::new();
-        for e in std::fs::read_dir(seg_dir(&root))? {
-            let e = e?;
-            let name = e.file_name().to_string_lossy().to_string();
-            if let Some(first) = name
-                .strip_suffix(".seg")
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                listed.push((first, e.path()));
-            }
-        }
-        listed.sort();
         let saved_positions = state.streams.clone();
         let saved_durable = state.durable_index;
-        let mut repaired = false;
-        let mut segments: VecDeque<Segment> = VecDeque::new();
+        let (mut log, opened) = Log::open(
+            weir_store::Settings {
+                dir: root.join("segments"),
+                key: "journal.path",
+                what: "journal",
+                segment_bytes: weir_store::log::segment_bytes(settings.max_bytes),
+                write_buffer: 1 << 20,
+            },
+            OpenRules {
+                // Entries not fsynced when the state was saved may be torn.
+                torn_from: Some(state.durable_index),
+                guess_past_damage: false,
+            },
+            // Entries are decoded below (those after the durable index)
+            // and when read; one that does not decode becomes a hole then.
+            |_| true,
+        )?;
         let mut corrupt: Vec<Corruption> = Vec::new();
-        let mut expected = listed.first().map_or(0, |(f, _)| *f);
-        for (i, (first, path)) in listed.iter().enumerate() {
-            if *first > MAX_INDEX {
-                bail!("journal.path: segment {} names entry {first}, beyond any journal (at most {MAX_INDEX}); move it away", path.display());
-            }
-            if *first < expected {
-                bail!("journal.path: segment {} starts at entry {first}, inside the segment before it (which ends at {expected}); move the journal away", path.display());
-            }
-            if *first > expected {
+        if let Some(r) = &opened.repair {
+            if r.torn.index < state.durable_index {
+                // Fsynced entries, damaged in the middle of the newest
+                // segment past what a skip by length can bridge: the
+                // number of entries lost cannot be known, so the segment
+                // ends here and the positions are rebuilt (the decoder
+                // reports the records as a gap if they never come back).
                 tracing::error!(
-                    from = expected,
-                    to = first,
-                    "journal: the segment holding entries {expected}..{first} is missing; they are skipped (journal-corrupt)"
+                    segment = %r.path.display(),
+                    entry = r.torn.index,
+                    offset = r.torn.offset,
+                    truncated_bytes = r.cut_bytes,
+                    "journal: corrupt entry ({}) below the durable index {} in the newest segment; truncated there",
+                    r.torn.why,
+                    state.durable_index
                 );
-                corrupt.push(Corruption {
-                    segment: seg_path(&root, expected),
-                    from: expected,
-                    to: *first,
-                    offset: 0,
-                    bytes: 0,
-                    why: "segment file missing".into(),
-                });
-            }
-            let data = std::fs::read(path)
-                .with_context(|| format!("journal.path: reading {}", path.display()))?;
-            let last = i + 1 == listed.len();
-            let end = listed.get(i + 1).map(|(next, _)| *next);
-            let torn_from = last.then_some(state.durable_index);
-            let mut m = map_segment(&data, *first, end, torn_from);
-            if let Some((at, index, why)) = m.torn {
-                repaired = true;
-                let size = data.len() as u64;
-                if index < state.durable_index {
-                    // Fsynced entries, damaged in the middle of the newest
-                    // segment past what a skip by length can bridge: the
-                    // number of entries lost cannot be known, so the segment
-                    // ends here and the positions are rebuilt (the decoder
-                    // reports the records as a gap if they never come back).
-                    tracing::error!(
-                        segment = %path.display(),
-                        entry = index,
-                        offset = at,
-                        truncated_bytes = size - at,
-                        "journal: corrupt entry ({why}) below the durable index {} in the newest segment; truncated there",
-                        state.durable_index
-                    );
-                } else {
-                    tracing::warn!(
-                        segment = %path.display(),
-                        truncated_bytes = size - at,
-                        "journal: torn tail after a crash ({why}); truncated to the last whole record"
-                    );
-                }
-                OpenOptions::new().write(true).open(path)?.set_len(at)?;
-            }
-            let entries =
-                decode_entries(&data, *first, state.durable_index, m.good_len, &mut m.holes);
-            for h in &m.holes {
-                tracing::error!(
-                    segment = %path.display(),
-                    from = h.from,
-                    to = h.to,
-                    offset = h.offset,
-                    bytes = h.end_offset - h.offset,
-                    "journal: corrupt entries; readers skip them (journal-corrupt)"
+            } else {
+                tracing::warn!(
+                    segment = %r.path.display(),
+                    truncated_bytes = r.cut_bytes,
+                    "journal: torn tail after a crash ({}); truncated to the last whole record",
+                    r.torn.why
                 );
-                corrupt.push(Corruption {
-                    segment: path.clone(),
-                    from: h.from,
-                    to: h.to,
-                    offset: h.offset,
-                    bytes: h.end_offset - h.offset,
-                    why: "corrupt entry".into(),
-                });
+            }
+        }
+        for seg in log.segments() {
+            for h in &seg.holes {
+                let why = match h.why {
+                    "entries missing at the end" => {
+                        "entries missing (a segment cut short or removed)"
+                    }
+                    _ => "corrupt entry",
+                };
+                report_hole(&mut corrupt, &seg.path, h, why);
+            }
+        }
+        // Positions the state file has not accounted for, from the entries
+        // after its durable index.
+        let repaired = opened.repair.is_some();
+        for i in 0..log.segments().len() {
+            let seg = &log.segments()[i];
+            if seg.end() <= state.durable_index {
+                continue;
+            }
+            let path = seg.path.clone();
+            let (entries, bad) = decode_segment(&mut log, i, state.durable_index)?;
+            for h in &bad {
+                report_hole(&mut corrupt, &path, h, "entry does not decode");
             }
             for (_, e) in entries {
                 apply_position(&mut state.streams, e, false);
             }
-            segments.push_back(Segment {
-                first: *first,
-                count: m.count,
-                bytes: m.good_len,
-                path: path.clone(),
-                holes: m.holes,
-            });
-            expected = first + m.count;
-            if m.torn.is_some() {
-                // Entries the state file counted may be gone: rebuild every
-                // position from what survives, so the decoder expects the
-                // torn records again and reports them as a gap if they never
-                // come back, instead of believing they were journaled.
-                for seg in &mut segments {
-                    let data = std::fs::read(&seg.path)
-                        .with_context(|| format!("journal.path: reading {}", seg.path.display()))?;
-                    for (_, e) in
-                        decode_entries(&data, seg.first, seg.first, seg.bytes, &mut seg.holes)
-                    {
-                        apply_position(&mut state.streams, e, true);
-                    }
+        }
+        if repaired {
+            // Entries the state file counted may be gone: rebuild every
+            // position from what survives, so the decoder expects the
+            // torn records again and reports them as a gap if they never
+            // come back, instead of believing they were journaled.
+            for i in 0..log.segments().len() {
+                let path = log.segments()[i].path.clone();
+                let first = log.segments()[i].first;
+                let (entries, bad) = decode_segment(&mut log, i, first)?;
+                for h in &bad {
+                    report_hole(&mut corrupt, &path, h, "entry does not decode");
                 }
-                // A torn segment is the last one read: nothing after it counts.
-                break;
+                for (_, e) in entries {
+                    apply_position(&mut state.streams, e, true);
+                }
             }
         }
-        // Every segment is fsynced before its entries count as durable: the
-        // previous process may have been killed before its syncer ran.
-        for seg in &segments {
-            File::open(&seg.path)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("journal.path: syncing {}", seg.path.display()))?;
-        }
-        let next_index = expected;
-        let path = seg_path(&root, next_index);
-        if segments
-            .back()
-            .is_none_or(|s| s.bytes >= segment_bytes(&settings))
-        {
-            File::create(&path)?;
-            segments.push_back(Segment {
-                first: next_index,
-                count: 0,
-                bytes: 0,
-                path: path.clone(),
-                holes: Vec::new(),
-            });
-        }
-        let active = segments.back().expect("a segment").path.clone();
-        let writer =
-            BufWriter::with_capacity(1 << 20, OpenOptions::new().append(true).open(&active)?);
-        let total_bytes = segments.iter().map(|s| s.bytes).sum();
+        let next_index = log.next_index();
         tracing::info!(
             path = %root.display(),
-            entries = next_index - segments.front().map_or(next_index, |s| s.first),
-            bytes = total_bytes,
+            entries = next_index - log.first_index(),
+            bytes = log.total_bytes(),
             streams = state.streams.len(),
             "journal opened"
         );
-        let sync = Arc::new(SyncShared {
-            durable: AtomicU64::new(next_index),
-            failure: Mutex::new(None),
-            fsyncs: AtomicU64::new(0),
-            changed: Condvar::new(),
-            changed_lock: Mutex::new(()),
-            waker: OnceLock::new(),
-        });
         // A few jobs in flight at most: each covers everything before it.
-        let (jobs, rx) = std::sync::mpsc::sync_channel(4);
-        {
-            let (root, sync) = (root.clone(), sync.clone());
-            std::thread::Builder::new()
-                .name("weir-journal-sync".into())
-                .spawn(move || syncer(rx, root, sync))
-                .context("starting the journal's fsync thread")?;
-        }
+        let syncer = Syncer::spawn("weir-journal-sync", next_index, 4)?;
         Ok(Journal {
             settings,
-            segments,
-            writer,
-            next_index,
-            sync,
-            requested: next_index,
-            jobs,
+            log,
+            syncer,
             unsynced_bytes: 0,
             last_sync: Instant::now(),
-            total_bytes,
             positions: state.streams,
             repaired: repaired.then_some((saved_positions, saved_durable)),
             scratch: Vec::new(),
@@ -889,37 +445,34 @@ impl Journal {
     }
 
     pub fn first_index(&self) -> u64 {
-        self.segments.front().map_or(self.next_index, |s| s.first)
+        self.log.first_index()
     }
 
     /// Entries below this are fsynced; only they go to sinks.
     pub fn durable_index(&self) -> u64 {
-        self.sync.durable.load(Ordering::Acquire)
+        self.syncer.durable()
     }
 
     /// Fsyncs done since the journal opened (each a group commit).
     pub fn fsyncs(&self) -> u64 {
-        self.sync.fsyncs.load(Ordering::Relaxed)
+        self.syncer.fsyncs()
     }
 
-    /// Sets what the syncer thread calls after each fsync (and failure),
+    /// Sets what the fsync thread calls after each fsync (and failure),
     /// so the thread waiting to hand durable entries on wakes at once. Set
     /// once; a second waker is ignored.
     pub fn set_waker(&self, waker: Waker) {
-        let _ = self.sync.waker.set(waker);
+        self.syncer.set_waker(waker);
     }
 
     /// The first fsync failure, if any: the receiver must stop.
     pub fn failure(&self) -> Option<String> {
-        self.sync
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.syncer.failure()
     }
 
+    /// Bytes of the segment files.
     pub fn total_bytes(&self) -> u64 {
-        self.total_bytes
+        self.log.total_bytes()
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -930,18 +483,9 @@ impl Journal {
         let mut payload = std::mem::take(&mut self.scratch);
         payload.clear();
         let payload = postcard::to_extend(entry, payload).expect("postcard into Vec");
-        let written = write_entry(&mut self.writer, &payload);
+        let appended = self.log.append(&payload);
         self.scratch = payload;
-        let size = written.with_context(|| {
-            format!("journal: cannot write to {}", self.settings.path.display())
-        })?;
-        let index = self.next_index;
-        self.next_index += 1;
-        let seg = self.segments.back_mut().expect("active segment");
-        seg.count += 1;
-        seg.bytes += size;
-        let full = seg.bytes >= segment_bytes(&self.settings);
-        self.total_bytes += size;
+        let (index, size, full) = appended?;
         self.appended_bytes += size;
         self.unsynced_bytes += size;
         match self.positions.get_mut(stream) {
@@ -1012,21 +556,7 @@ impl Journal {
 
     fn rotate(&mut self) -> Result<()> {
         self.request_sync()?;
-        let path = seg_path(&self.settings.path, self.next_index);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        self.writer = BufWriter::with_capacity(1 << 20, file);
-        self.segments.push_back(Segment {
-            first: self.next_index,
-            count: 0,
-            bytes: 0,
-            path,
-            holes: Vec::new(),
-        });
-        Ok(())
+        self.log.rotate()
     }
 
     /// True when entries wait for an fsync that should be requested now:
@@ -1036,62 +566,40 @@ impl Journal {
     /// passed since the last request (the next job is then queued behind
     /// it, which bounds a batch handed to the sinks).
     pub fn sync_due(&self) -> bool {
-        self.requested != self.next_index
-            && (self.durable_index() >= self.requested
+        self.syncer.requested() != self.log.next_index()
+            && (self.syncer.idle()
                 || self.unsynced_bytes >= self.settings.fsync_bytes
                 || self.last_sync.elapsed() >= self.settings.fsync_interval)
     }
 
     /// Writes buffered entries to the OS and hands their fsync to the
-    /// syncer thread; returns the index the fsync will make durable.
+    /// fsync thread; returns the index the fsync will make durable.
     pub fn request_sync(&mut self) -> Result<u64> {
-        if self.requested == self.next_index {
-            return Ok(self.requested);
+        let next = self.log.next_index();
+        if self.syncer.requested() == next {
+            return Ok(next);
         }
-        self.writer.flush().context("journal: writing a segment")?;
-        let file = self
-            .writer
-            .get_ref()
-            .try_clone()
-            .context("journal: duplicating a segment handle")?;
+        let files = self.log.sync_files()?;
         let state = State {
             streams: self.positions.clone(),
-            durable_index: self.next_index,
+            durable_index: next,
         };
         let state = serde_json::to_vec_pretty(&state).expect("json");
-        self.jobs
-            .send(SyncJob {
-                file,
-                up_to: self.next_index,
-                state,
-            })
-            .map_err(|_| anyhow::anyhow!("journal: the fsync thread has stopped"))?;
-        self.requested = self.next_index;
+        self.syncer.submit(SyncJob {
+            files,
+            up_to: next,
+            state: Some((self.settings.path.join("state.json"), state)),
+            what: "journal",
+        })?;
         self.unsynced_bytes = 0;
         self.last_sync = Instant::now();
-        Ok(self.requested)
+        Ok(next)
     }
 
     /// Requests an fsync and waits for it (shutdown, tests).
     pub fn sync(&mut self) -> Result<u64> {
         let target = self.request_sync()?;
-        let mut guard = self
-            .sync
-            .changed_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        while self.durable_index() < target {
-            if let Some(f) = self.failure() {
-                bail!("{f}");
-            }
-            // The syncer notifies under `changed_lock` after it moves the
-            // durable index: checked under the lock, no wake is missed.
-            guard = self
-                .sync
-                .changed
-                .wait(guard)
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        self.syncer.wait_durable(target)?;
         Ok(target)
     }
 
@@ -1131,106 +639,85 @@ impl Journal {
     ) -> Result<(Vec<(u64, Entry)>, u64)> {
         let mut out = Vec::new();
         let mut bytes = 0u64;
-        let mut i = 0;
-        let mut mapped: Option<(usize, u64)> = None;
-        while i < self.segments.len() && out.len() < max && bytes < max_bytes {
-            let seg = &self.segments[i];
-            if seg.end() <= from || seg.first >= limit {
-                i += 1;
-                continue;
+        let mut mapped: Option<u64> = None;
+        // The size of each entry taken, for a retry.
+        let mut sizes: Vec<u64> = Vec::new();
+        loop {
+            let end = self.log.read(reader, from, limit, |index, payload| {
+                let size = (ENTRY_HEADER + payload.len()) as u64;
+                if out.len() >= max || (!out.is_empty() && bytes + size > max_bytes) {
+                    // Not taken: the next read starts here.
+                    return Step::Stop;
+                }
+                match postcard::from_bytes::<Entry>(payload) {
+                    Ok(e) => {
+                        out.push((index, e));
+                        sizes.push(size);
+                        bytes += size;
+                        Step::Next
+                    }
+                    Err(_) => Step::Undecodable,
+                }
+            })?;
+            let ReadEnd::Unreadable(u) = end else {
+                break;
+            };
+            if mapped == Some(u.index) {
+                bail!(
+                    "journal: entry {} of segment {} cannot be read ({}) and the segment maps whole; check the disk",
+                    u.index,
+                    u.segment,
+                    u.why
+                );
             }
-            let start = from.max(seg.first);
-            let got = read_from(
-                reader,
-                seg,
-                start,
-                max - out.len(),
-                max_bytes - bytes,
-                limit,
-            )?;
-            match got {
-                Ok((entries, b, full)) => {
-                    out.extend(entries);
-                    bytes += b;
-                    if full {
-                        break;
-                    }
-                    i += 1;
-                }
-                Err(u) => {
-                    if mapped == Some((i, u.index)) {
-                        bail!(
-                            "journal: entry {} of {} cannot be read and the segment maps whole; check the disk",
-                            u.index,
-                            seg.path.display()
-                        );
-                    }
-                    mapped = Some((i, u.index));
-                    self.map_unreadable(i, u)?;
-                    *reader = None;
-                    // A read stops at a batch's first entry; the entries
-                    // already taken here are kept and the read goes on.
-                    if !out.is_empty() {
-                        break;
-                    }
-                }
+            mapped = Some(u.index);
+            self.map_unreadable(u)?;
+            *reader = None;
+            // The damaged segment is read again with its holes known; the
+            // entries of segments before it are kept, and a batch that
+            // has some ends there.
+            let keep = out.partition_point(|(i, _)| *i < u.segment);
+            out.truncate(keep);
+            sizes.truncate(keep);
+            bytes = sizes.iter().sum();
+            if !out.is_empty() {
+                break;
             }
         }
         Ok((out, bytes))
     }
 
-    /// Records the corrupt run at `u` in segment `i` as a hole: one entry
-    /// when its CRC held but it does not decode, else the holes a map of
-    /// the whole segment shows (its last index is known: the next
-    /// segment's first, or the entries this process appended).
-    fn map_unreadable(&mut self, i: usize, u: Unreadable) -> Result<()> {
-        let holes = match u.len {
-            Some(len) => vec![Hole {
-                from: u.index,
-                to: u.index + 1,
-                offset: u.offset,
-                end_offset: u.offset + len,
-            }],
-            None => {
-                if i + 1 == self.segments.len() {
-                    self.writer.flush().context("journal: writing a segment")?;
-                }
-                let seg = &self.segments[i];
-                let data = std::fs::read(&seg.path)
-                    .with_context(|| format!("reading {}", seg.path.display()))?;
-                let data = &data[..(seg.bytes as usize).min(data.len())];
-                let m = map_segment(data, seg.first, Some(seg.end()), None);
-                m.holes
+    /// Records the corrupt run at `u` as a hole: one entry when its CRC
+    /// held but it does not decode, else the holes a map of the whole
+    /// segment shows (its last index is known: the next segment's first,
+    /// or the entries this process appended).
+    fn map_unreadable(&mut self, u: Unreadable) -> Result<()> {
+        let i = self
+            .log
+            .segment_of(u.index)
+            .with_context(|| format!("journal: bug: entry {} is in no segment", u.index))?;
+        let (holes, why) = match u.len {
+            Some(len) => {
+                let h = Hole {
+                    from: u.index,
+                    to: u.index + 1,
+                    offset: u.offset,
+                    end_offset: u.offset + len,
+                    exact: true,
+                    why: u.why,
+                };
+                let new = self.log.add_hole(i, h);
+                (
+                    if new { vec![h] } else { Vec::new() },
+                    "entry does not decode",
+                )
             }
+            None => (self.log.map_damage(i)?, "corrupt entry"),
         };
-        let seg = &mut self.segments[i];
-        for h in holes {
-            if seg.holes.iter().any(|k| k.from < h.to && h.from < k.to) {
-                continue;
-            }
-            tracing::error!(
-                segment = %seg.path.display(),
-                from = h.from,
-                to = h.to,
-                offset = h.offset,
-                bytes = h.end_offset - h.offset,
-                "journal: corrupt entries; readers skip them (journal-corrupt)"
-            );
-            self.corrupt.push(Corruption {
-                segment: seg.path.clone(),
-                from: h.from,
-                to: h.to,
-                offset: h.offset,
-                bytes: h.end_offset - h.offset,
-                why: if u.len.is_some() {
-                    "entry does not decode".into()
-                } else {
-                    "corrupt entry".into()
-                },
-            });
-            seg.holes.push(h);
+        let path = self.log.segments()[i].path.clone();
+        for h in &holes {
+            report_hole(&mut self.corrupt, &path, h, why);
         }
-        seg.holes.sort_by_key(|h| h.from);
         Ok(())
     }
 
@@ -1247,9 +734,9 @@ impl Journal {
         // (epoch, last seq) before the range and (epoch, first seq) after it.
         let mut before: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut after: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        self.writer.flush().context("journal: writing a segment")?;
+        self.log.flush()?;
         let (mut reader, mut at) = (None, self.first_index());
-        let end = self.next_index;
+        let end = self.log.next_index();
         loop {
             let (entries, _) = self.read_until(&mut reader, at, 4096, u64::MAX, end)?;
             let Some(last) = entries.last().map(|(i, _)| *i) else {
@@ -1304,38 +791,28 @@ impl Journal {
 
     /// The oldest segment's index range, if there is more than the active one.
     pub fn oldest(&self) -> Option<(u64, u64)> {
-        (self.segments.len() > 1)
-            .then(|| self.segments.front().map(|s| (s.first, s.end())))
+        let segments = self.log.segments();
+        (segments.len() > 1)
+            .then(|| segments.front().map(|s| (s.first, s.end())))
             .flatten()
     }
 
     /// Entries of the oldest segment from `from` on (before it is dropped).
     pub fn scan_oldest(&mut self, from: u64) -> Result<Vec<(u64, Entry)>> {
-        let end = self.segments.front().expect("a segment").end();
+        let end = self.log.segments().front().expect("a segment").end();
         Ok(self
             .read_until(&mut None, from, usize::MAX, u64::MAX, end)?
             .0)
     }
 
     pub fn drop_oldest(&mut self) -> Result<()> {
-        if self.segments.len() < 2 {
-            return Ok(());
-        }
-        let seg = self.segments.pop_front().expect("checked");
-        self.total_bytes -= seg.bytes;
-        std::fs::remove_file(&seg.path).with_context(|| format!("removing {}", seg.path.display()))
+        self.log.remove_oldest()?;
+        Ok(())
     }
 
     /// Deletes segments every sink has written past.
     pub fn compact(&mut self, confirmed_by_all: u64) -> Result<()> {
-        while self.segments.len() > 1
-            && self
-                .segments
-                .front()
-                .is_some_and(|s| s.end() <= confirmed_by_all)
-        {
-            self.drop_oldest()?;
-        }
+        self.log.remove_below(confirmed_by_all)?;
         Ok(())
     }
 
@@ -1352,21 +829,6 @@ impl Journal {
             .join("dead-letter")
             .join(format!("{}.jsonl", crate::sinks::file::file_stem(sink)))
     }
-}
-
-fn segment_bytes(s: &Settings) -> u64 {
-    (s.max_bytes / 8).clamp(256 << 10, 64 << 20)
-}
-
-/// Temp file, fsync, rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 pub fn load_sink_cursor(path: &Path) -> Result<Option<SinkCursor>> {
@@ -1428,10 +890,10 @@ mod tests {
         j.append_record(&rec("a", 110)).unwrap();
         j.sync().unwrap();
         assert_eq!(j.read(0, usize::MAX).unwrap().len(), 102);
-        let seg = j.segments.back().unwrap().path.clone();
+        let seg = j.log.segments().back().unwrap().path.clone();
         drop(j);
         let len = std::fs::metadata(&seg).unwrap().len();
-        OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
             .open(&seg)
             .unwrap()
@@ -1453,7 +915,7 @@ mod tests {
             j.append_record(&rec("a", seq)).unwrap();
         }
         j.sync().unwrap();
-        assert!(j.segments.len() > 2);
+        assert!(j.log.segments().len() > 2);
         let (first, end) = j.oldest().unwrap();
         assert_eq!(j.scan_oldest(first).unwrap().len() as u64, end - first);
         j.compact(end).unwrap();
@@ -1464,10 +926,10 @@ mod tests {
     /// Byte offsets of every entry in a segment file.
     fn offsets(path: &Path) -> Vec<u64> {
         let data = std::fs::read(path).unwrap();
-        let (mut off, mut out) = (0usize, Vec::new());
+        let (mut off, mut out) = (weir_store::HEADER_LEN as usize, Vec::new());
         while off < data.len() {
             out.push(off as u64);
-            off += entry_at(&data, off).unwrap();
+            off += weir_store::segment::entry_at(&data, off).unwrap();
         }
         out
     }
@@ -1497,7 +959,7 @@ mod tests {
             j.append_record(&rec("b", seq)).unwrap();
         }
         j.sync().unwrap();
-        let seg = j.segments.back().unwrap().path.clone();
+        let seg = j.log.segments().back().unwrap().path.clone();
         // Entry 401 is b/200: a byte inside its payload.
         flip(&seg, offsets(&seg)[401] + 12);
         let (got, _) = j.read_with(&mut None, 0, usize::MAX, u64::MAX).unwrap();
@@ -1530,7 +992,7 @@ mod tests {
             j.append_record(&rec("a", seq)).unwrap();
         }
         j.sync().unwrap();
-        let seg = j.segments.back().unwrap().path.clone();
+        let seg = j.log.segments().back().unwrap().path.clone();
         // The length field of entry 300: skipping by it leads nowhere.
         flip(&seg, offsets(&seg)[300] + 2);
         let (got, _) = j.read_with(&mut None, 0, usize::MAX, u64::MAX).unwrap();
@@ -1562,7 +1024,7 @@ mod tests {
             j.append_record(&rec("a", seq)).unwrap();
         }
         j.sync().unwrap();
-        let seg = j.segments.back().unwrap().path.clone();
+        let seg = j.log.segments().back().unwrap().path.clone();
         let at = offsets(&seg);
         // Only the sum of the two runs' lengths is known: the entries
         // between them go with them, and the gap names all of it.
@@ -1591,9 +1053,9 @@ mod tests {
             j.append_record(&rec("a", seq)).unwrap();
         }
         j.sync().unwrap();
-        assert!(j.segments.len() > 2);
+        assert!(j.log.segments().len() > 2);
         let (first, end) = j.oldest().unwrap();
-        let seg = j.segments.front().unwrap().path.clone();
+        let seg = j.log.segments().front().unwrap().path.clone();
         drop(j);
         let at = offsets(&seg);
         // A run of damage over entries 100..=102 (headers included; the

@@ -21,19 +21,16 @@
 //! mid-write) is found by its CRC and truncated on open.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use weir_protocol::segment::{
-    check_entry_at, find_next_entry, read_entry, write_entry, ReadOutcome, ENTRY_HEADER,
-};
 use weir_protocol::{NoticeCause, RecordBody, RecordBodyRef};
+use weir_store::frame::ENTRY_HEADER;
+use weir_store::{segment, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Walked};
 
 use crate::fatal::Fatal;
 use crate::metrics::Counters;
@@ -164,48 +161,8 @@ pub struct Settings {
 
 impl Settings {
     fn segment_bytes(&self) -> u64 {
-        (self.max_bytes / 8).clamp(256 << 10, 64 << 20)
+        weir_store::log::segment_bytes(self.max_bytes)
     }
-}
-
-struct Segment {
-    first: u64,
-    count: u64,
-    /// Bytes on disk (readable entries and any corrupt stretch).
-    bytes: u64,
-    path: PathBuf,
-    modified: SystemTime,
-    /// Corrupt stretches found at open, in order; the reader jumps them.
-    holes: Vec<Hole>,
-}
-
-impl Segment {
-    fn end(&self) -> u64 {
-        self.first + self.count
-    }
-}
-
-/// A stretch of a segment with no readable entry in it (found at open):
-/// bytes that fail their CRC or do not decode, between readable entries.
-#[derive(Debug, Clone)]
-struct Hole {
-    /// The first entry index it takes the place of, and how many it takes.
-    index: u64,
-    slots: u64,
-    /// Byte offsets in the segment: where it starts, where entries resume.
-    offset: u64,
-    resume: u64,
-    /// The damaged entry's own length field was intact (one entry lost, the
-    /// entries after it keep the indexes they were written with), or the
-    /// slot count is fixed by the next segment's name.
-    exact: bool,
-    why: &'static str,
-}
-
-struct Reader {
-    segment_first: u64,
-    file: BufReader<File>,
-    index: u64,
 }
 
 /// A gap notice waiting for the reader to reach `at` (where the records it
@@ -214,9 +171,9 @@ type Notice = (String, u64, u64, NoticeCause);
 
 pub struct Spool {
     settings: Settings,
-    segments: VecDeque<Segment>,
-    writer: BufWriter<File>,
-    next_index: u64,
+    /// The segments (`weir_store::Log`): what an entry means is this
+    /// module's business, keeping them is the store's.
+    log: Log,
     durable_index: u64,
     /// The durable index recorded in the last saved state: the reader's limit.
     saved_durable: u64,
@@ -225,10 +182,9 @@ pub struct Spool {
     /// and eviction), because byte-stream sources stop reading above a
     /// bound of it and only start again when it falls.
     unsent_bytes: u64,
-    total_bytes: u64,
     streams: BTreeMap<String, StreamState>,
     read_index: u64,
-    reader: Option<Reader>,
+    reader: Option<weir_store::Cursor>,
     dropped: VecDeque<Notice>,
     /// Ranges lost to damage found at open (a torn tail, corrupt entries),
     /// each announced when the reader reaches its index; sorted by index.
@@ -246,18 +202,8 @@ pub struct Spool {
     sync_wake: Arc<std::sync::Condvar>,
     /// The sync thread should end (`SharedSpool::stop_sync`).
     sync_stop: bool,
-    /// Closed segments whose final fsync is still to run.
-    retired_files: Vec<File>,
     counters: Arc<Counters>,
     scratch: Vec<u8>,
-}
-
-fn segments_dir(root: &Path) -> PathBuf {
-    root.join("segments")
-}
-
-fn segment_path(root: &Path, first: u64) -> PathBuf {
-    segments_dir(root).join(format!("{first:020}.seg"))
 }
 
 /// The leading fields of an entry (same encoding as `Entry`), enough to
@@ -275,141 +221,14 @@ fn head_of(payload: &[u8]) -> Option<EntryHead<'_>> {
         .map(|(h, _)| h)
 }
 
-/// What a scan meets, in segment order.
+/// What a walk of a segment meets, in order.
 enum Seen<'a> {
     Entry {
         index: u64,
         size: u64,
         head: EntryHead<'a>,
-        payload: &'a [u8],
     },
     Hole(&'a Hole),
-}
-
-/// What a scan of one segment found.
-struct Scan {
-    /// Entry indexes the segment covers (readable entries and hole slots).
-    count: u64,
-    /// Framed bytes of the readable entries.
-    good_bytes: u64,
-    /// Where the readable part ends: the file length, or where a torn tail starts.
-    end: u64,
-    torn: Option<&'static str>,
-    holes: Vec<Hole>,
-}
-
-/// Scans a segment: every readable entry (CRC and head checked) and every
-/// corrupt stretch between them goes to `visit`, in order. After a bad
-/// entry, reading resumes at the next whole entry (the damaged entry's own
-/// length when that lands on one, else the next offset where an entry of a
-/// stream in `known` starts with a matching CRC). Bad bytes that no
-/// readable entry follows are a torn tail (`torn`). `expected` is the
-/// entry count the next segment's name fixes (every segment but the
-/// newest): entries missing from it become a trailing hole.
-fn scan_segment(
-    path: &Path,
-    first: u64,
-    expected: Option<u64>,
-    known: &mut HashSet<String>,
-    mut visit: impl FnMut(Seen<'_>),
-) -> Result<Scan> {
-    let data =
-        std::fs::read(path).with_context(|| format!("reading spool segment {}", path.display()))?;
-    let readable = |at: usize| -> std::result::Result<(&[u8], EntryHead<'_>), &'static str> {
-        let payload = check_entry_at(&data[at..])?.ok_or("end of segment")?;
-        let head = head_of(payload).ok_or("entry does not decode")?;
-        Ok((payload, head))
-    };
-    let mut scan = Scan {
-        count: 0,
-        good_bytes: 0,
-        end: data.len() as u64,
-        torn: None,
-        holes: Vec::new(),
-    };
-    let mut pos = 0usize;
-    let mut index = first;
-    while pos < data.len() {
-        match readable(pos) {
-            Ok((payload, head)) => {
-                let size = ENTRY_HEADER + payload.len();
-                if !known.contains(head.stream) {
-                    known.insert(head.stream.to_string());
-                }
-                visit(Seen::Entry {
-                    index,
-                    size: size as u64,
-                    head,
-                    payload,
-                });
-                scan.good_bytes += size as u64;
-                index += 1;
-                pos += size;
-            }
-            Err(why) => {
-                let claimed = data
-                    .get(pos..pos + 4)
-                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
-                let by_length = claimed
-                    .and_then(|len| pos.checked_add(ENTRY_HEADER + len))
-                    .filter(|&next| next < data.len() && readable(next).is_ok());
-                let (next, exact) = match by_length {
-                    Some(next) => (Some(next), true),
-                    None => (
-                        find_next_entry(&data, pos + 1, |p| {
-                            head_of(p).is_some_and(|h| known.contains(h.stream))
-                        }),
-                        false,
-                    ),
-                };
-                let Some(next) = next else {
-                    scan.torn = Some(why);
-                    scan.end = pos as u64;
-                    break;
-                };
-                let hole = Hole {
-                    index,
-                    slots: 1,
-                    offset: pos as u64,
-                    resume: next as u64,
-                    exact,
-                    why,
-                };
-                visit(Seen::Hole(&hole));
-                scan.holes.push(hole);
-                index += 1;
-                pos = next;
-            }
-        }
-    }
-    if let Some(expected) = expected {
-        let seen = index - first;
-        if seen > expected {
-            bail!(
-                "spool.path: segment {} holds {seen} entries where the next segment's name allows {expected}; the spool was altered, move it away",
-                path.display()
-            );
-        }
-        if seen < expected {
-            // A torn or short segment that is not the newest: the entries
-            // it lacks are a hole up to its end.
-            let hole = Hole {
-                index,
-                slots: expected - seen,
-                offset: scan.end,
-                resume: data.len() as u64,
-                exact: true,
-                why: scan.torn.unwrap_or("entries missing at the end"),
-            };
-            visit(Seen::Hole(&hole));
-            scan.holes.push(hole);
-            index = first + expected;
-        }
-        scan.torn = None;
-        scan.end = data.len() as u64;
-    }
-    scan.count = index - first;
-    Ok(scan)
 }
 
 /// Raises a stream's next sequence number past `seq` (creating the stream
@@ -425,47 +244,28 @@ fn see_seq(streams: &mut BTreeMap<String, StreamState>, stream: &str, seq: u64) 
     s.next_seq = s.next_seq.max(seq.saturating_add(1));
 }
 
-/// Reads a segment whose holes are known (found at open): every readable
-/// entry and every hole goes to `visit`, in order; an entry that no longer
-/// reads is an error.
-fn walk_segment(seg: &Segment, mut visit: impl FnMut(Seen<'_>)) -> Result<()> {
-    let data = std::fs::read(&seg.path)
-        .with_context(|| format!("reading spool segment {}", seg.path.display()))?;
-    let mut holes = seg.holes.iter().peekable();
-    let (mut pos, mut index) = (0usize, seg.first);
-    while index < seg.end() {
-        if let Some(hole) = holes.next_if(|h| h.index == index) {
-            visit(Seen::Hole(hole));
-            index += hole.slots;
-            pos = hole.resume as usize;
-            continue;
-        }
-        let payload = match check_entry_at(data.get(pos..).unwrap_or_default()) {
-            Ok(Some(p)) => p,
-            Ok(None) => bail!(
-                "spool: segment {} ends before entry {index}",
-                seg.path.display()
-            ),
-            Err(why) => bail!(
-                "spool: entry {index} unreadable ({why}) in {}",
-                seg.path.display()
-            ),
-        };
-        let Some(head) = head_of(payload) else {
-            bail!(
-                "spool: entry {index} in {} does not decode",
-                seg.path.display()
-            );
-        };
-        let size = ENTRY_HEADER + payload.len();
-        visit(Seen::Entry {
+/// Walks segment `i` whole: its readable entries (with their heads) and
+/// its holes, in order; an entry that no longer reads is an error.
+fn walk_heads(log: &mut Log, i: usize, mut visit: impl FnMut(Seen<'_>)) -> Result<()> {
+    let mut failed = None;
+    log.walk(i, |w| match w {
+        Walked::Entry {
             index,
-            size: size as u64,
-            head,
+            size,
             payload,
-        });
-        index += 1;
-        pos += size;
+            ..
+        } => match head_of(payload) {
+            Some(head) => visit(Seen::Entry { index, size, head }),
+            None => failed = Some((index, "entry does not decode")),
+        },
+        Walked::Hole(h) => visit(Seen::Hole(h)),
+        Walked::Unreadable { index, why, .. } => failed = Some((index, why)),
+    })?;
+    if let Some((index, why)) = failed {
+        bail!(
+            "spool: entry {index} unreadable ({why}) in {}; a restart skips unreadable entries and announces their records as sender-spool-corrupt",
+            log.segments()[i].path.display()
+        );
     }
     Ok(())
 }
@@ -532,178 +332,109 @@ impl Continuity {
     }
 }
 
-fn list_segments(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let dir = segments_dir(root);
-    let mut found = Vec::new();
-    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(first) = name
-            .strip_suffix(".seg")
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            tracing::warn!(file = %e.path().display(), "spool: ignoring a file that is not a segment");
-            continue;
-        };
-        found.push((first, e.path()));
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Opens a segment for reading at entry `index`: walks the entries before
-/// it, each checked by its CRC, and jumps the holes found at open.
-fn open_reader_at(seg: &Segment, index: u64, buf: &mut Vec<u8>) -> Result<Reader> {
-    let file = File::open(&seg.path)
-        .with_context(|| format!("spool: opening segment {}", seg.path.display()))?;
-    let mut file = BufReader::with_capacity(1 << 20, file);
-    let mut at = seg.first;
-    while at < index {
-        if let Some(hole) = seg.holes.iter().find(|h| h.index == at) {
-            file.seek(SeekFrom::Start(hole.resume))?;
-            at += hole.slots;
-            continue;
-        }
-        match read_entry(&mut file, buf)? {
-            ReadOutcome::Entry => at += 1,
-            other => bail!(
-                "spool: entry {at} unreadable ({other:?}) in {}; a restart skips unreadable entries and announces their records as sender-spool-corrupt",
-                seg.path.display()
-            ),
-        }
-    }
-    if at != index {
-        bail!(
-            "spool: bug: read position {index} is inside a hole of {}",
-            seg.path.display()
-        );
-    }
-    Ok(Reader {
-        segment_first: seg.first,
-        file,
-        index,
-    })
-}
-
 impl Spool {
     pub fn open(settings: Settings, counters: Arc<Counters>) -> Result<Self> {
         let root = settings.path.clone();
-        std::fs::create_dir_all(segments_dir(&root))
+        std::fs::create_dir_all(&root)
             .with_context(|| format!("spool.path: cannot create {}", root.display()))?;
-        std::fs::create_dir_all(root.join("resend"))?;
+        std::fs::create_dir_all(root.join("resend")).with_context(|| {
+            format!(
+                "spool.path: cannot create {}",
+                root.join("resend").display()
+            )
+        })?;
         let state_path = root.join("state.json");
-        let mut state: State = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| {
+        let saved = weir_store::read_if_present(&state_path)?;
+        let state_found = saved.is_some();
+        let mut state: State = match saved {
+            Some(b) => serde_json::from_slice(&b).with_context(|| {
                 format!("spool.path: {} is corrupt; move it away to rebuild sequence state from the segments", state_path.display())
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", state_path.display())),
+            None => State::default(),
         };
-        let listed = list_segments(&root)?;
+        let (mut log, opened) = Log::open(
+            weir_store::Settings {
+                dir: root.join("segments"),
+                key: "spool.path",
+                what: "spool",
+                segment_bytes: settings.segment_bytes(),
+                write_buffer: 256 << 10,
+            },
+            OpenRules {
+                // Entries not fsynced when the state was saved may be torn
+                // (without a state file nothing says where that was).
+                torn_from: state_found.then_some(state.durable_index),
+                // Sequence numbers measure what a guessed hole took.
+                guess_past_damage: true,
+            },
+            |payload| head_of(payload).is_some(),
+        )?;
         let saved_streams = state.streams.clone();
-        let mut known: HashSet<String> = state.streams.keys().cloned().collect();
         let mut continuity = Continuity::default();
-        let mut damaged = false;
-        let mut segments = VecDeque::new();
-        // Readable bytes of each segment, for the exact unsent count.
-        let mut good_bytes = Vec::new();
-        let mut expected_first = listed.first().map_or(0, |(f, _)| *f);
-        for (i, (first, path)) in listed.iter().enumerate() {
-            if *first != expected_first {
-                bail!(
-                    "spool.path: segment {} should start at entry {expected_first}; the spool was altered, move it away to start afresh",
-                    path.display()
-                );
-            }
-            let expected = match listed.get(i + 1) {
-                Some((next, _)) => Some(next.checked_sub(*first).with_context(|| {
-                    format!(
-                        "spool.path: segment names out of order at {}",
-                        path.display()
-                    )
-                })?),
-                None => None,
-            };
-            // Sequence numbers are rebuilt from what the state file has not
-            // accounted for (all of it again below if there is damage).
-            let (streams, durable) = (&mut state.streams, state.durable_index);
-            let scan = scan_segment(path, *first, expected, &mut known, |seen| {
-                if let Seen::Entry { index, head, .. } = seen {
-                    if index >= durable {
-                        see_seq(streams, head.stream, head.seq);
-                    }
-                }
-            })?;
-            for hole in &scan.holes {
+        let damaged = opened.repair.is_some();
+        if let Some(r) = &opened.repair {
+            tracing::warn!(
+                segment = %r.path.display(),
+                kept_entries = r.kept_entries,
+                truncated_bytes = r.cut_bytes,
+                "spool: torn tail after a crash ({}); truncated to the last whole record",
+                r.torn.why
+            );
+        }
+        for seg in log.segments() {
+            for hole in &seg.holes {
                 tracing::warn!(
-                    segment = %path.display(),
-                    index = hole.index,
+                    segment = %seg.path.display(),
+                    index = hole.from,
                     offset = hole.offset,
-                    bytes = hole.resume - hole.offset,
+                    bytes = hole.end_offset - hole.offset,
                     "spool: unreadable bytes in the middle of a segment ({}); skipped, the records they held are announced as sender-spool-corrupt",
                     hole.why
                 );
             }
-            let mut size = std::fs::metadata(path)?.len();
-            if let Some(why) = scan.torn {
-                tracing::warn!(
-                    segment = %path.display(),
-                    kept_entries = scan.count,
-                    truncated_bytes = size - scan.end,
-                    "spool: torn tail after a crash ({why}); truncated to the last whole record"
-                );
-                OpenOptions::new()
-                    .write(true)
-                    .open(path)?
-                    .set_len(scan.end)?;
-                size = scan.end;
-                damaged = true;
-            }
-            let modified = std::fs::metadata(path)?
-                .modified()
-                .unwrap_or(SystemTime::now());
-            good_bytes.push(scan.good_bytes);
-            segments.push_back(Segment {
-                first: *first,
-                count: scan.count,
-                bytes: size,
-                path: path.clone(),
-                modified,
-                holes: scan.holes,
-            });
-            expected_first = first + scan.count;
         }
-        if damaged || segments.iter().any(|s| !s.holes.is_empty()) {
-            // Damage: measure what it took by the sequence numbers each
-            // stream skips across it, and rebuild every stream's next
-            // number from every entry (a hole's slot count may be a guess).
-            for seg in &segments {
+        let any_holes = log.segments().iter().any(|s| !s.holes.is_empty());
+        for i in 0..log.segments().len() {
+            let seg = &log.segments()[i];
+            if damaged || any_holes {
+                // Damage: measure what it took by the sequence numbers each
+                // stream skips across it, and rebuild every stream's next
+                // number from every entry (a hole's slot count may be a guess).
                 let streams = &mut state.streams;
-                walk_segment(seg, |seen| match seen {
+                walk_heads(&mut log, i, |seen| match seen {
                     Seen::Entry { index, head, .. } => {
                         continuity.see(head.stream, head.seq, index);
                         see_seq(streams, head.stream, head.seq);
                     }
-                    Seen::Hole(hole) => continuity.holes.push(hole.index),
+                    Seen::Hole(hole) => continuity.holes.push(hole.from),
+                })?;
+            } else if seg.end() > state.durable_index {
+                // Sequence numbers are rebuilt from what the state file has
+                // not accounted for.
+                let (streams, durable) = (&mut state.streams, state.durable_index);
+                walk_heads(&mut log, i, |seen| {
+                    if let Seen::Entry { index, head, .. } = seen {
+                        if index >= durable {
+                            see_seq(streams, head.stream, head.seq);
+                        }
+                    }
                 })?;
             }
+        }
+        if damaged || any_holes {
             continuity.finish(&state.streams);
         }
-        let next_index = expected_first;
-        let oldest = segments.front().map_or(0, |s| s.first);
+        let next_index = log.next_index();
+        let oldest = log.first_index();
         let mut read_index = state.sent_index.clamp(oldest, next_index);
         // Never start inside a hole; and after a hole whose slot count is a
         // guess, the indexes after it may not be the ones `sent_index`
         // counted: start at the hole (the receiver drops what it has).
-        if let Some(seg) = segments
-            .iter()
-            .find(|s| s.first <= read_index && read_index < s.end())
-        {
-            if let Some(hole) = seg.holes.iter().find(|h| {
-                (h.index <= read_index && read_index < h.index + h.slots)
-                    || (!h.exact && h.index < read_index)
+        if let Some(i) = log.segment_of(read_index) {
+            if let Some(hole) = log.segments()[i].holes.iter().find(|h| {
+                (h.from <= read_index && read_index < h.to) || (!h.exact && h.from < read_index)
             }) {
-                read_index = hole.index;
+                read_index = hole.from;
             }
         }
         // Records the saved state counted but the damaged tail lost: their
@@ -752,14 +483,16 @@ impl Spool {
             }
         }
         pending.sort_by_key(|p| p.0);
-        // Exact unsent bytes: whole segments after the read position, and
-        // the readable entries at or after it in the segment holding it.
+        // Exact unsent bytes: the readable entries of whole segments after
+        // the read position, and those at or after it in the segment
+        // holding it.
         let mut unsent_bytes = 0;
-        for (seg, good) in segments.iter().zip(&good_bytes) {
+        for i in 0..log.segments().len() {
+            let seg = &log.segments()[i];
             if seg.first >= read_index {
-                unsent_bytes += good;
+                unsent_bytes += seg.entry_bytes;
             } else if seg.end() > read_index {
-                walk_segment(seg, |seen| {
+                walk_heads(&mut log, i, |seen| {
                     if let Seen::Entry { index, size, .. } = seen {
                         if index >= read_index {
                             unsent_bytes += size;
@@ -768,30 +501,10 @@ impl Spool {
                 })?;
             }
         }
-        // A segment with damage stays as it is: new entries go to a new
-        // one, so the next segment's name fixes the damaged one's count.
-        if segments
-            .back()
-            .is_none_or(|s| s.bytes >= settings.segment_bytes() || !s.holes.is_empty())
-        {
-            let path = segment_path(&root, next_index);
-            File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            segments.push_back(Segment {
-                first: next_index,
-                count: 0,
-                bytes: 0,
-                path,
-                modified: SystemTime::now(),
-                holes: Vec::new(),
-            });
-        }
-        let active = segments.back().expect("a segment");
-        let file = OpenOptions::new().append(true).open(&active.path)?;
-        let total_bytes = segments.iter().map(|s| s.bytes).sum();
         tracing::info!(
             path = %root.display(),
             entries = next_index - oldest,
-            bytes = total_bytes,
+            bytes = log.total_bytes(),
             unsent = next_index - read_index,
             unsent_bytes,
             streams = state.streams.len(),
@@ -799,13 +512,10 @@ impl Spool {
         );
         let mut spool = Spool {
             settings,
-            segments,
-            writer: BufWriter::with_capacity(256 << 10, file),
-            next_index,
+            log,
             durable_index: next_index,
             saved_durable: 0,
             unsent_bytes,
-            total_bytes,
             streams: state.streams,
             read_index,
             reader: None,
@@ -818,7 +528,6 @@ impl Spool {
             sync_idle: false,
             sync_wake: Arc::new(std::sync::Condvar::new()),
             sync_stop: false,
-            retired_files: Vec::new(),
             counters,
             scratch: Vec::new(),
         };
@@ -863,30 +572,22 @@ impl Spool {
             // crash of this process cannot lose it; small ones when the sync
             // thread, woken by the append, starts the fsync that covers them.
             let big = payload.len() >= 8192;
-            let written = write_entry(&mut self.writer, &payload).and_then(|n| {
-                if big {
-                    self.writer.flush()?;
+            let (size, full) = match self.log.append(&payload) {
+                Ok((_, size, full)) => (size, full),
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
-                Ok(n)
-            });
-            if let Err(e) = written {
-                result = Err(anyhow::Error::new(e).context(format!(
-                    "spool: cannot write to {}",
-                    self.settings.path.display()
-                )));
-                break;
-            }
-            let size = (ENTRY_HEADER + payload.len()) as u64;
+            };
             seq += 1;
-            let seg = self.segments.back_mut().expect("active segment");
-            seg.count += 1;
-            seg.bytes += size;
-            let segment_full = seg.bytes >= self.settings.segment_bytes();
-            self.total_bytes += size;
             self.unsent_bytes += size;
-            self.next_index += 1;
-            if segment_full {
-                self.segments.back_mut().expect("active segment").modified = SystemTime::now();
+            if big {
+                if let Err(e) = self.log.flush() {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if full {
                 if let Err(e) = self.rotate() {
                     result = Err(e);
                     break;
@@ -900,7 +601,7 @@ impl Spool {
             .expect("created above")
             .next_seq = seq;
         if seq > first {
-            self.segments.back_mut().expect("active segment").modified = SystemTime::now();
+            self.log.touch();
             self.state_dirty = true;
         }
         result?;
@@ -917,28 +618,9 @@ impl Spool {
     }
 
     fn rotate(&mut self) -> Result<()> {
-        let path = segment_path(&self.settings.path, self.next_index);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        let old = std::mem::replace(&mut self.writer, BufWriter::with_capacity(256 << 10, file));
         // The closed segment still needs its fsync: the next sync job does it.
-        self.retired_files.push(
-            old.into_inner()
-                .map_err(|e| e.into_error())
-                .context("spool: writing a segment")?,
-        );
+        self.log.rotate()?;
         self.sync_wanted = true;
-        self.segments.push_back(Segment {
-            first: self.next_index,
-            count: 0,
-            bytes: 0,
-            path,
-            modified: SystemTime::now(),
-            holes: Vec::new(),
-        });
         Ok(())
     }
 
@@ -948,7 +630,7 @@ impl Spool {
     /// and within `STATE_INTERVAL` for a moved sent position.
     fn sync_due(&self) -> bool {
         self.sync_wanted
-            || self.durable_index != self.next_index
+            || self.durable_index != self.log.next_index()
             || (self.state_dirty && self.last_state_save.elapsed() >= STATE_INTERVAL)
     }
 
@@ -966,54 +648,55 @@ impl Spool {
 
     /// Writes buffered entries to the OS and returns the fsync work for
     /// everything appended so far, to run without holding the spool.
-    fn prepare_sync(&mut self) -> Result<SyncJob> {
-        self.writer.flush().context("spool: writing a segment")?;
-        let mut files: Vec<File> = self.retired_files.drain(..).collect();
-        files.push(
-            self.writer
-                .get_ref()
-                .try_clone()
-                .context("spool: duplicating a segment handle")?,
-        );
+    fn prepare_sync(&mut self) -> Result<SpoolSync> {
+        let files = self.log.sync_files()?;
+        let up_to = self.log.next_index();
         let state = State {
             streams: self.streams.clone(),
-            durable_index: self.next_index,
+            durable_index: up_to,
             sent_index: self.sent_index,
         };
         self.sync_wanted = false;
-        Ok(SyncJob {
-            files,
-            up_to: self.next_index,
+        Ok(SpoolSync {
+            job: SyncJob {
+                files,
+                up_to,
+                state: Some((
+                    self.settings.path.join("state.json"),
+                    serde_json::to_vec_pretty(&state).expect("json"),
+                )),
+                what: "spool",
+            },
             sent: self.sent_index,
-            state: serde_json::to_vec_pretty(&state).expect("json"),
-            path: self.settings.path.join("state.json"),
         })
     }
 
-    fn finish_sync(&mut self, job: &SyncJob) {
-        self.durable_index = self.durable_index.max(job.up_to);
-        self.saved_durable = self.saved_durable.max(job.up_to);
+    fn finish_sync(&mut self, sync: &SpoolSync) {
+        let up_to = sync.job.up_to;
+        self.durable_index = self.durable_index.max(up_to);
+        self.saved_durable = self.saved_durable.max(up_to);
         self.last_state_save = Instant::now();
-        self.state_dirty = self.next_index != job.up_to || self.sent_index != job.sent;
+        self.state_dirty = self.log.next_index() != up_to || self.sent_index != sync.sent;
         self.counters
             .spool_bytes
-            .store(self.total_bytes, Ordering::Relaxed);
+            .store(self.log.total_bytes(), Ordering::Relaxed);
         Counters::add(&self.counters.spool_fsyncs, 1);
     }
 
     /// Fsyncs everything appended and saves state, holding the spool
     /// (start, tests); the running sender uses `SharedSpool::tick`.
     pub fn sync(&mut self) -> Result<()> {
-        let job = self.prepare_sync()?;
-        job.run()?;
-        self.finish_sync(&job);
+        let sync = self.prepare_sync()?;
+        sync.job.run()?;
+        self.finish_sync(&sync);
         Ok(())
     }
 
     fn enforce_bounds(&mut self) -> Result<()> {
         loop {
-            let too_big = self.total_bytes > self.settings.max_bytes;
-            let too_old = self.segments.front().is_some_and(|s| {
+            let segments = self.log.segments();
+            let too_big = self.log.total_bytes() > self.settings.max_bytes;
+            let too_old = segments.front().is_some_and(|s| {
                 s.count > 0
                     && s.modified
                         .elapsed()
@@ -1022,8 +705,8 @@ impl Spool {
             if !(too_big || too_old) {
                 return Ok(());
             }
-            if self.segments.len() < 2 {
-                if self.segments.back().is_some_and(|s| s.count > 0) {
+            if segments.len() < 2 {
+                if segments.back().is_some_and(|s| s.count > 0) {
                     // Everything is in the active segment: start a new one
                     // so the old one can go.
                     self.rotate()?;
@@ -1036,17 +719,17 @@ impl Spool {
     }
 
     fn evict_oldest(&mut self, bound: &str) -> Result<()> {
-        let seg = self.segments.pop_front().expect("checked");
-        if self.read_index < seg.end() {
+        let (first, end) = {
+            let seg = self.log.segments().front().expect("checked");
+            (seg.first, seg.end())
+        };
+        if self.read_index < end {
             // Records never sent: find their ranges before they go.
-            let from_index = self.read_index.max(seg.first);
+            let from_index = self.read_index.max(first);
             let mut ranges: Vec<(String, u64, u64)> = Vec::new();
             let (mut dropped, mut dropped_bytes) = (0u64, 0u64);
-            walk_segment(&seg, |seen| {
-                let Seen::Entry {
-                    index, size, head, ..
-                } = seen
-                else {
+            walk_heads(&mut self.log, 0, |seen| {
+                let Seen::Entry { index, size, head } = seen else {
                     return;
                 };
                 if index < from_index {
@@ -1079,12 +762,10 @@ impl Spool {
             );
             debug_assert!(self.unsent_bytes >= dropped_bytes, "unsent bytes are exact");
             self.unsent_bytes = self.unsent_bytes.saturating_sub(dropped_bytes);
-            self.read_index = seg.end();
+            self.read_index = end;
             self.reader = None;
         }
-        self.total_bytes -= seg.bytes;
-        std::fs::remove_file(&seg.path)
-            .with_context(|| format!("removing {}", seg.path.display()))?;
+        self.log.remove_oldest()?;
         Ok(())
     }
 
@@ -1113,106 +794,72 @@ impl Spool {
                 cause,
             });
         }
-        let mut buf = std::mem::take(&mut self.scratch);
-        let result = self.read_records(out, max, max_bytes, &mut buf);
-        self.scratch = buf;
-        result
+        self.read_records(out, max, max_bytes)
     }
 
-    fn read_records(
-        &mut self,
-        out: &mut Batch,
-        max: usize,
-        max_bytes: usize,
-        buf: &mut Vec<u8>,
-    ) -> Result<()> {
+    fn read_records(&mut self, out: &mut Batch, max: usize, max_bytes: usize) -> Result<()> {
         let mut n = 0;
         // Stop where damaged records were, so their notice goes first.
         let limit = match self.pending.front() {
             Some((at, _)) => self.saved_durable.min(*at),
             None => self.saved_durable,
         };
-        while n < max && out.bytes() < max_bytes && self.read_index < limit {
-            let Some(seg) = self
-                .segments
-                .iter()
-                .find(|s| s.first <= self.read_index && self.read_index < s.end())
-            else {
-                break;
-            };
-            let seg_first = seg.first;
-            if let Some(hole) = seg.holes.iter().find(|h| h.index == self.read_index) {
-                // Announced at open (its notice went out above); jump it.
-                self.read_index += hole.slots;
-                if let Some(r) = self
-                    .reader
-                    .as_mut()
-                    .filter(|r| r.segment_first == seg_first)
-                {
-                    r.file
-                        .seek(SeekFrom::Start(hole.resume))
-                        .with_context(|| format!("spool: seeking in {}", seg.path.display()))?;
-                    r.index = self.read_index;
+        let (unsent_bytes, counters) = (&mut self.unsent_bytes, &self.counters);
+        // Holes (announced at open: their notices went out above) are jumped.
+        let end = self
+            .log
+            .read(&mut self.reader, self.read_index, limit, |index, entry| {
+                if n >= max || out.bytes() >= max_bytes {
+                    return Step::Stop;
                 }
-                continue;
-            }
-            if self
-                .reader
-                .as_ref()
-                .is_none_or(|r| r.segment_first != seg_first || r.index != self.read_index)
-            {
-                self.reader = Some(open_reader_at(seg, self.read_index, buf)?);
-            }
-            let seg_path = seg.path.clone();
-            let reader = self.reader.as_mut().expect("opened");
-            match read_entry(&mut reader.file, buf)? {
-                ReadOutcome::Entry => {}
-                other => bail!(
-                    "spool: entry {} unreadable ({other:?}) in {}; a restart skips unreadable entries and announces their records as sender-spool-corrupt",
-                    self.read_index,
-                    seg_path.display()
-                ),
-            }
-            let size = (ENTRY_HEADER + buf.len()) as u64;
-            debug_assert!(self.unsent_bytes >= size, "unsent bytes are exact");
-            self.unsent_bytes = self.unsent_bytes.saturating_sub(size);
-            self.read_index += 1;
-            reader.index += 1;
-            n += 1;
-            // The body is checked in place (RecordBodyRef: nothing
-            // allocated or copied) and goes on as bytes.
-            let read = postcard::take_from_bytes::<EntryHead>(buf)
-                .map_err(|e| e.to_string())
-                .and_then(|(head, body)| {
-                    RecordBodyRef::parse(body)
-                        .map(|_| (head, body))
-                        .map_err(|e| e.to_string())
-                });
-            match read {
-                Ok((head, body)) => out.push(self.read_index - 1, head.stream, head.seq, body),
-                Err(e) => {
-                    // Its CRC matched, so the bytes are what was written;
-                    // announce the one record and go on.
-                    let Some(head) = head_of(buf) else {
-                        bail!(
-                            "spool: entry {} in {} does not decode ({e})",
-                            self.read_index - 1,
-                            seg_path.display()
-                        );
-                    };
-                    tracing::warn!(stream = head.stream, seq = head.seq,
-                        "spool: a record does not decode ({e}); announced to the receiver as sender-spool-corrupt");
-                    Counters::add(&self.counters.spool_corrupt_records, 1);
-                    out.items.push(Item::Dropped {
-                        stream: head.stream.to_string(),
-                        from: head.seq,
-                        to: head.seq,
-                        cause: NoticeCause::SpoolCorrupt,
+                let Some(head) = head_of(entry) else {
+                    return Step::Undecodable;
+                };
+                let size = (ENTRY_HEADER + entry.len()) as u64;
+                debug_assert!(*unsent_bytes >= size, "unsent bytes are exact");
+                *unsent_bytes = unsent_bytes.saturating_sub(size);
+                n += 1;
+                // The body is checked in place (RecordBodyRef: nothing
+                // allocated or copied) and goes on as bytes.
+                let read = postcard::take_from_bytes::<EntryHead>(entry)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(head, body)| {
+                        RecordBodyRef::parse(body)
+                            .map(|_| (head, body))
+                            .map_err(|e| e.to_string())
                     });
+                match read {
+                    Ok((head, body)) => out.push(index, head.stream, head.seq, body),
+                    Err(e) => {
+                        // Its CRC matched, so the bytes are what was written;
+                        // announce the one record and go on.
+                        tracing::warn!(stream = head.stream, seq = head.seq,
+                            "spool: a record does not decode ({e}); announced to the receiver as sender-spool-corrupt");
+                        Counters::add(&counters.spool_corrupt_records, 1);
+                        out.items.push(Item::Dropped {
+                            stream: head.stream.to_string(),
+                            from: head.seq,
+                            to: head.seq,
+                            cause: NoticeCause::SpoolCorrupt,
+                        });
+                    }
                 }
+                Step::Next
+            })?;
+        match end {
+            ReadEnd::Done { next } | ReadEnd::Stopped { next } => {
+                self.read_index = self.read_index.max(next)
             }
+            ReadEnd::Unreadable(u) => bail!(
+                "spool: entry {} unreadable ({}) in segment {}; a restart skips unreadable entries and announces their records as sender-spool-corrupt",
+                u.index,
+                u.why,
+                self.log
+                    .segment_of(u.index)
+                    .map_or_else(String::new, |i| self.log.segments()[i].path.display().to_string())
+            ),
         }
-        if self.read_index == self.next_index && self.unsent_bytes != 0 {
+        if self.read_index == self.log.next_index() && self.unsent_bytes != 0 {
             debug_assert!(false, "unsent bytes are exact");
             tracing::error!(
                 unsent_bytes = self.unsent_bytes,
@@ -1225,8 +872,10 @@ impl Spool {
 
     /// True when every appended record has been read.
     pub fn is_drained(&mut self) -> bool {
-        self.sync_wanted |= self.durable_index != self.next_index;
-        self.dropped.is_empty() && self.pending.is_empty() && self.read_index == self.next_index
+        self.sync_wanted |= self.durable_index != self.log.next_index();
+        self.dropped.is_empty()
+            && self.pending.is_empty()
+            && self.read_index == self.log.next_index()
     }
 
     /// Bytes appended but not yet read by the link thread.
@@ -1252,29 +901,11 @@ impl Spool {
     }
 }
 
-/// An fsync of spool segments and the state that covers them.
-struct SyncJob {
-    files: Vec<File>,
-    up_to: u64,
+/// An fsync of spool segments and the state that covers them, and the
+/// sent position that state saves.
+struct SpoolSync {
+    job: SyncJob,
     sent: u64,
-    state: Vec<u8>,
-    path: PathBuf,
-}
-
-impl SyncJob {
-    fn run(&self) -> Result<()> {
-        for f in &self.files {
-            f.sync_data().context("spool: fsync of a segment")?;
-        }
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(&self.state)?;
-            f.sync_data()?;
-        }
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("replacing {}", self.path.display()))
-    }
 }
 
 /// Approximate memory an entry holds (for bounds on copies kept).
@@ -1292,12 +923,23 @@ pub fn entry_size(e: &Entry) -> usize {
 /// `weir-sender resend`, which runs while the sender holds the spool).
 pub fn find_in(root: &Path, stream: &str, from: u64, to: u64) -> Result<Vec<Entry>> {
     let mut found = Vec::new();
-    let mut known = HashSet::from([stream.to_string()]);
-    for (first, path) in list_segments(root)? {
+    let dir = root.join("segments");
+    for (first, path) in segment::list_segments(&dir, "spool")? {
         // Evicted while we looked: skip it.
-        let _ = scan_segment(&path, first, None, &mut known, |seen| {
-            if let Seen::Entry { head, payload, .. } = seen {
-                if head.stream == stream && (from..=to).contains(&head.seq) {
+        let Ok(data) = std::fs::read(&path) else {
+            continue;
+        };
+        segment::check_header(&data, &path, "spool.path")?;
+        let rules = segment::Rules {
+            guess_past_damage: true,
+            ..Default::default()
+        };
+        let m = segment::map_segment(&data, first, rules);
+        segment::walk(&data, first, first + m.count, &m.holes, |w| {
+            if let Walked::Entry { payload, .. } = w {
+                if head_of(payload)
+                    .is_some_and(|h| h.stream == stream && (from..=to).contains(&h.seq))
+                {
                     if let Ok(e) = postcard::from_bytes::<Entry>(payload) {
                         found.push(e);
                     }
@@ -1412,8 +1054,8 @@ impl SharedSpool {
                     .0;
                 spool.sync_idle = false;
             }
-            if let Err(e) = spool.writer.flush() {
-                self.fail(anyhow::Error::new(e).context("spool: writing a segment"));
+            if let Err(e) = spool.log.flush() {
+                self.fail(e);
             }
             if let Err(e) = spool.enforce_bounds() {
                 self.fail(e);
@@ -1426,7 +1068,7 @@ impl SharedSpool {
                 Err(e) => return self.fail(e),
             }
         };
-        if let Err(e) = job.run() {
+        if let Err(e) = job.job.run() {
             return self.fail(e);
         }
         let durable = {
@@ -1469,6 +1111,7 @@ impl SharedSpool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
     use weir_protocol::Chunk;
 
     fn settings(dir: &Path, max_bytes: u64) -> Settings {
@@ -1576,7 +1219,7 @@ mod tests {
             s.append("a", &body(100)).unwrap();
         }
         s.sync().unwrap();
-        let seg = s.segments.back().unwrap().path.clone();
+        let seg = s.log.segments().back().unwrap().path.clone();
         drop(s);
         let len = std::fs::metadata(&seg).unwrap().len();
         OpenOptions::new()
@@ -1644,14 +1287,14 @@ mod tests {
         }
         let n_dropped: u64 = dropped.iter().map(|d| d.2 - d.1 + 1).sum();
         assert_eq!(c.spool_dropped_records.load(Ordering::Relaxed), n_dropped);
-        assert!(s.total_bytes <= 1 << 20);
+        assert!(s.log.total_bytes() <= 1 << 20);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// Byte offset and framed size of every entry of a segment file.
     fn entry_offsets(path: &Path) -> Vec<(usize, usize)> {
         let data = std::fs::read(path).unwrap();
-        let mut at = 0;
+        let mut at = weir_store::HEADER_LEN as usize;
         let mut out = Vec::new();
         while at < data.len() {
             let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
@@ -1679,7 +1322,7 @@ mod tests {
         assert_eq!(s.unsent_bytes(), 0);
         s.mark_sent(300);
         s.save_state().unwrap();
-        let segments: Vec<PathBuf> = s.segments.iter().map(|g| g.path.clone()).collect();
+        let segments: Vec<PathBuf> = s.log.segments().iter().map(|g| g.path.clone()).collect();
         drop(s);
         // What entries 300.. take on disk, measured from the files.
         let mut sizes = Vec::new();
@@ -1716,7 +1359,7 @@ mod tests {
             s.append("b", &body(100)).unwrap();
         }
         s.sync().unwrap();
-        let seg = s.segments.back().unwrap().path.clone();
+        let seg = s.log.segments().back().unwrap().path.clone();
         drop(s);
         let offsets = entry_offsets(&seg);
         let mut data = std::fs::read(&seg).unwrap();
@@ -1804,9 +1447,9 @@ mod tests {
             s.append("a", &body(1000)).unwrap();
         }
         s.sync().unwrap();
-        assert!(s.segments.len() >= 2);
-        let oldest = s.segments.front().unwrap().path.clone();
-        let count = s.segments.front().unwrap().count;
+        assert!(s.log.segments().len() >= 2);
+        let oldest = s.log.segments().front().unwrap().path.clone();
+        let count = s.log.segments().front().unwrap().count;
         drop(s);
         let offsets = entry_offsets(&oldest);
         // Cut the oldest segment in the middle of entry 100.
@@ -1849,11 +1492,11 @@ mod tests {
             s.append("a", &body(10)).unwrap();
         }
         s.sync().unwrap();
-        let seg = s.segments.back().unwrap().path.clone();
+        let seg = s.log.segments().back().unwrap().path.clone();
         drop(s);
         // Stream "a", seq 5, then a body tag no RecordBody has.
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        write_entry(&mut f, &[1, b'a', 5, 200, 1, 2, 3]).unwrap();
+        weir_store::frame::write_entry(&mut f, &[1, b'a', 5, 200, 1, 2, 3]).unwrap();
         drop(f);
         let mut s = Spool::open(settings(&dir, 64 << 20), c.clone()).unwrap();
         let items = read_all(&mut s);

@@ -640,8 +640,9 @@ fn journal_entries(state: &Path) -> (u64, Option<PathBuf>) {
     let mut buf = Vec::new();
     for p in &segs {
         let mut r = std::io::BufReader::new(std::fs::File::open(p).unwrap());
-        while let Ok(weir_protocol::segment::ReadOutcome::Entry) =
-            weir_protocol::segment::read_entry(&mut r, &mut buf)
+        std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(weir_store::HEADER_LEN)).unwrap();
+        while let Ok(weir_store::frame::ReadOutcome::Entry) =
+            weir_store::frame::read_entry(&mut r, &mut buf)
         {
             n += 1;
         }
@@ -729,12 +730,14 @@ fn a_torn_journal_tail_is_repaired_on_start() {
 /// Start offsets of the whole entries in a journal segment.
 fn entry_offsets(seg: &Path) -> Vec<u64> {
     let mut r = std::io::BufReader::new(std::fs::File::open(seg).unwrap());
-    let (mut at, mut offsets, mut buf) = (0u64, Vec::new(), Vec::new());
-    while let Ok(weir_protocol::segment::ReadOutcome::Entry) =
-        weir_protocol::segment::read_entry(&mut r, &mut buf)
+    // Entries start after the segment's format header.
+    std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(weir_store::HEADER_LEN)).unwrap();
+    let (mut at, mut offsets, mut buf) = (weir_store::HEADER_LEN, Vec::new(), Vec::new());
+    while let Ok(weir_store::frame::ReadOutcome::Entry) =
+        weir_store::frame::read_entry(&mut r, &mut buf)
     {
         offsets.push(at);
-        at += (weir_protocol::segment::ENTRY_HEADER + buf.len()) as u64;
+        at += (weir_store::frame::ENTRY_HEADER + buf.len()) as u64;
     }
     offsets
 }

@@ -106,12 +106,14 @@ fn first_index(seg: &Path) -> u64 {
 /// Start offsets of the whole entries in a journal segment.
 fn entry_offsets(seg: &Path) -> Vec<u64> {
     let mut r = std::io::BufReader::new(std::fs::File::open(seg).unwrap());
-    let (mut at, mut offsets, mut buf) = (0u64, Vec::new(), Vec::new());
-    while let Ok(weir_protocol::segment::ReadOutcome::Entry) =
-        weir_protocol::segment::read_entry(&mut r, &mut buf)
+    // Entries start after the segment's format header.
+    std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(weir_store::HEADER_LEN)).unwrap();
+    let (mut at, mut offsets, mut buf) = (weir_store::HEADER_LEN, Vec::new(), Vec::new());
+    while let Ok(weir_store::frame::ReadOutcome::Entry) =
+        weir_store::frame::read_entry(&mut r, &mut buf)
     {
         offsets.push(at);
-        at += (weir_protocol::segment::ENTRY_HEADER + buf.len()) as u64;
+        at += (weir_store::frame::ENTRY_HEADER + buf.len()) as u64;
     }
     offsets
 }

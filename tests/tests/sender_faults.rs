@@ -186,7 +186,8 @@ fn varint(data: &[u8], at: usize) -> (u64, usize) {
 /// (byte offset, framed size, sequence number) of every entry of a spool
 /// segment: `[u32 len][u32 crc][postcard { stream: str, seq: varint, .. }]`.
 fn spool_entries(data: &[u8]) -> Vec<(usize, usize, u64)> {
-    let mut at = 0;
+    // Entries start after the segment's format header.
+    let mut at = weir_store::HEADER_LEN as usize;
     let mut out = Vec::new();
     while at + 8 <= data.len() {
         let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;

@@ -1,7 +1,6 @@
-//! Framing of the append-only logs on disk (the sender's spool, the
-//! receiver's journal): each entry is `[u32 len][u32 crc32 of payload]
-//! [payload]`, little-endian. Pure functions over `Read`/`Write`; the logs
-//! themselves live in the binaries.
+//! Framing of entries in a segment: each entry is `[u32 len][u32 crc32 of
+//! payload][payload]`, little-endian. Pure functions over `Read`/`Write`
+//! and byte slices; the files around them are in `segment` and `log`.
 //!
 //! A reader that meets a bad entry in the middle of a log (not a torn tail)
 //! uses [`check_entry_at`] and [`find_next_entry`] to find where readable

@@ -1,0 +1,89 @@
+//! Small private files read at start (the link key files): refused unless
+//! they are regular files only their owner can access, of an exact length.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// Reads the file that configuration key `setting` names, refusing one
+/// that group or others can access, one that is not a regular file, and
+/// one that is not exactly `len` bytes (`how` says how to write a right
+/// one). The mode is checked on the opened file.
+pub fn read_private_file(path: &Path, setting: &str, len: usize, how: &str) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("{setting}: cannot open key file {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("{setting}: cannot stat key file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{setting}: {} is not a regular file", path.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{setting}: key file {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    // One byte more than wanted, so a longer file is seen as too long
+    // without reading all of it.
+    let mut bytes = Vec::with_capacity(len + 1);
+    file.take(len as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{setting}: cannot read key file {}", path.display()))?;
+    if bytes.len() != len {
+        bail!(
+            "{setting}: key file {} is {} bytes; a key file is exactly {len} bytes ({how})",
+            path.display(),
+            meta.len()
+        );
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_others_can_read_or_of_the_wrong_length_is_refused_naming_the_setting() {
+        let dir = std::env::temp_dir().join(format!("weir-store-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("link.key");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = format!(
+                "{:#}",
+                read_private_file(&path, "auth.key_file", 32, "x").unwrap_err()
+            );
+            assert!(
+                err.contains("auth.key_file") && err.contains("chmod 600"),
+                "{err}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_private_file(&path, "auth.key_file", 32, "x").unwrap(),
+            vec![7u8; 32]
+        );
+        std::fs::write(&path, [7u8; 33]).unwrap();
+        let err = format!(
+            "{:#}",
+            read_private_file(&path, "auth.key_file", 32, "write one").unwrap_err()
+        );
+        assert!(
+            err.contains("33 bytes") && err.contains("exactly 32") && err.contains("write one"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            read_private_file(&dir, "auth.key_file", 32, "x").unwrap_err()
+        );
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,213 @@
+//! Group commit: fsyncs run on their own thread, off the appending
+//! thread, in order; each job covers every entry appended before it was
+//! handed over, and the state file saved with it. Readers wait for
+//! "durable up to position P" ([`Syncer::wait_durable`]).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use anyhow::{Context, Result};
+
+/// Temp file, fsync, rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_data()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// Reads a small file that may not exist yet (a state file).
+pub fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// One fsync: the segments to fsync, the position every entry below which
+/// they make durable, and the state file to save after them.
+pub struct SyncJob {
+    pub files: Vec<File>,
+    pub up_to: u64,
+    pub state: Option<(PathBuf, Vec<u8>)>,
+    /// Names the log in errors (`spool`, `journal`).
+    pub what: &'static str,
+}
+
+impl SyncJob {
+    pub fn run(&self) -> Result<()> {
+        for f in &self.files {
+            f.sync_data()
+                .with_context(|| format!("{}: fsync of a segment", self.what))?;
+        }
+        if let Some((path, bytes)) = &self.state {
+            write_atomically(path, bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Wakes the thread that waits for entries to become durable, called by
+/// the fsync thread after each fsync and after a failure.
+pub type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// What the owner of a log and its fsync thread share.
+struct Shared {
+    /// Entries below this are fsynced (set by the fsync thread).
+    durable: AtomicU64,
+    /// The first fsync failure; the durable position stops moving after it.
+    failure: Mutex<Option<String>>,
+    /// Fsync jobs done.
+    fsyncs: AtomicU64,
+    /// Notified with `durable` or `failure` changed.
+    changed: Condvar,
+    changed_lock: Mutex<()>,
+    waker: OnceLock<Waker>,
+}
+
+impl Shared {
+    fn notify(&self) {
+        drop(self.changed_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_all();
+        if let Some(wake) = self.waker.get() {
+            wake();
+        }
+    }
+}
+
+fn run_jobs(jobs: Receiver<SyncJob>, shared: Arc<Shared>) {
+    while let Ok(job) = jobs.recv() {
+        match job.run() {
+            Ok(()) => {
+                shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+                shared.durable.fetch_max(job.up_to, Ordering::Release);
+            }
+            Err(e) => {
+                let mut f = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
+                f.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+        shared.notify();
+    }
+}
+
+/// A log's fsync thread. The owner hands it jobs ([`Syncer::submit`]);
+/// it runs them in order and publishes the durable position. Dropping the
+/// `Syncer` ends the thread after the jobs queued.
+pub struct Syncer {
+    shared: Arc<Shared>,
+    jobs: SyncSender<SyncJob>,
+    /// The highest position handed over.
+    requested: u64,
+}
+
+impl Syncer {
+    /// Starts the thread; `durable` is what is durable already (at open:
+    /// everything on disk, fsynced by `Log::open`). `queue` jobs may wait:
+    /// each covers everything before it, so a few suffice.
+    pub fn spawn(thread: &str, durable: u64, queue: usize) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            durable: AtomicU64::new(durable),
+            failure: Mutex::new(None),
+            fsyncs: AtomicU64::new(0),
+            changed: Condvar::new(),
+            changed_lock: Mutex::new(()),
+            waker: OnceLock::new(),
+        });
+        let (jobs, rx) = std::sync::mpsc::sync_channel(queue);
+        {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(thread.into())
+                .spawn(move || run_jobs(rx, shared))
+                .with_context(|| format!("starting the fsync thread {thread}"))?;
+        }
+        Ok(Syncer {
+            shared,
+            jobs,
+            requested: durable,
+        })
+    }
+
+    /// Hands a job over (waits while `queue` jobs wait already).
+    pub fn submit(&mut self, job: SyncJob) -> Result<()> {
+        let (up_to, what) = (job.up_to, job.what);
+        self.jobs
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("{what}: the fsync thread has stopped"))?;
+        self.requested = self.requested.max(up_to);
+        Ok(())
+    }
+
+    /// The highest position handed over.
+    pub fn requested(&self) -> u64 {
+        self.requested
+    }
+
+    /// Entries below this are fsynced.
+    pub fn durable(&self) -> u64 {
+        self.shared.durable.load(Ordering::Acquire)
+    }
+
+    /// True when no fsync is running or waiting (the group commit's cue
+    /// to start one at once).
+    pub fn idle(&self) -> bool {
+        self.durable() >= self.requested
+    }
+
+    pub fn fsyncs(&self) -> u64 {
+        self.shared.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// The first fsync failure, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets what the thread calls after each fsync (and failure). Set
+    /// once; a second waker is ignored.
+    pub fn set_waker(&self, waker: Waker) {
+        let _ = self.shared.waker.set(waker);
+    }
+
+    /// Waits until entries below `target` are durable, or an fsync failed.
+    pub fn wait_durable(&self, target: u64) -> Result<()> {
+        anyhow::ensure!(
+            target <= self.requested,
+            "bug: waiting for position {target}, beyond the {} handed to the fsync thread",
+            self.requested
+        );
+        let mut guard = self
+            .shared
+            .changed_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while self.durable() < target {
+            if let Some(f) = self.failure() {
+                anyhow::bail!("{f}");
+            }
+            // The thread notifies under `changed_lock` after it moves the
+            // durable position: checked under the lock, no wake is missed.
+            guard = self
+                .shared
+                .changed
+                .wait(guard)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+}
