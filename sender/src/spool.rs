@@ -998,7 +998,7 @@ impl SharedSpool {
     pub fn append_batch_at(&self, stream: &str, bodies: &[RecordBody]) -> u64 {
         let mut spool = self.lock();
         let result = spool.append_batch(stream, bodies);
-        let at = spool.next_index;
+        let at = spool.log.next_index();
         drop(spool);
         if let Err(e) = result {
             if self.fatal.first().is_none() {
