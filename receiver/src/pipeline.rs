@@ -92,9 +92,30 @@ pub fn batch_weight(journal_bytes: u64, records: &[Delivered]) -> u64 {
                             weir_protocol::Value::Str(s) => s.capacity(),
                             _ => 0,
                         }
+                        + p.status.as_ref().map_or(0, String::capacity)
                 }
-                RecordBody::Message(m) => m.topic.capacity() + m.payload.capacity(),
-                RecordBody::Log(l) => l.host.capacity() + l.app.capacity() + l.text.capacity(),
+                RecordBody::Message(m) => {
+                    m.topic.capacity()
+                        + m.payload.capacity()
+                        + pairs_heap(&m.properties)
+                        + m.origin.as_ref().map_or(0, String::capacity)
+                }
+                RecordBody::Log(l) => {
+                    std::mem::size_of::<weir_protocol::Log>()
+                        + [&l.host, &l.app, &l.text, &l.proc_id, &l.msg_id]
+                            .iter()
+                            .map(|s| s.capacity())
+                            .sum::<usize>()
+                        + l.structured_data
+                            .iter()
+                            .map(|e| {
+                                std::mem::size_of::<weir_protocol::SdElement>()
+                                    + e.id.capacity()
+                                    + pairs_heap(&e.params)
+                            })
+                            .sum::<usize>()
+                        + l.parse_error.as_ref().map_or(0, String::capacity)
+                }
                 RecordBody::Bytes(c) => c.data.capacity(),
             };
             // The allocator's own header per heap block, roughly.
@@ -102,6 +123,14 @@ pub fn batch_weight(journal_bytes: u64, records: &[Delivered]) -> u64 {
         })
         .sum();
     journal_bytes.max(memory as u64)
+}
+
+/// Heap bytes of name/value pairs (MQTT user properties, structured data).
+fn pairs_heap(pairs: &[(String, String)]) -> usize {
+    pairs
+        .iter()
+        .map(|(k, v)| std::mem::size_of::<(String, String)>() + k.capacity() + v.capacity())
+        .sum()
 }
 
 /// Bytes queued for one sink before it counts as behind (`batch_weight`): live

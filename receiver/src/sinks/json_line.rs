@@ -467,7 +467,7 @@ mod tests {
                         (facility, severity, host, app, text, ts_ns),
                         (proc_id, msg_id, structured_data, parse_error),
                     )| {
-                        RecordBody::Log(Log {
+                        RecordBody::Log(Box::new(Log {
                             facility,
                             severity,
                             host,
@@ -478,7 +478,7 @@ mod tests {
                             msg_id,
                             structured_data,
                             parse_error,
-                        })
+                        }))
                     }
                 ),
             (proptest::collection::vec(any::<u8>(), 0..64), any::<bool>())

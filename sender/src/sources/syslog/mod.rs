@@ -272,7 +272,7 @@ async fn run_udp(
                         truncated.is_some(),
                         &mut warn,
                     );
-                    logs.push(RecordBody::Log(log));
+                    logs.push(RecordBody::Log(Box::new(log)));
                 }
                 Err(e) => {
                     Counters::add(&handle.counters().source_peer_errors, 1);
@@ -368,7 +368,7 @@ async fn run_tcp(
                     match ev {
                         Event::Log { log, parsed_ok, truncated } => {
                             account(&handle, &name, &log, parsed_ok, truncated, &mut warn);
-                            logs.push(RecordBody::Log(log));
+                            logs.push(RecordBody::Log(Box::new(log)));
                         }
                         Event::Closed { peer, error } => {
                             active -= 1;
