@@ -21,6 +21,7 @@
 //!   (priority 13, as RFC 3164 §4.3.3 tells a relay to assume), the
 //!   peer's address as host, the receive time, and `parse_error` set.
 
+use bytes::{Buf, BytesMut};
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone};
 use weir_protocol::{Log, SdElement};
 
@@ -372,7 +373,9 @@ pub struct Frame {
 /// `max` is cut to `max` bytes and the rest of it skipped.
 #[derive(Debug)]
 pub struct Framer {
-    buf: Vec<u8>,
+    /// Unframed bytes. `BytesMut`: taking a frame off the front is O(1),
+    /// where removing it from a `Vec` moves the rest of the read each time.
+    buf: BytesMut,
     max: usize,
     /// Bytes of the current (over-long) message still to skip; for a
     /// newline-framed one, `usize::MAX` (skip to the next `\n`).
@@ -388,7 +391,7 @@ impl Framer {
     pub fn new(max: usize) -> Framer {
         assert!(max > 0);
         Framer {
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             max,
             skip: 0,
             skipped_len: 0,
@@ -407,7 +410,7 @@ impl Framer {
                     match self.buf.iter().position(|&b| b == b'\n') {
                         Some(i) => {
                             self.skipped_len += i;
-                            self.buf.drain(..=i);
+                            self.buf.advance(i + 1);
                             self.skip = 0;
                         }
                         None => {
@@ -418,7 +421,7 @@ impl Framer {
                     }
                 } else {
                     let n = self.skip.min(self.buf.len());
-                    self.buf.drain(..n);
+                    self.buf.advance(n);
                     self.skip -= n;
                     if self.skip > 0 {
                         return None;
@@ -450,7 +453,7 @@ impl Framer {
                         return None;
                     }
                     let data = self.buf[start..start + len].to_vec();
-                    self.buf.drain(..start + len);
+                    self.buf.advance(start + len);
                     return Some(Frame {
                         data,
                         truncated_from: None,
@@ -460,7 +463,7 @@ impl Framer {
                     return None;
                 }
                 let data = self.buf[start..start + self.max].to_vec();
-                self.buf.drain(..start + self.max);
+                self.buf.advance(start + self.max);
                 self.skip = len - self.max;
                 return Some(Frame {
                     data,
@@ -469,7 +472,7 @@ impl Framer {
             }
             match self.buf.iter().take(self.max + 1).position(|&b| b == b'\n') {
                 Some(i) => {
-                    let mut data: Vec<u8> = self.buf.drain(..=i).collect();
+                    let mut data = self.buf.split_to(i + 1).to_vec();
                     data.pop();
                     if data.last() == Some(&b'\r') {
                         data.pop();
@@ -483,7 +486,7 @@ impl Framer {
                     });
                 }
                 None if self.buf.len() > self.max => {
-                    let data: Vec<u8> = self.buf.drain(..self.max).collect();
+                    let data = self.buf.split_to(self.max).to_vec();
                     self.skip = usize::MAX;
                     self.skipped_len = self.max;
                     // The length is known once the newline comes; report
@@ -508,7 +511,7 @@ impl Framer {
             self.buf.clear();
             return None;
         }
-        let mut data = std::mem::take(&mut self.buf);
+        let mut data = std::mem::take(&mut self.buf).to_vec();
         if data.last() == Some(&b'\r') {
             data.pop();
         }
