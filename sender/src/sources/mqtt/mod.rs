@@ -24,11 +24,12 @@ pub mod sparkplug_b;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5 as v5b;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use weir_protocol::units::parse_size;
 use weir_protocol::{Message, RecordBody};
 
@@ -45,6 +46,10 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Events from the connection task waiting for this task. Small: each is
 /// handled in microseconds (an append to the spool's buffer).
 const EVENT_QUEUE: usize = 64;
+/// Payload bytes those events may hold in all (a message larger than this
+/// waits until it is the only one): a count alone would let 64 messages of
+/// up to `max_packet_size` each (16 MiB by default) wait in memory.
+const EVENT_QUEUE_BYTES: usize = 8 << 20;
 /// rumqttc's request channel (acks and subscriptions). Acks are bounded by
 /// the broker's in-flight window for this client (Mosquitto:
 /// `max_inflight_messages`, 20 by default; MQTT 5: our Receive Maximum).
@@ -313,6 +318,15 @@ struct Incoming {
     dup: bool,
     pkid: u16,
     properties: Vec<(String, String)>,
+    /// Its share of `EVENT_QUEUE_BYTES`, given back when it is dropped.
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// Takes `payload`'s bytes from the event queue's budget (waiting while
+/// the source task is behind); `None` if the budget is gone.
+async fn reserve(budget: &Arc<Semaphore>, payload: usize) -> Option<OwnedSemaphorePermit> {
+    let n = payload.clamp(1, EVENT_QUEUE_BYTES) as u32;
+    budget.clone().acquire_many_owned(n).await.ok()
 }
 
 /// The request side of the connection, whichever protocol version.
@@ -416,6 +430,7 @@ fn connect(
     events: mpsc::Sender<Event>,
 ) -> anyhow::Result<(Client, tokio::task::JoinHandle<()>)> {
     let max_packet = parse_size(&cfg.max_packet_size).expect("validated") as usize;
+    let budget = Arc::new(Semaphore::new(EVENT_QUEUE_BYTES));
     let transport = if broker.tls {
         Some(tls_transport(cfg, name)?)
     } else {
@@ -448,7 +463,7 @@ fn connect(
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, REQUEST_QUEUE);
         (
             Client::V5(client),
-            tokio::spawn(drive_v5(eventloop, events)),
+            tokio::spawn(drive_v5(budget, eventloop, events)),
         )
     } else {
         let mut o = rumqttc::MqttOptions::new(cfg.client_id(name), &broker.host, broker.port);
@@ -466,7 +481,7 @@ fn connect(
         let (client, eventloop) = rumqttc::AsyncClient::new(o, REQUEST_QUEUE);
         (
             Client::V4(client),
-            tokio::spawn(drive_v4(eventloop, events)),
+            tokio::spawn(drive_v4(budget, eventloop, events)),
         )
     })
 }
@@ -487,7 +502,11 @@ impl Backoff {
 
 /// Polls a 3.1.1 event loop (which reconnects when polled after an error)
 /// and forwards what matters; ends when the source task is gone.
-async fn drive_v4(mut eventloop: rumqttc::EventLoop, events: mpsc::Sender<Event>) {
+async fn drive_v4(
+    budget: Arc<Semaphore>,
+    mut eventloop: rumqttc::EventLoop,
+    events: mpsc::Sender<Event>,
+) {
     use rumqttc::{Event as E, Packet};
     let mut backoff = Backoff(RECONNECT_MIN);
     loop {
@@ -498,15 +517,21 @@ async fn drive_v4(mut eventloop: rumqttc::EventLoop, events: mpsc::Sender<Event>
                     session_present: c.session_present,
                 }
             }
-            Ok(E::Incoming(Packet::Publish(p))) => Event::Publish(Incoming {
-                topic: p.topic,
-                payload: p.payload,
-                qos: p.qos as u8,
-                retain: p.retain,
-                dup: p.dup,
-                pkid: p.pkid,
-                properties: Vec::new(),
-            }),
+            Ok(E::Incoming(Packet::Publish(p))) => {
+                let Some(budget) = reserve(&budget, p.payload.len()).await else {
+                    return;
+                };
+                Event::Publish(Incoming {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos as u8,
+                    retain: p.retain,
+                    dup: p.dup,
+                    pkid: p.pkid,
+                    properties: Vec::new(),
+                    _budget: Some(budget),
+                })
+            }
             Ok(E::Incoming(Packet::SubAck(s))) => Event::Subscribed {
                 refused: s
                     .return_codes
@@ -538,7 +563,11 @@ async fn drive_v4(mut eventloop: rumqttc::EventLoop, events: mpsc::Sender<Event>
 }
 
 /// As [`drive_v4`], for MQTT 5.
-async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, events: mpsc::Sender<Event>) {
+async fn drive_v5(
+    budget: Arc<Semaphore>,
+    mut eventloop: rumqttc::v5::EventLoop,
+    events: mpsc::Sender<Event>,
+) {
     use rumqttc::v5::Event as E;
     use v5b::Packet;
     let mut backoff = Backoff(RECONNECT_MIN);
@@ -550,15 +579,21 @@ async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, events: mpsc::Sender<Ev
                     session_present: c.session_present,
                 }
             }
-            Ok(E::Incoming(Packet::Publish(p))) => Event::Publish(Incoming {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload,
-                qos: p.qos as u8,
-                retain: p.retain,
-                dup: p.dup,
-                pkid: p.pkid,
-                properties: p.properties.map(|p| p.user_properties).unwrap_or_default(),
-            }),
+            Ok(E::Incoming(Packet::Publish(p))) => {
+                let Some(budget) = reserve(&budget, p.payload.len()).await else {
+                    return;
+                };
+                Event::Publish(Incoming {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload,
+                    qos: p.qos as u8,
+                    retain: p.retain,
+                    dup: p.dup,
+                    pkid: p.pkid,
+                    properties: p.properties.map(|p| p.user_properties).unwrap_or_default(),
+                    _budget: Some(budget),
+                })
+            }
             Ok(E::Incoming(Packet::SubAck(s))) => Event::Subscribed {
                 refused: s
                     .return_codes
@@ -910,6 +945,7 @@ mod tests {
             dup: false,
             pkid: 1,
             properties: vec![("k".into(), "v".into())],
+            _budget: None,
         };
         let mut out = Vec::new();
         mapper.records(msg("a", br#"{"v": 1}"#), &counters, &mut out);
