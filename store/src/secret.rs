@@ -1,18 +1,21 @@
-//! Small private files read at start (the link key files): refused unless
-//! they are regular files only their owner can access, of an exact length.
+//! Small private files read at start (the link key files, TLS private
+//! keys): refused unless they are regular files only their owner can
+//! access. Also the PEM certificate files TLS needs.
 
+use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-/// Reads the file that configuration key `setting` names, refusing one
-/// that group or others can access, one that is not a regular file, and
-/// one that is not exactly `len` bytes (`how` says how to write a right
-/// one). The mode is checked on the opened file.
-pub fn read_private_file(path: &Path, setting: &str, len: usize, how: &str) -> Result<Vec<u8>> {
-    let file = std::fs::File::open(path)
+/// Opens the key file that configuration key `setting` names, refusing
+/// one that is not a regular file or that group or others can access
+/// (the mode is checked on the opened file).
+fn open_private(path: &Path, setting: &str) -> Result<(File, Metadata)> {
+    let file = File::open(path)
         .with_context(|| format!("{setting}: cannot open key file {}", path.display()))?;
     let meta = file
         .metadata()
@@ -28,6 +31,15 @@ pub fn read_private_file(path: &Path, setting: &str, len: usize, how: &str) -> R
             path.display()
         );
     }
+    Ok((file, meta))
+}
+
+/// Reads the file that configuration key `setting` names, refusing one
+/// that group or others can access, one that is not a regular file, and
+/// one that is not exactly `len` bytes (`how` says how to write a right
+/// one).
+pub fn read_private_file(path: &Path, setting: &str, len: usize, how: &str) -> Result<Vec<u8>> {
+    let (file, meta) = open_private(path, setting)?;
     // One byte more than wanted, so a longer file is seen as too long
     // without reading all of it.
     let mut bytes = Vec::with_capacity(len + 1);
@@ -42,6 +54,46 @@ pub fn read_private_file(path: &Path, setting: &str, len: usize, how: &str) -> R
         );
     }
     Ok(bytes)
+}
+
+/// Longest PEM file read (a key or a CA bundle; Debian's bundle is
+/// about 200 KiB).
+const MAX_PEM: u64 = 4 << 20;
+
+/// The private key (PKCS#8, PKCS#1 or SEC1 PEM) in the file that `setting`
+/// names, refused like [`read_private_file`] when others can read it.
+pub fn read_pem_key(path: &Path, setting: &str) -> Result<PrivateKeyDer<'static>> {
+    let (file, _) = open_private(path, setting)?;
+    let mut pem = Vec::new();
+    file.take(MAX_PEM)
+        .read_to_end(&mut pem)
+        .with_context(|| format!("{setting}: cannot read key file {}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        anyhow!(
+            "{setting}: {} holds no PEM private key ({e}); it must contain a \
+             -----BEGIN PRIVATE KEY----- (or RSA / EC PRIVATE KEY) block",
+            path.display()
+        )
+    })
+}
+
+/// Every certificate in the PEM file that `setting` names (a chain, leaf
+/// first, or a CA bundle); at least one.
+pub fn read_pem_certs(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let mut pem = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(MAX_PEM).read_to_end(&mut pem))
+        .with_context(|| format!("{setting}: cannot read {}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("{setting}: {} is not a PEM file ({e})", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "{setting}: {} holds no -----BEGIN CERTIFICATE----- block",
+            path.display()
+        );
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]

@@ -459,34 +459,39 @@ fn ten_thousand_datagrams_of_mixed_sizes_arrive_byte_identical_at_the_udp_sink()
 /// Reads octet-counted frames (RFC 6587) from one accepted connection.
 fn read_octet_counted(listener: TcpListener, n: usize) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
+        let (conn, _) = listener.accept().unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
-        let mut buf = Vec::new();
-        let mut frames = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while frames.len() < n {
-            let k = conn
-                .read(&mut chunk)
-                .expect("reading the sink's connection");
-            if k == 0 {
+        octet_counted_frames(conn, n)
+    })
+}
+
+/// The first `n` octet-counted frames read from `conn` (fewer if it ends).
+fn octet_counted_frames(mut conn: impl Read, n: usize) -> Vec<String> {
+    let mut buf = Vec::new();
+    let mut frames = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while frames.len() < n {
+        let k = conn
+            .read(&mut chunk)
+            .expect("reading the sink's connection");
+        if k == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..k]);
+        while let Some(sp) = buf.iter().position(|&b| b == b' ') {
+            let len: usize = std::str::from_utf8(&buf[..sp])
+                .unwrap()
+                .parse()
+                .expect("octet count");
+            if buf.len() < sp + 1 + len {
                 break;
             }
-            buf.extend_from_slice(&chunk[..k]);
-            while let Some(sp) = buf.iter().position(|&b| b == b' ') {
-                let len: usize = std::str::from_utf8(&buf[..sp])
-                    .unwrap()
-                    .parse()
-                    .expect("octet count");
-                if buf.len() < sp + 1 + len {
-                    break;
-                }
-                frames.push(String::from_utf8(buf[sp + 1..sp + 1 + len].to_vec()).unwrap());
-                buf.drain(..sp + 1 + len);
-            }
+            frames.push(String::from_utf8(buf[sp + 1..sp + 1 + len].to_vec()).unwrap());
+            buf.drain(..sp + 1 + len);
         }
-        frames
-    })
+    }
+    frames
 }
 
 #[test]
@@ -559,4 +564,230 @@ fn the_syslog_sink_forwards_rfc5424_over_tcp_and_udp_keeping_time_host_and_sd() 
             .collect(),
         "udp",
     );
+}
+
+/// A test PKI: one CA, a server certificate for 127.0.0.1 and a client
+/// certificate, written as PEM files (keys mode 0600) under `s`.
+struct Pki {
+    ca: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+}
+
+fn issue(
+    s: &Scratch,
+    name: &str,
+    sans: Vec<String>,
+    usage: rcgen::ExtendedKeyUsagePurpose,
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut params = rcgen::CertificateParams::new(sans).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.extended_key_usages = vec![usage];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, ca, ca_key).unwrap();
+    let cert_path = s.write(&format!("{name}.pem"), &cert.pem());
+    let key_path = s.write(&format!("{name}.key"), &key.serialize_pem());
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (cert_path, key_path)
+}
+
+impl Pki {
+    fn new(s: &Scratch) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "weir test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        let ca_path = s.write("ca.pem", &ca.pem());
+        let (server_cert, server_key) = issue(
+            s,
+            "server",
+            vec!["127.0.0.1".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            &ca,
+            &ca_key,
+        );
+        let (client_cert, client_key) = issue(
+            s,
+            "client",
+            vec![],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &ca,
+            &ca_key,
+        );
+        Pki {
+            ca: ca_path,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
+}
+
+mod tls {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    pub use tokio_rustls::rustls;
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn certs(p: &Path) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(p)
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect()
+    }
+
+    fn roots(ca: &Path) -> Arc<rustls::RootCertStore> {
+        let mut r = rustls::RootCertStore::empty();
+        for c in certs(ca) {
+            r.add(c).unwrap();
+        }
+        Arc::new(r)
+    }
+
+    /// A collector that requires a client certificate from `ca`.
+    pub fn server(cert: &Path, key: &Path, ca: &Path) -> Arc<rustls::ServerConfig> {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca), provider())
+                .build()
+                .unwrap();
+        Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs(cert), PrivateKeyDer::from_pem_file(key).unwrap())
+                .unwrap(),
+        )
+    }
+
+    /// A client trusting `ca`, with a client certificate when given one.
+    pub fn client(ca: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+        let b = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(ca));
+        Arc::new(match identity {
+            Some((cert, key)) => b
+                .with_client_auth_cert(certs(cert), PrivateKeyDer::from_pem_file(key).unwrap())
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        })
+    }
+}
+
+#[test]
+fn syslog_crosses_over_tls_both_ways_and_clients_without_a_trusted_certificate_are_refused() {
+    let s = Scratch::new("syslog_tls");
+    let pki = Pki::new(&s);
+    let link = Link::new();
+    // The collector (a SIEM) on the IT side: TLS, requires the sink's client certificate.
+    let collector = TcpListener::bind("127.0.0.1:0").unwrap();
+    let collector_addr = collector.local_addr().unwrap();
+    let server = tls::server(&pki.server_cert, &pki.server_key, &pki.ca);
+    let frames = std::thread::spawn(move || {
+        let (conn, _) = collector.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let tls = tls::rustls::ServerConnection::new(server).unwrap();
+        octet_counted_frames(tls::rustls::StreamOwned::new(tls, conn), 2)
+    });
+    let _receiver = start_receiver(
+        &s,
+        &link,
+        &format!(
+            "[[sinks]]\nname = \"siem\"\ntype = \"syslog\"\ntarget = \"tls://{collector_addr}\"\n\
+             tls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            pki.ca.display(),
+            pki.client_cert.display(),
+            pki.client_key.display()
+        ),
+    );
+    let _linksim = link.linksim(&s, 7, 0.02);
+    let source_port = free_tcp_port();
+    let _sender = start_sender(
+        &s,
+        &link,
+        &format!(
+            "[[sources]]\nname = \"plc\"\ntype = \"syslog\"\nlisten = \"tls://127.0.0.1:{source_port}\"\n\
+             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_client_ca_file = \"{}\"\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca.display()
+        ),
+    );
+    wait_listening(&s, &["plc"]);
+
+    // A plain-TCP client, and a TLS client with no certificate: both refused, counted.
+    let mut plain = TcpStream::connect(("127.0.0.1", source_port)).unwrap();
+    plain.write_all(b"13 <13>1 - - - -").unwrap();
+    drop(plain);
+    {
+        let sock = TcpStream::connect(("127.0.0.1", source_port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let name = "127.0.0.1".try_into().unwrap();
+        let conn = tls::rustls::ClientConnection::new(tls::client(&pki.ca, None), name).unwrap();
+        let mut stream = tls::rustls::StreamOwned::new(conn, sock);
+        // TLS 1.3: the server's refusal arrives after the client's Finished.
+        let refused = stream
+            .write_all(b"13 <13>1 - - - -")
+            .and_then(|_| stream.flush())
+            .and_then(|_| stream.read(&mut [0u8; 16]));
+        assert!(
+            !matches!(refused, Ok(n) if n > 0),
+            "a client without a certificate was served: {refused:?}"
+        );
+    }
+    // A client with a certificate from the CA: served.
+    let sock = TcpStream::connect(("127.0.0.1", source_port)).unwrap();
+    let conn = tls::rustls::ClientConnection::new(
+        tls::client(&pki.ca, Some((&pki.client_cert, &pki.client_key))),
+        "127.0.0.1".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut stream = tls::rustls::StreamOwned::new(conn, sock);
+    for m in [
+        "<165>1 2003-10-11T22:14:15.003Z plc7 evntslog 42 ID47 - over tls, octet-counted",
+        "<34>1 2003-10-11T22:14:16.000Z plc7 su - - - second",
+    ] {
+        write!(stream, "{} {m}", m.len()).unwrap();
+    }
+    stream.flush().unwrap();
+
+    let frames = frames.join().unwrap();
+    assert_eq!(
+        frames,
+        [
+            "<165>1 2003-10-11T22:14:15.003000Z plc7 evntslog 42 ID47 - over tls, octet-counted",
+            "<34>1 2003-10-11T22:14:16.000000Z plc7 su - - - second",
+        ],
+        "see {}",
+        s.path.display()
+    );
+    let metrics = s.join("sender-metrics.json");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            read_json(&metrics)["sources"]["plc"]["tls_handshake_failures"].as_u64() >= Some(2)
+        }),
+        "{:#}",
+        read_json(&metrics)["sources"]["plc"]
+    );
+    drop(stream);
 }

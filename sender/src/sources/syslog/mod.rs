@@ -1,7 +1,7 @@
-//! `syslog`: receives syslog messages (RFC 5424 and RFC 3164) on one UDP
-//! or TCP address and hands each over as a `Log` record. Over TCP a
-//! message is newline-framed or octet-counted (RFC 6587), told apart per
-//! message; connections are served side by side. A message that does not
+//! `syslog`: receives syslog messages (RFC 5424 and RFC 3164) on one UDP,
+//! TCP or TLS (RFC 5425) address and hands each over as a `Log` record.
+//! Over TCP and TLS a message is newline-framed or octet-counted (RFC
+//! 6587), told apart per message; connections are served side by side. A message that does not
 //! parse still becomes a `Log`: its raw text, `parse_error` saying why
 //! (see [`parse`]). Parse errors, truncated messages and kernel drops are
 //! counted in the source's status in the metrics file.
@@ -9,13 +9,16 @@
 pub mod parse;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::FixedOffset;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_rustls::rustls;
 use weir_protocol::units::parse_size;
 use weir_protocol::{Log, RecordBody};
 
@@ -26,7 +29,7 @@ use crate::metrics::Counters;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// `udp://ip:port` or `tcp://ip:port`.
+    /// `udp://ip:port`, `tcp://ip:port` or `tls://ip:port`.
     pub listen: String,
     /// Longest message kept; a longer one is cut to this and flagged.
     #[serde(default = "default_max_message_size")]
@@ -40,6 +43,16 @@ pub struct Config {
     /// TCP: connections served at once; more are closed on accept (counted).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// TLS: this source's certificate chain (PEM, leaf first) and private
+    /// key (PEM, mode 0600); required for a `tls://` listen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// TLS: when set, a client must present a certificate signed by one
+    /// of these CAs (PEM), or its connection is refused (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 fn default_max_message_size() -> String {
@@ -58,22 +71,22 @@ fn default_max_connections() -> usize {
 pub enum Listen {
     Udp(SocketAddr),
     Tcp(SocketAddr),
+    Tls(SocketAddr),
 }
 
-/// `udp://ip:port` or `tcp://ip:port`.
+/// `udp://ip:port`, `tcp://ip:port` or `tls://ip:port`.
 pub fn parse_listen(key: &str, s: &str) -> Result<Listen, String> {
-    let (scheme, addr) = s
-        .split_once("://")
-        .ok_or_else(|| format!("{key}: `{s}` must be udp://ip:port or tcp://ip:port"))?;
+    let (scheme, addr) = s.split_once("://").ok_or_else(|| {
+        format!("{key}: `{s}` must be udp://ip:port, tcp://ip:port or tls://ip:port")
+    })?;
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| format!("{key}: `{addr}` is not an ip:port ({e})"))?;
     match scheme {
         "udp" => Ok(Listen::Udp(addr)),
         "tcp" => Ok(Listen::Tcp(addr)),
-        other => Err(format!(
-            "{key}: scheme `{other}` is not udp or tcp (TLS is not supported yet)"
-        )),
+        "tls" => Ok(Listen::Tls(addr)),
+        other => Err(format!("{key}: scheme `{other}` is not udp, tcp or tls")),
     }
 }
 
@@ -100,7 +113,28 @@ impl Source for Config {
     const TYPE: &'static str = "syslog";
 
     fn validate(&self) -> Result<(), String> {
-        parse_listen("listen", &self.listen)?;
+        let listen = parse_listen("listen", &self.listen)?;
+        if matches!(listen, Listen::Tls(_)) {
+            if self.tls_cert_file.is_none() || self.tls_key_file.is_none() {
+                return Err(format!(
+                    "tls_cert_file and tls_key_file: a tls:// listen needs both (this source's certificate and key); `listen` is {}",
+                    self.listen
+                ));
+            }
+        } else {
+            for (key, set) in [
+                ("tls_cert_file", self.tls_cert_file.is_some()),
+                ("tls_key_file", self.tls_key_file.is_some()),
+                ("tls_client_ca_file", self.tls_client_ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{key}: only for a tls:// listen; `listen` is {}",
+                        self.listen
+                    ));
+                }
+            }
+        }
         let max =
             parse_size(&self.max_message_size).map_err(|e| format!("max_message_size: {e}"))?;
         if !(480..=(16 << 20)).contains(&max) {
@@ -211,9 +245,58 @@ async fn run(cfg: Config, handle: SourceHandle) -> anyhow::Result<()> {
     let offset = parse_offset(&cfg.rfc3164_utc_offset).expect("validated");
     match listen {
         Listen::Udp(addr) => run_udp(cfg, addr, max, offset, handle).await,
-        Listen::Tcp(addr) => run_tcp(cfg, addr, max, offset, handle).await,
+        Listen::Tcp(addr) => run_tcp(cfg, addr, None, max, offset, handle).await,
+        Listen::Tls(addr) => {
+            let acceptor = tls_acceptor(&cfg)
+                .map_err(|e| anyhow::anyhow!("sources.{}: {e:#}", handle.stream()))?;
+            run_tcp(cfg, addr, Some(acceptor), max, offset, handle).await
+        }
     }
 }
+
+/// The TLS server settings, read from their files at start.
+fn tls_acceptor(cfg: &Config) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use weir_store::secret::{read_pem_certs, read_pem_key};
+    let cert = cfg.tls_cert_file.as_ref().expect("validated");
+    let key = cfg.tls_key_file.as_ref().expect("validated");
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?;
+    let builder = match &cfg.tls_client_ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_pem_certs(ca, "tls_client_ca_file")? {
+                roots.add(c).map_err(|e| {
+                    anyhow::anyhow!(
+                        "tls_client_ca_file: a certificate in {} is not usable as a CA ({e})",
+                        ca.display()
+                    )
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .build()
+            .context("tls_client_ca_file: building the client certificate check")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(
+            read_pem_certs(cert, "tls_cert_file")?,
+            read_pem_key(key, "tls_key_file")?,
+        )
+        .context("tls_cert_file / tls_key_file: the key does not fit the certificate")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Longest a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Datagrams taken from the socket per batch handed to the spool.
 const UDP_BATCH: usize = 64;
@@ -311,6 +394,9 @@ enum Event {
         peer: SocketAddr,
         error: Option<String>,
     },
+    /// A TLS client that did not complete its handshake (an untrusted or
+    /// missing client certificate, a plain-TCP client, a timeout).
+    HandshakeFailed { peer: SocketAddr, error: String },
 }
 
 /// Messages parsed ahead of the spool, across all connections: a bound
@@ -320,6 +406,7 @@ const TCP_QUEUE: usize = 1024;
 async fn run_tcp(
     cfg: Config,
     addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     max: usize,
     offset: FixedOffset,
     mut handle: SourceHandle,
@@ -331,7 +418,8 @@ async fn run_tcp(
             name
         )
     })?;
-    tracing::info!(source = %name, %addr, "syslog source listening (tcp)");
+    let scheme = if tls.is_some() { "tls" } else { "tcp" };
+    tracing::info!(source = %name, %addr, "syslog source listening ({scheme})");
     handle.status(|s| s.state = "listening");
     let mut shutdown = handle.shutdown.clone();
     let (tx, mut rx) = mpsc::channel::<Event>(TCP_QUEUE);
@@ -353,7 +441,17 @@ async fn run_tcp(
                     Counters::add(&handle.counters().source_connections, 1);
                     handle.status(|s| { s.state = "connected"; s.connections += 1; });
                     tracing::info!(source = %name, %peer, "syslog connection accepted");
-                    tokio::spawn(serve(conn, peer, max, offset, tx.clone(), handle.shutdown.clone()));
+                    let (tx, shutdown) = (tx.clone(), handle.shutdown.clone());
+                    match tls.clone() {
+                        None => { tokio::spawn(serve(conn, peer, max, offset, tx, shutdown)); }
+                        Some(acceptor) => { tokio::spawn(async move {
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
+                                Ok(Ok(stream)) => serve(stream, peer, max, offset, tx, shutdown).await,
+                                Ok(Err(e)) => { let _ = tx.send(Event::HandshakeFailed { peer, error: e.to_string() }).await; }
+                                Err(_) => { let _ = tx.send(Event::HandshakeFailed { peer, error: format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()) }).await; }
+                            }
+                        }); }
+                    }
                 }
                 Err(e) => {
                     Counters::add(&handle.counters().source_accept_errors, 1);
@@ -384,6 +482,16 @@ async fn run_tcp(
                                 handle.status(|s| s.state = "listening");
                             }
                         }
+                        Event::HandshakeFailed { peer, error } => {
+                            active -= 1;
+                            handle.status(|s| {
+                                *s.counts.entry("tls_handshake_failures").or_default() += 1;
+                                s.last_error = Some(format!("{peer}: TLS handshake: {error}"));
+                                if active == 0 { s.state = "listening"; }
+                            });
+                            warn.warn(&name, &format!(
+                                "TLS handshake with {peer} failed: {error} (counted in tls_handshake_failures; a client needs a certificate from tls_client_ca_file when that is set)"));
+                        }
                     }
                     if logs.len() < UDP_BATCH {
                         next = rx.try_recv().ok();
@@ -408,7 +516,7 @@ async fn run_tcp(
 /// Reads one connection, frames and parses its messages, and hands them
 /// to the source's loop; ends at EOF, an error or shutdown.
 async fn serve(
-    mut conn: TcpStream,
+    mut conn: impl AsyncRead + Unpin,
     peer: SocketAddr,
     max: usize,
     offset: FixedOffset,
@@ -478,10 +586,39 @@ mod tests {
             parse_listen("listen", "tcp://[::1]:5514"),
             Ok(Listen::Tcp("[::1]:5514".parse().unwrap()))
         );
-        for bad in ["127.0.0.1:5514", "tls://127.0.0.1:1", "udp://host:1"] {
+        assert_eq!(
+            parse_listen("listen", "tls://127.0.0.1:6514"),
+            Ok(Listen::Tls("127.0.0.1:6514".parse().unwrap()))
+        );
+        for bad in ["127.0.0.1:5514", "ssl://127.0.0.1:1", "udp://host:1"] {
             let e = parse_listen("listen", bad).unwrap_err();
             assert!(e.starts_with("listen: "), "{e}");
         }
+    }
+
+    #[test]
+    fn a_tls_listen_needs_a_certificate_and_tls_keys_need_a_tls_listen() {
+        let cfg =
+            |extra: &str| -> Config { toml::from_str(&format!("listen = \"{extra}")).unwrap() };
+        let e = Source::validate(&cfg("tls://127.0.0.1:6514\"")).unwrap_err();
+        assert!(
+            e.starts_with("tls_cert_file and tls_key_file: a tls:// listen needs both"),
+            "{e}"
+        );
+        let e = Source::validate(&cfg(
+            "tcp://127.0.0.1:6514\"\ntls_client_ca_file = \"/ca.pem\"",
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("tls_client_ca_file: only for a tls:// listen"),
+            "{e}"
+        );
+        let ok =
+            cfg("tls://127.0.0.1:6514\"\ntls_cert_file = \"/c.pem\"\ntls_key_file = \"/c.key\"");
+        assert_eq!(Source::validate(&ok), Ok(()));
+        // The files are read at start: a missing one is named there.
+        let e = format!("{:#}", tls_acceptor(&ok).err().unwrap());
+        assert!(e.starts_with("tls_cert_file: cannot read /c.pem"), "{e}");
     }
 
     #[test]
