@@ -813,3 +813,190 @@ fn a_broker_restart_mid_run_loses_nothing_the_broker_acknowledged() {
     );
     drop(broker);
 }
+
+/// A private mosquitto with a plain anonymous listener (for the test's
+/// own clients) and a TLS listener that wants a username and password
+/// (for weir's source and sink).
+fn tls_broker(s: &Scratch, plain: u16, tls: u16, pki: &pki::Pki) -> Proc {
+    let passwd = s.join("mosquitto.passwd");
+    let out = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c", passwd.to_str().unwrap(), "weir", "s3cret pass"])
+        .output()
+        .expect("running mosquitto_passwd");
+    assert!(out.status.success(), "{out:?}");
+    let conf = s.write(
+        "mosquitto-tls.conf",
+        &format!(
+            "user root\nper_listener_settings true\n\
+             listener {plain} 127.0.0.1\nallow_anonymous true\n\
+             listener {tls} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
+             cafile {}\ncertfile {}\nkeyfile {}\n",
+            passwd.display(),
+            pki.ca.display(),
+            pki.server_cert.display(),
+            pki.server_key.display()
+        ),
+    );
+    let p = Proc::spawn_path(
+        s,
+        "mosquitto-tls",
+        std::path::Path::new("/usr/sbin/mosquitto"),
+        &["-c", conf.to_str().unwrap()],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", plain)).is_ok()
+                && TcpStream::connect(("127.0.0.1", tls)).is_ok()
+        }),
+        "private mosquitto did not start on {plain} and {tls}; see {}",
+        s.path.display()
+    );
+    p
+}
+
+/// An MQTT 5 client on the plain listener: publishes with user
+/// properties, and collects what arrives under `it/#` with its properties.
+struct V5Client {
+    client: rumqttc::v5::Client,
+    got: Arc<Mutex<Vec<(String, Vec<u8>, Vec<(String, String)>)>>>,
+    acks: std::sync::mpsc::Receiver<()>,
+}
+
+impl V5Client {
+    fn new(id: &str, port: u16) -> V5Client {
+        use rumqttc::v5::mqttbytes::v5::Packet as P5;
+        use rumqttc::v5::{Event as E5, MqttOptions as O5};
+        let (client, mut connection) = rumqttc::v5::Client::new(O5::new(id, "127.0.0.1", port), 64);
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (tx, acks) = std::sync::mpsc::channel();
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(E5::Incoming(P5::Publish(p))) => g.lock().unwrap().push((
+                        String::from_utf8_lossy(&p.topic).into_owned(),
+                        p.payload.to_vec(),
+                        p.properties.map(|p| p.user_properties).unwrap_or_default(),
+                    )),
+                    Ok(E5::Incoming(P5::ConnAck(_) | P5::PubAck(_) | P5::SubAck(_))) => {
+                        let _ = tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        acks.recv_timeout(Duration::from_secs(5))
+            .expect("the v5 client connects");
+        V5Client { client, got, acks }
+    }
+}
+
+impl Drop for V5Client {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+#[test]
+fn mqtts_with_a_password_file_carries_mqtt5_user_properties_through_source_and_sink_and_a_wrong_password_is_named(
+) {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    if !std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        assert!(
+            !std::env::var("WEIR_SERVICES").is_ok_and(|v| v == "1"),
+            "WEIR_SERVICES=1 but /usr/sbin/mosquitto is not installed"
+        );
+        eprintln!("SKIPPED mqtts: /usr/sbin/mosquitto is not installed");
+        return;
+    }
+    let s = Scratch::new("mqtt-tls");
+    let pki = pki::Pki::new(&s);
+    let (plain, tls) = (free_tcp_port(), free_tcp_port());
+    let _broker = tls_broker(&s, plain, tls, &pki);
+    let password = s.write("mqtt.password", "s3cret pass\n");
+    let wrong = s.write("wrong.password", "not it\n");
+    let link = Link::new();
+    let tls_keys = |pw: &std::path::Path| {
+        format!(
+            "url = \"mqtts://127.0.0.1:{tls}\"\nprotocol = \"5\"\nusername = \"weir\"\npassword_file = \"{}\"\nca_file = \"{}\"\n",
+            pw.display(),
+            pki.ca.display()
+        )
+    };
+    let _receiver = receiver(
+        &s,
+        &link,
+        &format!(
+            "[[sinks]]\nname = \"it\"\ntype = \"mqtt\"\nprefix = \"it\"\n{}",
+            tls_keys(&password)
+        ),
+    );
+    let _sender = sender(
+        &s,
+        link.destination(false),
+        &format!(
+            "[[sources]]\nname = \"ot\"\ntype = \"mqtt\"\ntopics = [\"plant/#\"]\n{}\
+             [[sources]]\nname = \"locked-out\"\ntype = \"mqtt\"\ntopics = [\"plant/#\"]\n{}",
+            tls_keys(&password),
+            tls_keys(&wrong)
+        ),
+    );
+    wait_subscribed(&s, "ot");
+    let it = V5Client::new("it-reader", plain);
+    it.client.subscribe("it/#", Q5::AtLeastOnce).unwrap();
+    it.acks
+        .recv_timeout(Duration::from_secs(5))
+        .expect("suback");
+    let ot = V5Client::new("ot-writer", plain);
+    let props = vec![
+        ("unit".to_string(), "degC".to_string()),
+        ("line".to_string(), "7".to_string()),
+    ];
+    let n = 50u32;
+    for i in 0..n {
+        let p = PublishProperties {
+            user_properties: props.clone(),
+            ..Default::default()
+        };
+        ot.client
+            .publish_with_properties(
+                format!("plant/oven{}", i % 2),
+                Q5::AtLeastOnce,
+                false,
+                payload(i),
+                p,
+            )
+            .unwrap();
+        ot.acks
+            .recv_timeout(Duration::from_secs(5))
+            .expect("puback");
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || it.got.lock().unwrap().len()
+            >= n as usize),
+        "{} of {n} arrived at it/#; sender {}",
+        it.got.lock().unwrap().len(),
+        sender_metrics(&s)
+    );
+    let got = it.got.lock().unwrap().clone();
+    for i in 0..n {
+        let want = payload(i);
+        let m = got
+            .iter()
+            .find(|(_, p, _)| *p == want)
+            .unwrap_or_else(|| panic!("message {i} did not arrive"));
+        assert_eq!(m.0, format!("it/plant/oven{}", i % 2));
+        assert_eq!(m.2, props, "user properties of message {i}");
+    }
+    // The source with the wrong password never subscribes, and says why.
+    let locked = &sender_metrics(&s)["sources"]["locked-out"];
+    assert_ne!(locked["state"], "subscribed", "{locked}");
+    assert!(
+        locked["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("check `username` and `password_file`")),
+        "{locked}"
+    );
+}

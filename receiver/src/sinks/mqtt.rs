@@ -84,6 +84,18 @@ fn default_max_packet() -> String {
     "16MiB".into()
 }
 
+/// A connection error with what to check when the broker refused the
+/// credentials or TLS failed.
+fn with_hint(error: String) -> String {
+    if error.contains("NotAuthorized") || error.contains("BadUserNamePassword") {
+        format!("{error}; the broker refused the credentials: check `username` and `password_file`")
+    } else if error.contains("certificate") || error.contains("Tls") || error.contains("TLS") {
+        format!("{error}; check that `ca_file` signs the broker's certificate and that it names the host in `url`")
+    } else {
+        error
+    }
+}
+
 /// Where the broker is, from `url`.
 #[derive(Debug, Clone, PartialEq)]
 struct Broker {
@@ -298,7 +310,7 @@ impl Session {
                         }
                         Ok(_) => true,
                         Err(e) => {
-                            forward(Event::Lost(e.to_string()));
+                            forward(Event::Lost(with_hint(e.to_string())));
                             return;
                         }
                     };
@@ -333,7 +345,7 @@ impl Session {
                         }
                         Ok(_) => true,
                         Err(e) => {
-                            forward(Event::Lost(e.to_string()));
+                            forward(Event::Lost(with_hint(e.to_string())));
                             return;
                         }
                     };

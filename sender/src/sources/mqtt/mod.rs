@@ -403,6 +403,18 @@ impl Client {
     }
 }
 
+/// A connection error with what to check when the broker refused the
+/// credentials or TLS failed.
+fn with_hint(error: String) -> String {
+    if error.contains("NotAuthorized") || error.contains("BadUserNamePassword") {
+        format!("{error}; the broker refused the credentials: check `username` and `password_file`")
+    } else if error.contains("certificate") || error.contains("Tls") || error.contains("TLS") {
+        format!("{error}; check that `ca_file` signs the broker's certificate and that it names the host in `url`")
+    } else {
+        error
+    }
+}
+
 /// The CA bundle `mqtts://` trusts when `ca_file` is not set (Debian's
 /// system roots).
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -544,7 +556,7 @@ async fn drive_v4(
                 let retry_in = backoff.next();
                 if events
                     .send(Event::Lost {
-                        error: e.to_string(),
+                        error: with_hint(e.to_string()),
                         retry_in,
                     })
                     .await
@@ -606,7 +618,7 @@ async fn drive_v5(
                 let retry_in = backoff.next();
                 if events
                     .send(Event::Lost {
-                        error: e.to_string(),
+                        error: with_hint(e.to_string()),
                         retry_in,
                     })
                     .await
