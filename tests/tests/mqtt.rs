@@ -856,9 +856,12 @@ fn tls_broker(s: &Scratch, plain: u16, tls: u16, pki: &pki::Pki) -> Proc {
 
 /// An MQTT 5 client on the plain listener: publishes with user
 /// properties, and collects what arrives under `it/#` with its properties.
+/// A message as received: topic, payload, user properties.
+type V5Got = (String, Vec<u8>, Vec<(String, String)>);
+
 struct V5Client {
     client: rumqttc::v5::Client,
-    got: Arc<Mutex<Vec<(String, Vec<u8>, Vec<(String, String)>)>>>,
+    got: Arc<Mutex<Vec<V5Got>>>,
     acks: std::sync::mpsc::Receiver<()>,
 }
 
