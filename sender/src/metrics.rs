@@ -37,7 +37,7 @@ counters! {
     resent_records: "records sent again on an operator's resend request",
     repeated_records: "extra copies sent for streams with `repeat`",
     repeat_skipped: "copies not sent because REPEAT_LIMIT bytes of copies were already waiting",
-    source_connections: "connections accepted by tcp sources, and broker connections made by mqtt sources",
+    source_connections: "connections accepted by tcp sources, and broker or device connections made by mqtt and modbus sources",
     source_accept_errors: "failed accepts of tcp sources; each is retried after a backoff",
     source_peer_errors: "source connections that ended with an error (reset, timeout) instead of a clean close",
     mqtt_messages: "messages received by mqtt sources",

@@ -374,7 +374,9 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
         let mut points = Vec::new();
         let mut bad = 0u64;
         let mut i = 0;
-        while i < plan.len() {
+        // A poll of a device that answers nothing takes a timeout per
+        // request: shutdown does not wait for the rest of it.
+        while i < plan.len() && !handle.is_shutting_down() {
             let outcome = device.read(&plan[i], &handle).await;
             let ts_ns = now_ns();
             let status = match outcome {
