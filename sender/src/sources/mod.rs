@@ -10,6 +10,7 @@
 //! [`SourceHandle::durable`]) before it acknowledges them upstream.
 
 pub mod generator;
+pub mod modbus;
 pub mod mqtt;
 pub mod stdin;
 pub mod syslog;
@@ -39,6 +40,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<syslog::Config>(),
     Registration::of::<udp::Config>(),
     Registration::of::<mqtt::Config>(),
+    Registration::of::<modbus::Config>(),
 ];
 
 /// A source type: its `Config` (the source's own keys, serde with
@@ -486,9 +488,9 @@ mod tests {
 
     #[test]
     fn an_unknown_type_is_refused_naming_every_known_type() {
-        let err = parse(3, "type = \"modbus\"\nname = \"m\"").unwrap_err();
+        let err = parse(3, "type = \"profibus\"\nname = \"m\"").unwrap_err();
         assert!(
-            err.starts_with("sources[3]: unknown type `modbus`"),
+            err.starts_with("sources[3]: unknown type `profibus`"),
             "{err}"
         );
         for r in REGISTRY {
