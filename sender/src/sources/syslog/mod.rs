@@ -17,7 +17,7 @@ use chrono::FixedOffset;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls;
 use weir_protocol::units::parse_size;
 use weir_protocol::{Log, RecordBody};
@@ -389,6 +389,9 @@ enum Event {
         log: Log,
         parsed_ok: bool,
         truncated: bool,
+        /// The message's share of `TCP_QUEUE_BYTES`, given back once it
+        /// is handed to the spool.
+        _budget: OwnedSemaphorePermit,
     },
     Closed {
         peer: SocketAddr,
@@ -399,9 +402,12 @@ enum Event {
     HandshakeFailed { peer: SocketAddr, error: String },
 }
 
-/// Messages parsed ahead of the spool, across all connections: a bound
-/// so a slow spool slows the peers (TCP flow control) instead of growing memory.
+/// Messages parsed ahead of the spool, across all connections, at most
+/// this many and this many bytes of message: a bound so a slow spool slows
+/// the peers (TCP flow control) instead of growing memory. A message
+/// larger than the byte bound waits until it is the only one.
 const TCP_QUEUE: usize = 1024;
+const TCP_QUEUE_BYTES: usize = 8 << 20;
 
 async fn run_tcp(
     cfg: Config,
@@ -423,6 +429,7 @@ async fn run_tcp(
     handle.status(|s| s.state = "listening");
     let mut shutdown = handle.shutdown.clone();
     let (tx, mut rx) = mpsc::channel::<Event>(TCP_QUEUE);
+    let budget = Arc::new(Semaphore::new(TCP_QUEUE_BYTES));
     let mut active = 0usize;
     let mut warn = WarnLimit::new();
     let mut logs = Vec::with_capacity(UDP_BATCH);
@@ -441,12 +448,12 @@ async fn run_tcp(
                     Counters::add(&handle.counters().source_connections, 1);
                     handle.status(|s| { s.state = "connected"; s.connections += 1; });
                     tracing::info!(source = %name, %peer, "syslog connection accepted");
-                    let (tx, shutdown) = (tx.clone(), handle.shutdown.clone());
+                    let (tx, shutdown, budget) = (tx.clone(), handle.shutdown.clone(), budget.clone());
                     match tls.clone() {
-                        None => { tokio::spawn(serve(conn, peer, max, offset, tx, shutdown)); }
+                        None => { tokio::spawn(serve(conn, peer, max, offset, tx, budget, shutdown)); }
                         Some(acceptor) => { tokio::spawn(async move {
                             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
-                                Ok(Ok(stream)) => serve(stream, peer, max, offset, tx, shutdown).await,
+                                Ok(Ok(stream)) => serve(stream, peer, max, offset, tx, budget, shutdown).await,
                                 Ok(Err(e)) => { let _ = tx.send(Event::HandshakeFailed { peer, error: e.to_string() }).await; }
                                 Err(_) => { let _ = tx.send(Event::HandshakeFailed { peer, error: format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()) }).await; }
                             }
@@ -464,7 +471,7 @@ async fn run_tcp(
                 let mut next = event;
                 while let Some(ev) = next.take() {
                     match ev {
-                        Event::Log { log, parsed_ok, truncated } => {
+                        Event::Log { log, parsed_ok, truncated, .. } => {
                             account(&handle, &name, &log, parsed_ok, truncated, &mut warn);
                             logs.push(RecordBody::Log(Box::new(log)));
                         }
@@ -521,13 +528,14 @@ async fn serve(
     max: usize,
     offset: FixedOffset,
     tx: mpsc::Sender<Event>,
+    budget: Arc<Semaphore>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let host = peer.ip().to_string();
     let mut framer = parse::Framer::new(max);
     let mut buf = vec![0u8; 64 << 10];
     let mut error = None;
-    let send = |frame: parse::Frame| {
+    let send = |frame: parse::Frame, budget: OwnedSemaphorePermit| {
         let cx = parse::Context {
             now_ns: now_ns(),
             rfc3164_offset: offset,
@@ -539,7 +547,14 @@ async fn serve(
             log,
             parsed_ok,
             truncated,
+            _budget: budget,
         }
+    };
+    // Takes a frame's bytes from the queue's budget, waiting while the
+    // source's loop is behind; None once the source has ended.
+    let reserve = |len: usize| {
+        let n = len.clamp(1, TCP_QUEUE_BYTES) as u32;
+        budget.clone().acquire_many_owned(n)
     };
     loop {
         let n = tokio::select! {
@@ -549,7 +564,10 @@ async fn serve(
         match n {
             Ok(0) => {
                 if let Some(frame) = framer.finish() {
-                    if tx.send(send(frame)).await.is_err() {
+                    let Ok(permit) = reserve(frame.data.len()).await else {
+                        return;
+                    };
+                    if tx.send(send(frame, permit)).await.is_err() {
                         return;
                     }
                 }
@@ -558,7 +576,10 @@ async fn serve(
             Ok(n) => {
                 framer.push(&buf[..n]);
                 while let Some(frame) = framer.next_frame() {
-                    if tx.send(send(frame)).await.is_err() {
+                    let Ok(permit) = reserve(frame.data.len()).await else {
+                        return;
+                    };
+                    if tx.send(send(frame, permit)).await.is_err() {
                         return; // the source ended
                     }
                 }
