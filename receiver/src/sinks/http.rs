@@ -206,7 +206,9 @@ impl SinkBuilder for Config {
     /// Sends nothing here: the first request is the first `write`.
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
         self.check().map_err(|e| anyhow!(e))?;
-        let _runtime = ctx.runtime()?.enter();
+        // reqwest's client is made inside the runtime it will run on.
+        let runtime = ctx.runtime()?;
+        let _entered = runtime.enter();
         let client = self.client().map_err(|e| anyhow!(e))?;
         ctx.async_sink(HttpSink {
             client,
@@ -384,9 +386,12 @@ mod tests {
                 epoch: 1,
                 seq: i,
                 resent: false,
-                body: weir_protocol::RecordBody::Bytes(weir_protocol::Chunk {
-                    data: vec![1; 600],
-                    end: false,
+                body: weir_protocol::RecordBody::Point(weir_protocol::Point {
+                    tag: "t".repeat(800),
+                    ts_ns: 1_700_000_000_000_000_000,
+                    value: weir_protocol::Value::F64(1.5),
+                    quality: 0,
+                    status: None,
                 }),
             })
             .collect();

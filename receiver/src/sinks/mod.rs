@@ -363,6 +363,7 @@ pub const KIND_NAMES: [&str; 4] = ["point", "message", "log", "bytes"];
 pub struct Kinds(u8);
 
 impl Kinds {
+    #[cfg(test)]
     pub const ALL: Kinds = Kinds(0b1111);
     pub const NONE: Kinds = Kinds(0);
 

@@ -329,9 +329,10 @@ struct PostgresSink {
     /// The open connection; taken out for the length of a write, so a
     /// write cut off at any await drops it (the server rolls back).
     client: Option<Client>,
-    /// What the cursor table holds for this sink, by (stream, epoch):
-    /// re-read on every new connection, updated after every COMMIT.
-    stored: HashMap<(String, u64), u64>,
+    /// What the cursor table holds for this sink: per stream, the last
+    /// seq of each epoch. Re-read on every new connection, updated after
+    /// every COMMIT.
+    stored: HashMap<String, Vec<(u64, u64)>>,
     /// Tables created (if absent) and checked since start.
     prepared: [bool; 4],
 }
@@ -356,7 +357,7 @@ impl PostgresSink {
             .map_err(|e| describe(&e, &format!("cursor_table {cursor}: creating it")))?;
         let rows = client
             .query(
-                &format!("SELECT stream, epoch, seq FROM {cursor} WHERE sink = $1"),
+                &format!("SELECT stream, epoch, seq FROM {cursor} WHERE sink = $1 ORDER BY updated"),
                 &[&self.name],
             )
             .await
@@ -364,7 +365,7 @@ impl PostgresSink {
         self.stored.clear();
         for row in rows {
             let (stream, epoch, seq): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-            self.stored.insert((stream, epoch as u64), seq as u64);
+            self.remember(stream, epoch as u64, seq as u64);
         }
         Ok(client)
     }
@@ -382,7 +383,7 @@ impl PostgresSink {
         let rows = client
             .query(
                 "SELECT column_name::text, data_type::text FROM information_schema.columns \
-                 WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
+                 WHERE table_schema::text = coalesce($1::text, current_schema()::text) AND table_name::text = $2::text",
                 &[&schema, &bare],
             )
             .await
@@ -431,10 +432,19 @@ impl PostgresSink {
     /// records, which are looked up in their table).
     fn is_stored(&self, r: &Delivered) -> bool {
         !r.resent
-            && self
-                .stored
-                .get(&(r.stream.to_string(), r.epoch))
-                .is_some_and(|seq| r.seq <= *seq)
+            && self.stored.get(&*r.stream).is_some_and(|epochs| {
+                epochs
+                    .iter()
+                    .any(|(epoch, seq)| *epoch == r.epoch && r.seq <= *seq)
+            })
+    }
+
+    fn remember(&mut self, stream: String, epoch: u64, seq: u64) {
+        let epochs = self.stored.entry(stream).or_default();
+        match epochs.iter_mut().find(|(e, _)| *e == epoch) {
+            Some((_, s)) => *s = (*s).max(seq),
+            None => epochs.push((epoch, seq)),
+        }
     }
 
     /// One transaction: resent records not yet in their table, a COPY per
@@ -491,7 +501,7 @@ impl PostgresSink {
             }
             writer.finish().await.map_err(|e| describe(&e, &doing))?;
         }
-        let positions = super::positions_after(records);
+        let positions = positions_by_epoch(records);
         if !positions.is_empty() {
             let cursor = &self.cfg.cursor_table;
             let streams: Vec<&str> = positions.iter().map(|p| p.stream.as_str()).collect();
@@ -511,6 +521,29 @@ impl PostgresSink {
         tx.commit().await.map_err(|e| describe(&e, "COMMIT"))?;
         Ok(())
     }
+}
+
+/// The last (highest) sequence each (stream, epoch) reaches with
+/// `records`, resent records aside: unlike [`super::positions_after`],
+/// which keeps one position per stream, a batch that crosses a sequence
+/// reset stores the old epoch's end too, so its replay is recognised.
+fn positions_by_epoch(records: &[&Delivered]) -> Vec<Position> {
+    let mut out: Vec<Position> = Vec::new();
+    for r in records.iter().filter(|r| !r.resent) {
+        match out
+            .iter_mut()
+            .rev()
+            .find(|p| p.epoch == r.epoch && *p.stream == *r.stream)
+        {
+            Some(p) => p.seq = p.seq.max(r.seq),
+            None => out.push(Position {
+                stream: r.stream.to_string(),
+                epoch: r.epoch,
+                seq: r.seq,
+            }),
+        }
+    }
+    out
 }
 
 /// Nanoseconds since the Unix epoch as a time (PostgreSQL keeps
@@ -721,9 +754,8 @@ impl AsyncSink for PostgresSink {
             .collect();
         if !fresh.is_empty() {
             self.commit(&mut client, &fresh).await?;
-            for p in super::positions_after(&fresh) {
-                let seq = self.stored.entry((p.stream, p.epoch)).or_insert(p.seq);
-                *seq = (*seq).max(p.seq);
+            for p in positions_by_epoch(&fresh) {
+                self.remember(p.stream, p.epoch, p.seq);
             }
         }
         self.client = Some(client);
@@ -737,17 +769,15 @@ impl AsyncSink for PostgresSink {
         self.client = Some(client);
         // The newest epoch per stream is the one delivery compares with;
         // older epochs are still checked here, in `write`.
-        let mut latest: HashMap<&str, (u64, u64)> = HashMap::new();
-        for ((stream, epoch), seq) in &self.stored {
-            latest.insert(stream, (*epoch, *seq));
-        }
         Ok(Some(
-            latest
-                .into_iter()
-                .map(|(stream, (epoch, seq))| Position {
-                    stream: stream.to_string(),
-                    epoch,
-                    seq,
+            self.stored
+                .iter()
+                .filter_map(|(stream, epochs)| {
+                    epochs.last().map(|(epoch, seq)| Position {
+                        stream: stream.clone(),
+                        epoch: *epoch,
+                        seq: *seq,
+                    })
                 })
                 .collect(),
         ))
@@ -790,6 +820,26 @@ mod tests {
         let ddl = Table::Points.ddl("weir_points");
         assert!(ddl.starts_with("CREATE TABLE IF NOT EXISTS weir_points (stream text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL, ts timestamptz NOT NULL, tag text NOT NULL, value double precision, value_int bigint"), "{ddl}");
         assert!(Table::Bytes.ddl("s.b").contains("INDEX IF NOT EXISTS b_stream_epoch_seq ON s.b"));
+    }
+
+    #[test]
+    fn positions_keep_each_epoch_of_a_stream_that_a_batch_crosses() {
+        let rec = |epoch: u64, seq: u64, resent: bool| Delivered {
+            stream: "s".into(),
+            source_type: "t".into(),
+            session: 1,
+            epoch,
+            seq,
+            resent,
+            body: RecordBody::Bytes(weir_protocol::Chunk {
+                data: vec![],
+                end: false,
+            }),
+        };
+        let recs = [rec(7, 100, false), rec(7, 101, false), rec(7, 3, true), rec(9, 0, false), rec(9, 1, false)];
+        let refs: Vec<&Delivered> = recs.iter().collect();
+        let got: Vec<(u64, u64)> = positions_by_epoch(&refs).iter().map(|p| (p.epoch, p.seq)).collect();
+        assert_eq!(got, [(7, 101), (9, 1)]);
     }
 
     #[test]
