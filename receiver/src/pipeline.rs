@@ -976,7 +976,10 @@ mod tests {
         u.count(&other);
         assert_eq!(u.total, 4);
         assert_eq!(
-            u.by_stream.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>(),
+            u.by_stream
+                .iter()
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect::<Vec<_>>(),
             [("s", 3), ("t", 1)]
         );
         assert_eq!(u.warned.len(), 2, "one warning per stream and kind");

@@ -60,12 +60,14 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<(Vec<(String, String)>, 
     Some((headers, body))
 }
 
+/// One write per answer (and no Nagle delay): the sink sends one request
+/// at a time, so each answer's latency is the sink's pace.
 fn respond(w: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
-    write!(
-        w,
+    let answer = format!(
         "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
-    )
+    );
+    w.write_all(answer.as_bytes())
 }
 
 /// Serves until the test ends: 503 until `unavailable_until`, then 200 for
@@ -76,6 +78,7 @@ fn serve(port: u16, served: Arc<Served>, unavailable_until: Instant) {
         for conn in listener.incoming().flatten() {
             let served = served.clone();
             std::thread::spawn(move || {
+                conn.set_nodelay(true).unwrap();
                 let mut w = conn.try_clone().unwrap();
                 let mut r = BufReader::new(conn);
                 while let Some((headers, body)) = read_request(&mut r) {
@@ -97,7 +100,11 @@ fn serve(port: u16, served: Arc<Served>, unavailable_until: Instant) {
                             .collect();
                         if records.iter().any(|r| r["tag"] == POISON_TAG) {
                             served.refused.fetch_add(1, Ordering::Relaxed);
-                            respond(&mut w, "400 Bad Request", "{\"error\":\"tag 42 is not accepted\"}")
+                            respond(
+                                &mut w,
+                                "400 Bad Request",
+                                "{\"error\":\"tag 42 is not accepted\"}",
+                            )
                         } else {
                             let mut first = served.first.lock().unwrap();
                             if first.is_none() {
@@ -127,7 +134,11 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
     let (sender_port, receiver_port, http_port) =
         (free_udp_port(), free_udp_port(), free_tcp_port());
     let served = Arc::new(Served::default());
-    serve(http_port, served.clone(), Instant::now() + Duration::from_secs(4));
+    serve(
+        http_port,
+        served.clone(),
+        Instant::now() + Duration::from_secs(4),
+    );
     let token = s.write("token", "t0ken\n");
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let d = s.path.display();
@@ -142,7 +153,12 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
             token.display()
         ),
     );
-    let mut receiver = Proc::spawn(&s, "receiver", "weir-receiver", &["run", "--config", rcfg.to_str().unwrap()]);
+    let mut receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &["run", "--config", rcfg.to_str().unwrap()],
+    );
     let _linksim = Proc::spawn(
         &s,
         "linksim",
@@ -171,7 +187,12 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
             sender_auth(&s)
         ),
     );
-    let mut sender = Proc::spawn(&s, "sender", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
     let poison = total / 100;
     let dead = s.join("state/dead-letter/ingest.jsonl");
     assert!(
@@ -186,8 +207,14 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
         s.path.display()
     );
     std::thread::sleep(Duration::from_millis(500));
-    assert!(sender.stop(Duration::from_secs(10)), "the sender did not stop cleanly");
-    assert!(receiver.stop(Duration::from_secs(20)), "the receiver did not stop cleanly");
+    assert!(
+        sender.stop(Duration::from_secs(10)),
+        "the sender did not stop cleanly"
+    );
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver did not stop cleanly"
+    );
     let metrics = read_json(&s.join("receiver-metrics.json"));
     eprintln!(
         "503 answers {}, 400 answers {}, sink retries {}, dead letters {}",
@@ -196,20 +223,45 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
         metrics["sink.ingest.retries"],
         metrics["sink.ingest.dead_letters"]
     );
-    assert_eq!(served.unauthorized.load(Ordering::Relaxed), 0, "every request carried the token and the headers");
-    assert!(served.unavailable.load(Ordering::Relaxed) > 0, "the server answered 503 first");
-    assert!(metrics["sink.ingest.retries"].as_u64() > Some(0), "503s are retried: {metrics}");
+    assert_eq!(
+        served.unauthorized.load(Ordering::Relaxed),
+        0,
+        "every request carried the token and the headers"
+    );
+    assert!(
+        served.unavailable.load(Ordering::Relaxed) > 0,
+        "the server answered 503 first"
+    );
+    assert!(
+        metrics["sink.ingest.retries"].as_u64() > Some(0),
+        "503s are retried: {metrics}"
+    );
     assert_eq!(metrics["sink.ingest.dead_letters"].as_u64(), Some(poison));
     // Exactly once, in order: every seq but the refused tag's.
     let seqs = served.seqs.lock().unwrap().clone();
     let want: Vec<u64> = (0..total).filter(|s| s % 100 != 42).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "records arrived twice or out of order");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "records arrived twice or out of order"
+    );
     assert_eq!(seqs, want);
     // Each record is the file sink's JSON object.
-    let first: Value = serde_json::from_str(served.first.lock().unwrap().as_deref().unwrap()).unwrap();
-    let keys: Vec<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys, ["stream", "seq", "kind", "ts", "tag", "value", "quality"]);
-    assert_eq!((first["stream"].as_str(), first["seq"].as_u64()), (Some("plant/gen"), Some(0)));
+    let first: Value =
+        serde_json::from_str(served.first.lock().unwrap().as_deref().unwrap()).unwrap();
+    let keys: Vec<&str> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        ["stream", "seq", "kind", "ts", "tag", "value", "quality"]
+    );
+    assert_eq!(
+        (first["stream"].as_str(), first["seq"].as_u64()),
+        (Some("plant/gen"), Some(0))
+    );
     // The dead letters: the refused tag's records, with the answer.
     let letters = json_lines(&dead);
     for l in &letters {
@@ -220,6 +272,12 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
             "{reason}"
         );
     }
-    let dead_seqs: Vec<u64> = letters.iter().map(|l| l["record"]["seq"].as_u64().unwrap()).collect();
-    assert_eq!(dead_seqs, (0..total).filter(|s| s % 100 == 42).collect::<Vec<_>>());
+    let dead_seqs: Vec<u64> = letters
+        .iter()
+        .map(|l| l["record"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        dead_seqs,
+        (0..total).filter(|s| s % 100 == 42).collect::<Vec<_>>()
+    );
 }

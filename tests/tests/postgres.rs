@@ -27,8 +27,8 @@ const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// True when PostgreSQL answers; otherwise prints why the test is skipped
 /// (or fails when WEIR_SERVICES=1 says the services must be there).
 fn server_answers(test: &str) -> bool {
-    let up = postgres::Client::connect(&format!("{URL}?connect_timeout=2"), postgres::NoTls)
-        .is_ok();
+    let up =
+        postgres::Client::connect(&format!("{URL}?connect_timeout=2"), postgres::NoTls).is_ok();
     if !up {
         if std::env::var("WEIR_SERVICES").is_ok_and(|v| v == "1") {
             panic!("{test}: WEIR_SERVICES=1 but PostgreSQL does not answer at {URL} (.ci/run starts it)");
@@ -91,9 +91,7 @@ impl Drop for Tables {
 /// committing transaction, then the order COPY wrote them in).
 fn rows(table: &str) -> BTreeMap<String, Vec<u64>> {
     let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    let q = format!(
-        "SELECT stream, seq FROM {table} ORDER BY xmin::text::bigint, ctid"
-    );
+    let q = format!("SELECT stream, seq FROM {table} ORDER BY xmin::text::bigint, ctid");
     for r in db().query(&q, &[]).unwrap_or_default() {
         let (stream, seq): (String, i64) = (r.get(0), r.get(1));
         out.entry(stream).or_default().push(seq as u64);
@@ -215,7 +213,10 @@ fn send_logs(port: u16, count: u64) {
         match TcpStream::connect(("127.0.0.1", port)) {
             Ok(c) => break c,
             Err(e) => {
-                assert!(Instant::now() < deadline, "syslog source never listened: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "syslog source never listened: {e}"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -254,25 +255,60 @@ fn points_and_logs_land_in_their_tables_exactly_once_in_order_through_2pct_loss(
         ),
     );
     send_logs(syslog_port, logs);
-    let got = wait_for_rows(&s, &t.name("points"), points, Duration::from_secs(5), Duration::from_secs(60));
-    wait_for_rows(&s, &t.name("logs"), logs, Duration::from_secs(3), Duration::from_secs(20));
-    assert!(receiver.is_running(), "the receiver died: {}", log_text(&s, "receiver"));
-    assert!(sender.stop(Duration::from_secs(10)), "the sender did not stop cleanly");
-    assert!(receiver.stop(Duration::from_secs(20)), "the receiver did not stop cleanly");
+    let got = wait_for_rows(
+        &s,
+        &t.name("points"),
+        points,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    wait_for_rows(
+        &s,
+        &t.name("logs"),
+        logs,
+        Duration::from_secs(3),
+        Duration::from_secs(20),
+    );
+    assert!(
+        receiver.is_running(),
+        "the receiver died: {}",
+        log_text(&s, "receiver")
+    );
+    assert!(
+        sender.stop(Duration::from_secs(10)),
+        "the sender did not stop cleanly"
+    );
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver did not stop cleanly"
+    );
     let audit = s.join("audit.jsonl");
     let p = rows(&t.name("points"));
     let l = rows(&t.name("logs"));
-    eprintln!("points rows {got}, logs rows {}", l.values().map(Vec::len).sum::<usize>());
+    eprintln!(
+        "points rows {got}, logs rows {}",
+        l.values().map(Vec::len).sum::<usize>()
+    );
     let gen_gaps = gaps(&audit, "plant/gen");
     let log_gaps = gaps(&audit, "plant/syslog");
     assert_exactly_accounted(p.get("plant/gen").map_or(&[][..], |v| v), &gen_gaps, points);
-    assert_exactly_accounted(l.get("plant/syslog").map_or(&[][..], |v| v), &log_gaps, logs);
-    assert!(gen_gaps.is_empty() && log_gaps.is_empty(), "2% loss is within FEC: {gen_gaps:?} {log_gaps:?}");
+    assert_exactly_accounted(
+        l.get("plant/syslog").map_or(&[][..], |v| v),
+        &log_gaps,
+        logs,
+    );
+    assert!(
+        gen_gaps.is_empty() && log_gaps.is_empty(),
+        "2% loss is within FEC: {gen_gaps:?} {log_gaps:?}"
+    );
     // The values and the log fields are in their columns.
     let mut c = db();
     let row = c
         .query_one(
-            &format!("SELECT tag, value, quality, ts > now() - interval '1 hour' FROM {} WHERE seq = 0", t.name("points")),
+            &format!(
+                "SELECT tag, value, quality, ts > now() - interval '1 hour' FROM {} WHERE seq = 0",
+                t.name("points")
+            ),
             &[],
         )
         .unwrap();
@@ -287,8 +323,18 @@ fn points_and_logs_land_in_their_tables_exactly_once_in_order_through_2pct_loss(
         )
         .unwrap();
     assert_eq!(
-        (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, String>(2), row.get::<_, String>(3)),
-        ("plc-0".to_string(), "historian".to_string(), "42".to_string(), "EXP".to_string())
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2),
+            row.get::<_, String>(3)
+        ),
+        (
+            "plc-0".to_string(),
+            "historian".to_string(),
+            "42".to_string(),
+            "EXP".to_string()
+        )
     );
     assert_eq!(row.get::<_, String>(4), "export line 7");
     assert_eq!(row.get::<_, String>(5), r#"{"meta": [["seq", "7"]]}"#);
@@ -296,7 +342,10 @@ fn points_and_logs_land_in_their_tables_exactly_once_in_order_through_2pct_loss(
     // The cursor table holds each stream's last position for sink `pg`.
     let last: i64 = c
         .query_one(
-            &format!("SELECT max(seq) FROM {} WHERE sink = 'pg' AND stream = 'plant/gen'", t.name("cursor")),
+            &format!(
+                "SELECT max(seq) FROM {} WHERE sink = 'pg' AND stream = 'plant/gen'",
+                t.name("cursor")
+            ),
             &[],
         )
         .unwrap()
@@ -323,15 +372,31 @@ fn kill_9_of_the_receiver_mid_run_and_a_restart_write_each_row_once() {
         log_text(&s, "receiver-1")
     );
     receiver1.signal("KILL");
-    assert!(wait_until(Duration::from_secs(5), || !receiver1.is_running()), "kill -9 did not end the receiver");
+    assert!(
+        wait_until(Duration::from_secs(5), || !receiver1.is_running()),
+        "kill -9 did not end the receiver"
+    );
     let before = count(&t.name("points"));
     std::thread::sleep(Duration::from_millis(1000));
     let mut receiver2 = receiver(&s, "receiver-2", port, &sink);
-    assert!(sender.wait(Duration::from_secs(60)), "the sender did not finish its count");
+    assert!(
+        sender.wait(Duration::from_secs(60)),
+        "the sender did not finish its count"
+    );
     let audit = s.join("audit.jsonl");
     let lost: u64 = gaps(&audit, "gen").iter().map(|g| g.1 - g.0 + 1).sum();
-    wait_for_rows(&s, &t.name("points"), total - lost, Duration::from_secs(3), Duration::from_secs(30));
-    assert!(receiver2.stop(Duration::from_secs(20)), "the restarted receiver did not stop cleanly: {}", log_text(&s, "receiver-2"));
+    wait_for_rows(
+        &s,
+        &t.name("points"),
+        total - lost,
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+    );
+    assert!(
+        receiver2.stop(Duration::from_secs(20)),
+        "the restarted receiver did not stop cleanly: {}",
+        log_text(&s, "receiver-2")
+    );
     let written = rows(&t.name("points")).remove("gen").unwrap_or_default();
     let g = gaps(&audit, "gen");
     eprintln!(
@@ -398,7 +463,12 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, cut, open, stop }
+        Proxy {
+            port,
+            cut,
+            open,
+            stop,
+        }
     }
 
     /// Closes every connection through the proxy and refuses new ones.
@@ -447,11 +517,26 @@ fn the_server_unreachable_for_seconds_mid_run_still_gets_each_row_once() {
     let during = count(&t.name("points"));
     let errors = metric(&s, "sink.pg.errors").unwrap_or(0);
     proxy.restore();
-    let got = wait_for_rows(&s, &t.name("points"), total, Duration::from_secs(5), Duration::from_secs(60));
-    assert!(sender.stop(Duration::from_secs(10)), "the sender did not stop cleanly");
-    assert!(receiver.stop(Duration::from_secs(20)), "the receiver did not stop cleanly");
+    let got = wait_for_rows(
+        &s,
+        &t.name("points"),
+        total,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    assert!(
+        sender.stop(Duration::from_secs(10)),
+        "the sender did not stop cleanly"
+    );
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver did not stop cleanly"
+    );
     eprintln!("rows at the cut {at_cut}, after 5 s of outage {during}, in the end {got}; sink errors during the outage {errors}");
-    assert_eq!(at_cut, during, "nothing is written while the server is unreachable");
+    assert_eq!(
+        at_cut, during,
+        "nothing is written while the server is unreachable"
+    );
     assert!(errors > 0, "the outage shows in sink.pg.errors");
     assert!(
         log_text(&s, "receiver").contains("write failed"),
@@ -480,16 +565,26 @@ fn a_table_with_a_wrong_column_type_is_named_in_the_error_and_written_once_fixed
     let mut receiver = receiver(&s, "receiver", port, &t.sink(URL, ""));
     let total = 2_000u64;
     let mut sender = sender(&s, port, &generator("gen", 2_000, total));
-    let want = format!("points_table {points}: column `value_int` is integer, this sink writes bigint");
+    let want =
+        format!("points_table {points}: column `value_int` is integer, this sink writes bigint");
     assert!(
-        wait_until(Duration::from_secs(20), || log_text(&s, "receiver").contains(&want)),
+        wait_until(Duration::from_secs(20), || log_text(&s, "receiver")
+            .contains(&want)),
         "the error names the table and the column: {}",
         log_text(&s, "receiver")
     );
     assert_eq!(count(&points), 0);
-    db().batch_execute(&format!("ALTER TABLE {points} ALTER COLUMN value_int TYPE bigint"))
-        .unwrap();
-    let got = wait_for_rows(&s, &points, total, Duration::from_secs(15), Duration::from_secs(40));
+    db().batch_execute(&format!(
+        "ALTER TABLE {points} ALTER COLUMN value_int TYPE bigint"
+    ))
+    .unwrap();
+    let got = wait_for_rows(
+        &s,
+        &points,
+        total,
+        Duration::from_secs(15),
+        Duration::from_secs(40),
+    );
     assert!(sender.stop(Duration::from_secs(10)));
     assert!(receiver.stop(Duration::from_secs(20)));
     let written = rows(&points).remove("gen").unwrap_or_default();
@@ -521,14 +616,27 @@ fn timescale_makes_the_points_table_a_hypertable_or_names_the_missing_extension(
         eprintln!("SKIPPED the hypertable half of {test}: the timescaledb extension is not available on this server; checking the error instead");
         assert!(
             wait_until(Duration::from_secs(20), || log_text(&s, "receiver")
-                .contains("timescale: is true, but the timescaledb extension is not installed")),
+                .contains(
+                    "timescale: is true, but the timescaledb extension is not installed"
+                )),
             "the missing extension is named: {}",
             log_text(&s, "receiver")
         );
-        assert_eq!(count(&points), 0, "no row before the table is what was asked for");
+        assert_eq!(
+            count(&points),
+            0,
+            "no row before the table is what was asked for"
+        );
     } else {
-        db().batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb").unwrap();
-        let got = wait_for_rows(&s, &points, total, Duration::from_secs(5), Duration::from_secs(30));
+        db().batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            .unwrap();
+        let got = wait_for_rows(
+            &s,
+            &points,
+            total,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        );
         assert_eq!(got, total);
         let hyper = db()
             .query_opt(

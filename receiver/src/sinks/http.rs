@@ -178,8 +178,8 @@ impl Config {
                 self.format
             ));
         }
-        let max = parse_size(&self.max_request_bytes)
-            .map_err(|e| format!("max_request_bytes: {e}"))?;
+        let max =
+            parse_size(&self.max_request_bytes).map_err(|e| format!("max_request_bytes: {e}"))?;
         if !(1024..=(256 << 20)).contains(&max) {
             return Err(format!(
                 "max_request_bytes: {} must be between 1KiB and 256MiB",
@@ -347,12 +347,18 @@ mod tests {
     #[test]
     fn keys_are_checked_naming_the_key_to_fix() {
         assert!(cfg("").check().is_ok());
-        assert!(cfg("format = \"xml\"").check().unwrap_err().starts_with("format:"));
+        assert!(cfg("format = \"xml\"")
+            .check()
+            .unwrap_err()
+            .starts_with("format:"));
         assert!(cfg("headers = { \"bad name\" = \"x\" }")
             .check()
             .unwrap_err()
             .starts_with("headers:"));
-        assert!(cfg("timeout_s = 0").check().unwrap_err().starts_with("timeout_s:"));
+        assert!(cfg("timeout_s = 0")
+            .check()
+            .unwrap_err()
+            .starts_with("timeout_s:"));
         let bad: Config = toml::from_str("url = \"ftp://x/\"").unwrap();
         assert!(bad.check().unwrap_err().starts_with("url:"));
         let err = cfg("bearer_token_file = \"/nonexistent/token\"")
@@ -406,7 +412,11 @@ mod tests {
         };
         let mut one = Vec::new();
         json_line::write_record(&mut one, &recs[0]);
-        assert_eq!(sink.fill(&refs, usize::MAX), 2, "two ~850-byte records fit 2 KiB");
+        assert_eq!(
+            sink.fill(&refs, usize::MAX),
+            2,
+            "two ~850-byte records fit 2 KiB"
+        );
         let v: serde_json::Value = serde_json::from_slice(&sink.body).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 2);
         assert!(sink.body[1..].starts_with(&one));

@@ -685,7 +685,11 @@ mod tests {
 
     #[test]
     fn kinds_select_record_kinds_and_an_unknown_kind_is_refused_naming_the_valid_ones() {
-        let s = parse(0, "type = \"stdout\"\nname = \"o\"\nkinds = [\"log\", \"point\"]").unwrap();
+        let s = parse(
+            0,
+            "type = \"stdout\"\nname = \"o\"\nkinds = [\"log\", \"point\"]",
+        )
+        .unwrap();
         let k = Kinds::parse(&s.common().kinds).unwrap();
         let point = weir_protocol::RecordBody::Point(weir_protocol::Point {
             tag: "t".into(),
@@ -707,8 +711,11 @@ mod tests {
             Kinds::ALL,
             "the default is every kind"
         );
-        let err = parse(2, "type = \"stdout\"\nname = \"o\"\nkinds = [\"point\", \"points\"]")
-            .unwrap_err();
+        let err = parse(
+            2,
+            "type = \"stdout\"\nname = \"o\"\nkinds = [\"point\", \"points\"]",
+        )
+        .unwrap_err();
         assert_eq!(
             err,
             "sinks[2] (o).kinds: `points` is not a record kind; use any of point, message, log, bytes"

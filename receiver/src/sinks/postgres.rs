@@ -198,7 +198,12 @@ impl Table {
     const ALL: [Table; 4] = [Table::Points, Table::Messages, Table::Logs, Table::Bytes];
 
     fn key(self) -> &'static str {
-        ["points_table", "messages_table", "logs_table", "bytes_table"][self as usize]
+        [
+            "points_table",
+            "messages_table",
+            "logs_table",
+            "bytes_table",
+        ][self as usize]
     }
 
     fn name(self, cfg: &Config) -> &str {
@@ -357,7 +362,9 @@ impl PostgresSink {
             .map_err(|e| describe(&e, &format!("cursor_table {cursor}: creating it")))?;
         let rows = client
             .query(
-                &format!("SELECT stream, epoch, seq FROM {cursor} WHERE sink = $1 ORDER BY updated"),
+                &format!(
+                    "SELECT stream, epoch, seq FROM {cursor} WHERE sink = $1 ORDER BY updated"
+                ),
                 &[&self.name],
             )
             .await
@@ -467,7 +474,12 @@ impl PostgresSink {
                         &[&&*r.stream, &(r.epoch as i64), &(r.seq as i64)],
                     )
                     .await
-                    .map_err(|e| describe(&e, &format!("{} {name}: looking up a resent record", table.key())))?;
+                    .map_err(|e| {
+                        describe(
+                            &e,
+                            &format!("{} {name}: looking up a resent record", table.key()),
+                        )
+                    })?;
                 if found.is_some() {
                     continue;
                 }
@@ -710,11 +722,12 @@ fn unstorable(r: &Delivered) -> Option<String> {
             t.extend(l.parse_error.as_deref().map(|p| ("parse_error", p)));
             for e in &l.structured_data {
                 t.push(("structured_data", &e.id));
-                t.extend(
-                    e.params
-                        .iter()
-                        .flat_map(|(k, v)| [("structured_data", k.as_str()), ("structured_data", v.as_str())]),
-                );
+                t.extend(e.params.iter().flat_map(|(k, v)| {
+                    [
+                        ("structured_data", k.as_str()),
+                        ("structured_data", v.as_str()),
+                    ]
+                }));
             }
             t
         }
@@ -765,7 +778,10 @@ impl AsyncSink for PostgresSink {
     /// The positions the cursor table holds: delivery drops replays at or
     /// below them before they reach `write`.
     async fn stored_positions(&mut self) -> Result<Option<Vec<Position>>> {
-        let client = self.connect().await.context("reading the stored positions")?;
+        let client = self
+            .connect()
+            .await
+            .context("reading the stored positions")?;
         self.client = Some(client);
         // The newest epoch per stream is the one delivery compares with;
         // older epochs are still checked here, in `write`.
@@ -798,7 +814,9 @@ mod tests {
     #[test]
     fn table_names_and_urls_are_checked_naming_the_key() {
         assert!(cfg("").validate().is_ok());
-        let err = cfg("points_table = \"weir points\"").validate().unwrap_err();
+        let err = cfg("points_table = \"weir points\"")
+            .validate()
+            .unwrap_err();
         assert!(err.starts_with("points_table: `weir points`"), "{err}");
         assert!(cfg("logs_table = \"plant.logs\"").validate().is_ok());
         let err = cfg("logs_table = \"weir_points\"").validate().unwrap_err();
@@ -806,8 +824,7 @@ mod tests {
         let bad: Config = toml::from_str("url = \"mysql://x\"").unwrap();
         let err = bad.validate().unwrap_err();
         assert!(err.starts_with("url: "), "{err}");
-        let tls: Config =
-            toml::from_str("url = \"postgres://u@h/db?sslmode=require\"").unwrap();
+        let tls: Config = toml::from_str("url = \"postgres://u@h/db?sslmode=require\"").unwrap();
         assert!(tls.validate().unwrap_err().contains("sslmode=require"));
         assert_eq!(
             redact("postgres://weir:secret@db/plant"),
@@ -819,7 +836,9 @@ mod tests {
     fn the_ddl_has_the_columns_the_copy_writes() {
         let ddl = Table::Points.ddl("weir_points");
         assert!(ddl.starts_with("CREATE TABLE IF NOT EXISTS weir_points (stream text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL, ts timestamptz NOT NULL, tag text NOT NULL, value double precision, value_int bigint"), "{ddl}");
-        assert!(Table::Bytes.ddl("s.b").contains("INDEX IF NOT EXISTS b_stream_epoch_seq ON s.b"));
+        assert!(Table::Bytes
+            .ddl("s.b")
+            .contains("INDEX IF NOT EXISTS b_stream_epoch_seq ON s.b"));
     }
 
     #[test]
@@ -836,9 +855,18 @@ mod tests {
                 end: false,
             }),
         };
-        let recs = [rec(7, 100, false), rec(7, 101, false), rec(7, 3, true), rec(9, 0, false), rec(9, 1, false)];
+        let recs = [
+            rec(7, 100, false),
+            rec(7, 101, false),
+            rec(7, 3, true),
+            rec(9, 0, false),
+            rec(9, 1, false),
+        ];
         let refs: Vec<&Delivered> = recs.iter().collect();
-        let got: Vec<(u64, u64)> = positions_by_epoch(&refs).iter().map(|p| (p.epoch, p.seq)).collect();
+        let got: Vec<(u64, u64)> = positions_by_epoch(&refs)
+            .iter()
+            .map(|p| (p.epoch, p.seq))
+            .collect();
         assert_eq!(got, [(7, 101), (9, 1)]);
     }
 
