@@ -34,7 +34,9 @@ struct Served {
 }
 
 /// One HTTP/1.1 request: headers (lower-case names) and body.
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<(Vec<(String, String)>, Vec<u8>)> {
+type Request = (Vec<(String, String)>, Vec<u8>);
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
