@@ -180,12 +180,12 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
             "0",
         ],
     );
-    let total = 20_000u64;
+    let total = 100_000u64;
     let scfg = s.write(
         "sender.toml",
         &format!(
             "{}[link]\ndestination = \"127.0.0.1:{sender_port}\"\nrate = \"200Mbit\"\n[spool]\npath = \"{d}/spool\"\n\
-             [[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 100\nrate = 10000\ncount = {total}\n",
+             [[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 100\nrate = 25000\ncount = {total}\n",
             sender_auth(&s)
         ),
     );
