@@ -653,3 +653,58 @@ fn timescale_makes_the_points_table_a_hypertable_or_names_the_missing_extension(
     assert!(sender.stop(Duration::from_secs(10)));
     assert!(receiver.stop(Duration::from_secs(20)));
 }
+
+#[test]
+fn records_of_a_kind_no_sink_selects_are_counted_per_stream_and_logged_once() {
+    let test = "postgres_kinds";
+    if !server_answers(test) {
+        return;
+    }
+    let s = Scratch::new("pg-kinds");
+    let t = Tables::new("kinds");
+    let port = free_udp_port();
+    let mut receiver = receiver(&s, "receiver", port, &t.sink(URL, "kinds = [\"log\"]\n"));
+    let (points, logs) = (2_000u64, 200u64);
+    let syslog_port = free_tcp_port();
+    let mut sender = sender(
+        &s,
+        port,
+        &format!(
+            "{}[[sources]]\nname = \"syslog\"\ntype = \"syslog\"\nlisten = \"tcp://127.0.0.1:{syslog_port}\"\n",
+            generator("gen", 4_000, points)
+        ),
+    );
+    send_logs(syslog_port, logs);
+    let got = wait_for_rows(
+        &s,
+        &t.name("logs"),
+        logs,
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || metric(&s, "records_unrouted")
+            == Some(points)),
+        "every point is counted as unrouted: {}",
+        read_json(&s.join("receiver-metrics.json"))
+    );
+    assert!(sender.stop(Duration::from_secs(10)));
+    assert!(receiver.stop(Duration::from_secs(20)));
+    assert_eq!(got, logs);
+    assert_eq!(
+        count(&t.name("points")),
+        0,
+        "no point reaches a sink that takes only logs"
+    );
+    let m = read_json(&s.join("receiver-metrics.json"));
+    assert_eq!(
+        m["records_unrouted_by_stream"]["gen"].as_u64(),
+        Some(points),
+        "{m}"
+    );
+    assert!(m["records_unrouted_by_stream"]["syslog"].is_null(), "{m}");
+    let warnings = log_text(&s, "receiver")
+        .matches("no sink selects this stream's point records")
+        .count();
+    assert_eq!(warnings, 1, "logged once for the stream");
+}
