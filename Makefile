@@ -24,10 +24,11 @@ test: build
 	fi
 
 ## Tests against the real brokers and databases (see .ci/run for starting them):
-## tests/tests/mqtt.rs against Mosquitto on 127.0.0.1:1883. `make test` runs
-## them too but skips them (saying why) when no broker answers; here
-## WEIR_SERVICES=1 makes a missing broker a failure.
-SERVICE_TESTS := --test mqtt --test modbus
+## mqtt.rs (Mosquitto on :1883), modbus.rs (pymodbus in /var/tmp/weir-venv),
+## postgres.rs (PostgreSQL on :5432), http.rs (a server of its own). `make
+## test` runs them too but skips them (saying why) when the service is
+## missing; here WEIR_SERVICES=1 makes a missing service a failure.
+SERVICE_TESTS := --test mqtt --test modbus --test postgres --test http
 test-services: build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		WEIR_SERVICES=1 $(CARGO) nextest run --release -p weir-tests $(SERVICE_TESTS) --no-fail-fast; \

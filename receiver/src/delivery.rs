@@ -1,7 +1,7 @@
 //! Delivery: what is the same for every sink, in one place. Each sink runs
 //! on its own thread (`run_sink`), which takes journal batches in order and
 //! for each one
-//! - routes it (the sink's `streams` globs),
+//! - routes it (the sink's `streams` globs and its `kinds`),
 //! - drops records the sink already confirmed: a record whose stream is at
 //!   the same epoch and a sequence at or past it is a replay (counted in
 //!   `sink.NAME.duplicates`); the positions start from what a transactional
@@ -26,7 +26,7 @@ use globset::GlobSet;
 use serde_json::Value;
 use weir_protocol::decoder::Delivered;
 
-use crate::sinks::{json_line, Sink, SinkError};
+use crate::sinks::{json_line, Kinds, Sink, SinkError};
 
 /// Journal entries `start..end` handed to a sink: the records among them.
 pub struct Batch {
@@ -99,6 +99,8 @@ pub struct SinkThread {
     pub shared: Arc<SinkShared>,
     pub sink: Box<dyn Sink>,
     pub routes: GlobSet,
+    /// The record kinds the sink takes (`kinds`).
+    pub kinds: Kinds,
     pub batches: Receiver<Batch>,
     pub abort: Arc<AtomicBool>,
     pub cursor_path: PathBuf,
@@ -284,6 +286,7 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
         shared,
         mut sink,
         routes,
+        kinds,
         batches,
         abort,
         cursor_path: _,
@@ -350,9 +353,10 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
             .records
             .iter()
             .filter(|r| {
-                *routed
-                    .entry(r.stream.clone())
-                    .or_insert_with(|| routes.is_match(&*r.stream))
+                kinds.contains(&r.body)
+                    && *routed
+                        .entry(r.stream.clone())
+                        .or_insert_with(|| routes.is_match(&*r.stream))
             })
             .filter(|r| {
                 let replay = positions.is_replay(r);
@@ -405,7 +409,10 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
                 if let Some(prev) = &previous {
                     let mut again: Vec<&Delivered> = prev
                         .iter()
-                        .filter(|r| routed.get(&r.stream).copied().unwrap_or(false))
+                        .filter(|r| {
+                            kinds.contains(&r.body)
+                                && routed.get(&r.stream).copied().unwrap_or(false)
+                        })
                         .collect();
                     again.append(&mut pending);
                     pending = again;
@@ -663,12 +670,23 @@ mod tests {
 
     impl Running {
         fn start(dir: &Path, sink: FakeSink, streams: &str, start: u64) -> Self {
+            Self::start_with_kinds(dir, sink, streams, Kinds::ALL, start)
+        }
+
+        fn start_with_kinds(
+            dir: &Path,
+            sink: FakeSink,
+            streams: &str,
+            kinds: Kinds,
+            start: u64,
+        ) -> Self {
             let shared = Arc::new(SinkShared::new("fake", start));
             let (tx, rx) = std::sync::mpsc::sync_channel(8);
             let t = SinkThread {
                 shared: shared.clone(),
                 sink: Box::new(sink),
                 routes: crate::sinks::matcher(&[streams.to_string()]).unwrap(),
+                kinds,
                 batches: rx,
                 abort: Arc::new(AtomicBool::new(false)),
                 cursor_path: dir.join("fake.json"),
@@ -864,6 +882,33 @@ mod tests {
         ];
         assert_eq!(kept, want.map(|(s, e, q)| (s.to_string(), e, q)).to_vec());
         assert_eq!(shared.stats.duplicates.load(Ordering::Relaxed), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sink_gets_only_the_record_kinds_it_selects_and_its_cursor_passes_the_others() {
+        let dir = scratch("kinds");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let kinds = Kinds::parse(&["point".to_string()]).unwrap();
+        let run = Running::start_with_kinds(&dir, FakeSink::new(&seen, &[]), "*", kinds, 0);
+        let point = |seq: u64| Delivered {
+            body: RecordBody::Point(weir_protocol::Point {
+                tag: "t".into(),
+                ts_ns: 0,
+                value: weir_protocol::Value::I64(1),
+                quality: 192,
+                status: None,
+            }),
+            ..rec("a", 1, seq)
+        };
+        // Bytes records (`rec`) interleaved with points on one stream.
+        run.send(0, vec![point(0), rec("a", 1, 1), point(2), rec("a", 1, 3)]);
+        run.wait_confirmed(4);
+        let shared = run.finish();
+        let kept: Vec<u64> = seen.lock().unwrap().kept.iter().map(|k| k.2).collect();
+        assert_eq!(kept, [0, 2]);
+        assert_eq!(shared.stats.records.load(Ordering::Relaxed), 2);
+        assert_eq!(shared.stats.duplicates.load(Ordering::Relaxed), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

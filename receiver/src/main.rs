@@ -259,6 +259,8 @@ fn run(path: &Path) -> Result<()> {
             .with_context(|| format!("sinks ({})", common.name))?;
         let routes = sinks::matcher(&common.streams)
             .map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
+        let kinds = sinks::Kinds::parse(&common.kinds)
+            .map_err(|e| anyhow::anyhow!("sinks ({}).kinds: {e}", common.name))?;
         let cursor_path = journal.sink_cursor_path(&common.name);
         let start = match journal::load_sink_cursor(&cursor_path)? {
             Some(cursor) => {
@@ -289,6 +291,7 @@ fn run(path: &Path) -> Result<()> {
                 shared: shared.clone(),
                 sink,
                 routes: routes.clone(),
+                kinds,
                 batches: rx,
                 abort: abort.clone(),
                 cursor_path,
@@ -303,6 +306,7 @@ fn run(path: &Path) -> Result<()> {
             shared,
             tx,
             routes,
+            kinds,
             dispatched: start,
             thread: Some(thread),
         });

@@ -20,6 +20,7 @@ use weir_protocol::{Decoder, DecoderStats, Event, Heartbeat, Nanos, RecordBody};
 use crate::audit::AuditLog;
 use crate::delivery::{Batch, SinkShared};
 use crate::journal::Journal;
+use crate::sinks::Kinds;
 use crate::udp::{RecvBatch, RecvStats};
 
 /// What wakes the decoder thread: datagrams from the socket thread, or
@@ -39,10 +40,40 @@ pub struct SinkHandle {
     pub shared: Arc<SinkShared>,
     pub tx: SyncSender<Batch>,
     pub routes: GlobSet,
+    /// The record kinds the sink takes (`kinds`).
+    pub kinds: crate::sinks::Kinds,
     /// Journal entries below this have been handed to the sink.
     pub dispatched: u64,
     /// The sink's thread; `None` once joined.
     pub thread: Option<JoinHandle<()>>,
+}
+
+/// Records no sink selects (by `streams` and `kinds`): journaled (the
+/// stream's position covers them) but written nowhere. Counted in total
+/// and per stream (at most `decoder.max_streams` keys), and logged once per
+/// stream and kind.
+#[derive(Default)]
+pub struct Unrouted {
+    pub total: u64,
+    pub by_stream: std::collections::BTreeMap<String, u64>,
+    warned: HashSet<(Arc<str>, &'static str)>,
+}
+
+impl Unrouted {
+    pub fn count(&mut self, r: &Delivered) {
+        self.total += 1;
+        match self.by_stream.get_mut(&*r.stream) {
+            Some(n) => *n += 1,
+            None => {
+                self.by_stream.insert(r.stream.to_string(), 1);
+            }
+        }
+        let kind = r.body.kind();
+        if !self.warned.contains(&(r.stream.clone(), kind)) {
+            self.warned.insert((r.stream.clone(), kind));
+            tracing::warn!(stream = %r.stream, kind, "no sink selects this stream's {kind} records (by `streams` and `kinds`); they are counted in records_unrouted and not written anywhere");
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -253,10 +284,10 @@ impl Pipeline {
         // Journaled batches waiting for their fsync: (start, end, records, bytes).
         type Awaiting = (u64, u64, Arc<Vec<Delivered>>, u64);
         let mut awaiting: VecDeque<Awaiting> = VecDeque::new();
-        let mut unrouted: HashSet<Arc<str>> = HashSet::new();
-        let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
-        let mut last_routed: Option<(Arc<str>, bool)> = None;
-        let mut unrouted_records: u64 = 0;
+        let mut unrouted_records = Unrouted::default();
+        // Per stream: the kinds some sink selects (its `streams` match).
+        let mut routed: HashMap<Arc<str>, Kinds> = HashMap::new();
+        let mut last_routed: Option<(Arc<str>, Kinds)> = None;
         let mut last_tick = Instant::now();
         let mut last_log = Instant::now();
         // Frames rejected by authentication, as last warned about.
@@ -292,22 +323,23 @@ impl Pipeline {
                         // Records mostly come in runs of one stream: the
                         // decoder hands out the same `Arc` for a stream, so
                         // a pointer compare saves hashing its name.
-                        let is_routed = match &last_routed {
-                            Some((stream, is)) if Arc::ptr_eq(stream, &r.stream) => *is,
+                        let kinds = match &last_routed {
+                            Some((stream, kinds)) if Arc::ptr_eq(stream, &r.stream) => *kinds,
                             _ => {
                                 let sinks = &self.sinks;
-                                let is = *routed.entry(r.stream.clone()).or_insert_with(|| {
-                                    sinks.iter().any(|s| s.routes.is_match(&*r.stream))
+                                let kinds = *routed.entry(r.stream.clone()).or_insert_with(|| {
+                                    sinks
+                                        .iter()
+                                        .filter(|s| s.routes.is_match(&*r.stream))
+                                        .fold(Kinds::NONE, |k, s| k.union(s.kinds))
                                 });
-                                last_routed = Some((r.stream.clone(), is));
-                                is
+                                last_routed = Some((r.stream.clone(), kinds));
+                                kinds
                             }
                         };
+                        let is_routed = kinds.contains(&r.body);
                         if !is_routed {
-                            unrouted_records += 1;
-                            if unrouted.insert(r.stream.clone()) {
-                                tracing::warn!(stream = %r.stream, "stream matches no sink's `streams`; its records are counted in records_unrouted and not written anywhere");
-                            }
+                            unrouted_records.count(&r);
                         }
                         // Journaled either way: the stream's position must cover it.
                         if let Err(e) = self.journal.append_record(&r) {
@@ -400,7 +432,7 @@ impl Pipeline {
                 self.warn_auth_rejections(&mut auth_warned);
                 self.audit.sync();
                 self.compact();
-                self.write_metrics(unrouted_records, &watch);
+                self.write_metrics(&unrouted_records, &watch);
                 if !self.log_interval.is_zero() && last_log.elapsed() >= self.log_interval {
                     last_log = Instant::now();
                     self.log_status(&mut logged_rebuilt);
@@ -438,7 +470,7 @@ impl Pipeline {
             self.finished.push(shared);
         }
         self.compact();
-        self.write_metrics(unrouted_records, &watch);
+        self.write_metrics(&unrouted_records, &watch);
         self.log_status(&mut logged_rebuilt);
         self.audit.write("receiver-stop", json!({}));
         self.audit.sync();
@@ -663,8 +695,13 @@ impl Pipeline {
                 self.report_corruption();
                 let mut ranges: Vec<(String, u64, u64)> = Vec::new();
                 for (_, e) in entries {
-                    if let crate::journal::Entry::Record { stream, seq, .. } = e {
-                        if !self.sinks[i].routes.is_match(&stream) {
+                    if let crate::journal::Entry::Record {
+                        stream, seq, body, ..
+                    } = e
+                    {
+                        if !self.sinks[i].routes.is_match(&stream)
+                            || !self.sinks[i].kinds.contains(&body)
+                        {
                             continue;
                         }
                         match ranges.iter_mut().find(|r| r.0 == stream && r.2 + 1 == seq) {
@@ -715,7 +752,7 @@ impl Pipeline {
         }
     }
 
-    fn metrics(&self, unrouted: u64) -> Vec<(String, u64)> {
+    fn metrics(&self, unrouted: &Unrouted) -> Vec<(String, u64)> {
         let mut m: Vec<(String, u64)> = self
             .decoder
             .stats()
@@ -728,7 +765,7 @@ impl Pipeline {
         m.push(("recv_datagrams".into(), r.datagrams.load(Ordering::Relaxed)));
         m.push(("recv_bytes".into(), r.bytes.load(Ordering::Relaxed)));
         m.push(("recv_errors".into(), r.errors.load(Ordering::Relaxed)));
-        m.push(("records_unrouted".into(), unrouted));
+        m.push(("records_unrouted".into(), unrouted.total));
         m.push(("journal_bytes".into(), self.journal.total_bytes()));
         m.push(("journal_fsyncs".into(), self.journal.fsyncs()));
         m.push(("journal_corrupt_entries".into(), self.corrupt_entries));
@@ -783,7 +820,7 @@ impl Pipeline {
         m
     }
 
-    fn write_metrics(&self, unrouted: u64, watch: &HeartbeatWatch) {
+    fn write_metrics(&self, unrouted: &Unrouted, watch: &HeartbeatWatch) {
         let Some(path) = &self.metrics_path else {
             return;
         };
@@ -805,6 +842,10 @@ impl Pipeline {
             .map(|(bucket, n)| (bucket.to_string(), json!(n)))
             .collect();
         map.insert("rebuilt_per_block".into(), rebuilt.into());
+        map.insert(
+            "records_unrouted_by_stream".into(),
+            json!(unrouted.by_stream),
+        );
         map.insert(
             "heartbeat_age_ms".into(),
             json!(watch.last.map(|l| l.elapsed().as_millis() as u64)),
@@ -919,6 +960,32 @@ mod tests {
     }
 
     #[test]
+    fn unrouted_records_are_counted_per_stream_and_warned_about_once_per_stream_and_kind() {
+        let mut u = Unrouted::default();
+        let bytes = || {
+            delivered(RecordBody::Bytes(weir_protocol::Chunk {
+                data: vec![1],
+                end: false,
+            }))
+        };
+        for _ in 0..3 {
+            u.count(&bytes());
+        }
+        let mut other = bytes();
+        other.stream = Arc::from("t");
+        u.count(&other);
+        assert_eq!(u.total, 4);
+        assert_eq!(
+            u.by_stream
+                .iter()
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect::<Vec<_>>(),
+            [("s", 3), ("t", 1)]
+        );
+        assert_eq!(u.warned.len(), 2, "one warning per stream and kind");
+    }
+
+    #[test]
     fn small_records_weigh_their_size_in_memory_and_large_ones_their_journal_bytes() {
         let points: Vec<Delivered> = (0..1000)
             .map(|i| {
@@ -969,6 +1036,7 @@ mod tests {
                 shared,
                 tx,
                 routes: crate::sinks::matcher(&["*".into()]).unwrap(),
+                kinds: Kinds::ALL,
                 dispatched: 0,
                 thread: Some(thread),
             }],

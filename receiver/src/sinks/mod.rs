@@ -14,8 +14,10 @@
 //! how much of it the destination confirmed.
 
 pub mod file;
+pub mod http;
 pub mod json_line;
 pub mod mqtt;
+pub mod postgres;
 pub mod stdout;
 pub mod syslog;
 pub mod tcp;
@@ -43,6 +45,8 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<syslog::Config>(),
     Registration::of::<udp::Config>(),
     Registration::of::<mqtt::Config>(),
+    Registration::of::<postgres::Config>(),
+    Registration::of::<http::Config>(),
 ];
 
 /// A sink type's `Config` (the sink's own keys, serde with
@@ -332,14 +336,76 @@ pub struct Common {
     /// Glob patterns of stream names this sink receives.
     #[serde(default = "default_streams")]
     pub streams: Vec<String>,
+    /// Record kinds this sink receives (`point`, `message`, `log`,
+    /// `bytes`); a record must match `streams` and `kinds`.
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<String>,
 }
 
 /// The fields of [`Common`], taken out of a `[[sinks]]` table before the
 /// rest goes to the sink's `Config` (a test keeps them in step).
-const COMMON_KEYS: &[&str] = &["name", "streams"];
+const COMMON_KEYS: &[&str] = &["name", "streams", "kinds"];
 
 pub fn default_streams() -> Vec<String> {
     vec!["*".into()]
+}
+
+pub fn default_kinds() -> Vec<String> {
+    KIND_NAMES.iter().map(|k| k.to_string()).collect()
+}
+
+/// Every record kind, by the name `kinds` and the JSON `kind` field use,
+/// in the order of [`Kinds`]' bits.
+pub const KIND_NAMES: [&str; 4] = ["point", "message", "log", "bytes"];
+
+/// A set of record kinds (`kinds`), one bit per [`KIND_NAMES`] entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    #[cfg(test)]
+    pub const ALL: Kinds = Kinds(0b1111);
+    pub const NONE: Kinds = Kinds(0);
+
+    /// Reads `kinds`; the error names the unknown kind and the valid ones.
+    pub fn parse(names: &[String]) -> Result<Kinds, String> {
+        if names.is_empty() {
+            return Err(format!(
+                "is empty; list the record kinds this sink takes (any of {})",
+                KIND_NAMES.join(", ")
+            ));
+        }
+        let mut bits = 0u8;
+        for n in names {
+            let Some(i) = KIND_NAMES.iter().position(|k| k == n) else {
+                return Err(format!(
+                    "`{n}` is not a record kind; use any of {}",
+                    KIND_NAMES.join(", ")
+                ));
+            };
+            bits |= 1 << i;
+        }
+        Ok(Kinds(bits))
+    }
+
+    /// The kind of `body` alone.
+    pub fn of(body: &weir_protocol::RecordBody) -> Kinds {
+        use weir_protocol::RecordBody as B;
+        Kinds(match body {
+            B::Point(_) => 1,
+            B::Message(_) => 2,
+            B::Log(_) => 4,
+            B::Bytes(_) => 8,
+        })
+    }
+
+    pub fn contains(self, body: &weir_protocol::RecordBody) -> bool {
+        self.0 & Kinds::of(body).0 != 0
+    }
+
+    pub fn union(self, other: Kinds) -> Kinds {
+        Kinds(self.0 | other.0)
+    }
 }
 
 pub fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
@@ -463,6 +529,8 @@ impl SinkConfig {
         }
         let common = Common::deserialize(toml::Value::Table(common))
             .map_err(|e| format!("{at}: {}", e.message()))?;
+        Kinds::parse(&common.kinds)
+            .map_err(|e| format!("sinks[{index}] ({}).kinds: {e}", common.name))?;
         let component = (registration.parse)(toml::Value::Table(table)).map_err(|e| {
             let message = e.message().replace("unknown field", "unknown key");
             if message.starts_with("unknown key") {
@@ -611,8 +679,49 @@ mod tests {
         }
         assert_eq!(
             toml::to_string(&Wrap { sinks: vec![s] }).unwrap(),
-            "[[sinks]]\ntype = \"file\"\nname = \"f\"\nstreams = [\"plant/*\"]\ndir = \"/tmp/x\"\nmax_file_bytes = \"256MiB\"\nmax_line_bytes = \"16MiB\"\n"
+            "[[sinks]]\ntype = \"file\"\nname = \"f\"\nstreams = [\"plant/*\"]\nkinds = [\"point\", \"message\", \"log\", \"bytes\"]\ndir = \"/tmp/x\"\nmax_file_bytes = \"256MiB\"\nmax_line_bytes = \"16MiB\"\n"
         );
+    }
+
+    #[test]
+    fn kinds_select_record_kinds_and_an_unknown_kind_is_refused_naming_the_valid_ones() {
+        let s = parse(
+            0,
+            "type = \"stdout\"\nname = \"o\"\nkinds = [\"log\", \"point\"]",
+        )
+        .unwrap();
+        let k = Kinds::parse(&s.common().kinds).unwrap();
+        let point = weir_protocol::RecordBody::Point(weir_protocol::Point {
+            tag: "t".into(),
+            ts_ns: 0,
+            value: weir_protocol::Value::F64(1.0),
+            quality: 192,
+            status: None,
+        });
+        let bytes = weir_protocol::RecordBody::Bytes(weir_protocol::Chunk {
+            data: vec![],
+            end: false,
+        });
+        assert!(k.contains(&point));
+        assert!(!k.contains(&bytes));
+        assert!(Kinds::ALL.contains(&bytes));
+        assert!(!Kinds::NONE.contains(&point));
+        assert_eq!(
+            Kinds::parse(&default_kinds()).unwrap(),
+            Kinds::ALL,
+            "the default is every kind"
+        );
+        let err = parse(
+            2,
+            "type = \"stdout\"\nname = \"o\"\nkinds = [\"point\", \"points\"]",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "sinks[2] (o).kinds: `points` is not a record kind; use any of point, message, log, bytes"
+        );
+        let err = parse(0, "type = \"stdout\"\nname = \"o\"\nkinds = []").unwrap_err();
+        assert!(err.starts_with("sinks[0] (o).kinds: is empty"), "{err}");
     }
 
     fn rec(stream: &str, epoch: u64, seq: u64, resent: bool) -> Delivered {

@@ -1,0 +1,891 @@
+//! `postgres`: rows in PostgreSQL (or TimescaleDB), exactly once.
+//!
+//! Points, messages, logs and byte chunks each go to their own table
+//! (created if absent; the DDL is in docs/sinks.md). Each `write` is one
+//! transaction: a binary COPY per table, then the sink's position per
+//! (stream, epoch) upserted into the cursor table, then COMMIT. The rows
+//! and the positions commit or vanish together, so after any failure
+//! (a crash, a cut connection, a COMMIT whose answer was lost) the sink
+//! reconnects, reads the positions back and skips every record at or
+//! below them: nothing is written twice, and nothing is skipped that was
+//! not committed. Records resent to fill an old gap (which do not move a
+//! position) are looked up in their table by (stream, epoch, seq) first.
+//!
+//! A record PostgreSQL cannot store (a NUL character in a text field, a
+//! sequence past the bigint range) goes to the dead-letter file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls};
+use weir_protocol::decoder::Delivered;
+use weir_protocol::RecordBody;
+
+use super::{AsyncSink, BuildContext, Position, Sink, SinkBuilder, SinkError};
+
+/// The longest a connection may take to be set up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `postgres://user@host[:port]/database` (or key=value form).
+    pub url: String,
+    /// File holding the password (one line, mode 0600), read at start;
+    /// overrides a password in `url`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_points")]
+    pub points_table: String,
+    #[serde(default = "default_messages")]
+    pub messages_table: String,
+    #[serde(default = "default_logs")]
+    pub logs_table: String,
+    #[serde(default = "default_bytes")]
+    pub bytes_table: String,
+    /// Each stream's last committed (epoch, seq) for this sink.
+    #[serde(default = "default_cursor")]
+    pub cursor_table: String,
+    /// Make the points table a TimescaleDB hypertable on `ts` (the
+    /// extension must be installed in the database).
+    #[serde(default)]
+    pub timescale: bool,
+}
+
+fn default_points() -> String {
+    "weir_points".into()
+}
+fn default_messages() -> String {
+    "weir_messages".into()
+}
+fn default_logs() -> String {
+    "weir_logs".into()
+}
+fn default_bytes() -> String {
+    "weir_bytes".into()
+}
+fn default_cursor() -> String {
+    "weir_cursor".into()
+}
+
+/// `table` or `schema.table`, each part a plain identifier (letters,
+/// digits, `_`, not starting with a digit), so it needs no quoting.
+fn check_table(key: &str, name: &str) -> Result<(), String> {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
+        return Err(format!(
+            "{key}: `{name}` must be a table name or schema.table of letters, digits and `_` (e.g. \"weir_points\")"
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    fn tables(&self) -> [(&'static str, &str); 5] {
+        [
+            ("points_table", &self.points_table),
+            ("messages_table", &self.messages_table),
+            ("logs_table", &self.logs_table),
+            ("bytes_table", &self.bytes_table),
+            ("cursor_table", &self.cursor_table),
+        ]
+    }
+
+    /// The connection settings: `url` with the password from
+    /// `password_file`.
+    fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+        let mut c = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
+            format!(
+                "url: `{}` is not a PostgreSQL connection string ({e}); e.g. \"postgres://weir@db.example/plant\"",
+                redact(&self.url)
+            )
+        })?;
+        if c.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err("url: sslmode=require is not supported: this sink connects without TLS (use a local or tunnelled connection)".into());
+        }
+        if c.get_hosts().is_empty() {
+            return Err(format!("url: `{}` names no host", redact(&self.url)));
+        }
+        if let Some(p) = &self.password_file {
+            let password = super::http::read_secret_file(p, "password_file")?;
+            c.password(password);
+        }
+        c.connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .application_name("weir-receiver");
+        Ok(c)
+    }
+}
+
+/// `url` without a password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl SinkBuilder for Config {
+    const TYPE: &'static str = "postgres";
+
+    fn validate(&self) -> Result<(), String> {
+        for (key, name) in self.tables() {
+            check_table(key, name)?;
+        }
+        let mut names: Vec<&str> = self.tables().iter().map(|t| t.1).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(format!(
+                "points_table: the five tables (points, messages, logs, bytes, cursor) must differ; got {:?}",
+                self.tables().map(|t| t.1)
+            ));
+        }
+        self.pg_config().map(|_| ())
+    }
+
+    /// Connects in the first `write`, not here.
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
+        let pg = self.pg_config().map_err(|e| anyhow!(e))?;
+        ctx.async_sink(PostgresSink {
+            cfg: self.clone(),
+            pg,
+            name: ctx.name().to_string(),
+            client: None,
+            stored: HashMap::new(),
+            prepared: [false; 4],
+        })
+    }
+}
+
+/// The four record tables, in [`Table`] order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Table {
+    Points = 0,
+    Messages = 1,
+    Logs = 2,
+    Bytes = 3,
+}
+
+impl Table {
+    fn of(body: &RecordBody) -> Table {
+        match body {
+            RecordBody::Point(_) => Table::Points,
+            RecordBody::Message(_) => Table::Messages,
+            RecordBody::Log(_) => Table::Logs,
+            RecordBody::Bytes(_) => Table::Bytes,
+        }
+    }
+
+    const ALL: [Table; 4] = [Table::Points, Table::Messages, Table::Logs, Table::Bytes];
+
+    fn key(self) -> &'static str {
+        [
+            "points_table",
+            "messages_table",
+            "logs_table",
+            "bytes_table",
+        ][self as usize]
+    }
+
+    fn name(self, cfg: &Config) -> &str {
+        match self {
+            Table::Points => &cfg.points_table,
+            Table::Messages => &cfg.messages_table,
+            Table::Logs => &cfg.logs_table,
+            Table::Bytes => &cfg.bytes_table,
+        }
+    }
+
+    /// Columns after the common `stream, epoch, seq, ts`: name, SQL type
+    /// as `information_schema` spells it, the binary COPY type, NOT NULL.
+    fn columns(self) -> &'static [(&'static str, &'static str, Type, bool)] {
+        match self {
+            Table::Points => &[
+                ("tag", "text", Type::TEXT, true),
+                ("value", "double precision", Type::FLOAT8, false),
+                ("value_int", "bigint", Type::INT8, false),
+                ("value_bool", "boolean", Type::BOOL, false),
+                ("value_text", "text", Type::TEXT, false),
+                ("quality", "smallint", Type::INT2, true),
+                ("status", "text", Type::TEXT, false),
+            ],
+            Table::Messages => &[
+                ("topic", "text", Type::TEXT, true),
+                ("payload", "bytea", Type::BYTEA, true),
+                ("retain", "boolean", Type::BOOL, true),
+                ("qos", "smallint", Type::INT2, true),
+                ("properties", "jsonb", Type::JSONB, false),
+                ("origin", "text", Type::TEXT, false),
+            ],
+            Table::Logs => &[
+                ("facility", "smallint", Type::INT2, true),
+                ("severity", "smallint", Type::INT2, true),
+                ("host", "text", Type::TEXT, true),
+                ("app", "text", Type::TEXT, true),
+                ("text", "text", Type::TEXT, true),
+                ("proc_id", "text", Type::TEXT, true),
+                ("msg_id", "text", Type::TEXT, true),
+                ("structured_data", "jsonb", Type::JSONB, false),
+                ("parse_error", "text", Type::TEXT, false),
+            ],
+            Table::Bytes => &[
+                ("data", "bytea", Type::BYTEA, true),
+                ("ended", "boolean", Type::BOOL, true),
+            ],
+        }
+    }
+
+    /// Every column: the common four, then [`Table::columns`].
+    fn all_columns(self) -> Vec<(&'static str, &'static str, Type, bool)> {
+        let mut c = vec![
+            ("stream", "text", Type::TEXT, true),
+            ("epoch", "bigint", Type::INT8, true),
+            ("seq", "bigint", Type::INT8, true),
+            ("ts", "timestamp with time zone", Type::TIMESTAMPTZ, true),
+        ];
+        c.extend(self.columns().iter().cloned());
+        c
+    }
+
+    fn ddl(self, table: &str) -> String {
+        let cols: Vec<String> = self
+            .all_columns()
+            .iter()
+            .map(|(n, t, _, not_null)| {
+                let t = if *t == "timestamp with time zone" {
+                    "timestamptz"
+                } else {
+                    t
+                };
+                format!("{n} {t}{}", if *not_null { " NOT NULL" } else { "" })
+            })
+            .collect();
+        let bare = table.rsplit('.').next().unwrap_or(table);
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} ({});\nCREATE INDEX IF NOT EXISTS {bare}_stream_epoch_seq ON {table} (stream, epoch, seq)",
+            cols.join(", ")
+        )
+    }
+}
+
+/// The cursor table's DDL.
+fn cursor_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (sink text NOT NULL, stream text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL, updated timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (sink, stream, epoch))"
+    )
+}
+
+/// `(schema, table)` for an `information_schema` lookup.
+fn split_table(table: &str) -> (Option<&str>, &str) {
+    match table.split_once('.') {
+        Some((s, t)) => (Some(s), t),
+        None => (None, table),
+    }
+}
+
+/// A PostgreSQL error with the table, column, detail and hint the server
+/// gave, so the message says what to fix.
+fn describe(e: &tokio_postgres::Error, doing: &str) -> anyhow::Error {
+    let Some(db) = e.as_db_error() else {
+        return anyhow!("{doing}: {e}");
+    };
+    let mut m = format!("{doing}: {} (SQLSTATE {})", db.message(), db.code().code());
+    if let Some(t) = db.table() {
+        m.push_str(&format!("; table {t}"));
+    }
+    if let Some(c) = db.column() {
+        m.push_str(&format!(", column {c}"));
+    }
+    if let Some(d) = db.detail() {
+        m.push_str(&format!("; {d}"));
+    }
+    if let Some(h) = db.hint() {
+        m.push_str(&format!("; hint: {h}"));
+    }
+    if let Some(w) = db.where_() {
+        m.push_str(&format!("; at {w}"));
+    }
+    anyhow!(m)
+}
+
+struct PostgresSink {
+    cfg: Config,
+    pg: tokio_postgres::Config,
+    name: String,
+    /// The open connection; taken out for the length of a write, so a
+    /// write cut off at any await drops it (the server rolls back).
+    client: Option<Client>,
+    /// What the cursor table holds for this sink: per stream, the last
+    /// seq of each epoch. Re-read on every new connection, updated after
+    /// every COMMIT.
+    stored: HashMap<String, Vec<(u64, u64)>>,
+    /// Tables created (if absent) and checked since start.
+    prepared: [bool; 4],
+}
+
+impl PostgresSink {
+    async fn connect(&mut self) -> Result<Client> {
+        let (client, connection) = self
+            .pg
+            .connect(NoTls)
+            .await
+            .map_err(|e| describe(&e, "connecting to PostgreSQL"))?;
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(sink = %name, "postgres connection ended: {e}");
+            }
+        });
+        let cursor = &self.cfg.cursor_table;
+        client
+            .batch_execute(&cursor_ddl(cursor))
+            .await
+            .map_err(|e| describe(&e, &format!("cursor_table {cursor}: creating it")))?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT stream, epoch, seq FROM {cursor} WHERE sink = $1 ORDER BY updated"
+                ),
+                &[&self.name],
+            )
+            .await
+            .map_err(|e| describe(&e, &format!("cursor_table {cursor}: reading it")))?;
+        self.stored.clear();
+        for row in rows {
+            let (stream, epoch, seq): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            self.remember(stream, epoch as u64, seq as u64);
+        }
+        Ok(client)
+    }
+
+    /// Creates `table` if absent and checks that every column this sink
+    /// writes is there with its type; the error names table and column.
+    async fn prepare(&self, client: &Client, table: Table) -> Result<()> {
+        let name = table.name(&self.cfg);
+        let key = table.key();
+        client
+            .batch_execute(&table.ddl(name))
+            .await
+            .map_err(|e| describe(&e, &format!("{key} {name}: creating it")))?;
+        let (schema, bare) = split_table(name);
+        let rows = client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                 WHERE table_schema::text = coalesce($1::text, current_schema()::text) AND table_name::text = $2::text",
+                &[&schema, &bare],
+            )
+            .await
+            .map_err(|e| describe(&e, &format!("{key} {name}: reading its columns")))?;
+        let have: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for (col, ty, _, _) in table.all_columns() {
+            match have.get(col) {
+                None => {
+                    return Err(anyhow!(
+                        "{key} {name}: column `{col}` is missing; add it (`ALTER TABLE {name} ADD COLUMN {col} {ty}`) or point {key} at a new table (the DDL is in docs/sinks.md)"
+                    ))
+                }
+                Some(t) if t != ty => {
+                    return Err(anyhow!(
+                        "{key} {name}: column `{col}` is {t}, this sink writes {ty}; alter the column or point {key} at a new table (the DDL is in docs/sinks.md)"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if table == Table::Points && self.cfg.timescale {
+            let ext = client
+                .query_opt(
+                    "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'",
+                    &[],
+                )
+                .await
+                .map_err(|e| describe(&e, "timescale: looking for the timescaledb extension"))?;
+            if ext.is_none() {
+                return Err(anyhow!(
+                    "timescale: is true, but the timescaledb extension is not installed in this database; run `CREATE EXTENSION timescaledb` as a superuser, or set timescale = false"
+                ));
+            }
+            client
+                .query(
+                    "SELECT create_hypertable($1::text::regclass, 'ts', if_not_exists => TRUE, migrate_data => TRUE)",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| describe(&e, &format!("timescale: making {name} a hypertable")))?;
+        }
+        Ok(())
+    }
+
+    /// True when the cursor table says `r` is committed (not for resent
+    /// records, which are looked up in their table).
+    fn is_stored(&self, r: &Delivered) -> bool {
+        !r.resent
+            && self.stored.get(&*r.stream).is_some_and(|epochs| {
+                epochs
+                    .iter()
+                    .any(|(epoch, seq)| *epoch == r.epoch && r.seq <= *seq)
+            })
+    }
+
+    fn remember(&mut self, stream: String, epoch: u64, seq: u64) {
+        let epochs = self.stored.entry(stream).or_default();
+        match epochs.iter_mut().find(|(e, _)| *e == epoch) {
+            Some((_, s)) => *s = (*s).max(seq),
+            None => epochs.push((epoch, seq)),
+        }
+    }
+
+    /// One transaction: resent records not yet in their table, a COPY per
+    /// table, the positions, COMMIT.
+    async fn commit(&self, client: &mut Client, records: &[&Delivered]) -> Result<()> {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| describe(&e, "BEGIN"))?;
+        let mut rows: [Vec<&Delivered>; 4] = Default::default();
+        for r in records {
+            let table = Table::of(&r.body);
+            if r.resent {
+                let name = table.name(&self.cfg);
+                let found = tx
+                    .query_opt(
+                        &format!(
+                            "SELECT 1 FROM {name} WHERE stream = $1 AND epoch = $2 AND seq = $3"
+                        ),
+                        &[&&*r.stream, &(r.epoch as i64), &(r.seq as i64)],
+                    )
+                    .await
+                    .map_err(|e| {
+                        describe(
+                            &e,
+                            &format!("{} {name}: looking up a resent record", table.key()),
+                        )
+                    })?;
+                if found.is_some() {
+                    continue;
+                }
+            }
+            rows[table as usize].push(r);
+        }
+        let now = SystemTime::now();
+        for table in Table::ALL {
+            let rows = &rows[table as usize];
+            if rows.is_empty() {
+                continue;
+            }
+            let name = table.name(&self.cfg);
+            let cols = table.all_columns();
+            let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+            let types: Vec<Type> = cols.iter().map(|c| c.2.clone()).collect();
+            let doing = format!("{} {name}: COPY", table.key());
+            let sink = tx
+                .copy_in(&format!(
+                    "COPY {name} ({}) FROM STDIN (FORMAT binary)",
+                    names.join(", ")
+                ))
+                .await
+                .map_err(|e| describe(&e, &doing))?;
+            let writer = BinaryCopyInWriter::new(sink, &types);
+            tokio::pin!(writer);
+            for r in rows {
+                write_row(writer.as_mut(), r, now)
+                    .await
+                    .map_err(|e| describe(&e, &doing))?;
+            }
+            writer.finish().await.map_err(|e| describe(&e, &doing))?;
+        }
+        let positions = positions_by_epoch(records);
+        if !positions.is_empty() {
+            let cursor = &self.cfg.cursor_table;
+            let streams: Vec<&str> = positions.iter().map(|p| p.stream.as_str()).collect();
+            let epochs: Vec<i64> = positions.iter().map(|p| p.epoch as i64).collect();
+            let seqs: Vec<i64> = positions.iter().map(|p| p.seq as i64).collect();
+            tx.execute(
+                &format!(
+                    "INSERT INTO {cursor} (sink, stream, epoch, seq, updated) \
+                     SELECT $1, s, e, q, now() FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS t(s, e, q) \
+                     ON CONFLICT (sink, stream, epoch) DO UPDATE SET seq = GREATEST({cursor}.seq, EXCLUDED.seq), updated = now()"
+                ),
+                &[&self.name, &streams, &epochs, &seqs],
+            )
+            .await
+            .map_err(|e| describe(&e, &format!("cursor_table {cursor}: storing positions")))?;
+        }
+        tx.commit().await.map_err(|e| describe(&e, "COMMIT"))?;
+        Ok(())
+    }
+}
+
+/// The last (highest) sequence each (stream, epoch) reaches with
+/// `records`, resent records aside: unlike [`super::positions_after`],
+/// which keeps one position per stream, a batch that crosses a sequence
+/// reset stores the old epoch's end too, so its replay is recognised.
+fn positions_by_epoch(records: &[&Delivered]) -> Vec<Position> {
+    let mut out: Vec<Position> = Vec::new();
+    for r in records.iter().filter(|r| !r.resent) {
+        match out
+            .iter_mut()
+            .rev()
+            .find(|p| p.epoch == r.epoch && *p.stream == *r.stream)
+        {
+            Some(p) => p.seq = p.seq.max(r.seq),
+            None => out.push(Position {
+                stream: r.stream.to_string(),
+                epoch: r.epoch,
+                seq: r.seq,
+            }),
+        }
+    }
+    out
+}
+
+/// Nanoseconds since the Unix epoch as a time (PostgreSQL keeps
+/// microseconds).
+fn time_of(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+/// `[["name","value"],...]` as jsonb, or NULL when empty.
+fn pairs_json(pairs: &[(String, String)]) -> Option<serde_json::Value> {
+    (!pairs.is_empty()).then(|| {
+        serde_json::Value::Array(
+            pairs
+                .iter()
+                .map(|(k, v)| serde_json::json!([k, v]))
+                .collect(),
+        )
+    })
+}
+
+async fn write_row(
+    writer: std::pin::Pin<&mut BinaryCopyInWriter>,
+    r: &Delivered,
+    now: SystemTime,
+) -> Result<(), tokio_postgres::Error> {
+    let stream: &str = &r.stream;
+    let epoch = r.epoch as i64;
+    let seq = r.seq as i64;
+    let ts = r.body.timestamp_ns().map_or(now, time_of);
+    let head: [&(dyn ToSql + Sync); 4] = [&stream, &epoch, &seq, &ts];
+    match &r.body {
+        RecordBody::Point(p) => {
+            use weir_protocol::Value as V;
+            let (value, value_int, value_bool, value_text): (
+                Option<f64>,
+                Option<i64>,
+                Option<bool>,
+                Option<&str>,
+            ) = match &p.value {
+                V::F64(f) => (Some(*f), None, None, None),
+                V::I64(i) => (Some(*i as f64), Some(*i), None, None),
+                V::Bool(b) => (Some(f64::from(u8::from(*b))), None, Some(*b), None),
+                V::Str(s) => (None, None, None, Some(s)),
+            };
+            let quality = i16::from(p.quality);
+            let status = p.status.as_deref();
+            let tag: &str = &p.tag;
+            let row: Vec<&(dyn ToSql + Sync)> = head
+                .into_iter()
+                .chain([
+                    &tag as &(dyn ToSql + Sync),
+                    &value,
+                    &value_int,
+                    &value_bool,
+                    &value_text,
+                    &quality,
+                    &status,
+                ])
+                .collect();
+            writer.write(&row).await
+        }
+        RecordBody::Message(m) => {
+            let topic: &str = &m.topic;
+            let payload: &[u8] = &m.payload;
+            let qos = i16::from(m.qos);
+            let properties = pairs_json(&m.properties);
+            let origin = m.origin.as_deref();
+            let row: Vec<&(dyn ToSql + Sync)> = head
+                .into_iter()
+                .chain([
+                    &topic as &(dyn ToSql + Sync),
+                    &payload,
+                    &m.retain,
+                    &qos,
+                    &properties,
+                    &origin,
+                ])
+                .collect();
+            writer.write(&row).await
+        }
+        RecordBody::Log(l) => {
+            let (facility, severity) = (i16::from(l.facility), i16::from(l.severity));
+            let sd = (!l.structured_data.is_empty()).then(|| {
+                serde_json::Value::Object(
+                    l.structured_data
+                        .iter()
+                        .map(|e| {
+                            (
+                                e.id.clone(),
+                                pairs_json(&e.params).unwrap_or(serde_json::json!([])),
+                            )
+                        })
+                        .collect(),
+                )
+            });
+            let (host, app, text, proc_id, msg_id): (&str, &str, &str, &str, &str) =
+                (&l.host, &l.app, &l.text, &l.proc_id, &l.msg_id);
+            let parse_error = l.parse_error.as_deref();
+            let row: Vec<&(dyn ToSql + Sync)> = head
+                .into_iter()
+                .chain([
+                    &facility as &(dyn ToSql + Sync),
+                    &severity,
+                    &host,
+                    &app,
+                    &text,
+                    &proc_id,
+                    &msg_id,
+                    &sd,
+                    &parse_error,
+                ])
+                .collect();
+            writer.write(&row).await
+        }
+        RecordBody::Bytes(c) => {
+            let data: &[u8] = &c.data;
+            let row: Vec<&(dyn ToSql + Sync)> = head
+                .into_iter()
+                .chain([&data as &(dyn ToSql + Sync), &c.end])
+                .collect();
+            writer.write(&row).await
+        }
+    }
+}
+
+/// Why PostgreSQL could never store `r`, if so.
+fn unstorable(r: &Delivered) -> Option<String> {
+    if i64::try_from(r.seq).is_err() {
+        return Some(format!("seq {} does not fit a bigint column", r.seq));
+    }
+    let texts: Vec<(&str, &str)> = match &r.body {
+        RecordBody::Point(p) => {
+            let mut t = vec![("tag", p.tag.as_str())];
+            if let weir_protocol::Value::Str(s) = &p.value {
+                t.push(("value_text", s));
+            }
+            if let Some(s) = &p.status {
+                t.push(("status", s));
+            }
+            t
+        }
+        RecordBody::Message(m) => {
+            let mut t = vec![("topic", m.topic.as_str())];
+            t.extend(m.origin.as_deref().map(|o| ("origin", o)));
+            t.extend(
+                m.properties
+                    .iter()
+                    .flat_map(|(k, v)| [("properties", k.as_str()), ("properties", v.as_str())]),
+            );
+            t
+        }
+        RecordBody::Log(l) => {
+            let mut t = vec![
+                ("host", l.host.as_str()),
+                ("app", l.app.as_str()),
+                ("text", l.text.as_str()),
+                ("proc_id", l.proc_id.as_str()),
+                ("msg_id", l.msg_id.as_str()),
+            ];
+            t.extend(l.parse_error.as_deref().map(|p| ("parse_error", p)));
+            for e in &l.structured_data {
+                t.push(("structured_data", &e.id));
+                t.extend(e.params.iter().flat_map(|(k, v)| {
+                    [
+                        ("structured_data", k.as_str()),
+                        ("structured_data", v.as_str()),
+                    ]
+                }));
+            }
+            t
+        }
+        RecordBody::Bytes(_) => Vec::new(),
+    };
+    texts.iter().find(|(_, s)| s.contains('\0')).map(|(col, _)| {
+        format!("column {col}: the text holds a NUL character, which PostgreSQL text and jsonb cannot store")
+    })
+}
+
+impl AsyncSink for PostgresSink {
+    async fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+        let take = match records.iter().position(|r| unstorable(r).is_some()) {
+            Some(0) => {
+                let reason = unstorable(records[0]).unwrap_or_default();
+                return Err(SinkError::Reject { at: 0, reason });
+            }
+            Some(n) => n,
+            None => records.len(),
+        };
+        let records = &records[..take];
+        let mut client = match self.client.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect().await?,
+        };
+        for r in records {
+            let table = Table::of(&r.body);
+            if !self.prepared[table as usize] {
+                self.prepare(&client, table).await?;
+                self.prepared[table as usize] = true;
+            }
+        }
+        let fresh: Vec<&Delivered> = records
+            .iter()
+            .copied()
+            .filter(|r| !self.is_stored(r))
+            .collect();
+        if !fresh.is_empty() {
+            self.commit(&mut client, &fresh).await?;
+            for p in positions_by_epoch(&fresh) {
+                self.remember(p.stream, p.epoch, p.seq);
+            }
+        }
+        self.client = Some(client);
+        Ok(take)
+    }
+
+    /// The positions the cursor table holds: delivery drops replays at or
+    /// below them before they reach `write`.
+    async fn stored_positions(&mut self) -> Result<Option<Vec<Position>>> {
+        let client = self
+            .connect()
+            .await
+            .context("reading the stored positions")?;
+        self.client = Some(client);
+        // The newest epoch per stream is the one delivery compares with;
+        // older epochs are still checked here, in `write`.
+        Ok(Some(
+            self.stored
+                .iter()
+                .filter_map(|(stream, epochs)| {
+                    epochs.last().map(|(epoch, seq)| Position {
+                        stream: stream.clone(),
+                        epoch: *epoch,
+                        seq: *seq,
+                    })
+                })
+                .collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Config {
+        toml::from_str(&format!(
+            "url = \"postgres://postgres@127.0.0.1/test\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn table_names_and_urls_are_checked_naming_the_key() {
+        assert!(cfg("").validate().is_ok());
+        let err = cfg("points_table = \"weir points\"")
+            .validate()
+            .unwrap_err();
+        assert!(err.starts_with("points_table: `weir points`"), "{err}");
+        assert!(cfg("logs_table = \"plant.logs\"").validate().is_ok());
+        let err = cfg("logs_table = \"weir_points\"").validate().unwrap_err();
+        assert!(err.contains("must differ"), "{err}");
+        let bad: Config = toml::from_str("url = \"mysql://x\"").unwrap();
+        let err = bad.validate().unwrap_err();
+        assert!(err.starts_with("url: "), "{err}");
+        let tls: Config = toml::from_str("url = \"postgres://u@h/db?sslmode=require\"").unwrap();
+        assert!(tls.validate().unwrap_err().contains("sslmode=require"));
+        assert_eq!(
+            redact("postgres://weir:secret@db/plant"),
+            "postgres://weir:***@db/plant"
+        );
+    }
+
+    #[test]
+    fn the_ddl_has_the_columns_the_copy_writes() {
+        let ddl = Table::Points.ddl("weir_points");
+        assert!(ddl.starts_with("CREATE TABLE IF NOT EXISTS weir_points (stream text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL, ts timestamptz NOT NULL, tag text NOT NULL, value double precision, value_int bigint"), "{ddl}");
+        assert!(Table::Bytes
+            .ddl("s.b")
+            .contains("INDEX IF NOT EXISTS b_stream_epoch_seq ON s.b"));
+    }
+
+    #[test]
+    fn positions_keep_each_epoch_of_a_stream_that_a_batch_crosses() {
+        let rec = |epoch: u64, seq: u64, resent: bool| Delivered {
+            stream: "s".into(),
+            source_type: "t".into(),
+            session: 1,
+            epoch,
+            seq,
+            resent,
+            body: RecordBody::Bytes(weir_protocol::Chunk {
+                data: vec![],
+                end: false,
+            }),
+        };
+        let recs = [
+            rec(7, 100, false),
+            rec(7, 101, false),
+            rec(7, 3, true),
+            rec(9, 0, false),
+            rec(9, 1, false),
+        ];
+        let refs: Vec<&Delivered> = recs.iter().collect();
+        let got: Vec<(u64, u64)> = positions_by_epoch(&refs)
+            .iter()
+            .map(|p| (p.epoch, p.seq))
+            .collect();
+        assert_eq!(got, [(7, 101), (9, 1)]);
+    }
+
+    #[test]
+    fn a_nul_in_text_is_unstorable_and_named_by_column() {
+        let r = Delivered {
+            stream: "s".into(),
+            source_type: "t".into(),
+            session: 1,
+            epoch: 1,
+            seq: 1,
+            resent: false,
+            body: RecordBody::Message(weir_protocol::Message::new("a\0b", vec![0], 0)),
+        };
+        assert!(unstorable(&r).unwrap().starts_with("column topic:"));
+        let ok = Delivered {
+            body: RecordBody::Message(weir_protocol::Message::new("ab", vec![0], 0)),
+            ..r
+        };
+        assert_eq!(unstorable(&ok), None, "a NUL in bytea is fine");
+    }
+}
