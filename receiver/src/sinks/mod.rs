@@ -14,6 +14,7 @@
 //! how much of it the destination confirmed.
 
 pub mod file;
+pub mod files;
 pub mod json_line;
 pub mod mqtt;
 pub mod stdout;
@@ -43,6 +44,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<syslog::Config>(),
     Registration::of::<udp::Config>(),
     Registration::of::<mqtt::Config>(),
+    Registration::of::<files::Config>(),
 ];
 
 /// A sink type's `Config` (the sink's own keys, serde with
