@@ -167,6 +167,7 @@ pub fn send_file(
 ) -> Result<()> {
     let loaded = config::load(config_path)?;
     let sources: Vec<_> = loaded
+        .config
         .sources
         .iter()
         .filter_map(|s| s.config::<files::Config>().map(|c| (s.name(), c)))

@@ -389,7 +389,7 @@ impl FilesSink {
     /// Every byte is there: check, set metadata, put it in place.
     fn complete(&mut self, transfer: u64) -> Result<(), SinkError> {
         let t = self.open[&transfer].clone();
-        let file = self.handle(t.transfer, &t.data)?;
+        let file = self.handle(t.transfer, &t.data)?.try_clone()?;
         file.set_len(t.size)?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
