@@ -248,6 +248,7 @@ fn files_and_a_nested_directory_arrive_identical_through_3pct_loss_with_bursts_a
     assert!(wait_until(Duration::from_secs(10), || {
         want.keys().all(|rel| outbox.join("sent").join(rel).exists() && !outbox.join(rel).exists())
     }));
+    assert!(wait_until(Duration::from_secs(5), || file_events(&s).len() >= want.len()));
     let events = file_events(&s);
     assert_eq!(events.len(), want.len(), "{events:?}");
     assert!(events.iter().all(|e| e["complete"] == true), "{events:?}");
@@ -322,11 +323,15 @@ fn a_file_losing_more_than_fec_repairs_stays_out_of_dir_is_named_in_the_audit_an
     );
     assert_eq!(sha_of(&inbox.join("report.bin")), sha);
     assert!(!kept.exists(), "the incomplete copy is gone once completed");
-    let done: Vec<_> = file_events(&s)
-        .into_iter()
-        .filter(|e| e["path"] == "report.bin" && e["complete"] == true)
-        .collect();
-    assert_eq!(done.len(), 1);
+    // The audit line follows the file within the decoder thread's next loop.
+    let done = || {
+        file_events(&s)
+            .into_iter()
+            .filter(|e| e["path"] == "report.bin" && e["complete"] == true)
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(5), || done() > 0));
+    assert_eq!(done(), 1);
     assert!(sender.stop(Duration::from_secs(20)));
 }
 
@@ -382,6 +387,59 @@ fn kill_9_of_the_sender_mid_file_completes_the_transfer_once() {
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["complete"], true);
     assert!(outbox.join("sent/big.bin").exists() && !outbox.join("sent/big.bin.1").exists());
+    let log = std::fs::read_to_string(s.join("sender-2.log")).unwrap();
+    assert!(
+        log.contains("sending again a file a previous run did not finish"),
+        "the restarted sender sent big.bin again under its transfer id"
+    );
+}
+
+#[test]
+fn send_file_copies_files_and_a_directory_into_the_running_sender_and_fails_on_an_unreadable_path() {
+    let s = Scratch::new("files-send");
+    let (outbox, inbox, local) = (s.join("outbox"), s.join("inbox"), s.join("local"));
+    std::fs::create_dir_all(&outbox).unwrap();
+    let (sender_port, receiver_port) = (free_udp_port(), free_udp_port());
+    let _receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &["run", "--config", receiver_config(&s, receiver_port, &inbox).to_str().unwrap()],
+    );
+    let _link = linksim(&s, "linksim", sender_port, receiver_port, 3, 0.01, false);
+    let scfg = sender_config(&s, sender_port, "200Mbit", "", &files_source(&outbox, "256KiB"));
+    let _sender = Proc::spawn(&s, "sender", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
+    let a = make_file(&local.join("backup.tar"), 3_000_000, 21, 1_500_000_000, 0o600);
+    let b = make_file(&local.join("exports/2026/day.csv"), 40_000, 22, 1_500_000_001, 0o644);
+    let out = Command::new(bin("weir-sender"))
+        .args(["send-file", "--config", scfg.to_str().unwrap()])
+        .arg(local.join("backup.tar"))
+        .arg(local.join("exports"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("2 file(s), 3040000 bytes") && stdout.contains("0 failed"), "{stdout}");
+    assert!(wait_until(Duration::from_secs(30), || {
+        inbox.join("backup.tar").exists() && inbox.join("exports/2026/day.csv").exists()
+    }));
+    assert_eq!(sha_of(&inbox.join("backup.tar")), a);
+    assert_eq!(sha_of(&inbox.join("exports/2026/day.csv")), b);
+    let m = std::fs::metadata(inbox.join("backup.tar")).unwrap();
+    assert_eq!((m.mtime(), m.mode() & 0o777), (1_500_000_000, 0o600));
+    // A path that cannot be read: named, non-zero exit, the rest still sent.
+    let c = make_file(&local.join("again.bin"), 10, 23, 1_500_000_002, 0o644);
+    let out = Command::new(bin("weir-sender"))
+        .args(["send-file", "--no-wait", "--config", scfg.to_str().unwrap()])
+        .arg(local.join("missing.bin"))
+        .arg(local.join("again.bin"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("missing.bin") && stderr.contains("1 file(s) could not be sent"), "{stderr}");
+    assert!(wait_until(Duration::from_secs(30), || inbox.join("again.bin").exists()));
+    assert_eq!(sha_of(&inbox.join("again.bin")), c);
 }
 
 /// Peak resident memory of a process (VmHWM), in KiB.
