@@ -498,7 +498,13 @@ mod tests {
             )
                 .prop_map(|(data, end)| RecordBody::Bytes(Chunk { data, end })),
             (
-                (any::<u64>(), ".{0,80}", any::<u64>(), any::<i64>(), any::<u32>()),
+                (
+                    any::<u64>(),
+                    ".{0,80}",
+                    any::<u64>(),
+                    any::<i64>(),
+                    any::<u32>()
+                ),
                 (
                     any::<u64>(),
                     proptest::collection::vec(any::<u8>(), 0..2000),

@@ -12,8 +12,8 @@ mod config;
 mod fatal;
 mod link;
 mod metrics;
-mod sources;
 mod send_file;
+mod sources;
 mod spool;
 mod udp;
 

@@ -111,8 +111,8 @@ fn copy_in(job: &Job, dir: &Path, bar: &ProgressBar) -> Result<PathBuf> {
         .with_context(|| format!("opening {}", job.from.display()))?;
     let meta = src.metadata()?;
     let result = (|| -> Result<()> {
-        let mut out = std::fs::File::create(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut out =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut buf = vec![0u8; COPY_CHUNK];
         loop {
             let n = src

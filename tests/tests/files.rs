@@ -93,8 +93,10 @@ fn make_file(path: &Path, size: u64, seed: u64, mtime_s: u64, mode: u32) -> Stri
         left -= n as u64;
     }
     let f = f.into_inner().unwrap();
-    f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime_s)).unwrap();
-    f.set_permissions(std::fs::Permissions::from_mode(mode)).unwrap();
+    f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime_s))
+        .unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .unwrap();
     drop(f);
     std::fs::rename(&tmp, path).unwrap();
     hex(&hasher.finalize())
@@ -166,10 +168,7 @@ impl Watcher {
             while !s2.load(Ordering::Relaxed) {
                 for (name, size) in visible(&dir) {
                     if expected.get(&name) != Some(&size) {
-                        seen2
-                            .lock()
-                            .unwrap()
-                            .push(format!("{name} ({size} bytes)"));
+                        seen2.lock().unwrap().push(format!("{name} ({size} bytes)"));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -224,36 +223,74 @@ fn files_and_a_nested_directory_arrive_identical_through_3pct_loss_with_bursts_a
         &s,
         "receiver",
         "weir-receiver",
-        &["run", "--config", receiver_config(&s, receiver_port, &inbox).to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
+        ],
     );
     let _link = linksim(&s, "linksim", sender_port, receiver_port, 5, 0.03, true);
-    let scfg = sender_config(&s, sender_port, "500Mbit", "", &files_source(&outbox, "256KiB"));
-    let _sender = Proc::spawn(&s, "sender", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
+    let scfg = sender_config(
+        &s,
+        sender_port,
+        "500Mbit",
+        "",
+        &files_source(&outbox, "256KiB"),
+    );
+    let _sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
     let started = Instant::now();
-    let all_there = wait_until(Duration::from_secs(240), || visible(&inbox).len() == want.len());
+    let all_there = wait_until(Duration::from_secs(240), || {
+        visible(&inbox).len() == want.len()
+    });
     let took = started.elapsed();
     let partial = watcher.finish();
-    assert!(all_there, "not every file arrived: {:?}; see {}", visible(&inbox), s.path.display());
-    eprintln!("{} MB large file: all files in {:.1} s", large_mb(), took.as_secs_f64());
-    assert!(partial.is_empty(), "partial files were visible: {partial:?}");
+    assert!(
+        all_there,
+        "not every file arrived: {:?}; see {}",
+        visible(&inbox),
+        s.path.display()
+    );
+    eprintln!(
+        "{} MB large file: all files in {:.1} s",
+        large_mb(),
+        took.as_secs_f64()
+    );
+    assert!(
+        partial.is_empty(),
+        "partial files were visible: {partial:?}"
+    );
     for (rel, (size, sha, mtime, mode)) in &want {
         let p = inbox.join(rel);
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.len(), *size, "{rel}");
         assert_eq!(&sha_of(&p), sha, "{rel}: content differs");
-        assert_eq!((m.mtime(), m.mtime_nsec()), (*mtime as i64, 0), "{rel}: mtime");
+        assert_eq!(
+            (m.mtime(), m.mtime_nsec()),
+            (*mtime as i64, 0),
+            "{rel}: mtime"
+        );
         assert_eq!(m.mode() & 0o777, *mode, "{rel}: mode");
     }
     // Sent files moved under sent/ once spooled.
     assert!(wait_until(Duration::from_secs(10), || {
-        want.keys().all(|rel| outbox.join("sent").join(rel).exists() && !outbox.join(rel).exists())
+        want.keys()
+            .all(|rel| outbox.join("sent").join(rel).exists() && !outbox.join(rel).exists())
     }));
-    assert!(wait_until(Duration::from_secs(5), || file_events(&s).len() >= want.len()));
+    assert!(wait_until(Duration::from_secs(5), || file_events(&s).len()
+        >= want.len()));
     let events = file_events(&s);
     assert_eq!(events.len(), want.len(), "{events:?}");
     assert!(events.iter().all(|e| e["complete"] == true), "{events:?}");
     let lk = read_json(&s.join("linksim.json"));
-    assert!(lk["dropped_random"].as_u64().unwrap_or(0) > 0, "the link simulator dropped nothing: {lk}");
+    assert!(
+        lk["dropped_random"].as_u64().unwrap_or(0) > 0,
+        "the link simulator dropped nothing: {lk}"
+    );
     assert!(gaps(&s.join("audit.jsonl"), "outbox").is_empty());
 }
 
@@ -268,9 +305,21 @@ fn a_file_losing_more_than_fec_repairs_stays_out_of_dir_is_named_in_the_audit_an
         &s,
         "receiver",
         "weir-receiver",
-        &["run", "--config", receiver_config(&s, receiver_port, &inbox).to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
+        ],
     );
-    let lossy = linksim(&s, "linksim-lossy", sender_port, receiver_port, 31, 0.10, false);
+    let lossy = linksim(
+        &s,
+        "linksim-lossy",
+        sender_port,
+        receiver_port,
+        31,
+        0.10,
+        false,
+    );
     // The configured parity only, shards back to back (as in durability.rs):
     // 10% loss beats RS(32,4) in about a third of the blocks. Small parts,
     // so many survive and many do not.
@@ -281,43 +330,88 @@ fn a_file_losing_more_than_fec_repairs_stays_out_of_dir_is_named_in_the_audit_an
         "[fec]\nparity_shards = 4\nspare_parity_max = 4\nburst_tolerance = 0\nwarmup_blocks = 0\n",
         &files_source(&outbox, "4KiB"),
     );
-    let mut sender = Proc::spawn(&s, "sender", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
-    let sha = make_file(&outbox.join("report.bin"), 1_000_000, 7, 1_500_000_000, 0o644);
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    let sha = make_file(
+        &outbox.join("report.bin"),
+        1_000_000,
+        7,
+        1_500_000_000,
+        0o644,
+    );
     assert!(
-        wait_until(Duration::from_secs(30), || outbox.join("sent/report.bin").exists()),
+        wait_until(Duration::from_secs(30), || outbox
+            .join("sent/report.bin")
+            .exists()),
         "the sender did not take report.bin"
     );
     std::thread::sleep(Duration::from_secs(1));
     drop(lossy);
-    let _clean = linksim(&s, "linksim-clean", sender_port, receiver_port, 32, 0.0, false);
+    let _clean = linksim(
+        &s,
+        "linksim-clean",
+        sender_port,
+        receiver_port,
+        32,
+        0.0,
+        false,
+    );
     // The next file ends the first one's transfer at the receiver.
     make_file(&outbox.join("marker.bin"), 10, 8, 1_500_000_001, 0o644);
     assert!(
-        wait_until(Duration::from_secs(30), || inbox.join("marker.bin").exists()),
+        wait_until(Duration::from_secs(30), || inbox
+            .join("marker.bin")
+            .exists()),
         "marker.bin did not arrive over the clean link"
     );
-    assert!(!inbox.join("report.bin").exists(), "a file with lost parts was put in place");
+    assert!(
+        !inbox.join("report.bin").exists(),
+        "a file with lost parts was put in place"
+    );
     let events = file_events(&s);
-    let report: Vec<_> = events.iter().filter(|e| e["path"] == "report.bin").collect();
+    let report: Vec<_> = events
+        .iter()
+        .filter(|e| e["path"] == "report.bin")
+        .collect();
     assert_eq!(report.len(), 1, "{events:?}");
     assert_eq!(report[0]["complete"], false);
     assert!(!report[0]["missing_bytes"].as_array().unwrap().is_empty());
     let kept = inbox.join(report[0]["kept"].as_str().unwrap());
-    assert!(kept.starts_with(inbox.join("incomplete")) && kept.exists(), "{kept:?}");
+    assert!(
+        kept.starts_with(inbox.join("incomplete")) && kept.exists(),
+        "{kept:?}"
+    );
     let lost = gaps(&s.join("audit.jsonl"), "outbox");
     assert!(!lost.is_empty(), "the audit log names the stream's gaps");
     for (from, to, _) in &lost {
         let done = Command::new(bin("weir-sender"))
             .args([
-                "resend", "--config", scfg.to_str().unwrap(), "--stream", "outbox",
-                "--from", &from.to_string(), "--to", &to.to_string(),
+                "resend",
+                "--config",
+                scfg.to_str().unwrap(),
+                "--stream",
+                "outbox",
+                "--from",
+                &from.to_string(),
+                "--to",
+                &to.to_string(),
             ])
             .output()
             .unwrap();
-        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
     }
     assert!(
-        wait_until(Duration::from_secs(60), || inbox.join("report.bin").exists()),
+        wait_until(Duration::from_secs(60), || inbox
+            .join("report.bin")
+            .exists()),
         "the resend did not complete report.bin; see {}",
         s.path.display()
     );
@@ -345,21 +439,40 @@ fn kill_9_of_the_sender_mid_file_completes_the_transfer_once() {
         &s,
         "receiver",
         "weir-receiver",
-        &["run", "--config", receiver_config(&s, receiver_port, &inbox).to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
+        ],
     );
     let _link = linksim(&s, "linksim", sender_port, receiver_port, 9, 0.01, false);
     let size = large_mb().min(300) * 1_000_000 / 2;
     let sha = make_file(&outbox.join("big.bin"), size, 11, 1_500_000_000, 0o644);
     // 400 Mbit/s: the file takes a few seconds, so the kill lands mid-file.
-    let scfg = sender_config(&s, sender_port, "400Mbit", "", &files_source(&outbox, "256KiB"));
-    let mut sender = Proc::spawn(&s, "sender-1", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
+    let scfg = sender_config(
+        &s,
+        sender_port,
+        "400Mbit",
+        "",
+        &files_source(&outbox, "256KiB"),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender-1",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
     let temp = inbox.join(".weir-");
     let partial_size = || {
         std::fs::read_dir(&inbox)
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.path().to_string_lossy().starts_with(&*temp.to_string_lossy()))
+            .filter(|e| {
+                e.path()
+                    .to_string_lossy()
+                    .starts_with(&*temp.to_string_lossy())
+            })
             .filter_map(|e| e.metadata().ok())
             .map(|m| m.len())
             .max()
@@ -372,8 +485,16 @@ fn kill_9_of_the_sender_mid_file_completes_the_transfer_once() {
     );
     sender.signal("KILL");
     assert!(!sender.wait(Duration::from_secs(5)));
-    assert!(!inbox.join("big.bin").exists(), "the kill came too late to test anything");
-    let _sender = Proc::spawn(&s, "sender-2", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
+    assert!(
+        !inbox.join("big.bin").exists(),
+        "the kill came too late to test anything"
+    );
+    let _sender = Proc::spawn(
+        &s,
+        "sender-2",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
     assert!(
         wait_until(Duration::from_secs(120), || inbox.join("big.bin").exists()),
         "big.bin did not arrive after the restart; see {}",
@@ -395,7 +516,8 @@ fn kill_9_of_the_sender_mid_file_completes_the_transfer_once() {
 }
 
 #[test]
-fn send_file_copies_files_and_a_directory_into_the_running_sender_and_fails_on_an_unreadable_path() {
+fn send_file_copies_files_and_a_directory_into_the_running_sender_and_fails_on_an_unreadable_path()
+{
     let s = Scratch::new("files-send");
     let (outbox, inbox, local) = (s.join("outbox"), s.join("inbox"), s.join("local"));
     std::fs::create_dir_all(&outbox).unwrap();
@@ -404,13 +526,40 @@ fn send_file_copies_files_and_a_directory_into_the_running_sender_and_fails_on_a
         &s,
         "receiver",
         "weir-receiver",
-        &["run", "--config", receiver_config(&s, receiver_port, &inbox).to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
+        ],
     );
     let _link = linksim(&s, "linksim", sender_port, receiver_port, 3, 0.01, false);
-    let scfg = sender_config(&s, sender_port, "200Mbit", "", &files_source(&outbox, "256KiB"));
-    let _sender = Proc::spawn(&s, "sender", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
-    let a = make_file(&local.join("backup.tar"), 3_000_000, 21, 1_500_000_000, 0o600);
-    let b = make_file(&local.join("exports/2026/day.csv"), 40_000, 22, 1_500_000_001, 0o644);
+    let scfg = sender_config(
+        &s,
+        sender_port,
+        "200Mbit",
+        "",
+        &files_source(&outbox, "256KiB"),
+    );
+    let _sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    let a = make_file(
+        &local.join("backup.tar"),
+        3_000_000,
+        21,
+        1_500_000_000,
+        0o600,
+    );
+    let b = make_file(
+        &local.join("exports/2026/day.csv"),
+        40_000,
+        22,
+        1_500_000_001,
+        0o644,
+    );
     let out = Command::new(bin("weir-sender"))
         .args(["send-file", "--config", scfg.to_str().unwrap()])
         .arg(local.join("backup.tar"))
@@ -418,8 +567,15 @@ fn send_file_copies_files_and_a_directory_into_the_running_sender_and_fails_on_a
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("2 file(s), 3040000 bytes") && stdout.contains("0 failed"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 file(s), 3040000 bytes") && stdout.contains("0 failed"),
+        "{stdout}"
+    );
     assert!(wait_until(Duration::from_secs(30), || {
         inbox.join("backup.tar").exists() && inbox.join("exports/2026/day.csv").exists()
     }));
@@ -437,8 +593,13 @@ fn send_file_copies_files_and_a_directory_into_the_running_sender_and_fails_on_a
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("missing.bin") && stderr.contains("1 file(s) could not be sent"), "{stderr}");
-    assert!(wait_until(Duration::from_secs(30), || inbox.join("again.bin").exists()));
+    assert!(
+        stderr.contains("missing.bin") && stderr.contains("1 file(s) could not be sent"),
+        "{stderr}"
+    );
+    assert!(wait_until(Duration::from_secs(30), || inbox
+        .join("again.bin")
+        .exists()));
     assert_eq!(sha_of(&inbox.join("again.bin")), c);
 }
 
@@ -467,13 +628,19 @@ fn a_2gib_file_through_a_256mib_spool_keeps_the_sender_under_100mib_rss() {
         &s,
         "receiver",
         "weir-receiver",
-        &["run", "--config", receiver_config(&s, receiver_port, &inbox).to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
+        ],
     );
     let _link = linksim(&s, "linksim", sender_port, receiver_port, 1, 0.0, false);
     let scfg = sender_config(
         &s,
         sender_port,
-        "800Mbit",
+        // Below what this shared 2-core machine's loopback and receiver
+        // keep up with (at 800 Mbit/s the kernel dropped datagrams).
+        "300Mbit",
         "",
         &files_source(&outbox, "256KiB"),
     );
@@ -482,7 +649,12 @@ fn a_2gib_file_through_a_256mib_spool_keeps_the_sender_under_100mib_rss() {
         .unwrap()
         .replace("[spool]\n", "[spool]\nmax_bytes = \"256MiB\"\n");
     std::fs::write(&scfg, text).unwrap();
-    let sender = Proc::spawn(&s, "sender", "weir-sender", &["run", "--config", scfg.to_str().unwrap()]);
+    let sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
     let pid = sender.child.id();
     let started = Instant::now();
     let mut peak = 0;
@@ -490,14 +662,14 @@ fn a_2gib_file_through_a_256mib_spool_keeps_the_sender_under_100mib_rss() {
         peak = peak.max(peak_rss_kib(pid));
         inbox.join("huge.bin").exists()
     });
-    assert!(arrived, "huge.bin did not arrive; see {}", s.path.display());
     peak = peak.max(peak_rss_kib(pid));
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "2 GiB file: {secs:.1} s ({:.0} MB/s), sender peak RSS {} MiB",
+        "2 GiB file: arrived {arrived} after {secs:.1} s ({:.0} MB/s), sender peak RSS {} MiB",
         size as f64 / 1e6 / secs,
         peak / 1024
     );
+    assert!(arrived, "huge.bin did not arrive; see {}", s.path.display());
     assert_eq!(sha_of(&inbox.join("huge.bin")), sha);
     assert!(peak < 100 * 1024, "sender peak RSS {} MiB", peak / 1024);
 }

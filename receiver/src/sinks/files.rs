@@ -197,9 +197,7 @@ pub struct FilesSink {
 /// Why a part cannot be written, ever.
 fn check_path(path: &str) -> Result<(), String> {
     if path.is_empty() || path.len() > 4096 {
-        return Err(format!(
-            "path `{path}` is empty or longer than 4096 bytes"
-        ));
+        return Err(format!("path `{path}` is empty or longer than 4096 bytes"));
     }
     if path.starts_with('/') {
         return Err(format!("path `{path}` is absolute"));
@@ -209,9 +207,7 @@ fn check_path(path: &str) -> Result<(), String> {
     }
     for c in path.split('/') {
         if c.is_empty() || c == "." || c == ".." {
-            return Err(format!(
-                "path `{path}` has an empty, `.` or `..` component"
-            ));
+            return Err(format!("path `{path}` has an empty, `.` or `..` component"));
         }
         if c.starts_with(".weir-") {
             return Err(format!(
@@ -337,7 +333,11 @@ impl FilesSink {
             }
         }
         if !self.open.contains_key(&p.transfer) {
-            match self.incomplete.iter().position(|t| t.transfer == p.transfer) {
+            match self
+                .incomplete
+                .iter()
+                .position(|t| t.transfer == p.transfer)
+            {
                 Some(i) => {
                     let t = self.incomplete.remove(i).expect("found");
                     tracing::info!(sink = %self.name, stream, file = %t.path, transfer = t.id(),
@@ -406,7 +406,10 @@ impl FilesSink {
         if Some(&got) != t.sha256.as_ref() {
             tracing::warn!(sink = %self.name, stream = %t.stream, file = %t.path, transfer = t.id(), expected = ?t.sha256, got = %got,
                 "files sink: SHA-256 mismatch; the file is kept under incomplete/");
-            return self.give_up(transfer, &format!("SHA-256 mismatch: content hashes to {got}"));
+            return self.give_up(
+                transfer,
+                &format!("SHA-256 mismatch: content hashes to {got}"),
+            );
         }
         let from = self.dir.join(&t.data);
         std::fs::set_permissions(&from, std::fs::Permissions::from_mode(t.mode & 0o777))?;
@@ -566,7 +569,8 @@ impl Sink for FilesSink {
                     let _ = self.sync_dirty();
                     return Err(SinkError::Retry {
                         confirmed: 0,
-                        error: error.context(format!("files sink: writing under {}", self.dir.display())),
+                        error: error
+                            .context(format!("files sink: writing under {}", self.dir.display())),
                     });
                 }
             }
@@ -742,14 +746,25 @@ mod tests {
         let (mut s, events) = sink(&dir);
         let content: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
         let ps = parts(7, "a/b/data.bin", &content, 4096);
-        let recs: Vec<Delivered> = ps.iter().enumerate().map(|(i, p)| delivered(i as u64, p, false)).collect();
+        let recs: Vec<Delivered> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| delivered(i as u64, p, false))
+            .collect();
         assert_eq!(write(&mut s, &recs[..2]).unwrap(), 2);
-        assert_eq!(listing(&dir), ["a/b/.weir-0000000000000007.part"], "only the dotted temporary name");
+        assert_eq!(
+            listing(&dir),
+            ["a/b/.weir-0000000000000007.part"],
+            "only the dotted temporary name"
+        );
         assert_eq!(write(&mut s, &recs[2..]).unwrap(), 1);
         assert_eq!(listing(&dir), ["a/b/data.bin"]);
         let meta = std::fs::metadata(dir.join("a/b/data.bin")).unwrap();
         assert_eq!(std::fs::read(dir.join("a/b/data.bin")).unwrap(), content);
-        assert_eq!((meta.mtime(), meta.mtime_nsec()), (1_600_000_000, 123_456_789));
+        assert_eq!(
+            (meta.mtime(), meta.mtime_nsec()),
+            (1_600_000_000, 123_456_789)
+        );
         assert_eq!(meta.mode() & 0o777, 0o640);
         let ev = events.lock().unwrap();
         assert_eq!(ev.len(), 1);
@@ -778,7 +793,11 @@ mod tests {
         let content = vec![5u8; 9000];
         let ps = parts(3, "x.csv", &content, 3000);
         // Part 1 (seq 11) lost on the link.
-        write(&mut s, &[delivered(10, &ps[0], false), delivered(12, &ps[2], false)]).unwrap();
+        write(
+            &mut s,
+            &[delivered(10, &ps[0], false), delivered(12, &ps[2], false)],
+        )
+        .unwrap();
         assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
         let kept = dir.join("incomplete/x.csv.0000000000000003.part");
         assert!(kept.exists());
@@ -807,7 +826,11 @@ mod tests {
         let (mut s, events) = sink(&dir);
         let a = parts(1, "a", &[1u8; 5000], 2000);
         let b = parts(2, "b", &[2u8; 10], 2000);
-        write(&mut s, &[delivered(0, &a[0], false), delivered(1, &b[0], false)]).unwrap();
+        write(
+            &mut s,
+            &[delivered(0, &a[0], false), delivered(1, &b[0], false)],
+        )
+        .unwrap();
         assert_eq!(listing(&dir), ["b"]);
         let ev = events.lock().unwrap();
         assert_eq!(ev[0].1["path"], "a");
@@ -822,7 +845,11 @@ mod tests {
         let (mut s, _) = sink(&dir);
         let content: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
         let ps = parts(4, "r.bin", &content, 5000);
-        let recs: Vec<Delivered> = ps.iter().enumerate().map(|(i, p)| delivered(i as u64, p, false)).collect();
+        let recs: Vec<Delivered> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| delivered(i as u64, p, false))
+            .collect();
         write(&mut s, &recs[..2]).unwrap();
         let state = s.resume_state();
         drop(s);
@@ -853,11 +880,26 @@ mod tests {
     fn paths_that_escape_dir_and_records_that_are_not_files_are_dead_lettered() {
         let dir = scratch("reject");
         let (mut s, _) = sink(&dir);
-        for bad in ["../etc/passwd", "/etc/passwd", "a/../../b", "a//b", "./a", "incomplete/x", "a/.weir-1.part"] {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "a//b",
+            "./a",
+            "incomplete/x",
+            "a/.weir-1.part",
+        ] {
             let ps = parts(1, bad, b"x", 10);
             let good = parts(2, "ok", b"y", 10);
-            let err = write(&mut s, &[delivered(0, &good[0], false), delivered(1, &ps[0], false)]).unwrap_err();
-            assert!(matches!(err, SinkError::Reject { at: 1, .. }), "{bad}: {err:?}");
+            let err = write(
+                &mut s,
+                &[delivered(0, &good[0], false), delivered(1, &ps[0], false)],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, SinkError::Reject { at: 1, .. }),
+                "{bad}: {err:?}"
+            );
         }
         let mut past = parts(3, "p", b"abc", 10);
         past[0].offset = 1;
@@ -866,10 +908,16 @@ mod tests {
             Err(SinkError::Reject { at: 0, .. })
         ));
         let other = Delivered {
-            body: RecordBody::Bytes(weir_protocol::Chunk { data: vec![1], end: false }),
+            body: RecordBody::Bytes(weir_protocol::Chunk {
+                data: vec![1],
+                end: false,
+            }),
             ..delivered(6, &parts(4, "q", b"", 1)[0], false)
         };
-        assert!(matches!(write(&mut s, &[other]), Err(SinkError::Reject { at: 0, .. })));
+        assert!(matches!(
+            write(&mut s, &[other]),
+            Err(SinkError::Reject { at: 0, .. })
+        ));
         assert_eq!(listing(&dir), ["ok"]);
         assert!(!dir.parent().unwrap().join("etc/passwd").exists());
         std::fs::remove_dir_all(dir).unwrap();
@@ -885,7 +933,10 @@ mod tests {
         assert!(listing(&dir).is_empty());
         let ev = events.lock().unwrap();
         assert_eq!(ev[0].1["complete"], false);
-        assert!(ev[0].1["reason"].as_str().unwrap().contains("SHA-256 mismatch"));
+        assert!(ev[0].1["reason"]
+            .as_str()
+            .unwrap()
+            .contains("SHA-256 mismatch"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

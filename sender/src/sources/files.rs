@@ -345,10 +345,9 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             {
                 continue;
             }
-            let resumed = state
-                .inflight
-                .as_ref()
-                .is_some_and(|i| (i.path.as_str(), i.size, i.mtime_ns) == (&f.rel, f.size, f.mtime_ns));
+            let resumed = state.inflight.as_ref().is_some_and(|i| {
+                (i.path.as_str(), i.size, i.mtime_ns) == (&f.rel, f.size, f.mtime_ns)
+            });
             let settled = match seen.get(&f.rel) {
                 Some((size, mtime, since)) if (*size, *mtime) == (f.size, f.mtime_ns) => {
                     now.duration_since(*since) >= settle
