@@ -33,8 +33,9 @@ pub use decoder::{Decoder, DecoderStats, Event, Gap, GapCause};
 pub use encoder::{Encoder, EncoderStats};
 pub use frame::{FrameError, FrameHeader};
 pub use record::{
-    Chunk, GapNotice, Log, Message, NoticeCause, Point, Record, RecordBody, RecordBodyRef,
-    SdElement, StreamId, StreamInfo, Value, QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN,
+    Chunk, FilePart, FilePartRef, GapNotice, Log, Message, NoticeCause, Point, Record, RecordBody,
+    RecordBodyRef, SdElement, StreamId, StreamInfo, Value, QUALITY_BAD, QUALITY_GOOD,
+    QUALITY_UNCERTAIN,
 };
 
 /// Monotonic time in nanoseconds from an origin the caller chooses.

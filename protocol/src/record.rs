@@ -26,6 +26,9 @@ pub enum RecordBody {
     /// record in memory (decoded, queued for sinks) would pay for it.
     Log(Box<Log>),
     Bytes(Chunk),
+    /// Boxed for the same reason as `Log`: its metadata would make every
+    /// record in memory larger.
+    File(Box<FilePart>),
 }
 
 impl RecordBody {
@@ -36,6 +39,7 @@ impl RecordBody {
             RecordBody::Message(_) => "message",
             RecordBody::Log(_) => "log",
             RecordBody::Bytes(_) => "bytes",
+            RecordBody::File(_) => "file",
         }
     }
 
@@ -46,6 +50,7 @@ impl RecordBody {
             RecordBody::Log(l) => Some(l.ts_ns),
             RecordBody::Message(m) => Some(m.ts_ns),
             RecordBody::Bytes(_) => None,
+            RecordBody::File(f) => Some(f.mtime_ns),
         }
     }
 }
@@ -155,6 +160,41 @@ pub struct Chunk {
     pub end: bool,
 }
 
+/// One part of a file transfer (a `files` source): every part carries the
+/// file's metadata, so any part that arrives names the file even when others
+/// were lost. A transfer's parts are consecutive records of its stream, in
+/// offset order; a sender that restarts mid-file sends the whole file again
+/// under the same `transfer` id, and the receiver writes each part at its
+/// offset, so parts seen twice cost nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilePart {
+    /// Chosen at random when the sender takes the file; kept across a
+    /// sender restart, so a resend completes the same transfer.
+    pub transfer: u64,
+    /// Relative path under the source's directory, `/`-separated.
+    pub path: String,
+    /// The whole file's size in bytes.
+    pub size: u64,
+    /// The file's modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Unix permission bits (`0o644`).
+    pub mode: u32,
+    /// Where `data` starts in the file.
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// Set on the last part only (it ends at `size`): the SHA-256 of the
+    /// whole content, which the receiver checks before the file appears.
+    pub sha256: Option<[u8; 32]>,
+}
+
+impl FilePart {
+    /// The last part of its transfer.
+    pub fn is_last(&self) -> bool {
+        self.sha256.is_some()
+    }
+}
+
 /// What a stream is called and where it comes from; sent in-band before a
 /// stream's first record in every block and repeated in heartbeats.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +245,7 @@ pub enum RecordBodyRef<'a> {
     Message(#[serde(borrow)] MessageRef<'a>),
     Log(#[serde(borrow)] LogRef<'a>),
     Bytes(#[serde(borrow)] ChunkRef<'a>),
+    File(#[serde(borrow)] FilePartRef<'a>),
 }
 
 impl<'a> RecordBodyRef<'a> {
@@ -319,6 +360,18 @@ counted_seq!(SdRef, SdElementRef<'de>);
 pub struct ChunkRef<'a> {
     pub data: &'a [u8],
     pub end: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct FilePartRef<'a> {
+    pub transfer: u64,
+    pub path: &'a str,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub offset: u64,
+    pub data: &'a [u8],
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// Most bytes [`put_record_head`] writes: a u32 and a u64 as postcard
@@ -444,7 +497,59 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(|(data, end)| RecordBody::Bytes(Chunk { data, end })),
+            (
+                (
+                    any::<u64>(),
+                    ".{0,80}",
+                    any::<u64>(),
+                    any::<i64>(),
+                    any::<u32>()
+                ),
+                (
+                    any::<u64>(),
+                    proptest::collection::vec(any::<u8>(), 0..2000),
+                    proptest::option::of(any::<[u8; 32]>())
+                )
+            )
+                .prop_map(
+                    |((transfer, path, size, mtime_ns, mode), (offset, data, sha256))| {
+                        RecordBody::File(Box::new(FilePart {
+                            transfer,
+                            path,
+                            size,
+                            mtime_ns,
+                            mode,
+                            offset,
+                            data,
+                            sha256,
+                        }))
+                    }
+                ),
         ]
+    }
+
+    #[test]
+    fn the_kinds_before_file_keep_their_bytes() {
+        // Adding `File` at the end leaves the earlier variants' encoding alone.
+        let chunk = RecordBody::Bytes(Chunk {
+            data: vec![1, 2],
+            end: true,
+        });
+        assert_eq!(postcard::to_allocvec(&chunk).unwrap(), [3, 2, 1, 2, 1]);
+        let part = RecordBody::File(Box::new(FilePart {
+            transfer: 1,
+            path: "a".into(),
+            size: 1,
+            mtime_ns: -1,
+            mode: 0o644,
+            offset: 0,
+            data: vec![9],
+            sha256: None,
+        }));
+        assert_eq!(
+            postcard::to_allocvec(&part).unwrap(),
+            [4, 1, 1, b'a', 1, 1, 0xa4, 0x03, 0, 1, 9, 0]
+        );
     }
 
     proptest! {
@@ -486,6 +591,11 @@ mod tests {
                         && l.structured_data.len() == v.structured_data.len
                 }
                 (RecordBody::Bytes(c), RecordBodyRef::Bytes(v)) => c.data == v.data && c.end == v.end,
+                (RecordBody::File(f), RecordBodyRef::File(v)) => {
+                    (f.transfer, f.path.as_str(), f.size, f.mtime_ns, f.mode, f.offset)
+                        == (v.transfer, v.path, v.size, v.mtime_ns, v.mode, v.offset)
+                        && f.data == v.data && f.sha256 == v.sha256
+                }
                 _ => false,
             };
             prop_assert!(same, "{:?} read as {:?}", body, view);

@@ -228,6 +228,50 @@ fn hash_range(file: &File, start: u64, end: u64) -> io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// Events sinks hand to the audit log, which the decoder thread owns and
+/// writes ([`drain_sink_events`], each loop): a `files` sink's line per
+/// file. Bounded: a sink that finds it full logs the event as an ERROR
+/// instead (the decoder thread drains it within milliseconds, so only a
+/// stalled receiver fills it).
+const SINK_EVENTS: usize = 4096;
+
+type SinkEvent = (String, Value);
+
+fn sink_events() -> &'static (
+    std::sync::mpsc::SyncSender<SinkEvent>,
+    std::sync::Mutex<std::sync::mpsc::Receiver<SinkEvent>>,
+) {
+    static CHANNEL: std::sync::OnceLock<(
+        std::sync::mpsc::SyncSender<SinkEvent>,
+        std::sync::Mutex<std::sync::mpsc::Receiver<SinkEvent>>,
+    )> = std::sync::OnceLock::new();
+    CHANNEL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(SINK_EVENTS);
+        (tx, std::sync::Mutex::new(rx))
+    })
+}
+
+/// Queues an audit event from a sink thread (see [`SINK_EVENTS`]).
+pub fn sink_event(event: &str, fields: Value) {
+    if let Err(e) = sink_events().0.try_send((event.to_string(), fields)) {
+        let (event, fields) = match e {
+            std::sync::mpsc::TrySendError::Full(v)
+            | std::sync::mpsc::TrySendError::Disconnected(v) => v,
+        };
+        tracing::error!(
+            "audit: {SINK_EVENTS} sink events wait for the audit log; this one is only in this log line: {event} {fields}"
+        );
+    }
+}
+
+/// Writes the events sinks queued (decoder thread).
+pub fn drain_sink_events(log: &mut AuditLog) {
+    let rx = sink_events().1.lock().unwrap_or_else(|p| p.into_inner());
+    while let Ok((event, fields)) = rx.try_recv() {
+        log.write(&event, fields);
+    }
+}
+
 /// An audit log whose every line checked out.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Intact {

@@ -148,6 +148,11 @@ pub fn batch_weight(journal_bytes: u64, records: &[Delivered]) -> u64 {
                         + l.parse_error.as_ref().map_or(0, String::capacity)
                 }
                 RecordBody::Bytes(c) => c.data.capacity(),
+                RecordBody::File(f) => {
+                    std::mem::size_of::<weir_protocol::FilePart>()
+                        + f.path.capacity()
+                        + f.data.capacity()
+                }
             };
             // The allocator's own header per heap block, roughly.
             std::mem::size_of::<Delivered>() + heap + 16
@@ -388,6 +393,7 @@ impl Pipeline {
                     }
                 }
             }
+            crate::audit::drain_sink_events(&mut self.audit);
             if self.journal.sync_due() || disconnected || records.len() >= 65_536 {
                 let result = if disconnected {
                     self.journal.sync()
@@ -472,6 +478,7 @@ impl Pipeline {
         self.compact();
         self.write_metrics(&unrouted_records, &watch);
         self.log_status(&mut logged_rebuilt);
+        crate::audit::drain_sink_events(&mut self.audit);
         self.audit.write("receiver-stop", json!({}));
         self.audit.sync();
         self.failure

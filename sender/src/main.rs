@@ -12,6 +12,7 @@ mod config;
 mod fatal;
 mod link;
 mod metrics;
+mod send_file;
 mod sources;
 mod spool;
 mod udp;
@@ -77,6 +78,23 @@ enum Command {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Send files or directories through the running sender: copies them
+    /// atomically into its `files` source's `dir`, shows progress (bytes,
+    /// rate, ETA) until the sender has spooled them, and prints a summary.
+    /// Exits non-zero if a file cannot be read.
+    SendFile {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The `files` source to use, when the config has several.
+        #[arg(long)]
+        source: Option<String>,
+        /// Return once copied, without waiting for the sender to take them.
+        #[arg(long)]
+        no_wait: bool,
+        /// Files and directories (sent with their own name and structure).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Write a new random 32-byte link key (raw bytes) to FILE with mode
     /// 0600. Refuses to overwrite an existing file. Give the same file to
     /// the sender (`[auth] key_file`) and the receiver (`[auth] key_files`).
@@ -107,6 +125,12 @@ fn main() {
             to,
         } => resend(&config, &stream, from, to),
         Command::Keygen { out } => keygen(&out),
+        Command::SendFile {
+            config,
+            source,
+            no_wait,
+            paths,
+        } => send_file::send_file(&config, source.as_deref(), &paths, !no_wait),
     };
     if let Err(e) = result {
         eprintln!("weir-sender: error: {e:#}");

@@ -916,6 +916,7 @@ pub fn entry_size(e: &Entry) -> usize {
             RecordBody::Message(m) => m.payload.len() + m.topic.len(),
             RecordBody::Log(l) => l.text.len() + l.host.len() + l.app.len(),
             RecordBody::Point(p) => p.tag.len() + 16,
+            RecordBody::File(f) => f.data.len() + f.path.len() + 64,
         }
 }
 

@@ -113,6 +113,25 @@ pub fn write_record(out: &mut Vec<u8>, r: &Delivered) {
             out.extend_from_slice(b",\"end\":");
             out.extend_from_slice(if c.end { b"true" } else { b"false" });
         }
+        RecordBody::File(f) => {
+            out.extend_from_slice(b",\"transfer\":\"");
+            write_hex(out, &f.transfer.to_be_bytes());
+            out.extend_from_slice(b"\",\"path\":");
+            write_str(out, &f.path);
+            out.extend_from_slice(b",\"size\":");
+            write_u64(out, f.size);
+            out.extend_from_slice(b",\"mode\":");
+            write_u64(out, f.mode.into());
+            out.extend_from_slice(b",\"offset\":");
+            write_u64(out, f.offset);
+            out.extend_from_slice(b",\"data\":");
+            write_base64(out, &f.data);
+            if let Some(sha) = &f.sha256 {
+                out.extend_from_slice(b",\"sha256\":\"");
+                write_hex(out, sha);
+                out.push(b'"');
+            }
+        }
     }
     out.push(b'}');
 }
@@ -186,6 +205,14 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Lower-case hex digits of `bytes` (not quoted).
+fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+    }
 }
 
 /// A quoted standard base64 string (with padding), encoded in place.
@@ -345,6 +372,18 @@ mod tests {
                 obj.insert("data".into(), json!(b64.encode(&c.data)));
                 obj.insert("end".into(), json!(c.end));
             }
+            RecordBody::File(f) => {
+                obj.insert("transfer".into(), json!(format!("{:016x}", f.transfer)));
+                obj.insert("path".into(), json!(f.path));
+                obj.insert("size".into(), json!(f.size));
+                obj.insert("mode".into(), json!(f.mode));
+                obj.insert("offset".into(), json!(f.offset));
+                obj.insert("data".into(), json!(b64.encode(&f.data)));
+                if let Some(sha) = &f.sha256 {
+                    let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+                    obj.insert("sha256".into(), json!(hex));
+                }
+            }
         }
         v
     }
@@ -459,7 +498,7 @@ mod tests {
                     }
                 ),
             (
-                (any::<u8>(), any::<u8>(), text(), text(), text(), ts),
+                (any::<u8>(), any::<u8>(), text(), text(), text(), ts.clone()),
                 (text(), text(), sd(), proptest::option::of(text()))
             )
                 .prop_map(
@@ -483,6 +522,28 @@ mod tests {
                 ),
             (proptest::collection::vec(any::<u8>(), 0..64), any::<bool>())
                 .prop_map(|(data, end)| RecordBody::Bytes(Chunk { data, end })),
+            (
+                (any::<u64>(), text(), any::<u64>(), ts, any::<u32>()),
+                (
+                    any::<u64>(),
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                    proptest::option::of(any::<[u8; 32]>())
+                )
+            )
+                .prop_map(
+                    |((transfer, path, size, mtime_ns, mode), (offset, data, sha256))| {
+                        RecordBody::File(Box::new(weir_protocol::FilePart {
+                            transfer,
+                            path,
+                            size,
+                            mtime_ns,
+                            mode,
+                            offset,
+                            data,
+                            sha256,
+                        }))
+                    }
+                ),
         ]
     }
 

@@ -14,6 +14,7 @@
 //! how much of it the destination confirmed.
 
 pub mod file;
+pub mod files;
 pub mod http;
 pub mod json_line;
 pub mod mqtt;
@@ -47,6 +48,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<mqtt::Config>(),
     Registration::of::<postgres::Config>(),
     Registration::of::<http::Config>(),
+    Registration::of::<files::Config>(),
 ];
 
 /// A sink type's `Config` (the sink's own keys, serde with
@@ -356,7 +358,7 @@ pub fn default_kinds() -> Vec<String> {
 
 /// Every record kind, by the name `kinds` and the JSON `kind` field use,
 /// in the order of [`Kinds`]' bits.
-pub const KIND_NAMES: [&str; 4] = ["point", "message", "log", "bytes"];
+pub const KIND_NAMES: [&str; 5] = ["point", "message", "log", "bytes", "file"];
 
 /// A set of record kinds (`kinds`), one bit per [`KIND_NAMES`] entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,7 +366,7 @@ pub struct Kinds(u8);
 
 impl Kinds {
     #[cfg(test)]
-    pub const ALL: Kinds = Kinds(0b1111);
+    pub const ALL: Kinds = Kinds(0b11111);
     pub const NONE: Kinds = Kinds(0);
 
     /// Reads `kinds`; the error names the unknown kind and the valid ones.
@@ -396,6 +398,7 @@ impl Kinds {
             B::Message(_) => 2,
             B::Log(_) => 4,
             B::Bytes(_) => 8,
+            B::File(_) => 16,
         })
     }
 
@@ -718,7 +721,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err,
-            "sinks[2] (o).kinds: `points` is not a record kind; use any of point, message, log, bytes"
+            "sinks[2] (o).kinds: `points` is not a record kind; use any of point, message, log, bytes, file"
         );
         let err = parse(0, "type = \"stdout\"\nname = \"o\"\nkinds = []").unwrap_err();
         assert!(err.starts_with("sinks[0] (o).kinds: is empty"), "{err}");

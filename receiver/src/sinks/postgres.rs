@@ -192,6 +192,8 @@ impl Table {
             RecordBody::Message(_) => Table::Messages,
             RecordBody::Log(_) => Table::Logs,
             RecordBody::Bytes(_) => Table::Bytes,
+            // `unstorable` rejects file parts before a table is looked up.
+            RecordBody::File(_) => unreachable!("a file part has no table"),
         }
     }
 
@@ -682,6 +684,7 @@ async fn write_row(
                 .collect();
             writer.write(&row).await
         }
+        RecordBody::File(_) => unreachable!("`unstorable` rejects file parts"),
     }
 }
 
@@ -732,6 +735,13 @@ fn unstorable(r: &Delivered) -> Option<String> {
             t
         }
         RecordBody::Bytes(_) => Vec::new(),
+        RecordBody::File(f) => {
+            return Some(format!(
+                "a file part ({}) has no table in PostgreSQL; route files to a `files` sink \
+                 (give this sink `kinds` without \"file\")",
+                f.path
+            ))
+        }
     };
     texts.iter().find(|(_, s)| s.contains('\0')).map(|(col, _)| {
         format!("column {col}: the text holds a NUL character, which PostgreSQL text and jsonb cannot store")

@@ -9,6 +9,7 @@
 //! until they are fsynced ([`SourceHandle::emit_tracked`],
 //! [`SourceHandle::durable`]) before it acknowledges them upstream.
 
+pub mod files;
 pub mod generator;
 pub mod modbus;
 pub mod mqtt;
@@ -41,6 +42,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<udp::Config>(),
     Registration::of::<mqtt::Config>(),
     Registration::of::<modbus::Config>(),
+    Registration::of::<files::Config>(),
 ];
 
 /// A source type: its `Config` (the source's own keys, serde with
@@ -118,7 +120,6 @@ trait Component: Debug + Send + Sync {
     fn validate(&self) -> Result<(), String>;
     fn to_json(&self) -> serde_json::Value;
     fn clone_box(&self) -> Box<dyn Component>;
-    #[cfg_attr(not(test), allow(dead_code))]
     fn as_any(&self) -> &dyn Any;
     fn run(self: Box<Self>, handle: SourceHandle) -> RunFuture;
 }
@@ -231,7 +232,6 @@ impl SourceConfig {
     }
 
     /// The source's own `Config`, if it is of type `S`.
-    #[cfg(test)]
     pub fn config<S: Source>(&self) -> Option<&S> {
         self.component.as_any().downcast_ref()
     }
@@ -410,6 +410,7 @@ impl SourceHandle {
             .map(|body| match body {
                 RecordBody::Bytes(c) => c.data.len(),
                 RecordBody::Message(m) => m.payload.len(),
+                RecordBody::File(f) => f.data.len(),
                 _ => 0,
             })
             .sum();
