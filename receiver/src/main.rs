@@ -469,7 +469,7 @@ fn reload(path: &Path, log: &weir_ops::logging::LogControl) {
                 .map_or_else(weir_ops::logging::default_level, |l| l.level.clone());
             match log.set(&level) {
                 Ok(Some(previous)) => {
-                    tracing::info!(previous = %previous, now = %level, "SIGHUP: log level changed; other settings need a restart")
+                    tracing::warn!(previous = %previous, now = %level, "SIGHUP: log level changed; other settings need a restart")
                 }
                 Ok(None) => {
                     tracing::info!(level = %level, "SIGHUP: log level unchanged; other settings need a restart")

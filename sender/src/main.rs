@@ -527,7 +527,7 @@ fn reload(path: &Path, log: &weir_ops::logging::LogControl, running_hash: &str) 
                 .map_or_else(weir_ops::logging::default_level, |l| l.level.clone());
             match log.set(&level) {
                 Ok(Some(previous)) => {
-                    tracing::info!(previous = %previous, now = %level, "SIGHUP: log level changed")
+                    tracing::warn!(previous = %previous, now = %level, "SIGHUP: log level changed")
                 }
                 Ok(None) => tracing::info!(level = %level, "SIGHUP: log level unchanged"),
                 Err(e) => tracing::error!("SIGHUP: {e:#}"),
