@@ -212,3 +212,59 @@ fn the_receiver_notifies_ready_feeds_the_watchdog_and_reloads_its_log_level_on_s
         "INFO lines after the level became warn: {after}"
     );
 }
+
+#[test]
+fn the_sender_notifies_ready_feeds_the_watchdog_and_says_stopping() {
+    let s = Scratch::new("notify-sender");
+    let sock_path = s.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let cfg = s.write(
+        "sender.toml",
+        &format!(
+            "{}[link]\ndestination = \"127.0.0.1:{}\"\nrate = \"10Mbit\"\n[spool]\npath = \"{}/spool\"\n\
+             [[sources]]\nname = \"gen\"\ntype = \"generator\"\ntags = 10\nrate = 100\n",
+            sender_auth(&s),
+            free_udp_port(),
+            s.path.display()
+        ),
+    );
+    let log = std::fs::File::create(s.join("sender.log")).unwrap();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" run --config \"$1\"")
+        .arg(bin("weir-sender"))
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "4000000")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut sender = Proc {
+        name: "sender".into(),
+        child,
+    };
+    let mut seen = Vec::new();
+    assert!(
+        expect_notify(&sock, "READY=1", Duration::from_secs(10), &mut seen),
+        "no READY=1: {seen:?}"
+    );
+    // Every second while the link thread and the main loop (1 s tick) run.
+    for _ in 0..3 {
+        assert!(
+            expect_notify(&sock, "WATCHDOG=1", Duration::from_secs(3), &mut seen),
+            "no WATCHDOG=1: {seen:?}"
+        );
+    }
+    sender.signal("TERM");
+    assert!(
+        expect_notify(&sock, "STOPPING=1", Duration::from_secs(5), &mut seen),
+        "no STOPPING=1: {seen:?}"
+    );
+    assert!(
+        sender.wait(Duration::from_secs(20)),
+        "the sender did not stop cleanly"
+    );
+}
