@@ -96,8 +96,8 @@ TOOLS ?= /var/tmp/weir-tools
 export PATH := $(TOOLS)/bin:$(PATH)
 deb: build
 	@command -v cargo-deb >/dev/null || (unset CARGO_TARGET_DIR; $(CARGO) install --locked cargo-deb --root $(TOOLS))
-	$(CARGO) deb -p weir-sender --no-build
-	$(CARGO) deb -p weir-receiver --no-build
+	$(CARGO) deb -p weir-sender --no-build --strip
+	$(CARGO) deb -p weir-receiver --no-build --strip
 
 ## Unpack each package into a scratch root (dpkg -x) and run check-config on
 ## its shipped example configuration (packaging/deb-check.sh).

@@ -62,6 +62,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// One screen about the running receiver: the sender (alive, since
+    /// when, its configuration hash and whether it is approved), per
+    /// stream the last sequence, rate and open gaps, per sink its rate,
+    /// lag and errors. Reads `[metrics] listen` (twice, a second apart)
+    /// and the audit log.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Check the audit log.
     Audit {
         #[command(subcommand)]
@@ -144,6 +153,7 @@ fn main() {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
         Command::Gaps { config, json } => gaps::print_open_gaps(&config, json),
+        Command::Status { config } => status::print_status(&config),
     };
     if let Err(e) = result {
         eprintln!("weir-receiver: error: {e:#}");

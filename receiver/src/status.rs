@@ -371,3 +371,241 @@ impl prometheus_client::collector::Collector for Prometheus {
         Ok(())
     }
 }
+
+/// One scrape of the running receiver: `name` -> [(labels, value)].
+type Scrape = BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>;
+
+/// GET /metrics from the running receiver's management address.
+fn fetch(listen: std::net::SocketAddr) -> anyhow::Result<Scrape> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&listen, std::time::Duration::from_secs(3))
+        .map_err(|e| anyhow::anyhow!("metrics.listen: cannot reach the running receiver at {listen}: {e} (is `weir-receiver run` up with this configuration?)"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {listen}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok(parse_scrape(body))
+}
+
+/// Parses Prometheus text samples (`name{k="v",...} value`).
+fn parse_scrape(body: &str) -> Scrape {
+    let mut out = Scrape::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let Some((head, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match head.split_once('{') {
+            None => (head, BTreeMap::new()),
+            Some((name, rest)) => {
+                let mut labels = BTreeMap::new();
+                let mut chars = rest.trim_end_matches('}').chars().peekable();
+                loop {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    if key.is_empty() || chars.next() != Some('"') {
+                        break;
+                    }
+                    let mut val = String::new();
+                    while let Some(c) = chars.next() {
+                        match c {
+                            '\\' => match chars.next() {
+                                Some('n') => val.push('\n'),
+                                Some(o) => val.push(o),
+                                None => break,
+                            },
+                            '"' => break,
+                            c => val.push(c),
+                        }
+                    }
+                    labels.insert(key.trim_start_matches(',').to_string(), val);
+                    if chars.peek() == Some(&',') {
+                        chars.next();
+                    }
+                }
+                (name, labels)
+            }
+        };
+        out.entry(name.to_string())
+            .or_default()
+            .push((labels, value));
+    }
+    out
+}
+
+fn one(s: &Scrape, name: &str) -> Option<f64> {
+    s.get(name).and_then(|v| v.first()).map(|(_, v)| *v)
+}
+
+fn by(s: &Scrape, name: &str, label: &str) -> BTreeMap<String, f64> {
+    s.get(name)
+        .map(|v| {
+            v.iter()
+                .filter_map(|(l, x)| l.get(label).map(|k| (k.clone(), *x)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `weir-receiver status --config FILE`: one screen about the running
+/// receiver, from two scrapes of its `[metrics] listen` one second apart
+/// (for rates) and its audit log (open gaps, the sender's session).
+pub fn print_status(config: &std::path::Path) -> anyhow::Result<()> {
+    let loaded = crate::config::load(config)?;
+    let c = &loaded.config;
+    let listen = c.metrics.listen.ok_or_else(|| {
+        anyhow::anyhow!("metrics.listen: not set in {}; `status` reads the running receiver's management address: add [metrics] listen = \"127.0.0.1:PORT\" and restart it", config.display())
+    })?;
+    let a = fetch(listen)?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let b = fetch(listen)?;
+    let audit = std::fs::read_to_string(&c.audit.path).unwrap_or_default();
+    let (open, _) = crate::gaps::scan(audit.as_bytes()).unwrap_or_default();
+    let last_status = audit
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "sender-status");
+    let mut o = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        o,
+        "weir-receiver on {} (up {:.0} s), config {}",
+        c.link.listen,
+        one(&b, "weir_receiver_uptime_seconds").unwrap_or(0.0),
+        config.display()
+    );
+    let warn = c.heartbeat.warn_after_ms as f64 / 1000.0;
+    match one(&b, "weir_receiver_heartbeat_age_seconds") {
+        None => {
+            let _ = writeln!(o, "sender:  NO HEARTBEAT since start");
+        }
+        Some(age) => {
+            let alive = if age < warn { "alive" } else { "SILENT" };
+            let since = last_status
+                .as_ref()
+                .and_then(|v| v["at"].as_str())
+                .unwrap_or("?");
+            let _ = writeln!(
+                o,
+                "sender:  {alive}, last heartbeat {age:.1} s ago; session since {since}"
+            );
+        }
+    }
+    let cfg = b
+        .get("weir_receiver_sender_config")
+        .and_then(|v| v.first())
+        .map(|(l, _)| l.clone());
+    let verdict = match one(&b, "weir_receiver_sender_config_approved") {
+        Some(x) if x >= 1.0 => "approved",
+        Some(_) => "NOT APPROVED",
+        None => "no [approval] list",
+    };
+    if let Some(l) = cfg {
+        let _ = writeln!(
+            o,
+            "config:  {} ({verdict}), session {}",
+            l.get("config_hash").map_or("?", |s| s),
+            l.get("session").map_or("?", |s| s)
+        );
+    }
+    let rejected: f64 = by(&b, "weir_receiver_frames_rejected_total", "reason")
+        .iter()
+        .filter(|(r, _)| !matches!(r.as_str(), "stale" | "replayed"))
+        .map(|(_, v)| v)
+        .sum();
+    let _ = writeln!(
+        o,
+        "link:    {:.0} datagrams/s, blocks repaired {}, lost {}, rejected {}",
+        one(&b, "weir_receiver_datagrams_received_total").unwrap_or(0.0)
+            - one(&a, "weir_receiver_datagrams_received_total").unwrap_or(0.0),
+        one(&b, "weir_receiver_blocks_repaired_total").unwrap_or(0.0),
+        one(&b, "weir_receiver_blocks_lost_total").unwrap_or(0.0)
+            + one(&b, "weir_receiver_blocks_missing_total").unwrap_or(0.0),
+        rejected
+    );
+    let _ = writeln!(
+        o,
+        "\n{:<32} {:>14} {:>10} {:>10}",
+        "stream", "last seq", "records/s", "open gaps"
+    );
+    let (ra, rb) = (
+        by(&a, "weir_receiver_stream_records_total", "stream"),
+        by(&b, "weir_receiver_stream_records_total", "stream"),
+    );
+    for (stream, last) in by(&b, "weir_receiver_stream_last_sequence", "stream") {
+        let rate = rb.get(&stream).unwrap_or(&0.0) - ra.get(&stream).unwrap_or(&0.0);
+        let gaps: u64 = open
+            .iter()
+            .filter(|g| g.stream == stream)
+            .map(|g| g.to - g.from + 1)
+            .sum();
+        let _ = writeln!(
+            o,
+            "{stream:<32} {last:>14} {rate:>10.0} {:>10}",
+            if gaps == 0 {
+                "-".to_string()
+            } else {
+                format!("{gaps} rec")
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n{:<20} {:>10} {:>12} {:>10} {:>8} {:>12}",
+        "sink", "records/s", "lag records", "lag s", "errors", "dead letters"
+    );
+    let (sa, sb) = (
+        by(&a, "weir_receiver_sink_records_total", "sink"),
+        by(&b, "weir_receiver_sink_records_total", "sink"),
+    );
+    let (lag, lag_s) = (
+        by(&b, "weir_receiver_sink_lag_records", "sink"),
+        by(&b, "weir_receiver_sink_lag_seconds", "sink"),
+    );
+    let (errors, dead) = (
+        by(&b, "weir_receiver_sink_errors_total", "sink"),
+        by(&b, "weir_receiver_sink_dead_letters_total", "sink"),
+    );
+    for (sink, n) in &sb {
+        let _ = writeln!(
+            o,
+            "{sink:<20} {:>10.0} {:>12} {:>10.1} {:>8} {:>12}",
+            n - sa.get(sink).unwrap_or(&0.0),
+            lag.get(sink).unwrap_or(&0.0),
+            lag_s.get(sink).unwrap_or(&0.0),
+            errors.get(sink).unwrap_or(&0.0),
+            dead.get(sink).unwrap_or(&0.0)
+        );
+    }
+    if !open.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{} open gaps (weir-receiver gaps --config {} lists them)",
+            open.len(),
+            config.display()
+        );
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), o.as_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrape_lines_with_labels_and_escapes_parse() {
+        let s = parse_scrape(
+            "# HELP x y\nweir_a_total 3\nweir_b{stream=\"pl\\\"ant/gen\",sink=\"f\"} 2.5\n# EOF\n",
+        );
+        assert_eq!(one(&s, "weir_a_total"), Some(3.0));
+        assert_eq!(by(&s, "weir_b", "stream").get("pl\"ant/gen"), Some(&2.5));
+        assert_eq!(by(&s, "weir_b", "sink").get("f"), Some(&2.5));
+    }
+}

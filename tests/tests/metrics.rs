@@ -305,9 +305,11 @@ fn both_sides_serve_prometheus_text_whose_counters_match_the_run() {
         !r.contains_key("weir_receiver_sender_config_approved"),
         "no [approval], no verdict"
     );
-    assert_eq!(
-        get(&r, "weir_receiver_sender_status{counter=\"records_sent\"}"),
-        n
+    // As of the last heartbeat that crossed before the link stopped.
+    let reported = get(&r, "weir_receiver_sender_status{counter=\"records_sent\"}");
+    assert!(
+        reported > 0.0 && reported <= n,
+        "sender's records_sent in heartbeats: {reported}"
     );
     assert!(
         r.contains_key("weir_build_info{side=\"receiver\",version=\"0.1.0\"}"),
@@ -364,6 +366,33 @@ fn an_unapproved_sender_configuration_is_alerted_and_records_keep_flowing() {
     );
     assert_eq!(alerts[0]["config_hash"], run.hash.as_str());
     assert_eq!(alerts[0]["approved"][0], other.as_str());
+    // `weir-receiver status` shows the same on one screen.
+    let out = std::process::Command::new(bin("weir-receiver"))
+        .args([
+            "status",
+            "--config",
+            run.s.join("receiver.toml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(screen.contains("sender:  alive"), "{screen}");
+    assert!(
+        screen.contains(&format!("{} (NOT APPROVED)", run.hash)),
+        "{screen}"
+    );
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.starts_with("plant/gen") && l.split_whitespace().nth(1) == Some("19999")),
+        "{screen}"
+    );
+    assert!(screen.lines().any(|l| l.starts_with("files ")), "{screen}");
     let log = std::fs::read_to_string(run.s.join("receiver.log")).unwrap();
     assert!(
         log.lines()
