@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR
 CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: all build demo test test-services ci fmt-check clippy bench fec-table fuzz clean
+.PHONY: all build demo test test-services ci fmt-check clippy bench fec-table fuzz clean deb deb-check sbom deny
 
 all: build
 
@@ -90,6 +90,35 @@ fuzz:
 		grep -E "^#[0-9]+.*(DONE|cov:)" $(FUZZ_TARGET_DIR)/logs/$$t.log | tail -1; \
 	done; \
 	if [ -n "$$failed" ]; then echo "fuzz: crashes or errors in:$$failed (inputs under fuzz/artifacts/, logs in $(FUZZ_TARGET_DIR)/logs)"; exit 1; fi
+
+## Debian packages of both sides (cargo-deb, installed under $(TOOLS) when
+## missing) into $(CARGO_TARGET_DIR)/debian/; see docs/operations.md.
+TOOLS ?= /var/tmp/weir-tools
+export PATH := $(TOOLS)/bin:$(PATH)
+deb: build
+	@command -v cargo-deb >/dev/null || (unset CARGO_TARGET_DIR; $(CARGO) install --locked cargo-deb --root $(TOOLS))
+	$(CARGO) deb -p weir-sender --no-build --strip
+	$(CARGO) deb -p weir-receiver --no-build --strip
+
+## Unpack each package into a scratch root (dpkg -x) and run check-config on
+## its shipped example configuration (packaging/deb-check.sh).
+deb-check: deb
+	packaging/deb-check.sh
+
+## CycloneDX SBOMs of both binaries (cargo-cyclonedx) into sbom/.
+sbom:
+	@command -v cargo-cyclonedx >/dev/null || (unset CARGO_TARGET_DIR; $(CARGO) install --locked cargo-cyclonedx --root $(TOOLS))
+	$(CARGO) cyclonedx --format json --spec-version 1.5 --override-filename weir.cdx
+	@mkdir -p sbom
+	@for c in sender receiver; do mv $$c/weir.cdx.json sbom/weir-$$c.cdx.json; done
+	@rm -f protocol/weir.cdx.json store/weir.cdx.json ops/weir.cdx.json tests/weir.cdx.json
+	@ls -l sbom/
+
+## Licences, sources, bans (and advisories when the advisory database can be
+## fetched) with cargo-deny and deny.toml.
+deny:
+	@command -v cargo-deny >/dev/null || (unset CARGO_TARGET_DIR; $(CARGO) install --locked cargo-deny --root $(TOOLS))
+	$(CARGO) deny check
 
 clean:
 	$(CARGO) clean

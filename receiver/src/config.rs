@@ -27,8 +27,14 @@ pub struct ReceiverConfig {
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[log] level`: the log filter; SIGHUP re-reads it. Absent: RUST_LOG, else `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogConfig>,
     #[serde(default, deserialize_with = "crate::sinks::deserialize_all")]
     pub sinks: Vec<SinkConfig>,
+    /// `[approval]`: the sender configuration hashes a safety officer approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalConfig>,
     /// Required: frames must be authenticated unless this says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
@@ -285,11 +291,35 @@ impl Default for HeartbeatConfig {
     }
 }
 
+/// `[approval]`: a heartbeat carrying a configuration hash not listed here
+/// raises an alert (ERROR log, `config-not-approved` audit line,
+/// `weir_receiver_sender_config_approved` 0) and the flow goes on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalConfig {
+    /// Hex SHA-256 hashes as `weir-sender check-config` prints them.
+    pub hashes: Vec<String>,
+}
+
+/// `[log]`: what SIGHUP can change without a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a filter such as
+    /// `info,weir_receiver=debug`.
+    pub level: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// If set, Prometheus text is served at `http://LISTEN/metrics`
+    /// (a management address: it is read-only, but bind it to loopback or
+    /// the management network, never the link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
     #[serde(default = "default_log_interval")]
     pub log_interval_s: u64,
 }
@@ -302,6 +332,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             path: None,
+            listen: None,
             log_interval_s: default_log_interval(),
         }
     }
@@ -417,6 +448,21 @@ pub fn parse(text: &str) -> Result<Loaded> {
             .map_err(|e| anyhow::anyhow!("sinks[{i}] ({}).{e}", common.name))?;
     }
     refuse_shared_file_dirs(&c.sinks)?;
+    if let Some(log) = &c.log {
+        weir_ops::logging::parse_level(&log.level)
+            .map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
+    }
+    if let Some(approval) = &c.approval {
+        for (i, h) in approval.hashes.iter().enumerate() {
+            if h.len() != 64
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                bail!("approval.hashes[{i}]: `{h}` is not a configuration hash; copy the 64 lowercase hex digits after `# sha256:` from `weir-sender check-config --config FILE`");
+            }
+        }
+    }
     let max_bytes =
         parse_size(&c.journal.max_bytes).map_err(|e| anyhow::anyhow!("journal.max_bytes: {e}"))?;
     if max_bytes < 1 << 20 {

@@ -15,6 +15,7 @@ mod gaps;
 mod journal;
 mod pipeline;
 mod sinks;
+mod status;
 mod udp;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,15 @@ enum Command {
     },
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// One screen about the running receiver: the sender (alive, since
+    /// when, its configuration hash and whether it is approved), per
+    /// stream the last sequence, rate and open gaps, per sink its rate,
+    /// lag and errors. Reads `[metrics] listen` (twice, a second apart)
+    /// and the audit log.
+    Status {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -135,31 +145,19 @@ const RECV_POOL: usize = 16;
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = weir_ops::logging::init(matches!(cli.log_format, LogFormat::Json));
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config } => run(&config, &log),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
         Command::Gaps { config, json } => gaps::print_open_gaps(&config, json),
+        Command::Status { config } => status::print_status(&config),
     };
     if let Err(e) = result {
         eprintln!("weir-receiver: error: {e:#}");
         std::process::exit(2);
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    match format {
-        LogFormat::Text => builder.with_ansi(ansi).init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -182,9 +180,12 @@ fn audit_verify(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn run(path: &Path) -> Result<()> {
+fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
     let loaded = config::load_with_keys(path)?;
     let cfg = &loaded.config;
+    if let Some(l) = &cfg.log {
+        log.set(&l.level)?;
+    }
     let mut audit = audit::AuditLog::open(&cfg.audit.path)?;
     let mut journal = journal::Journal::open(loaded.journal.clone())?;
     let mut confirmed_by_all = u64::MAX;
@@ -336,6 +337,29 @@ fn run(path: &Path) -> Result<()> {
             .spawn(move || socket.run(batch_tx, free_rx, RECV_POOL, stop, stats))
             .context("starting the receive thread")?
     };
+    let board = Arc::new(status::Board::new(
+        recv_stats.clone(),
+        sinks.iter().map(|s| s.shared.clone()).collect(),
+    ));
+    let endpoint = match cfg.metrics.listen {
+        Some(listen) => {
+            let mut registry = prometheus_client::registry::Registry::with_prefix("weir");
+            registry.register_collector(Box::new(status::Prometheus(board.clone())));
+            let endpoint = weir_ops::http::Endpoint::serve(
+                listen,
+                "metrics.listen",
+                Box::new(move |path| {
+                    (path == "/metrics").then(|| weir_ops::http::Page {
+                        content_type: weir_ops::http::OPENMETRICS,
+                        body: weir_ops::metrics::render(&registry),
+                    })
+                }),
+            )?;
+            tracing::info!(listen = %endpoint.local_addr(), "metrics: Prometheus text at /metrics");
+            Some(endpoint)
+        }
+        None => None,
+    };
     let pipeline = Pipeline {
         decoder,
         audit,
@@ -350,6 +374,11 @@ fn run(path: &Path) -> Result<()> {
         readers: (0..cfg.sinks.len()).map(|_| None).collect(),
         corrupt_entries: 0,
         compaction_errors: 0,
+        board,
+        approved: cfg.approval.as_ref().map(|a| a.hashes.clone()),
+        stream_counts: Default::default(),
+        gap_counts: Default::default(),
+        durable_times: Default::default(),
     };
     let decode = std::thread::Builder::new()
         .name("weir-decode".into())
@@ -358,17 +387,25 @@ fn run(path: &Path) -> Result<()> {
 
     {
         let stop = stop.clone();
+        let (path, log) = (path.to_path_buf(), log.clone());
         std::thread::spawn(move || {
-            wait_for_signal();
+            wait_for_signal(&path, &log);
             stop.store(true, Ordering::Relaxed);
         });
     }
+    // The socket is bound, the journal and the audit log are open, the
+    // sink and decoder threads run.
+    weir_ops::notify::ready(&format!("receiving on {listen}"));
+    weir_ops::notify::watchdog().start();
     // The socket and decoder threads end only when told to stop: either
     // ending first is fatal (it is logged and the exit status is non-zero).
     while !stop.load(Ordering::Relaxed) && !decode.is_finished() && !recv.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stopping: finishing what was received");
+    weir_ops::notify::stopping(
+        "stopping: handing the journal to the sinks (at most 10 s), then saving cursors",
+    );
     stop.store(true, Ordering::Relaxed);
     let recv_result = match recv.join() {
         Ok(r) => r,
@@ -406,21 +443,54 @@ fn run(path: &Path) -> Result<()> {
             cfg.journal.path.display()
         );
     }
+    drop(endpoint);
     recv_result.context("thread weir-recv")?;
     tracing::info!("weir-receiver stopped");
     Ok(())
 }
 
-fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile re-reads `[log] level`.
+fn wait_for_signal(path: &Path, log: &weir_ops::logging::LogControl) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("signal runtime");
     runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut hup = signal(SignalKind::hangup()).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => return,
+                _ = async { match hup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => reload(path, log),
+            }
         }
     });
+}
+
+/// SIGHUP: applies `[log] level` from the file and says what changed; the
+/// rest of the file needs a restart. An invalid file changes nothing.
+fn reload(path: &Path, log: &weir_ops::logging::LogControl) {
+    weir_ops::notify::reloading();
+    match config::load(path) {
+        Err(e) => tracing::error!("SIGHUP: {e:#}; nothing changed"),
+        Ok(new) => {
+            let level = new
+                .config
+                .log
+                .as_ref()
+                .map_or_else(weir_ops::logging::default_level, |l| l.level.clone());
+            match log.set(&level) {
+                Ok(Some(previous)) => {
+                    tracing::warn!(previous = %previous, now = %level, "SIGHUP: log level changed; other settings need a restart")
+                }
+                Ok(None) => {
+                    tracing::info!(level = %level, "SIGHUP: log level unchanged; other settings need a restart")
+                }
+                Err(e) => tracing::error!("SIGHUP: {e:#}"),
+            }
+        }
+    }
+    weir_ops::notify::ready("reloaded");
 }

@@ -96,7 +96,22 @@ pub struct Pipeline {
     pub corrupt_entries: u64,
     /// Failed compactions (each logged; retried on the next tick).
     pub compaction_errors: u64,
+    /// What the management endpoint shows; updated at each tick.
+    pub board: Arc<crate::status::Board>,
+    /// `[approval] hashes`: the sender configurations approved; None: no check.
+    pub approved: Option<Vec<String>>,
+    /// Per stream: records delivered and last sequence number, and gaps by
+    /// cause (gaps, records), since start: the metrics' view.
+    pub stream_counts: HashMap<Arc<str>, u64>,
+    pub gap_counts: HashMap<String, (u64, u64)>,
+    /// (durable journal index, when) at each tick, oldest first: how long
+    /// an entry a sink has not confirmed has been waiting (sink lag in seconds).
+    pub durable_times: VecDeque<(u64, Instant)>,
 }
+
+/// Durable-index samples kept for the sink lag in seconds; past it every
+/// other sample goes, so a long lag is still measured, more coarsely.
+const DURABLE_SAMPLES: usize = 4096;
 
 /// Batches queued per sink before it counts as behind (each holds at most
 /// `journal.fsync_bytes` of records).
@@ -181,6 +196,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// session or configuration hash changes.
 struct HeartbeatWatch {
     warn_after: Duration,
+    approved: Option<Vec<String>>,
+    /// Heartbeats that showed a new configuration hash not approved.
+    not_approved: u64,
+    is_approved: Option<bool>,
     started: Instant,
     last: Option<Instant>,
     lost_since: Option<Instant>,
@@ -227,6 +246,19 @@ impl HeartbeatWatch {
                 "sender-status",
                 json!({ "session": format!("{:016x}", hb.session), "config_hash": hb.config_hash, "uptime_ms": hb.uptime_ms }),
             );
+            if let Some(approved) = &self.approved {
+                let ok = approved.contains(&hb.config_hash);
+                self.is_approved = Some(ok);
+                if !ok {
+                    self.not_approved += 1;
+                    tracing::error!(config_hash = %hb.config_hash, session = format!("{:016x}", hb.session), approved = ?approved,
+                        "the sender runs a configuration that is not approved ([approval] hashes); records keep flowing. Compare `weir-sender check-config` on the OT side with the approved configuration");
+                    audit.write(
+                        "config-not-approved",
+                        json!({ "session": format!("{:016x}", hb.session), "config_hash": hb.config_hash, "approved": approved }),
+                    );
+                }
+            }
             self.session = Some(hb.session);
             self.config_hash = Some(hb.config_hash.clone());
         }
@@ -275,6 +307,9 @@ impl Pipeline {
         let now = || origin.elapsed().as_nanos() as Nanos;
         let mut watch = HeartbeatWatch {
             warn_after: self.warn_after,
+            approved: self.approved.clone(),
+            not_approved: 0,
+            is_approved: None,
             started: origin,
             last: None,
             lost_since: None,
@@ -293,6 +328,9 @@ impl Pipeline {
         // Per stream: the kinds some sink selects (its `streams` match).
         let mut routed: HashMap<Arc<str>, Kinds> = HashMap::new();
         let mut last_routed: Option<(Arc<str>, Kinds)> = None;
+        // The stream of the records just delivered and how many in a row.
+        let mut stream_run: Option<(Arc<str>, u64)> = None;
+        let beat = weir_ops::notify::watchdog().beat("weir-decode");
         let mut last_tick = Instant::now();
         let mut last_log = Instant::now();
         // Frames rejected by authentication, as last warned about.
@@ -350,6 +388,16 @@ impl Pipeline {
                         if let Err(e) = self.journal.append_record(&r) {
                             self.fail("weir-decode", e);
                         }
+                        // The same pointer compare as above: one hash per run of a stream.
+                        match &mut stream_run {
+                            Some((stream, n)) if Arc::ptr_eq(stream, &r.stream) => *n += 1,
+                            run => {
+                                if let Some((stream, n)) = run.take() {
+                                    *self.stream_counts.entry(stream).or_default() += n;
+                                }
+                                *run = Some((r.stream.clone(), 1));
+                            }
+                        }
                         if is_routed {
                             records.push(r);
                         }
@@ -362,6 +410,7 @@ impl Pipeline {
                             self.fail("weir-decode", e);
                         }
                         tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.records(), cause = g.cause.as_str(), "gap: records will not arrive");
+                        self.count_gap(g.cause.as_str(), g.records());
                         self.audit.write("gap", json!({ "stream": &*g.stream, "from": g.from, "to": g.to, "cause": g.cause.as_str() }));
                     }
                     Event::SessionStarted {
@@ -432,8 +481,13 @@ impl Pipeline {
             if disconnected || self.failure.is_some() {
                 break;
             }
+            beat.touch();
             if last_tick.elapsed() >= Duration::from_millis(250) {
                 last_tick = Instant::now();
+                if let Some((stream, n)) = stream_run.take() {
+                    *self.stream_counts.entry(stream).or_default() += n;
+                }
+                self.publish(unrouted_records.total, &watch);
                 watch.tick(&mut self.audit);
                 self.warn_auth_rejections(&mut auth_warned);
                 self.audit.sync();
@@ -476,6 +530,10 @@ impl Pipeline {
             self.finished.push(shared);
         }
         self.compact();
+        if let Some((stream, n)) = stream_run.take() {
+            *self.stream_counts.entry(stream).or_default() += n;
+        }
+        self.publish(unrouted_records.total, &watch);
         self.write_metrics(&unrouted_records, &watch);
         self.log_status(&mut logged_rebuilt);
         crate::audit::drain_sink_events(&mut self.audit);
@@ -671,6 +729,7 @@ impl Pipeline {
                     "gap",
                     json!({ "stream": stream, "from": from, "to": to, "cause": "journal-corrupt", "sinks": sinks }),
                 );
+                self.count_gap("journal-corrupt", to - from + 1);
             }
         }
     }
@@ -730,6 +789,7 @@ impl Pipeline {
                         .shared
                         .overflow_records
                         .fetch_add(to - from + 1, Ordering::Relaxed);
+                    self.count_gap("sink-overflow", to - from + 1);
                 }
                 self.sinks[i].dispatched = end;
             }
@@ -757,6 +817,112 @@ impl Pipeline {
             self.compaction_errors += 1;
             tracing::error!("journal: compaction failed (retried on the next tick): {e:#}");
         }
+    }
+
+    /// Counts an audited gap for the metrics.
+    fn count_gap(&mut self, cause: &str, records: u64) {
+        let c = self.gap_counts.entry(cause.to_string()).or_default();
+        c.0 += 1;
+        c.1 += records;
+    }
+
+    /// Copies what the management endpoint shows onto the board, and
+    /// samples the durable index for the sinks' lag in seconds.
+    fn publish(&mut self, unrouted: u64, watch: &HeartbeatWatch) {
+        let now = Instant::now();
+        let durable = self.journal.durable_index();
+        if self.durable_times.back().is_none_or(|(i, _)| *i < durable) {
+            if self.durable_times.len() >= DURABLE_SAMPLES {
+                let thinned: VecDeque<_> = self.durable_times.iter().step_by(2).copied().collect();
+                self.durable_times = thinned;
+            }
+            self.durable_times.push_back((durable, now));
+        }
+        // Samples every sink has confirmed past are no longer needed.
+        let slowest = self
+            .sinks
+            .iter()
+            .map(|s| s.shared.confirmed.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(durable);
+        while self.durable_times.len() > 1 && self.durable_times[1].0 <= slowest {
+            self.durable_times.pop_front();
+        }
+        let lag = |confirmed: u64| -> crate::status::SinkLag {
+            if confirmed >= durable {
+                return crate::status::SinkLag::default();
+            }
+            // The first sample at which the entry at `confirmed` was
+            // durable: it has waited at least since then.
+            let since = self
+                .durable_times
+                .iter()
+                .find(|(i, _)| *i > confirmed)
+                .map_or(now, |(_, t)| *t);
+            crate::status::SinkLag {
+                entries: durable - confirmed,
+                seconds: now.duration_since(since).as_secs_f64(),
+            }
+        };
+        let sink_lag = self
+            .sinks
+            .iter()
+            .map(|s| {
+                (
+                    s.shared.name.clone(),
+                    lag(s.shared.confirmed.load(Ordering::Relaxed)),
+                )
+            })
+            .collect();
+        let streams = self
+            .journal
+            .positions()
+            .iter()
+            .map(|(name, p)| {
+                let records = self.stream_counts.get(name.as_str()).copied().unwrap_or(0);
+                (
+                    name.clone(),
+                    crate::status::StreamRow {
+                        records,
+                        last_seq: p.last,
+                    },
+                )
+            })
+            .collect();
+        let gaps = self
+            .gap_counts
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let decoder = self.decoder.stats().clone();
+        let sender = crate::status::SenderView {
+            last_heartbeat: watch.last,
+            session: watch.session,
+            config_hash: watch.config_hash.clone(),
+            approved: watch.is_approved,
+            counters: watch.counters.clone(),
+        };
+        let (journal_bytes, journal_fsyncs) = (self.journal.total_bytes(), self.journal.fsyncs());
+        let (corrupt, compaction, audit) = (
+            self.corrupt_entries,
+            self.compaction_errors,
+            self.audit.errors,
+        );
+        let not_approved = watch.not_approved;
+        self.board.update(|s| {
+            s.decoder = decoder;
+            s.streams = streams;
+            s.gaps = gaps;
+            s.journal_bytes = journal_bytes;
+            s.journal_fsyncs = journal_fsyncs;
+            s.journal_corrupt_entries = corrupt;
+            s.journal_compaction_errors = compaction;
+            s.audit_errors = audit;
+            s.records_unrouted = unrouted;
+            s.sender = sender;
+            s.config_not_approved = not_approved;
+            s.sink_lag = sink_lag;
+        });
     }
 
     fn metrics(&self, unrouted: &Unrouted) -> Vec<(String, u64)> {
@@ -840,6 +1006,8 @@ impl Pipeline {
             json!(watch.session.map(|s| format!("{s:016x}"))),
         );
         map.insert("sender_config_hash".into(), json!(watch.config_hash));
+        map.insert("sender_config_approved".into(), json!(watch.is_approved));
+        map.insert("config_not_approved".into(), json!(watch.not_approved));
         map.insert("auth".into(), crate::auth_status(self.decoder.verifier()));
         let rebuilt: serde_json::Map<String, serde_json::Value> = self
             .decoder
@@ -1056,6 +1224,11 @@ mod tests {
             readers: vec![None],
             corrupt_entries: 0,
             compaction_errors: 0,
+            board: Arc::new(crate::status::Board::new(Default::default(), Vec::new())),
+            approved: None,
+            stream_counts: HashMap::new(),
+            gap_counts: HashMap::new(),
+            durable_times: VecDeque::new(),
         };
         p.check_sink_threads();
         let failure = p.failure.expect("a dead sink thread is fatal");

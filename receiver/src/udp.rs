@@ -107,7 +107,9 @@ impl LinkSocket {
                 .context("registering the link socket")?;
             let mut spare: Vec<RecvBatch> =
                 (0..pool).map(|_| RecvBatch::new(self.buf_len)).collect();
+            let beat = weir_ops::notify::watchdog().beat("weir-recv");
             while !stop.load(Ordering::Relaxed) {
+                beat.touch();
                 let mut batch = match spare.pop() {
                     Some(b) => b,
                     None => match free.recv() {

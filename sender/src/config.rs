@@ -27,6 +27,9 @@ pub struct SenderConfig {
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[log] level`: the log filter; SIGHUP re-reads it. Absent: RUST_LOG, else `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogConfig>,
     #[serde(default, deserialize_with = "crate::sources::deserialize_all")]
     pub sources: Vec<SourceConfig>,
     /// Required: frames are authenticated unless this says otherwise.
@@ -303,12 +306,26 @@ impl Default for HeartbeatConfig {
     }
 }
 
+/// `[log]`: what SIGHUP can change without a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a filter such as
+    /// `info,weir_receiver=debug`.
+    pub level: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// If set, a JSON snapshot of every counter is written here each second.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// If set, Prometheus text is served at `http://LISTEN/metrics`
+    /// (a management address: it is read-only, but bind it to loopback or
+    /// the management network, never the link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
     /// Seconds between status lines in the log; 0 turns them off.
     #[serde(default = "default_log_interval")]
     pub log_interval_s: u64,
@@ -322,6 +339,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             path: None,
+            listen: None,
             log_interval_s: default_log_interval(),
         }
     }
@@ -507,6 +525,10 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
             "heartbeat.interval_ms: {} must be between 10 and 60000",
             c.heartbeat.interval_ms
         );
+    }
+    if let Some(log) = &c.log {
+        weir_ops::logging::parse_level(&log.level)
+            .map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
     }
     if c.sources.is_empty() {
         bail!(

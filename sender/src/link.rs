@@ -202,7 +202,9 @@ pub fn run(
         ((len + overhead) as u128 * 8 * 1_000_000_000 / u128::from(params.rate_bps.max(1))) as Nanos
     };
 
+    let beat = weir_ops::notify::watchdog().beat("weir-link");
     loop {
+        beat.touch();
         let t = now();
         let mode = stop.load(Ordering::Relaxed);
         let drained =

@@ -114,10 +114,10 @@ const AUTH_DISABLED_WARNING: &str = "[auth] disabled = true: frames are NOT auth
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = weir_ops::logging::init(matches!(cli.log_format, LogFormat::Json));
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config } => run(&config, &log),
         Command::Resend {
             config,
             stream,
@@ -138,25 +138,15 @@ fn main() {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    match format {
-        LogFormat::Text => builder.with_ansi(ansi).init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn check_config(path: &Path) -> Result<()> {
     let loaded = config::load_with_key(path)?;
     let text = format!(
-        "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}\n# sha256: {}\n",
+        "# {}: configuration is valid\n# effective configuration (defaults filled in):\n\n{}\n# sha256: {}\n\
+         # The receiver shows this hash from every heartbeat; to approve this configuration, list it\n\
+         # in the receiver's [approval] hashes = [\"{}\"]\n",
         path.display(),
         loaded.effective_toml(),
+        loaded.hash,
         loaded.hash
     );
     // A closed pipe (`| head`) is not an error worth a panic.
@@ -256,8 +246,11 @@ fn resend(path: &Path, stream: &str, from: u64, to: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-fn run(path: &Path) -> Result<()> {
+fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
     let loaded = config::load_with_key(path)?;
+    if let Some(l) = &loaded.config.log {
+        log.set(&l.level)?;
+    }
     let session =
         weir_protocol::config::session_id_at(std::time::SystemTime::now(), rand::random());
     let counters = Arc::new(Counters::default());
@@ -346,6 +339,33 @@ fn run(path: &Path) -> Result<()> {
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let metrics_cfg = loaded.config.metrics.clone();
+    let _endpoint = match metrics_cfg.listen {
+        Some(listen) => {
+            let mut registry = prometheus_client::registry::Registry::with_prefix("weir");
+            registry.register_collector(Box::new(metrics::Prometheus {
+                counters: counters.clone(),
+                session,
+                config_hash: loaded.hash.clone(),
+                started: Instant::now(),
+            }));
+            let endpoint = weir_ops::http::Endpoint::serve(
+                listen,
+                "metrics.listen",
+                Box::new(move |path| {
+                    (path == "/metrics").then(|| weir_ops::http::Page {
+                        content_type: weir_ops::http::OPENMETRICS,
+                        body: weir_ops::metrics::render(&registry),
+                    })
+                }),
+            )?;
+            tracing::info!(listen = %endpoint.local_addr(), "metrics: Prometheus text at /metrics");
+            Some(endpoint)
+        }
+        None => None,
+    };
+    let watchdog = weir_ops::notify::watchdog();
+    let main_beat = watchdog.beat("weir-sender-main");
+    watchdog.start();
     let mut ticker_stop_handle = None;
     let hash = loaded.hash.clone();
     runtime.block_on(async {
@@ -372,8 +392,13 @@ fn run(path: &Path) -> Result<()> {
         let mut mode = link::STOP;
         let mut last_log = Instant::now();
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut ready = false;
         loop {
             tokio::select! {
+                _ = async { match sighup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
+                    reload(path, log, &hash);
+                }
                 _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping (unsent records stay in the spool)"); break; }
                 _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
                     tracing::info!("terminated; stopping (unsent records stay in the spool)"); break;
@@ -407,6 +432,12 @@ fn run(path: &Path) -> Result<()> {
                     }
                 },
                 _ = tick.tick() => {
+                    main_beat.touch();
+                    if !ready {
+                        // The link socket and the spool are open, the sources started.
+                        ready = true;
+                        weir_ops::notify::ready(&format!("sending to {}, config {}", link_cfg.destination, &hash[..12]));
+                    }
                     // A thread that ended without reporting (it cannot
                     // while running, but nothing may end unnoticed).
                     if fatal.first().is_some() {
@@ -443,6 +474,7 @@ fn run(path: &Path) -> Result<()> {
         if fatal.first().is_some() {
             mode = link::STOP;
         }
+        weir_ops::notify::stopping("stopping: unsent records stay in the spool");
         let _ = shutdown_tx.send(true);
         tasks.shutdown().await;
         stop.store(mode, Ordering::Relaxed);
@@ -502,6 +534,35 @@ fn run(path: &Path) -> Result<()> {
         anyhow::bail!("{thread} failed: {cause}");
     }
     Ok(())
+}
+
+/// SIGHUP: re-reads the configuration file and applies what can change
+/// without a restart (`[log] level`), saying what changed and what needs
+/// a restart. An invalid file changes nothing.
+fn reload(path: &Path, log: &weir_ops::logging::LogControl, running_hash: &str) {
+    weir_ops::notify::reloading();
+    match config::load(path) {
+        Err(e) => tracing::error!("SIGHUP: {e:#}; nothing changed"),
+        Ok(new) => {
+            let level = new
+                .config
+                .log
+                .as_ref()
+                .map_or_else(weir_ops::logging::default_level, |l| l.level.clone());
+            match log.set(&level) {
+                Ok(Some(previous)) => {
+                    tracing::warn!(previous = %previous, now = %level, "SIGHUP: log level changed")
+                }
+                Ok(None) => tracing::info!(level = %level, "SIGHUP: log level unchanged"),
+                Err(e) => tracing::error!("SIGHUP: {e:#}"),
+            }
+            if new.hash != running_hash {
+                tracing::warn!(running = %running_hash, file = %new.hash,
+                    "SIGHUP: {} differs from the running configuration beyond what a reload applies; heartbeats carry the running hash until a restart", path.display());
+            }
+        }
+    }
+    weir_ops::notify::ready("reloaded");
 }
 
 fn log_status(counters: &Counters) {

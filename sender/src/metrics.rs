@@ -21,6 +21,11 @@ macro_rules! counters {
             pub fn snapshot(&self) -> Vec<(String, u64)> {
                 vec![$((stringify!($name).to_string(), self.$name.load(Ordering::Relaxed)),)*]
             }
+
+            /// Each counter's name, doc and value, for the Prometheus text.
+            pub fn described(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $doc, self.$name.load(Ordering::Relaxed)),)*]
+            }
         }
     };
 }
@@ -144,5 +149,103 @@ impl SourceBoard {
     pub fn to_json(&self) -> serde_json::Value {
         let board = self.0.lock().unwrap_or_else(|p| p.into_inner());
         serde_json::to_value(&*board).unwrap_or_default()
+    }
+}
+
+/// What `[metrics] listen` serves: the counters above, read at scrape time.
+#[derive(Debug)]
+pub struct Prometheus {
+    pub counters: std::sync::Arc<Counters>,
+    pub session: u64,
+    pub config_hash: String,
+    pub started: std::time::Instant,
+}
+
+/// The Prometheus name of a counter (without `weir_` and `_total`), and
+/// whether it is a gauge: units last, as Prometheus names them.
+fn prometheus_name(field: &str) -> (String, bool) {
+    let name = match field {
+        "bytes_in" => "in_bytes",
+        "wire_bytes_sent" => "wire_sent_bytes",
+        "data_bytes" => "data_shard_bytes",
+        "parity_bytes" => "parity_shard_bytes",
+        "datagrams_sent" => "frames_sent",
+        "spool_bytes" => return ("sender_spool_bytes".into(), true),
+        other => other,
+    };
+    (format!("sender_{name}"), false)
+}
+
+impl prometheus_client::collector::Collector for Prometheus {
+    fn encode(&self, enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let mut out = weir_ops::metrics::Out::new(enc);
+        out.build_info("sender", env!("CARGO_PKG_VERSION"))?;
+        for (field, doc, v) in self.counters.described() {
+            match field {
+                // A peak in microseconds: a gauge in seconds.
+                "max_spread_us" => out.gauge(
+                    "sender_max_spread_seconds",
+                    "widest spread in time given to one block's shards since start (at most fec.max_spread_ms)",
+                    v as f64 / 1e6,
+                )?,
+                _ => match prometheus_name(field) {
+                    (name, true) => out.gauge(&name, doc, v as f64)?,
+                    (name, false) => out.counter(&name, doc, v)?,
+                },
+            }
+        }
+        let info: weir_ops::metrics::Labels = vec![
+            ("config_hash", self.config_hash.clone()),
+            ("session", format!("{:016x}", self.session)),
+        ];
+        out.gauges(
+            "sender_config",
+            "the running configuration's SHA-256 (as in every heartbeat and `weir-sender check-config`) and session; always 1",
+            &[(info, 1.0)],
+        )?;
+        out.gauge(
+            "sender_uptime_seconds",
+            "seconds since this sender started",
+            self.started.elapsed().as_secs_f64(),
+        )?;
+        let board = self
+            .counters
+            .sources
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let state: Vec<_> = board
+            .iter()
+            .map(|(name, s)| {
+                (
+                    vec![("source", name.clone()), ("state", s.state.to_string())],
+                    1.0,
+                )
+            })
+            .collect();
+        out.gauges(
+            "sender_source_state",
+            "what each source is doing (running, listening, connected, retrying, finished); 1 for the current state",
+            &state,
+        )?;
+        let mut counts: BTreeMap<&'static str, Vec<(weir_ops::metrics::Labels, u64)>> =
+            BTreeMap::new();
+        for (name, s) in &board {
+            for (k, v) in s.counts.iter() {
+                counts
+                    .entry(k)
+                    .or_default()
+                    .push((vec![("source", name.clone())], *v));
+            }
+        }
+        for (k, samples) in counts {
+            out.counters(
+                &format!("sender_source_{k}"),
+                "a count particular to the source type, per source (see docs/sources.md)",
+                &samples,
+            )?;
+        }
+        Ok(())
     }
 }
