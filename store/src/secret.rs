@@ -56,6 +56,31 @@ pub fn read_private_file(path: &Path, setting: &str, len: usize, how: &str) -> R
     Ok(bytes)
 }
 
+/// The one line of a private text file (a password, a bearer token) that
+/// `setting` names, refused like [`read_private_file`] when others can
+/// read it; a trailing newline is dropped, an empty or multi-line file is
+/// refused.
+pub fn read_secret_line(path: &Path, setting: &str) -> Result<String> {
+    let (file, _) = open_private(path, setting)?;
+    let mut text = String::new();
+    file.take(64 << 10)
+        .read_to_string(&mut text)
+        .with_context(|| {
+            format!(
+                "{setting}: cannot read {} (one line of UTF-8 text)",
+                path.display()
+            )
+        })?;
+    let line = text.trim_end_matches(['\n', '\r']);
+    if line.is_empty() || line.contains(['\n', '\r']) {
+        bail!(
+            "{setting}: {} must hold exactly one non-empty line",
+            path.display()
+        );
+    }
+    Ok(line.to_string())
+}
+
 /// Longest PEM file read (a key or a CA bundle; Debian's bundle is
 /// about 200 KiB).
 const MAX_PEM: u64 = 4 << 20;

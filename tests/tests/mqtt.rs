@@ -920,6 +920,10 @@ fn mqtts_with_a_password_file_carries_mqtt5_user_properties_through_source_and_s
     let _broker = tls_broker(&s, plain, tls, &pki);
     let password = s.write("mqtt.password", "s3cret pass\n");
     let wrong = s.write("wrong.password", "not it\n");
+    for f in [&password, &wrong] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let link = Link::new();
     let tls_keys = |pw: &std::path::Path| {
         format!(

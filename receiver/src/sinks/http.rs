@@ -73,30 +73,7 @@ fn default_timeout() -> u64 {
 /// configuration key `key` names: a regular file that group and others
 /// cannot access, one non-empty line (a trailing newline is dropped).
 pub(crate) fn read_secret_file(path: &Path, key: &str) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("{key}: cannot read {} ({e})", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{key}: {} is not a regular file", path.display()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{key}: {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        ));
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{key}: cannot read {} ({e})", path.display()))?;
-    let line = text.trim_end_matches(['\n', '\r']);
-    if line.is_empty() || line.contains(['\n', '\r']) {
-        return Err(format!(
-            "{key}: {} must hold exactly one non-empty line",
-            path.display()
-        ));
-    }
-    Ok(line.to_string())
+    weir_store::secret::read_secret_line(path, key).map_err(|e| format!("{e:#}"))
 }
 
 impl Config {

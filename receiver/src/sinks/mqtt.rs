@@ -142,14 +142,9 @@ fn parse_url(url: &str) -> Result<Broker, String> {
     })
 }
 
+/// The broker password: one line, in a file only its owner can read.
 fn read_password(path: &PathBuf) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "password_file: cannot read {} ({e}); it holds the broker password",
-            path.display()
-        )
-    })?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    weir_store::secret::read_secret_line(path, "password_file").map_err(|e| format!("{e:#}"))
 }
 
 impl SinkBuilder for Config {
