@@ -12,6 +12,7 @@
 pub mod generator;
 pub mod modbus;
 pub mod mqtt;
+pub mod opcua;
 pub mod stdin;
 pub mod syslog;
 pub mod tcp;
@@ -41,6 +42,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<udp::Config>(),
     Registration::of::<mqtt::Config>(),
     Registration::of::<modbus::Config>(),
+    Registration::of::<opcua::Config>(),
 ];
 
 /// A source type: its `Config` (the source's own keys, serde with
