@@ -341,7 +341,7 @@ mod tests {
         let err = cfg("bearer_token_file = \"/nonexistent/token\"")
             .check()
             .unwrap_err();
-        assert!(err.starts_with("bearer_token_file: cannot read"), "{err}");
+        assert!(err.starts_with("bearer_token_file: cannot open"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod files;
 pub mod generator;
 pub mod modbus;
 pub mod mqtt;
+pub mod opcua;
 pub mod stdin;
 pub mod syslog;
 pub mod tcp;
@@ -43,6 +44,7 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<mqtt::Config>(),
     Registration::of::<modbus::Config>(),
     Registration::of::<files::Config>(),
+    Registration::of::<opcua::Config>(),
 ];
 
 /// A source type: its `Config` (the source's own keys, serde with

@@ -283,7 +283,7 @@ impl Config {
 }
 
 /// The broker password: one line, in a file only its owner can read.
-fn read_password(path: &PathBuf) -> Result<String, String> {
+fn read_password(path: &std::path::Path) -> Result<String, String> {
     weir_store::secret::read_secret_line(path, "password_file").map_err(|e| format!("{e:#}"))
 }
 
