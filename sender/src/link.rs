@@ -502,12 +502,58 @@ fn publish(enc: &mut Encoder, counters: &Counters) {
     ] {
         counter.store(value, Ordering::Relaxed);
     }
-    enc.set_counters(counters.snapshot());
+    enc.set_counters(heartbeat_counters(counters.snapshot()));
+}
+
+/// Heartbeats carry at most 32 counters: the sender's own (records,
+/// spool, link) always, then those of source components (`mqtt_`,
+/// `modbus_`, `opcua_`) that are not zero, in their order.
+fn heartbeat_counters(all: Vec<(String, u64)>) -> Vec<(String, u64)> {
+    const MAX: usize = 32;
+    let component = |name: &str| {
+        ["mqtt_", "modbus_", "opcua_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+    };
+    let (components, own): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| component(n));
+    let mut out = own;
+    let room = MAX.saturating_sub(out.len());
+    out.extend(components.into_iter().filter(|(_, v)| *v != 0).take(room));
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::pacer_burst;
+    use super::{heartbeat_counters, pacer_burst};
+
+    #[test]
+    fn heartbeats_keep_the_senders_own_counters_and_only_nonzero_component_ones() {
+        let all = crate::metrics::Counters::default().snapshot();
+        let own = all
+            .iter()
+            .filter(|(n, _)| {
+                !["mqtt_", "modbus_", "opcua_"]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+            })
+            .count();
+        let mut hb = heartbeat_counters(all.clone());
+        assert_eq!(hb.len(), own, "zero component counters are left out");
+        assert!(
+            hb.len() <= 32,
+            "the sender's own counters alone fit a heartbeat"
+        );
+        assert!(hb.iter().any(|(n, _)| n == "records_sent"));
+        let mut busy = all;
+        for (n, v) in &mut busy {
+            if n == "modbus_requests" {
+                *v = 7;
+            }
+        }
+        hb = heartbeat_counters(busy);
+        assert!(hb.contains(&("modbus_requests".to_string(), 7)));
+        assert!(hb.len() <= 32);
+    }
 
     const BATCH: usize = 44 * 1530;
 

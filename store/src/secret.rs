@@ -15,8 +15,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// one that is not a regular file or that group or others can access
 /// (the mode is checked on the opened file).
 fn open_private(path: &Path, setting: &str) -> Result<(File, Metadata)> {
-    let file = File::open(path)
-        .with_context(|| format!("{setting}: cannot open key file {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("{setting}: cannot open {}", path.display()))?;
     let meta = file
         .metadata()
         .with_context(|| format!("{setting}: cannot stat key file {}", path.display()))?;

@@ -451,9 +451,19 @@ fn ten_thousand_datagrams_of_mixed_sizes_arrive_byte_identical_at_the_udp_sink()
     let lines = stream_lines(&out, "telemetry");
     assert_eq!(lines[0]["topic"], "plant/telemetry");
     assert_eq!(lines[0]["origin"], feed_addr.to_string());
-    let m = read_json(&s.join("sender-metrics.json"));
-    assert_eq!(m["sources"]["telemetry"]["datagrams"], N as u64);
-    assert_eq!(m["sources"]["telemetry"]["kernel_drops"], 0);
+    // The metrics file is rewritten every second: wait for the count.
+    let metrics = s.join("sender-metrics.json");
+    assert!(
+        wait_until(Duration::from_secs(10), || read_json(&metrics)["sources"]
+            ["telemetry"]["datagrams"]
+            == N as u64),
+        "{:#}",
+        read_json(&metrics)["sources"]["telemetry"]
+    );
+    assert_eq!(
+        read_json(&metrics)["sources"]["telemetry"]["kernel_drops"],
+        0
+    );
 }
 
 /// Reads octet-counted frames (RFC 6587) from one accepted connection.

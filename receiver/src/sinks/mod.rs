@@ -682,7 +682,7 @@ mod tests {
         }
         assert_eq!(
             toml::to_string(&Wrap { sinks: vec![s] }).unwrap(),
-            "[[sinks]]\ntype = \"file\"\nname = \"f\"\nstreams = [\"plant/*\"]\nkinds = [\"point\", \"message\", \"log\", \"bytes\"]\ndir = \"/tmp/x\"\nmax_file_bytes = \"256MiB\"\nmax_line_bytes = \"16MiB\"\n"
+            "[[sinks]]\ntype = \"file\"\nname = \"f\"\nstreams = [\"plant/*\"]\nkinds = [\"point\", \"message\", \"log\", \"bytes\", \"file\"]\ndir = \"/tmp/x\"\nmax_file_bytes = \"256MiB\"\nmax_line_bytes = \"16MiB\"\n"
         );
     }
 

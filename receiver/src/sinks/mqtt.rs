@@ -688,7 +688,7 @@ mod tests {
             ("protocol = \"3\"", "protocol:"),
             (
                 "password_file = \"/nonexistent\"\nusername = \"u\"",
-                "password_file: cannot read /nonexistent",
+                "password_file: cannot open /nonexistent",
             ),
             ("ca_file = \"/etc/hostname\"", "ca_file:"),
         ] {

@@ -918,7 +918,7 @@ mod tests {
             ("protocol = \"4\"", "protocol:"),
             (
                 "password_file = \"/nonexistent/pw\"\nusername = \"u\"",
-                "password_file: cannot read /nonexistent/pw",
+                "password_file: cannot open /nonexistent/pw",
             ),
             (
                 "password_file = \"/etc/hostname\"",
