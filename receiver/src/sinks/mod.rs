@@ -13,9 +13,12 @@
 //! backoff, dead letters, the cursor. A sink only writes a batch and says
 //! how much of it the destination confirmed.
 
+pub mod dest_template;
 pub mod file;
+pub mod kafka;
 pub mod json_line;
 pub mod mqtt;
+pub mod nats;
 pub mod stdout;
 pub mod syslog;
 pub mod tcp;
@@ -43,6 +46,8 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<syslog::Config>(),
     Registration::of::<udp::Config>(),
     Registration::of::<mqtt::Config>(),
+    Registration::of::<nats::Config>(),
+    Registration::of::<kafka::Config>(),
 ];
 
 /// A sink type's `Config` (the sink's own keys, serde with
