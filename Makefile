@@ -27,7 +27,7 @@ test: build
 ## tests/tests/mqtt.rs against Mosquitto on 127.0.0.1:1883. `make test` runs
 ## them too but skips them (saying why) when no broker answers; here
 ## WEIR_SERVICES=1 makes a missing broker a failure.
-SERVICE_TESTS := --test mqtt
+SERVICE_TESTS := --test mqtt --test nats --test kafka
 test-services: build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		WEIR_SERVICES=1 $(CARGO) nextest run --release -p weir-tests $(SERVICE_TESTS) --no-fail-fast; \
