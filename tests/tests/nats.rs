@@ -128,9 +128,9 @@ fn read_stream(addr: &str, name: &str) -> Vec<Stored> {
                 msg_id: m
                     .headers
                     .as_ref()
-                    .and_then(|h| h.get("Nats-Msg-Id"))
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_else(|| format!("no Nats-Msg-Id in {:?}", m.headers)),
             });
         }
         out
@@ -257,8 +257,8 @@ fn gen_seqs(stored: &[Stored], subject_prefix: &str) -> Vec<u64> {
         );
         let parts: Vec<&str> = m.msg_id.split('/').collect();
         assert_eq!(
-            (parts.len(), parts[0], parts[2]),
-            (3, m.stream.as_str(), m.seq.to_string().as_str()),
+            (parts.len(), parts[0], parts.last().copied()),
+            (3, m.stream.as_str(), Some(m.seq.to_string().as_str())),
             "Nats-Msg-Id {} is stream/epoch/seq",
             m.msg_id
         );
