@@ -349,8 +349,11 @@ fn kill_9_of_the_receiver_mid_run_stores_every_record_in_kafka_at_most_once() {
     let total = 100_000u64;
     let mut sender = sender(&s, link.sender_port, 20_000, total);
     assert!(
-        wait_until(Duration::from_secs(30), || sink_metric(&s, "sink.kafka.records")
-            .unwrap_or(0)
+        wait_until(Duration::from_secs(30), || sink_metric(
+            &s,
+            "sink.kafka.records"
+        )
+        .unwrap_or(0)
             > 20_000),
         "records reach Kafka before the kill: {}",
         log_text(&s, "receiver-1")
@@ -498,8 +501,11 @@ fn a_broker_unreachable_for_10_s_mid_run_loses_and_duplicates_nothing() {
     let total = 60_000u64;
     let mut sender = sender(&s, link.sender_port, 4_000, total);
     assert!(
-        wait_until(Duration::from_secs(30), || sink_metric(&s, "sink.kafka.records")
-            .unwrap_or(0)
+        wait_until(Duration::from_secs(30), || sink_metric(
+            &s,
+            "sink.kafka.records"
+        )
+        .unwrap_or(0)
             > 8_000),
         "records reach Kafka before the outage: {}",
         log_text(&s, "receiver")

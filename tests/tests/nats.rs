@@ -46,7 +46,11 @@ fn unique(test: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    format!("WEIRTEST_{test}_{}_{}", std::process::id(), nanos % 1_000_000_000)
+    format!(
+        "WEIRTEST_{test}_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000
+    )
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -57,7 +61,9 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 async fn js(addr: &str) -> jetstream::Context {
-    let client = async_nats::connect(addr).await.expect("test client connects");
+    let client = async_nats::connect(addr)
+        .await
+        .expect("test client connects");
     jetstream::new(client)
 }
 
@@ -281,7 +287,12 @@ fn a_hundred_thousand_records_cross_a_lossy_link_into_jetstream_once_in_order() 
     let rcfg = receiver_config(
         &s,
         link.receiver_port,
-        &nats_sink(SERVER, &format!("{}.{{stream}}", name.to_lowercase()), &name, ""),
+        &nats_sink(
+            SERVER,
+            &format!("{}.{{stream}}", name.to_lowercase()),
+            &name,
+            "",
+        ),
     );
     let mut receiver = receiver(&s, "receiver", &rcfg);
     let total = 100_000u64;
@@ -328,7 +339,8 @@ fn kill_9_of_the_receiver_mid_run_stores_every_record_in_jetstream_at_most_once(
     let total = 100_000u64;
     let mut sender = sender(&s, link.sender_port, 20_000, total);
     assert!(
-        wait_until(Duration::from_secs(20), || stream_count(SERVER, &name) > 20_000),
+        wait_until(Duration::from_secs(20), || stream_count(SERVER, &name)
+            > 20_000),
         "records reach JetStream before the kill: {}",
         log_text(&s, "receiver-1")
     );
@@ -382,7 +394,9 @@ fn private_server(s: &Scratch, log: &str, port: u16, dir: &Path) -> Proc {
 fn a_jetstream_server_down_for_10_s_mid_run_loses_and_duplicates_nothing() {
     if !Path::new(NATS_SERVER_BIN).exists() {
         if std::env::var("WEIR_SERVICES").is_ok_and(|v| v == "1") {
-            panic!("WEIR_SERVICES=1 but {NATS_SERVER_BIN} is missing (apt-get install nats-server)");
+            panic!(
+                "WEIR_SERVICES=1 but {NATS_SERVER_BIN} is missing (apt-get install nats-server)"
+            );
         }
         eprintln!("SKIPPED nats outage: {NATS_SERVER_BIN} is missing");
         return;
@@ -405,7 +419,8 @@ fn a_jetstream_server_down_for_10_s_mid_run_loses_and_duplicates_nothing() {
     let total = 60_000u64;
     let mut sender = sender(&s, link.sender_port, 4_000, total);
     assert!(
-        wait_until(Duration::from_secs(20), || stream_count(&addr, name) > 8_000),
+        wait_until(Duration::from_secs(20), || stream_count(&addr, name)
+            > 8_000),
         "records reach JetStream before the outage: {}",
         log_text(&s, "receiver")
     );

@@ -154,10 +154,7 @@ pub(crate) mod tests {
         assert!(!t.is_fixed());
         assert_eq!(t.prefix(), "it.");
         let same = |s: &str, out: &mut String| out.push_str(s);
-        assert_eq!(
-            t.render(&record(point("G/T")), same),
-            "it.plant/line1.G/T"
-        );
+        assert_eq!(t.render(&record(point("G/T")), same), "it.plant/line1.G/T");
         let m = weir_protocol::Message::new("a/b", vec![1], 0);
         assert_eq!(
             Template::parse("{topic}")
@@ -175,7 +172,11 @@ pub(crate) mod tests {
     fn raw_format_keeps_message_payloads_and_json_is_the_file_sinks_object() {
         let mut out = Vec::new();
         let m = weir_protocol::Message::new("a/b", vec![0, 255], 0);
-        payload(&mut out, &record(RecordBody::Message(m.clone())), Format::Raw);
+        payload(
+            &mut out,
+            &record(RecordBody::Message(m.clone())),
+            Format::Raw,
+        );
         assert_eq!(out, [0, 255]);
         let r = record(RecordBody::Message(m));
         payload(&mut out, &r, Format::Json);

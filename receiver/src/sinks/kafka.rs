@@ -357,7 +357,9 @@ impl KafkaSink {
             if topic.len() > MAX_TOPIC || topic == "." || topic == ".." {
                 return Ok(Some((
                     i,
-                    format!("topic `{topic}` is not a valid Kafka topic name (too long, or . or ..)"),
+                    format!(
+                        "topic `{topic}` is not a valid Kafka topic name (too long, or . or ..)"
+                    ),
                 )));
             }
             self.prepare_topic(producer, &topic)
@@ -505,10 +507,13 @@ fn scan(
             continue;
         };
         let m = m.context("reading the topic after a restart")?;
-        if let Some(id) = m.headers().and_then(|h| id_of(h)) {
+        if let Some(id) = m.headers().and_then(id_of) {
             out.push((id, m.partition(), m.offset()));
         }
-        if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+        if ends
+            .get(&m.partition())
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
             ends.remove(&m.partition());
         }
     }
@@ -577,20 +582,25 @@ impl AsyncSink for KafkaSink {
                         Ok(Ok(Err((e, _)))) => {
                             if matches!(
                                 e,
-                                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
+                                KafkaError::MessageProduction(
+                                    RDKafkaErrorCode::MessageSizeTooLarge
+                                )
                             ) {
                                 failure = Some(SinkError::Reject {
                                     at: confirmed,
                                     reason: format!("the brokers refused the record: {e}"),
                                 });
                             } else {
-                                if matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)) {
+                                if matches!(
+                                    e,
+                                    KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)
+                                ) {
                                     // A new producer (and idempotence epoch) next time.
                                     self.producer = None;
                                 }
-                                failure = Some(SinkError::retry(anyhow!(e).context(format!(
-                                    "delivering to topic `{topic}`"
-                                ))));
+                                failure = Some(SinkError::retry(
+                                    anyhow!(e).context(format!("delivering to topic `{topic}`")),
+                                ));
                             }
                             break;
                         }
@@ -601,11 +611,18 @@ impl AsyncSink for KafkaSink {
                             break;
                         }
                         Err(_elapsed) => {
-                            self.flights
-                                .insert(id.clone(), Flight::Waiting { topic: topic.clone(), report });
+                            self.flights.insert(
+                                id.clone(),
+                                Flight::Waiting {
+                                    topic: topic.clone(),
+                                    report,
+                                },
+                            );
                             let waiting = ids[confirmed..limit]
                                 .iter()
-                                .filter(|i| matches!(self.flights.get(*i), Some(Flight::Waiting { .. })))
+                                .filter(|i| {
+                                    matches!(self.flights.get(*i), Some(Flight::Waiting { .. }))
+                                })
                                 .count();
                             failure = Some(SinkError::retry(anyhow!(
                                 "{waiting} records produced to `{topic}` have no delivery report after {} s (brokers down? check `brokers`); librdkafka keeps them and retries",
@@ -622,7 +639,9 @@ impl AsyncSink for KafkaSink {
         // Reports that came for later records are kept as stored.
         for id in &ids[confirmed.min(ids.len())..] {
             if let Some(Flight::Waiting { topic, report }) = self.flights.get_mut(id) {
-                if let Some(Ok(Ok((partition, offset)))) = futures_util::FutureExt::now_or_never(&mut *report) {
+                if let Some(Ok(Ok((partition, offset)))) =
+                    futures_util::FutureExt::now_or_never(&mut *report)
+                {
                     let topic = topic.clone();
                     self.flights.insert(
                         id.clone(),
@@ -693,7 +712,10 @@ mod tests {
             ("topic = \"t\"\ncompression = \"brotli\"", "compression:"),
             ("topic = \"t\"\nbatch_size = 0", "batch_size:"),
             ("topic = \"t\"\nlinger_ms = 1000000", "linger_ms:"),
-            ("topic = \"t\"\n[properties]\nacks = \"1\"", "properties: `acks`"),
+            (
+                "topic = \"t\"\n[properties]\nacks = \"1\"",
+                "properties: `acks`",
+            ),
         ] {
             let err = config(extra).unwrap_err();
             assert!(err.starts_with(key), "{extra}: {err}");

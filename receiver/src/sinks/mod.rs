@@ -15,8 +15,8 @@
 
 pub mod dest_template;
 pub mod file;
-pub mod kafka;
 pub mod json_line;
+pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod stdout;

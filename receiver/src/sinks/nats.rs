@@ -353,11 +353,9 @@ fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
 impl AsyncSink for NatsSink {
     /// Confirms the records whose publish ack came, in order.
     async fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
-        if self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.client.connection_state() != async_nats::connection::State::Connected)
-        {
+        if self.conn.as_ref().is_some_and(|c| {
+            c.client.connection_state() != async_nats::connection::State::Connected
+        }) {
             self.conn = None;
         }
         let conn = match self.conn.take() {
@@ -402,7 +400,10 @@ mod tests {
             ("subject = \"it.{nope}\"", "subject:"),
             ("subject = \"it..x\"", "subject:"),
             ("subject = \"it.*\"", "subject:"),
-            ("subject = \"{stream}.x\"\ncreate_stream = true", "create_stream:"),
+            (
+                "subject = \"{stream}.x\"\ncreate_stream = true",
+                "create_stream:",
+            ),
         ] {
             let err = config(extra).unwrap_err();
             assert!(err.starts_with(key), "{extra}: {err}");
