@@ -46,6 +46,10 @@ const WRITE_WAIT: Duration = Duration::from_secs(20);
 /// Metadata and watermark requests, and the whole resume scan of a topic.
 const META_TIMEOUT: Duration = Duration::from_secs(10);
 const SCAN_TIMEOUT: Duration = Duration::from_secs(40);
+/// After the watermarks: the resume scan stops after this long without a
+/// record, or this long in all.
+const SCAN_QUIET: Duration = Duration::from_secs(1);
+const SCAN_PAST: Duration = Duration::from_secs(5);
 /// Kafka's limit on a topic name.
 const MAX_TOPIC: usize = 249;
 const COMPRESSIONS: &[&str] = &["none", "gzip", "snappy", "lz4", "zstd"];
@@ -284,9 +288,9 @@ impl KafkaSink {
                         .as_ref()
                         .and_then(|s| s.get(part).copied())
                         .unwrap_or(*low);
-                    if from < *high {
-                        ranges.push((*part, from, *high));
-                    }
+                    // Scanned even when `from` is at the reported end: the
+                    // end may be reported short (see `scan`).
+                    ranges.push((*part, from, *high));
                 }
             }
             let found = if ranges.is_empty() {
@@ -490,12 +494,26 @@ fn scan(
     for &(part, from, to) in ranges {
         tpl.add_partition_offset(topic, part, Offset::Offset(from))
             .context("assigning partitions")?;
-        ends.insert(part, to);
+        if from < to {
+            ends.insert(part, to);
+        }
     }
     consumer.assign(&tpl).context("assigning partitions")?;
     let deadline = Instant::now() + SCAN_TIMEOUT;
     let mut out = Vec::new();
-    while !ends.is_empty() {
+    // Past the watermarks, reading goes on until nothing came for
+    // SCAN_QUIET (at most SCAN_PAST): a broker may report a partition's end
+    // short of its last records (tansu 0.6 reports a few dozen records
+    // short), and a replayed record missed here would be stored twice.
+    let mut past: Option<Instant> = None;
+    let mut last = Instant::now();
+    loop {
+        if ends.is_empty() {
+            let since = *past.get_or_insert_with(Instant::now);
+            if last.elapsed() >= SCAN_QUIET || since.elapsed() >= SCAN_PAST {
+                break;
+            }
+        }
         if Instant::now() >= deadline {
             return Err(anyhow!(
                 "reading topic `{topic}` from the saved offsets took over {} s ({} partitions left)",
@@ -503,10 +521,11 @@ fn scan(
                 ends.len()
             ));
         }
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let m = m.context("reading the topic after a restart")?;
+        last = Instant::now();
         if let Some(id) = m.headers().and_then(id_of) {
             out.push((id, m.partition(), m.offset()));
         }
