@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -93,27 +95,24 @@ fn unique(test: &str) -> String {
     )
 }
 
-/// Creates `topic` with `partitions` partitions through tansu's own CLI
-/// (`tansu topic create`, a plain Kafka CreateTopics request). librdkafka's
-/// `AdminClient::create_topics` (2.0.2) gets no answer from tansu 0.6.0.
 fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let out = std::process::Command::new(TANSU)
-        .args([
-            "topic",
-            "create",
-            "--broker",
-            &format!("tcp://{brokers}"),
-            "--partitions",
-            &partitions.to_string(),
-            topic,
-        ])
-        .output()
-        .expect("running tansu topic create");
-    assert!(
-        out.status.success(),
-        "tansu topic create {topic}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let res = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .expect("create_topics");
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
 }
 
 /// One record read back.
