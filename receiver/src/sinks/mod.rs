@@ -13,11 +13,14 @@
 //! backoff, dead letters, the cursor. A sink only writes a batch and says
 //! how much of it the destination confirmed.
 
+pub mod dest_template;
 pub mod file;
 pub mod files;
 pub mod http;
 pub mod json_line;
+pub mod kafka;
 pub mod mqtt;
+pub mod nats;
 pub mod postgres;
 pub mod stdout;
 pub mod syslog;
@@ -49,6 +52,8 @@ pub const REGISTRY: &[Registration] = &[
     Registration::of::<postgres::Config>(),
     Registration::of::<http::Config>(),
     Registration::of::<files::Config>(),
+    Registration::of::<nats::Config>(),
+    Registration::of::<kafka::Config>(),
 ];
 
 /// A sink type's `Config` (the sink's own keys, serde with
