@@ -630,8 +630,8 @@ mod tests {
 
     #[test]
     fn an_unknown_type_is_refused_naming_every_known_type() {
-        let err = parse(1, "type = \"kafka\"\nname = \"k\"").unwrap_err();
-        assert!(err.starts_with("sinks[1]: unknown type `kafka`"), "{err}");
+        let err = parse(1, "type = \"amqp\"\nname = \"k\"").unwrap_err();
+        assert!(err.starts_with("sinks[1]: unknown type `amqp`"), "{err}");
         for r in REGISTRY {
             assert!(err.contains(&format!("`{}`", r.type_name)), "{err}");
         }
