@@ -372,7 +372,13 @@ fn a_file_losing_more_than_fec_repairs_stays_out_of_dir_is_named_in_the_audit_an
         !inbox.join("report.bin").exists(),
         "a file with lost parts was put in place"
     );
-    let events = file_events(&s);
+    // The sink's audit lines are written on the decoder's next tick:
+    // the marker may be in place before the line for report.bin is.
+    let mut events = file_events(&s);
+    wait_until(Duration::from_secs(10), || {
+        events = file_events(&s);
+        events.iter().any(|e| e["path"] == "report.bin")
+    });
     let report: Vec<_> = events
         .iter()
         .filter(|e| e["path"] == "report.bin")
