@@ -10,6 +10,7 @@
 
 mod audit;
 mod config;
+mod decode;
 mod delivery;
 mod gaps;
 mod journal;
@@ -140,7 +141,7 @@ pub fn auth_status(verifier: &Verifier) -> serde_json::Value {
     }
 }
 
-/// Receive batches in flight between the socket and decoder threads.
+/// Receive batches in flight between the socket and decode threads.
 const RECV_POOL: usize = 16;
 
 fn main() {
@@ -316,15 +317,17 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let recv_stats = Arc::new(udp::RecvStats::default());
     let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel(RECV_POOL);
-    // The socket thread holds the only strong reference: when it ends the
-    // channel disconnects and the decoder thread drains and stops. The
-    // journal's syncer wakes the decoder through a weak one.
-    let batch_tx = Arc::new(batch_tx);
+    // Decoded events for the journal thread, and its fsync wake-ups. The
+    // decode thread holds the only strong reference: when it ends the
+    // channel disconnects and the journal thread drains and stops. The
+    // journal's syncer wakes the journal thread through a weak one.
+    let (input_tx, input_rx) = std::sync::mpsc::sync_channel(decode::DECODED_QUEUE);
+    let input_tx = Arc::new(input_tx);
     {
-        let wake = Arc::downgrade(&batch_tx);
+        let wake = Arc::downgrade(&input_tx);
         journal.set_waker(Box::new(move || {
             if let Some(tx) = wake.upgrade() {
-                // A full queue already wakes the decoder thread.
+                // A full queue already wakes the journal thread.
                 let _ = tx.try_send(pipeline::Input::Durable);
             }
         }));
@@ -360,8 +363,10 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
         }
         None => None,
     };
+    let decoder_stats = Arc::new(decode::StatsView::default());
     let pipeline = Pipeline {
-        decoder,
+        decoder_stats: decoder_stats.clone(),
+        auth: auth.clone(),
         audit,
         journal,
         sinks,
@@ -380,10 +385,14 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
         gap_counts: Default::default(),
         durable_times: Default::default(),
     };
+    let journal_thread = std::thread::Builder::new()
+        .name("weir-journal".into())
+        .spawn(move || pipeline.run(input_rx))
+        .context("starting the journal thread")?;
     let decode = std::thread::Builder::new()
         .name("weir-decode".into())
-        .spawn(move || pipeline.run(batch_rx, free_tx))
-        .context("starting the decoder thread")?;
+        .spawn(move || decode::run(decoder, batch_rx, free_tx, input_tx, decoder_stats))
+        .context("starting the decode thread")?;
 
     {
         let stop = stop.clone();
@@ -394,12 +403,16 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
         });
     }
     // The socket is bound, the journal and the audit log are open, the
-    // sink and decoder threads run.
+    // sink, journal and decode threads run.
     weir_ops::notify::ready(&format!("receiving on {listen}"));
     weir_ops::notify::watchdog().start();
-    // The socket and decoder threads end only when told to stop: either
-    // ending first is fatal (it is logged and the exit status is non-zero).
-    while !stop.load(Ordering::Relaxed) && !decode.is_finished() && !recv.is_finished() {
+    // The socket, decode and journal threads end only when told to stop:
+    // any ending first is fatal (it is logged and the exit status is non-zero).
+    while !stop.load(Ordering::Relaxed)
+        && !decode.is_finished()
+        && !journal_thread.is_finished()
+        && !recv.is_finished()
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stopping: finishing what was received");
@@ -425,17 +438,28 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
             abort.store(true, Ordering::Relaxed);
         })
     };
-    let failure = match decode.join() {
+    // The decode thread ends once the socket thread has (its input is
+    // gone) or the journal thread has (its output is gone).
+    let decode_failure = decode.join().err().map(|panic| {
+        let cause = pipeline::panic_message(&*panic);
+        tracing::error!(
+            thread = "weir-decode",
+            "panicked: {cause}; the receiver stops"
+        );
+        format!("thread weir-decode: panicked: {cause}")
+    });
+    let failure = match journal_thread.join() {
         Ok(f) => f,
         Err(panic) => {
             let cause = pipeline::panic_message(&*panic);
             tracing::error!(
-                thread = "weir-decode",
+                thread = "weir-journal",
                 "panicked: {cause}; the receiver stops"
             );
-            Some(format!("thread weir-decode: panicked: {cause}"))
+            Some(format!("thread weir-journal: panicked: {cause}"))
         }
     };
+    let failure = decode_failure.or(failure);
     drop(aborter);
     if let Some(failure) = failure {
         anyhow::bail!(

@@ -1,8 +1,10 @@
-//! The decoder thread: datagrams in from the socket thread, records and
-//! gaps into the journal, journaled records out to the sink threads once
-//! fsynced (never waiting on a slow sink: it falls behind and catches up
-//! from the journal), gaps and sender events to the audit log, counters to
-//! the metrics file.
+//! The journal thread: the decode thread's events (`decode.rs`) in,
+//! records and gaps into the journal, journaled records out to the sink
+//! threads once fsynced (never waiting on a slow sink: it falls behind and
+//! catches up from the journal), gaps and sender events to the audit log,
+//! counters to the metrics file. All of the receiver's disk work but the
+//! sinks' own and the fsyncs (`weir-journal-sync`) happens here, never on
+//! the decode or socket threads.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -15,25 +17,25 @@ use std::time::{Duration, Instant};
 use globset::GlobSet;
 use serde_json::json;
 use weir_protocol::decoder::{Delivered, REBUILT_BUCKETS};
-use weir_protocol::{Decoder, DecoderStats, Event, Heartbeat, Nanos, RecordBody};
+use weir_protocol::{DecoderStats, Event, Heartbeat, RecordBody};
 
 use crate::audit::AuditLog;
+use crate::decode::{Chunk, StatsView};
 use crate::delivery::{Batch, SinkShared};
 use crate::journal::Journal;
 use crate::sinks::Kinds;
-use crate::udp::{RecvBatch, RecvStats};
+use crate::udp::RecvStats;
 
-/// What wakes the decoder thread: datagrams from the socket thread, or
-/// the journal's syncer saying an fsync finished (entries became durable
-/// and can go to the sinks now, not at the next datagram or timeout).
+/// What wakes the journal thread: events from the decode thread, or the
+/// journal's syncer saying an fsync finished (entries became durable and
+/// can go to the sinks now, not at the next chunk or timeout).
 pub enum Input {
-    Datagrams(RecvBatch),
+    Decoded(Chunk),
     Durable,
 }
 
-/// The longest the decoder thread sleeps with nothing arriving: the
-/// periodic work (heartbeat watch, compaction, metrics) runs at 250 ms
-/// and the decoder's own timers wake it earlier.
+/// The longest the journal thread sleeps with nothing arriving: the
+/// periodic work (heartbeat watch, compaction, metrics) runs at 250 ms.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 pub struct SinkHandle {
@@ -77,7 +79,10 @@ impl Unrouted {
 }
 
 pub struct Pipeline {
-    pub decoder: Decoder,
+    /// The decoder's counters, copied by the decode thread.
+    pub decoder_stats: Arc<StatsView>,
+    /// `auth` as the metrics file shows it (`crate::auth_status`).
+    pub auth: serde_json::Value,
     pub audit: AuditLog,
     pub journal: Journal,
     pub sinks: Vec<SinkHandle>,
@@ -128,52 +133,50 @@ pub const CATCH_UP_BYTES: u64 = 1 << 20;
 /// 60 bytes in the journal) takes about three times that in memory, so
 /// counting journal bytes alone let 64 MiB of points hold over 200 MiB.
 pub fn batch_weight(journal_bytes: u64, records: &[Delivered]) -> u64 {
-    let memory: usize = records
-        .iter()
-        .map(|r| {
-            let heap = match &r.body {
-                RecordBody::Point(p) => {
-                    p.tag.capacity()
-                        + match &p.value {
-                            weir_protocol::Value::Str(s) => s.capacity(),
-                            _ => 0,
-                        }
-                        + p.status.as_ref().map_or(0, String::capacity)
+    let memory: u64 = records.iter().map(record_weight).sum();
+    journal_bytes.max(memory)
+}
+
+/// A decoded record's size in memory: the `Delivered` and its heap blocks.
+pub fn record_weight(r: &Delivered) -> u64 {
+    let heap = match &r.body {
+        RecordBody::Point(p) => {
+            p.tag.capacity()
+                + match &p.value {
+                    weir_protocol::Value::Str(s) => s.capacity(),
+                    _ => 0,
                 }
-                RecordBody::Message(m) => {
-                    m.topic.capacity()
-                        + m.payload.capacity()
-                        + pairs_heap(&m.properties)
-                        + m.origin.as_ref().map_or(0, String::capacity)
-                }
-                RecordBody::Log(l) => {
-                    std::mem::size_of::<weir_protocol::Log>()
-                        + [&l.host, &l.app, &l.text, &l.proc_id, &l.msg_id]
-                            .iter()
-                            .map(|s| s.capacity())
-                            .sum::<usize>()
-                        + l.structured_data
-                            .iter()
-                            .map(|e| {
-                                std::mem::size_of::<weir_protocol::SdElement>()
-                                    + e.id.capacity()
-                                    + pairs_heap(&e.params)
-                            })
-                            .sum::<usize>()
-                        + l.parse_error.as_ref().map_or(0, String::capacity)
-                }
-                RecordBody::Bytes(c) => c.data.capacity(),
-                RecordBody::File(f) => {
-                    std::mem::size_of::<weir_protocol::FilePart>()
-                        + f.path.capacity()
-                        + f.data.capacity()
-                }
-            };
-            // The allocator's own header per heap block, roughly.
-            std::mem::size_of::<Delivered>() + heap + 16
-        })
-        .sum();
-    journal_bytes.max(memory as u64)
+                + p.status.as_ref().map_or(0, String::capacity)
+        }
+        RecordBody::Message(m) => {
+            m.topic.capacity()
+                + m.payload.capacity()
+                + pairs_heap(&m.properties)
+                + m.origin.as_ref().map_or(0, String::capacity)
+        }
+        RecordBody::Log(l) => {
+            std::mem::size_of::<weir_protocol::Log>()
+                + [&l.host, &l.app, &l.text, &l.proc_id, &l.msg_id]
+                    .iter()
+                    .map(|s| s.capacity())
+                    .sum::<usize>()
+                + l.structured_data
+                    .iter()
+                    .map(|e| {
+                        std::mem::size_of::<weir_protocol::SdElement>()
+                            + e.id.capacity()
+                            + pairs_heap(&e.params)
+                    })
+                    .sum::<usize>()
+                + l.parse_error.as_ref().map_or(0, String::capacity)
+        }
+        RecordBody::Bytes(c) => c.data.capacity(),
+        RecordBody::File(f) => {
+            std::mem::size_of::<weir_protocol::FilePart>() + f.path.capacity() + f.data.capacity()
+        }
+    };
+    // The allocator's own header per heap block, roughly.
+    (std::mem::size_of::<Delivered>() + heap + 16) as u64
 }
 
 /// Heap bytes of name/value pairs (MQTT user properties, structured data).
@@ -300,11 +303,10 @@ impl HeartbeatWatch {
 const AUTH_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Pipeline {
-    /// Runs until the socket thread hangs up, then drains to the sinks.
+    /// Runs until the decode thread hangs up, then drains to the sinks.
     /// Returns the journal failure that stopped it, if one did.
-    pub fn run(mut self, batches: Receiver<Input>, free: SyncSender<RecvBatch>) -> Option<String> {
+    pub fn run(mut self, inputs: Receiver<Input>) -> Option<String> {
         let origin = Instant::now();
-        let now = || origin.elapsed().as_nanos() as Nanos;
         let mut watch = HeartbeatWatch {
             warn_after: self.warn_after,
             approved: self.approved.clone(),
@@ -330,37 +332,22 @@ impl Pipeline {
         let mut last_routed: Option<(Arc<str>, Kinds)> = None;
         // The stream of the records just delivered and how many in a row.
         let mut stream_run: Option<(Arc<str>, u64)> = None;
-        let beat = weir_ops::notify::watchdog().beat("weir-decode");
+        let beat = weir_ops::notify::watchdog().beat("weir-journal");
         let mut last_tick = Instant::now();
         let mut last_log = Instant::now();
         // Frames rejected by authentication, as last warned about.
         let mut auth_warned: (u64, Option<Instant>) = (0, None);
         // The rebuilt-shards histogram at the last status line, for the
         // worst bucket within the interval.
-        let mut logged_rebuilt = self.decoder.stats().rebuilt_per_block;
+        let mut logged_rebuilt = self.decoder_stats.get().rebuilt_per_block;
         loop {
-            // Sleep until input, an fsync, or the decoder's next timer.
-            let wait = self.decoder.poll_timeout().map_or(IDLE_WAIT, |d| {
-                Duration::from_nanos(d.saturating_sub(now())).min(IDLE_WAIT)
-            });
-            let disconnected = match batches.recv_timeout(wait) {
-                Ok(Input::Datagrams(mut batch)) => {
-                    let t = now();
-                    for d in batch.datagrams_mut() {
-                        self.decoder.handle_datagram(t, d);
-                    }
-                    let _ = free.try_send(batch);
-                    false
-                }
-                Ok(Input::Durable) => false,
-                Err(RecvTimeoutError::Timeout) => false,
-                Err(RecvTimeoutError::Disconnected) => true,
+            // Sleep until events, an fsync, or the periodic work is due.
+            let (events, disconnected) = match inputs.recv_timeout(IDLE_WAIT) {
+                Ok(Input::Decoded(chunk)) => (chunk.events, false),
+                Ok(Input::Durable) | Err(RecvTimeoutError::Timeout) => (Vec::new(), false),
+                Err(RecvTimeoutError::Disconnected) => (Vec::new(), true),
             };
-            let t = now();
-            if self.decoder.poll_timeout().is_some_and(|d| d <= t) {
-                self.decoder.handle_timeout(t);
-            }
-            while let Some(ev) = self.decoder.poll_event() {
+            for ev in events {
                 match ev {
                     Event::Record(r) => {
                         // Records mostly come in runs of one stream: the
@@ -386,7 +373,7 @@ impl Pipeline {
                         }
                         // Journaled either way: the stream's position must cover it.
                         if let Err(e) = self.journal.append_record(&r) {
-                            self.fail("weir-decode", e);
+                            self.fail("weir-journal", e);
                         }
                         // The same pointer compare as above: one hash per run of a stream.
                         match &mut stream_run {
@@ -407,7 +394,7 @@ impl Pipeline {
                             .journal
                             .append_gap(&g.stream, g.session, g.epoch, g.from, g.to)
                         {
-                            self.fail("weir-decode", e);
+                            self.fail("weir-journal", e);
                         }
                         tracing::warn!(stream = %g.stream, from = g.from, to = g.to, records = g.records(), cause = g.cause.as_str(), "gap: records will not arrive");
                         self.count_gap(g.cause.as_str(), g.records());
@@ -463,7 +450,7 @@ impl Pipeline {
                         pending_bytes = appended;
                     }
                     Ok(_) => {}
-                    Err(e) => self.fail("weir-decode", e),
+                    Err(e) => self.fail("weir-journal", e),
                 }
             }
             let durable = self.journal.durable_index();
@@ -648,7 +635,7 @@ impl Pipeline {
                             "journal: cannot read entries from {from} for sink {}",
                             self.sinks[i].shared.name
                         ));
-                        self.fail("weir-decode", e);
+                        self.fail("weir-journal", e);
                         return;
                     }
                 };
@@ -695,7 +682,7 @@ impl Pipeline {
                 Ok(r) => r,
                 Err(e) => {
                     self.fail(
-                        "weir-decode",
+                        "weir-journal",
                         e.context("journal: reading around a corrupt range"),
                     );
                     return;
@@ -752,7 +739,7 @@ impl Pipeline {
                         // Without its entries the overflow gaps cannot be
                         // named: stop rather than drop records silently.
                         self.fail(
-                            "weir-decode",
+                            "weir-journal",
                             e.context("journal: cannot read the segment being dropped"),
                         );
                         return;
@@ -794,7 +781,7 @@ impl Pipeline {
                 self.sinks[i].dispatched = end;
             }
             if let Err(e) = self.journal.drop_oldest() {
-                self.fail("weir-decode", e);
+                self.fail("weir-journal", e);
                 return;
             }
         }
@@ -894,7 +881,7 @@ impl Pipeline {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        let decoder = self.decoder.stats().clone();
+        let decoder = self.decoder_stats.get();
         let sender = crate::status::SenderView {
             last_heartbeat: watch.last,
             session: watch.session,
@@ -927,8 +914,8 @@ impl Pipeline {
 
     fn metrics(&self, unrouted: &Unrouted) -> Vec<(String, u64)> {
         let mut m: Vec<(String, u64)> = self
-            .decoder
-            .stats()
+            .decoder_stats
+            .get()
             .fields()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
@@ -1008,10 +995,10 @@ impl Pipeline {
         map.insert("sender_config_hash".into(), json!(watch.config_hash));
         map.insert("sender_config_approved".into(), json!(watch.is_approved));
         map.insert("config_not_approved".into(), json!(watch.not_approved));
-        map.insert("auth".into(), crate::auth_status(self.decoder.verifier()));
+        map.insert("auth".into(), self.auth.clone());
         let rebuilt: serde_json::Map<String, serde_json::Value> = self
-            .decoder
-            .stats()
+            .decoder_stats
+            .get()
             .rebuilt_histogram()
             .iter()
             .map(|(bucket, n)| (bucket.to_string(), json!(n)))
@@ -1042,7 +1029,7 @@ impl Pipeline {
     /// WARNs when frames failed authentication since the last warning, at
     /// most every AUTH_WARN_INTERVAL (the counters have every one).
     fn warn_auth_rejections(&self, warned: &mut (u64, Option<Instant>)) {
-        let s = self.decoder.stats();
+        let s = &self.decoder_stats.get();
         let total = s.rejected_unauthenticated
             + s.rejected_auth_disabled
             + s.rejected_unknown_key
@@ -1063,7 +1050,7 @@ impl Pipeline {
     /// The periodic `status` line. `logged_rebuilt` is the rebuilt-shards
     /// histogram at the previous line; it is updated.
     fn log_status(&self, logged_rebuilt: &mut [u64; REBUILT_BUCKETS.len()]) {
-        let s = self.decoder.stats();
+        let s = &self.decoder_stats.get();
         let interval = rebuilt_max_bucket(logged_rebuilt, &s.rebuilt_per_block);
         *logged_rebuilt = s.rebuilt_per_block;
         tracing::info!(
@@ -1204,7 +1191,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut p = Pipeline {
-            decoder: Decoder::new(Default::default(), weir_protocol::Verifier::disabled()),
+            decoder_stats: Default::default(),
+            auth: serde_json::json!("disabled"),
             audit: AuditLog::open(&dir.join("audit.jsonl")).unwrap(),
             journal,
             sinks: vec![SinkHandle {

@@ -27,6 +27,24 @@ impl RecvBatch {
         }
     }
 
+    /// A batch holding `datagrams` one per buffer, as the socket thread
+    /// would hand them on (for tests of the decode thread).
+    #[cfg(test)]
+    pub fn from_datagrams(datagrams: &[Vec<u8>]) -> Self {
+        RecvBatch {
+            bufs: datagrams.to_vec(),
+            meta: datagrams
+                .iter()
+                .map(|d| RecvMeta {
+                    len: d.len(),
+                    stride: d.len(),
+                    ..RecvMeta::default()
+                })
+                .collect(),
+            filled: datagrams.len(),
+        }
+    }
+
     /// Every datagram in arrival order (GRO buffers split by their stride),
     /// writable: the decoder decrypts each shard in place in the receive
     /// buffer instead of copying it out.
@@ -93,7 +111,7 @@ impl LinkSocket {
     /// reusing the ones that come back on `free`.
     pub fn run(
         self,
-        out: Arc<SyncSender<crate::pipeline::Input>>,
+        out: SyncSender<RecvBatch>,
         free: Receiver<RecvBatch>,
         pool: usize,
         stop: Arc<AtomicBool>,
@@ -145,7 +163,7 @@ impl LinkSocket {
                         let bytes: usize = batch.meta[..n].iter().map(|m| m.len).sum();
                         stats.datagrams.fetch_add(count as u64, Ordering::Relaxed);
                         stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                        if out.send(crate::pipeline::Input::Datagrams(batch)).is_err() {
+                        if out.send(batch).is_err() {
                             return Ok(());
                         }
                     }

@@ -269,7 +269,7 @@ fn a_journal_segment_lost_under_a_lagging_sink_ends_the_receiver_with_an_error_n
     assert!(!status.success(), "the exit status is non-zero: {status}");
     let error = log
         .lines()
-        .find(|l| l.contains("ERROR") && l.contains("weir-decode"))
+        .find(|l| l.contains("ERROR") && l.contains("weir-journal"))
         .unwrap_or_else(|| panic!("no ERROR line naming the thread: {log}"));
     assert!(
         error.contains("cannot read entries") && error.contains("replay"),

@@ -1,0 +1,279 @@
+//! The decode thread: datagrams from the socket thread into the `Decoder`
+//! (header, CRC, tag, shards, Reed-Solomon, records in order, gaps), and
+//! its events out to the journal thread (`pipeline.rs`) in bounded chunks.
+//!
+//! It does no disk work: no journal append, no fsync request, no audit
+//! line, no catch-up read, no compaction. A slow disk or a lagging sink
+//! therefore slows the journal thread first; only when the `DECODED_QUEUE`
+//! chunks between the two are full does this thread wait, and only then do
+//! receive batches wait in the socket thread's pool.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weir_protocol::{Decoder, DecoderStats, Event, Nanos};
+
+use crate::pipeline::{record_weight, Input};
+use crate::udp::RecvBatch;
+
+/// Chunks of decoded events waiting for the journal thread. With
+/// `CHUNK_EVENTS` and `CHUNK_BYTES` per chunk this holds at most 16 MiB of
+/// records in memory (plus one record per chunk), about 50 ms of small
+/// records at a million a second: enough to ride out one fsync or one
+/// catch-up read of the journal thread, small beside the sinks' queues.
+pub const DECODED_QUEUE: usize = 16;
+/// Events per chunk: one channel hand-off per this many small records.
+pub const CHUNK_EVENTS: usize = 4096;
+/// Records' size in memory per chunk (`record_weight`); a chunk is sent as
+/// soon as it reaches this, so one chunk holds at most this plus one record.
+pub const CHUNK_BYTES: u64 = 1 << 20;
+
+/// The longest the decode thread sleeps with nothing arriving; the
+/// decoder's own timers wake it earlier.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How often the decoder's counters are copied for the journal thread
+/// (which publishes them every 250 ms).
+const STATS_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Events the decoder released, in its order.
+pub struct Chunk {
+    pub events: Vec<Event>,
+}
+
+/// The decoder's counters as last copied by the decode thread: the journal
+/// thread reads them for the metrics file, the status board and its log
+/// lines. Final once the decode thread has ended.
+#[derive(Default)]
+pub struct StatsView(Mutex<DecoderStats>);
+
+impl StatsView {
+    pub fn get(&self) -> DecoderStats {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, stats: &DecoderStats) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *s != *stats {
+            s.clone_from(stats);
+        }
+    }
+}
+
+/// Collects events into chunks and hands full ones on.
+struct Outbox {
+    tx: Arc<SyncSender<Input>>,
+    events: Vec<Event>,
+    bytes: u64,
+}
+
+impl Outbox {
+    /// Adds an event; false once the journal thread is gone.
+    fn push(&mut self, ev: Event) -> bool {
+        if let Event::Record(r) = &ev {
+            self.bytes += record_weight(r);
+        }
+        self.events.push(ev);
+        if self.events.len() >= CHUNK_EVENTS || self.bytes >= CHUNK_BYTES {
+            return self.flush();
+        }
+        true
+    }
+
+    /// Sends what was collected; false once the journal thread is gone.
+    fn flush(&mut self) -> bool {
+        if self.events.is_empty() {
+            return true;
+        }
+        let events = std::mem::replace(&mut self.events, Vec::with_capacity(CHUNK_EVENTS));
+        self.bytes = 0;
+        self.tx.send(Input::Decoded(Chunk { events })).is_ok()
+    }
+}
+
+/// Runs until the socket thread hangs up (then hands on what is left and
+/// returns) or the journal thread is gone. Dropping `out` at the end is
+/// what tells the journal thread that no more input comes.
+pub fn run(
+    mut decoder: Decoder,
+    batches: Receiver<RecvBatch>,
+    free: SyncSender<RecvBatch>,
+    out: Arc<SyncSender<Input>>,
+    stats: Arc<StatsView>,
+) {
+    let origin = Instant::now();
+    let now = || origin.elapsed().as_nanos() as Nanos;
+    let beat = weir_ops::notify::watchdog().beat("weir-decode");
+    let mut outbox = Outbox {
+        tx: out,
+        events: Vec::with_capacity(CHUNK_EVENTS),
+        bytes: 0,
+    };
+    let mut last_stats = Instant::now();
+    loop {
+        let wait = decoder.poll_timeout().map_or(IDLE_WAIT, |d| {
+            Duration::from_nanos(d.saturating_sub(now())).min(IDLE_WAIT)
+        });
+        let disconnected = match batches.recv_timeout(wait) {
+            Ok(mut batch) => {
+                let t = now();
+                for d in batch.datagrams_mut() {
+                    decoder.handle_datagram(t, d);
+                }
+                let _ = free.try_send(batch);
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        let t = now();
+        if decoder.poll_timeout().is_some_and(|d| d <= t) {
+            decoder.handle_timeout(t);
+        }
+        let mut open = true;
+        while let Some(ev) = decoder.poll_event() {
+            if !outbox.push(ev) {
+                open = false;
+                break;
+            }
+        }
+        // What one receive batch released goes on at once: the journal
+        // thread groups records for its fsync, not this one.
+        open = open && outbox.flush();
+        beat.touch();
+        if disconnected || !open || last_stats.elapsed() >= STATS_INTERVAL {
+            last_stats = Instant::now();
+            stats.set(decoder.stats());
+        }
+        if disconnected || !open {
+            // The journal thread sees the channel close only after every
+            // chunk sent, with the final counters already in `stats`.
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_protocol::{
+        Chunk as BytesChunk, EncoderConfig, Point, Record, RecordBody, Signer, Value,
+    };
+
+    fn point(seq: u64) -> RecordBody {
+        RecordBody::Point(Point {
+            tag: format!("plant/tag-{}", seq % 1000),
+            ts_ns: seq as i64,
+            value: Value::F64(seq as f64),
+            quality: 192,
+            status: None,
+        })
+    }
+
+    fn record(seq: u64, body: RecordBody) -> Event {
+        Event::Record(weir_protocol::decoder::Delivered {
+            stream: Arc::from("s"),
+            source_type: Arc::from("generator"),
+            session: 1,
+            epoch: 1,
+            seq,
+            resent: false,
+            body,
+        })
+    }
+
+    fn chunks(rx: &Receiver<Input>) -> Vec<Vec<Event>> {
+        let mut out = Vec::new();
+        while let Ok(input) = rx.recv() {
+            if let Input::Decoded(c) = input {
+                out.push(c.events);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_chunk_holds_at_most_chunk_events_events_or_chunk_bytes_of_records_plus_one() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+        let mut outbox = Outbox {
+            tx: Arc::new(tx),
+            events: Vec::new(),
+            bytes: 0,
+        };
+        for seq in 0..10_000 {
+            assert!(outbox.push(record(seq, point(seq))));
+        }
+        assert!(outbox.flush());
+        // 300 KiB records: the chunk goes once it reaches CHUNK_BYTES.
+        for seq in 0..10 {
+            let body = RecordBody::Bytes(BytesChunk {
+                data: vec![0; 300 << 10],
+                end: false,
+            });
+            assert!(outbox.push(record(10_000 + seq, body)));
+        }
+        assert!(outbox.flush());
+        drop(outbox);
+        let sizes: Vec<usize> = chunks(&rx).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [4096, 4096, 1808, 4, 4, 2]);
+    }
+
+    #[test]
+    fn the_decode_thread_hands_every_record_on_in_order_then_closes_its_output_when_the_socket_thread_hangs_up(
+    ) {
+        let mut enc = weir_protocol::Encoder::new(EncoderConfig::new(7), Signer::Disabled);
+        let stream = enc.add_stream("plant", "generator", 0, 1);
+        let total = 20_000u64;
+        for seq in 0..total {
+            enc.push(
+                0,
+                &Record {
+                    stream,
+                    seq,
+                    resent: false,
+                    body: point(seq),
+                },
+            );
+        }
+        enc.flush(0);
+        let mut buf = vec![0; enc.max_frame_len()];
+        let frames: Vec<Vec<u8>> =
+            std::iter::from_fn(|| enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())).collect();
+        let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel(RECV_BATCHES);
+        let (free_tx, _free_rx) = std::sync::mpsc::sync_channel(RECV_BATCHES);
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel(DECODED_QUEUE);
+        let stats = Arc::new(StatsView::default());
+        let thread = {
+            let stats = stats.clone();
+            let decoder = Decoder::new(Default::default(), weir_protocol::Verifier::disabled());
+            std::thread::spawn(move || run(decoder, batch_rx, free_tx, Arc::new(out_tx), stats))
+        };
+        let feeder = std::thread::spawn(move || {
+            for group in frames.chunks(32) {
+                batch_tx.send(RecvBatch::from_datagrams(group)).unwrap();
+            }
+            // Dropping the sender is the socket thread hanging up.
+        });
+        let got = chunks(&out_rx);
+        feeder.join().unwrap();
+        thread.join().unwrap();
+        assert!(got.iter().all(|c| c.len() <= CHUNK_EVENTS));
+        let seqs: Vec<u64> = got
+            .iter()
+            .flatten()
+            .filter_map(|e| match e {
+                Event::Record(r) => Some(r.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, (0..total).collect::<Vec<_>>());
+        assert_eq!(
+            stats.get().records,
+            total,
+            "the final counters are published before the output closes"
+        );
+    }
+
+    /// Receive batches in flight in the test (as `RECV_POOL` in main.rs).
+    const RECV_BATCHES: usize = 16;
+}
