@@ -331,6 +331,17 @@ pub struct Params {
     pub latency_rate: f64,
     pub lag_journal_max_bytes: u64,
     pub lag_bytes: u64,
+    /// `[link] rate` of the sender in the MQTT and service rows.
+    #[serde(default)]
+    pub service_link_rate: String,
+    /// Generator points/s of the service rows.
+    #[serde(default)]
+    pub service_rate: f64,
+    #[serde(default)]
+    pub mqtt_payload_bytes: u64,
+    /// Most MQTT messages published and not yet at the bench's subscriber.
+    #[serde(default)]
+    pub mqtt_window: u64,
 }
 
 /// The raw UDP ceiling from `weir-udpblast pair`.
