@@ -48,7 +48,10 @@ ci: fmt-check clippy test
 ## Issue 9's table on this machine (not a test): raw-UDP ceiling, bulk
 ## goodput, CPU and peak RSS per side, small-record rates, latency, a
 ## lagging sink; also written to /var/tmp/weir-bench/bench.json.
-## BENCH_FLAGS adds e.g. "--runs 5" or "--compare".
+## Then MQTT messages/s (Mosquitto :1883), records/s into postgres, nats,
+## kafka (each skipped when nothing answers on its port) and http, and
+## files MB/s and files/s. BENCH_FLAGS adds e.g. "--runs 5", "--compare",
+## "--only services,files" or "--skip core".
 BENCH_FLAGS ?=
 bench: build
 	$(BIN)/weir-bench $(BENCH_FLAGS)

@@ -13,7 +13,131 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Version of the `bench.json` layout; raise it when a key changes meaning.
-pub const SCHEMA: u32 = 1;
+/// 2: `groups`, `mqtt`, `services`, `files_large`, `files_small`; the
+/// sections of a group not run are `null`.
+pub const SCHEMA: u32 = 2;
+
+/// The groups of rows `weir-bench` can run (`--only`, `--skip`): `core` is
+/// issue 9's table (ceiling, bulk, small records, latency, lagging sink);
+/// `mqtt` issue 10's row; `postgres`, `nats`, `kafka`, `http` issue 11's
+/// (together: `services`); `files` issue 13's.
+pub const GROUPS: [&str; 7] = ["core", "mqtt", "postgres", "nats", "kafka", "http", "files"];
+
+/// The service sinks of issue 11, the members of the `services` group.
+pub const SERVICES: [&str; 4] = ["postgres", "nats", "kafka", "http"];
+
+fn group_list(flag: &str, text: &str) -> Result<Vec<&'static str>> {
+    let mut out = Vec::new();
+    for word in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        if word == "services" {
+            out.extend(SERVICES);
+        } else if let Some(g) = GROUPS.iter().find(|g| **g == word) {
+            out.push(*g);
+        } else {
+            bail!(
+                "{flag}: `{word}` is not a group; use any of {}, services",
+                GROUPS.join(", ")
+            );
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "{flag}: names no group; use any of {}, services",
+            GROUPS.join(", ")
+        );
+    }
+    Ok(out)
+}
+
+/// The groups a run measures, in [`GROUPS`] order: all of them, or those
+/// `only` names (comma-separated, `services` for the four service sinks),
+/// less those `skip` names.
+pub fn select_groups(only: Option<&str>, skip: Option<&str>) -> Result<Vec<String>> {
+    let only = only.map(|t| group_list("--only", t)).transpose()?;
+    let skip = skip
+        .map(|t| group_list("--skip", t))
+        .transpose()?
+        .unwrap_or_default();
+    let chosen: Vec<String> = GROUPS
+        .iter()
+        .filter(|g| only.as_ref().is_none_or(|o| o.contains(g)))
+        .filter(|g| !skip.contains(g))
+        .map(|g| g.to_string())
+        .collect();
+    if chosen.is_empty() {
+        bail!("--only and --skip leave no group to run");
+    }
+    Ok(chosen)
+}
+
+/// What arrived of records numbered `0..total`: each number counted once,
+/// duplicates, numbers outside the range, and numbers that came after a
+/// higher one of the same lane (a stream, or an MQTT topic). A bench row
+/// reports a rate only when [`SeqTally::complete`] holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeqTally {
+    total: u64,
+    seen: Vec<bool>,
+    last: Vec<Option<u64>>,
+    pub distinct: u64,
+    pub duplicates: u64,
+    pub out_of_range: u64,
+    pub out_of_order: u64,
+}
+
+impl SeqTally {
+    pub fn new(total: u64) -> Self {
+        SeqTally {
+            total,
+            seen: vec![false; usize::try_from(total).unwrap_or(usize::MAX)],
+            ..SeqTally::default()
+        }
+    }
+
+    /// Notes record `seq` of lane 0.
+    pub fn note(&mut self, seq: u64) {
+        self.note_in(0, seq);
+    }
+
+    /// Notes record `seq` of lane `lane`.
+    pub fn note_in(&mut self, lane: usize, seq: u64) {
+        if self.last.len() <= lane {
+            self.last.resize(lane + 1, None);
+        }
+        if self.last[lane].is_some_and(|l| seq < l) {
+            self.out_of_order += 1;
+        }
+        self.last[lane] = Some(self.last[lane].map_or(seq, |l| l.max(seq)));
+        match usize::try_from(seq).ok().and_then(|i| self.seen.get_mut(i)) {
+            Some(seen) if *seen => self.duplicates += 1,
+            Some(seen) => {
+                *seen = true;
+                self.distinct += 1;
+            }
+            None => self.out_of_range += 1,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Every record arrived, exactly once, and nothing else did.
+    pub fn complete(&self) -> bool {
+        self.distinct == self.total && self.duplicates == 0 && self.out_of_range == 0
+    }
+
+    /// The first few numbers that did not arrive.
+    pub fn first_missing(&self, n: usize) -> Vec<u64> {
+        self.seen
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !**s)
+            .take(n)
+            .map(|(i, _)| i as u64)
+            .collect()
+    }
+}
 
 /// Issue 9's memory bound: the peak RSS of each side in every bench run.
 pub const RSS_BOUND_MIB: f64 = 256.0;
@@ -207,6 +331,17 @@ pub struct Params {
     pub latency_rate: f64,
     pub lag_journal_max_bytes: u64,
     pub lag_bytes: u64,
+    /// `[link] rate` of the sender in the MQTT and service rows.
+    #[serde(default)]
+    pub service_link_rate: String,
+    /// Generator points/s of the service rows.
+    #[serde(default)]
+    pub service_rate: f64,
+    #[serde(default)]
+    pub mqtt_payload_bytes: u64,
+    /// Most MQTT messages published and not yet at the bench's subscriber.
+    #[serde(default)]
+    pub mqtt_window: u64,
 }
 
 /// The raw UDP ceiling from `weir-udpblast pair`.
@@ -308,6 +443,77 @@ pub struct Comparisons {
     pub bulk_auth_disabled: Bulk,
 }
 
+/// `status` of a row that ran to the end (whatever it found).
+pub const MEASURED: &str = "measured";
+
+/// One end-to-end row of issues 10 and 11: records numbered
+/// `0..records_sent` go into weir and are read back from the real server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndToEnd {
+    /// `mqtt-qos0`, `mqtt-qos1`, `postgres`, `nats`, `kafka` or `http`.
+    pub target: String,
+    /// [`MEASURED`], `skipped: nothing on 127.0.0.1:PORT`, or `error: …`.
+    pub status: String,
+    /// What went in and how it was counted at the server.
+    pub what: String,
+    pub records_sent: u64,
+    /// Distinct records (`0..records_sent`) the server holds.
+    pub records_delivered: u64,
+    /// Records the server holds more than once.
+    pub duplicates: u64,
+    /// Records with a number outside `0..records_sent` (expected 0).
+    pub out_of_range: u64,
+    /// Records read back after a higher-numbered one of the same stream
+    /// (MQTT: topic).
+    pub out_of_order: u64,
+    /// Every record there exactly once.
+    pub complete: bool,
+    /// From the first record handed to the sender to the moment the
+    /// server was seen holding all of them (or the last one that came).
+    pub seconds: f64,
+    /// `records_sent / seconds`; `null` unless `complete`.
+    pub records_per_s: Option<f64>,
+    /// CPU seconds of each side over the whole run.
+    pub sender_cpu_s: f64,
+    pub receiver_cpu_s: f64,
+    #[serde(flatten)]
+    pub rss: PeakRss,
+    #[serde(flatten)]
+    pub gaps: AuditGaps,
+}
+
+/// One run of issue 13: files through the `files` source and sink.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FilesRun {
+    /// [`MEASURED`] or `error: …`.
+    pub status: String,
+    pub files_sent: u64,
+    pub bytes_per_file: u64,
+    /// The sender's `[link] rate` in this run.
+    pub link_rate: String,
+    /// Files in the sink's `dir` under their own names with the size and
+    /// SHA-256 they were sent with (hashed by the bench), each named once
+    /// in a complete `file` audit line.
+    pub files_verified: u64,
+    /// `file` audit lines with `complete: false`.
+    pub files_incomplete: u64,
+    /// Every file verified.
+    pub complete: bool,
+    /// From the sender's start (the files already in its `dir`) to the
+    /// moment the last file was seen in place.
+    pub seconds: f64,
+    /// Bytes of all files / seconds (MB = 10^6 bytes); `null` unless complete.
+    pub mb_per_s: Option<f64>,
+    /// `null` unless complete.
+    pub files_per_s: Option<f64>,
+    pub sender_cpu_s: f64,
+    pub receiver_cpu_s: f64,
+    #[serde(flatten)]
+    pub rss: PeakRss,
+    #[serde(flatten)]
+    pub gaps: AuditGaps,
+}
+
 /// Everything `make bench` measures: `bench.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -328,9 +534,33 @@ pub struct Report {
     /// Both maxima at or under `rss_bound_mib`.
     pub rss_within_bound: bool,
     pub comparisons: Option<Comparisons>,
+    /// The groups this run measured ([`GROUPS`]); absent (schema 1) or
+    /// empty: `core` alone, which was all there was.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// `mqtt-qos0`, `mqtt-qos1` (group `mqtt`).
+    #[serde(default)]
+    pub mqtt: Vec<EndToEnd>,
+    /// One per service sink run, skipped ones included.
+    #[serde(default)]
+    pub services: Vec<EndToEnd>,
+    /// Group `files`.
+    #[serde(default)]
+    pub files_large: Option<FilesRun>,
+    #[serde(default)]
+    pub files_small: Option<FilesRun>,
 }
 
 impl Report {
+    /// Whether `group` ran (a report without `groups` ran `core` only).
+    pub fn ran(&self, group: &str) -> bool {
+        if self.groups.is_empty() {
+            group == "core"
+        } else {
+            self.groups.iter().any(|g| g == group)
+        }
+    }
+
     /// Records `rss` in the running maximum and the bound check.
     pub fn note_rss(&mut self, rss: PeakRss) {
         let m = &mut self.peak_rss_max;
@@ -342,6 +572,40 @@ impl Report {
 
     /// The one table: markdown, a row per metric, its unit in a column.
     pub fn markdown_table(&self) -> String {
+        let mut rows: Vec<(String, String, &str)> = Vec::new();
+        if self.ran("core") {
+            rows.extend(self.core_rows());
+        }
+        for e in self.mqtt.iter().chain(&self.services) {
+            rows.extend(end_to_end_rows(e));
+        }
+        for (f, large) in [(&self.files_large, true), (&self.files_small, false)] {
+            if let Some(f) = f {
+                rows.extend(files_rows(f, large));
+            }
+        }
+        rows.push((
+            "peak RSS over all runs, sender / receiver".into(),
+            format!(
+                "{:.0} / {:.0}",
+                self.peak_rss_max.sender_peak_rss_mib, self.peak_rss_max.receiver_peak_rss_mib
+            ),
+            "MiB",
+        ));
+        rows.push((
+            format!("peak RSS ≤ {:.0} MiB in every run", self.rss_bound_mib),
+            if self.rss_within_bound { "yes" } else { "NO" }.into(),
+            "",
+        ));
+        let mut out = String::from("| metric | value | unit |\n|---|---:|---|\n");
+        for (metric, value, unit) in rows {
+            out.push_str(&format!("| {metric} | {value} | {unit} |\n"));
+        }
+        out
+    }
+
+    /// Issue 9's rows (group `core`).
+    fn core_rows(&self) -> Vec<(String, String, &'static str)> {
         let (b, f, t, l, g) = (
             &self.bulk,
             &self.small_records_file,
@@ -350,14 +614,6 @@ impl Report {
             &self.lagging_sink,
         );
         let mib = |v: u64| format!("{:.0}", v as f64 / f64::from(1u32 << 20));
-        // A ratio to a ceiling that was not measured is not a number.
-        let num = |v: f64, digits: usize| {
-            if v.is_finite() {
-                format!("{v:.digits$}")
-            } else {
-                "n/a".to_string()
-            }
-        };
         let causes = |g: &AuditGaps| {
             let list: Vec<String> = g
                 .gap_records_by_cause
@@ -370,7 +626,7 @@ impl Report {
                 list.join(", ")
             }
         };
-        let rows: Vec<(String, String, &str)> = vec![
+        vec![
             (
                 format!(
                     "raw UDP ceiling, GSO/GRO (best <0.5% loss, {})",
@@ -484,26 +740,93 @@ impl Report {
                 causes(&g.gaps),
                 "records",
             ),
-            (
-                "peak RSS over all runs, sender / receiver".into(),
-                format!(
-                    "{:.0} / {:.0}",
-                    self.peak_rss_max.sender_peak_rss_mib, self.peak_rss_max.receiver_peak_rss_mib
-                ),
-                "MiB",
-            ),
-            (
-                format!("peak RSS ≤ {:.0} MiB in every run", self.rss_bound_mib),
-                if self.rss_within_bound { "yes" } else { "NO" }.into(),
-                "",
-            ),
-        ];
-        let mut out = String::from("| metric | value | unit |\n|---|---:|---|\n");
-        for (metric, value, unit) in rows {
-            out.push_str(&format!("| {metric} | {value} | {unit} |\n"));
-        }
-        out
+        ]
     }
+}
+
+/// A figure with `digits` decimals; "n/a" when it is not a number (a
+/// ratio to a ceiling that was not measured).
+fn num(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        "n/a".to_string()
+    }
+}
+
+/// The rate of a row, or why there is none.
+fn rate_cell(status: &str, complete: bool, rate: Option<f64>) -> String {
+    match rate {
+        _ if status != MEASURED => status.to_string(),
+        Some(r) if complete => num(r, 0),
+        _ => "n/a (not all arrived, see next row)".to_string(),
+    }
+}
+
+fn end_to_end_rows(e: &EndToEnd) -> Vec<(String, String, &'static str)> {
+    let (label, unit) = match e.target.as_str() {
+        "mqtt-qos0" => ("MQTT QoS 0 end to end".to_string(), "messages/s"),
+        "mqtt-qos1" => ("MQTT QoS 1 end to end".to_string(), "messages/s"),
+        t => (format!("records → {t}"), "records/s"),
+    };
+    let mut rows = vec![(
+        format!("{label} ({})", e.what),
+        rate_cell(&e.status, e.complete, e.records_per_s),
+        unit,
+    )];
+    if e.status == MEASURED {
+        rows.push((
+            format!("{label}: there once / sent, duplicates, out of order, gaps"),
+            format!(
+                "{} / {}, {}, {}, {}",
+                e.records_delivered,
+                e.records_sent,
+                e.duplicates + e.out_of_range,
+                e.out_of_order,
+                e.gaps.gaps
+            ),
+            "records",
+        ));
+    }
+    rows
+}
+
+fn files_rows(f: &FilesRun, large: bool) -> Vec<(String, String, &'static str)> {
+    let (label, value, unit) = if large {
+        (
+            format!(
+                "files: one {:.0} MiB file, files source → files sink (link {})",
+                f.bytes_per_file as f64 / f64::from(1u32 << 20),
+                f.link_rate
+            ),
+            rate_cell(&f.status, f.complete, f.mb_per_s),
+            "MB/s",
+        )
+    } else {
+        (
+            format!(
+                "files: {} files of {} bytes, files source → files sink (link {})",
+                f.files_sent, f.bytes_per_file, f.link_rate
+            ),
+            rate_cell(&f.status, f.complete, f.files_per_s),
+            "files/s",
+        )
+    };
+    let mut rows = vec![(label, value, unit)];
+    if f.status == MEASURED {
+        rows.push((
+            format!(
+                "files ({}): verified in place / sent, incomplete, gaps",
+                if large { "large" } else { "small" }
+            ),
+            format!(
+                "{} / {}, {}, {}",
+                f.files_verified, f.files_sent, f.files_incomplete, f.gaps.gaps
+            ),
+            "files",
+        ));
+    }
+    rows
 }
 
 #[cfg(test)]
@@ -682,5 +1005,111 @@ mod tests {
         assert!(table
             .lines()
             .all(|l| l.starts_with('|') && l.ends_with('|')));
+    }
+
+    #[test]
+    fn groups_are_all_by_default_and_only_and_skip_select_them() {
+        assert_eq!(select_groups(None, None).unwrap(), GROUPS);
+        assert_eq!(
+            select_groups(Some("services,files"), None).unwrap(),
+            ["postgres", "nats", "kafka", "http", "files"]
+        );
+        assert_eq!(
+            select_groups(None, Some("services")).unwrap(),
+            ["core", "mqtt", "files"]
+        );
+        assert_eq!(
+            select_groups(Some("core,kafka"), Some("kafka")).unwrap(),
+            ["core"]
+        );
+        let err = select_groups(Some("bulk"), None).unwrap_err().to_string();
+        assert!(err.contains("`bulk` is not a group"), "{err}");
+        assert!(select_groups(Some("files"), Some("files")).is_err());
+        assert!(select_groups(Some(","), None).is_err());
+    }
+
+    #[test]
+    fn a_tally_is_complete_only_with_every_number_once() {
+        let mut t = SeqTally::new(4);
+        for s in [0, 1, 2] {
+            t.note(s);
+        }
+        assert!(!t.complete());
+        assert_eq!(t.first_missing(5), [3]);
+        t.note(3);
+        assert!(t.complete());
+        assert_eq!((t.distinct, t.out_of_order), (4, 0));
+        t.note(2);
+        assert!(!t.complete(), "a duplicate spoils it");
+        assert_eq!((t.duplicates, t.out_of_order), (1, 1));
+        let mut t = SeqTally::new(2);
+        t.note(0);
+        t.note(1);
+        t.note(7);
+        assert_eq!(t.out_of_range, 1);
+        assert!(!t.complete(), "a number that was never sent spoils it");
+        // Order is per lane: lane 1 going back is counted, lane 0 is not
+        // affected by it.
+        let mut t = SeqTally::new(4);
+        t.note_in(0, 0);
+        t.note_in(1, 3);
+        t.note_in(0, 2);
+        t.note_in(1, 1);
+        assert_eq!((t.out_of_order, t.distinct), (1, 4));
+        assert!(t.complete());
+    }
+
+    #[test]
+    fn a_row_that_did_not_get_everything_or_did_not_run_shows_no_rate() {
+        let mut r = Report {
+            groups: vec!["mqtt".into(), "kafka".into(), "files".into()],
+            ..Report::default()
+        };
+        r.mqtt.push(EndToEnd {
+            target: "mqtt-qos1".into(),
+            status: MEASURED.into(),
+            what: "10 messages".into(),
+            records_sent: 10,
+            records_delivered: 9,
+            records_per_s: Some(1234.0),
+            ..EndToEnd::default()
+        });
+        r.services.push(EndToEnd {
+            target: "kafka".into(),
+            status: "skipped: nothing on 127.0.0.1:9092".into(),
+            ..EndToEnd::default()
+        });
+        r.files_small = Some(FilesRun {
+            status: MEASURED.into(),
+            files_sent: 3,
+            files_verified: 3,
+            complete: true,
+            files_per_s: Some(42.0),
+            ..FilesRun::default()
+        });
+        let table = r.markdown_table();
+        assert!(
+            !table.contains("bulk goodput"),
+            "core did not run:\n{table}"
+        );
+        assert!(!table.contains("1234"), "{table}");
+        assert!(table.contains("n/a (not all arrived"), "{table}");
+        assert!(table.contains("| 9 / 10, 0, 0, 0 |"), "{table}");
+        assert!(
+            table.contains("| skipped: nothing on 127.0.0.1:9092 | records/s |"),
+            "{table}"
+        );
+        assert!(table.contains("| 42 | files/s |"), "{table}");
+        assert!(table.contains("| 3 / 3, 0, 0 | files |"), "{table}");
+        let old: Report = serde_json::from_str(
+            &serde_json::to_string(&Report::default())
+                .unwrap()
+                .replace(",\"groups\":[]", ""),
+        )
+        .unwrap();
+        assert!(
+            old.ran("core") && !old.ran("mqtt"),
+            "a schema 1 file ran core"
+        );
     }
 }

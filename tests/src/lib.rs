@@ -8,12 +8,14 @@
 //! UDP ceiling of the machine to compare weir against.
 //!
 //! The library holds what the binaries share: the bench's measurements and
-//! report ([`bench`]), size/rate parsing ([`units`]),
+//! report ([`bench`]) and the
+//! servers' ends of its service rows ([`bench_peers`]), size/rate parsing ([`units`]),
 //! the seeded data stream ([`pattern`]), hashing and JSON reports
 //! ([`report`]), socket setup ([`net`]), pacing ([`pacer`]), CPU accounting
 //! ([`cpu`]) and the link simulator's sans-IO decision logic ([`linksim`]).
 
 pub mod bench;
+pub mod bench_peers;
 pub mod cpu;
 pub mod linksim;
 pub mod net;

@@ -23,6 +23,24 @@
 //!    filled and dropped records for it, then reads everything; the
 //!    receiver's peak RSS.
 //!
+//! 6. MQTT (issue 10), QoS 0 and QoS 1: a publisher of the bench's own →
+//!    Mosquitto on :1883 → `mqtt` source → weir-sender → UDP →
+//!    weir-receiver → `mqtt` sink → Mosquitto → a subscriber of the bench's
+//!    own that checks every message's number, topic and bytes: messages/s
+//!    from the first publish to the last message's arrival.
+//! 7. Service sinks (issue 11): generator points into `postgres` (:5432),
+//!    `nats` (JetStream, :4222), `kafka` (:9092) and `http` (a server of
+//!    the bench's own): records/s from the first point's source timestamp
+//!    to the moment the server was seen holding all of them, each record
+//!    then read back by number.
+//! 8. Files (issue 13): one large file, and many small files, through the
+//!    `files` source and sink: MB/s and files/s from the sender's start to
+//!    the last file in place, every file then hashed and checked.
+//!
+//! `--only` and `--skip` select groups of these (`core` is 1 to 5). A row
+//! whose server answers nothing is skipped and says so; one that fails is
+//! reported and the bench goes on, then exits non-zero.
+//!
 //! Gaps are counted from each run's audit log; peak RSS is `VmHWM`.
 
 use std::path::{Path, PathBuf};
@@ -35,8 +53,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::Value;
 use weir_tests::bench::{
-    count_audit_gaps, AuditGaps, Bulk, Comparisons, LaggingSink, Latency, LatencySummary, Machine,
-    Params, PeakRss, Report, SmallRecords, UdpCeiling, RSS_BOUND_MIB, SCHEMA,
+    count_audit_gaps, select_groups, AuditGaps, Bulk, Comparisons, EndToEnd, FilesRun, LaggingSink,
+    Latency, LatencySummary, Machine, Params, PeakRss, Report, SmallRecords, UdpCeiling, MEASURED,
+    RSS_BOUND_MIB, SCHEMA, SERVICES,
+};
+use weir_tests::bench_peers::{
+    mqtt_payload, nothing_on, now_ns, poll_count, unique, Arrivals, HttpCollector, KafkaReader,
+    MqttCounter, MqttPublisher, NatsStream, PgTables, MQTT_TOPICS,
 };
 use weir_tests::cpu::{pid_cpu_seconds, pid_peak_rss_kib};
 use weir_tests::units::parse_bytes;
@@ -87,6 +110,49 @@ struct Args {
     /// `[auth] disabled = true`, to show what the disk and the MAC cost.
     #[arg(long)]
     compare: bool,
+    /// Run only these groups, comma-separated: core (the ceiling, bulk,
+    /// small-record, latency and lagging-sink rows), mqtt, postgres, nats,
+    /// kafka, http (the four together: services), files.
+    #[arg(long)]
+    only: Option<String>,
+    /// Leave these groups out (the names of --only).
+    #[arg(long)]
+    skip: Option<String>,
+    /// Messages of each MQTT row (QoS 0, QoS 1).
+    #[arg(long, default_value_t = 50_000)]
+    mqtt_messages: u64,
+    /// Payload bytes of each MQTT message (at least 8: its number).
+    #[arg(long, default_value_t = 64)]
+    mqtt_payload: usize,
+    /// Most MQTT messages published and not yet at the bench's subscriber:
+    /// Mosquitto drops what overflows a client's queue (1000 by default).
+    #[arg(long, default_value_t = 500)]
+    mqtt_window: u64,
+    /// Generator points of each service row.
+    #[arg(long, default_value_t = 100_000)]
+    service_records: u64,
+    /// Generator rate of the service rows, points/s.
+    #[arg(long, default_value_t = 100_000.0)]
+    service_rate: f64,
+    /// `[link] rate` of the weir sender in the MQTT and service rows: they
+    /// measure the broker and the sinks, so the link is paced well below
+    /// what the receiver absorbs (the feed is far below it anyway).
+    #[arg(long, default_value = "400Mbit")]
+    service_link_rate: String,
+    /// Size of the large file (binary suffixes).
+    #[arg(long, default_value = "512M")]
+    file_bytes: String,
+    /// Number of small files.
+    #[arg(long, default_value_t = 10_000)]
+    small_files: u64,
+    /// Size of each small file (binary suffixes).
+    #[arg(long, default_value = "4K")]
+    small_file_bytes: String,
+    /// `[link] rate` of the weir sender in the files runs: a file with a
+    /// record lost beyond FEC's repair is not put in place, so the link is
+    /// paced below what a busy receiver absorbs.
+    #[arg(long, default_value = "800Mbit")]
+    files_rate: String,
 }
 
 /// Kills (SIGKILL) and reaps the processes of a run when dropped.
@@ -876,6 +942,694 @@ fn lagging_run(args: &Args, report: &mut Report) -> Result<LaggingSink> {
     Ok(r)
 }
 
+/// The `bench.json` sections of group `core`, `null` when it did not run.
+const CORE_KEYS: [&str; 7] = [
+    "udp_ceiling",
+    "bulk",
+    "bulk_runs",
+    "small_records_file",
+    "small_records_tcp",
+    "latency",
+    "lagging_sink",
+];
+
+const MQTT_PORT: u16 = 1883;
+const PG_PORT: u16 = 5432;
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const NATS_PORT: u16 = 4222;
+const KAFKA_PORT: u16 = 9092;
+/// A service row whose count has not moved for this long, with the sink
+/// caught up, is over.
+const SERVICE_IDLE: Duration = Duration::from_secs(10);
+
+/// `sink.NAME.behind` in the receiver's metrics file.
+fn sink_behind(dir: &Path, sink: &str) -> Option<u64> {
+    read_json(&dir.join("receiver.json"))[format!("sink.{sink}.behind")].as_u64()
+}
+
+/// After a reader saw everything: a metrics snapshot taken after now says
+/// the sink has nothing left (at most 10 s), so duplicates it might still
+/// write would be read too.
+fn wait_sink_drained(dir: &Path, sink: &str) {
+    std::thread::sleep(Duration::from_millis(1200));
+    let started = Instant::now();
+    while sink_behind(dir, sink) != Some(0) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(POLL * 5);
+    }
+}
+
+/// A row that did not run to the end, and why.
+fn unmeasured(target: &str, status: String) -> EndToEnd {
+    println!("  {target}: {status}");
+    EndToEnd {
+        target: target.to_string(),
+        status,
+        ..EndToEnd::default()
+    }
+}
+
+fn print_end_to_end(r: &EndToEnd, unit: &str) {
+    println!(
+        "  {}: {} {unit} ({} of {} there once in {:.2} s; duplicates {}, out of order {}, gaps {}); CPU s sender {:.2} receiver {:.2}; peak RSS MiB sender {:.0} receiver {:.0}",
+        r.target,
+        r.records_per_s
+            .map_or("n/a (not all arrived)".to_string(), |v| format!("{v:.0}")),
+        r.records_delivered,
+        r.records_sent,
+        r.seconds,
+        r.duplicates + r.out_of_range,
+        r.out_of_order,
+        r.gaps.gaps,
+        r.sender_cpu_s,
+        r.receiver_cpu_s,
+        r.rss.sender_peak_rss_mib,
+        r.rss.receiver_peak_rss_mib,
+    );
+}
+
+fn mqtt_rows(args: &Args, report: &mut Report, failed: &mut Vec<String>) -> Vec<EndToEnd> {
+    println!(
+        "\nMQTT end to end: {} messages of {} bytes over {MQTT_TOPICS} topics, at most {} on their way, Mosquitto 127.0.0.1:{MQTT_PORT} → mqtt source (MQTT 5) → sender ([link] rate {}) → receiver → mqtt sink → Mosquitto → the bench's subscriber:",
+        args.mqtt_messages, args.mqtt_payload, args.mqtt_window, args.service_link_rate
+    );
+    let mut rows = Vec::new();
+    for qos in [0u8, 1] {
+        let target = format!("mqtt-qos{qos}");
+        let row = if let Some(why) = nothing_on(MQTT_PORT) {
+            unmeasured(&target, why)
+        } else {
+            match mqtt_run(args, qos) {
+                Ok(r) => {
+                    print_end_to_end(&r, "messages/s");
+                    report.note_rss(r.rss);
+                    r
+                }
+                Err(e) => {
+                    failed.push(format!("{target}: {e:#}"));
+                    unmeasured(&target, format!("error: {e:#}"))
+                }
+            }
+        };
+        rows.push(row);
+    }
+    rows
+}
+
+fn mqtt_run(args: &Args, qos: u8) -> Result<EndToEnd> {
+    let target = format!("mqtt-qos{qos}");
+    let dir = args.dir.join(&target);
+    let store = args.dir.join("store").join(&target);
+    fresh_dir(&dir)?;
+    let (n, len, window) = (args.mqtt_messages, args.mqtt_payload, args.mqtt_window);
+    let id = unique("weirbench-");
+    let (ot, it) = (format!("weir-bench/{id}/ot"), format!("weir-bench/{id}/it"));
+    let level = if qos == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
+    };
+    // The sink publishes `it/<original topic>`.
+    let counter = MqttCounter::subscribe(
+        &format!("{id}-count"),
+        MQTT_PORT,
+        &format!("{it}/{ot}"),
+        level,
+        n,
+        len,
+    )?;
+    let mut procs = Kill::default();
+    let pair = Pair {
+        dir: &dir,
+        store: &store,
+        auth: true,
+        link_rate: &args.service_link_rate,
+        source: format!(
+            "[[sources]]\nname = \"mqtt\"\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{MQTT_PORT}\"\n\
+             topics = [\"{ot}/#\"]\nqos = {qos}\nprotocol = \"5\"\nclient_id = \"{id}-source\"\nclean_session = true\n"
+        ),
+        sink: format!(
+            "[[sinks]]\nname = \"it\"\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{MQTT_PORT}\"\n\
+             prefix = \"{it}\"\nclient_id = \"{id}-sink\"\nprotocol = \"5\"\n"
+        ),
+        journal: String::new(),
+    }
+    .start(&mut procs)?;
+    let started = Instant::now();
+    while read_json(&dir.join("sender.json"))["sources"]["mqtt"]["state"] != "subscribed" {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the mqtt source did not subscribe within 30 s; see {}",
+                dir.join("sender.log").display()
+            );
+        }
+        std::thread::sleep(POLL * 5);
+    }
+    let publisher = MqttPublisher::connect(&format!("{id}-pub"), MQTT_PORT)?;
+    let start_ns = now_ns();
+    let mut published = 0u64;
+    for i in 0..n {
+        if !counter.wait_window(i, window, IDLE) {
+            println!(
+                "  {target}: nothing arrived for {IDLE:?} with {window} on their way; publishing stopped after {i}"
+            );
+            break;
+        }
+        publisher.publish(
+            format!("{ot}/t{}", i % MQTT_TOPICS),
+            level,
+            mqtt_payload(i, len),
+        )?;
+        published += 1;
+    }
+    counter.wait_all(IDLE);
+    // Anything arriving twice comes soon after the rest.
+    std::thread::sleep(Duration::from_millis(500));
+    let (sender_cpu_s, receiver_cpu_s, rss) = pair.usage()?;
+    std::thread::sleep(Duration::from_millis(300)); // audit sync
+    let c = counter.count();
+    let gaps = audit_gaps(&dir)?;
+    drop(publisher);
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&store);
+    let complete = c.tally.complete();
+    let end_ns = c.complete_ns.or(c.last_ns).unwrap_or(start_ns);
+    let seconds = (end_ns - start_ns) as f64 / 1e9;
+    let mut what = format!(
+        "{n} messages of {len} bytes, ≤{window} on their way, counted by the bench's subscriber"
+    );
+    if published < n {
+        what.push_str(&format!(", publishing stopped after {published}"));
+    }
+    if c.corrupt > 0 {
+        what.push_str(&format!(", {} not as published", c.corrupt));
+    }
+    Ok(EndToEnd {
+        target,
+        status: MEASURED.into(),
+        what,
+        records_sent: n,
+        records_delivered: c.tally.distinct,
+        duplicates: c.tally.duplicates,
+        out_of_range: c.tally.out_of_range,
+        out_of_order: c.tally.out_of_order,
+        complete,
+        seconds,
+        records_per_s: complete.then(|| n as f64 / seconds),
+        sender_cpu_s,
+        receiver_cpu_s,
+        rss,
+        gaps,
+    })
+}
+
+fn service_rows(args: &Args, report: &mut Report, failed: &mut Vec<String>) -> Vec<EndToEnd> {
+    println!(
+        "\nservice sinks: {} generator points ({SMALL_TAGS} tags) fed at {:.0}/s → sender ([link] rate {}) → receiver → each server, read back by number:",
+        args.service_records, args.service_rate, args.service_link_rate
+    );
+    let mut rows = Vec::new();
+    let targets: Vec<&str> = SERVICES.into_iter().filter(|t| report.ran(t)).collect();
+    for target in targets {
+        let port = match target {
+            "postgres" => Some(PG_PORT),
+            "nats" => Some(NATS_PORT),
+            "kafka" => Some(KAFKA_PORT),
+            _ => None,
+        };
+        let row = if let Some(why) = port.and_then(nothing_on) {
+            unmeasured(target, why)
+        } else {
+            let run = match target {
+                "postgres" => postgres_run(args),
+                "nats" => nats_run(args),
+                "kafka" => kafka_run(args),
+                _ => http_run(args),
+            };
+            match run {
+                Ok(r) => {
+                    print_end_to_end(&r, "records/s");
+                    report.note_rss(r.rss);
+                    r
+                }
+                Err(e) => {
+                    failed.push(format!("{target}: {e:#}"));
+                    unmeasured(target, format!("error: {e:#}"))
+                }
+            }
+        };
+        rows.push(row);
+    }
+    rows
+}
+
+/// One service row: the generator into a receiver with `sink` (named
+/// `target`); `collect` waits for the server and reads it back, returning
+/// what it holds and when it was seen holding it (ns since the epoch).
+fn service_run(
+    args: &Args,
+    target: &str,
+    sink: String,
+    what: String,
+    collect: impl FnOnce(&Path) -> Result<(Arrivals, i64)>,
+) -> Result<EndToEnd> {
+    let dir = args.dir.join(target);
+    let store = args.dir.join("store").join(target);
+    fresh_dir(&dir)?;
+    let mut procs = Kill::default();
+    let pair = Pair {
+        dir: &dir,
+        store: &store,
+        auth: true,
+        link_rate: &args.service_link_rate,
+        source: generator(args.service_rate, args.service_records),
+        sink,
+        journal: String::new(),
+    }
+    .start(&mut procs)?;
+    let (a, end_ns) = collect(&dir)?;
+    let (sender_cpu_s, receiver_cpu_s, rss) = pair.usage()?;
+    std::thread::sleep(Duration::from_millis(300)); // audit sync
+    let gaps = audit_gaps(&dir)?;
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&store);
+    let n = args.service_records;
+    let complete = a.tally.complete();
+    let seconds = a
+        .first_ts_ns
+        .map_or(f64::NAN, |first| (end_ns - first) as f64 / 1e9);
+    if !complete {
+        println!(
+            "  {target}: not all there; first missing: {:?}",
+            a.tally.first_missing(5)
+        );
+    }
+    Ok(EndToEnd {
+        target: target.to_string(),
+        status: MEASURED.into(),
+        what,
+        records_sent: n,
+        records_delivered: a.tally.distinct,
+        duplicates: a.tally.duplicates,
+        out_of_range: a.tally.out_of_range,
+        out_of_order: a.tally.out_of_order,
+        complete,
+        seconds,
+        records_per_s: complete.then(|| n as f64 / seconds),
+        sender_cpu_s,
+        receiver_cpu_s,
+        rss,
+        gaps,
+    })
+}
+
+/// How long a service row may take at most.
+fn service_limit(args: &Args) -> Duration {
+    Duration::from_secs_f64(120.0 + args.service_records as f64 / 1000.0)
+}
+
+fn postgres_run(args: &Args) -> Result<EndToEnd> {
+    let n = args.service_records;
+    let mut tables = PgTables::new(PG_URL)?;
+    let sink = tables.sink("postgres");
+    let what = format!(
+        "{n} points fed at {:.0}/s, COPY into {}, until count(*) = {n}",
+        args.service_rate,
+        tables.name("points")
+    );
+    service_run(args, "postgres", sink, what, |dir| {
+        let (_, end_ns) = poll_count(
+            || tables.count_points(),
+            n,
+            POLL * 2,
+            SERVICE_IDLE,
+            service_limit(args),
+            || sink_behind(dir, "postgres") == Some(0),
+        );
+        wait_sink_drained(dir, "postgres");
+        Ok((tables.read_points("gen", n)?, end_ns))
+    })
+}
+
+fn nats_run(args: &Args) -> Result<EndToEnd> {
+    let n = args.service_records;
+    let url = format!("nats://127.0.0.1:{NATS_PORT}");
+    let js = NatsStream::create(&url)?;
+    let sink = format!(
+        "[[sinks]]\nname = \"nats\"\ntype = \"nats\"\nurl = \"{url}\"\nsubject = \"{}.{{stream}}\"\nstream = \"{}\"\n",
+        js.subject_root, js.name
+    );
+    let what = format!(
+        "{n} points fed at {:.0}/s, JetStream stream {} (file storage), until its message count = {n}",
+        args.service_rate, js.name
+    );
+    service_run(args, "nats", sink, what, |dir| {
+        let (_, end_ns) = poll_count(
+            || js.count().unwrap_or(0),
+            n,
+            POLL * 2,
+            SERVICE_IDLE,
+            service_limit(args),
+            || sink_behind(dir, "nats") == Some(0),
+        );
+        wait_sink_drained(dir, "nats");
+        Ok((js.read_all("gen", n)?, end_ns))
+    })
+}
+
+fn kafka_run(args: &Args) -> Result<EndToEnd> {
+    let n = args.service_records;
+    let brokers = format!("127.0.0.1:{KAFKA_PORT}");
+    let mut reader = KafkaReader::start(&brokers, "gen", n)?;
+    let sink = format!(
+        "[[sinks]]\nname = \"kafka\"\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{}\"\n",
+        reader.topic
+    );
+    let what = format!(
+        "{n} points fed at {:.0}/s, topic {} (1 partition), until a consumer has read all {n}",
+        args.service_rate, reader.topic
+    );
+    service_run(args, "kafka", sink, what, |dir| {
+        poll_count(
+            || reader.arrivals().tally.distinct,
+            n,
+            POLL,
+            SERVICE_IDLE,
+            service_limit(args),
+            || sink_behind(dir, "kafka") == Some(0),
+        );
+        wait_sink_drained(dir, "kafka");
+        reader.finish()?;
+        let a = std::mem::take(&mut *reader.arrivals());
+        let end_ns = a.complete_ns.or(a.last_ns).unwrap_or_else(now_ns);
+        Ok((a, end_ns))
+    })
+}
+
+fn http_run(args: &Args) -> Result<EndToEnd> {
+    let n = args.service_records;
+    let server = HttpCollector::start("gen", n)?;
+    let sink = format!(
+        "[[sinks]]\nname = \"http\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{}/ingest\"\nformat = \"ndjson\"\n",
+        server.port
+    );
+    let what = format!(
+        "{n} points fed at {:.0}/s, NDJSON POSTs to the bench's own server, until it has parsed all {n}",
+        args.service_rate
+    );
+    service_run(args, "http", sink, what, |dir| {
+        poll_count(
+            || server.arrivals().tally.distinct,
+            n,
+            POLL,
+            SERVICE_IDLE,
+            service_limit(args),
+            || sink_behind(dir, "http") == Some(0),
+        );
+        wait_sink_drained(dir, "http");
+        let a = std::mem::take(&mut *server.arrivals());
+        let bad = *server
+            .bad_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if bad > 0 {
+            bail!("the http sink sent {bad} request(s) that were not a POST");
+        }
+        let end_ns = a.complete_ns.or(a.last_ns).unwrap_or_else(now_ns);
+        Ok((a, end_ns))
+    })
+}
+
+/// One file the files rows send: its path under the source's `dir`, size
+/// and SHA-256.
+struct SentFile {
+    rel: String,
+    size: u64,
+    sha256: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `size` seeded random bytes to `dir/rel` (through `rel.tmp` and a
+/// rename, as a writer should) with an mtime an hour ago, so the source
+/// takes it at its first scan.
+fn write_sent_file(dir: &Path, rel: &str, size: u64, seed: u64) -> Result<SentFile> {
+    use rand::{RngCore, SeedableRng};
+    use sha2::Digest;
+    use std::io::Write;
+    let path = dir.join(rel);
+    let parent = path.parent().context("a file path has a parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".{}.tmp", seed));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
+    let mut left = size;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..k]);
+        hasher.update(&buf[..k]);
+        out.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))?;
+    drop(file);
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(SentFile {
+        rel: rel.to_string(),
+        size,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// Files under `dir` by relative path, skipping dotfiles (the sink's
+/// temporary names) and `incomplete/`.
+fn visible_files(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') || p == dir.join("incomplete") {
+                continue;
+            }
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => {
+                    let size = e.metadata().map_or(0, |m| m.len());
+                    let rel = p
+                        .strip_prefix(dir)
+                        .unwrap_or(&p)
+                        .to_string_lossy()
+                        .into_owned();
+                    out.insert(rel, size);
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn sha256_of(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex(&h.finalize()))
+}
+
+fn files_row(args: &Args, report: &mut Report, large: bool, failed: &mut Vec<String>) -> FilesRun {
+    let label = if large { "files-large" } else { "files-small" };
+    match files_run(args, large) {
+        Ok(r) => {
+            println!(
+                "  {}: {} ({} of {} files verified in place in {:.2} s, incomplete {}, gaps {}); CPU s sender {:.2} receiver {:.2}; peak RSS MiB sender {:.0} receiver {:.0}",
+                label,
+                match (large, r.mb_per_s, r.files_per_s) {
+                    (true, Some(v), _) => format!("{v:.0} MB/s"),
+                    (false, _, Some(v)) => format!("{v:.1} files/s"),
+                    _ => "n/a (not all verified)".to_string(),
+                },
+                r.files_verified,
+                r.files_sent,
+                r.seconds,
+                r.files_incomplete,
+                r.gaps.gaps,
+                r.sender_cpu_s,
+                r.receiver_cpu_s,
+                r.rss.sender_peak_rss_mib,
+                r.rss.receiver_peak_rss_mib,
+            );
+            report.note_rss(r.rss);
+            r
+        }
+        Err(e) => {
+            println!("  {label}: error: {e:#}");
+            failed.push(format!("{label}: {e:#}"));
+            FilesRun {
+                status: format!("error: {e:#}"),
+                ..FilesRun::default()
+            }
+        }
+    }
+}
+
+fn files_run(args: &Args, large: bool) -> Result<FilesRun> {
+    let name = if large { "files-large" } else { "files-small" };
+    let dir = args.dir.join(name);
+    let store = args.dir.join("store").join(name);
+    fresh_dir(&dir)?;
+    let (outbox, inbox) = (dir.join("outbox"), dir.join("inbox"));
+    let (count, size) = if large {
+        (1, parse_bytes(&args.file_bytes)?)
+    } else {
+        (args.small_files, parse_bytes(&args.small_file_bytes)?)
+    };
+    println!(
+        "\nfiles, {}: {count} file(s) of {size} bytes, files source (after = \"move\") → sender ([link] rate {}) → receiver → files sink:",
+        if large { "one large file" } else { "small files" },
+        args.files_rate
+    );
+    let mut sent = Vec::new();
+    for i in 0..count {
+        let rel = if large {
+            "large.bin".to_string()
+        } else {
+            format!("d{:03}/f{i:06}.bin", i / 100)
+        };
+        sent.push(write_sent_file(&outbox, &rel, size, 13_000 + i)?);
+    }
+    let total_bytes = count.saturating_mul(size);
+    let limit = Duration::from_secs_f64(300.0 + total_bytes as f64 / 1e6 + count as f64 * 0.05);
+    let mut procs = Kill::default();
+    let start_ns = now_ns();
+    let pair = Pair {
+        dir: &dir,
+        store: &store,
+        auth: true,
+        link_rate: &args.files_rate,
+        source: format!(
+            "[[sources]]\nname = \"files\"\ntype = \"files\"\ndir = \"{}\"\n",
+            outbox.display()
+        ),
+        sink: format!(
+            "[[sinks]]\nname = \"files\"\ntype = \"files\"\ndir = \"{}\"\n",
+            inbox.display()
+        ),
+        journal: String::new(),
+    }
+    .start(&mut procs)?;
+    // Done when every file is in place under its name; over when neither
+    // that count nor the records the sink confirmed moved for 30 s.
+    let started = Instant::now();
+    let (mut seen, mut sink_records, mut since) = (0u64, 0u64, Instant::now());
+    let mut end_ns = start_ns;
+    loop {
+        let now_seen = visible_files(&inbox).len() as u64;
+        let now_records = read_json(&dir.join("receiver.json"))["sink.files.records"]
+            .as_u64()
+            .unwrap_or(0);
+        if now_seen != seen {
+            end_ns = now_ns();
+        }
+        if now_seen != seen || now_records != sink_records {
+            (seen, sink_records, since) = (now_seen, now_records, Instant::now());
+        }
+        if seen >= count || since.elapsed() > Duration::from_secs(30) || started.elapsed() > limit {
+            break;
+        }
+        std::thread::sleep(if large { POLL } else { POLL * 5 });
+    }
+    let (sender_cpu_s, receiver_cpu_s, rss) = pair.usage()?;
+    // The sink's audit lines follow on the decoder's next tick.
+    let events = |dir: &Path| -> Result<Vec<Value>> {
+        let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).context("an audit line is not JSON")?;
+            if v["event"] == "file" {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    };
+    let waited = Instant::now();
+    let mut file_events = events(&dir)?;
+    while (file_events.len() as u64) < seen && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(POLL * 5);
+        file_events = events(&dir)?;
+    }
+    let gaps = audit_gaps(&dir)?;
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&store);
+    // Verify: each file under its own name, its size, and its bytes hash to
+    // what was sent; one complete audit line names it, with that hash.
+    let mut complete_lines: std::collections::HashMap<String, Vec<&Value>> =
+        std::collections::HashMap::new();
+    let mut incomplete = 0u64;
+    for e in &file_events {
+        if e["complete"] == true {
+            complete_lines
+                .entry(e["path"].as_str().unwrap_or("").to_string())
+                .or_default()
+                .push(e);
+        } else {
+            incomplete += 1;
+        }
+    }
+    let visible = visible_files(&inbox);
+    let mut verified = 0u64;
+    let mut bad = Vec::new();
+    for f in &sent {
+        let lines = complete_lines.get(&f.rel).map_or(&[][..], Vec::as_slice);
+        let ok = visible.get(&f.rel) == Some(&f.size)
+            && lines.len() == 1
+            && lines[0]["written"] == f.rel.as_str()
+            && lines[0]["sha256"] == f.sha256.as_str()
+            && sha256_of(&inbox.join(&f.rel))? == f.sha256;
+        if ok {
+            verified += 1;
+        } else if bad.len() < 5 {
+            bad.push(f.rel.clone());
+        }
+    }
+    let extra = visible.len() as u64 - verified.min(visible.len() as u64);
+    let complete = verified == count && extra == 0 && incomplete == 0;
+    if !complete {
+        println!(
+            "  {name}: {verified} of {count} verified, {extra} other file(s) in the sink's dir, {incomplete} incomplete; first not verified: {bad:?}"
+        );
+    }
+    let seconds = (end_ns - start_ns) as f64 / 1e9;
+    let _ = std::fs::remove_dir_all(&outbox);
+    let _ = std::fs::remove_dir_all(&inbox);
+    Ok(FilesRun {
+        status: MEASURED.into(),
+        files_sent: count,
+        bytes_per_file: size,
+        link_rate: args.files_rate.clone(),
+        files_verified: verified,
+        files_incomplete: incomplete,
+        complete,
+        seconds,
+        mb_per_s: complete.then(|| total_bytes as f64 / seconds / 1e6),
+        files_per_s: complete.then(|| count as f64 / seconds),
+        sender_cpu_s,
+        receiver_cpu_s,
+        rss,
+        gaps,
+    })
+}
+
 fn machine(rmem_max: Option<u64>) -> Machine {
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -956,6 +1710,18 @@ fn main() -> Result<()> {
     if !(args.small_rate > 0.0 && args.latency_rate > 0.0 && args.latency_secs > 0.0) {
         bail!("--small-rate, --latency-rate and --latency-secs must be above 0");
     }
+    if args.mqtt_payload < 8 || args.mqtt_window == 0 || args.mqtt_messages == 0 {
+        bail!("--mqtt-payload must be at least 8 (the message number), --mqtt-window and --mqtt-messages at least 1");
+    }
+    if args.service_rate.is_nan()
+        || args.service_rate <= 0.0
+        || args.service_records == 0
+        || args.small_files == 0
+    {
+        bail!("--service-rate, --service-records and --small-files must be above 0");
+    }
+    parse_bytes(&args.file_bytes).context("--file-bytes")?;
+    parse_bytes(&args.small_file_bytes).context("--small-file-bytes")?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating --dir {}", args.dir.display()))?;
     let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
@@ -980,9 +1746,14 @@ fn main() -> Result<()> {
             latency_rate: args.latency_rate,
             lag_journal_max_bytes: parse_bytes(&args.lag_journal).context("--lag-journal")?,
             lag_bytes: lag_bytes(parse_bytes(&args.lag_journal)?),
+            service_link_rate: args.service_link_rate.clone(),
+            service_rate: args.service_rate,
+            mqtt_payload_bytes: args.mqtt_payload as u64,
+            mqtt_window: args.mqtt_window,
         },
         rss_bound_mib: RSS_BOUND_MIB,
         rss_within_bound: true,
+        groups: select_groups(args.only.as_deref(), args.skip.as_deref())?,
         ..Report::default()
     };
     println!(
@@ -996,58 +1767,72 @@ fn main() -> Result<()> {
         rmem_max.map_or("unknown".into(), |v| v.to_string()),
     );
 
-    report.udp_ceiling = udp_ceiling(&args.bytes)?;
-    let ceil = Ceilings {
-        gso: report.udp_ceiling.gso_mb_s,
-        plain: report.udp_ceiling.plain_mb_s,
-    };
-    let (bulk, bulk_runs) = bulk_variant(
-        &args,
-        &mut report,
-        &format!(
-            "{} MiB, spool and journal on disk, authenticated",
-            bulk_bytes >> 20
-        ),
-        &store,
-        true,
-        ceil,
-    )?;
-    (report.bulk, report.bulk_runs) = (bulk, bulk_runs);
-    if args.compare {
-        let tmpfs = PathBuf::from("/dev/shm/weir-bench");
-        let (bulk_tmpfs, _) = bulk_variant(
+    if report.ran("core") {
+        report.udp_ceiling = udp_ceiling(&args.bytes)?;
+        let ceil = Ceilings {
+            gso: report.udp_ceiling.gso_mb_s,
+            plain: report.udp_ceiling.plain_mb_s,
+        };
+        let (bulk, bulk_runs) = bulk_variant(
             &args,
             &mut report,
-            "spool and journal on tmpfs (/dev/shm), authenticated",
-            &tmpfs,
+            &format!(
+                "{} MiB, spool and journal on disk, authenticated",
+                bulk_bytes >> 20
+            ),
+            &store,
             true,
             ceil,
         )?;
-        let (bulk_auth_disabled, _) = bulk_variant(
-            &args,
-            &mut report,
-            "on disk, [auth] disabled = true",
-            &store,
-            false,
-            ceil,
-        )?;
-        report.comparisons = Some(Comparisons {
-            bulk_tmpfs,
-            bulk_auth_disabled,
-        });
+        (report.bulk, report.bulk_runs) = (bulk, bulk_runs);
+        if args.compare {
+            let tmpfs = PathBuf::from("/dev/shm/weir-bench");
+            let (bulk_tmpfs, _) = bulk_variant(
+                &args,
+                &mut report,
+                "spool and journal on tmpfs (/dev/shm), authenticated",
+                &tmpfs,
+                true,
+                ceil,
+            )?;
+            let (bulk_auth_disabled, _) = bulk_variant(
+                &args,
+                &mut report,
+                "on disk, [auth] disabled = true",
+                &store,
+                false,
+                ceil,
+            )?;
+            report.comparisons = Some(Comparisons {
+                bulk_tmpfs,
+                bulk_auth_disabled,
+            });
+        }
+        report.small_records_file = small_variant(&args, &mut report, "file", small_file_run)?;
+        report.small_records_tcp = small_variant(&args, &mut report, "tcp", small_tcp_run)?;
+        report.latency = latency_run(&args, &mut report)?;
+        report.lagging_sink = lagging_run(&args, &mut report)?;
+        let _ = std::fs::remove_dir_all(&store);
     }
-    report.small_records_file = small_variant(&args, &mut report, "file", small_file_run)?;
-    report.small_records_tcp = small_variant(&args, &mut report, "tcp", small_tcp_run)?;
-    report.latency = latency_run(&args, &mut report)?;
-    report.lagging_sink = lagging_run(&args, &mut report)?;
-    let _ = std::fs::remove_dir_all(&store);
+    let mut failed: Vec<String> = Vec::new();
+    if report.ran("mqtt") {
+        report.mqtt = mqtt_rows(&args, &mut report, &mut failed);
+    }
+    if SERVICES.iter().any(|g| report.ran(g)) {
+        report.services = service_rows(&args, &mut report, &mut failed);
+    }
+    if report.ran("files") {
+        report.files_large = Some(files_row(&args, &mut report, true, &mut failed));
+        report.files_small = Some(files_row(&args, &mut report, false, &mut failed));
+    }
 
     println!(
-        "\nweir-bench, {} ({}), {} on {} cores; medians of {} runs:\n",
+        "\nweir-bench, {} ({}), {} on {} cores; groups {}; medians of {} runs:\n",
         report.machine.date,
         report.machine.commit.as_deref().unwrap_or("no git"),
         report.machine.cpu_model,
         report.machine.nproc,
+        report.groups.join(","),
         args.runs
     );
     print!("{}", report.markdown_table());
@@ -1064,9 +1849,18 @@ fn main() -> Result<()> {
         );
     }
     let path = args.dir.join("bench.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+    let mut json = serde_json::to_value(&report)?;
+    if !report.ran("core") {
+        for key in CORE_KEYS {
+            json[key] = Value::Null;
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\nthe same as JSON: {}", path.display());
+    if !failed.is_empty() {
+        bail!("{} row(s) failed: {}", failed.len(), failed.join("; "));
+    }
     Ok(())
 }
 
