@@ -490,7 +490,12 @@ impl Pipeline {
                     *self.stream_counts.entry(stream).or_default() += n;
                 }
                 self.publish(unrouted_records.total, &watch);
-                crate::status::publish_catalogue(&self.board, &mut catalogue, &self.decoder, origin);
+                crate::status::publish_catalogue(
+                    &self.board,
+                    &mut catalogue,
+                    &self.decoder,
+                    origin,
+                );
                 watch.tick(&mut self.audit);
                 self.warn_auth_rejections(&mut auth_warned);
                 self.audit.sync();

@@ -827,14 +827,29 @@ fn catalogue_screen(b: &Scrape) -> String {
     }
     let tags = by(b, "weir_receiver_stream_tags", "stream");
     let rate = by(b, "weir_receiver_stream_rate_records_per_second", "stream");
-    let first = by(b, "weir_receiver_stream_first_seen_timestamp_seconds", "stream");
-    let last = by(b, "weir_receiver_stream_last_seen_timestamp_seconds", "stream");
+    let first = by(
+        b,
+        "weir_receiver_stream_first_seen_timestamp_seconds",
+        "stream",
+    );
+    let last = by(
+        b,
+        "weir_receiver_stream_last_seen_timestamp_seconds",
+        "stream",
+    );
     let (p50, p99) = (latency_quantiles(b, 0.5), latency_quantiles(b, 0.99));
     let now = unix_now_ns() as f64 / 1e9;
     let _ = writeln!(
         o,
         "\n{:<32} {:<10} {:>7} {:>10} {:<20} {:>10} {:>9} {:>9}",
-        "stream catalogue", "source", "tags", "records/s", "first seen (UTC)", "last seen", "p50", "p99"
+        "stream catalogue",
+        "source",
+        "tags",
+        "records/s",
+        "first seen (UTC)",
+        "last seen",
+        "p50",
+        "p99"
     );
     let secs = |v: Option<&f64>| v.map_or_else(|| "-".to_string(), |s| format!("{s:.3} s"));
     for (stream, kind) in &source {
@@ -842,9 +857,10 @@ fn catalogue_screen(b: &Scrape) -> String {
             .get(stream)
             .and_then(|t| chrono::DateTime::from_timestamp(*t as i64, 0))
             .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
-        let ago = last
-            .get(stream)
-            .map_or_else(|| "-".into(), |t| format!("{:.0} s ago", (now - t).max(0.0)));
+        let ago = last.get(stream).map_or_else(
+            || "-".into(),
+            |t| format!("{:.0} s ago", (now - t).max(0.0)),
+        );
         let _ = writeln!(
             o,
             "{stream:<32} {kind:<10} {:>7} {:>10.1} {first_seen:<20} {ago:>10} {:>9} {:>9}",
@@ -873,15 +889,26 @@ mod tests {
         let mut cum = 0;
         for (i, n) in l.buckets.iter().enumerate() {
             cum += n;
-            let le = LATENCY_BOUNDS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let le = LATENCY_BOUNDS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
             text.push_str(&format!(
                 "weir_receiver_stream_latency_seconds_bucket{{stream=\"s\",le=\"{le}\"}} {cum}\n"
             ));
         }
         let scrape = parse_scrape(&text);
-        assert_eq!(latency_quantiles(&scrape, 0.5)["s"], l.quantile(0.5).unwrap());
-        assert_eq!(latency_quantiles(&scrape, 0.99)["s"], l.quantile(0.99).unwrap());
-        assert_eq!(latency_quantiles(&scrape, 1.0)["s"], l.quantile(1.0).unwrap());
+        assert_eq!(
+            latency_quantiles(&scrape, 0.5)["s"],
+            l.quantile(0.5).unwrap()
+        );
+        assert_eq!(
+            latency_quantiles(&scrape, 0.99)["s"],
+            l.quantile(0.99).unwrap()
+        );
+        assert_eq!(
+            latency_quantiles(&scrape, 1.0)["s"],
+            l.quantile(1.0).unwrap()
+        );
     }
 
     #[test]

@@ -261,7 +261,7 @@ fn the_status_page_in_headless_chromium_shows_the_runs_streams_sender_and_link()
         "one latency per record the file sink confirmed"
     );
     assert_eq!(
-        get("weir_receiver_stream_latency_seconds_bucket{stream=\"plant/gen\",le=\"+Inf\"}"),
+        get("weir_receiver_stream_latency_seconds_bucket{le=\"+Inf\",stream=\"plant/gen\"}"),
         total as f64
     );
     assert!(
