@@ -155,6 +155,7 @@ pub fn render(registry: &prometheus_client::registry::Registry) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
     struct Hostile;
 
     impl prometheus_client::collector::Collector for Hostile {
