@@ -181,9 +181,9 @@ pub fn render(board: &Board) -> String {
             "<tr><th>{name}</th><td class=\"n {class}\" id=\"link-{id}\">{value}</td></tr>"
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         o,
-        "<tr><th>most parity one block used</th><td class=\"n\">{} %</td></tr></table>\n",
+        "<tr><th>most parity one block used</th><td class=\"n\">{} %</td></tr></table>",
         d.parity_used_max_pct
     );
 
@@ -340,9 +340,9 @@ pub fn render(board: &Board) -> String {
         );
     }
     o.push_str("</table>\n<p class=\"muted\">journal: ");
-    let _ = write!(
+    let _ = writeln!(
         o,
-        "{} bytes, {} fsyncs, {} corrupt entries skipped; audit write errors: {}</p>\n</body></html>\n",
+        "{} bytes, {} fsyncs, {} corrupt entries skipped; audit write errors: {}</p>\n</body></html>",
         s.journal_bytes, s.journal_fsyncs, s.journal_corrupt_entries, s.audit_errors
     );
     o
