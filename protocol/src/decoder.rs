@@ -1625,6 +1625,14 @@ impl Decoder {
         self.remember_open_gap(&name, from, to);
     }
 
+    /// The gaps a resend can still fill, per stream (at most
+    /// `MAX_OPEN_GAPS` each, oldest first): (stream, from, to).
+    pub fn open_gaps(&self) -> impl Iterator<Item = (&str, u64, u64)> + '_ {
+        self.open_gaps
+            .iter()
+            .flat_map(|(s, gaps)| gaps.iter().map(move |(f, t)| (&**s, *f, *t)))
+    }
+
     /// Removes `seq` from the stream's open gaps; false if it is in none.
     fn take_from_open_gap(&mut self, stream: &Arc<str>, seq: u64) -> bool {
         let Some(gaps) = self.open_gaps.get_mut(stream) else {

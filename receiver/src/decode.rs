@@ -45,18 +45,46 @@ pub struct Chunk {
 /// thread reads them for the metrics file, the status board and its log
 /// lines. Final once the decode thread has ended.
 #[derive(Default)]
-pub struct StatsView(Mutex<DecoderStats>);
+pub struct StatsView {
+    stats: Mutex<DecoderStats>,
+    gaps: Mutex<OpenGaps>,
+}
+
+/// The decoder's open gaps as last copied: at most
+/// [`crate::status::OPEN_GAPS_SHOWN`] of them (stream, from, to), and how
+/// many there are in all.
+#[derive(Default, Clone, PartialEq, Debug)]
+pub struct OpenGaps {
+    pub shown: Vec<(String, u64, u64)>,
+    pub total: u64,
+}
 
 impl StatsView {
     pub fn get(&self) -> DecoderStats {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set(&self, stats: &DecoderStats) {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if *s != *stats {
-            s.clone_from(stats);
+    /// The open gaps a resend can still fill, as of the last copy.
+    pub fn open_gaps(&self) -> OpenGaps {
+        self.gaps.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, decoder: &Decoder) {
+        let stats = decoder.stats();
+        {
+            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            if *s != *stats {
+                s.clone_from(stats);
+            }
         }
+        let mut gaps = OpenGaps::default();
+        for (stream, from, to) in decoder.open_gaps() {
+            gaps.total += 1;
+            if gaps.shown.len() < crate::status::OPEN_GAPS_SHOWN {
+                gaps.shown.push((stream.to_string(), from, to));
+            }
+        }
+        *self.gaps.lock().unwrap_or_else(|p| p.into_inner()) = gaps;
     }
 }
 
@@ -143,7 +171,7 @@ pub fn run(
         beat.touch();
         if disconnected || !open || last_stats.elapsed() >= STATS_INTERVAL {
             last_stats = Instant::now();
-            stats.set(decoder.stats());
+            stats.set(&decoder);
         }
         if disconnected || !open {
             // The journal thread sees the channel close only after every

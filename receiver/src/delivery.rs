@@ -68,6 +68,8 @@ pub struct SinkShared {
     /// Records dropped for this sink by journal overflow (audited as gaps).
     pub overflow_records: AtomicU64,
     pub stats: SinkStats,
+    /// Source-to-confirmation latency per stream (the stream catalogue).
+    pub latency: Mutex<crate::catalogue::LatencyBook>,
 }
 
 impl SinkShared {
@@ -84,6 +86,7 @@ impl SinkShared {
             cursor_errors: AtomicU64::new(0),
             overflow_records: AtomicU64::new(0),
             stats: SinkStats::default(),
+            latency: Mutex::new(Default::default()),
         }
     }
 }
@@ -378,6 +381,7 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
             let failure = match sink.write(&pending) {
                 Ok(n) if n > 0 => {
                     let n = n.min(pending.len());
+                    note_latency(&shared, &pending[..n]);
                     pending.drain(..n);
                     confirmed_records += n as u64;
                     delay = RETRY_START;
@@ -389,6 +393,7 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
                 ),
                 Err(SinkError::Reject { at, reason }) => {
                     let at = at.min(pending.len() - 1);
+                    note_latency(&shared, &pending[..at]);
                     pending.drain(..at);
                     confirmed_records += at as u64;
                     let rejected = pending.remove(0);
@@ -398,6 +403,7 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
                 }
                 Err(SinkError::Retry { confirmed, error }) => {
                     let n = confirmed.min(pending.len());
+                    note_latency(&shared, &pending[..n]);
                     pending.drain(..n);
                     confirmed_records += n as u64;
                     error
@@ -446,6 +452,22 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
     if let Some(end) = unsaved {
         save(end, sink.resume_state());
     }
+}
+
+/// Measures the latency of records the sink just confirmed, from their
+/// source timestamps to now (one clock read and one lock per write).
+fn note_latency(shared: &SinkShared, confirmed: &[&Delivered]) {
+    if confirmed.is_empty() {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    shared
+        .latency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .confirmed(confirmed.iter().copied(), now);
 }
 
 /// Saves the cursor; only then may compaction pass `index` (`saved`).

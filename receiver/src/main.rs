@@ -9,11 +9,14 @@
 //! keys before the decoder reads anything else of it.
 
 mod audit;
+mod catalogue;
 mod config;
 mod decode;
 mod delivery;
 mod gaps;
+mod history;
 mod journal;
+mod page;
 mod pipeline;
 mod sinks;
 mod status;
@@ -348,17 +351,23 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
         Some(listen) => {
             let mut registry = prometheus_client::registry::Registry::with_prefix("weir");
             registry.register_collector(Box::new(status::Prometheus(board.clone())));
+            let page_board = board.clone();
             let endpoint = weir_ops::http::Endpoint::serve(
                 listen,
                 "metrics.listen",
-                Box::new(move |path| {
-                    (path == "/metrics").then(|| weir_ops::http::Page {
+                Box::new(move |path| match path {
+                    "/metrics" => Some(weir_ops::http::Page {
                         content_type: weir_ops::http::OPENMETRICS,
                         body: weir_ops::metrics::render(&registry),
-                    })
+                    }),
+                    "/" => Some(weir_ops::http::Page {
+                        content_type: "text/html; charset=utf-8",
+                        body: page::render(&page_board).into_bytes(),
+                    }),
+                    _ => None,
                 }),
             )?;
-            tracing::info!(listen = %endpoint.local_addr(), "metrics: Prometheus text at /metrics");
+            tracing::info!(listen = %endpoint.local_addr(), "metrics: Prometheus text at /metrics, the status page at /");
             Some(endpoint)
         }
         None => None,

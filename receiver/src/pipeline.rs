@@ -327,6 +327,7 @@ impl Pipeline {
         type Awaiting = (u64, u64, Arc<Vec<Delivered>>, u64);
         let mut awaiting: VecDeque<Awaiting> = VecDeque::new();
         let mut unrouted_records = Unrouted::default();
+        let mut catalogue = crate::catalogue::Catalogue::default();
         // Per stream: the kinds some sink selects (its `streams` match).
         let mut routed: HashMap<Arc<str>, Kinds> = HashMap::new();
         let mut last_routed: Option<(Arc<str>, Kinds)> = None;
@@ -367,6 +368,7 @@ impl Pipeline {
                                 kinds
                             }
                         };
+                        catalogue.observe(&r);
                         let is_routed = kinds.contains(&r.body);
                         if !is_routed {
                             unrouted_records.count(&r);
@@ -475,6 +477,12 @@ impl Pipeline {
                     *self.stream_counts.entry(stream).or_default() += n;
                 }
                 self.publish(unrouted_records.total, &watch);
+                crate::status::publish_catalogue(
+                    &self.board,
+                    &mut catalogue,
+                    self.decoder_stats.open_gaps(),
+                    origin,
+                );
                 watch.tick(&mut self.audit);
                 self.warn_auth_rejections(&mut auth_warned);
                 self.audit.sync();
@@ -888,6 +896,7 @@ impl Pipeline {
             config_hash: watch.config_hash.clone(),
             approved: watch.is_approved,
             counters: watch.counters.clone(),
+            silent: watch.lost_since.is_some(),
         };
         let (journal_bytes, journal_fsyncs) = (self.journal.total_bytes(), self.journal.fsyncs());
         let (corrupt, compaction, audit) = (

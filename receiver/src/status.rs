@@ -32,6 +32,8 @@ pub struct SenderView {
     /// None without `[approval]`.
     pub approved: Option<bool>,
     pub counters: Vec<(String, u64)>,
+    /// No heartbeat for `heartbeat.warn_after_ms` (the audit's heartbeat-lost).
+    pub silent: bool,
 }
 
 /// Per sink: how far behind the journal it is.
@@ -57,7 +59,18 @@ pub struct Snapshot {
     pub sender: SenderView,
     pub config_not_approved: u64,
     pub sink_lag: BTreeMap<String, SinkLag>,
+    /// The stream catalogue as of the last tick, by stream name.
+    pub catalogue: Vec<crate::catalogue::StreamEntry>,
+    /// Records of streams the catalogue had no room for.
+    pub not_catalogued: u64,
+    /// Gaps a resend can still fill (link and sender gaps), at most
+    /// [`OPEN_GAPS_SHOWN`], and how many there are in all.
+    pub open_gaps: Vec<(String, u64, u64)>,
+    pub open_gaps_total: u64,
 }
+
+/// Open gaps copied to the board for the page; the rest are counted.
+pub const OPEN_GAPS_SHOWN: usize = 100;
 
 /// Shared between the decoder thread (writes at each tick) and the
 /// management endpoint (reads at each scrape).
@@ -66,6 +79,8 @@ pub struct Board {
     pub recv: Arc<RecvStats>,
     pub sinks: Vec<Arc<SinkShared>>,
     pub started: Instant,
+    /// The last hour, for the status page's charts.
+    pub history: Mutex<crate::history::History>,
 }
 
 impl std::fmt::Debug for Board {
@@ -83,12 +98,83 @@ impl Board {
             recv,
             sinks,
             started: Instant::now(),
+            history: Mutex::new(crate::history::History::default()),
         }
+    }
+
+    /// Every sink's latencies merged per stream.
+    pub fn latency(&self) -> BTreeMap<String, crate::catalogue::Latency> {
+        let mut out: BTreeMap<String, crate::catalogue::Latency> = BTreeMap::new();
+        for sink in &self.sinks {
+            let book = sink.latency.lock().unwrap_or_else(|p| p.into_inner());
+            for (stream, lat) in &book.streams {
+                match out.get_mut(&**stream) {
+                    Some(l) => l.merge(lat),
+                    None => {
+                        out.insert(stream.to_string(), lat.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
         f(&mut self.snapshot.lock().unwrap_or_else(|p| p.into_inner()));
     }
+}
+
+/// Unix time now in nanoseconds (0 before 1970, saturating far after).
+pub fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// The decoder thread's tick for the catalogue and the page: moves the
+/// catalogue's window on, copies it and the decoder's open gaps to the
+/// board, and takes a history sample when one is due. `origin` is the
+/// decoder thread's monotonic origin.
+pub fn publish_catalogue(
+    board: &Board,
+    catalogue: &mut crate::catalogue::Catalogue,
+    open_gaps: crate::decode::OpenGaps,
+    origin: Instant,
+) {
+    catalogue.tick(origin.elapsed().as_millis() as u64, unix_now_ns());
+    let entries = catalogue.entries();
+    let not_catalogued = catalogue.not_catalogued;
+    let total = open_gaps.total;
+    let mut gaps = open_gaps.shown;
+    gaps.sort();
+    board.update(|s| {
+        s.catalogue = entries;
+        s.not_catalogued = not_catalogued;
+        s.open_gaps = gaps;
+        s.open_gaps_total = total;
+    });
+    let totals = {
+        let s = board.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let d = &s.decoder;
+        crate::history::Totals {
+            records: d.records,
+            bytes: board.recv.bytes.load(Ordering::Relaxed),
+            blocks_repaired: d.blocks_repaired,
+            shards_rebuilt: d.shards_rebuilt,
+            blocks_lost: d.blocks_lost + d.blocks_missing,
+            gap_records: d.gap_records,
+        }
+    };
+    let sink_errors: Vec<u64> = board
+        .sinks
+        .iter()
+        .map(|x| x.stats.errors.load(Ordering::Relaxed))
+        .collect();
+    board
+        .history
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .tick(Instant::now(), unix_now_ns(), totals, sink_errors);
 }
 
 /// The Prometheus collector over a [`Board`].
@@ -105,6 +191,7 @@ fn rejected_reason(field: &str) -> Option<&str> {
 impl prometheus_client::collector::Collector for Prometheus {
     fn encode(&self, enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
         let board = &self.0;
+        let latency = board.latency();
         let s = board.snapshot.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Out::new(enc);
         out.build_info("receiver", env!("CARGO_PKG_VERSION"))?;
@@ -330,6 +417,7 @@ impl prometheus_client::collector::Collector for Prometheus {
             &lag_entries,
         )?;
         out.gauges("receiver_sink_lag_seconds", "how long the oldest entry the sink has not confirmed has been durable in the journal (0 when caught up; to the 250 ms tick)", &lag_seconds)?;
+        encode_catalogue(&mut out, &s, &latency)?;
         let hb = &s.sender;
         if let Some(last) = hb.last_heartbeat {
             out.gauge(
@@ -370,6 +458,91 @@ impl prometheus_client::collector::Collector for Prometheus {
         )?;
         Ok(())
     }
+}
+
+/// The stream catalogue's families (docs/operations.md, "Stream catalogue").
+fn encode_catalogue(
+    out: &mut Out,
+    s: &Snapshot,
+    latency: &BTreeMap<String, crate::catalogue::Latency>,
+) -> std::fmt::Result {
+    use crate::catalogue::LATENCY_BOUNDS;
+    let c = &s.catalogue;
+    let by = |f: &dyn Fn(&crate::catalogue::StreamEntry) -> Option<f64>| -> Vec<(Labels, f64)> {
+        c.iter()
+            .filter_map(|e| f(e).map(|v| (vec![("stream", e.name.clone())], v)))
+            .collect()
+    };
+    let info: Vec<(Labels, f64)> = c
+        .iter()
+        .map(|e| {
+            (
+                vec![
+                    ("stream", e.name.clone()),
+                    ("source_type", e.source_type.clone()),
+                ],
+                1.0,
+            )
+        })
+        .collect();
+    out.gauges(
+        "receiver_stream_info",
+        "each stream the receiver delivered, with the source type the sender announced for it; always 1",
+        &info,
+    )?;
+    out.gauges(
+        "receiver_stream_tags",
+        "distinct point tags (or message topics) seen per stream; at most 65536 are counted per stream",
+        &by(&|e| Some(e.tags as f64)),
+    )?;
+    out.gauges(
+        "receiver_stream_rate_records_per_second",
+        "records per second per stream over the last 10 seconds",
+        &by(&|e| Some(e.rate)),
+    )?;
+    out.gauges(
+        "receiver_stream_first_seen_timestamp_seconds",
+        "Unix time this receiver first delivered a record of the stream (since it started)",
+        &by(&|e| e.first_seen_ns.map(|t| t as f64 / 1e9)),
+    )?;
+    out.gauges(
+        "receiver_stream_last_seen_timestamp_seconds",
+        "Unix time this receiver last delivered a record of the stream",
+        &by(&|e| e.last_seen_ns.map(|t| t as f64 / 1e9)),
+    )?;
+    let hist: Vec<weir_ops::metrics::Histogram> = latency
+        .iter()
+        .map(|(stream, l)| weir_ops::metrics::Histogram {
+            labels: vec![("stream", stream.clone())],
+            sum: l.sum,
+            count: l.count,
+            buckets: LATENCY_BOUNDS
+                .iter()
+                .copied()
+                .chain([f64::MAX])
+                .zip(l.buckets.iter().copied())
+                .collect(),
+        })
+        .collect();
+    out.histograms(
+        "receiver_stream_latency_seconds",
+        "seconds from a record's source timestamp to a sink's confirmation of it, per stream (one observation per record and sink that wrote it)",
+        &hist,
+    )?;
+    let ahead: Vec<(Labels, u64)> = latency
+        .iter()
+        .map(|(stream, l)| (vec![("stream", stream.clone())], l.ahead))
+        .collect();
+    out.counters(
+        "receiver_stream_latency_clock_ahead",
+        "confirmed records whose source timestamp was later than the confirmation (the source clock is ahead; counted as 0 s latency)",
+        &ahead,
+    )?;
+    out.counter(
+        "receiver_streams_not_catalogued_records",
+        "records of streams past the catalogue's bound (65536 streams), not shown in it",
+        s.not_catalogued,
+    )
 }
 
 /// One scrape of the running receiver: `name` -> [(labels, value)].
@@ -555,6 +728,7 @@ pub fn print_status(config: &std::path::Path) -> anyhow::Result<()> {
             }
         );
     }
+    let _ = write!(o, "{}", catalogue_screen(&b));
     let _ = writeln!(
         o,
         "\n{:<20} {:>10} {:>12} {:>10} {:>8} {:>12}",
@@ -595,9 +769,141 @@ pub fn print_status(config: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Per stream latency quantiles from a scrape's histogram buckets.
+fn latency_quantiles(s: &Scrape, q: f64) -> BTreeMap<String, f64> {
+    let mut per: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for (labels, v) in s
+        .get("weir_receiver_stream_latency_seconds_bucket")
+        .into_iter()
+        .flatten()
+    {
+        let (Some(stream), Some(le)) = (labels.get("stream"), labels.get("le")) else {
+            continue;
+        };
+        let Ok(le) = le.parse::<f64>() else {
+            continue;
+        };
+        per.entry(stream.clone()).or_default().push((le, *v));
+    }
+    per.into_iter()
+        .filter_map(|(stream, mut cum)| {
+            cum.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut prev = 0.0;
+            let buckets: Vec<u64> = cum
+                .iter()
+                .map(|(_, c)| {
+                    let n = (c - prev).max(0.0) as u64;
+                    prev = *c;
+                    n
+                })
+                .collect();
+            // Only a histogram with this binary's buckets reads right.
+            (buckets.len() == crate::catalogue::LATENCY_BOUNDS.len() + 1)
+                .then(|| crate::catalogue::quantile(&buckets, q))
+                .flatten()
+                .map(|v| (stream, v))
+        })
+        .collect()
+}
+
+/// The stream catalogue block of `status`.
+fn catalogue_screen(b: &Scrape) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let source: BTreeMap<String, String> = b
+        .get("weir_receiver_stream_info")
+        .into_iter()
+        .flatten()
+        .filter_map(|(l, _)| Some((l.get("stream")?.clone(), l.get("source_type")?.clone())))
+        .collect();
+    if source.is_empty() {
+        return o;
+    }
+    let tags = by(b, "weir_receiver_stream_tags", "stream");
+    let rate = by(b, "weir_receiver_stream_rate_records_per_second", "stream");
+    let first = by(
+        b,
+        "weir_receiver_stream_first_seen_timestamp_seconds",
+        "stream",
+    );
+    let last = by(
+        b,
+        "weir_receiver_stream_last_seen_timestamp_seconds",
+        "stream",
+    );
+    let (p50, p99) = (latency_quantiles(b, 0.5), latency_quantiles(b, 0.99));
+    let now = unix_now_ns() as f64 / 1e9;
+    let _ = writeln!(
+        o,
+        "\n{:<32} {:<10} {:>7} {:>10} {:<20} {:>10} {:>9} {:>9}",
+        "stream catalogue",
+        "source",
+        "tags",
+        "records/s",
+        "first seen (UTC)",
+        "last seen",
+        "p50",
+        "p99"
+    );
+    let secs = |v: Option<&f64>| v.map_or_else(|| "-".to_string(), |s| format!("{s:.3} s"));
+    for (stream, kind) in &source {
+        let first_seen = first
+            .get(stream)
+            .and_then(|t| chrono::DateTime::from_timestamp(*t as i64, 0))
+            .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        let ago = last.get(stream).map_or_else(
+            || "-".into(),
+            |t| format!("{:.0} s ago", (now - t).max(0.0)),
+        );
+        let _ = writeln!(
+            o,
+            "{stream:<32} {kind:<10} {:>7} {:>10.1} {first_seen:<20} {ago:>10} {:>9} {:>9}",
+            tags.get(stream).copied().unwrap_or(0.0),
+            rate.get(stream).copied().unwrap_or(0.0),
+            secs(p50.get(stream)),
+            secs(p99.get(stream)),
+        );
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_reads_latency_quantiles_from_the_scraped_histogram() {
+        use crate::catalogue::{Latency, LATENCY_BOUNDS};
+        let mut l = Latency::default();
+        for _ in 0..99 {
+            l.observe(0.004);
+        }
+        l.observe(30.0);
+        let mut text = String::new();
+        let mut cum = 0;
+        for (i, n) in l.buckets.iter().enumerate() {
+            cum += n;
+            let le = LATENCY_BOUNDS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            text.push_str(&format!(
+                "weir_receiver_stream_latency_seconds_bucket{{stream=\"s\",le=\"{le}\"}} {cum}\n"
+            ));
+        }
+        let scrape = parse_scrape(&text);
+        assert_eq!(
+            latency_quantiles(&scrape, 0.5)["s"],
+            l.quantile(0.5).unwrap()
+        );
+        assert_eq!(
+            latency_quantiles(&scrape, 0.99)["s"],
+            l.quantile(0.99).unwrap()
+        );
+        assert_eq!(
+            latency_quantiles(&scrape, 1.0)["s"],
+            l.quantile(1.0).unwrap()
+        );
+    }
 
     #[test]
     fn scrape_lines_with_labels_and_escapes_parse() {
