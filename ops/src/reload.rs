@@ -104,8 +104,7 @@ impl<T: Send + Sync + 'static> Reload for Reloadable<T> {
     fn reload(&self) -> Vec<FileReport> {
         // Digested before the load: a file replaced in between is
         // reported changed again at the next SIGHUP, never missed.
-        let digests: Vec<Option<[u8; 32]>> =
-            self.files.iter().map(|(_, p)| digest_of(p)).collect();
+        let digests: Vec<Option<[u8; 32]>> = self.files.iter().map(|(_, p)| digest_of(p)).collect();
         match (self.load)() {
             Err(e) => {
                 let (key, path) = self.files.first().cloned().unwrap_or_default();
@@ -293,7 +292,12 @@ mod tests {
         });
         assert_eq!(
             changed_settings(&old, &new, "sinks", &["log"]),
-            ["link", "sinks (a).url", "sinks (c): added", "sinks (b): removed"]
+            [
+                "link",
+                "sinks (a).url",
+                "sinks (c): added",
+                "sinks (b): removed"
+            ]
         );
         assert!(changed_settings(&old, &old, "sinks", &["log"]).is_empty());
     }

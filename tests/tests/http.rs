@@ -326,7 +326,11 @@ fn serve_tokens(port: u16, served: Arc<TokenServer>) {
                         let seqs = String::from_utf8(body)
                             .unwrap()
                             .lines()
-                            .map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap())
+                            .map(|l| {
+                                serde_json::from_str::<Value>(l).unwrap()["seq"]
+                                    .as_u64()
+                                    .unwrap()
+                            })
                             .collect();
                         served.requests.lock().unwrap().push((token, seqs));
                         respond(&mut w, "200 OK", "")
@@ -400,7 +404,8 @@ fn sighup_rereads_the_bearer_token_file_and_the_next_requests_carry_the_new_toke
             .contains(what)
     };
     assert!(
-        wait_until(Duration::from_secs(30), || served.count("first-token") > 500),
+        wait_until(Duration::from_secs(30), || served.count("first-token")
+            > 500),
         "no records with the first token; see {}",
         s.path.display()
     );
@@ -423,10 +428,15 @@ fn sighup_rereads_the_bearer_token_file_and_the_next_requests_carry_the_new_toke
     );
     // The old token is revoked: a request still carrying it would be
     // answered 401 (and its records dead-lettered).
-    served.accepted.lock().unwrap().retain(|t| t == "second-token");
+    served
+        .accepted
+        .lock()
+        .unwrap()
+        .retain(|t| t == "second-token");
     let before = served.count("second-token");
     assert!(
-        wait_until(Duration::from_secs(30), || served.count("second-token") > before + 500),
+        wait_until(Duration::from_secs(30), || served.count("second-token")
+            > before + 500),
         "records stopped after the old token was revoked; see {}",
         s.path.display()
     );
@@ -442,13 +452,24 @@ fn sighup_rereads_the_bearer_token_file_and_the_next_requests_carry_the_new_toke
     );
     let before = served.count("second-token");
     assert!(
-        wait_until(Duration::from_secs(30), || served.count("second-token") > before + 500),
+        wait_until(Duration::from_secs(30), || served.count("second-token")
+            > before + 500),
         "records stopped after a refused reload; see {}",
         s.path.display()
     );
-    assert!(sender.stop(Duration::from_secs(10)), "the sender did not stop cleanly");
-    assert!(receiver.stop(Duration::from_secs(20)), "the receiver did not stop cleanly");
-    assert_eq!(served.unauthorized.load(Ordering::Relaxed), 0, "no request carried a revoked or unknown token");
+    assert!(
+        sender.stop(Duration::from_secs(10)),
+        "the sender did not stop cleanly"
+    );
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver did not stop cleanly"
+    );
+    assert_eq!(
+        served.unauthorized.load(Ordering::Relaxed),
+        0,
+        "no request carried a revoked or unknown token"
+    );
     let requests = served.requests.lock().unwrap().clone();
     let switch = requests.iter().position(|r| r.0 == "second-token").unwrap();
     assert!(

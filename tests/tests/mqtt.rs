@@ -1086,7 +1086,8 @@ fn points_are_republished_as_sparkplug_b_births_then_data_by_alias_with_seq_and_
         .iter()
         .any(|m| m.name.as_deref() == Some("Node Control/Rebirth")));
     // Every birth and data message of the connection in seq order.
-    let (deaths, live): (Vec<_>, Vec<_>) = decoded.iter().partition(|(t, _)| t.contains("/NDEATH/"));
+    let (deaths, live): (Vec<_>, Vec<_>) =
+        decoded.iter().partition(|(t, _)| t.contains("/NDEATH/"));
     for (i, (topic, p)) in live.iter().enumerate() {
         assert_eq!(p.seq, Some(i as u64 % 256), "seq of message {i} ({topic})");
         assert!(p.timestamp.is_some(), "payload timestamp of {topic}");
@@ -1105,13 +1106,15 @@ fn points_are_republished_as_sparkplug_b_births_then_data_by_alias_with_seq_and_
     let data = format!("{node}/DDATA/weir-it/plant_gen");
     let mut names: BTreeMap<u64, String> = BTreeMap::new();
     let mut seen: BTreeMap<String, Vec<(f64, u64, u32)>> = BTreeMap::new();
-    let quality = |m: &sparkplug_b::Metric| match m.properties.as_ref().map(|p| (&p.keys[..], &p.values[..])) {
-        Some(([k], [v])) if k == "Quality" => match v.value {
-            Some(sparkplug_b::PropertyValueKind::IntValue(q)) => q,
-            _ => panic!("Quality is not an int"),
-        },
-        other => panic!("no Quality property: {other:?}"),
-    };
+    let quality =
+        |m: &sparkplug_b::Metric| match m.properties.as_ref().map(|p| (&p.keys[..], &p.values[..]))
+        {
+            Some(([k], [v])) if k == "Quality" => match v.value {
+                Some(sparkplug_b::PropertyValueKind::IntValue(q)) => q,
+                _ => panic!("Quality is not an int"),
+            },
+            other => panic!("no Quality property: {other:?}"),
+        };
     let double = |m: &sparkplug_b::Metric| match m.value {
         Some(V::DoubleValue(v)) => v,
         ref other => panic!("not a double: {other:?}"),
@@ -1123,7 +1126,11 @@ fn points_are_republished_as_sparkplug_b_births_then_data_by_alias_with_seq_and_
                 assert_eq!(m.datatype, Some(sparkplug_b::datatype::DOUBLE));
                 let alias = m.alias.expect("a birth gives each metric an alias");
                 if names.insert(alias, name.clone()).is_none() {
-                    seen.entry(name).or_default().push((double(m), m.timestamp.unwrap(), quality(m)));
+                    seen.entry(name).or_default().push((
+                        double(m),
+                        m.timestamp.unwrap(),
+                        quality(m),
+                    ));
                 }
             }
         } else {
@@ -1132,7 +1139,9 @@ fn points_are_republished_as_sparkplug_b_births_then_data_by_alias_with_seq_and_
             let m = &p.metrics[0];
             assert_eq!(m.name, None, "data names a metric by alias only");
             let name = names[&m.alias.expect("an alias")].clone();
-            seen.entry(name).or_default().push((double(m), m.timestamp.unwrap(), quality(m)));
+            seen.entry(name)
+                .or_default()
+                .push((double(m), m.timestamp.unwrap(), quality(m)));
         }
     }
     // The same points, values, timestamps and qualities as the file sink wrote.
@@ -1141,11 +1150,13 @@ fn points_are_republished_as_sparkplug_b_births_then_data_by_alias_with_seq_and_
         let ts = chrono::DateTime::parse_from_rfc3339(r["ts"].as_str().unwrap())
             .unwrap()
             .timestamp_millis() as u64;
-        want.entry(r["tag"].as_str().unwrap().to_string()).or_default().push((
-            r["value"].as_f64().unwrap(),
-            ts,
-            r["quality"].as_u64().unwrap() as u32,
-        ));
+        want.entry(r["tag"].as_str().unwrap().to_string())
+            .or_default()
+            .push((
+                r["value"].as_f64().unwrap(),
+                ts,
+                r["quality"].as_u64().unwrap() as u32,
+            ));
     }
     assert_eq!(seen.len(), tags);
     assert_eq!(seen, want);

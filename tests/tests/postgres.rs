@@ -772,12 +772,7 @@ fn sslmode_require_and_verify_ca_land_rows_over_tls() {
             Duration::from_secs(15),
             Duration::from_secs(40),
         );
-        assert_eq!(
-            got,
-            total,
-            "sslmode {mode}: {}",
-            log_text(&s, "receiver")
-        );
+        assert_eq!(got, total, "sslmode {mode}: {}", log_text(&s, "receiver"));
         assert_eq!(
             session_encrypted(&app),
             Some(true),

@@ -19,9 +19,9 @@ use anyhow::{anyhow, Result};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
+use weir_ops::reload::Reloadable;
 use weir_protocol::decoder::Delivered;
 use weir_protocol::units::parse_size;
-use weir_ops::reload::Reloadable;
 
 use super::{json_line, AsyncSink, BuildContext, Sink, SinkBuilder, SinkError};
 

@@ -18,9 +18,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio_rustls::rustls;
+use weir_ops::reload::Reloadable;
 use weir_protocol::decoder::Delivered;
 use weir_protocol::{Log, RecordBody};
-use weir_ops::reload::Reloadable;
 
 use super::{BuildContext, Sink, SinkBuilder, SinkError};
 
@@ -296,7 +296,10 @@ impl SyslogSink {
                     .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
                 let mut files = vec![("tls_ca_file", ca.as_path())];
                 if let (Some(c), Some(k)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
-                    files.extend([("tls_cert_file", c.as_path()), ("tls_key_file", k.as_path())]);
+                    files.extend([
+                        ("tls_cert_file", c.as_path()),
+                        ("tls_key_file", k.as_path()),
+                    ]);
                 }
                 let (c, host) = (cfg.clone(), host.clone());
                 let tls = ctx
@@ -336,12 +339,8 @@ impl SyslogSink {
                     Conn::Tcp(std::io::BufWriter::with_capacity(1 << 20, Box::new(s)))
                 }
                 Target::Tls(addr, _) => {
-                    let (config, server_name) = (*self
-                        .tls
-                        .as_ref()
-                        .expect("built for a tls target")
-                        .get())
-                    .clone();
+                    let (config, server_name) =
+                        (*self.tls.as_ref().expect("built for a tls target").get()).clone();
                     let s = tls_handshake(connect_tcp(addr)?, addr, config, server_name)?;
                     tracing::info!(sink = %self.name, collector = %addr, "syslog sink connected (tls)");
                     Conn::Tcp(std::io::BufWriter::with_capacity(1 << 20, Box::new(s)))
@@ -655,7 +654,12 @@ mod tests {
             tls_key_file: Some(key_file),
             ..cfg
         };
-        let e = format!("{:#}", SyslogSink::new(&cfg, &BuildContext::new("siem")).err().unwrap());
+        let e = format!(
+            "{:#}",
+            SyslogSink::new(&cfg, &BuildContext::new("siem"))
+                .err()
+                .unwrap()
+        );
         assert!(
             e.contains("sinks.siem: tls_key_file") && e.contains("chmod 600"),
             "{e}"

@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
+use weir_ops::reload::Reloadable;
 use weir_protocol::decoder::Delivered;
 use weir_protocol::units::parse_size;
 use weir_protocol::RecordBody;
-use weir_ops::reload::Reloadable;
 
 use super::{json_line, BuildContext, Sink, SinkBuilder, SinkError};
 
@@ -316,12 +316,10 @@ impl Session {
             .clone()
             .filter(|_| broker.tls)
             .map(|pem| rumqttc::Transport::tls(pem, None, None));
-        let credentials = cfg.username.clone().map(|u| {
-            (
-                u,
-                secrets.password.clone().unwrap_or_default(),
-            )
-        });
+        let credentials = cfg
+            .username
+            .clone()
+            .map(|u| (u, secrets.password.clone().unwrap_or_default()));
         // Every event of a window fits: a publish makes at most two.
         let (tx, events) = sync_channel(2 * WINDOW + 64);
         let client_id = cfg.client_id(name);
@@ -749,7 +747,13 @@ impl Sink for MqttSink {
                     self.births = births;
                     will
                 });
-                let s = Session::open(&self.cfg, &self.name, &self.broker, &self.secrets.get(), will)
+                let s = Session::open(
+                    &self.cfg,
+                    &self.name,
+                    &self.broker,
+                    &self.secrets.get(),
+                    will,
+                )
                 .with_context(|| {
                     format!(
                         "connecting to the broker at {} (check `url` and that the broker is up)",

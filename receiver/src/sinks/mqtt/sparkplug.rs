@@ -27,7 +27,9 @@ use weir_protocol::{Point, Value};
 #[allow(dead_code)] // the structs are shared with the sender's source
 mod sparkplug_b;
 
-use sparkplug_b::{datatype, Metric, MetricValue, Payload, PropertySet, PropertyValue, PropertyValueKind};
+use sparkplug_b::{
+    datatype, Metric, MetricValue, Payload, PropertySet, PropertyValue, PropertyValueKind,
+};
 
 /// Most metrics one sink keeps (names, aliases, last values: the births
 /// carry them all); a point that would add one more is dead-lettered.
@@ -348,7 +350,9 @@ mod tests {
         assert_eq!(nbirth.seq, Some(0));
         assert_eq!(nbirth.metrics[0].value, Some(MetricValue::LongValue(0)));
         // A new device and metric: a DBIRTH with name, alias, datatype and value.
-        let o = e.point("plant/a", &point("T/1", Value::F64(1.5), 5000), 1001).unwrap();
+        let o = e
+            .point("plant/a", &point("T/1", Value::F64(1.5), 5000), 1001)
+            .unwrap();
         assert_eq!(o.topic, "spBv1.0/G/DBIRTH/N/plant_a");
         let b = decode(&o);
         assert_eq!(b.seq, Some(1));
@@ -359,33 +363,49 @@ mod tests {
         );
         assert_eq!(m.value, Some(MetricValue::DoubleValue(1.5)));
         // Known: a DDATA by alias alone.
-        let o = e.point("plant/a", &point("T/1", Value::F64(2.5), 6000), 1002).unwrap();
+        let o = e
+            .point("plant/a", &point("T/1", Value::F64(2.5), 6000), 1002)
+            .unwrap();
         assert_eq!(o.topic, "spBv1.0/G/DDATA/N/plant_a");
         let d = decode(&o);
         assert_eq!(d.seq, Some(2));
-        assert_eq!((d.metrics[0].name.as_deref(), d.metrics[0].alias), (None, Some(1)));
+        assert_eq!(
+            (d.metrics[0].name.as_deref(), d.metrics[0].alias),
+            (None, Some(1))
+        );
         assert_eq!(d.metrics[0].value, Some(MetricValue::DoubleValue(2.5)));
         // A second metric: the device is born again with both.
-        let o = e.point("plant/a", &point("n", Value::I64(-3), 7000), 1003).unwrap();
+        let o = e
+            .point("plant/a", &point("n", Value::I64(-3), 7000), 1003)
+            .unwrap();
         let b = decode(&o);
         assert_eq!(o.topic, "spBv1.0/G/DBIRTH/N/plant_a");
         assert_eq!(b.metrics.len(), 2);
         assert_eq!(b.metrics[0].value, Some(MetricValue::DoubleValue(2.5)));
-        assert_eq!(b.metrics[1].value, Some(MetricValue::LongValue(-3i64 as u64)));
+        assert_eq!(
+            b.metrics[1].value,
+            Some(MetricValue::LongValue(-3i64 as u64))
+        );
         // seq wraps at 256.
         for _ in 0..300 {
-            e.point("plant/a", &point("n", Value::I64(1), 7000), 1003).unwrap();
+            e.point("plant/a", &point("n", Value::I64(1), 7000), 1003)
+                .unwrap();
         }
         assert_eq!(e.seq, (4 + 300) % 256);
         // A reconnection: bdSeq 1, seq from 0, births of what is known.
         let (will, births) = e.connect(2000);
-        assert_eq!(decode(&will).metrics[0].value, Some(MetricValue::LongValue(1)));
+        assert_eq!(
+            decode(&will).metrics[0].value,
+            Some(MetricValue::LongValue(1))
+        );
         assert_eq!(births.len(), 2);
         assert_eq!(decode(&births[0]).seq, Some(0));
         assert_eq!(decode(&births[1]).seq, Some(1));
         assert_eq!(decode(&births[1]).metrics.len(), 2);
         // Two streams on one device id are refused.
-        let err = e.point("plant_a", &point("x", Value::Bool(true), 0), 0).unwrap_err();
+        let err = e
+            .point("plant_a", &point("x", Value::Bool(true), 0), 0)
+            .unwrap_err();
         assert!(err.contains("plant_a") && err.contains("rename"), "{err}");
     }
 

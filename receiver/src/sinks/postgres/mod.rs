@@ -500,7 +500,8 @@ impl PostgresSink {
                 client
             }
             Some(config) => {
-                let connector = tls::Connector::new(config.clone(), self.cfg.tls_server_name.clone());
+                let connector =
+                    tls::Connector::new(config.clone(), self.cfg.tls_server_name.clone());
                 let (client, connection) = pg.connect(connector).await.map_err(failed)?;
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -998,7 +999,11 @@ mod tests {
 
     #[test]
     fn tls_keys_are_checked_against_sslmode_naming_the_key() {
-        assert_eq!(cfg("").tls().unwrap().mode, SslMode::Prefer, "libpq's default");
+        assert_eq!(
+            cfg("").tls().unwrap().mode,
+            SslMode::Prefer,
+            "libpq's default"
+        );
         let full = cfg("sslmode = \"verify-full\"").tls().unwrap();
         assert_eq!(
             full.ca.as_deref(),
@@ -1036,10 +1041,16 @@ mod tests {
             "url = \"postgres://u@h/db?sslmode=require\"\nsslmode = \"verify-full\"",
         )
         .unwrap();
-        assert!(both.validate().unwrap_err().starts_with("sslmode: is set in `url` too"));
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .starts_with("sslmode: is set in `url` too"));
         let in_url: Config =
             toml::from_str("url = \"postgres://u@h/db?sslmode=verify-full\"").unwrap();
-        assert!(in_url.validate().unwrap_err().contains("this sink's `sslmode` key"));
+        assert!(in_url
+            .validate()
+            .unwrap_err()
+            .contains("this sink's `sslmode` key"));
     }
 
     #[test]

@@ -386,7 +386,9 @@ mod tests {
         for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
             let e = check(mode, &other_file, "db.example").unwrap_err();
             assert!(
-                e.contains("UnknownIssuer") && e.contains("tls_ca_file") && e.contains(mode.as_str()),
+                e.contains("UnknownIssuer")
+                    && e.contains("tls_ca_file")
+                    && e.contains(mode.as_str()),
                 "{e}"
             );
         }
@@ -399,6 +401,9 @@ mod tests {
             assert_eq!(SslMode::parse(n).unwrap().as_str(), n);
         }
         let e = SslMode::parse("verify").unwrap_err();
-        assert!(e.starts_with("sslmode: `verify`") && e.contains("verify-full"), "{e}");
+        assert!(
+            e.starts_with("sslmode: `verify`") && e.contains("verify-full"),
+            "{e}"
+        );
     }
 }

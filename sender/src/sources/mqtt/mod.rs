@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use rumqttc::v5::mqttbytes::v5 as v5b;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use weir_ops::reload::Reloadable;
 use weir_protocol::units::parse_size;
 use weir_protocol::{Message, RecordBody};
-use weir_ops::reload::Reloadable;
 
 use super::{now_ns, DurableWatch, Source, SourceHandle, Ticket};
 use crate::metrics::Counters;
@@ -459,9 +459,10 @@ fn secrets(
             None => String::new(),
         };
         let ca_pem = match &ca {
-            Some(ca) => Some(std::fs::read(ca).map_err(|e| {
-                anyhow::anyhow!("ca_file: cannot read {} ({e})", ca.display())
-            })?),
+            Some(ca) => Some(
+                std::fs::read(ca)
+                    .map_err(|e| anyhow::anyhow!("ca_file: cannot read {} ({e})", ca.display()))?,
+            ),
             None => None,
         };
         Ok(Secrets {
