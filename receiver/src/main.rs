@@ -257,11 +257,14 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
 
     let abort = Arc::new(AtomicBool::new(false));
     let mut sinks = Vec::new();
+    let mut reloads = Vec::new();
     for sink_cfg in &cfg.sinks {
         let common = sink_cfg.common();
-        let mut sink = sink_cfg
+        let built = sink_cfg
             .build()
             .with_context(|| format!("sinks ({})", common.name))?;
+        let mut sink = built.sink;
+        reloads.push((common.name.clone(), built.reloads));
         let routes = sinks::matcher(&common.streams)
             .map_err(|e| anyhow::anyhow!("sinks ({}).streams: {e}", common.name))?;
         let kinds = sinks::Kinds::parse(&common.kinds)
@@ -406,8 +409,12 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
     {
         let stop = stop.clone();
         let (path, log) = (path.to_path_buf(), log.clone());
+        let running = Running {
+            config: cfg.clone(),
+            reloads,
+        };
         std::thread::spawn(move || {
-            wait_for_signal(&path, &log);
+            wait_for_signal(&path, &log, &running);
             stop.store(true, Ordering::Relaxed);
         });
     }
@@ -482,8 +489,17 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile re-reads `[log] level`.
-fn wait_for_signal(path: &Path, log: &weir_ops::logging::LogControl) {
+/// What SIGHUP compares the file with and re-reads.
+struct Running {
+    /// The configuration the receiver started with.
+    config: config::ReceiverConfig,
+    /// Each sink's name and its credential files.
+    reloads: Vec<(String, Vec<Arc<dyn weir_ops::reload::Reload>>)>,
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile re-reads `[log] level`
+/// and the sinks' credential files.
+fn wait_for_signal(path: &Path, log: &weir_ops::logging::LogControl, running: &Running) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -496,18 +512,22 @@ fn wait_for_signal(path: &Path, log: &weir_ops::logging::LogControl) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return,
                 _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => return,
-                _ = async { match hup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => reload(path, log),
+                _ = async { match hup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => reload(path, log, running),
             }
         }
     });
 }
 
-/// SIGHUP: applies `[log] level` from the file and says what changed; the
-/// rest of the file needs a restart. An invalid file changes nothing.
-fn reload(path: &Path, log: &weir_ops::logging::LogControl) {
+/// SIGHUP: applies `[log] level` from the file, re-reads every sink's
+/// credential files (each sink uses them from its next connection or
+/// request), and says what changed, including the settings that need a
+/// restart. An invalid file changes nothing.
+fn reload(path: &Path, log: &weir_ops::logging::LogControl, running: &Running) {
     weir_ops::notify::reloading();
     match config::load(path) {
-        Err(e) => tracing::error!("SIGHUP: {e:#}; nothing changed"),
+        Err(e) => tracing::error!(
+            "SIGHUP: {e:#}; nothing changed (the log level and the sinks' credential files are applied only from a valid file)"
+        ),
         Ok(new) => {
             let level = new
                 .config
@@ -516,12 +536,30 @@ fn reload(path: &Path, log: &weir_ops::logging::LogControl) {
                 .map_or_else(weir_ops::logging::default_level, |l| l.level.clone());
             match log.set(&level) {
                 Ok(Some(previous)) => {
-                    tracing::warn!(previous = %previous, now = %level, "SIGHUP: log level changed; other settings need a restart")
+                    tracing::warn!(previous = %previous, now = %level, "SIGHUP: log level changed")
                 }
-                Ok(None) => {
-                    tracing::info!(level = %level, "SIGHUP: log level unchanged; other settings need a restart")
-                }
+                Ok(None) => tracing::info!(level = %level, "SIGHUP: log level unchanged"),
                 Err(e) => tracing::error!("SIGHUP: {e:#}"),
+            }
+            for (name, reloads) in &running.reloads {
+                weir_ops::reload::reload_and_log("sink", name, reloads);
+            }
+            let as_json = |c: &config::ReceiverConfig| {
+                serde_json::to_value(c).expect("a configuration serializes")
+            };
+            let changed = weir_ops::reload::changed_settings(
+                &as_json(&running.config),
+                &as_json(&new.config),
+                "sinks",
+                &["log"],
+            );
+            if changed.is_empty() {
+                tracing::info!("SIGHUP: no other setting changed");
+            } else {
+                tracing::warn!(
+                    changed = %changed.join(", "),
+                    "SIGHUP: other settings changed; they apply only after a restart"
+                );
             }
         }
     }

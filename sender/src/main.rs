@@ -371,8 +371,10 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
     runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         let mut source_names = std::collections::HashMap::new();
+        let reloads = sources::Reloads::default();
         for source in sources {
-            let handle = SourceHandle::new(source.name(), spool.clone(), counters.clone(), shutdown_rx.clone());
+            let handle = SourceHandle::new(source.name(), spool.clone(), counters.clone(), shutdown_rx.clone())
+                .with_reloads(reloads.clone());
             let name = format!("source {}", source.name());
             let id = tasks.spawn(source.run(handle)).id();
             source_names.insert(id, name);
@@ -397,7 +399,7 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
         loop {
             tokio::select! {
                 _ = async { match sighup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
-                    reload(path, log, &hash);
+                    reload(path, log, &hash, &reloads);
                 }
                 _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping (unsent records stay in the spool)"); break; }
                 _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
@@ -537,12 +539,18 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
 }
 
 /// SIGHUP: re-reads the configuration file and applies what can change
-/// without a restart (`[log] level`), saying what changed and what needs
-/// a restart. An invalid file changes nothing.
-fn reload(path: &Path, log: &weir_ops::logging::LogControl, running_hash: &str) {
+/// without a restart (`[log] level`, the sources' credential files, used
+/// from each source's next connection or handshake), saying what changed
+/// and what needs a restart. An invalid file changes nothing.
+fn reload(
+    path: &Path,
+    log: &weir_ops::logging::LogControl,
+    running_hash: &str,
+    reloads: &sources::Reloads,
+) {
     weir_ops::notify::reloading();
     match config::load(path) {
-        Err(e) => tracing::error!("SIGHUP: {e:#}; nothing changed"),
+        Err(e) => tracing::error!("SIGHUP: {e:#}; nothing changed (the log level and the sources' credential files are applied only from a valid file)"),
         Ok(new) => {
             let level = new
                 .config
@@ -555,6 +563,10 @@ fn reload(path: &Path, log: &weir_ops::logging::LogControl, running_hash: &str) 
                 }
                 Ok(None) => tracing::info!(level = %level, "SIGHUP: log level unchanged"),
                 Err(e) => tracing::error!("SIGHUP: {e:#}"),
+            }
+            let reloads = reloads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for (name, r) in &reloads {
+                weir_ops::reload::reload_and_log("source", name, std::slice::from_ref(r));
             }
             if new.hash != running_hash {
                 tracing::warn!(running = %running_hash, file = %new.hash,

@@ -283,3 +283,206 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
         (0..total).filter(|s| s % 100 == 42).collect::<Vec<_>>()
     );
 }
+
+/// Tokens a [`serve_tokens`] server accepts, and what it saw.
+#[derive(Default)]
+struct TokenServer {
+    /// Bearer tokens answered 200; any other is answered 401.
+    accepted: Mutex<Vec<String>>,
+    /// Per accepted request, in arrival order: its token and its seqs.
+    requests: Mutex<Vec<(String, Vec<u64>)>>,
+    unauthorized: AtomicU64,
+}
+
+impl TokenServer {
+    fn count(&self, token: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.0 == token)
+            .map(|r| r.1.len())
+            .sum()
+    }
+}
+
+fn serve_tokens(port: u16, served: Arc<TokenServer>) {
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let served = served.clone();
+            std::thread::spawn(move || {
+                conn.set_nodelay(true).unwrap();
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                while let Some((headers, body)) = read_request(&mut r) {
+                    let token = headers
+                        .iter()
+                        .find(|h| h.0 == "authorization")
+                        .and_then(|h| h.1.strip_prefix("Bearer "))
+                        .unwrap_or("")
+                        .to_string();
+                    let answer = if served.accepted.lock().unwrap().contains(&token) {
+                        let seqs = String::from_utf8(body)
+                            .unwrap()
+                            .lines()
+                            .map(|l| {
+                                serde_json::from_str::<Value>(l).unwrap()["seq"]
+                                    .as_u64()
+                                    .unwrap()
+                            })
+                            .collect();
+                        served.requests.lock().unwrap().push((token, seqs));
+                        respond(&mut w, "200 OK", "")
+                    } else {
+                        served.unauthorized.fetch_add(1, Ordering::Relaxed);
+                        respond(&mut w, "401 Unauthorized", "unknown token")
+                    };
+                    if answer.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Replaces `path` with a new file of `text` and `mode`, as an operator
+/// rotating a secret would (write beside it, rename over it).
+fn replace_file(path: &std::path::Path, text: &str, mode: u32) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn sighup_rereads_the_bearer_token_file_and_the_next_requests_carry_the_new_token() {
+    let s = Scratch::new("http-token-rotation");
+    let (receiver_port, http_port) = (free_udp_port(), free_tcp_port());
+    let served = Arc::new(TokenServer::default());
+    served.accepted.lock().unwrap().push("first-token".into());
+    serve_tokens(http_port, served.clone());
+    let token = s.join("token");
+    replace_file(&token, "first-token\n", 0o600);
+    let d = s.path.display();
+    let rcfg = s.write(
+        "receiver.toml",
+        &format!(
+            "{}[link]\nlisten = \"127.0.0.1:{receiver_port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/state\"\n\
+             [[sinks]]\nname = \"ingest\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{http_port}/weir\"\nformat = \"ndjson\"\n\
+             bearer_token_file = \"{}\"\nmax_request_bytes = \"16KiB\"\n",
+            receiver_auth(&s),
+            token.display()
+        ),
+    );
+    let mut receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &["run", "--config", rcfg.to_str().unwrap()],
+    );
+    // Runs until stopped, so the rotation happens mid-stream however
+    // fast the machine is.
+    let scfg = s.write(
+        "sender.toml",
+        &format!(
+            "{}[link]\ndestination = \"127.0.0.1:{receiver_port}\"\nrate = \"100Mbit\"\n[spool]\npath = \"{d}/spool\"\n\
+             [[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 10\nrate = 2000\n",
+            sender_auth(&s)
+        ),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    let logged = |what: &str| {
+        std::fs::read_to_string(s.join("receiver.log"))
+            .unwrap_or_default()
+            .contains(what)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || served.count("first-token")
+            > 500),
+        "no records with the first token; see {}",
+        s.path.display()
+    );
+    // Rotation: the server takes both tokens while the file changes.
+    served.accepted.lock().unwrap().push("second-token".into());
+    replace_file(&token, "second-token\n", 0o600);
+    receiver.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || logged(&format!(
+            "SIGHUP: sink `ingest`: bearer_token_file {} re-read, changed",
+            token.display()
+        ))),
+        "the changed token file was not reported; see {}",
+        s.path.display()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || served.count("second-token") > 0),
+        "no request with the new token after SIGHUP; see {}",
+        s.path.display()
+    );
+    // The old token is revoked: a request still carrying it would be
+    // answered 401 (and its records dead-lettered).
+    served
+        .accepted
+        .lock()
+        .unwrap()
+        .retain(|t| t == "second-token");
+    let before = served.count("second-token");
+    assert!(
+        wait_until(Duration::from_secs(30), || served.count("second-token")
+            > before + 500),
+        "records stopped after the old token was revoked; see {}",
+        s.path.display()
+    );
+    // A token file others can read is refused at SIGHUP, naming the file,
+    // and the sink keeps the token it has.
+    replace_file(&token, "third-token\n", 0o644);
+    receiver.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("chmod 600")
+            && logged("nothing changed")),
+        "the unreadable token file was not reported; see {}",
+        s.path.display()
+    );
+    let before = served.count("second-token");
+    assert!(
+        wait_until(Duration::from_secs(30), || served.count("second-token")
+            > before + 500),
+        "records stopped after a refused reload; see {}",
+        s.path.display()
+    );
+    assert!(
+        sender.stop(Duration::from_secs(10)),
+        "the sender did not stop cleanly"
+    );
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver did not stop cleanly"
+    );
+    assert_eq!(
+        served.unauthorized.load(Ordering::Relaxed),
+        0,
+        "no request carried a revoked or unknown token"
+    );
+    let requests = served.requests.lock().unwrap().clone();
+    let switch = requests.iter().position(|r| r.0 == "second-token").unwrap();
+    assert!(
+        requests[..switch].iter().all(|r| r.0 == "first-token")
+            && requests[switch..].iter().all(|r| r.0 == "second-token"),
+        "every request after the first with the new token carries the new token"
+    );
+    // Exactly once, in order, across the rotation.
+    let seqs: Vec<u64> = requests.iter().flat_map(|r| r.1.iter().copied()).collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    let log = std::fs::read_to_string(s.join("receiver.log")).unwrap();
+    assert!(
+        !log.contains("third-token") && !log.contains("second-token"),
+        "a token was written to the log"
+    );
+}

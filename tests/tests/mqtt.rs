@@ -1007,3 +1007,157 @@ fn mqtts_with_a_password_file_carries_mqtt5_user_properties_through_source_and_s
         "{locked}"
     );
 }
+
+#[test]
+fn points_are_republished_as_sparkplug_b_births_then_data_by_alias_with_seq_and_the_ndeath_will() {
+    let test = "mqtt_sparkplug_sink";
+    if !broker_answers(test) {
+        return;
+    }
+    use sparkplug_b::MetricValue as V;
+    let s = Scratch::new("mqtt-spb-sink");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    // A Sparkplug group id has no `/`.
+    let group = format!("weirt-{}-{}", std::process::id(), nanos % 1_000_000_000);
+    let sub = Subscriber::new(&format!("{group}-sub"), 1883, &format!("spBv1.0/{group}/#"));
+    let link = Link::new();
+    let d = s.path.display();
+    let mut receiver = receiver(
+        &s,
+        &link,
+        &format!(
+            "[[sinks]]\nname = \"spb\"\ntype = \"mqtt\"\nurl = \"mqtt://{BROKER}\"\nprefix = \"it/{group}\"\n\
+             sparkplug = {{ group = \"{group}\", node = \"weir-it\" }}\n\
+             [[sinks]]\nname = \"file\"\ntype = \"file\"\ndir = \"{d}/out\"\n"
+        ),
+    );
+    let (tags, total) = (3usize, 600usize);
+    let mut sender = sender(
+        &s,
+        link.destination(false),
+        &format!("[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = {tags}\nrate = 2000\ncount = {total}\n"),
+    );
+    // An NBIRTH, a DBIRTH per new tag (which carries that point), a DDATA
+    // per other point.
+    assert!(
+        wait_until(Duration::from_secs(30), || sub.count() >= 1 + total
+            && file_records(&s.join("out")).len() >= total),
+        "got {} Sparkplug messages, {} file records; see {}",
+        sub.count(),
+        file_records(&s.join("out")).len(),
+        s.path.display()
+    );
+    assert!(sender.stop(Duration::from_secs(10)));
+    // The will: a receiver killed without a DISCONNECT leaves its NDEATH.
+    receiver.child.kill().unwrap();
+    let _ = receiver.child.wait();
+    assert!(
+        wait_until(Duration::from_secs(10), || sub
+            .taken()
+            .iter()
+            .any(|g| g.topic.contains("/NDEATH/"))),
+        "no NDEATH after the receiver was killed"
+    );
+    let got = sub.taken();
+    let decoded: Vec<(String, sparkplug_b::Payload)> = got
+        .iter()
+        .map(|g| {
+            (
+                g.topic.clone(),
+                sparkplug_b::Payload::decode(g.payload.as_slice()).unwrap(),
+            )
+        })
+        .collect();
+    let node = format!("spBv1.0/{group}");
+    let (first_topic, nbirth) = &decoded[0];
+    assert_eq!(first_topic, &format!("{node}/NBIRTH/weir-it"));
+    assert_eq!(nbirth.seq, Some(0));
+    let bd_seq = nbirth
+        .metrics
+        .iter()
+        .find(|m| m.name.as_deref() == Some("bdSeq"))
+        .and_then(|m| m.value.clone());
+    assert_eq!(bd_seq, Some(V::LongValue(0)));
+    assert!(nbirth
+        .metrics
+        .iter()
+        .any(|m| m.name.as_deref() == Some("Node Control/Rebirth")));
+    // Every birth and data message of the connection in seq order.
+    let (deaths, live): (Vec<_>, Vec<_>) =
+        decoded.iter().partition(|(t, _)| t.contains("/NDEATH/"));
+    for (i, (topic, p)) in live.iter().enumerate() {
+        assert_eq!(p.seq, Some(i as u64 % 256), "seq of message {i} ({topic})");
+        assert!(p.timestamp.is_some(), "payload timestamp of {topic}");
+    }
+    assert_eq!(deaths.len(), 1);
+    assert_eq!(deaths[0].0, format!("{node}/NDEATH/weir-it"));
+    assert_eq!(deaths[0].1.metrics[0].name.as_deref(), Some("bdSeq"));
+    assert_eq!(
+        deaths[0].1.metrics[0].value.clone(),
+        Some(V::LongValue(0)),
+        "the NDEATH's bdSeq is the NBIRTH's"
+    );
+    // Per metric: (value, timestamp ms, quality) in order, from the births
+    // (a metric's first appearance) and the data (by alias alone).
+    let device = format!("{node}/DBIRTH/weir-it/plant_gen");
+    let data = format!("{node}/DDATA/weir-it/plant_gen");
+    let mut names: BTreeMap<u64, String> = BTreeMap::new();
+    let mut seen: BTreeMap<String, Vec<(f64, u64, u32)>> = BTreeMap::new();
+    let quality =
+        |m: &sparkplug_b::Metric| match m.properties.as_ref().map(|p| (&p.keys[..], &p.values[..]))
+        {
+            Some(([k], [v])) if k == "Quality" => match v.value {
+                Some(sparkplug_b::PropertyValueKind::IntValue(q)) => q,
+                _ => panic!("Quality is not an int"),
+            },
+            other => panic!("no Quality property: {other:?}"),
+        };
+    let double = |m: &sparkplug_b::Metric| match m.value {
+        Some(V::DoubleValue(v)) => v,
+        ref other => panic!("not a double: {other:?}"),
+    };
+    for (topic, p) in &live[1..] {
+        if *topic == device {
+            for m in &p.metrics {
+                let name = m.name.clone().expect("a birth names each metric");
+                assert_eq!(m.datatype, Some(sparkplug_b::datatype::DOUBLE));
+                let alias = m.alias.expect("a birth gives each metric an alias");
+                if names.insert(alias, name.clone()).is_none() {
+                    seen.entry(name).or_default().push((
+                        double(m),
+                        m.timestamp.unwrap(),
+                        quality(m),
+                    ));
+                }
+            }
+        } else {
+            assert_eq!(*topic, data, "only this device's births and data");
+            assert_eq!(p.metrics.len(), 1);
+            let m = &p.metrics[0];
+            assert_eq!(m.name, None, "data names a metric by alias only");
+            let name = names[&m.alias.expect("an alias")].clone();
+            seen.entry(name)
+                .or_default()
+                .push((double(m), m.timestamp.unwrap(), quality(m)));
+        }
+    }
+    // The same points, values, timestamps and qualities as the file sink wrote.
+    let mut want: BTreeMap<String, Vec<(f64, u64, u32)>> = BTreeMap::new();
+    for r in file_records(&s.join("out")) {
+        let ts = chrono::DateTime::parse_from_rfc3339(r["ts"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis() as u64;
+        want.entry(r["tag"].as_str().unwrap().to_string())
+            .or_default()
+            .push((
+                r["value"].as_f64().unwrap(),
+                ts,
+                r["quality"].as_u64().unwrap() as u32,
+            ));
+    }
+    assert_eq!(seen.len(), tags);
+    assert_eq!(seen, want);
+}

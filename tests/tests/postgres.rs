@@ -708,3 +708,136 @@ fn records_of_a_kind_no_sink_selects_are_counted_per_stream_and_logged_once() {
         .count();
     assert_eq!(warnings, 1, "logged once for the stream");
 }
+
+/// The server's certificate file when it has TLS on (`ssl = on`; Debian's
+/// cluster uses the self-signed snakeoil certificate); otherwise prints
+/// why the test is skipped, or fails under WEIR_SERVICES=1.
+fn server_tls_certificate(test: &str) -> Option<String> {
+    let mut c = db();
+    let on: String = c.query_one("SHOW ssl", &[]).unwrap().get(0);
+    if on != "on" {
+        if std::env::var("WEIR_SERVICES").is_ok_and(|v| v == "1") {
+            panic!("{test}: WEIR_SERVICES=1 but PostgreSQL at {SERVER} has ssl = off");
+        }
+        eprintln!("SKIPPED {test}: PostgreSQL at {SERVER} has ssl = off");
+        return None;
+    }
+    Some(c.query_one("SHOW ssl_cert_file", &[]).unwrap().get(0))
+}
+
+/// Whether the session of `application_name` is encrypted, as the server
+/// sees it (pg_stat_ssl).
+fn session_encrypted(application_name: &str) -> Option<bool> {
+    db().query_opt(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+        &[&application_name],
+    )
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+#[test]
+fn sslmode_require_and_verify_ca_land_rows_over_tls() {
+    let test = "postgres_tls";
+    if !server_answers(test) {
+        return;
+    }
+    let Some(server_cert) = server_tls_certificate(test) else {
+        return;
+    };
+    for (mode, extra) in [
+        ("require", String::new()),
+        // The server's self-signed certificate is its own CA; verify-ca
+        // does not check the name, which for snakeoil is the host name.
+        ("verify-ca", format!("tls_ca_file = \"{server_cert}\"\n")),
+    ] {
+        let s = Scratch::new(&format!("pg-tls-{mode}"));
+        let t = Tables::new("tls");
+        let app = format!("{}_app", t.prefix);
+        let url = format!("postgres://postgres@127.0.0.1:5432/test?application_name={app}");
+        let port = free_udp_port();
+        let mut receiver = receiver(
+            &s,
+            "receiver",
+            port,
+            &t.sink(&url, &format!("sslmode = \"{mode}\"\n{extra}")),
+        );
+        let total = 2_000u64;
+        let mut sender = sender(&s, port, &generator("gen", 4_000, total));
+        let points = t.name("points");
+        let got = wait_for_rows(
+            &s,
+            &points,
+            total,
+            Duration::from_secs(15),
+            Duration::from_secs(40),
+        );
+        assert_eq!(got, total, "sslmode {mode}: {}", log_text(&s, "receiver"));
+        assert_eq!(
+            session_encrypted(&app),
+            Some(true),
+            "sslmode {mode}: the sink's session is encrypted"
+        );
+        assert!(sender.stop(Duration::from_secs(10)));
+        assert!(receiver.stop(Duration::from_secs(20)));
+        assert_complete_in_order(&rows(&points).remove("gen").unwrap_or_default(), total);
+    }
+}
+
+#[test]
+fn verify_full_refuses_a_server_its_ca_file_does_not_sign_or_that_is_not_the_name_it_checks() {
+    let test = "postgres_tls_refused";
+    if !server_answers(test) {
+        return;
+    }
+    let Some(server_cert) = server_tls_certificate(test) else {
+        return;
+    };
+    let s = Scratch::new("pg-tls-refused");
+    let pki = pki::Pki::new(&s);
+    for (i, (extra, want)) in [
+        (
+            format!("tls_ca_file = \"{}\"\n", pki.ca.display()),
+            vec![
+                "UnknownIssuer".to_string(),
+                "sslmode verify-full".to_string(),
+                format!("tls_ca_file ({})", pki.ca.display()),
+            ],
+        ),
+        (
+            format!("tls_ca_file = \"{server_cert}\"\ntls_server_name = \"weir-not-the-server.invalid\"\n"),
+            vec![
+                "not valid for name \"weir-not-the-server.invalid\"".to_string(),
+                "does not name `weir-not-the-server.invalid`".to_string(),
+                "tls_server_name".to_string(),
+            ],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let t = Tables::new("tlsno");
+        let port = free_udp_port();
+        let log = format!("receiver-{i}");
+        let mut receiver = receiver(
+            &s,
+            &log,
+            port,
+            &t.sink(URL, &format!("sslmode = \"verify-full\"\n{extra}")),
+        );
+        let mut sender = sender(&s, port, &generator("gen", 2_000, 500));
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                let text = log_text(&s, &log);
+                want.iter().all(|w| text.contains(w.as_str()))
+            }),
+            "the refusal names {want:?}: {}",
+            log_text(&s, &log)
+        );
+        assert_eq!(count(&t.name("points")), 0, "nothing is written to an unverified server");
+        assert!(sender.stop(Duration::from_secs(10)));
+        assert!(receiver.stop(Duration::from_secs(20)));
+        let _ = std::fs::remove_dir_all(s.join("spool"));
+        let _ = std::fs::remove_dir_all(s.join("state"));
+    }
+}

@@ -12,12 +12,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
+use weir_ops::reload::Reloadable;
 use weir_protocol::decoder::Delivered;
 use weir_protocol::units::parse_size;
 
@@ -41,7 +43,7 @@ pub struct Config {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// File holding a bearer token (one line, mode 0600), read at start and
-    /// sent as `Authorization: Bearer <token>`.
+    /// on SIGHUP, sent as `Authorization: Bearer <token>`.
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
     /// PEM CA file for `https://` (default: the system's roots).
@@ -183,10 +185,23 @@ impl SinkBuilder for Config {
     /// Sends nothing here: the first request is the first `write`.
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
         self.check().map_err(|e| anyhow!(e))?;
-        // reqwest's client is made inside the runtime it will run on.
+        // The token and the CA file are in the client (its default
+        // headers, its roots): SIGHUP builds a new client, which the next
+        // request uses. reqwest's client is made inside the runtime it
+        // will run on.
         let runtime = ctx.runtime()?;
-        let _entered = runtime.enter();
-        let client = self.client().map_err(|e| anyhow!(e))?;
+        let files = [
+            ("bearer_token_file", &self.bearer_token_file),
+            ("ca_file", &self.ca_file),
+        ]
+        .into_iter()
+        .filter_map(|(k, p)| p.as_deref().map(|p| (k, p)))
+        .collect();
+        let cfg = self.clone();
+        let client = ctx.reloadable(files, move || {
+            let _entered = runtime.enter();
+            cfg.client().map_err(|e| anyhow!(e))
+        })?;
         ctx.async_sink(HttpSink {
             client,
             url: self.url.clone(),
@@ -199,7 +214,8 @@ impl SinkBuilder for Config {
 }
 
 struct HttpSink {
-    client: reqwest::Client,
+    /// Rebuilt when SIGHUP re-reads `bearer_token_file` or `ca_file`.
+    client: Arc<Reloadable<reqwest::Client>>,
     url: String,
     ndjson: bool,
     max_request: usize,
@@ -250,6 +266,7 @@ impl HttpSink {
     async fn post(&self) -> Result<Outcome> {
         let response = self
             .client
+            .get()
             .post(&self.url)
             .body(self.body.clone())
             .send()
@@ -380,7 +397,7 @@ mod tests {
             .collect();
         let refs: Vec<&Delivered> = recs.iter().collect();
         let mut sink = HttpSink {
-            client: reqwest::Client::new(),
+            client: Reloadable::new(vec![], || Ok(reqwest::Client::new())).unwrap(),
             url: String::new(),
             ndjson: false,
             max_request: 2048,

@@ -222,13 +222,37 @@ fn sink_runtime() -> anyhow::Result<tokio::runtime::Handle> {
 /// What a sink's `build` gets.
 pub struct BuildContext {
     name: String,
+    /// The sink's credential files, re-read on SIGHUP.
+    reloads: std::sync::Mutex<Vec<std::sync::Arc<dyn weir_ops::reload::Reload>>>,
 }
 
 impl BuildContext {
     pub fn new(name: &str) -> Self {
         BuildContext {
             name: name.to_string(),
+            reloads: Default::default(),
         }
+    }
+
+    /// What the sink builds from its credential files (`files`: each
+    /// `(key, path)`), built now by `load` and again on SIGHUP; the sink
+    /// takes `get()` at each connect or request. A failed start-up load
+    /// names the sink.
+    pub fn reloadable<T: Send + Sync + 'static>(
+        &self,
+        files: Vec<(&str, &std::path::Path)>,
+        load: impl Fn() -> anyhow::Result<T> + Send + Sync + 'static,
+    ) -> anyhow::Result<std::sync::Arc<weir_ops::reload::Reloadable<T>>> {
+        let files = files
+            .into_iter()
+            .map(|(k, p)| (k.to_string(), p.to_path_buf()))
+            .collect();
+        let cell = weir_ops::reload::Reloadable::new(files, load)?;
+        self.reloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cell.clone());
+        Ok(cell)
     }
 
     /// The sink's configured `name`.
@@ -575,9 +599,21 @@ impl SinkConfig {
         self.component.validate()
     }
 
-    pub fn build(&self) -> anyhow::Result<Box<dyn Sink>> {
-        self.component.build(&BuildContext::new(&self.common.name))
+    /// Builds the sink, with what SIGHUP re-reads of it (its credential
+    /// files; empty when it has none).
+    pub fn build(&self) -> anyhow::Result<Built> {
+        let ctx = BuildContext::new(&self.common.name);
+        let sink = self.component.build(&ctx)?;
+        let reloads = ctx.reloads.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(Built { sink, reloads })
     }
+}
+
+/// A sink as built at start.
+pub struct Built {
+    pub sink: Box<dyn Sink>,
+    /// Its credential files, re-read on SIGHUP.
+    pub reloads: Vec<std::sync::Arc<dyn weir_ops::reload::Reload>>,
 }
 
 /// The effective configuration shows a sink as it was written: `type`,

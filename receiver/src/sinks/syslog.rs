@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio_rustls::rustls;
+use weir_ops::reload::Reloadable;
 use weir_protocol::decoder::Delivered;
 use weir_protocol::{Log, RecordBody};
 
@@ -162,7 +163,7 @@ impl SinkBuilder for Config {
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
-        Ok(Box::new(SyslogSink::new(self, ctx.name())?))
+        Ok(Box::new(SyslogSink::new(self, ctx)?))
     }
 }
 
@@ -256,6 +257,13 @@ pub fn format_rfc5424(out: &mut Vec<u8>, log: &Log) {
 /// collector sees the start of it) and counted in the log line.
 const MAX_DATAGRAM: usize = 65_507;
 
+/// A `tls://` target's client settings and the name its certificate
+/// must carry.
+type TlsClient = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
 /// A TCP connection, plain or TLS.
 type Stream = Box<dyn Write + Send>;
 
@@ -267,24 +275,38 @@ enum Conn {
 pub struct SyslogSink {
     name: String,
     target: Target,
-    /// For a `tls://` target: the client settings and the name checked.
-    tls: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    /// For a `tls://` target: the client settings and the name checked,
+    /// built from the TLS files at start and on SIGHUP; each new
+    /// connection takes the current ones.
+    tls: Option<Arc<Reloadable<TlsClient>>>,
     conn: Option<Conn>,
     msg: Vec<u8>,
     frame: Vec<u8>,
 }
 
 impl SyslogSink {
-    pub fn new(cfg: &Config, name: &str) -> Result<Self> {
+    pub fn new(cfg: &Config, ctx: &BuildContext) -> Result<Self> {
+        let name = ctx.name();
         let target = parse_target(&cfg.target).map_err(|e| anyhow::anyhow!("sinks.{name}: {e}"))?;
         let tls = match &target {
-            Target::Tls(_, host) => Some(
-                cfg.tls_client(host)
-                    .map_err(|e| anyhow::anyhow!("sinks.{name}: {e:#}"))?,
-            ),
+            Target::Tls(_, host) => {
+                let ca = cfg
+                    .tls_ca_file
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
+                let mut files = vec![("tls_ca_file", ca.as_path())];
+                if let (Some(c), Some(k)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+                    files.extend([
+                        ("tls_cert_file", c.as_path()),
+                        ("tls_key_file", k.as_path()),
+                    ]);
+                }
+                let (c, host) = (cfg.clone(), host.clone());
+                let tls = ctx
+                    .reloadable(files, move || c.tls_client(&host))
+                    .map_err(|e| anyhow::anyhow!("sinks.{name}: {e:#}"))?;
+                Some(tls)
+            }
             _ => None,
         };
         Ok(SyslogSink {
@@ -317,7 +339,8 @@ impl SyslogSink {
                     Conn::Tcp(std::io::BufWriter::with_capacity(1 << 20, Box::new(s)))
                 }
                 Target::Tls(addr, _) => {
-                    let (config, server_name) = self.tls.clone().expect("built for a tls target");
+                    let (config, server_name) =
+                        (*self.tls.as_ref().expect("built for a tls target").get()).clone();
                     let s = tls_handshake(connect_tcp(addr)?, addr, config, server_name)?;
                     tracing::info!(sink = %self.name, collector = %addr, "syslog sink connected (tls)");
                     Conn::Tcp(std::io::BufWriter::with_capacity(1 << 20, Box::new(s)))
@@ -594,7 +617,7 @@ mod tests {
             tls_key_file: None,
         };
         assert_eq!(SinkBuilder::validate(&cfg), Ok(()));
-        let mut sink = SyslogSink::new(&cfg, "siem").unwrap();
+        let mut sink = SyslogSink::new(&cfg, &BuildContext::new("siem")).unwrap();
         let r = Delivered {
             stream: "plc".into(),
             source_type: "syslog".into(),
@@ -631,7 +654,12 @@ mod tests {
             tls_key_file: Some(key_file),
             ..cfg
         };
-        let e = format!("{:#}", SyslogSink::new(&cfg, "siem").err().unwrap());
+        let e = format!(
+            "{:#}",
+            SyslogSink::new(&cfg, &BuildContext::new("siem"))
+                .err()
+                .unwrap()
+        );
         assert!(
             e.contains("sinks.siem: tls_key_file") && e.contains("chmod 600"),
             "{e}"

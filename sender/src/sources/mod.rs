@@ -354,6 +354,9 @@ impl DurableWatch {
     }
 }
 
+/// The sources' credential files, by source name: what SIGHUP re-reads.
+pub type Reloads = Arc<std::sync::Mutex<Vec<(String, Arc<dyn weir_ops::reload::Reload>)>>>;
+
 /// What a running source uses to hand records over.
 pub struct SourceHandle {
     /// The stream this source feeds (its name).
@@ -361,6 +364,7 @@ pub struct SourceHandle {
     spool: Shared,
     counters: Arc<Counters>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    reloads: Reloads,
 }
 
 impl SourceHandle {
@@ -376,7 +380,34 @@ impl SourceHandle {
             spool,
             counters,
             shutdown,
+            reloads: Reloads::default(),
         }
+    }
+
+    /// Where [`SourceHandle::reloadable`] registers what SIGHUP re-reads.
+    pub fn with_reloads(mut self, reloads: Reloads) -> Self {
+        self.reloads = reloads;
+        self
+    }
+
+    /// What the source builds from its credential files (`files`: each
+    /// `(key, path)`), built now by `load` and again on SIGHUP; the source
+    /// takes `get()` at each (re)connection or handshake.
+    pub fn reloadable<T: Send + Sync + 'static>(
+        &self,
+        files: Vec<(&str, &std::path::Path)>,
+        load: impl Fn() -> anyhow::Result<T> + Send + Sync + 'static,
+    ) -> anyhow::Result<Arc<weir_ops::reload::Reloadable<T>>> {
+        let files = files
+            .into_iter()
+            .map(|(k, p)| (k.to_string(), p.to_path_buf()))
+            .collect();
+        let cell = weir_ops::reload::Reloadable::new(files, load)?;
+        self.reloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((self.stream.clone(), cell.clone()));
+        Ok(cell)
     }
 
     /// The stream this source feeds: its configured `name`.

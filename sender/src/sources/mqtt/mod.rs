@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use rumqttc::v5::mqttbytes::v5 as v5b;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use weir_ops::reload::Reloadable;
 use weir_protocol::units::parse_size;
 use weir_protocol::{Message, RecordBody};
 
@@ -414,18 +415,61 @@ fn with_hint(error: String) -> String {
 /// system roots).
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-fn tls_transport(cfg: &Config, name: &str) -> anyhow::Result<rumqttc::Transport> {
-    let ca = cfg
-        .ca_file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
-    let pem = std::fs::read(&ca).map_err(|e| {
-        anyhow::anyhow!(
-            "sources.{name}: ca_file: cannot read {} ({e})",
-            ca.display()
-        )
-    })?;
-    Ok(rumqttc::Transport::tls(pem, None, None))
+/// What the source reads from files, at start and on SIGHUP; the
+/// connection task takes the current ones before each reconnection.
+struct Secrets {
+    /// `username` and the password from `password_file`.
+    credentials: Option<(String, String)>,
+    /// The PEM CA bundle of an `mqtts://` broker.
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl Secrets {
+    fn transport(&self) -> Option<rumqttc::Transport> {
+        self.ca_pem
+            .clone()
+            .map(|pem| rumqttc::Transport::tls(pem, None, None))
+    }
+}
+
+/// Reads `password_file` and, for `mqtts://`, the CA file, into a value
+/// SIGHUP re-reads.
+fn secrets(
+    cfg: &Config,
+    broker: &Broker,
+    handle: &SourceHandle,
+) -> anyhow::Result<Arc<Reloadable<Secrets>>> {
+    let ca = broker.tls.then(|| {
+        cfg.ca_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE))
+    });
+    let mut files = Vec::new();
+    if let Some(p) = &cfg.password_file {
+        files.push(("password_file", p.as_path()));
+    }
+    if let Some(p) = &ca {
+        files.push(("ca_file", p.as_path()));
+    }
+    let (username, password_file, ca) =
+        (cfg.username.clone(), cfg.password_file.clone(), ca.clone());
+    handle.reloadable(files, move || {
+        let password = match &password_file {
+            Some(p) => read_password(p).map_err(|e| anyhow::anyhow!(e))?,
+            None => String::new(),
+        };
+        let ca_pem = match &ca {
+            Some(ca) => Some(
+                std::fs::read(ca)
+                    .map_err(|e| anyhow::anyhow!("ca_file: cannot read {} ({e})", ca.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Secrets {
+            credentials: username.clone().map(|u| (u, password)),
+            ca_pem,
+        })
+    })
 }
 
 /// Opens the client and starts the connection task.
@@ -433,21 +477,14 @@ fn connect(
     cfg: &Config,
     name: &str,
     broker: &Broker,
-    password: Option<String>,
+    secrets: Arc<Reloadable<Secrets>>,
     events: mpsc::Sender<Event>,
 ) -> anyhow::Result<(Client, tokio::task::JoinHandle<()>)> {
     let max_packet = parse_size(&cfg.max_packet_size).expect("validated") as usize;
     let budget = Arc::new(Semaphore::new(EVENT_QUEUE_BYTES));
-    let transport = if broker.tls {
-        Some(tls_transport(cfg, name)?)
-    } else {
-        None
-    };
     let keep_alive = Duration::from_secs(30);
-    let credentials = cfg
-        .username
-        .clone()
-        .map(|u| (u, password.unwrap_or_default()));
+    let now = secrets.get();
+    let (credentials, transport) = (now.credentials.clone(), now.transport());
     Ok(if cfg.protocol == "5" {
         let mut o = rumqttc::v5::MqttOptions::new(cfg.client_id(name), &broker.host, broker.port);
         o.set_keep_alive(keep_alive)
@@ -470,7 +507,7 @@ fn connect(
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, REQUEST_QUEUE);
         (
             Client::V5(client),
-            tokio::spawn(drive_v5(budget, eventloop, events)),
+            tokio::spawn(drive_v5(budget, eventloop, events, secrets)),
         )
     } else {
         let mut o = rumqttc::MqttOptions::new(cfg.client_id(name), &broker.host, broker.port);
@@ -488,7 +525,7 @@ fn connect(
         let (client, eventloop) = rumqttc::AsyncClient::new(o, REQUEST_QUEUE);
         (
             Client::V4(client),
-            tokio::spawn(drive_v4(budget, eventloop, events)),
+            tokio::spawn(drive_v4(budget, eventloop, events, secrets)),
         )
     })
 }
@@ -513,6 +550,7 @@ async fn drive_v4(
     budget: Arc<Semaphore>,
     mut eventloop: rumqttc::EventLoop,
     events: mpsc::Sender<Event>,
+    secrets: Arc<Reloadable<Secrets>>,
 ) {
     use rumqttc::{Event as E, Packet};
     let mut backoff = Backoff(RECONNECT_MIN);
@@ -560,6 +598,14 @@ async fn drive_v4(
                     return;
                 }
                 tokio::time::sleep(retry_in).await;
+                // The next poll reconnects: with what SIGHUP read last.
+                let now = secrets.get();
+                if let Some((u, p)) = &now.credentials {
+                    eventloop.mqtt_options.set_credentials(u, p);
+                }
+                if let Some(t) = now.transport() {
+                    eventloop.mqtt_options.set_transport(t);
+                }
                 continue;
             }
         };
@@ -574,6 +620,7 @@ async fn drive_v5(
     budget: Arc<Semaphore>,
     mut eventloop: rumqttc::v5::EventLoop,
     events: mpsc::Sender<Event>,
+    secrets: Arc<Reloadable<Secrets>>,
 ) {
     use rumqttc::v5::Event as E;
     use v5b::Packet;
@@ -622,6 +669,14 @@ async fn drive_v5(
                     return;
                 }
                 tokio::time::sleep(retry_in).await;
+                // The next poll reconnects: with what SIGHUP read last.
+                let now = secrets.get();
+                if let Some((u, p)) = &now.credentials {
+                    eventloop.options.set_credentials(u, p);
+                }
+                if let Some(t) = now.transport() {
+                    eventloop.options.set_transport(t);
+                }
                 continue;
             }
         };
@@ -741,12 +796,10 @@ impl Mapper {
 async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
     let name = handle.stream().to_string();
     let broker = parse_url(&cfg.url).map_err(|e| anyhow::anyhow!("sources.{name}: {e}"))?;
-    let password = match &cfg.password_file {
-        Some(p) => Some(read_password(p).map_err(|e| anyhow::anyhow!("sources.{name}: {e}"))?),
-        None => None,
-    };
+    let secrets =
+        secrets(&cfg, &broker, &handle).map_err(|e| anyhow::anyhow!("sources.{name}: {e:#}"))?;
     let (tx, mut events) = mpsc::channel(EVENT_QUEUE);
-    let (client, task) = connect(&cfg, &name, &broker, password, tx)?;
+    let (client, task) = connect(&cfg, &name, &broker, secrets, tx)?;
     // The connection task ends with this function, however it ends.
     let _abort = AbortOnDrop(task);
     tracing::info!(source = %name, url = %cfg.url, client_id = %cfg.client_id(&name),

@@ -247,14 +247,27 @@ async fn run(cfg: Config, handle: SourceHandle) -> anyhow::Result<()> {
         Listen::Udp(addr) => run_udp(cfg, addr, max, offset, handle).await,
         Listen::Tcp(addr) => run_tcp(cfg, addr, None, max, offset, handle).await,
         Listen::Tls(addr) => {
-            let acceptor = tls_acceptor(&cfg)
+            let mut files = Vec::new();
+            for (key, path) in [
+                ("tls_cert_file", &cfg.tls_cert_file),
+                ("tls_key_file", &cfg.tls_key_file),
+                ("tls_client_ca_file", &cfg.tls_client_ca_file),
+            ] {
+                if let Some(p) = path {
+                    files.push((key, p.as_path()));
+                }
+            }
+            let c = cfg.clone();
+            let acceptor = handle
+                .reloadable(files, move || tls_acceptor(&c))
                 .map_err(|e| anyhow::anyhow!("sources.{}: {e:#}", handle.stream()))?;
             run_tcp(cfg, addr, Some(acceptor), max, offset, handle).await
         }
     }
 }
 
-/// The TLS server settings, read from their files at start.
+/// The TLS server settings, read from their files at start and on SIGHUP
+/// (each new connection's handshake uses the last read).
 fn tls_acceptor(cfg: &Config) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use anyhow::Context;
     use weir_store::secret::{read_pem_certs, read_pem_key};
@@ -412,7 +425,7 @@ const TCP_QUEUE_BYTES: usize = 8 << 20;
 async fn run_tcp(
     cfg: Config,
     addr: SocketAddr,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<weir_ops::reload::Reloadable<tokio_rustls::TlsAcceptor>>>,
     max: usize,
     offset: FixedOffset,
     mut handle: SourceHandle,
@@ -449,7 +462,7 @@ async fn run_tcp(
                     handle.status(|s| { s.state = "connected"; s.connections += 1; });
                     tracing::info!(source = %name, %peer, "syslog connection accepted");
                     let (tx, shutdown, budget) = (tx.clone(), handle.shutdown.clone(), budget.clone());
-                    match tls.clone() {
+                    match tls.as_ref().map(|t| (*t.get()).clone()) {
                         None => { tokio::spawn(serve(conn, peer, max, offset, tx, budget, shutdown)); }
                         Some(acceptor) => { tokio::spawn(async move {
                             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {

@@ -16,14 +16,22 @@
 //!
 //! The connection is rumqttc's synchronous client: its event loop runs on a
 //! thread per connection that only forwards events to the sink's thread.
+//!
+//! With `sparkplug = { group, node }`, points go out as Sparkplug B instead
+//! of JSON (`sparkplug.rs`): births at each connection, DBIRTH/DDATA per
+//! point, QoS 0 as the spec requires (confirmed once handed to the socket).
+
+mod sparkplug;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
+use weir_ops::reload::Reloadable;
 use weir_protocol::decoder::Delivered;
 use weir_protocol::units::parse_size;
 use weir_protocol::RecordBody;
@@ -60,11 +68,11 @@ pub struct Config {
     pub client_id: Option<String>,
     #[serde(default)]
     pub username: Option<String>,
-    /// File holding the password (one line), read at start.
+    /// File holding the password (one line), read at start and on SIGHUP.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// PEM CA file for `mqtts://` (default: the system's roots,
-    /// /etc/ssl/certs/ca-certificates.crt).
+    /// /etc/ssl/certs/ca-certificates.crt), read at start and on SIGHUP.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Largest packet published; a record that would be larger goes to the
@@ -74,6 +82,9 @@ pub struct Config {
         deserialize_with = "weir_protocol::units::size_text"
     )]
     pub max_packet_size: String,
+    /// Publish points as Sparkplug B from this edge node instead of JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparkplug: Option<sparkplug::Config>,
 }
 
 fn default_protocol() -> String {
@@ -156,7 +167,36 @@ impl SinkBuilder for Config {
 
     /// Connects in the first `write`, not here.
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
-        Ok(Box::new(MqttSink::new(self, ctx.name())?))
+        let broker = parse_url(&self.url).map_err(|e| anyhow!(e))?;
+        let ca = broker.tls.then(|| {
+            self.ca_file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE))
+        });
+        let mut files = Vec::new();
+        if let Some(p) = &self.password_file {
+            files.push(("password_file", p.as_path()));
+        }
+        if let Some(p) = &ca {
+            files.push(("ca_file", p.as_path()));
+        }
+        let (password_file, ca) = (self.password_file.clone(), ca.clone());
+        let secrets = ctx.reloadable(files, move || {
+            Ok(Secrets {
+                password: match &password_file {
+                    Some(p) => Some(read_password(p).map_err(|e| anyhow!(e))?),
+                    None => None,
+                },
+                ca_pem: match &ca {
+                    Some(ca) => Some(
+                        std::fs::read(ca)
+                            .with_context(|| format!("ca_file: cannot read {}", ca.display()))?,
+                    ),
+                    None => None,
+                },
+            })
+        })?;
+        Ok(Box::new(MqttSink::new(self, ctx.name(), secrets)?))
     }
 }
 
@@ -197,6 +237,9 @@ impl Config {
             std::fs::metadata(ca)
                 .map_err(|e| format!("ca_file: cannot read {} ({e})", ca.display()))?;
         }
+        if let Some(s) = &self.sparkplug {
+            s.check()?;
+        }
         let max = parse_size(&self.max_packet_size).map_err(|e| format!("max_packet_size: {e}"))?;
         if !(1024..=(256 << 20)).contains(&max) {
             return Err(format!(
@@ -229,6 +272,14 @@ impl Config {
 /// system roots).
 const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// What the sink reads from files (at start and on SIGHUP) and uses at
+/// each new connection.
+pub struct Secrets {
+    password: Option<String>,
+    /// The PEM CA bundle of an `mqtts://` broker.
+    ca_pem: Option<Vec<u8>>,
+}
+
 /// What a connection's thread reports.
 enum Event {
     Connected,
@@ -252,23 +303,23 @@ struct Session {
 }
 
 impl Session {
-    fn open(cfg: &Config, name: &str, broker: &Broker, password: Option<&str>) -> Result<Session> {
+    fn open(
+        cfg: &Config,
+        name: &str,
+        broker: &Broker,
+        secrets: &Secrets,
+        will: Option<sparkplug::Out>,
+    ) -> Result<Session> {
         let max_packet = parse_size(&cfg.max_packet_size).expect("validated") as usize;
-        let transport = if broker.tls {
-            let ca = cfg
-                .ca_file
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
-            let pem = std::fs::read(&ca)
-                .with_context(|| format!("ca_file: cannot read {}", ca.display()))?;
-            Some(rumqttc::Transport::tls(pem, None, None))
-        } else {
-            None
-        };
+        let transport = secrets
+            .ca_pem
+            .clone()
+            .filter(|_| broker.tls)
+            .map(|pem| rumqttc::Transport::tls(pem, None, None));
         let credentials = cfg
             .username
             .clone()
-            .map(|u| (u, password.unwrap_or_default().to_string()));
+            .map(|u| (u, secrets.password.clone().unwrap_or_default()));
         // Every event of a window fits: a publish makes at most two.
         let (tx, events) = sync_channel(2 * WINDOW + 64);
         let client_id = cfg.client_id(name);
@@ -291,6 +342,15 @@ impl Session {
             }
             if let Some(t) = transport {
                 o.set_transport(t);
+            }
+            if let Some(w) = &will {
+                o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    w.topic.clone(),
+                    w.payload.clone(),
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    None,
+                ));
             }
             let (client, mut connection) = rumqttc::v5::Client::new(o, WINDOW + 16);
             spawn(name, move || {
@@ -327,6 +387,14 @@ impl Session {
             }
             if let Some(t) = transport {
                 o.set_transport(t);
+            }
+            if let Some(w) = &will {
+                o.set_last_will(rumqttc::LastWill::new(
+                    w.topic.clone(),
+                    w.payload.clone(),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                ));
             }
             let (client, mut connection) = rumqttc::Client::new(o, WINDOW + 16);
             spawn(name, move || {
@@ -427,6 +495,13 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
         .context("starting the mqtt connection thread")
 }
 
+/// Milliseconds since the Unix epoch (Sparkplug payload timestamps).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// One record as a publish.
 #[derive(Debug)]
 struct Publish {
@@ -441,28 +516,31 @@ pub struct MqttSink {
     name: String,
     cfg: Config,
     broker: Broker,
-    password: Option<String>,
+    /// Taken at each new connection; SIGHUP may replace it.
+    secrets: Arc<Reloadable<Secrets>>,
     max_packet: usize,
     session: Option<Session>,
     /// The JSON object of a point (reused buffer).
     line: Vec<u8>,
+    /// `sparkplug`: the edge node's state (births, aliases, seq).
+    edge: Option<sparkplug::Edge>,
+    /// Births to publish before anything else on a new connection.
+    births: Vec<sparkplug::Out>,
 }
 
 impl MqttSink {
-    pub fn new(cfg: &Config, name: &str) -> Result<Self> {
+    pub fn new(cfg: &Config, name: &str, secrets: Arc<Reloadable<Secrets>>) -> Result<Self> {
         let broker = parse_url(&cfg.url).map_err(|e| anyhow!("sinks.{name}: {e}"))?;
-        let password = match &cfg.password_file {
-            Some(p) => Some(read_password(p).map_err(|e| anyhow!("sinks.{name}: {e}"))?),
-            None => None,
-        };
         Ok(MqttSink {
             name: name.to_string(),
             cfg: cfg.clone(),
             broker,
-            password,
+            secrets,
             max_packet: parse_size(&cfg.max_packet_size).expect("validated") as usize,
             session: None,
             line: Vec::with_capacity(512),
+            edge: cfg.sparkplug.clone().map(sparkplug::Edge::new),
+            births: Vec::new(),
         })
     }
 
@@ -479,6 +557,17 @@ impl MqttSink {
                     Vec::new()
                 },
             },
+            RecordBody::Point(point) if self.edge.is_some() => {
+                let edge = self.edge.as_mut().expect("matched");
+                let out = edge.point(&r.stream, point, now_ms())?;
+                Publish {
+                    topic: out.topic,
+                    payload: out.payload,
+                    qos: out.qos,
+                    retain: false,
+                    properties: Vec::new(),
+                }
+            }
             body => {
                 self.line.clear();
                 json_line::write_record(&mut self.line, r);
@@ -534,6 +623,23 @@ impl MqttSink {
             outstanding: 0,
         };
         let mut result = Ok(());
+        // A new connection's Sparkplug births go first (no record of their
+        // own; QoS 0, so they are never waited for, and a window holds them).
+        for b in std::mem::take(&mut self.births) {
+            let p = Publish {
+                topic: b.topic,
+                payload: b.payload,
+                qos: b.qos,
+                retain: false,
+                properties: Vec::new(),
+            };
+            if let Err(e) = session.publish(&p) {
+                *done = 0;
+                return Err(SinkError::retry(e));
+            }
+            t.published.push_back(None);
+            t.outstanding += 1;
+        }
         for (i, r) in records.iter().enumerate() {
             let p = match self.publish_of(r) {
                 Ok(p) => p,
@@ -555,7 +661,7 @@ impl MqttSink {
                 result = Err(SinkError::retry(e));
                 break;
             }
-            t.published.push_back(i);
+            t.published.push_back(Some(i));
             t.outstanding += 1;
             while let Ok(e) = session.events.try_recv() {
                 result = t.handle(e);
@@ -589,9 +695,10 @@ struct Tracker {
     /// Per record: acknowledged (QoS 1) or handed to the socket (QoS 0).
     complete: Vec<bool>,
     /// Packet id -> record, for QoS 1 publishes awaiting their PUBACK.
-    waiting: HashMap<u16, usize>,
-    /// Records published, in the order their `Sent` events will come.
-    published: VecDeque<usize>,
+    waiting: HashMap<u16, Option<usize>>,
+    /// Records published, in the order their `Sent` events will come
+    /// (`None`: a Sparkplug birth, which no record waits for).
+    published: VecDeque<Option<usize>>,
     outstanding: usize,
 }
 
@@ -605,7 +712,9 @@ impl Tracker {
                     ))
                 })?;
                 if pkid == 0 {
-                    self.complete[i] = true;
+                    if let Some(i) = i {
+                        self.complete[i] = true;
+                    }
                     self.outstanding -= 1;
                 } else {
                     self.waiting.insert(pkid, i);
@@ -613,7 +722,9 @@ impl Tracker {
             }
             Event::Acked(pkid) => {
                 if let Some(i) = self.waiting.remove(&pkid) {
-                    self.complete[i] = true;
+                    if let Some(i) = i {
+                        self.complete[i] = true;
+                    }
                     self.outstanding -= 1;
                 }
             }
@@ -630,11 +741,18 @@ impl Sink for MqttSink {
         let session = match self.session.take() {
             Some(s) => s,
             None => {
+                // Sparkplug: this connection's NDEATH will and its births.
+                let will = self.edge.as_mut().map(|edge| {
+                    let (will, births) = edge.connect(now_ms());
+                    self.births = births;
+                    will
+                });
                 let s = Session::open(
                     &self.cfg,
                     &self.name,
                     &self.broker,
-                    self.password.as_deref(),
+                    &self.secrets.get(),
+                    will,
                 )
                 .with_context(|| {
                     format!(
@@ -705,7 +823,15 @@ mod tests {
 
     #[test]
     fn messages_keep_topic_retain_and_qos_and_points_go_to_their_tag_as_json() {
-        let mut sink = MqttSink::new(&config("").unwrap(), "it").unwrap();
+        let c = config("").unwrap();
+        let secrets = Reloadable::new(vec![], || {
+            Ok(Secrets {
+                password: None,
+                ca_pem: None,
+            })
+        })
+        .unwrap();
+        let mut sink = MqttSink::new(&c, "it", secrets).unwrap();
         let rec = |body: RecordBody| Delivered {
             stream: "plant/mqtt".into(),
             source_type: "mqtt".into(),

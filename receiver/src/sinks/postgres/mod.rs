@@ -13,6 +13,12 @@
 //!
 //! A record PostgreSQL cannot store (a NUL character in a text field, a
 //! sequence past the bigint range) goes to the dead-letter file.
+//!
+//! TLS (`sslmode`, `tls_*` keys) is in `tls.rs`. The password and the TLS
+//! files are read at start and on SIGHUP; each new connection uses what
+//! was read last.
+
+mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,6 +30,9 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
+use weir_ops::reload::Reloadable;
+
+use tls::{SslMode, TlsSettings};
 use weir_protocol::decoder::Delivered;
 use weir_protocol::RecordBody;
 
@@ -37,10 +46,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Config {
     /// `postgres://user@host[:port]/database` (or key=value form).
     pub url: String,
-    /// File holding the password (one line, mode 0600), read at start;
-    /// overrides a password in `url`.
+    /// File holding the password (one line, mode 0600), read at start and
+    /// on SIGHUP; overrides a password in `url`.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// `disable`, `prefer`, `require`, `verify-ca` or `verify-full`, as
+    /// libpq reads them (see `tls.rs`). Unset: `sslmode` in `url`, else
+    /// `prefer`.
+    #[serde(default)]
+    pub sslmode: Option<String>,
+    /// PEM CA certificates that sign the server's certificate
+    /// (`verify-ca`, `verify-full`, and `require` when set); default for
+    /// `verify-*`: the system roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// `verify-full`: the name the server's certificate must carry, when
+    /// it is not the host in `url`.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// TLS client authentication: certificate chain (PEM) and private key
+    /// (PEM, mode 0600); both or neither.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
     #[serde(default = "default_points")]
     pub points_table: String,
     #[serde(default = "default_messages")]
@@ -103,31 +132,106 @@ impl Config {
         ]
     }
 
-    /// The connection settings: `url` with the password from
-    /// `password_file`.
+    /// The connection settings from `url`, with the `sslmode` in force
+    /// (the password and TLS files are read by [`Config::secrets`]).
     fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
         let mut c = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
+            let hint = if self.url.contains("sslmode=verify") {
+                "; set verify-ca / verify-full with this sink's `sslmode` key, not in `url`"
+            } else {
+                ""
+            };
             format!(
-                "url: `{}` is not a PostgreSQL connection string ({e}); e.g. \"postgres://weir@db.example/plant\"",
+                "url: `{}` is not a PostgreSQL connection string ({e}){hint}; e.g. \"postgres://weir@db.example/plant\"",
                 redact(&self.url)
             )
         })?;
-        if c.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err("url: sslmode=require is not supported: this sink connects without TLS (use a local or tunnelled connection)".into());
-        }
         if c.get_hosts().is_empty() {
             return Err(format!("url: `{}` names no host", redact(&self.url)));
         }
-        if let Some(p) = &self.password_file {
-            let password = super::http::read_secret_file(p, "password_file")?;
-            c.password(password);
-        }
-        c.connect_timeout(CONNECT_TIMEOUT)
+        c.ssl_mode(self.tls()?.mode.pg())
+            .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30))
-            .application_name("weir-receiver");
+            .keepalives_idle(Duration::from_secs(30));
+        if c.get_application_name().is_none() {
+            c.application_name("weir-receiver");
+        }
         Ok(c)
     }
+
+    /// The TLS settings: `sslmode` (or the one in `url`, or `prefer`) and
+    /// the `tls_*` keys, checked against each other.
+    fn tls(&self) -> Result<TlsSettings, String> {
+        let mode = match &self.sslmode {
+            Some(m) => {
+                if self.url.contains("sslmode=") {
+                    return Err(
+                        "sslmode: is set in `url` too; keep one (this key knows verify-ca and verify-full)"
+                            .into(),
+                    );
+                }
+                SslMode::parse(m)?
+            }
+            None => tokio_postgres::Config::from_str(&self.url)
+                .map(|c| SslMode::from_pg(c.get_ssl_mode()))
+                .unwrap_or(SslMode::Prefer),
+        };
+        let set = [
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+            ("tls_server_name", self.tls_server_name.is_some()),
+            ("tls_cert_file", self.tls_cert_file.is_some()),
+            ("tls_key_file", self.tls_key_file.is_some()),
+        ];
+        if mode == SslMode::Disable {
+            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(format!("{key}: is set but sslmode is `disable`"));
+            }
+        }
+        if mode == SslMode::Prefer && self.tls_ca_file.is_some() {
+            return Err("tls_ca_file: sslmode `prefer` never checks the server's certificate; use sslmode = \"verify-full\" (or \"verify-ca\")".into());
+        }
+        if self.tls_server_name.is_some() && mode != SslMode::VerifyFull {
+            return Err(format!(
+                "tls_server_name: only sslmode `verify-full` checks the name; sslmode is `{mode}`"
+            ));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(
+                "tls_cert_file and tls_key_file: set both (client authentication) or neither"
+                    .into(),
+            );
+        }
+        let ca = match mode {
+            SslMode::VerifyCa | SslMode::VerifyFull => Some(
+                self.tls_ca_file
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(tls::SYSTEM_CA_FILE)),
+            ),
+            _ => self.tls_ca_file.clone(),
+        };
+        Ok(TlsSettings {
+            mode,
+            ca,
+            client: self.tls_cert_file.clone().zip(self.tls_key_file.clone()),
+        })
+    }
+
+    /// Reads the password and TLS files.
+    fn secrets(&self) -> Result<Secrets> {
+        let password = match &self.password_file {
+            Some(p) => Some(weir_store::secret::read_secret_line(p, "password_file")?),
+            None => None,
+        };
+        let tls = self.tls().map_err(|e| anyhow!(e))?.client_config()?;
+        Ok(Secrets { password, tls })
+    }
+}
+
+/// What the sink reads from files, at start and on SIGHUP.
+struct Secrets {
+    password: Option<String>,
+    /// `None` for sslmode `disable`.
+    tls: Option<tokio_rustls::rustls::ClientConfig>,
 }
 
 /// `url` without a password, for error messages.
@@ -159,15 +263,25 @@ impl SinkBuilder for Config {
                 self.tables().map(|t| t.1)
             ));
         }
-        self.pg_config().map(|_| ())
+        self.pg_config()?;
+        self.secrets().map(|_| ()).map_err(|e| format!("{e:#}"))
     }
 
     /// Connects in the first `write`, not here.
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Sink>> {
         let pg = self.pg_config().map_err(|e| anyhow!(e))?;
+        let tls = self.tls().map_err(|e| anyhow!(e))?;
+        let mut files = tls.files();
+        if let Some(p) = &self.password_file {
+            files.insert(0, ("password_file", p.as_path()));
+        }
+        let cfg = self.clone();
+        let secrets = ctx.reloadable(files, move || cfg.secrets())?;
         ctx.async_sink(PostgresSink {
             cfg: self.clone(),
             pg,
+            tls,
+            secrets,
             name: ctx.name().to_string(),
             client: None,
             stored: HashMap::new(),
@@ -308,7 +422,15 @@ fn split_table(table: &str) -> (Option<&str>, &str) {
 /// gave, so the message says what to fix.
 fn describe(e: &tokio_postgres::Error, doing: &str) -> anyhow::Error {
     let Some(db) = e.as_db_error() else {
-        return anyhow!("{doing}: {e}");
+        // tokio-postgres puts the cause (a refused connection, a TLS
+        // error) in its source, not in its message.
+        let mut m = format!("{doing}: {e}");
+        let mut source = std::error::Error::source(e);
+        while let Some(inner) = source {
+            m.push_str(&format!(": {inner}"));
+            source = inner.source();
+        }
+        return anyhow!(m);
     };
     let mut m = format!("{doing}: {} (SQLSTATE {})", db.message(), db.code().code());
     if let Some(t) = db.table() {
@@ -331,7 +453,11 @@ fn describe(e: &tokio_postgres::Error, doing: &str) -> anyhow::Error {
 
 struct PostgresSink {
     cfg: Config,
+    /// `url` and `sslmode`; the password is added at each connect.
     pg: tokio_postgres::Config,
+    tls: TlsSettings,
+    /// The password and TLS client settings; SIGHUP may replace them.
+    secrets: std::sync::Arc<Reloadable<Secrets>>,
     name: String,
     /// The open connection; taken out for the length of a write, so a
     /// write cut off at any await drops it (the server rolls back).
@@ -346,17 +472,45 @@ struct PostgresSink {
 
 impl PostgresSink {
     async fn connect(&mut self) -> Result<Client> {
-        let (client, connection) = self
-            .pg
-            .connect(NoTls)
-            .await
-            .map_err(|e| describe(&e, "connecting to PostgreSQL"))?;
+        let secrets = self.secrets.get();
+        let mut pg = self.pg.clone();
+        if let Some(p) = &secrets.password {
+            pg.password(p.as_str());
+        }
         let name = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(sink = %name, "postgres connection ended: {e}");
+        let failed = |e: tokio_postgres::Error| {
+            let host = match pg.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => String::new(),
+            };
+            let shown = self.cfg.tls_server_name.clone().unwrap_or(host);
+            anyhow!(self.tls.explain(
+                format!("{:#}", describe(&e, "connecting to PostgreSQL")),
+                &shown
+            ))
+        };
+        let client = match &secrets.tls {
+            None => {
+                let (client, connection) = pg.connect(NoTls).await.map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(sink = %name, "postgres connection ended: {e}");
+                    }
+                });
+                client
             }
-        });
+            Some(config) => {
+                let connector =
+                    tls::Connector::new(config.clone(), self.cfg.tls_server_name.clone());
+                let (client, connection) = pg.connect(connector).await.map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(sink = %name, "postgres connection ended: {e}");
+                    }
+                });
+                client
+            }
+        };
         let cursor = &self.cfg.cursor_table;
         client
             .batch_execute(&cursor_ddl(cursor))
@@ -835,11 +989,68 @@ mod tests {
         let err = bad.validate().unwrap_err();
         assert!(err.starts_with("url: "), "{err}");
         let tls: Config = toml::from_str("url = \"postgres://u@h/db?sslmode=require\"").unwrap();
-        assert!(tls.validate().unwrap_err().contains("sslmode=require"));
+        assert_eq!(tls.tls().unwrap().mode, SslMode::Require);
+        assert!(tls.validate().is_ok());
         assert_eq!(
             redact("postgres://weir:secret@db/plant"),
             "postgres://weir:***@db/plant"
         );
+    }
+
+    #[test]
+    fn tls_keys_are_checked_against_sslmode_naming_the_key() {
+        assert_eq!(
+            cfg("").tls().unwrap().mode,
+            SslMode::Prefer,
+            "libpq's default"
+        );
+        let full = cfg("sslmode = \"verify-full\"").tls().unwrap();
+        assert_eq!(
+            full.ca.as_deref(),
+            Some(std::path::Path::new(tls::SYSTEM_CA_FILE)),
+            "verify-* without tls_ca_file trusts the system roots"
+        );
+        assert_eq!(cfg("sslmode = \"require\"").tls().unwrap().ca, None);
+        for (extra, want) in [
+            ("sslmode = \"verify\"", "sslmode: `verify`"),
+            (
+                "sslmode = \"disable\"\ntls_ca_file = \"/etc/ssl/certs/ssl-cert-snakeoil.pem\"",
+                "tls_ca_file: is set but sslmode is `disable`",
+            ),
+            (
+                "tls_ca_file = \"/etc/ssl/certs/ssl-cert-snakeoil.pem\"",
+                "tls_ca_file: sslmode `prefer` never checks",
+            ),
+            (
+                "sslmode = \"verify-ca\"\ntls_server_name = \"db\"",
+                "tls_server_name: only sslmode `verify-full`",
+            ),
+            (
+                "sslmode = \"require\"\ntls_cert_file = \"/x.pem\"",
+                "tls_cert_file and tls_key_file: set both",
+            ),
+            (
+                "sslmode = \"verify-full\"\ntls_ca_file = \"/nonexistent/ca.pem\"",
+                "tls_ca_file: cannot read /nonexistent/ca.pem",
+            ),
+        ] {
+            let err = cfg(extra).validate().unwrap_err();
+            assert!(err.starts_with(want), "{extra}: {err}");
+        }
+        let both: Config = toml::from_str(
+            "url = \"postgres://u@h/db?sslmode=require\"\nsslmode = \"verify-full\"",
+        )
+        .unwrap();
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .starts_with("sslmode: is set in `url` too"));
+        let in_url: Config =
+            toml::from_str("url = \"postgres://u@h/db?sslmode=verify-full\"").unwrap();
+        assert!(in_url
+            .validate()
+            .unwrap_err()
+            .contains("this sink's `sslmode` key"));
     }
 
     #[test]
