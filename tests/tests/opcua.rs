@@ -38,9 +38,14 @@ fn skip(test: &str, why: &str) {
 /// openssl commands of docs/sources.md: RSA 2048, the application URI
 /// first in subjectAltName, then the host.
 fn make_cert(s: &Scratch, name: &str, cn: &str, san: &str) -> (PathBuf, PathBuf) {
-    let (cert, key) = (s.join(&format!("{name}.pem")), s.join(&format!("{name}.key")));
+    let (cert, key) = (
+        s.join(&format!("{name}.pem")),
+        s.join(&format!("{name}.key")),
+    );
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "825", "-nodes"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "825", "-nodes",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -55,7 +60,11 @@ fn make_cert(s: &Scratch, name: &str, cn: &str, san: &str) -> (PathBuf, PathBuf)
         .args(["-addext", "extendedKeyUsage=clientAuth,serverAuth"])
         .output()
         .expect("openssl");
-    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (cert, key)
 }
 
@@ -77,7 +86,10 @@ fn openssl(test: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        skip(test, "the openssl command is missing (apt-get install openssl)");
+        skip(
+            test,
+            "the openssl command is missing (apt-get install openssl)",
+        );
     }
     ok
 }

@@ -86,7 +86,11 @@ async fn resolve(session: &Session, root: &BrowseRoot) -> Result<NodeId, String>
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let under = if walked.is_empty() { "the Root folder".to_string() } else { format!("`{walked}`") };
+        let under = if walked.is_empty() {
+            "the Root folder".to_string()
+        } else {
+            format!("`{walked}`")
+        };
         match matches.as_slice() {
             [one] => node = one.clone(),
             [] => return Err(format!("`{}`: there is no `{name}` under {under}", root.path())),

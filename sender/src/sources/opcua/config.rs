@@ -91,9 +91,7 @@ impl BrowseRoot {
                 .split_once(':')
                 .and_then(|(ns, name)| Some((ns.parse::<u16>().ok()?, name)));
             match qualified {
-                Some((ns, name)) if !name.is_empty() => {
-                    segments.push((Some(ns), name.to_string()))
-                }
+                Some((ns, name)) if !name.is_empty() => segments.push((Some(ns), name.to_string())),
                 _ => segments.push((None, seg.to_string())),
             }
         }
@@ -339,7 +337,9 @@ impl Config {
                 security::read_password(p)?;
             }
             (Some(_), None) => {
-                return Err("password_file: is required with `username` (one line, mode 0600)".into())
+                return Err(
+                    "password_file: is required with `username` (one line, mode 0600)".into(),
+                )
             }
             (None, Some(_)) => return Err("password_file: is set without `username`".into()),
             (None, None) => {}

@@ -231,8 +231,12 @@ async fn items_of(cfg: &Config, session: &Session, handle: &mut SourceHandle) ->
         let room = browse::MAX_VARIABLES.saturating_sub(items.len() - cfg.nodes.len());
         match browse::variables(session, root, &mut taken, room).await {
             Ok(found) => {
-                tracing::info!(source = handle.stream(), root = root.path(), variables = found.len(),
-                    "opcua browse root resolved");
+                tracing::info!(
+                    source = handle.stream(),
+                    root = root.path(),
+                    variables = found.len(),
+                    "opcua browse root resolved"
+                );
                 items.extend(found.into_iter().map(|f| Item {
                     node: f.node,
                     tag: f.tag,
@@ -425,7 +429,8 @@ fn describe(e: &EndpointDescription) -> String {
 async fn choose_endpoint(cfg: &Config, p: &Prepared) -> Result<EndpointDescription, Ended> {
     let endpoints = match tokio::time::timeout(
         DISCOVERY_TIMEOUT,
-        p.client.get_server_endpoints_from_url(cfg.endpoint.as_str()),
+        p.client
+            .get_server_endpoints_from_url(cfg.endpoint.as_str()),
     )
     .await
     {
@@ -643,7 +648,15 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
     // Why the server is unreachable, while it is (to log it once).
     let mut down: Option<String> = None;
     loop {
-        let ended = session_once(&cfg, &prepared, &mut items, &data_tx, &mut data, &mut handle).await;
+        let ended = session_once(
+            &cfg,
+            &prepared,
+            &mut items,
+            &data_tx,
+            &mut data,
+            &mut handle,
+        )
+        .await;
         let why = match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Lost(why) => {
@@ -736,7 +749,10 @@ mod tests {
             "{err}"
         );
         let err = config("endpoint = \"opc.tcp://h:4840\"\nnodes = []").unwrap_err();
-        assert!(err.starts_with("nodes: is empty and there is no `browse`"), "{err}");
+        assert!(
+            err.starts_with("nodes: is empty and there is no `browse`"),
+            "{err}"
+        );
         let err = config("endpoint = \"opc.tcp://h:4840\"\nnodes = [\"ns=2;x=1\"]").unwrap_err();
         assert!(
             err.starts_with("nodes[0]: `ns=2;x=1` is not a node id"),
@@ -770,30 +786,60 @@ mod tests {
         let e = err("security_policy = \"Basic256Sha256\"\nsecurity_mode = \"SignAndEncrypt\"");
         assert!(e.starts_with("client_cert_file: is required"), "{e}");
         let e = err("security_policy = \"Basic256Sha256\"");
-        assert!(e.starts_with("security_mode: \"None\" with security_policy"), "{e}");
+        assert!(
+            e.starts_with("security_mode: \"None\" with security_policy"),
+            "{e}"
+        );
         let e = err("security_mode = \"Sign\"");
-        assert!(e.starts_with("security_mode: Sign needs security_policy"), "{e}");
+        assert!(
+            e.starts_with("security_mode: Sign needs security_policy"),
+            "{e}"
+        );
         let e = err("security_policy = \"Aes256Sha256RsaPss\"\nsecurity_mode = \"Sign\"");
-        assert!(e.starts_with("security_policy: `Aes256Sha256RsaPss` is not a policy"), "{e}");
+        assert!(
+            e.starts_with("security_policy: `Aes256Sha256RsaPss` is not a policy"),
+            "{e}"
+        );
         let e = err("security_mode = \"Encrypt\"");
-        assert!(e.starts_with("security_mode: `Encrypt` is not a mode"), "{e}");
+        assert!(
+            e.starts_with("security_mode: `Encrypt` is not a mode"),
+            "{e}"
+        );
         let e = err("trusted_dir = \"/etc\"");
-        assert!(e.starts_with("trusted_dir: is only used with security_policy"), "{e}");
+        assert!(
+            e.starts_with("trusted_dir: is only used with security_policy"),
+            "{e}"
+        );
         let e = err("username = \"op\"");
-        assert!(e.starts_with("password_file: is required with `username`"), "{e}");
+        assert!(
+            e.starts_with("password_file: is required with `username`"),
+            "{e}"
+        );
         let e = err("password_file = \"/nonexistent\"");
-        assert!(e.starts_with("password_file: is set without `username`"), "{e}");
+        assert!(
+            e.starts_with("password_file: is set without `username`"),
+            "{e}"
+        );
         let e = err("username = \"op\"\npassword_file = \"/nonexistent/weir-opcua-pw\"");
-        assert!(e.starts_with("password_file: cannot open /nonexistent/weir-opcua-pw"), "{e}");
+        assert!(
+            e.starts_with("password_file: cannot open /nonexistent/weir-opcua-pw"),
+            "{e}"
+        );
         let e = err("security_policy = \"Basic256Sha256\"\nsecurity_mode = \"Sign\"\n\
                      client_cert_file = \"/nonexistent/c.der\"\nclient_key_file = \"/nonexistent/c.key\"");
         assert!(e.starts_with("server_cert_file: is required"), "{e}");
         let e = err("security_policy = \"Basic256Sha256\"\nsecurity_mode = \"Sign\"\n\
                      client_cert_file = \"/nonexistent/c.der\"\nclient_key_file = \"/nonexistent/c.key\"\n\
                      trusted_dir = \"/nonexistent\"");
-        assert!(e.starts_with("client_cert_file: cannot read /nonexistent/c.der"), "{e}");
+        assert!(
+            e.starts_with("client_cert_file: cannot read /nonexistent/c.der"),
+            "{e}"
+        );
         let e = err("deadband = 150.0\ndeadband_type = \"percent\"");
-        assert!(e.starts_with("deadband: 150 must be between 0 and 100"), "{e}");
+        assert!(
+            e.starts_with("deadband: 150 must be between 0 and 100"),
+            "{e}"
+        );
         let e = err("deadband_type = \"relative\"");
         assert!(e.starts_with("deadband_type: `relative`"), "{e}");
     }
@@ -820,12 +866,22 @@ mod tests {
             config::Start::Node(NodeId::new(2, "Line2"))
         );
         assert_eq!(ok.browse[1].tag(), "line2");
-        let e = config("endpoint = \"opc.tcp://h:4840\"\nbrowse = [\"Objects//Line1\"]").unwrap_err();
-        assert!(e.starts_with("browse[0]: `Objects//Line1` has an empty segment"), "{e}");
+        let e =
+            config("endpoint = \"opc.tcp://h:4840\"\nbrowse = [\"Objects//Line1\"]").unwrap_err();
+        assert!(
+            e.starts_with("browse[0]: `Objects//Line1` has an empty segment"),
+            "{e}"
+        );
         let e = config("endpoint = \"opc.tcp://h:4840\"\nbrowse = [\"ns=2;q=x\"]").unwrap_err();
-        assert!(e.starts_with("browse[0]: `ns=2;q=x` is neither a node id"), "{e}");
+        assert!(
+            e.starts_with("browse[0]: `ns=2;q=x` is neither a node id"),
+            "{e}"
+        );
         let e = config("endpoint = \"opc.tcp://h:4840\"").unwrap_err();
-        assert!(e.starts_with("nodes: is empty and there is no `browse`"), "{e}");
+        assert!(
+            e.starts_with("nodes: is empty and there is no `browse`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -262,7 +262,9 @@ impl Staging {
     }
 
     pub fn write_own_cert(&self, cert: &X509) -> Result<(), String> {
-        let der = cert.to_der().map_err(|e| format!("client_cert_file: {e}"))?;
+        let der = cert
+            .to_der()
+            .map_err(|e| format!("client_cert_file: {e}"))?;
         std::fs::write(self.own_cert(), der)
             .map_err(|e| format!("cannot write {} ({e})", self.own_cert().display()))
     }
