@@ -238,7 +238,7 @@ const LINE1_TAGS: [&str; 3] = [
 fn expected(tag: &str, n: u64) -> Value {
     match tag {
         "Objects/Plant/Line1/Speed" => Value::from(n as f64 * 1.5),
-        "Objects/Plant/Line1/Running" => Value::from(n % 3 == 0),
+        "Objects/Plant/Line1/Running" => Value::from(n.is_multiple_of(3)),
         "Objects/Plant/Line1/Motor/Current" => Value::from(n as f64 / 10.0),
         "ns=2;s=Temp" => Value::from(n as f64 / 4.0),
         "ns=2;i=1001" => Value::from(n),
