@@ -3,11 +3,15 @@
 //! `file` sink.
 //!
 //! The server is `tests/peers/opcua_server.py` (asyncua, in the venv
-//! /var/tmp/weir-venv that `.ci/run` installs), security None: a double,
-//! an int, a bool and a string that change every 100 ms and one double
-//! that is BadSensorFailure one second in two; it logs the counter and the
-//! source timestamp of every change, so each point at the receiver is
-//! checked against what the server published. Without the venv the test
+//! /var/tmp/weir-venv that `.ci/run` installs): a double, an int, a bool
+//! and a string that change every 100 ms, one double that is
+//! BadSensorFailure one second in two, and a folder Plant/Line1 with
+//! three more variables (one in a subfolder, one with a property); it logs
+//! the counter and the source timestamp of every change, so each point at
+//! the receiver is checked against what the server published. It runs
+//! with security None, or with Basic256Sha256 (Sign, SignAndEncrypt) and a
+//! user name, with certificates the test makes with the `openssl`
+//! commands docs/sources.md gives. Without the venv (or openssl) the test
 //! prints why and passes as skipped; with `WEIR_SERVICES=1` that is a
 //! failure.
 
@@ -23,6 +27,73 @@ use serde_json::Value;
 
 const VENV_PYTHON: &str = "/var/tmp/weir-venv/bin/python";
 
+fn skip(test: &str, why: &str) {
+    if std::env::var("WEIR_SERVICES").is_ok_and(|v| v == "1") {
+        panic!("{test}: WEIR_SERVICES=1 but {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// An OPC UA application instance certificate and its key, made with the
+/// openssl commands of docs/sources.md: RSA 2048, the application URI
+/// first in subjectAltName, then the host.
+fn make_cert(s: &Scratch, name: &str, cn: &str, san: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        s.join(&format!("{name}.pem")),
+        s.join(&format!("{name}.key")),
+    );
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "825", "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", &format!("/CN={cn}")])
+        .args(["-addext", &format!("subjectAltName={san}")])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args([
+            "-addext",
+            "keyUsage=critical,digitalSignature,nonRepudiation,keyEncipherment,dataEncipherment",
+        ])
+        .args(["-addext", "extendedKeyUsage=clientAuth,serverAuth"])
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// `openssl x509 -fingerprint -sha1`, as the 40 hex digits OPC UA tools show.
+fn sha1_thumbprint(cert: &Path) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha1", "-in"])
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (_, hex) = text.trim().split_once('=').expect("fingerprint line");
+    hex.replace(':', "").to_uppercase()
+}
+
+fn openssl(test: &str) -> bool {
+    let ok = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        skip(
+            test,
+            "the openssl command is missing (apt-get install openssl)",
+        );
+    }
+    ok
+}
+
 /// The venv's python when it has asyncua; otherwise prints why the test
 /// is skipped (or fails when WEIR_SERVICES=1 says it must be there).
 fn asyncua(test: &str) -> Option<PathBuf> {
@@ -33,12 +104,7 @@ fn asyncua(test: &str) -> Option<PathBuf> {
     if ok {
         return Some(PathBuf::from(VENV_PYTHON));
     }
-    if std::env::var("WEIR_SERVICES").is_ok_and(|v| v == "1") {
-        panic!(
-            "{test}: WEIR_SERVICES=1 but {VENV_PYTHON} cannot import asyncua (.ci/run installs it)"
-        );
-    }
-    eprintln!("SKIPPED {test}: {VENV_PYTHON} with asyncua is missing (python3 -m venv /var/tmp/weir-venv && /var/tmp/weir-venv/bin/pip install asyncua)");
+    skip(test, &format!("{VENV_PYTHON} with asyncua is missing (python3 -m venv /var/tmp/weir-venv && /var/tmp/weir-venv/bin/pip install asyncua)"));
     None
 }
 
@@ -160,9 +226,20 @@ const TAGS: [&str; 5] = [
     "plant/faulty",
 ];
 
+/// The variables under the browse root Objects/Plant/Line1, tagged by
+/// their browse path (the property Line1.Speed.Unit is not among them).
+const LINE1_TAGS: [&str; 3] = [
+    "Objects/Plant/Line1/Speed",
+    "Objects/Plant/Line1/Running",
+    "Objects/Plant/Line1/Motor/Current",
+];
+
 /// What the server held at counter `n` for each tag (see opcua_server.py).
 fn expected(tag: &str, n: u64) -> Value {
     match tag {
+        "Objects/Plant/Line1/Speed" => Value::from(n as f64 * 1.5),
+        "Objects/Plant/Line1/Running" => Value::from(n.is_multiple_of(3)),
+        "Objects/Plant/Line1/Motor/Current" => Value::from(n as f64 / 10.0),
         "ns=2;s=Temp" => Value::from(n as f64 / 4.0),
         "ns=2;i=1001" => Value::from(n),
         "ns=2;s=Flag" => Value::from(n % 2 == 1),
@@ -176,9 +253,13 @@ fn expected(tag: &str, n: u64) -> Value {
 /// timestamp and quality the server published; returns the counters seen
 /// for the int variable.
 fn check_run(all: &[Value], log: &Path) -> Vec<u64> {
+    check_tags(all, log, &TAGS)
+}
+
+fn check_tags(all: &[Value], log: &Path, tags: &[&str]) -> Vec<u64> {
     let published = published(log);
     let mut counts = Vec::new();
-    for tag in TAGS {
+    for &tag in tags {
         for p in of_tag(all, tag) {
             if p["status"] == "communication-lost" {
                 continue;
@@ -354,4 +435,254 @@ fn data_changes_arrive_with_their_value_source_timestamp_and_quality_and_a_serve
         kinds.dedup();
         assert_eq!(kinds, b"1L2", "{tag}: {text}");
     }
+}
+
+/// The certificates and secrets of a secure run, made in the scratch
+/// directory.
+struct Secure {
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    /// Holds only the server's certificate.
+    trusted_dir: PathBuf,
+    password_file: PathBuf,
+}
+
+const USER: &str = "op";
+const PASSWORD: &str = "s3cret-2026";
+
+fn secret_file(s: &Scratch, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = s.write(name, text);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn secure(s: &Scratch) -> Secure {
+    let (client_cert, client_key) = make_cert(
+        s,
+        "client",
+        "weir-sender",
+        "URI:urn:weir:sender,DNS:localhost",
+    );
+    let (server_cert, server_key) = make_cert(
+        s,
+        "server",
+        "weir test server",
+        "URI:urn:weir:test:server,IP:127.0.0.1",
+    );
+    let trusted_dir = s.join("trusted");
+    std::fs::create_dir(&trusted_dir).unwrap();
+    std::fs::copy(&server_cert, trusted_dir.join("weir-test-server.pem")).unwrap();
+    let password_file = secret_file(s, "opcua.password", &format!("{PASSWORD}\n"));
+    Secure {
+        client_cert,
+        client_key,
+        server_cert,
+        server_key,
+        trusted_dir,
+        password_file,
+    }
+}
+
+/// The server with Basic256Sha256 (Sign and SignAndEncrypt) only, only the
+/// sender's client certificate accepted, user `USER` with `PASSWORD` only.
+fn secure_server(s: &Scratch, python: &Path, port: u16, log: &Path, sec: &Secure) -> Proc {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/opcua_server.py");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        p(&script),
+        port.to_string(),
+        p(log),
+        "--cert".into(),
+        p(&sec.server_cert),
+        "--key".into(),
+        p(&sec.server_key),
+        "--client-cert".into(),
+        p(&sec.client_cert),
+        "--user".into(),
+        USER.into(),
+        "--password".into(),
+        PASSWORD.into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Proc::spawn_path(s, "server", python, &args);
+    assert!(
+        wait_until(Duration::from_secs(60), || TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the asyncua server never listened on {port}"
+    );
+    server
+}
+
+#[test]
+fn under_basic256sha256_sign_and_encrypt_with_a_user_name_listed_and_browsed_variables_arrive_with_value_tag_source_timestamp_and_quality(
+) {
+    let test = "opcua secure";
+    let Some(python) = asyncua(test) else {
+        return;
+    };
+    if !openssl(test) {
+        return;
+    }
+    let s = Scratch::new("opcua-secure");
+    let sec = secure(&s);
+    let port = free_tcp_port();
+    let log = s.join("published.jsonl");
+    let _server = secure_server(&s, &python, port, &log, &sec);
+    let pair = pair(
+        &s,
+        &format!(
+            "[[sources]]\nname = \"plant\"\ntype = \"opcua\"\nendpoint = \"opc.tcp://127.0.0.1:{port}/weir/\"\n\
+             security_policy = \"Basic256Sha256\"\nsecurity_mode = \"SignAndEncrypt\"\n\
+             client_cert_file = \"{}\"\nclient_key_file = \"{}\"\ntrusted_dir = \"{}\"\n\
+             username = \"{USER}\"\npassword_file = \"{}\"\n\
+             publishing_interval_ms = 100\nsampling_interval_ms = 50\n\
+             nodes = [\"ns=2;s=Temp\", \"ns=2;i=1001\", \"ns=2;s=Flag\", \"ns=2;s=Label\", {{ node = \"ns=2;s=Faulty\", tag = \"plant/faulty\" }}]\n\
+             browse = [\"Objects/Plant/Line1\"]\n",
+            sec.client_cert.display(),
+            sec.client_key.display(),
+            sec.trusted_dir.display(),
+            sec.password_file.display(),
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let all = points(&pair.out, "plant");
+            of_tag(&all, "ns=2;i=1001").len() >= 30
+                && of_tag(&all, "plant/faulty")
+                    .iter()
+                    .any(|p| p["quality"] == 2)
+                && LINE1_TAGS.iter().all(|t| of_tag(&all, t).len() >= 10)
+        }),
+        "30 data changes never arrived; sender {}",
+        sender_metrics(&s)
+    );
+    let all = points(&pair.out, "plant");
+    let tags: Vec<&str> = TAGS.iter().chain(&LINE1_TAGS).copied().collect();
+    let counts = check_tags(&all, &log, &tags);
+    let want: Vec<u64> = (counts[0]..=*counts.last().unwrap()).collect();
+    assert_eq!(counts, want, "a change of the int variable is missing");
+    // Every browsed variable is checked against what the server held.
+    for tag in LINE1_TAGS {
+        let published = published(&log);
+        let checked = of_tag(&all, tag)
+            .iter()
+            .filter(|p| published.contains_key(&ts_ns(p)))
+            .count();
+        assert!(checked >= 10, "{tag}: {checked} points checked");
+    }
+    // Browsing found exactly the folder's variables: no property, nothing else.
+    let mut seen: Vec<&str> = all.iter().filter_map(|p| p["tag"].as_str()).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    let mut want_tags = tags.clone();
+    want_tags.sort_unstable();
+    assert_eq!(seen, want_tags);
+    let m = sender_metrics(&s);
+    let plant = &m["sources"]["plant"];
+    assert_eq!(plant["state"], "connected", "{m}");
+    assert_eq!(plant["browsed_items"], 3, "{m}");
+    assert_eq!(plant["items"], 8, "{m}");
+}
+
+#[test]
+fn an_untrusted_server_is_refused_naming_its_thumbprint_and_a_wrong_password_naming_username_and_password_file(
+) {
+    let test = "opcua refusals";
+    let Some(python) = asyncua(test) else {
+        return;
+    };
+    if !openssl(test) {
+        return;
+    }
+    let s = Scratch::new("opcua-refusals");
+    let sec = secure(&s);
+    // A trust list that holds another server's certificate only.
+    let (other, _) = make_cert(
+        &s,
+        "other",
+        "another server",
+        "URI:urn:weir:test:other,IP:127.0.0.1",
+    );
+    let other_dir = s.join("trusted-other");
+    std::fs::create_dir(&other_dir).unwrap();
+    std::fs::copy(&other, other_dir.join("other.der.pem")).unwrap();
+    let wrong = secret_file(&s, "wrong.password", "not-the-password\n");
+    let port = free_tcp_port();
+    let _server = secure_server(&s, &python, port, &s.join("published.jsonl"), &sec);
+    let source = |name: &str, mode: &str, trust: String, password: &Path| {
+        format!(
+            "[[sources]]\nname = \"{name}\"\ntype = \"opcua\"\nendpoint = \"opc.tcp://127.0.0.1:{port}/weir/\"\n\
+             security_policy = \"Basic256Sha256\"\nsecurity_mode = \"{mode}\"\n\
+             client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n{trust}\n\
+             username = \"{USER}\"\npassword_file = \"{}\"\nnodes = [\"ns=2;i=1001\"]\n",
+            sec.client_cert.display(),
+            sec.client_key.display(),
+            password.display(),
+        )
+    };
+    let pair = pair(
+        &s,
+        &format!(
+            "{}{}",
+            source(
+                "untrusted",
+                "SignAndEncrypt",
+                format!("trusted_dir = \"{}\"", other_dir.display()),
+                &sec.password_file
+            ),
+            // Sign only: the channel opens, the session is refused.
+            source(
+                "badpass",
+                "Sign",
+                format!("server_cert_file = \"{}\"", sec.server_cert.display()),
+                &wrong
+            ),
+        ),
+    );
+    let thumbprint = sha1_thumbprint(&sec.server_cert);
+    let error = |source: &str| {
+        sender_metrics(&s)["sources"][source]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || error("untrusted")
+            .contains(&thumbprint)
+            && error("badpass").contains("refused user `op`")),
+        "no refusals; sender {}",
+        sender_metrics(&s)
+    );
+    let untrusted = error("untrusted");
+    assert!(
+        untrusted.contains("is not trusted")
+            && untrusted.contains(&format!("SHA-1 thumbprint {thumbprint}"))
+            && untrusted.contains(&format!("trusted_dir {}", other_dir.display())),
+        "{untrusted}"
+    );
+    let badpass = error("badpass");
+    assert!(
+        badpass.contains("check `username` and the password in `password_file`")
+            && badpass.contains("BadUserAccessDenied"),
+        "{badpass}"
+    );
+    let m = sender_metrics(&s);
+    for source in ["untrusted", "badpass"] {
+        assert_eq!(m["sources"][source]["state"], "retrying", "{m}");
+    }
+    // The same words are in the sender's log, at ERROR.
+    let log = std::fs::read_to_string(s.join("sender.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains(&thumbprint)),
+        "{log}"
+    );
+    assert!(points(&pair.out, "untrusted").is_empty());
+    assert!(points(&pair.out, "badpass").is_empty());
 }
