@@ -364,7 +364,12 @@ pub fn run(
         }
         if last_resend_poll.elapsed() >= Duration::from_secs(1) && !flushed {
             last_resend_poll = Instant::now();
-            take_resend_requests(&params.spool_path, &mut resends, &mut resend_bytes, RESEND_BYTES);
+            take_resend_requests(
+                &params.spool_path,
+                &mut resends,
+                &mut resend_bytes,
+                RESEND_BYTES,
+            );
         }
 
         // Gather frames of equal size into one GSO batch.
@@ -593,8 +598,16 @@ mod tests {
         spool.sync().unwrap();
         std::fs::create_dir_all(dir.join("resend")).unwrap();
         let ask = |name: &str, from, to| {
-            let r = ResendRequest { stream: "a".into(), from, to };
-            std::fs::write(dir.join("resend").join(name), serde_json::to_vec(&r).unwrap()).unwrap();
+            let r = ResendRequest {
+                stream: "a".into(),
+                from,
+                to,
+            };
+            std::fs::write(
+                dir.join("resend").join(name),
+                serde_json::to_vec(&r).unwrap(),
+            )
+            .unwrap();
         };
         ask("1.json", 10, 59);
         ask("2.json", 90, 99);

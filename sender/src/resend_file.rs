@@ -74,7 +74,10 @@ pub fn resend_file(
                 bail!(
                     "--source {}: no `files` source of that name; the `files` sources are {}",
                     source.unwrap_or_default(),
-                    all.iter().map(|(s, _)| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                    all.iter()
+                        .map(|(s, _)| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             bail!(
@@ -85,7 +88,11 @@ pub fn resend_file(
         }
         _ => bail!(
             "`{name}` was sent by several `files` sources ({}); choose one with --source",
-            candidates.iter().map(|c| format!("`{}`", c.0)).collect::<Vec<_>>().join(", ")
+            candidates
+                .iter()
+                .map(|c| format!("`{}`", c.0))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     if cfg.csv.is_some() {
@@ -147,7 +154,10 @@ pub fn resend_file(
         match matches_sent(place, &sent) {
             Ok(()) => {
                 let from = std::fs::canonicalize(place).unwrap_or_else(|_| place.clone());
-                let request = history::ResendFile { sent: sent.clone(), from };
+                let request = history::ResendFile {
+                    sent: sent.clone(),
+                    from,
+                };
                 let queued = history::queue(&cfg.state_dir(), &request)?;
                 if !spool_said.is_empty() {
                     println!("{spool_said}");
@@ -265,7 +275,11 @@ fn matches_sent(place: &Path, sent: &history::SentFile) -> Result<(), String> {
         }
         hasher.update(&buf[..n]);
     }
-    let got: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let got: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if got == sent.sha256 {
         Ok(())
     } else {
@@ -300,11 +314,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("r.bin");
         std::fs::write(&p, b"abc").unwrap();
-        let sha: String = Sha256::digest(b"abc").iter().map(|b| format!("{b:02x}")).collect();
+        let sha: String = Sha256::digest(b"abc")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let m = std::fs::metadata(&p).unwrap();
         let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
         assert_eq!(matches_sent(&p, &sent(3, "whatever", mtime)), Ok(()));
-        assert_eq!(matches_sent(&p, &sent(3, &sha, 1)), Ok(()), "a copy with another mtime");
+        assert_eq!(
+            matches_sent(&p, &sent(3, &sha, 1)),
+            Ok(()),
+            "a copy with another mtime"
+        );
         assert!(matches_sent(&p, &sent(3, &"0".repeat(64), 1))
             .unwrap_err()
             .contains("but the file sent had 0000"));
@@ -312,7 +333,10 @@ mod tests {
             matches_sent(&p, &sent(4, &sha, mtime)).unwrap_err(),
             "3 bytes, but the file sent was 4 bytes"
         );
-        assert_eq!(matches_sent(&dir.join("gone"), &sent(3, &sha, mtime)).unwrap_err(), "missing");
+        assert_eq!(
+            matches_sent(&dir.join("gone"), &sent(3, &sha, mtime)).unwrap_err(),
+            "missing"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -713,7 +713,15 @@ fn lose_a_file(name: &str) -> LostFile {
             receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
         ],
     );
-    let lossy = linksim(&s, "linksim-lossy", sender_port, receiver_port, 31, 0.10, false);
+    let lossy = linksim(
+        &s,
+        "linksim-lossy",
+        sender_port,
+        receiver_port,
+        31,
+        0.10,
+        false,
+    );
     let scfg = sender_config(
         &s,
         sender_port,
@@ -727,17 +735,35 @@ fn lose_a_file(name: &str) -> LostFile {
         "weir-sender",
         &["run", "--config", scfg.to_str().unwrap()],
     );
-    let sha = make_file(&outbox.join("report.bin"), 1_000_000, 7, 1_500_000_000, 0o644);
+    let sha = make_file(
+        &outbox.join("report.bin"),
+        1_000_000,
+        7,
+        1_500_000_000,
+        0o644,
+    );
     assert!(
-        wait_until(Duration::from_secs(30), || outbox.join("sent/report.bin").exists()),
+        wait_until(Duration::from_secs(30), || outbox
+            .join("sent/report.bin")
+            .exists()),
         "the sender did not take report.bin"
     );
     std::thread::sleep(Duration::from_secs(1));
     drop(lossy);
-    let link = linksim(&s, "linksim-clean", sender_port, receiver_port, 32, 0.0, false);
+    let link = linksim(
+        &s,
+        "linksim-clean",
+        sender_port,
+        receiver_port,
+        32,
+        0.0,
+        false,
+    );
     make_file(&outbox.join("marker.bin"), 10, 8, 1_500_000_001, 0o644);
     assert!(
-        wait_until(Duration::from_secs(30), || inbox.join("marker.bin").exists()),
+        wait_until(Duration::from_secs(30), || inbox
+            .join("marker.bin")
+            .exists()),
         "marker.bin did not arrive over the clean link"
     );
     let mut events = file_events(&s);
@@ -745,9 +771,15 @@ fn lose_a_file(name: &str) -> LostFile {
         events = file_events(&s);
         events.iter().any(|e| e["path"] == "report.bin")
     });
-    let report: Vec<_> = events.iter().filter(|e| e["path"] == "report.bin").collect();
+    let report: Vec<_> = events
+        .iter()
+        .filter(|e| e["path"] == "report.bin")
+        .collect();
     assert_eq!(report.len(), 1, "{events:?}");
-    assert_eq!(report[0]["complete"], false, "the lossy link lost nothing FEC could not repair");
+    assert_eq!(
+        report[0]["complete"], false,
+        "the lossy link lost nothing FEC could not repair"
+    );
     assert!(!inbox.join("report.bin").exists());
     let kept = inbox.join(report[0]["kept"].as_str().unwrap());
     assert!(kept.exists(), "{kept:?}");
@@ -776,12 +808,18 @@ fn resend_file(scfg: &Path, args: &[&str]) -> std::process::Output {
 /// incomplete copy gone, and exactly one `complete: true` audit line.
 fn assert_completed_once(lost: &LostFile) {
     assert!(
-        wait_until(Duration::from_secs(60), || lost.inbox.join("report.bin").exists()),
+        wait_until(Duration::from_secs(60), || lost
+            .inbox
+            .join("report.bin")
+            .exists()),
         "the resend did not complete report.bin; see {}",
         lost.s.path.display()
     );
     assert_eq!(sha_of(&lost.inbox.join("report.bin")), lost.sha);
-    assert!(!lost.kept.exists(), "the incomplete copy is gone once completed");
+    assert!(
+        !lost.kept.exists(),
+        "the incomplete copy is gone once completed"
+    );
     let done = || {
         file_events(&lost.s)
             .into_iter()
@@ -799,12 +837,20 @@ fn resend_by_file_name_sends_the_parts_the_spool_still_holds_and_the_receiver_co
     let mut lost = lose_a_file("files-resend-spool");
     let out = resend_file(&lost.scfg, &["--file", "report.bin"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("every part is in the spool"), "{stdout}");
     assert_completed_once(&lost);
     // The stream's gaps were filled by the resent records: none is open.
     let out = Command::new(bin("weir-receiver"))
-        .args(["gaps", "--config", lost.s.join("receiver.toml").to_str().unwrap()])
+        .args([
+            "gaps",
+            "--config",
+            lost.s.join("receiver.toml").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let gaps = String::from_utf8_lossy(&out.stdout);
@@ -819,11 +865,18 @@ fn resend_by_file_name_sends_from_the_sent_dir_and_names_where_it_looked_once_th
     let out = resend_file(&lost.scfg, &["--file", "nothing.bin"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("`nothing.bin`: not in the history") && stderr.contains("sent.jsonl"), "{stderr}");
+    assert!(
+        stderr.contains("`nothing.bin`: not in the history") && stderr.contains("sent.jsonl"),
+        "{stderr}"
+    );
     // From disk (as when the spool has evicted the parts): sent/report.bin.
     let out = resend_file(&lost.scfg, &["--file", "report.bin", "--from-disk"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sent = lost.outbox.join("sent/report.bin");
     assert!(
         stdout.contains(&format!("sending it again from {}", sent.display())),
@@ -831,7 +884,10 @@ fn resend_by_file_name_sends_from_the_sent_dir_and_names_where_it_looked_once_th
     );
     assert_completed_once(&lost);
     let log = std::fs::read_to_string(lost.s.join("sender.log")).unwrap();
-    assert!(log.contains("sending a file again on an operator's request"), "{log}");
+    assert!(
+        log.contains("sending a file again on an operator's request"),
+        "{log}"
+    );
     // Gone from disk: the error names every place it looked.
     std::fs::remove_file(&sent).unwrap();
     let out = resend_file(&lost.scfg, &["--file", "report.bin", "--from-disk"]);
@@ -839,7 +895,10 @@ fn resend_by_file_name_sends_from_the_sent_dir_and_names_where_it_looked_once_th
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr.contains(&format!("{} (missing)", sent.display()))
-            && stderr.contains(&format!("{} (missing)", lost.outbox.join("report.bin").display()))
+            && stderr.contains(&format!(
+                "{} (missing)",
+                lost.outbox.join("report.bin").display()
+            ))
             && stderr.contains("give --path"),
         "{stderr}"
     );
@@ -847,10 +906,16 @@ fn resend_by_file_name_sends_from_the_sent_dir_and_names_where_it_looked_once_th
     // with other content is refused.
     let copy = lost.s.join("copy.bin");
     std::fs::write(&copy, vec![0u8; 1_000_000]).unwrap();
-    let out = resend_file(&lost.scfg, &["--file", "report.bin", "--path", copy.to_str().unwrap()]);
+    let out = resend_file(
+        &lost.scfg,
+        &["--file", "report.bin", "--path", copy.to_str().unwrap()],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("its SHA-256 is") && stderr.contains(&lost.sha), "{stderr}");
+    assert!(
+        stderr.contains("its SHA-256 is") && stderr.contains(&lost.sha),
+        "{stderr}"
+    );
     assert!(lost.sender.stop(Duration::from_secs(20)));
 }
 
@@ -881,7 +946,9 @@ fn csv_rows_cross_as_points_into_the_file_sink_and_bad_rows_are_counted_and_logg
         &[
             "run",
             "--config",
-            file_sink_receiver_config(&s, receiver_port, &out).to_str().unwrap(),
+            file_sink_receiver_config(&s, receiver_port, &out)
+                .to_str()
+                .unwrap(),
         ],
     );
     let _link = linksim(&s, "linksim", sender_port, receiver_port, 4, 0.01, false);
@@ -903,9 +970,24 @@ fn csv_rows_cross_as_points_into_the_file_sink_and_bad_rows_are_counted_and_logg
     let mut want = Vec::new();
     for i in 0..2000u64 {
         let (tag, value, json_value, quality) = match i % 3 {
-            0 => ("line1/temp".to_string(), format!("{}.5", i), serde_json::json!(i as f64 + 0.5), "good"),
-            1 => ("line1/count".to_string(), format!("{i}"), serde_json::json!(i), "Uncertain"),
-            _ => ("\"line1;run\"".to_string(), "true".to_string(), serde_json::json!(true), "bad"),
+            0 => (
+                "line1/temp".to_string(),
+                format!("{}.5", i),
+                serde_json::json!(i as f64 + 0.5),
+                "good",
+            ),
+            1 => (
+                "line1/count".to_string(),
+                format!("{i}"),
+                serde_json::json!(i),
+                "Uncertain",
+            ),
+            _ => (
+                "\"line1;run\"".to_string(),
+                "true".to_string(),
+                serde_json::json!(true),
+                "bad",
+            ),
         };
         let secs = 1_000 + i;
         csv.push_str(&format!(
@@ -914,8 +996,16 @@ fn csv_rows_cross_as_points_into_the_file_sink_and_bad_rows_are_counted_and_logg
             secs % 60
         ));
         // 13:mm:ss.25 at +01:00 is 12:mm:ss.25 UTC.
-        let ts = format!("2026-03-01T12:{:02}:{:02}.250000000Z", secs / 60 % 60, secs % 60);
-        let q = match quality { "good" => 0, "Uncertain" => 1, _ => 2 };
+        let ts = format!(
+            "2026-03-01T12:{:02}:{:02}.250000000Z",
+            secs / 60 % 60,
+            secs % 60
+        );
+        let q = match quality {
+            "good" => 0,
+            "Uncertain" => 1,
+            _ => 2,
+        };
         want.push((tag.trim_matches('"').to_string(), json_value, ts, q));
         if i == 10 {
             csv.push_str("2026-03-01 13:00:00.0;line1/temp;;good\n"); // line 13: empty value
@@ -949,9 +1039,20 @@ fn csv_rows_cross_as_points_into_the_file_sink_and_bad_rows_are_counted_and_logg
     assert_eq!(got.len(), want.len(), "no point twice, none extra");
     for (g, (tag, value, ts, q)) in got.iter().zip(&want) {
         assert_eq!(g["kind"], "point", "{g}");
-        assert_eq!((&g["tag"], &g["value"], &g["ts"], &g["quality"]), (&serde_json::json!(tag), value, &serde_json::json!(ts), &serde_json::json!(q)), "{g}");
+        assert_eq!(
+            (&g["tag"], &g["value"], &g["ts"], &g["quality"]),
+            (
+                &serde_json::json!(tag),
+                value,
+                &serde_json::json!(ts),
+                &serde_json::json!(q)
+            ),
+            "{g}"
+        );
     }
-    assert!(wait_until(Duration::from_secs(10), || outbox.join("sent/export.csv").exists()));
+    assert!(wait_until(Duration::from_secs(10), || outbox
+        .join("sent/export.csv")
+        .exists()));
     assert!(gaps(&s.join("audit.jsonl"), "historian").is_empty());
     // Counted in the source's counts, each logged with file and line.
     assert!(wait_until(Duration::from_secs(5), || {
@@ -966,7 +1067,9 @@ fn csv_rows_cross_as_points_into_the_file_sink_and_bad_rows_are_counted_and_logg
         (25, "the row has 2 field(s); column `Value` is field 3"),
     ] {
         assert!(
-            log.lines().any(|l| l.contains("export.csv") && l.contains(&format!("line={line}")) && l.contains(why)),
+            log.lines().any(|l| l.contains("export.csv")
+                && l.contains(&format!("line={line}"))
+                && l.contains(why)),
             "no log line for line {line} ({why}):\n{log}"
         );
     }

@@ -985,7 +985,11 @@ mod tests {
         assert_eq!(before.len(), 1);
         assert_eq!(before[0].1["complete"], false);
         let after = events2.lock().unwrap();
-        assert_eq!(after.len(), 1, "no `complete: false` line per part of the new copy: {after:?}");
+        assert_eq!(
+            after.len(),
+            1,
+            "no `complete: false` line per part of the new copy: {after:?}"
+        );
         assert_eq!(after[0].1["complete"], true);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -129,7 +129,8 @@ fn parse_offset(text: &str) -> Result<i32, String> {
 impl CsvConfig {
     /// Checks the mapping; errors start with the key to fix.
     pub fn validate(&self) -> Result<(), String> {
-        let format = TimeFormat::parse(&self.time_format).map_err(|e| format!("time_format: {e}"))?;
+        let format =
+            TimeFormat::parse(&self.time_format).map_err(|e| format!("time_format: {e}"))?;
         if let Some(offset) = &self.utc_offset {
             parse_offset(offset).map_err(|e| format!("utc_offset: {e}"))?;
             if !matches!(format, TimeFormat::Pattern(_, false)) {
@@ -220,7 +221,8 @@ impl Mapping {
                 .as_deref()
                 .map(|q| find("quality", q))
                 .transpose()?,
-            format: TimeFormat::parse(&cfg.time_format).map_err(|e| format!("csv.time_format: {e}"))?,
+            format: TimeFormat::parse(&cfg.time_format)
+                .map_err(|e| format!("csv.time_format: {e}"))?,
             offset_s: cfg
                 .utc_offset
                 .as_deref()
@@ -275,7 +277,9 @@ fn parse_time(text: &str, format: &TimeFormat, offset_s: i32) -> Result<i64, Str
     let out_of_range = || format!("`{text}` is outside the years 1677 to 2262");
     match format {
         TimeFormat::Rfc3339 => DateTime::parse_from_rfc3339(text)
-            .map_err(|e| format!("`{text}` is not an RFC 3339 time ({e}); e.g. 2026-03-01T12:00:00Z"))?
+            .map_err(|e| {
+                format!("`{text}` is not an RFC 3339 time ({e}); e.g. 2026-03-01T12:00:00Z")
+            })?
             .timestamp_nanos_opt()
             .ok_or_else(out_of_range),
         TimeFormat::Unix(digits) => parse_unix(text, *digits),
@@ -309,7 +313,16 @@ fn parse_time(text: &str, format: &TimeFormat, offset_s: i32) -> Result<i64, Str
 /// Unix time: an integer in 10^-digits seconds, or (digits = 0) seconds
 /// with an optional fraction of up to 9 digits. Exact: no float rounding.
 fn parse_unix(text: &str, digits: u32) -> Result<i64, String> {
-    let bad = || format!("`{text}` is not a unix time (an integer{})", if digits == 0 { ", a fraction allowed" } else { "" });
+    let bad = || {
+        format!(
+            "`{text}` is not a unix time (an integer{})",
+            if digits == 0 {
+                ", a fraction allowed"
+            } else {
+                ""
+            }
+        )
+    };
     let out_of_range = || format!("`{text}` is outside the years 1677 to 2262");
     let (int, frac) = match text.split_once('.') {
         Some((i, f)) if digits == 0 => (i, f),
@@ -348,9 +361,9 @@ fn parse_value(raw: &str, ty: ValueType) -> Result<Value, String> {
     };
     Ok(match ty {
         ValueType::String => Value::Str(raw.to_string()),
-        ValueType::Bool => Value::Bool(
-            as_bool(text).ok_or_else(|| format!("`{text}` is not true or false"))?,
-        ),
+        ValueType::Bool => {
+            Value::Bool(as_bool(text).ok_or_else(|| format!("`{text}` is not true or false"))?)
+        }
         ValueType::Int => Value::I64(
             text.parse()
                 .map_err(|_| format!("`{text}` is not a 64-bit integer"))?,
@@ -443,13 +456,29 @@ mod tests {
         let p = ok(&got[0]);
         assert_eq!(p.tag, "boiler/temp");
         assert_eq!(p.ts_ns, 1_772_366_400_000_000_000);
-        assert_eq!((p.value.clone(), p.quality), (Value::F64(81.5), QUALITY_GOOD));
+        assert_eq!(
+            (p.value.clone(), p.quality),
+            (Value::F64(81.5), QUALITY_GOOD)
+        );
         let p = ok(&got[1]);
-        assert_eq!(p.ts_ns, 1_772_366_400_000_000_000 - 3600_000_000_000 + 1_250_000_000);
-        assert_eq!((p.value.clone(), p.quality), (Value::Bool(true), QUALITY_UNCERTAIN));
-        assert_eq!((ok(&got[2]).value.clone(), ok(&got[2]).quality), (Value::I64(-42), QUALITY_BAD));
+        assert_eq!(
+            p.ts_ns,
+            1_772_366_400_000_000_000 - 3600_000_000_000 + 1_250_000_000
+        );
+        assert_eq!(
+            (p.value.clone(), p.quality),
+            (Value::Bool(true), QUALITY_UNCERTAIN)
+        );
+        assert_eq!(
+            (ok(&got[2]).value.clone(), ok(&got[2]).quality),
+            (Value::I64(-42), QUALITY_BAD)
+        );
         assert_eq!(ok(&got[3]).value, Value::Str("heating up".into()));
-        assert_eq!(ok(&got[3]).quality, QUALITY_GOOD, "an empty quality cell is good");
+        assert_eq!(
+            ok(&got[3]).quality,
+            QUALITY_GOOD,
+            "an empty quality cell is good"
+        );
         assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3, 4, 5]);
     }
 
@@ -469,12 +498,29 @@ mod tests {
             .collect();
         assert_eq!(errs.len(), 5, "{errs:?}");
         assert_eq!(errs[0].0, 2);
-        assert!(errs[0].1.starts_with("time column `time`: `yesterday` is not an RFC 3339 time"), "{}", errs[0].1);
+        assert!(
+            errs[0]
+                .1
+                .starts_with("time column `time`: `yesterday` is not an RFC 3339 time"),
+            "{}",
+            errs[0].1
+        );
         assert_eq!(errs[1].1, "tag column `tag` is empty");
         assert_eq!(errs[2].1, "value column `value`: empty");
-        assert!(errs[3].1.contains("`excellent` is not a quality"), "{}", errs[3].1);
-        assert_eq!((errs[4].0, errs[4].1.as_str()), (6, "the row has 2 field(s); column `value` is field 3"));
-        assert_eq!(ok(&got[5]).value, Value::I64(2), "the row after bad ones parses");
+        assert!(
+            errs[3].1.contains("`excellent` is not a quality"),
+            "{}",
+            errs[3].1
+        );
+        assert_eq!(
+            (errs[4].0, errs[4].1.as_str()),
+            (6, "the row has 2 field(s); column `value` is field 3")
+        );
+        assert_eq!(
+            ok(&got[5]).value,
+            Value::I64(2),
+            "the row after bad ones parses"
+        );
     }
 
     #[test]
@@ -492,7 +538,11 @@ mod tests {
         assert_eq!(ok(&got[1]).tag, "multi\nline");
         assert_eq!(ok(&got[1]).value, Value::Str("a;b".into()));
         assert_eq!(ok(&got[2]).value, Value::F64(3.25));
-        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3, 5], "a quoted newline counts as a line");
+        assert_eq!(
+            got.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [2, 3, 5],
+            "a quoted newline counts as a line"
+        );
     }
 
     #[test]
@@ -500,25 +550,44 @@ mod tests {
         let mut c = cfg();
         c.value_type = ValueType::Float;
         c.time_format = "unix".into();
-        let got = rows(&c, "time,tag,value,quality\n1700000000.5,a,7,good\n-1.25,a,x,good\n");
+        let got = rows(
+            &c,
+            "time,tag,value,quality\n1700000000.5,a,7,good\n-1.25,a,x,good\n",
+        );
         assert_eq!(ok(&got[0]).value, Value::F64(7.0));
         assert_eq!(ok(&got[0]).ts_ns, 1_700_000_000_500_000_000);
-        assert!(got[1].1.as_ref().unwrap_err().contains("`x` is not a number"));
+        assert!(got[1]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("`x` is not a number"));
         assert_eq!(parse_unix("-1.25", 0), Ok(-1_250_000_000));
-        assert_eq!(parse_unix("1700000000123", 3), Ok(1_700_000_000_123_000_000));
+        assert_eq!(
+            parse_unix("1700000000123", 3),
+            Ok(1_700_000_000_123_000_000)
+        );
         assert!(parse_unix("1.5", 3).is_err());
-        assert!(parse_unix("99999999999999999", 0).unwrap_err().contains("outside"));
+        assert!(parse_unix("99999999999999999", 0)
+            .unwrap_err()
+            .contains("outside"));
         c.value_type = ValueType::String;
         c.time_format = "%d.%m.%Y %H:%M:%S".into();
         c.utc_offset = Some("+01:00".into());
         assert!(c.validate().is_ok());
-        let got = rows(&c, "time,tag,value,quality\n01.03.2026 13:00:00,a, 7 ,good\n");
+        let got = rows(
+            &c,
+            "time,tag,value,quality\n01.03.2026 13:00:00,a, 7 ,good\n",
+        );
         assert_eq!(ok(&got[0]).ts_ns, 1_772_366_400_000_000_000);
         assert_eq!(ok(&got[0]).value, Value::Str(" 7 ".into()));
         c.time_format = "%Y-%m-%d".into();
         c.utc_offset = None;
         let got = rows(&c, "time,tag,value,quality\n2026-03-01,a,x,good\n");
-        assert_eq!(ok(&got[0]).ts_ns, 1_772_323_200_000_000_000, "a date alone is midnight");
+        assert_eq!(
+            ok(&got[0]).ts_ns,
+            1_772_323_200_000_000_000,
+            "a date alone is midnight"
+        );
     }
 
     #[test]
@@ -534,8 +603,12 @@ mod tests {
 
     #[test]
     fn a_missing_column_and_a_bad_mapping_are_named() {
-        let e = Mapping::new(&cfg(), &csv::StringRecord::from(vec!["time", "tag", "val"])).unwrap_err();
-        assert_eq!(e, "csv.value: column `value` is not in the header (time, tag, val)");
+        let e =
+            Mapping::new(&cfg(), &csv::StringRecord::from(vec!["time", "tag", "val"])).unwrap_err();
+        assert_eq!(
+            e,
+            "csv.value: column `value` is not in the header (time, tag, val)"
+        );
         let bad = |f: fn(&mut CsvConfig), key: &str| {
             let mut c = cfg();
             f(&mut c);

@@ -203,7 +203,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("weir-files-history-{name}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("weir-files-history-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -228,7 +229,10 @@ mod tests {
         append(&dir, &entry("a.csv", 1)).unwrap();
         append(&dir, &entry("b.csv", 2)).unwrap();
         // Force a rotation: the current generation is full.
-        let f = std::fs::OpenOptions::new().append(true).open(dir.join(HISTORY)).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(HISTORY))
+            .unwrap();
         f.set_len(HISTORY_BYTES).unwrap();
         append(&dir, &entry("a.csv", 3)).unwrap();
         assert!(dir.join(HISTORY_OLD).exists());
@@ -238,8 +242,14 @@ mod tests {
             .unwrap()
             .write_all(b"{\"path\":\"a.csv\",\"trans")
             .unwrap();
-        assert_eq!(lookup(&dir, "a.csv").unwrap().unwrap().transfer_id(), Some(3));
-        assert_eq!(lookup(&dir, "b.csv").unwrap().unwrap().transfer_id(), Some(2));
+        assert_eq!(
+            lookup(&dir, "a.csv").unwrap().unwrap().transfer_id(),
+            Some(3)
+        );
+        assert_eq!(
+            lookup(&dir, "b.csv").unwrap().unwrap().transfer_id(),
+            Some(2)
+        );
         assert_eq!(lookup(&dir, "c.csv").unwrap(), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -247,9 +257,19 @@ mod tests {
     #[test]
     fn requests_are_taken_in_order_removed_when_done_and_kept_with_the_reason_when_not() {
         let dir = scratch("requests");
-        let r1 = ResendFile { sent: entry("a", 1), from: "/x/a".into() };
+        let r1 = ResendFile {
+            sent: entry("a", 1),
+            from: "/x/a".into(),
+        };
         let p1 = queue(&dir, &r1).unwrap();
-        let p2 = queue(&dir, &ResendFile { sent: entry("b", 2), from: "/x/b".into() }).unwrap();
+        let p2 = queue(
+            &dir,
+            &ResendFile {
+                sent: entry("b", 2),
+                from: "/x/b".into(),
+            },
+        )
+        .unwrap();
         std::fs::write(dir.join(RESEND_DIR).join("zz-garbage.json"), b"{").unwrap();
         let got = pending(&dir, 10);
         assert_eq!(got.len(), 3);
@@ -263,7 +283,8 @@ mod tests {
         let kept = dir.join(RESEND_DIR).join("zz-garbage.json.failed");
         assert!(kept.exists());
         assert_eq!(
-            std::fs::read_to_string(dir.join(RESEND_DIR).join("zz-garbage.json.failed.txt")).unwrap(),
+            std::fs::read_to_string(dir.join(RESEND_DIR).join("zz-garbage.json.failed.txt"))
+                .unwrap(),
             "does not parse\n"
         );
         assert_eq!(pending(&dir, 10).len(), 1, "only b is left");

@@ -581,7 +581,8 @@ async fn stream_parts(
                     "files source: the file ended before its size while it was read; the receiver keeps it as incomplete");
             }
             let read_sha: [u8; 32] = hasher.finalize().into();
-            let ticket = handle.emit_tracked(&[part(offset, data, Some(sha256.unwrap_or(read_sha)))]);
+            let ticket =
+                handle.emit_tracked(&[part(offset, data, Some(sha256.unwrap_or(read_sha)))]);
             break (ticket, read_sha);
         }
         handle.emit(part(offset, data, None));
@@ -648,8 +649,12 @@ async fn send_file(
         kept_at,
         at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
-    history::append(&cfg.state_dir(), &entry)
-        .with_context(|| format!("appending to {}", cfg.state_dir().join(history::HISTORY).display()))?;
+    history::append(&cfg.state_dir(), &entry).with_context(|| {
+        format!(
+            "appending to {}",
+            cfg.state_dir().join(history::HISTORY).display()
+        )
+    })?;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(source = %name, file = %f.rel, bytes = f.size, transfer = format!("{transfer:016x}"),
         mb_per_s = format!("{:.1}", f.size as f64 / 1e6 / secs.max(1e-6)), "files source: file spooled");
@@ -750,7 +755,8 @@ async fn resend_file(
         mtime_ns: sent.mtime_ns,
         mode: sent.mode,
     };
-    let Some(read) = stream_parts(handle, &mut file, &request.from, &head, chunk, Some(sha)).await?
+    let Some(read) =
+        stream_parts(handle, &mut file, &request.from, &head, chunk, Some(sha)).await?
     else {
         return Ok(Sent::Interrupted);
     };
@@ -843,7 +849,8 @@ async fn send_csv(
     f: &Found,
 ) -> anyhow::Result<Sent> {
     let name = handle.stream().to_string();
-    let file = std::fs::File::open(&f.abs).with_context(|| format!("opening {}", f.abs.display()))?;
+    let file =
+        std::fs::File::open(&f.abs).with_context(|| format!("opening {}", f.abs.display()))?;
     let mut reader = csv::reader(csv_cfg, file);
     let header = match &csv_cfg.columns {
         Some(c) => ::csv::StringRecord::from(c.clone()),
@@ -852,7 +859,9 @@ async fn send_csv(
             .with_context(|| format!("reading the header row of {}", f.abs.display()))?
             .clone(),
     };
-    let mapping = std::sync::Arc::new(csv::Mapping::new(csv_cfg, &header).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let mapping = std::sync::Arc::new(
+        csv::Mapping::new(csv_cfg, &header).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
     let mut skip = match &state.inflight {
         Some(i) if (i.path.as_str(), i.size, i.mtime_ns) == (&f.rel, f.size, f.mtime_ns) => {
             tracing::info!(source = %name, file = %f.rel, rows_done = i.csv_rows,
@@ -1011,7 +1020,10 @@ mod tests {
         let mut kept: BTreeMap<String, (u64, i64)> =
             [("a".to_string(), (1, 1)), ("b".to_string(), (1, 1))].into();
         let present: std::collections::HashSet<&str> = ["a"].into();
-        assert!(!prune_kept(&mut kept, &present, true), "b may only be past the scan's limit");
+        assert!(
+            !prune_kept(&mut kept, &present, true),
+            "b may only be past the scan's limit"
+        );
         assert_eq!(kept.len(), 2);
         assert!(prune_kept(&mut kept, &present, false));
         assert_eq!(kept.keys().collect::<Vec<_>>(), ["a"]);
@@ -1032,7 +1044,10 @@ mod tests {
         };
         let json = serde_json::to_vec(&state).unwrap().len();
         let counted = kept_bytes(&state.kept);
-        assert!(counted >= json * 99 / 100, "the estimate covers the JSON: {counted} < {json}");
+        assert!(
+            counted >= json * 99 / 100,
+            "the estimate covers the JSON: {counted} < {json}"
+        );
         // Full: a new path waits, a path already kept (changed) still goes.
         let full: BTreeMap<String, (u64, i64)> = (0..1100)
             .map(|i| (format!("{i:04}-{}", "x".repeat(4000)), (1, 1)))
