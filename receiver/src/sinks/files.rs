@@ -353,6 +353,7 @@ impl FilesSink {
                         tracing::info!(sink = %self.name, stream, file = %t.path, transfer = t.id(),
                             "files sink: its content was refused by its SHA-256; waiting for every byte again");
                         t.have = Ranges::default();
+                        t.sha256 = None; // the new copy's last part brings it
                         t.mismatch = false;
                     }
                     self.open.insert(t.transfer, t);
