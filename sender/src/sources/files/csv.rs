@@ -22,7 +22,7 @@ pub struct CsvConfig {
     pub tag: String,
     /// The column holding its time; without it, points are stamped with
     /// the sender's clock when the row is read.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
     /// How `time` is written: `rfc3339`, `unix` (seconds, a fraction
     /// allowed), `unix_ms`, `unix_us`, `unix_ns`, or a strftime pattern.
@@ -30,7 +30,7 @@ pub struct CsvConfig {
     pub time_format: String,
     /// For a pattern without an offset (`%z`): the offset of its times,
     /// `+01:00`; default UTC.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub utc_offset: Option<String>,
     /// The column holding the value.
     pub value: String,
@@ -41,14 +41,14 @@ pub struct CsvConfig {
     /// The column holding the quality: `good`, `uncertain`, `bad` (any
     /// case) or `0`, `1`, `2`; an empty cell is good. Without it, every
     /// point is good.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<String>,
     /// The field separator: one ASCII character.
     #[serde(default = "default_delimiter")]
     pub delimiter: String,
     /// Names of the columns for files without a header row (then every row
     /// is data); default: the first row is the header.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<Vec<String>>,
 }
 

@@ -133,7 +133,8 @@ pub struct Config {
     pub chunk_size: String,
     /// CSV mode: rows become points by this column mapping, instead of
     /// the file crossing as a transfer.
-    #[serde(default)]
+    // The effective TOML (check-config) cannot hold a None in a table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csv: Option<csv::CsvConfig>,
 }
 
