@@ -106,8 +106,12 @@ pub struct LinkParams {
 /// skipped and counted (the original was sent).
 const REPEAT_LIMIT: usize = 64 << 20;
 
-/// Records waiting for an operator's resend, at most this many at once.
-const RESEND_LIMIT: usize = 1_000_000;
+/// Bytes of records waiting for an operator's resend at most (records
+/// range from a point to a 4 MiB file part, so a count would not bound the
+/// memory): a request larger than what is left stays in `resend/`, its
+/// `from` moved past what was taken, and is taken up again as the queue
+/// drains. 64 MiB is a few seconds of a fast link.
+const RESEND_BYTES: usize = 64 << 20;
 
 /// What the link thread knows about the streams it has announced.
 struct Streams {
@@ -189,6 +193,7 @@ pub fn run(
     // the wire once that block has been fully sent.
     let mut pushed: VecDeque<(u64, u64)> = VecDeque::new();
     let mut resends: VecDeque<Entry> = VecDeque::new();
+    let mut resend_bytes: usize = 0;
     // (when, copies still to send, record) for streams with `repeat`.
     let mut repeats: VecDeque<(Instant, u32, Entry)> = VecDeque::new();
     let mut repeat_bytes: usize = 0;
@@ -253,6 +258,7 @@ pub fn run(
             }
             while !enc.is_backlogged() {
                 let Some(e) = resends.pop_front() else { break };
+                resend_bytes = resend_bytes.saturating_sub(crate::spool::entry_size(&e));
                 let id = streams.id(&mut enc, &spool, &e.stream, e.seq);
                 enc.push(
                     t,
@@ -358,7 +364,12 @@ pub fn run(
         }
         if last_resend_poll.elapsed() >= Duration::from_secs(1) && !flushed {
             last_resend_poll = Instant::now();
-            take_resend_requests(&params.spool_path, &mut resends);
+            take_resend_requests(
+                &params.spool_path,
+                &mut resends,
+                &mut resend_bytes,
+                RESEND_BYTES,
+            );
         }
 
         // Gather frames of equal size into one GSO batch.
@@ -448,8 +459,17 @@ pub struct ResendRequest {
     pub to: u64,
 }
 
-/// Picks up resend requests and queues the retained records they name.
-fn take_resend_requests(spool_path: &Path, queue: &mut VecDeque<Entry>) {
+/// Picks up resend requests, oldest first, and queues the retained records
+/// they name while the queue holds less than `limit` bytes (`queued`
+/// counts them). A request only partly queued is rewritten to start at
+/// its first record not taken and waits for the next poll, and the ones
+/// after it wait too, so records go in the order they were asked for.
+fn take_resend_requests(
+    spool_path: &Path,
+    queue: &mut VecDeque<Entry>,
+    queued: &mut usize,
+    limit: usize,
+) {
     let dir = spool_path.join("resend");
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
@@ -461,25 +481,54 @@ fn take_resend_requests(spool_path: &Path, queue: &mut VecDeque<Entry>) {
         .collect();
     files.sort();
     for file in files {
+        if *queued >= limit {
+            return;
+        }
         let request: Option<ResendRequest> = std::fs::read(&file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let _ = std::fs::remove_file(&file);
         let Some(r) = request else {
+            let _ = std::fs::remove_file(&file);
             tracing::warn!(file = %file.display(), "resend: ignoring a request that is not valid JSON");
             continue;
         };
-        match crate::spool::find_in(spool_path, &r.stream, r.from, r.to) {
-            Ok(mut found) => {
-                let room = RESEND_LIMIT.saturating_sub(queue.len());
-                if found.len() > room {
-                    tracing::warn!(stream = %r.stream, "resend: request too large; only {room} records queued, resend the rest later");
-                    found.truncate(room);
-                }
-                tracing::info!(stream = %r.stream, from = r.from, to = r.to, records = found.len(), "resend: queued retained records");
-                queue.extend(found);
+        let (mut taken, mut rest) = (0u64, None);
+        let walked = crate::spool::walk_in(spool_path, &r.stream, r.from, r.to, |e| {
+            let size = crate::spool::entry_size(&e);
+            // At least one record moves, whatever its size.
+            if *queued + size > limit && !queue.is_empty() {
+                rest = Some(e.seq);
+                return false;
             }
-            Err(e) => tracing::warn!(stream = %r.stream, "resend: cannot read the spool: {e:#}"),
+            *queued += size;
+            queue.push_back(e);
+            taken += 1;
+            true
+        });
+        if let Err(e) = walked {
+            let _ = std::fs::remove_file(&file);
+            tracing::warn!(stream = %r.stream, "resend: cannot read the spool: {e:#}");
+            continue;
+        }
+        match rest {
+            None => {
+                let _ = std::fs::remove_file(&file);
+                tracing::info!(stream = %r.stream, from = r.from, to = r.to, records = taken, "resend: queued retained records");
+            }
+            Some(from) => {
+                let left = ResendRequest { from, ..r };
+                let saved = serde_json::to_vec(&left)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| weir_store::write_atomically(&file, &b));
+                if let Err(e) = saved {
+                    tracing::warn!(file = %file.display(), stream = %left.stream, from, to = left.to,
+                        "resend: cannot save the rest of a request ({e:#}); resend {from}..={} again", left.to);
+                    let _ = std::fs::remove_file(&file);
+                }
+                tracing::info!(stream = %left.stream, records = taken, next = from, to = left.to,
+                    "resend: queued retained records up to the queue's bound; the rest follows as it drains");
+                return;
+            }
         }
     }
 }
@@ -524,7 +573,62 @@ fn heartbeat_counters(all: Vec<(String, u64)>) -> Vec<(String, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{heartbeat_counters, pacer_burst};
+    use super::{heartbeat_counters, pacer_burst, take_resend_requests, ResendRequest};
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_resend_larger_than_the_queue_bound_is_queued_in_parts_in_order() {
+        let dir = std::env::temp_dir().join(format!("weir-link-resend-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = crate::spool::Settings {
+            path: dir.clone(),
+            max_bytes: 64 << 20,
+            max_age: std::time::Duration::from_secs(3600),
+            fsync_interval: std::time::Duration::from_millis(10),
+        };
+        let mut spool = crate::spool::Spool::open(settings, Arc::default()).unwrap();
+        let body = weir_protocol::RecordBody::Bytes(weir_protocol::Chunk {
+            data: vec![1; 1000],
+            end: false,
+        });
+        for _ in 0..100 {
+            spool.append("a", &body).unwrap();
+        }
+        spool.sync().unwrap();
+        std::fs::create_dir_all(dir.join("resend")).unwrap();
+        let ask = |name: &str, from, to| {
+            let r = ResendRequest {
+                stream: "a".into(),
+                from,
+                to,
+            };
+            std::fs::write(
+                dir.join("resend").join(name),
+                serde_json::to_vec(&r).unwrap(),
+            )
+            .unwrap();
+        };
+        ask("1.json", 10, 59);
+        ask("2.json", 90, 99);
+        let size = crate::spool::entry_size(&crate::spool::find_in(&dir, "a", 0, 0).unwrap()[0]);
+        let limit = 20 * size;
+        let (mut queue, mut queued) = (VecDeque::new(), 0);
+        let mut seqs = Vec::new();
+        for _ in 0..10 {
+            take_resend_requests(&dir, &mut queue, &mut queued, limit);
+            assert!(queued <= limit, "{queued} > {limit}");
+            // The link sends what is queued.
+            while let Some(e) = queue.pop_front() {
+                queued -= crate::spool::entry_size(&e);
+                seqs.push(e.seq);
+            }
+        }
+        let want: Vec<u64> = (10..60).chain(90..100).collect();
+        assert_eq!(seqs, want, "every record once, in the order asked");
+        assert_eq!(std::fs::read_dir(dir.join("resend")).unwrap().count(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn heartbeats_keep_the_senders_own_counters_and_only_nonzero_component_ones() {

@@ -12,6 +12,7 @@ mod config;
 mod fatal;
 mod link;
 mod metrics;
+mod resend_file;
 mod send_file;
 mod sources;
 mod spool;
@@ -63,20 +64,38 @@ enum Command {
         config: PathBuf,
     },
     /// Ask the running sender to send a retained range of a stream again
-    /// (after the IT side reports a gap). The receiver delivers only what
-    /// it lacks and audits the gap as recovered.
+    /// (after the IT side reports a gap), or one file a `files` source sent
+    /// (`--file NAME`, after the receiver kept it incomplete). The receiver
+    /// delivers only what it lacks and audits the gap as recovered, or
+    /// completes the file.
     Resend {
         #[arg(long, short)]
         config: PathBuf,
         /// Stream name, as in the audit log.
-        #[arg(long)]
-        stream: String,
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        stream: Option<String>,
         /// First sequence number to send again.
-        #[arg(long)]
-        from: u64,
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        from: Option<u64>,
         /// Last sequence number (inclusive); default: the newest retained.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "file")]
         to: Option<u64>,
+        /// A file a `files` source sent, by its path relative to the
+        /// source's `dir`, as the receiver's `file` audit line names it.
+        #[arg(long)]
+        file: Option<String>,
+        /// With --file: the `files` source, when several sent that name.
+        #[arg(long, requires = "file")]
+        source: Option<String>,
+        /// With --file: send the content of this file (a copy of the one
+        /// sent: same size and SHA-256) instead of looking for it.
+        #[arg(long, requires = "file")]
+        path: Option<PathBuf>,
+        /// With --file: send it from disk even if the spool still holds it
+        /// (when a spool resend did not complete it: the receiver takes
+        /// from the spool only what its open gaps lack).
+        #[arg(long, requires = "file")]
+        from_disk: bool,
     },
     /// Send files or directories through the running sender: copies them
     /// atomically into its `files` source's `dir`, shows progress (bytes,
@@ -123,7 +142,23 @@ fn main() {
             stream,
             from,
             to,
-        } => resend(&config, &stream, from, to),
+            file,
+            source,
+            path,
+            from_disk,
+        } => match (file, stream, from) {
+            (Some(file), _, _) => resend_file::resend_file(
+                &config,
+                &file,
+                source.as_deref(),
+                path.as_deref(),
+                from_disk,
+            ),
+            (None, Some(stream), Some(from)) => resend(&config, &stream, from, to),
+            _ => Err(anyhow::anyhow!(
+                "give --stream NAME --from A [--to B], or --file NAME"
+            )),
+        },
         Command::Keygen { out } => keygen(&out),
         Command::SendFile {
             config,

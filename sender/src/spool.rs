@@ -924,7 +924,25 @@ pub fn entry_size(e: &Entry) -> usize {
 /// `weir-sender resend`, which runs while the sender holds the spool).
 pub fn find_in(root: &Path, stream: &str, from: u64, to: u64) -> Result<Vec<Entry>> {
     let mut found = Vec::new();
+    walk_in(root, stream, from, to, |e| {
+        found.push(e);
+        true
+    })?;
+    Ok(found)
+}
+
+/// Calls `f` with each retained record of `stream` in `from..=to`, in
+/// spool order, one at a time (one segment's bytes are held at once, not
+/// the records); `f` returns false to stop.
+pub fn walk_in(
+    root: &Path,
+    stream: &str,
+    from: u64,
+    to: u64,
+    mut f: impl FnMut(Entry) -> bool,
+) -> Result<()> {
     let dir = root.join("segments");
+    let mut going = true;
     for (first, path) in segment::list_segments(&dir, "spool")? {
         // Evicted while we looked: skip it.
         let Ok(data) = std::fs::read(&path) else {
@@ -937,18 +955,24 @@ pub fn find_in(root: &Path, stream: &str, from: u64, to: u64) -> Result<Vec<Entr
         };
         let m = segment::map_segment(&data, first, rules);
         segment::walk(&data, first, first + m.count, &m.holes, |w| {
+            if !going {
+                return;
+            }
             if let Walked::Entry { payload, .. } = w {
                 if head_of(payload)
                     .is_some_and(|h| h.stream == stream && (from..=to).contains(&h.seq))
                 {
                     if let Ok(e) = postcard::from_bytes::<Entry>(payload) {
-                        found.push(e);
+                        going = f(e);
                     }
                 }
             }
         });
+        if !going {
+            break;
+        }
     }
-    Ok(found)
+    Ok(())
 }
 
 /// The spool shared by the sources and the link thread.

@@ -681,3 +681,396 @@ fn a_2gib_file_through_a_256mib_spool_keeps_the_sender_under_100mib_rss() {
     assert_eq!(sha_of(&inbox.join("huge.bin")), sha);
     assert!(peak < 100 * 1024, "sender peak RSS {} MiB", peak / 1024);
 }
+
+/// A file that loses more than FEC repairs: sent through a lossy link
+/// (10% loss, the configured parity only, 4 KiB parts), then a marker file
+/// over a clean link ends its transfer at the receiver, which keeps it
+/// under `incomplete/`. What a resend test needs afterwards.
+struct LostFile {
+    s: Scratch,
+    scfg: PathBuf,
+    outbox: PathBuf,
+    inbox: PathBuf,
+    sha: String,
+    kept: PathBuf,
+    _receiver: Proc,
+    sender: Proc,
+    _link: Proc,
+}
+
+fn lose_a_file(name: &str) -> LostFile {
+    let s = Scratch::new(name);
+    let (outbox, inbox) = (s.join("outbox"), s.join("inbox"));
+    std::fs::create_dir_all(&outbox).unwrap();
+    let (sender_port, receiver_port) = (free_udp_port(), free_udp_port());
+    let receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &[
+            "run",
+            "--config",
+            receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
+        ],
+    );
+    let lossy = linksim(
+        &s,
+        "linksim-lossy",
+        sender_port,
+        receiver_port,
+        31,
+        0.10,
+        false,
+    );
+    let scfg = sender_config(
+        &s,
+        sender_port,
+        "100Mbit",
+        "[fec]\nparity_shards = 4\nspare_parity_max = 4\nburst_tolerance = 0\nwarmup_blocks = 0\n",
+        &files_source(&outbox, "4KiB"),
+    );
+    let sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    let sha = make_file(
+        &outbox.join("report.bin"),
+        1_000_000,
+        7,
+        1_500_000_000,
+        0o644,
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || outbox
+            .join("sent/report.bin")
+            .exists()),
+        "the sender did not take report.bin"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    drop(lossy);
+    let link = linksim(
+        &s,
+        "linksim-clean",
+        sender_port,
+        receiver_port,
+        32,
+        0.0,
+        false,
+    );
+    make_file(&outbox.join("marker.bin"), 10, 8, 1_500_000_001, 0o644);
+    assert!(
+        wait_until(Duration::from_secs(30), || inbox
+            .join("marker.bin")
+            .exists()),
+        "marker.bin did not arrive over the clean link"
+    );
+    let mut events = file_events(&s);
+    wait_until(Duration::from_secs(10), || {
+        events = file_events(&s);
+        events.iter().any(|e| e["path"] == "report.bin")
+    });
+    let report: Vec<_> = events
+        .iter()
+        .filter(|e| e["path"] == "report.bin")
+        .collect();
+    assert_eq!(report.len(), 1, "{events:?}");
+    assert_eq!(
+        report[0]["complete"], false,
+        "the lossy link lost nothing FEC could not repair"
+    );
+    assert!(!inbox.join("report.bin").exists());
+    let kept = inbox.join(report[0]["kept"].as_str().unwrap());
+    assert!(kept.exists(), "{kept:?}");
+    LostFile {
+        s,
+        scfg,
+        outbox,
+        inbox,
+        sha,
+        kept,
+        _receiver: receiver,
+        sender,
+        _link: link,
+    }
+}
+
+fn resend_file(scfg: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("weir-sender"))
+        .args(["resend", "--config", scfg.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Waits for report.bin in place with the content first sent, its
+/// incomplete copy gone, and exactly one `complete: true` audit line.
+fn assert_completed_once(lost: &LostFile) {
+    assert!(
+        wait_until(Duration::from_secs(60), || lost
+            .inbox
+            .join("report.bin")
+            .exists()),
+        "the resend did not complete report.bin; see {}",
+        lost.s.path.display()
+    );
+    assert_eq!(sha_of(&lost.inbox.join("report.bin")), lost.sha);
+    assert!(
+        !lost.kept.exists(),
+        "the incomplete copy is gone once completed"
+    );
+    let done = || {
+        file_events(&lost.s)
+            .into_iter()
+            .filter(|e| e["path"] == "report.bin" && e["complete"] == true)
+            .collect::<Vec<_>>()
+    };
+    assert!(wait_until(Duration::from_secs(5), || !done().is_empty()));
+    let done = done();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["sha256"], lost.sha.as_str());
+}
+
+#[test]
+fn resend_by_file_name_sends_the_parts_the_spool_still_holds_and_the_receiver_completes_the_file() {
+    let mut lost = lose_a_file("files-resend-spool");
+    let out = resend_file(&lost.scfg, &["--file", "report.bin"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("every part is in the spool"), "{stdout}");
+    assert_completed_once(&lost);
+    // The stream's gaps were filled by the resent records: none is open.
+    let out = Command::new(bin("weir-receiver"))
+        .args([
+            "gaps",
+            "--config",
+            lost.s.join("receiver.toml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let gaps = String::from_utf8_lossy(&out.stdout);
+    assert!(gaps.contains("no open gaps"), "{gaps}");
+    assert!(lost.sender.stop(Duration::from_secs(20)));
+}
+
+#[test]
+fn resend_by_file_name_sends_from_the_sent_dir_and_names_where_it_looked_once_the_file_is_gone() {
+    let mut lost = lose_a_file("files-resend-disk");
+    // A name the source never sent is refused, naming its history.
+    let out = resend_file(&lost.scfg, &["--file", "nothing.bin"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("`nothing.bin`: not in the history") && stderr.contains("sent.jsonl"),
+        "{stderr}"
+    );
+    // From disk (as when the spool has evicted the parts): sent/report.bin.
+    let out = resend_file(&lost.scfg, &["--file", "report.bin", "--from-disk"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = lost.outbox.join("sent/report.bin");
+    assert!(
+        stdout.contains(&format!("sending it again from {}", sent.display())),
+        "{stdout}"
+    );
+    assert_completed_once(&lost);
+    let log = std::fs::read_to_string(lost.s.join("sender.log")).unwrap();
+    assert!(
+        log.contains("sending a file again on an operator's request"),
+        "{log}"
+    );
+    // Gone from disk: the error names every place it looked.
+    std::fs::remove_file(&sent).unwrap();
+    let out = resend_file(&lost.scfg, &["--file", "report.bin", "--from-disk"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains(&format!("{} (missing)", sent.display()))
+            && stderr.contains(&format!(
+                "{} (missing)",
+                lost.outbox.join("report.bin").display()
+            ))
+            && stderr.contains("give --path"),
+        "{stderr}"
+    );
+    // A copy elsewhere with another mtime is taken by its SHA-256; one
+    // with other content is refused.
+    let copy = lost.s.join("copy.bin");
+    std::fs::write(&copy, vec![0u8; 1_000_000]).unwrap();
+    let out = resend_file(
+        &lost.scfg,
+        &["--file", "report.bin", "--path", copy.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("its SHA-256 is") && stderr.contains(&lost.sha),
+        "{stderr}"
+    );
+    assert!(lost.sender.stop(Duration::from_secs(20)));
+}
+
+fn file_sink_receiver_config(s: &Scratch, port: u16, out: &Path) -> PathBuf {
+    let d = s.path.display();
+    s.write(
+        "receiver.toml",
+        &format!(
+            "{}[link]\nlisten = \"127.0.0.1:{port}\"\n[audit]\npath = \"{d}/audit.jsonl\"\n[journal]\npath = \"{d}/journal\"\n\
+             [[sinks]]\nname = \"points\"\ntype = \"file\"\ndir = \"{}\"\n",
+            receiver_auth(s),
+            out.display()
+        ),
+    )
+}
+
+#[test]
+fn csv_rows_cross_as_points_into_the_file_sink_and_bad_rows_are_counted_and_logged_with_their_line()
+{
+    let s = Scratch::new("files-csv");
+    let (outbox, out) = (s.join("outbox"), s.join("out"));
+    std::fs::create_dir_all(&outbox).unwrap();
+    let (sender_port, receiver_port) = (free_udp_port(), free_udp_port());
+    let _receiver = Proc::spawn(
+        &s,
+        "receiver",
+        "weir-receiver",
+        &[
+            "run",
+            "--config",
+            file_sink_receiver_config(&s, receiver_port, &out)
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let _link = linksim(&s, "linksim", sender_port, receiver_port, 4, 0.01, false);
+    let source = format!(
+        "[[sources]]\nname = \"historian\"\ntype = \"files\"\ndir = \"{}\"\nsettle = \"500ms\"\n\
+         csv = {{ tag = \"Tag\", time = \"Timestamp\", time_format = \"%Y-%m-%d %H:%M:%S%.f\", utc_offset = \"+01:00\", value = \"Value\", quality = \"Quality\", delimiter = \";\" }}\n",
+        outbox.display()
+    );
+    let scfg = sender_config(&s, sender_port, "50Mbit", "", &source);
+    let _sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    // 2000 good rows of three kinds, a quoted tag holding the delimiter,
+    // and three bad rows at known lines.
+    let mut csv = String::from("Timestamp;Tag;Value;Quality\n");
+    let mut want = Vec::new();
+    for i in 0..2000u64 {
+        let (tag, value, json_value, quality) = match i % 3 {
+            0 => (
+                "line1/temp".to_string(),
+                format!("{}.5", i),
+                serde_json::json!(i as f64 + 0.5),
+                "good",
+            ),
+            1 => (
+                "line1/count".to_string(),
+                format!("{i}"),
+                serde_json::json!(i),
+                "Uncertain",
+            ),
+            _ => (
+                "\"line1;run\"".to_string(),
+                "true".to_string(),
+                serde_json::json!(true),
+                "bad",
+            ),
+        };
+        let secs = 1_000 + i;
+        csv.push_str(&format!(
+            "2026-03-01 13:{:02}:{:02}.25;{tag};{value};{quality}\n",
+            secs / 60 % 60,
+            secs % 60
+        ));
+        // 13:mm:ss.25 at +01:00 is 12:mm:ss.25 UTC.
+        let ts = format!(
+            "2026-03-01T12:{:02}:{:02}.250000000Z",
+            secs / 60 % 60,
+            secs % 60
+        );
+        let q = match quality {
+            "good" => 0,
+            "Uncertain" => 1,
+            _ => 2,
+        };
+        want.push((tag.trim_matches('"').to_string(), json_value, ts, q));
+        if i == 10 {
+            csv.push_str("2026-03-01 13:00:00.0;line1/temp;;good\n"); // line 13: empty value
+        }
+        if i == 20 {
+            csv.push_str("yesterday;line1/temp;1;good\n"); // line 24: bad time
+            csv.push_str("2026-03-01 13:00:00.0;line1/temp\n"); // line 25: short row
+        }
+    }
+    let path = outbox.join("export.csv");
+    std::fs::write(outbox.join("export.csv.tmp"), &csv).unwrap();
+    std::fs::rename(outbox.join("export.csv.tmp"), &path).unwrap();
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_dir(&out)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("historian"))
+            .flat_map(|e| json_lines(&e.path()))
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || lines().len() >= want.len()),
+        "{} of {} points arrived; see {}",
+        lines().len(),
+        want.len(),
+        s.path.display()
+    );
+    let mut got = lines();
+    got.sort_by_key(|v| v["seq"].as_u64().unwrap());
+    assert_eq!(got.len(), want.len(), "no point twice, none extra");
+    for (g, (tag, value, ts, q)) in got.iter().zip(&want) {
+        assert_eq!(g["kind"], "point", "{g}");
+        assert_eq!(
+            (&g["tag"], &g["value"], &g["ts"], &g["quality"]),
+            (
+                &serde_json::json!(tag),
+                value,
+                &serde_json::json!(ts),
+                &serde_json::json!(q)
+            ),
+            "{g}"
+        );
+    }
+    assert!(wait_until(Duration::from_secs(10), || outbox
+        .join("sent/export.csv")
+        .exists()));
+    assert!(gaps(&s.join("audit.jsonl"), "historian").is_empty());
+    // Counted in the source's counts, each logged with file and line.
+    assert!(wait_until(Duration::from_secs(5), || {
+        read_json(&s.join("sender-metrics.json"))["sources"]["historian"]["csv_bad_rows"] == 3
+    }));
+    let m = read_json(&s.join("sender-metrics.json"));
+    assert_eq!(m["sources"]["historian"]["csv_points"], 2000, "{m}");
+    let log = std::fs::read_to_string(s.join("sender.log")).unwrap();
+    for (line, why) in [
+        (13, "value column `Value`: empty"),
+        (24, "time column `Timestamp`: `yesterday` does not match"),
+        (25, "the row has 2 field(s); column `Value` is field 3"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("export.csv")
+                && l.contains(&format!("line={line}"))
+                && l.contains(why)),
+            "no log line for line {line} ({why}):\n{log}"
+        );
+    }
+}

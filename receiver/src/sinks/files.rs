@@ -160,6 +160,10 @@ struct Transfer {
     seqs: Ranges,
     /// Where its data is, relative to `dir`.
     data: String,
+    /// Its content was refused by its SHA-256: some bytes on disk are
+    /// wrong, nobody knows which, so only a whole new copy completes it.
+    #[serde(default)]
+    mismatch: bool,
 }
 
 impl Transfer {
@@ -307,6 +311,7 @@ impl FilesSink {
             have: Ranges::default(),
             seqs: Ranges::default(),
             data: data.to_string_lossy().into_owned(),
+            mismatch: false,
         };
         // Created (empty) now, and its directory entry made durable, so a
         // restart finds it where the resume state says.
@@ -339,9 +344,18 @@ impl FilesSink {
                 .position(|t| t.transfer == p.transfer)
             {
                 Some(i) => {
-                    let t = self.incomplete.remove(i).expect("found");
+                    let mut t = self.incomplete.remove(i).expect("found");
                     tracing::info!(sink = %self.name, stream, file = %t.path, transfer = t.id(),
                         "files sink: parts of an incomplete file arrived; picking it up again");
+                    if t.mismatch {
+                        // Counting the old bytes as had would complete (and
+                        // refuse) it again at every part of the new copy.
+                        tracing::info!(sink = %self.name, stream, file = %t.path, transfer = t.id(),
+                            "files sink: its content was refused by its SHA-256; waiting for every byte again");
+                        t.have = Ranges::default();
+                        t.sha256 = None; // the new copy's last part brings it
+                        t.mismatch = false;
+                    }
                     self.open.insert(t.transfer, t);
                 }
                 None => self.start(stream, p)?,
@@ -406,6 +420,9 @@ impl FilesSink {
         if Some(&got) != t.sha256.as_ref() {
             tracing::warn!(sink = %self.name, stream = %t.stream, file = %t.path, transfer = t.id(), expected = ?t.sha256, got = %got,
                 "files sink: SHA-256 mismatch; the file is kept under incomplete/");
+            if let Some(open) = self.open.get_mut(&transfer) {
+                open.mismatch = true;
+            }
             return self.give_up(
                 transfer,
                 &format!("SHA-256 mismatch: content hashes to {got}"),
@@ -937,6 +954,44 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("SHA-256 mismatch"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_refused_by_its_checksum_waits_for_a_whole_new_copy_and_is_audited_once_each_way() {
+        let dir = scratch("sha-again");
+        let (mut s, events) = sink(&dir);
+        let content: Vec<u8> = (0..12_000u32).map(|i| (i % 251) as u8).collect();
+        let good = parts(9, "d.bin", &content, 3000);
+        let mut bad = good.clone();
+        bad[1].data = vec![0; 3000]; // corrupted at the source
+        let recs = |ps: &[FilePart], seq0: u64| -> Vec<Delivered> {
+            ps.iter()
+                .enumerate()
+                .map(|(i, p)| delivered(seq0 + i as u64, p, false))
+                .collect()
+        };
+        write(&mut s, &recs(&bad, 0)).unwrap();
+        assert!(listing(&dir).is_empty());
+        // Survives a restart, then the whole file comes again (resend from disk).
+        let state = s.resume_state();
+        let (mut s, events2) = sink(&dir);
+        s.resume(&state).unwrap();
+        for r in recs(&good, 10) {
+            write(&mut s, &[r]).unwrap();
+        }
+        assert_eq!(listing(&dir), ["d.bin"]);
+        assert_eq!(std::fs::read(dir.join("d.bin")).unwrap(), content);
+        let before = events.lock().unwrap();
+        assert_eq!(before.len(), 1);
+        assert_eq!(before[0].1["complete"], false);
+        let after = events2.lock().unwrap();
+        assert_eq!(
+            after.len(),
+            1,
+            "no `complete: false` line per part of the new copy: {after:?}"
+        );
+        assert_eq!(after[0].1["complete"], true);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
