@@ -1827,7 +1827,7 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "\nweir-bench, {} ({}), {} on {} cores; groups {}; medians of {} runs:\n",
+        "\nweir-bench, {} ({}), {} on {} cores; groups {}; core rows: medians of {} runs; mqtt, service and files rows: one run each:\n",
         report.machine.date,
         report.machine.commit.as_deref().unwrap_or("no git"),
         report.machine.cpu_model,
