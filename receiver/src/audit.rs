@@ -228,10 +228,10 @@ fn hash_range(file: &File, start: u64, end: u64) -> io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// Events sinks hand to the audit log, which the decoder thread owns and
+/// Events sinks hand to the audit log, which the journal thread owns and
 /// writes ([`drain_sink_events`], each loop): a `files` sink's line per
 /// file. Bounded: a sink that finds it full logs the event as an ERROR
-/// instead (the decoder thread drains it within milliseconds, so only a
+/// instead (the journal thread drains it within milliseconds, so only a
 /// stalled receiver fills it).
 const SINK_EVENTS: usize = 4096;
 
@@ -264,7 +264,7 @@ pub fn sink_event(event: &str, fields: Value) {
     }
 }
 
-/// Writes the events sinks queued (decoder thread).
+/// Writes the events sinks queued (journal thread).
 pub fn drain_sink_events(log: &mut AuditLog) {
     let rx = sink_events().1.lock().unwrap_or_else(|p| p.into_inner());
     while let Ok((event, fields)) = rx.try_recv() {

@@ -4,7 +4,7 @@
 //! the last seconds, when it was first and last seen, and how long its
 //! records took from their source timestamp to a sink's confirmation.
 //!
-//! The decoder thread owns a [`Catalogue`] (one call per record, no lock)
+//! The journal thread owns a [`Catalogue`] (one call per record, no lock)
 //! and copies its [`StreamEntry`] rows to the status board at each tick;
 //! each sink thread keeps a [`LatencyBook`] it fills once per confirmed
 //! write. Everything here is bounded: the number of streams, the tag
@@ -28,7 +28,7 @@ pub const MAX_TAGS_PER_STREAM: usize = 65_536;
 /// Tag hashes kept over all streams (about 4 MiB): many streams with many
 /// tags saturate here rather than grow.
 pub const MAX_TAGS_TOTAL: usize = 262_144;
-/// The rate is measured over this many ticks of the decoder thread (250 ms
+/// The rate is measured over this many ticks of the journal thread (250 ms
 /// each): 40 ticks are the last 10 seconds.
 pub const RATE_SAMPLES: usize = 40;
 
@@ -222,12 +222,12 @@ pub struct StreamEntry {
     pub tags_saturated: bool,
     /// Records per second over the last [`RATE_SAMPLES`] ticks.
     pub rate: f64,
-    /// Unix time in nanoseconds, to the decoder thread's tick (250 ms).
+    /// Unix time in nanoseconds, to the journal thread's tick (250 ms).
     pub first_seen_ns: Option<i64>,
     pub last_seen_ns: Option<i64>,
 }
 
-/// The decoder thread's catalogue (see the module doc).
+/// The journal thread's catalogue (see the module doc).
 #[derive(Debug, Default)]
 pub struct Catalogue {
     /// In the order first seen; `index` finds a stream's place.

@@ -50,7 +50,7 @@ pub struct SinkStats {
     pub duplicates: AtomicU64,
 }
 
-/// What the decoder thread and a sink thread share.
+/// What the journal thread and a sink thread share.
 pub struct SinkShared {
     pub name: String,
     /// Journal entries below this are confirmed by the sink.
@@ -681,7 +681,7 @@ mod tests {
         d
     }
 
-    /// A running sink thread fed by the test, as the decoder thread feeds it.
+    /// A running sink thread fed by the test, as the journal thread feeds it.
     struct Running {
         shared: Arc<SinkShared>,
         tx: Option<std::sync::mpsc::SyncSender<Batch>>,

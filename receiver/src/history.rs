@@ -1,7 +1,7 @@
 //! The last hour of the link for the status page's charts: one sample
 //! every [`SAMPLE_EVERY`] (records, bytes, FEC repairs and losses in that
 //! interval), at most [`SAMPLES`] of them, oldest dropped first. Fed from
-//! the decoder thread's tick with the totals since start.
+//! the journal thread's tick with the totals since start.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

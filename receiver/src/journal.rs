@@ -20,7 +20,7 @@
 //! dead-letter/{name}.jsonl                   records a sink rejected for good, with the reason
 //! ```
 //!
-//! Only the decoder thread owns a `Journal`; sink threads never read files.
+//! Only the journal thread owns a `Journal`; sink threads never read files.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

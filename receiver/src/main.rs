@@ -1,12 +1,13 @@
 //! `weir-receiver`: the IT side of a weir link.
 //!
 //! A socket thread receives datagrams in batches (recvmmsg/GRO); the
-//! decoder thread runs the protocol decoder, which rebuilds FEC blocks and
-//! yields records in order and exact gaps; each sink runs on its own thread
+//! decode thread runs the protocol decoder, which rebuilds FEC blocks and
+//! yields records in order and exact gaps; the journal thread journals them
+//! and dispatches them to the sinks; each sink runs on its own thread
 //! with retry and a confirmed cursor; gaps and sender events go to the
 //! append-only audit log. Nothing is ever sent toward the OT side. Every
-//! datagram's HMAC-SHA256 tag is checked against the `[auth] key_files`
-//! keys before the decoder reads anything else of it.
+//! datagram's AES-256-GCM tag is checked against the `[auth] key_files`
+//! keys before the decoder reads anything else of it (docs/wire-format.md).
 
 mod audit;
 mod catalogue;

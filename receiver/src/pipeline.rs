@@ -548,7 +548,7 @@ impl Pipeline {
         }
     }
 
-    /// A sink thread only ends when the decoder thread hangs up: one that
+    /// A sink thread only ends when the journal thread hangs up: one that
     /// ended while its queue is open died (a panic), and its sink would
     /// silently get nothing more. That stops the receiver.
     fn check_sink_threads(&mut self) {

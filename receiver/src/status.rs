@@ -1,4 +1,4 @@
-//! What the receiver shows about itself while it runs: the decoder thread
+//! What the receiver shows about itself while it runs: the journal thread
 //! copies its counters here at every tick (250 ms), and `[metrics] listen`
 //! renders them as Prometheus text at scrape time. Sink counters and the
 //! socket thread's are atomics read directly. Nothing is counted here.
@@ -43,7 +43,7 @@ pub struct SinkLag {
     pub seconds: f64,
 }
 
-/// The decoder thread's view, as of its last tick.
+/// The journal thread's view, as of its last tick.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub decoder: DecoderStats,
@@ -72,7 +72,7 @@ pub struct Snapshot {
 /// Open gaps copied to the board for the page; the rest are counted.
 pub const OPEN_GAPS_SHOWN: usize = 100;
 
-/// Shared between the decoder thread (writes at each tick) and the
+/// Shared between the journal thread (writes at each tick) and the
 /// management endpoint (reads at each scrape).
 pub struct Board {
     pub snapshot: Mutex<Snapshot>,
@@ -131,10 +131,10 @@ pub fn unix_now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// The decoder thread's tick for the catalogue and the page: moves the
+/// The journal thread's tick for the catalogue and the page: moves the
 /// catalogue's window on, copies it and the decoder's open gaps to the
 /// board, and takes a history sample when one is due. `origin` is the
-/// decoder thread's monotonic origin.
+/// journal thread's monotonic origin.
 pub fn publish_catalogue(
     board: &Board,
     catalogue: &mut crate::catalogue::Catalogue,
