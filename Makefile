@@ -27,15 +27,16 @@ test: build
 ## mqtt.rs (Mosquitto on :1883), modbus.rs and opcua.rs (pymodbus, asyncua in /var/tmp/weir-venv),
 ## postgres.rs (PostgreSQL on :5432), http.rs (a server of its own), nats.rs
 ## (nats-server on :4222), kafka.rs (tansu on :9092), statuspage.rs (Debian's
-## chromium, headless). `make
+## chromium, headless). `--workspace` resolves features as `make test` does, so
+## this reuses its build instead of rebuilding crates for `-p weir-tests`. `make
 ## test` runs them too but skips them (saying why) when the service is
 ## missing; here WEIR_SERVICES=1 makes a missing service a failure.
 SERVICE_TESTS := --test mqtt --test modbus --test opcua --test postgres --test http --test nats --test kafka --test statuspage
 test-services: build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		WEIR_SERVICES=1 $(CARGO) nextest run --release -p weir-tests $(SERVICE_TESTS) --no-fail-fast; \
+		WEIR_SERVICES=1 $(CARGO) nextest run --release --workspace $(SERVICE_TESTS) --no-fail-fast; \
 	else \
-		WEIR_SERVICES=1 $(CARGO) test --release -p weir-tests $(SERVICE_TESTS) --no-fail-fast; \
+		WEIR_SERVICES=1 $(CARGO) test --release --workspace $(SERVICE_TESTS) --no-fail-fast; \
 	fi
 
 fmt-check:

@@ -176,6 +176,21 @@ impl Run {
             scrape(self.receiver_metrics)
         );
     }
+
+    /// Waits for the approval verdict, which comes with the sender's
+    /// heartbeat: the points can all be written before one crosses (the
+    /// generator bursts, a heartbeat is one datagram a second, and the
+    /// link drops 2%), so delivery alone does not mean it is there.
+    fn wait_verdict(&self) -> BTreeMap<String, f64> {
+        let key = "weir_receiver_sender_config_approved";
+        assert!(
+            wait_until(Duration::from_secs(15), || scrape(self.receiver_metrics)
+                .contains_key(key)),
+            "no heartbeat brought the sender's configuration hash: {:#?}",
+            scrape(self.receiver_metrics)
+        );
+        scrape(self.receiver_metrics)
+    }
 }
 
 #[test]
@@ -354,7 +369,7 @@ fn an_unapproved_sender_configuration_is_alerted_and_records_keep_flowing() {
         format!("[approval]\nhashes = [\"{other}\"]\n")
     });
     run.wait_delivered();
-    let r = scrape(run.receiver_metrics);
+    let r = run.wait_verdict();
     assert_eq!(get(&r, "weir_receiver_sender_config_approved"), 0.0);
     assert_eq!(get(&r, "weir_receiver_config_not_approved_total"), 1.0);
     let audit = run.s.join("audit.jsonl");
@@ -412,7 +427,7 @@ fn an_approved_sender_configuration_raises_no_alert() {
         )
     });
     run.wait_delivered();
-    let r = scrape(run.receiver_metrics);
+    let r = run.wait_verdict();
     assert_eq!(get(&r, "weir_receiver_sender_config_approved"), 1.0);
     assert_eq!(get(&r, "weir_receiver_config_not_approved_total"), 0.0);
     assert!(audit_events(&run.s.join("audit.jsonl"), "config-not-approved").is_empty());

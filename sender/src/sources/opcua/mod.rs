@@ -22,6 +22,7 @@
 
 mod browse;
 mod config;
+mod queue;
 mod security;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +41,7 @@ use opcua::types::{
     MessageSecurityMode, MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId,
     ReadValueId, StatusCode, TimestampsToReturn, UserTokenType, Variant,
 };
+use queue::Changes;
 use tokio::sync::mpsc;
 use weir_protocol::{Point, RecordBody, Value, QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN};
 
@@ -264,7 +266,7 @@ async fn subscribe(
     cfg: &Config,
     session: &Arc<Session>,
     items: &[Item],
-    data: &mpsc::UnboundedSender<Point>,
+    changes: &Arc<Changes>,
     handle: &mut SourceHandle,
 ) -> Result<(), String> {
     let tags: Arc<HashMap<NodeId, String>> = Arc::new(
@@ -273,11 +275,11 @@ async fn subscribe(
             .map(|i| (i.node.clone(), i.tag.clone()))
             .collect(),
     );
-    let data_cb = data.clone();
+    let changes = changes.clone();
     let callback = DataChangeCallback::new(move |dv: DataValue, item: &MonitoredItem| {
         let id = &item.item_to_monitor().node_id;
         let tag = tags.get(id).cloned().unwrap_or_else(|| id.to_string());
-        let _ = data_cb.send(point_of(&tag, &dv));
+        changes.push(point_of(&tag, &dv));
     });
     let publishing = Duration::from_millis(cfg.publishing_interval_ms);
     // Lifetime and keep-alive counts as the OPC UA examples use them: the
@@ -327,18 +329,37 @@ enum Ended {
     Refused(String),
 }
 
-/// Hands the points of data changes to the spool, counted.
-fn emit_points(handle: &mut SourceHandle, batch: &mut Vec<Point>) {
-    let bad = batch.iter().filter(|p| p.quality == QUALITY_BAD).count() as u64;
-    let len = batch.len() as u64;
+/// Hands what the callback queued to the spool, counted: the data
+/// changes, and one `overflow` point per tag that lost changes because
+/// the queue was full (see `queue.rs`).
+fn emit_changes(handle: &mut SourceHandle, changes: &Changes) {
+    let drained = changes.drain(now_ns());
+    if drained.points.is_empty() {
+        return;
+    }
+    let bad = drained
+        .points
+        .iter()
+        .filter(|p| p.quality == QUALITY_BAD)
+        .count() as u64;
+    let len = drained.points.len() as u64 - drained.tags_dropped as u64;
     let counters = handle.counters();
     Counters::add(&counters.opcua_data_changes, len);
     Counters::add(&counters.opcua_bad_points, bad);
+    Counters::add(&counters.opcua_dropped_changes, drained.dropped);
+    if drained.dropped > 0 {
+        tracing::warn!(source = handle.stream(), dropped = drained.dropped, tags = drained.tags_dropped,
+            limit_bytes = queue::QUEUE_BYTES,
+            "opcua data changes dropped: the source's queue was full; each tag that lost changes gets a bad point with status `overflow`");
+    }
     handle.status(|s| {
         *s.counts.entry("data_changes").or_default() += len;
         *s.counts.entry("bad_points").or_default() += bad;
+        if drained.dropped > 0 {
+            *s.counts.entry("dropped_changes").or_default() += drained.dropped;
+        }
     });
-    let records: Vec<RecordBody> = batch.drain(..).map(RecordBody::Point).collect();
+    let records: Vec<RecordBody> = drained.points.into_iter().map(RecordBody::Point).collect();
     handle.emit_batch(&records);
 }
 
@@ -541,8 +562,7 @@ async fn session_once(
     cfg: &Config,
     prepared: &Prepared,
     items: &mut Vec<Item>,
-    data_tx: &mpsc::UnboundedSender<Point>,
-    data: &mut mpsc::UnboundedReceiver<Point>,
+    changes: &Arc<Changes>,
     handle: &mut SourceHandle,
 ) -> Ended {
     let mut shutdown = handle.shutdown.clone();
@@ -565,7 +585,8 @@ async fn session_once(
         Ok(x) => x,
         Err(e) => return Ended::Failed(format!("endpoint {}: {e}", cfg.endpoint)),
     };
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    // A handful of events per session: the driver stops at the first loss.
+    let (events_tx, mut events) = mpsc::channel(8);
     let driver = tokio::spawn(async move {
         let stream = event_loop.enter();
         tokio::pin!(stream);
@@ -577,13 +598,12 @@ async fn session_once(
                 Ok(_) => continue,
                 Err(code) => (Event::ConnectFailed(code), true),
             };
-            if events_tx.send(event).is_err() || last {
+            if events_tx.send(event).await.is_err() || last {
                 return;
             }
         }
-        let _ = events_tx.send(Event::Ended("session closed".into()));
+        let _ = events_tx.send(Event::Ended("session closed".into())).await;
     });
-    let mut batch = Vec::new();
     let mut connected = false;
     let ended = loop {
         if handle.is_shutting_down() {
@@ -591,7 +611,7 @@ async fn session_once(
         }
         tokio::select! {
             _ = shutdown.changed() => {}
-            _ = data.recv_many(&mut batch, 1024) => emit_points(handle, &mut batch),
+            _ = changes.wait() => emit_changes(handle, changes),
             event = events.recv() => match event {
                 Some(Event::Connected) => {
                     connected = true;
@@ -600,7 +620,7 @@ async fn session_once(
                         break Ended::Failed("nothing to monitor: no node listed and no variable found under the browse roots (see the WARN lines, check `browse`)".into());
                     }
                     *items = found;
-                    if let Err(e) = subscribe(cfg, &session, items, data_tx, handle).await {
+                    if let Err(e) = subscribe(cfg, &session, items, changes, handle).await {
                         break Ended::Failed(format!("endpoint {}: {e}", cfg.endpoint));
                     }
                     Counters::add(&handle.counters().source_connections, 1);
@@ -637,7 +657,7 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
     // the sender's error, naming the key.
     let prepared = prepare(&cfg, &name).map_err(|e| anyhow::anyhow!("sources.{name}: {e}"))?;
     let mut items: Vec<Item> = Vec::new();
-    let (data_tx, mut data) = mpsc::unbounded_channel::<Point>();
+    let changes = Arc::new(Changes::new(queue::QUEUE_BYTES));
     tracing::info!(source = %name, endpoint = %cfg.endpoint, nodes = cfg.nodes.len(), browse = cfg.browse.len(),
         security_policy = %cfg.security_policy, security_mode = %cfg.security_mode,
         user = cfg.username.as_deref().unwrap_or("(anonymous)"),
@@ -648,15 +668,10 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
     // Why the server is unreachable, while it is (to log it once).
     let mut down: Option<String> = None;
     loop {
-        let ended = session_once(
-            &cfg,
-            &prepared,
-            &mut items,
-            &data_tx,
-            &mut data,
-            &mut handle,
-        )
-        .await;
+        let ended = session_once(&cfg, &prepared, &mut items, &changes, &mut handle).await;
+        // Changes that arrived before the session ended still go out,
+        // before any communication-lost point.
+        emit_changes(&mut handle, &changes);
         let why = match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Lost(why) => {
@@ -699,12 +714,6 @@ async fn run(cfg: Config, mut handle: SourceHandle) -> anyhow::Result<()> {
             *s.counts.entry("connection_errors").or_default() += 1;
         });
         down = Some(why);
-        // Changes that arrived before the session ended still go out.
-        let mut batch = Vec::new();
-        while let Ok(p) = data.try_recv() {
-            batch.push(p);
-        }
-        emit_points(&mut handle, &mut batch);
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => {}
