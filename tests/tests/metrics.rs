@@ -206,6 +206,15 @@ fn both_sides_serve_prometheus_text_whose_counters_match_the_run() {
         "the sender's metrics never showed records"
     );
     run.wait_delivered();
+    // The sender's status comes with its heartbeats, which need not have
+    // crossed yet (see `wait_verdict`).
+    assert!(
+        wait_until(Duration::from_secs(15), || scrape(run.receiver_metrics)
+            .get("weir_receiver_heartbeats_total")
+            .is_some_and(|v| *v > 0.0)),
+        "no heartbeat crossed: {:#?}",
+        scrape(run.receiver_metrics)
+    );
     // Stop the link: what the receiver got is then exactly what linksim forwarded.
     assert!(run.linksim.stop(Duration::from_secs(10)));
     std::thread::sleep(Duration::from_millis(1500));
