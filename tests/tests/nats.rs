@@ -391,7 +391,7 @@ fn private_server(s: &Scratch, log: &str, port: u16, dir: &Path) -> Proc {
 }
 
 #[test]
-fn a_jetstream_server_down_for_10_s_mid_run_loses_and_duplicates_nothing() {
+fn a_jetstream_server_down_for_20_s_mid_run_loses_and_duplicates_nothing() {
     if !Path::new(NATS_SERVER_BIN).exists() {
         if std::env::var("WEIR_SERVICES").is_ok_and(|v| v == "1") {
             panic!(
@@ -416,7 +416,8 @@ fn a_jetstream_server_down_for_10_s_mid_run_loses_and_duplicates_nothing() {
         &nats_sink(&addr, "outage.{stream}", name, "create_stream = true"),
     );
     let mut receiver = receiver(&s, "receiver", &rcfg);
-    let total = 60_000u64;
+    // 25 s of records: the sender is still sending when the server is back.
+    let total = 100_000u64;
     let mut sender = sender(&s, link.sender_port, 4_000, total);
     assert!(
         wait_until(Duration::from_secs(20), || stream_count(&addr, name)
@@ -426,8 +427,9 @@ fn a_jetstream_server_down_for_10_s_mid_run_loses_and_duplicates_nothing() {
     );
     server.signal("KILL");
     assert!(wait_until(Duration::from_secs(5), || !server.is_running()));
+    assert!(!answers(&addr), "the server's port refuses connections");
     let at_stop = Instant::now();
-    std::thread::sleep(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(20));
     let _server = private_server(&s, "nats-2", port, &store);
     assert!(wait_until(Duration::from_secs(10), || answers(&addr)));
     eprintln!("server down for {:.1} s", at_stop.elapsed().as_secs_f64());

@@ -290,3 +290,103 @@ pub fn assert_complete_in_order(seqs: &[u64], total: u64) {
     }
     assert_eq!(seqs.len() as u64, total, "records written");
 }
+
+/// A TCP relay from a loopback port to `target` that a test can take down
+/// as a server outage looks from a client: `stop` closes the listening
+/// socket (a new connection is refused) and every open connection;
+/// `start` listens on the same port again.
+pub struct TcpProxy {
+    pub port: u16,
+    listener: std::sync::Arc<std::sync::Mutex<Option<TcpListener>>>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    end: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpProxy {
+    /// Relays `listen` (0: any free port) to `target` on loopback.
+    pub fn start(listen: u16, target: u16) -> TcpProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpStream};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind(("127.0.0.1", listen)).expect("proxy port");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = TcpProxy {
+            port,
+            listener: std::sync::Arc::new(std::sync::Mutex::new(Some(listener))),
+            open: Default::default(),
+            end: Default::default(),
+        };
+        let (listener, open, end) = (
+            proxy.listener.clone(),
+            proxy.open.clone(),
+            proxy.end.clone(),
+        );
+        std::thread::spawn(move || {
+            while !end.load(Ordering::Relaxed) {
+                // The listener stays locked until the connection is in
+                // `open`, so `stop` closes every connection it let in.
+                let guard = listener.lock().unwrap();
+                let Some(Ok((client, _))) = guard.as_ref().map(TcpListener::accept) else {
+                    drop(guard);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                open.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                drop(guard);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        proxy
+    }
+
+    /// Closes the listening socket and every open connection: from now on
+    /// a connection to `port` is refused.
+    pub fn stop(&self) {
+        drop(self.listener.lock().unwrap().take());
+        for c in self.open.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Listens on `port` again.
+    pub fn restart(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .unwrap_or_else(|e| panic!("listening again on proxy port {}: {e}", self.port));
+        listener.set_nonblocking(true).unwrap();
+        *self.listener.lock().unwrap() = Some(listener);
+    }
+
+    /// True when a connection to `port` is refused (the proxy is down).
+    pub fn refuses(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port))
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.end.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop();
+    }
+}
