@@ -16,9 +16,14 @@ demo: build
 	$(BIN)/weir-demo
 
 ## Unit, property, simulation and end-to-end tests (no services needed).
+## SKIP_SERVICE_TESTS=1 leaves the service tests (below) to `make
+## test-services`, so .ci/run runs each of them once, not twice.
+ifeq ($(SKIP_SERVICE_TESTS),1)
+TEST_FILTER := -E 'not (binary(mqtt) | binary(modbus) | binary(opcua) | binary(postgres) | binary(http) | binary(nats) | binary(kafka) | binary(statuspage))'
+endif
 test: build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --release --workspace --no-fail-fast; \
+		$(CARGO) nextest run --release --workspace --no-fail-fast $(TEST_FILTER); \
 	else \
 		$(CARGO) test --release --workspace --no-fail-fast; \
 	fi
