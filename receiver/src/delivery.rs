@@ -70,6 +70,9 @@ pub struct SinkShared {
     pub stats: SinkStats,
     /// Source-to-confirmation latency per stream (the stream catalogue).
     pub latency: Mutex<crate::catalogue::LatencyBook>,
+    /// The sink's own counters (`BuildContext::counter`), set before the
+    /// sink thread starts.
+    pub counters: Vec<crate::sinks::SinkCounter>,
 }
 
 impl SinkShared {
@@ -87,6 +90,7 @@ impl SinkShared {
             overflow_records: AtomicU64::new(0),
             stats: SinkStats::default(),
             latency: Mutex::new(Default::default()),
+            counters: Vec::new(),
         }
     }
 }
@@ -313,6 +317,7 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
                     save(end, sink.resume_state());
                     last_save = Instant::now();
                 }
+                sink.idle();
                 continue;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,

@@ -294,7 +294,10 @@ fn run(path: &Path, log: &weir_ops::logging::LogControl) -> Result<()> {
             None => journal.first_index(),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(pipeline::SINK_QUEUE + 1);
-        let shared = Arc::new(delivery::SinkShared::new(&common.name, start));
+        let shared = Arc::new(delivery::SinkShared {
+            counters: built.counters,
+            ..delivery::SinkShared::new(&common.name, start)
+        });
         let thread = {
             let t = delivery::SinkThread {
                 shared: shared.clone(),

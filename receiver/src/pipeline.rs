@@ -985,6 +985,12 @@ impl Pipeline {
                 format!("sink.{name}.in_flight_bytes_peak"),
                 shared.in_flight_bytes_peak.load(Ordering::Relaxed),
             ));
+            for c in &shared.counters {
+                m.push((
+                    format!("sink.{name}.{}", c.key),
+                    c.value.load(Ordering::Relaxed),
+                ));
+            }
         }
         m
     }

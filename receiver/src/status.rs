@@ -401,6 +401,20 @@ impl prometheus_client::collector::Collector for Prometheus {
             "failed sink cursor saves (retried)",
             &per_sink(&|x| x.cursor_errors.load(Ordering::Relaxed)),
         )?;
+        // Sinks' own counters, one family per key across the sinks that have it.
+        type Family<'a> = (&'a str, Vec<(Labels, u64)>);
+        let mut own: BTreeMap<&str, Family> = BTreeMap::new();
+        for x in sinks {
+            for c in &x.counters {
+                own.entry(c.key).or_insert((c.help, Vec::new())).1.push((
+                    vec![("sink", x.name.clone())],
+                    c.value.load(Ordering::Relaxed),
+                ));
+            }
+        }
+        for (key, (help, samples)) in &own {
+            out.counters(&format!("receiver_sink_{key}"), help, samples)?;
+        }
         let lag_entries: Vec<(Labels, f64)> = s
             .sink_lag
             .iter()
@@ -902,6 +916,31 @@ mod tests {
         assert_eq!(
             latency_quantiles(&scrape, 1.0)["s"],
             l.quantile(1.0).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_sinks_own_counters_are_rendered_per_sink_for_the_sinks_that_have_them() {
+        let mut spb = SinkShared::new("spb", 0);
+        spb.counters.push(crate::sinks::SinkCounter {
+            key: "sparkplug_rebirths",
+            help: "rebirths answered",
+            value: Arc::new(std::sync::atomic::AtomicU64::new(3)),
+        });
+        let board = Board::new(
+            Default::default(),
+            vec![Arc::new(spb), Arc::new(SinkShared::new("file", 0))],
+        );
+        let mut registry = prometheus_client::registry::Registry::with_prefix("weir");
+        registry.register_collector(Box::new(Prometheus(Arc::new(board))));
+        let text = String::from_utf8(weir_ops::metrics::render(&registry)).unwrap();
+        assert_eq!(
+            by(
+                &parse_scrape(&text),
+                "weir_receiver_sink_sparkplug_rebirths_total",
+                "sink"
+            ),
+            BTreeMap::from([("spb".to_string(), 3.0)])
         );
     }
 

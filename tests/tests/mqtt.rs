@@ -1161,3 +1161,234 @@ fn points_are_republished_as_sparkplug_b_births_then_data_by_alias_with_seq_and_
     assert_eq!(seen.len(), tags);
     assert_eq!(seen, want);
 }
+
+/// The live (not NDEATH) Sparkplug messages a test subscriber got, decoded,
+/// without the commands the test itself published.
+fn sparkplug_live(sub: &Subscriber) -> Vec<(String, sparkplug_b::Payload)> {
+    sub.taken()
+        .into_iter()
+        .filter(|g| {
+            !["/NCMD/", "/DCMD/", "/NDEATH/"]
+                .iter()
+                .any(|k| g.topic.contains(k))
+        })
+        .map(|g| {
+            let p = sparkplug_b::Payload::decode(g.payload.as_slice()).unwrap();
+            (g.topic, p)
+        })
+        .collect()
+}
+
+#[test]
+fn a_hosts_ncmd_rebirth_gets_a_fresh_nbirth_and_dbirths_with_the_current_values_then_data_goes_on_also_after_a_reconnect(
+) {
+    let test = "mqtt_sparkplug_rebirth";
+    if !broker_answers(test) {
+        return;
+    }
+    use sparkplug_b::MetricValue as V;
+    let s = Scratch::new("mqtt-spb-rebirth");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let group = format!("weirr-{}-{}", std::process::id(), nanos % 1_000_000_000);
+    let node = format!("spBv1.0/{group}");
+    let ncmd = format!("{node}/NCMD/weir-it");
+    let sink_client = format!("{group}-sink");
+    let sub = Subscriber::new(&format!("{group}-sub"), 1883, &format!("{node}/#"));
+    let link = Link::new();
+    let _receiver = receiver(
+        &s,
+        &link,
+        &format!(
+            "[[sinks]]\nname = \"spb\"\ntype = \"mqtt\"\nurl = \"mqtt://{BROKER}\"\nprefix = \"it/{group}\"\n\
+             client_id = \"{sink_client}\"\nsparkplug = {{ group = \"{group}\", node = \"weir-it\" }}\n"
+        ),
+    );
+    // Points keep flowing for the whole test: 3 tags, 60 points a second.
+    let mut sender = sender(
+        &s,
+        link.destination(false),
+        "[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 3\nrate = 60\n",
+    );
+    let nbirths = |sub: &Subscriber| {
+        sparkplug_live(sub)
+            .iter()
+            .filter(|(t, _)| t.contains("/NBIRTH/"))
+            .count()
+    };
+    // Data after the last NBIRTH.
+    let data_since_birth = |sub: &Subscriber| {
+        sparkplug_live(sub)
+            .iter()
+            .rev()
+            .take_while(|(t, _)| !t.contains("/NBIRTH/"))
+            .filter(|(t, _)| t.contains("/DDATA/"))
+            .count()
+    };
+    let flowing = |sub: &Subscriber, births: usize| {
+        wait_until(Duration::from_secs(30), || {
+            nbirths(sub) == births && data_since_birth(sub) >= 20
+        })
+    };
+    assert!(
+        flowing(&sub, 1),
+        "no births and data from the sink; see {}",
+        s.path.display()
+    );
+
+    // A host application: garbage, commands a diode cannot carry out (an
+    // NCMD reboot, a DCMD write), then the rebirth request.
+    let host = Publisher::new(&format!("{group}-host"), 1883).expect("host connects");
+    let command = |name: &str, value: V| {
+        spb(
+            1,
+            0,
+            vec![sparkplug_b::Metric {
+                name: Some(name.into()),
+                datatype: Some(sparkplug_b::datatype::BOOLEAN),
+                value: Some(value),
+                ..Default::default()
+            }],
+        )
+    };
+    assert!(host.publish(&ncmd, vec![0xff, 0xff, 0xff], QoS::AtLeastOnce, false));
+    assert!(host.publish(
+        &ncmd,
+        command("Node Control/Reboot", V::BooleanValue(true)),
+        QoS::AtLeastOnce,
+        false
+    ));
+    assert!(host.publish(
+        &format!("{node}/DCMD/weir-it/plant_gen"),
+        command("plant/gen/tag-00000", V::BooleanValue(true)),
+        QoS::AtLeastOnce,
+        false
+    ));
+    assert!(host.publish(
+        &ncmd,
+        command("Node Control/Rebirth", V::BooleanValue(true)),
+        QoS::AtLeastOnce,
+        false
+    ));
+    assert!(
+        flowing(&sub, 2),
+        "no rebirth after the NCMD; see {}",
+        s.path.display()
+    );
+
+    // The broker drops the sink's connection (another client takes its
+    // client id); the sink connects again, subscribes again, and a second
+    // rebirth request is answered on the new connection.
+    drop(Publisher::new(&sink_client, 1883).expect("takeover connects"));
+    assert!(
+        flowing(&sub, 3),
+        "no births after the reconnection; see {}",
+        s.path.display()
+    );
+    assert!(host.publish(
+        &ncmd,
+        command("Node Control/Rebirth", V::BooleanValue(true)),
+        QoS::AtLeastOnce,
+        false
+    ));
+    assert!(
+        flowing(&sub, 4),
+        "no rebirth after the reconnection; see {}",
+        s.path.display()
+    );
+    let metrics = || read_json(&s.join("receiver-metrics.json"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let m = metrics();
+            m["sink.spb.sparkplug_rebirths"] == 2
+                && m["sink.spb.sparkplug_commands_ignored"] == 2
+                && m["sink.spb.sparkplug_commands_malformed"] == 1
+        }),
+        "rebirths, ignored and malformed commands not counted: {}",
+        metrics()
+    );
+    assert!(sender.stop(Duration::from_secs(10)));
+
+    // Four runs of births then data: the first connection's, the rebirth
+    // on it (same bdSeq 0), the second connection's (bdSeq 1), the rebirth
+    // on that one (bdSeq 1). In each, seq counts from the NBIRTH's 0.
+    let live = sparkplug_live(&sub);
+    let starts: Vec<usize> = (0..live.len())
+        .filter(|&i| live[i].0.contains("/NBIRTH/"))
+        .collect();
+    assert_eq!(starts.len(), 4);
+    assert_eq!(starts[0], 0, "the first message is an NBIRTH");
+    let device = format!("{node}/DBIRTH/weir-it/plant_gen");
+    let data = format!("{node}/DDATA/weir-it/plant_gen");
+    let mut names: BTreeMap<u64, String> = BTreeMap::new();
+    // Each metric's last value, by name, as a host following the messages
+    // knows it.
+    let mut last: BTreeMap<String, V> = BTreeMap::new();
+    for (run, &start) in starts.iter().enumerate() {
+        let end = starts.get(run + 1).copied().unwrap_or(live.len());
+        let (topic, nbirth) = &live[start];
+        assert_eq!(topic, &format!("{node}/NBIRTH/weir-it"));
+        let bd_seq = nbirth
+            .metrics
+            .iter()
+            .find(|m| m.name.as_deref() == Some("bdSeq"))
+            .and_then(|m| m.value.clone());
+        assert_eq!(
+            bd_seq,
+            Some(V::LongValue(run as u64 / 2)),
+            "bdSeq of births run {run}: a rebirth keeps the connection's, a new connection counts on"
+        );
+        for (i, (topic, p)) in live[start..end].iter().enumerate() {
+            assert_eq!(
+                p.seq,
+                Some(i as u64 % 256),
+                "seq of message {i} of births run {run} ({topic})"
+            );
+        }
+        // After the first connection's (where each new tag brings a
+        // DBIRTH), births open with a DBIRTH of every metric; after a
+        // rebirth it holds each metric's current value. Data then goes on
+        // by the same aliases.
+        if run > 0 {
+            let (topic, dbirth) = &live[start + 1];
+            assert_eq!(topic, &device, "births run {run}");
+            assert_eq!(dbirth.metrics.len(), 3, "births run {run}");
+            assert!(
+                live[start + 2..end].iter().all(|(t, _)| *t == data),
+                "only data after the births of run {run}"
+            );
+        }
+        let mut datas = 0;
+        for (i, (topic, p)) in live[start + 1..end].iter().enumerate() {
+            if *topic == device {
+                for m in &p.metrics {
+                    let name = m.name.clone().expect("a birth names each metric");
+                    let alias = m.alias.expect("a birth gives each metric an alias");
+                    if let Some(known) = names.insert(alias, name.clone()) {
+                        assert_eq!(known, name, "alias {alias} keeps its metric");
+                    }
+                    let value = m.value.clone().expect("a value");
+                    if run % 2 == 1 && i == 0 {
+                        assert_eq!(
+                            Some(&value),
+                            last.get(&name),
+                            "the rebirth's DBIRTH holds {name}'s current value"
+                        );
+                    }
+                    last.insert(name, value);
+                }
+            } else {
+                assert_eq!(topic, &data, "births run {run}");
+                datas += 1;
+                let m = &p.metrics[0];
+                assert_eq!(m.name, None, "data names its metric by alias only");
+                let name = names[&m.alias.expect("an alias")].clone();
+                last.insert(name, m.value.clone().expect("a value"));
+            }
+        }
+        assert!(datas >= 20, "data after births run {run}: {datas}");
+    }
+    drop(host);
+}

@@ -163,6 +163,23 @@ pub trait Sink: Send {
     fn stored_positions(&mut self) -> anyhow::Result<Option<Vec<Position>>> {
         Ok(None)
     }
+
+    /// Called on the sink's thread when no batch has come for a while
+    /// (every 100 ms while there is none), never during a write or its
+    /// retries: for a sink whose destination talks back to it (the mqtt
+    /// sink answers a Sparkplug host's rebirth request here while no
+    /// points flow). Must not block for long: batches wait meanwhile.
+    fn idle(&mut self) {}
+}
+
+/// A counter of one sink's own, beside the ones delivery keeps for every
+/// sink: `sink.NAME.<key>` in the metrics file and
+/// `weir_receiver_sink_<key>_total{sink="NAME"}` in Prometheus.
+#[derive(Debug, Clone)]
+pub struct SinkCounter {
+    pub key: &'static str,
+    pub help: &'static str,
+    pub value: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A sink written against an async client (rumqttc, rdkafka, async-nats,
@@ -224,6 +241,8 @@ pub struct BuildContext {
     name: String,
     /// The sink's credential files, re-read on SIGHUP.
     reloads: std::sync::Mutex<Vec<std::sync::Arc<dyn weir_ops::reload::Reload>>>,
+    /// The sink's own counters, shown with the delivery ones.
+    counters: std::sync::Mutex<Vec<SinkCounter>>,
 }
 
 impl BuildContext {
@@ -231,7 +250,30 @@ impl BuildContext {
         BuildContext {
             name: name.to_string(),
             reloads: Default::default(),
+            counters: Default::default(),
         }
+    }
+
+    /// A counter of the sink's own (`key` in snake case, `help` one line
+    /// for Prometheus), shown with the delivery counters of the sink.
+    pub fn counter(
+        &self,
+        key: &'static str,
+        help: &'static str,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        debug_assert!(key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+        let value = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(SinkCounter {
+                key,
+                help,
+                value: value.clone(),
+            });
+        value
     }
 
     /// What the sink builds from its credential files (`files`: each
@@ -605,7 +647,12 @@ impl SinkConfig {
         let ctx = BuildContext::new(&self.common.name);
         let sink = self.component.build(&ctx)?;
         let reloads = ctx.reloads.into_inner().unwrap_or_else(|e| e.into_inner());
-        Ok(Built { sink, reloads })
+        let counters = ctx.counters.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(Built {
+            sink,
+            reloads,
+            counters,
+        })
     }
 }
 
@@ -614,6 +661,8 @@ pub struct Built {
     pub sink: Box<dyn Sink>,
     /// Its credential files, re-read on SIGHUP.
     pub reloads: Vec<std::sync::Arc<dyn weir_ops::reload::Reload>>,
+    /// Its own counters (most sinks have none).
+    pub counters: Vec<SinkCounter>,
 }
 
 /// The effective configuration shows a sink as it was written: `type`,

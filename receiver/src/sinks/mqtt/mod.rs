@@ -20,11 +20,17 @@
 //! With `sparkplug = { group, node }`, points go out as Sparkplug B instead
 //! of JSON (`sparkplug.rs`): births at each connection, DBIRTH/DDATA per
 //! point, QoS 0 as the spec requires (confirmed once handed to the socket).
+//! Each connection subscribes (on the IT broker) to the node's NCMD and its
+//! devices' DCMDs before its births; a host's rebirth request is answered
+//! with the births again at the start of the next write, or within 100 ms
+//! when no points flow (`Sink::idle`). Every other command is counted and
+//! ignored: nothing the IT side sends ever reaches the link or the plant.
 
 mod sparkplug;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +53,12 @@ const WINDOW: usize = 256;
 /// before the connection is given up and the batch retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest Sparkplug command payload read: a rebirth request is under
+/// 100 bytes, and the connection's event channel (2 x WINDOW + 64 events)
+/// may hold this much per event. A larger one is counted as malformed.
+const MAX_COMMAND_BYTES: usize = 16 << 10;
+/// A malformed command is logged at most this often (the rest counted).
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,7 +208,7 @@ impl SinkBuilder for Config {
                 },
             })
         })?;
-        Ok(Box::new(MqttSink::new(self, ctx.name(), secrets)?))
+        Ok(Box::new(MqttSink::new(self, ctx, secrets)?))
     }
 }
 
@@ -286,7 +298,27 @@ enum Event {
     /// A publish left for the broker with this packet id (0 for QoS 0).
     Sent(u16),
     Acked(u16),
+    /// The broker's answer to the command subscription: how many of its
+    /// filters it refused.
+    Subscribed {
+        refused: usize,
+    },
+    /// A publish on a subscribed (Sparkplug command) topic: its payload, or
+    /// its length when above MAX_COMMAND_BYTES.
+    Command {
+        topic: String,
+        payload: Result<Vec<u8>, usize>,
+    },
     Lost(String),
+}
+
+/// A command's payload as the connection thread forwards it.
+fn command_payload(payload: &[u8]) -> Result<Vec<u8>, usize> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        Err(payload.len())
+    } else {
+        Ok(payload.to_vec())
+    }
 }
 
 enum Client {
@@ -309,6 +341,7 @@ impl Session {
         broker: &Broker,
         secrets: &Secrets,
         will: Option<sparkplug::Out>,
+        commands: Option<[String; 2]>,
     ) -> Result<Session> {
         let max_packet = parse_size(&cfg.max_packet_size).expect("validated") as usize;
         let transport = secrets
@@ -354,12 +387,23 @@ impl Session {
             }
             let (client, mut connection) = rumqttc::v5::Client::new(o, WINDOW + 16);
             spawn(name, move || {
-                use rumqttc::v5::mqttbytes::v5::Packet;
+                use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
                 use rumqttc::v5::Event as E;
                 for event in connection.iter() {
                     let forwarded = match event {
                         Ok(E::Incoming(Packet::ConnAck(_))) => forward(Event::Connected),
                         Ok(E::Incoming(Packet::PubAck(a))) => forward(Event::Acked(a.pkid)),
+                        Ok(E::Incoming(Packet::SubAck(a))) => forward(Event::Subscribed {
+                            refused: a
+                                .return_codes
+                                .iter()
+                                .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                                .count(),
+                        }),
+                        Ok(E::Incoming(Packet::Publish(p))) => forward(Event::Command {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: command_payload(&p.payload),
+                        }),
                         Ok(E::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
                             forward(Event::Sent(pkid))
                         }
@@ -398,11 +442,22 @@ impl Session {
             }
             let (client, mut connection) = rumqttc::Client::new(o, WINDOW + 16);
             spawn(name, move || {
-                use rumqttc::{Event as E, Packet};
+                use rumqttc::{Event as E, Packet, SubscribeReasonCode};
                 for event in connection.iter() {
                     let forwarded = match event {
                         Ok(E::Incoming(Packet::ConnAck(_))) => forward(Event::Connected),
                         Ok(E::Incoming(Packet::PubAck(a))) => forward(Event::Acked(a.pkid)),
+                        Ok(E::Incoming(Packet::SubAck(a))) => forward(Event::Subscribed {
+                            refused: a
+                                .return_codes
+                                .iter()
+                                .filter(|c| matches!(c, SubscribeReasonCode::Failure))
+                                .count(),
+                        }),
+                        Ok(E::Incoming(Packet::Publish(p))) => forward(Event::Command {
+                            topic: p.topic,
+                            payload: command_payload(&p.payload),
+                        }),
                         Ok(E::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
                             forward(Event::Sent(pkid))
                         }
@@ -423,10 +478,52 @@ impl Session {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         loop {
             match session.next_event(deadline)? {
-                Event::Connected => return Ok(session),
+                Event::Connected => break,
                 Event::Lost(e) => return Err(anyhow!(e)),
-                Event::Sent(_) | Event::Acked(_) => {}
+                _ => {}
             }
+        }
+        // A clean session has no subscriptions: every connection (after its
+        // CONNACK) subscribes again, and the births wait for the SUBACK, so
+        // a host never sees a birth before the node listens for commands.
+        let Some(filters) = commands else {
+            return Ok(session);
+        };
+        if !session.subscribe(&filters) {
+            return Err(anyhow!("the connection closed while subscribing"));
+        }
+        loop {
+            match session.next_event(deadline)? {
+                Event::Subscribed { refused: 0 } => return Ok(session),
+                Event::Subscribed { refused } => {
+                    tracing::warn!(sink = %name, refused, filters = ?filters,
+                        "the broker refused the subscription to this Sparkplug node's NCMD/DCMD topics (check the broker's ACL for the sink's user); points are still published, but a host's rebirth request goes unanswered");
+                    return Ok(session);
+                }
+                Event::Lost(e) => return Err(anyhow!(e)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscribes (QoS 1) to `filters`; false when the connection is gone.
+    fn subscribe(&self, filters: &[String]) -> bool {
+        match &self.client {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtLeastOnce)
+                    }),
+                )
+                .is_ok(),
+            Client::V5(c) => c
+                .try_subscribe_many(filters.iter().map(|f| {
+                    rumqttc::v5::mqttbytes::v5::Filter::new(
+                        f.clone(),
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    )
+                }))
+                .is_ok(),
         }
     }
 
@@ -524,12 +621,98 @@ pub struct MqttSink {
     line: Vec<u8>,
     /// `sparkplug`: the edge node's state (births, aliases, seq).
     edge: Option<sparkplug::Edge>,
-    /// Births to publish before anything else on a new connection.
+    /// Births to publish before anything else on a new connection, or
+    /// again on the same one when a host asked for a rebirth.
     births: Vec<sparkplug::Out>,
+    /// `sparkplug`: the commands hosts send the node.
+    inbox: Option<Inbox>,
+}
+
+/// A Sparkplug node's incoming commands: what they ask, counted.
+struct Inbox {
+    sink: String,
+    cfg: sparkplug::Config,
+    /// A host asked for the births again and they are not yet queued.
+    rebirth_due: bool,
+    rebirths: Arc<AtomicU64>,
+    ignored: Arc<AtomicU64>,
+    malformed: Arc<AtomicU64>,
+    /// Ignored commands are logged once (the first); the rest are counted.
+    ignored_logged: bool,
+    malformed_warned: Option<Instant>,
+    malformed_held: u64,
+}
+
+impl Inbox {
+    fn new(cfg: sparkplug::Config, ctx: &BuildContext) -> Inbox {
+        Inbox {
+            sink: ctx.name().to_string(),
+            cfg,
+            rebirth_due: false,
+            rebirths: ctx.counter(
+                "sparkplug_rebirths",
+                "Sparkplug rebirth requests (NCMD Node Control/Rebirth) the mqtt sink answered with its births",
+            ),
+            ignored: ctx.counter(
+                "sparkplug_commands_ignored",
+                "Sparkplug NCMD/DCMD commands the mqtt sink ignored (a diode sink cannot write to the plant)",
+            ),
+            malformed: ctx.counter(
+                "sparkplug_commands_malformed",
+                "payloads on the Sparkplug NCMD/DCMD topics that were not a Sparkplug B command",
+            ),
+            ignored_logged: false,
+            malformed_warned: None,
+            malformed_held: 0,
+        }
+    }
+
+    /// Takes in one command: notes a rebirth request, counts and logs the
+    /// rest. Nothing in it can fail the sink.
+    fn receive(&mut self, topic: &str, payload: Result<Vec<u8>, usize>) {
+        let command = match payload {
+            Ok(p) => self.cfg.command(topic, &p),
+            Err(len) => Err(format!(
+                "{len} bytes, above the {MAX_COMMAND_BYTES}-byte limit for a command"
+            )),
+        };
+        let sink = &self.sink;
+        match command {
+            Ok(c) => {
+                self.rebirth_due |= c.rebirth;
+                if !c.ignored.is_empty() {
+                    self.ignored.fetch_add(1, Ordering::Relaxed);
+                    if !std::mem::replace(&mut self.ignored_logged, true) {
+                        tracing::warn!(sink = %sink, topic, ignored = ?c.ignored,
+                            "ignoring a Sparkplug command: this sink is the IT end of a one-way diode and cannot write to the plant (only NCMD Node Control/Rebirth = true is acted on); logged once, further ignored commands are counted in sink.{sink}.sparkplug_commands_ignored");
+                    }
+                }
+            }
+            Err(why) => {
+                self.malformed.fetch_add(1, Ordering::Relaxed);
+                if self
+                    .malformed_warned
+                    .is_some_and(|t| t.elapsed() < WARN_INTERVAL)
+                {
+                    self.malformed_held += 1;
+                } else {
+                    self.malformed_warned = Some(Instant::now());
+                    let held_back = std::mem::take(&mut self.malformed_held);
+                    tracing::warn!(sink = %sink, topic, held_back,
+                        "dropped a malformed Sparkplug command ({why}); counted in sink.{sink}.sparkplug_commands_malformed, logged at most once a minute");
+                }
+            }
+        }
+    }
 }
 
 impl MqttSink {
-    pub fn new(cfg: &Config, name: &str, secrets: Arc<Reloadable<Secrets>>) -> Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        ctx: &BuildContext,
+        secrets: Arc<Reloadable<Secrets>>,
+    ) -> Result<Self> {
+        let name = ctx.name();
         let broker = parse_url(&cfg.url).map_err(|e| anyhow!("sinks.{name}: {e}"))?;
         Ok(MqttSink {
             name: name.to_string(),
@@ -541,7 +724,25 @@ impl MqttSink {
             line: Vec::with_capacity(512),
             edge: cfg.sparkplug.clone().map(sparkplug::Edge::new),
             births: Vec::new(),
+            inbox: cfg.sparkplug.clone().map(|s| Inbox::new(s, ctx)),
         })
+    }
+
+    /// Queues the births again when a host asked for them since the last
+    /// time (a new connection's births answer it as well).
+    fn answer_rebirth(&mut self) {
+        let (Some(inbox), Some(edge)) = (&mut self.inbox, &mut self.edge) else {
+            return;
+        };
+        if !std::mem::take(&mut inbox.rebirth_due) {
+            return;
+        }
+        inbox.rebirths.fetch_add(1, Ordering::Relaxed);
+        if self.births.is_empty() {
+            self.births = edge.rebirth(now_ms());
+        }
+        tracing::info!(sink = %self.name, bd_seq = edge.bd_seq(), births = self.births.len(),
+            "a Sparkplug host asked for a rebirth (NCMD Node Control/Rebirth): publishing the NBIRTH (seq 0) and a DBIRTH per device again");
     }
 
     fn publish_of(&mut self, r: &Delivered) -> Result<Publish, String> {
@@ -616,15 +817,11 @@ impl MqttSink {
         records: &[&Delivered],
         done: &mut usize,
     ) -> Result<(), SinkError> {
-        let mut t = Tracker {
-            complete: vec![false; records.len()],
-            waiting: HashMap::new(),
-            published: VecDeque::new(),
-            outstanding: 0,
-        };
+        let mut t = Tracker::new(records.len());
         let mut result = Ok(());
-        // A new connection's Sparkplug births go first (no record of their
-        // own; QoS 0, so they are never waited for, and a window holds them).
+        // Sparkplug births go first (a new connection's, or a rebirth's):
+        // no record of their own, QoS 0, in windows like the records (a
+        // node may have more devices than a window).
         for b in std::mem::take(&mut self.births) {
             let p = Publish {
                 topic: b.topic,
@@ -633,6 +830,16 @@ impl MqttSink {
                 retain: false,
                 properties: Vec::new(),
             };
+            while t.outstanding >= WINDOW {
+                if let Err(e) = session
+                    .next_event(Instant::now() + ACK_TIMEOUT)
+                    .map_err(|e| SinkError::retry(e.context("publishing the Sparkplug births")))
+                    .and_then(|e| t.handle(e, &mut self.inbox))
+                {
+                    *done = 0;
+                    return Err(e);
+                }
+            }
             if let Err(e) = session.publish(&p) {
                 *done = 0;
                 return Err(SinkError::retry(e));
@@ -652,7 +859,7 @@ impl MqttSink {
                 result = session
                     .next_event(Instant::now() + ACK_TIMEOUT)
                     .map_err(|e| SinkError::retry(e.context("waiting for PUBACKs")))
-                    .and_then(|e| t.handle(e));
+                    .and_then(|e| t.handle(e, &mut self.inbox));
             }
             if result.is_err() {
                 break;
@@ -664,7 +871,7 @@ impl MqttSink {
             t.published.push_back(Some(i));
             t.outstanding += 1;
             while let Ok(e) = session.events.try_recv() {
-                result = t.handle(e);
+                result = t.handle(e, &mut self.inbox);
                 if result.is_err() {
                     break;
                 }
@@ -680,7 +887,7 @@ impl MqttSink {
             if let Err(e) = session
                 .next_event(deadline)
                 .map_err(|e| SinkError::retry(e.context("waiting for PUBACKs")))
-                .and_then(|e| t.handle(e))
+                .and_then(|e| t.handle(e, &mut self.inbox))
             {
                 result = Err(e);
             }
@@ -703,7 +910,17 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn handle(&mut self, event: Event) -> Result<(), SinkError> {
+    fn new(records: usize) -> Tracker {
+        Tracker {
+            complete: vec![false; records],
+            waiting: HashMap::new(),
+            published: VecDeque::new(),
+            outstanding: 0,
+        }
+    }
+
+    /// Takes one event; a command goes to `inbox`.
+    fn handle(&mut self, event: Event, inbox: &mut Option<Inbox>) -> Result<(), SinkError> {
         match event {
             Event::Sent(pkid) => {
                 let i = self.published.pop_front().ok_or_else(|| {
@@ -729,7 +946,12 @@ impl Tracker {
                 }
             }
             Event::Lost(e) => return Err(SinkError::retry(anyhow!("connection lost: {e}"))),
-            Event::Connected => {}
+            Event::Command { topic, payload } => {
+                if let Some(inbox) = inbox {
+                    inbox.receive(&topic, payload);
+                }
+            }
+            Event::Connected | Event::Subscribed { .. } => {}
         }
         Ok(())
     }
@@ -753,6 +975,7 @@ impl Sink for MqttSink {
                     &self.broker,
                     &self.secrets.get(),
                     will,
+                    self.cfg.sparkplug.as_ref().map(|s| s.command_filters()),
                 )
                 .with_context(|| {
                     format!(
@@ -765,6 +988,7 @@ impl Sink for MqttSink {
                 s
             }
         };
+        self.answer_rebirth();
         let mut done = 0;
         let result = self.publish_batch(&session, records, &mut done);
         match result {
@@ -784,6 +1008,41 @@ impl Sink for MqttSink {
                 Err(e)
             }
         }
+    }
+
+    /// With no points flowing, still answers a host's rebirth request:
+    /// takes the commands that came and publishes the births when asked.
+    /// A connection found lost is dropped (the next write opens one).
+    fn idle(&mut self) {
+        if self.inbox.is_none() {
+            return;
+        }
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let mut t = Tracker::new(0);
+        let mut result = Ok(());
+        while let Ok(e) = session.events.try_recv() {
+            result = t.handle(e, &mut self.inbox);
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            self.answer_rebirth();
+            if !self.births.is_empty() {
+                result = self.publish_batch(&session, &[], &mut 0);
+            }
+        }
+        let why = match result {
+            Ok(()) => {
+                self.session = Some(session);
+                return;
+            }
+            Err(SinkError::Retry { error, .. }) => format!("{error:#}"),
+            Err(SinkError::Reject { reason, .. }) => reason,
+        };
+        tracing::warn!(sink = %self.name, "the broker connection failed while no records were being written ({why}); the next write connects again");
     }
 }
 
@@ -821,17 +1080,76 @@ mod tests {
         assert!(parse_url("http://h").unwrap_err().starts_with("url:"));
     }
 
-    #[test]
-    fn messages_keep_topic_retain_and_qos_and_points_go_to_their_tag_as_json() {
-        let c = config("").unwrap();
-        let secrets = Reloadable::new(vec![], || {
+    fn no_secrets() -> Arc<Reloadable<Secrets>> {
+        Reloadable::new(vec![], || {
             Ok(Secrets {
                 password: None,
                 ca_pem: None,
             })
         })
-        .unwrap();
-        let mut sink = MqttSink::new(&c, "it", secrets).unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_rebirth_request_queues_the_births_again_and_other_commands_are_only_counted() {
+        let c = config("sparkplug = { group = \"G\", node = \"N\" }").unwrap();
+        let ctx = BuildContext::new("spb");
+        let mut sink = MqttSink::new(&c, &ctx, no_secrets()).unwrap();
+        let (ncmd, dcmd) = ("spBv1.0/G/NCMD/N", "spBv1.0/G/DCMD/N/plant_a");
+        // The connection's births went out; points follow.
+        sink.edge.as_mut().unwrap().connect(1);
+        let point = weir_protocol::Point {
+            tag: "t".into(),
+            ts_ns: 0,
+            value: weir_protocol::Value::F64(1.5),
+            quality: 192,
+            status: None,
+        };
+        sink.edge
+            .as_mut()
+            .unwrap()
+            .point("plant/a", &point, 2)
+            .unwrap();
+        let inbox = sink.inbox.as_mut().unwrap();
+        inbox.receive(ncmd, Ok(vec![0xff, 0xff, 0xff]));
+        inbox.receive(ncmd, Err(MAX_COMMAND_BYTES + 1));
+        inbox.receive(dcmd, Ok(sparkplug::rebirth_request(true)));
+        inbox.receive(ncmd, Ok(sparkplug::rebirth_request(false)));
+        sink.answer_rebirth();
+        assert!(sink.births.is_empty(), "nothing asked for a rebirth yet");
+        let inbox = sink.inbox.as_mut().unwrap();
+        inbox.receive(ncmd, Ok(sparkplug::rebirth_request(true)));
+        inbox.receive(ncmd, Ok(sparkplug::rebirth_request(true)));
+        sink.answer_rebirth();
+        let topics: Vec<&str> = sink.births.iter().map(|b| b.topic.as_str()).collect();
+        assert_eq!(topics, ["spBv1.0/G/NBIRTH/N", "spBv1.0/G/DBIRTH/N/plant_a"]);
+        sink.answer_rebirth();
+        assert_eq!(
+            sink.births.len(),
+            2,
+            "two requests before an answer: one rebirth"
+        );
+        let counters: Vec<(&str, u64)> = ctx
+            .counters
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| (c.key, c.value.load(Ordering::Relaxed)))
+            .collect();
+        assert_eq!(
+            counters,
+            [
+                ("sparkplug_rebirths", 1),
+                ("sparkplug_commands_ignored", 2),
+                ("sparkplug_commands_malformed", 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn messages_keep_topic_retain_and_qos_and_points_go_to_their_tag_as_json() {
+        let c = config("").unwrap();
+        let mut sink = MqttSink::new(&c, &BuildContext::new("it"), no_secrets()).unwrap();
         let rec = |body: RecordBody| Delivered {
             stream: "plant/mqtt".into(),
             source_type: "mqtt".into(),

@@ -15,6 +15,12 @@
 //! retained, as the spec requires. Each metric carries its point's
 //! timestamp (ms) and a `Quality` property (192 good).
 //!
+//! Commands: a host's NCMD with `Node Control/Rebirth` = true asks for the
+//! births again on the same connection (`rebirth`: NBIRTH `seq` 0 with the
+//! will's `bdSeq`, the DBIRTHs with the last values). Every other NCMD
+//! metric and every DCMD is named as ignored: the sink is the IT end of a
+//! one-way diode and has no way to write to the plant.
+//!
 //! Pure: the sink publishes what this returns.
 
 use std::collections::{BTreeMap, HashMap};
@@ -59,6 +65,60 @@ impl Config {
     pub fn check(&self) -> Result<(), String> {
         check_id("group", &self.group)?;
         check_id("node", &self.node)
+    }
+
+    /// The topic filters of the commands a host may send this node: its
+    /// NCMD and its devices' DCMDs.
+    pub fn command_filters(&self) -> [String; 2] {
+        [
+            format!("spBv1.0/{}/NCMD/{}", self.group, self.node),
+            format!("spBv1.0/{}/DCMD/{}/+", self.group, self.node),
+        ]
+    }
+
+    /// What a command published on `topic` asks of this node. Only `Node
+    /// Control/Rebirth` = true on the NCMD topic is acted on; everything
+    /// else is named in `ignored` (a diode sink cannot write to the plant).
+    /// An error says why the payload is not a Sparkplug B command.
+    pub fn command(&self, topic: &str, payload: &[u8]) -> Result<Command, String> {
+        let ncmd = topic == format!("spBv1.0/{}/NCMD/{}", self.group, self.node);
+        let device = topic
+            .strip_prefix(&format!("spBv1.0/{}/DCMD/{}/", self.group, self.node))
+            .filter(|d| !d.is_empty() && !d.contains('/'));
+        if !ncmd && device.is_none() {
+            return Err(format!(
+                "topic `{topic}` is not this node's NCMD or a DCMD of its devices"
+            ));
+        }
+        let payload =
+            Payload::decode(payload).map_err(|e| format!("not a Sparkplug B payload ({e})"))?;
+        let mut command = Command::default();
+        for m in &payload.metrics {
+            let name = match (&m.name, m.alias) {
+                (Some(n), _) => n.clone(),
+                (None, Some(a)) => format!("alias {a}"),
+                (None, None) => "a metric without name or alias".into(),
+            };
+            let rebirth = m.name.as_deref() == Some(REBIRTH);
+            match device {
+                Some(d) => command.ignored.push(format!("DCMD {name} of device {d}")),
+                None if rebirth && m.value == Some(MetricValue::BooleanValue(true)) => {
+                    command.rebirth = true;
+                }
+                None if rebirth => command.ignored.push(format!(
+                    "NCMD {REBIRTH} = {} (only true asks for a rebirth)",
+                    m.value
+                        .as_ref()
+                        .map_or("no value".into(), |v| format!("{v:?}"))
+                )),
+                None => command.ignored.push(format!("NCMD {name}")),
+            }
+        }
+        if payload.metrics.is_empty() {
+            let kind = if ncmd { "NCMD" } else { "DCMD" };
+            command.ignored.push(format!("{kind} without metrics"));
+        }
+        Ok(command)
     }
 }
 
@@ -169,7 +229,6 @@ impl Edge {
     pub fn connect(&mut self, now_ms: u64) -> (Out, Vec<Out>) {
         self.bd_seq = self.connections % 256;
         self.connections += 1;
-        self.seq = 0;
         let death = Payload {
             timestamp: Some(now_ms),
             metrics: vec![self.bd_seq_metric(now_ms)],
@@ -180,12 +239,32 @@ impl Edge {
             payload: death.encode_to_vec(),
             qos: 1,
         };
+        (will, self.births(now_ms))
+    }
+
+    /// The births again, on the same connection (a host's rebirth
+    /// request): an NBIRTH with `seq` 0 and the `bdSeq` of this
+    /// connection's will (the will is unchanged, so the NDEATH that ends
+    /// this connection still matches it), then a DBIRTH per known device
+    /// with every metric's last value; data goes on counting `seq` after
+    /// them.
+    pub fn rebirth(&mut self, now_ms: u64) -> Vec<Out> {
+        self.births(now_ms)
+    }
+
+    /// The `bdSeq` of this connection's will and births.
+    pub fn bd_seq(&self) -> u64 {
+        self.bd_seq
+    }
+
+    fn births(&mut self, now_ms: u64) -> Vec<Out> {
+        self.seq = 0;
         let birth = Payload {
             timestamp: Some(now_ms),
             metrics: vec![
                 self.bd_seq_metric(now_ms),
                 Metric {
-                    name: Some("Node Control/Rebirth".into()),
+                    name: Some(REBIRTH.into()),
                     timestamp: Some(now_ms),
                     datatype: Some(datatype::BOOLEAN),
                     value: Some(MetricValue::BooleanValue(false)),
@@ -204,7 +283,7 @@ impl Edge {
         for id in ids {
             births.push(self.dbirth(&id, now_ms));
         }
-        (will, births)
+        births
     }
 
     fn dbirth(&mut self, id: &str, now_ms: u64) -> Out {
@@ -314,6 +393,36 @@ impl Edge {
     }
 }
 
+/// The NCMD metric a host sets to true to ask for the births again.
+pub const REBIRTH: &str = "Node Control/Rebirth";
+
+/// An NCMD payload setting `Node Control/Rebirth` to `value`, as a host
+/// sends it (for the sink's tests).
+#[cfg(test)]
+pub fn rebirth_request(value: bool) -> Vec<u8> {
+    Payload {
+        timestamp: Some(1),
+        metrics: vec![Metric {
+            name: Some(REBIRTH.into()),
+            datatype: Some(datatype::BOOLEAN),
+            value: Some(MetricValue::BooleanValue(value)),
+            ..Default::default()
+        }],
+        seq: Some(0),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// What an NCMD or DCMD asks of this node.
+#[derive(Debug, Default, PartialEq)]
+pub struct Command {
+    /// `Node Control/Rebirth` = true in an NCMD.
+    pub rebirth: bool,
+    /// The metrics not acted on, each named with its command kind.
+    pub ignored: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +516,136 @@ mod tests {
             .point("plant_a", &point("x", Value::Bool(true), 0), 0)
             .unwrap_err();
         assert!(err.contains("plant_a") && err.contains("rename"), "{err}");
+    }
+
+    fn command(metrics: Vec<Metric>) -> Vec<u8> {
+        Payload {
+            timestamp: Some(1),
+            metrics,
+            seq: Some(0),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn bool_metric(name: &str, v: bool) -> Metric {
+        Metric {
+            name: Some(name.into()),
+            datatype: Some(datatype::BOOLEAN),
+            value: Some(MetricValue::BooleanValue(v)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rebirth_repeats_the_births_with_seq_0_the_wills_bdseq_and_the_last_values() {
+        let mut e = Edge::new(Config {
+            group: "G".into(),
+            node: "N".into(),
+        });
+        e.connect(1000);
+        let (will, _) = e.connect(1000);
+        e.point("a", &point("x", Value::F64(1.0), 10), 1001)
+            .unwrap();
+        e.point("a", &point("x", Value::F64(2.0), 11), 1002)
+            .unwrap();
+        e.point("b", &point("y", Value::Bool(true), 12), 1003)
+            .unwrap();
+        let births = e.rebirth(2000);
+        let topics: Vec<&str> = births.iter().map(|b| b.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            [
+                "spBv1.0/G/NBIRTH/N",
+                "spBv1.0/G/DBIRTH/N/a",
+                "spBv1.0/G/DBIRTH/N/b"
+            ]
+        );
+        let nbirth = decode(&births[0]);
+        assert_eq!(nbirth.seq, Some(0));
+        assert_eq!(
+            nbirth.metrics[0].value,
+            decode(&will).metrics[0].value,
+            "the NBIRTH's bdSeq is the will's"
+        );
+        assert_eq!(nbirth.metrics[0].value, Some(MetricValue::LongValue(1)));
+        let a = decode(&births[1]);
+        assert_eq!(a.seq, Some(1));
+        assert_eq!(
+            (a.metrics[0].name.as_deref(), a.metrics[0].alias),
+            (Some("x"), Some(1))
+        );
+        assert_eq!(a.metrics[0].value, Some(MetricValue::DoubleValue(2.0)));
+        assert_eq!(a.metrics[0].timestamp, Some(11));
+        assert_eq!(decode(&births[2]).seq, Some(2));
+        // Data goes on after the births, by the same alias.
+        let d = e
+            .point("a", &point("x", Value::F64(3.0), 13), 2001)
+            .unwrap();
+        assert_eq!(d.topic, "spBv1.0/G/DDATA/N/a");
+        assert_eq!(decode(&d).seq, Some(3));
+        assert_eq!(decode(&d).metrics[0].alias, Some(1));
+    }
+
+    #[test]
+    fn only_an_ncmd_rebirth_true_is_acted_on_and_everything_else_is_named_as_ignored() {
+        let cfg = Config {
+            group: "G".into(),
+            node: "N".into(),
+        };
+        assert_eq!(
+            cfg.command_filters(),
+            ["spBv1.0/G/NCMD/N", "spBv1.0/G/DCMD/N/+"]
+        );
+        let ncmd = "spBv1.0/G/NCMD/N";
+        let c = cfg
+            .command(ncmd, &command(vec![bool_metric(REBIRTH, true)]))
+            .unwrap();
+        assert_eq!(
+            c,
+            Command {
+                rebirth: true,
+                ignored: vec![]
+            }
+        );
+        let c = cfg
+            .command(
+                ncmd,
+                &command(vec![
+                    bool_metric("Node Control/Reboot", true),
+                    bool_metric(REBIRTH, false),
+                ]),
+            )
+            .unwrap();
+        assert!(!c.rebirth);
+        assert_eq!(c.ignored.len(), 2);
+        assert_eq!(c.ignored[0], "NCMD Node Control/Reboot");
+        assert_eq!(
+            c.ignored[1],
+            "NCMD Node Control/Rebirth = BooleanValue(false) (only true asks for a rebirth)"
+        );
+        // A DCMD is never acted on, not even one that says rebirth.
+        let c = cfg
+            .command(
+                "spBv1.0/G/DCMD/N/plant_a",
+                &command(vec![bool_metric(REBIRTH, true)]),
+            )
+            .unwrap();
+        assert!(!c.rebirth);
+        assert_eq!(c.ignored, ["DCMD Node Control/Rebirth of device plant_a"]);
+        assert_eq!(
+            cfg.command(ncmd, &command(vec![])).unwrap().ignored,
+            ["NCMD without metrics"]
+        );
+        // Garbage and foreign topics are errors, never a panic.
+        let err = cfg.command(ncmd, &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(err.starts_with("not a Sparkplug B payload"), "{err}");
+        assert!(cfg
+            .command("spBv1.0/G/NCMD/other", &command(vec![]))
+            .is_err());
+        assert!(cfg
+            .command("spBv1.0/G/DCMD/N/a/b", &command(vec![]))
+            .is_err());
     }
 
     #[test]
