@@ -352,6 +352,239 @@ fn points_and_logs_land_in_their_tables_exactly_once_in_order_through_2pct_loss(
     assert_eq!(last as u64, points - 1);
 }
 
+/// Drops the tables it names when it goes.
+struct DropTables(Vec<String>);
+
+impl Drop for DropTables {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(URL, postgres::NoTls) {
+            for t in &self.0 {
+                let _ = c.batch_execute(&format!("DROP TABLE IF EXISTS \"{t}\""));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stream_template_puts_each_streams_points_in_its_own_table_exactly_once_in_order() {
+    let test = "postgres_table_template";
+    if !server_answers(test) {
+        return;
+    }
+    let s = Scratch::new("pg-template");
+    let t = Tables::new("tpl");
+    // `plant/a` -> <prefix>_plant_a, `plant/B-2` -> <prefix>_plant_b_2
+    // (lowercased, each other character `_`). The fixed tables share the
+    // template's prefix: a stream named `messages` would get a hashed name.
+    let template = format!("{}_{{stream}}", t.prefix);
+    let (table_a, table_b) = (t.name("plant_a"), t.name("plant_b_2"));
+    let _drop = DropTables(vec![table_a.clone(), table_b.clone()]);
+    let sink = t.sink(URL, "").replace(
+        &format!("points_table = \"{}\"", t.name("points")),
+        &format!("points_table = \"{template}\""),
+    );
+    assert!(sink.contains(&template), "{sink}");
+    let link = Link::new();
+    let mut receiver = receiver(&s, "receiver", link.receiver_port, &sink);
+    let _linksim = link.linksim(&s, 0.02);
+    let each = 20_000u64;
+    let mut sender = sender(
+        &s,
+        link.sender_port,
+        &format!(
+            "{}{}",
+            generator("plant/a", 10_000, each),
+            generator("plant/B-2", 10_000, each)
+        ),
+    );
+    for table in [&table_a, &table_b] {
+        wait_for_rows(
+            &s,
+            table,
+            each,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+    }
+    assert!(
+        receiver.is_running(),
+        "the receiver died: {}",
+        log_text(&s, "receiver")
+    );
+    assert!(
+        sender.stop(Duration::from_secs(10)),
+        "the sender did not stop cleanly"
+    );
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver did not stop cleanly"
+    );
+    let audit = s.join("audit.jsonl");
+    for (stream, table) in [("plant/a", &table_a), ("plant/B-2", &table_b)] {
+        let got = rows(table);
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            [stream],
+            "{table} holds the rows of {stream} only"
+        );
+        let stream_gaps = gaps(&audit, stream);
+        assert!(
+            stream_gaps.is_empty(),
+            "2% loss is within FEC: {stream_gaps:?}"
+        );
+        assert_exactly_accounted(&got[stream], &stream_gaps, each);
+    }
+    // Neither the fixed points table nor a hashed name was made, and the
+    // created tables carry the comment that says whose they are.
+    let mut c = db();
+    let made: Vec<String> = c
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname LIKE $1 ORDER BY 1",
+            &[&format!("{}%", t.prefix)],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(made, [t.name("cursor"), table_a.clone(), table_b.clone()]);
+    let comment: String = c
+        .query_one(
+            "SELECT obj_description(to_regclass($1)::oid, 'pg_class')",
+            &[&format!("\"{table_b}\"")],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(comment, format!("weir points for {}_plant/B-2", t.prefix));
+}
+
+/// The hashed table name of docs/sinks.md for an ASCII raw name: its
+/// clean name (lowercase, `/` `_`) cut to 54 bytes, `_`, FNV-1a 32 of
+/// its bytes in hex.
+fn hashed_name(raw: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in raw.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let clean = raw.to_ascii_lowercase().replace('/', "_");
+    format!("{}_{h:08x}", &clean[..clean.len().min(54)])
+}
+
+#[test]
+fn a_templated_name_another_stream_or_a_fixed_key_owns_goes_to_the_hashed_name() {
+    let test = "postgres_table_template_clash";
+    if !server_answers(test) {
+        return;
+    }
+    let s = Scratch::new("pg-template-clash");
+    let t = Tables::new("tcl");
+    let p = &t.prefix;
+    // `<p>_plant_a` belongs to stream `plant_a` (its comment says so);
+    // `<p>_plant_x` was made by hand (no comment); `<p>_cursor` is the
+    // cursor_table.
+    let (owned, by_hand) = (t.name("plant_a"), t.name("plant_x"));
+    let (a_hashed, c_hashed) = (
+        hashed_name(&format!("{p}_plant/a")),
+        hashed_name(&t.name("cursor")),
+    );
+    let _drop = DropTables(vec![
+        owned.clone(),
+        by_hand.clone(),
+        a_hashed.clone(),
+        c_hashed.clone(),
+    ]);
+    let ddl = |name: &str| {
+        format!(
+            "CREATE TABLE \"{name}\" (stream text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL, \
+             ts timestamptz NOT NULL, tag text NOT NULL, value double precision, value_int bigint, value_bool boolean, \
+             value_text text, quality smallint NOT NULL, status text)"
+        )
+    };
+    let mut c = db();
+    c.batch_execute(&format!(
+        "{}; COMMENT ON TABLE \"{owned}\" IS 'weir points for {p}_plant_a'; {}",
+        ddl(&owned),
+        ddl(&by_hand)
+    ))
+    .unwrap();
+    let sink = t.sink(URL, "").replace(
+        &format!("points_table = \"{}\"", t.name("points")),
+        &format!("points_table = \"{p}_{{stream}}\""),
+    );
+    let link = Link::new();
+    let mut receiver = receiver(&s, "receiver", link.receiver_port, &sink);
+    let _linksim = link.linksim(&s, 0.02);
+    let each = 2_000u64;
+    let mut sender = sender(
+        &s,
+        link.sender_port,
+        &format!(
+            "{}{}{}",
+            generator("plant/a", 2_000, each),
+            generator("plant/x", 2_000, each),
+            generator("cursor", 2_000, each)
+        ),
+    );
+    let want = [
+        ("plant/a", &a_hashed),
+        ("plant/x", &by_hand),
+        ("cursor", &c_hashed),
+    ];
+    for (_, table) in want {
+        wait_for_rows(
+            &s,
+            &format!("\"{table}\""),
+            each,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+    }
+    assert!(
+        receiver.is_running(),
+        "the receiver died: {}",
+        log_text(&s, "receiver")
+    );
+    assert!(
+        sender.stop(Duration::from_secs(10)),
+        "the sender did not stop cleanly"
+    );
+    assert!(
+        receiver.stop(Duration::from_secs(20)),
+        "the receiver did not stop cleanly"
+    );
+    let audit = s.join("audit.jsonl");
+    for (stream, table) in want {
+        let got = rows(&format!("\"{table}\""));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            [stream],
+            "{table} holds the rows of {stream} only"
+        );
+        assert_exactly_accounted(&got[stream], &gaps(&audit, stream), each);
+    }
+    assert_eq!(
+        count(&format!("\"{owned}\"")),
+        0,
+        "the table stream plant_a owns is left alone"
+    );
+    let comment = |table: &str| -> Option<String> {
+        db().query_one(
+            "SELECT obj_description(to_regclass($1)::oid, 'pg_class')",
+            &[&format!("\"{table}\"")],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(
+        comment(&a_hashed),
+        Some(format!("weir points for {p}_plant/a"))
+    );
+    assert_eq!(
+        comment(&by_hand),
+        None,
+        "a table made by hand is used as it is"
+    );
+}
+
 #[test]
 fn kill_9_of_the_receiver_mid_run_and_a_restart_write_each_row_once() {
     let test = "postgres_kill9";

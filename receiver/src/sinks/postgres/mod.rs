@@ -1,8 +1,10 @@
 //! `postgres`: rows in PostgreSQL (or TimescaleDB), exactly once.
 //!
 //! Points, messages, logs and byte chunks each go to their own table
-//! (created if absent; the DDL is in docs/sinks.md). Each `write` is one
-//! transaction: a binary COPY per table, then the sink's position per
+//! (created if absent; the DDL is in docs/sinks.md), or with a template
+//! (`points_table = "weir_{stream}"`) to a table per stream (per tag,
+//! per MQTT topic; `table_name.rs`), created on first use. Each `write`
+//! is one transaction: a binary COPY per table, then the sink's position per
 //! (stream, epoch) upserted into the cursor table, then COMMIT. The rows
 //! and the positions commit or vanish together, so after any failure
 //! (a crash, a cut connection, a COMMIT whose answer was lost) the sink
@@ -18,11 +20,13 @@
 //! files are read at start and on SIGHUP; each new connection uses what
 //! was read last.
 
+mod table_name;
 mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
@@ -32,6 +36,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 use weir_ops::reload::Reloadable;
 
+use table_name::{TableSpec, MAX_IDENT};
 use tls::{SslMode, TlsSettings};
 use weir_protocol::decoder::Delivered;
 use weir_protocol::RecordBody;
@@ -40,6 +45,17 @@ use super::{AsyncSink, BuildContext, Position, Sink, SinkBuilder, SinkError};
 
 /// The longest a connection may take to be set up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most tables the sink remembers as created and checked. Past it the
+/// memory is emptied and each table is checked again on its next use, so
+/// a `{tag}` template over many tags cannot grow it without bound; 4096
+/// names and their SQL stay well under a megabyte.
+const MAX_TABLES: usize = 4096;
+
+/// The advisory lock (`pg_advisory_xact_lock`) every weir receiver on the
+/// database holds while it picks a templated table's name and creates the
+/// table, so two sinks never both claim one name. "weir_tbl" in ASCII.
+const NAMES_LOCK: i64 = 0x7765_6972_5f74_626c;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,12 +86,17 @@ pub struct Config {
     pub tls_cert_file: Option<PathBuf>,
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// `table`, `schema.table`, or a template (`weir_{stream}`,
+    /// `plant.weir_{stream}_{tag}`; see `table_name.rs`).
     #[serde(default = "default_points")]
     pub points_table: String,
+    /// As `points_table`; `{stream}` and `{topic}` (the MQTT topic).
     #[serde(default = "default_messages")]
     pub messages_table: String,
+    /// As `points_table`; `{stream}` only.
     #[serde(default = "default_logs")]
     pub logs_table: String,
+    /// As `points_table`; `{stream}` only.
     #[serde(default = "default_bytes")]
     pub bytes_table: String,
     /// Each stream's last committed (epoch, seq) for this sink.
@@ -106,14 +127,8 @@ fn default_cursor() -> String {
 /// `table` or `schema.table`, each part a plain identifier (letters,
 /// digits, `_`, not starting with a digit), so it needs no quoting.
 fn check_table(key: &str, name: &str) -> Result<(), String> {
-    let ok_part = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && !p.starts_with(|c: char| c.is_ascii_digit())
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
     let parts: Vec<&str> = name.split('.').collect();
-    if parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
+    if parts.len() > 2 || !parts.iter().all(|p| table_name::plain_ident(p)) {
         return Err(format!(
             "{key}: `{name}` must be a table name or schema.table of letters, digits and `_` (e.g. \"weir_points\")"
         ));
@@ -122,6 +137,26 @@ fn check_table(key: &str, name: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// The four record table keys, read and checked against each other
+    /// (a templated one against fixed names is settled per name, at run).
+    fn specs(&self) -> Result<[TableSpec; 4], String> {
+        let mut specs = Vec::with_capacity(4);
+        for t in Table::ALL {
+            let spec = TableSpec::parse(t.key(), t.name(self), t.placeholders())?;
+            if let TableSpec::Fixed(name) = &spec {
+                check_table(t.key(), name)?;
+            }
+            specs.push(spec);
+        }
+        check_table("cursor_table", &self.cursor_table)?;
+        let keyed: Vec<(&str, &TableSpec)> =
+            Table::ALL.iter().map(|t| t.key()).zip(&specs).collect();
+        table_name::check_overlap(&keyed)?;
+        specs
+            .try_into()
+            .map_err(|_| "four record tables".to_string())
+    }
+
     fn tables(&self) -> [(&'static str, &str); 5] {
         [
             ("points_table", &self.points_table),
@@ -252,9 +287,7 @@ impl SinkBuilder for Config {
     const TYPE: &'static str = "postgres";
 
     fn validate(&self) -> Result<(), String> {
-        for (key, name) in self.tables() {
-            check_table(key, name)?;
-        }
+        self.specs()?;
         let mut names: Vec<&str> = self.tables().iter().map(|t| t.1).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
@@ -277,21 +310,23 @@ impl SinkBuilder for Config {
         }
         let cfg = self.clone();
         let secrets = ctx.reloadable(files, move || cfg.secrets())?;
+        let specs = self.specs().map_err(|e| anyhow!(e))?;
         ctx.async_sink(PostgresSink {
             cfg: self.clone(),
+            specs,
             pg,
             tls,
             secrets,
             name: ctx.name().to_string(),
             client: None,
             stored: HashMap::new(),
-            prepared: [false; 4],
+            tables: HashMap::new(),
         })
     }
 }
 
 /// The four record tables, in [`Table`] order.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Table {
     Points = 0,
     Messages = 1,
@@ -320,6 +355,15 @@ impl Table {
             "logs_table",
             "bytes_table",
         ][self as usize]
+    }
+
+    /// The placeholders this kind's table template may use.
+    fn placeholders(self) -> &'static [&'static str] {
+        match self {
+            Table::Points => &["stream", "tag"],
+            Table::Messages => &["stream", "topic"],
+            Table::Logs | Table::Bytes => &["stream"],
+        }
     }
 
     fn name(self, cfg: &Config) -> &str {
@@ -382,7 +426,15 @@ impl Table {
         c
     }
 
+    /// The DDL for a table named as written (`table`, `schema.table`),
+    /// its index named `<table>_stream_epoch_seq`, unquoted.
     fn ddl(self, table: &str) -> String {
+        let bare = table.rsplit('.').next().unwrap_or(table);
+        self.ddl_named(table, &format!("{bare}_stream_epoch_seq"))
+    }
+
+    /// The DDL with the table and its index as SQL names them.
+    fn ddl_named(self, table: &str, index: &str) -> String {
         let cols: Vec<String> = self
             .all_columns()
             .iter()
@@ -395,9 +447,8 @@ impl Table {
                 format!("{n} {t}{}", if *not_null { " NOT NULL" } else { "" })
             })
             .collect();
-        let bare = table.rsplit('.').next().unwrap_or(table);
         format!(
-            "CREATE TABLE IF NOT EXISTS {table} ({});\nCREATE INDEX IF NOT EXISTS {bare}_stream_epoch_seq ON {table} (stream, epoch, seq)",
+            "CREATE TABLE IF NOT EXISTS {table} ({});\nCREATE INDEX IF NOT EXISTS {index} ON {table} (stream, epoch, seq)",
             cols.join(", ")
         )
     }
@@ -410,11 +461,43 @@ fn cursor_ddl(table: &str) -> String {
     )
 }
 
-/// `(schema, table)` for an `information_schema` lookup.
-fn split_table(table: &str) -> (Option<&str>, &str) {
+/// `(schema, table)` as the catalog holds a plain name (lowercased).
+fn split_table(table: &str) -> (Option<String>, String) {
     match table.split_once('.') {
-        Some((s, t)) => (Some(s), t),
-        None => (None, table),
+        Some((s, t)) => (Some(s.to_ascii_lowercase()), t.to_ascii_lowercase()),
+        None => (None, table.to_ascii_lowercase()),
+    }
+}
+
+/// A record table the sink writes: how SQL names it and where the
+/// catalog has it.
+#[derive(Debug)]
+struct Dest {
+    /// `weir_points`, `plant.weir_points` (a fixed name, as written) or
+    /// `"plant"."weir_plant_a"` (a templated one, quoted).
+    sql: String,
+    /// The schema (none: the search path's first) and the table's name
+    /// in the catalog.
+    schema: Option<String>,
+    name: String,
+}
+
+impl Dest {
+    fn fixed(text: &str) -> Dest {
+        let (schema, name) = split_table(text);
+        Dest {
+            sql: text.to_string(),
+            schema,
+            name,
+        }
+    }
+
+    fn templated(schema: Option<String>, name: String) -> Dest {
+        let sql = match &schema {
+            Some(s) => format!("{}.{}", table_name::quote(s), table_name::quote(&name)),
+            None => table_name::quote(&name),
+        };
+        Dest { sql, schema, name }
     }
 }
 
@@ -466,8 +549,11 @@ struct PostgresSink {
     /// seq of each epoch. Re-read on every new connection, updated after
     /// every COMMIT.
     stored: HashMap<String, Vec<(u64, u64)>>,
-    /// Tables created (if absent) and checked since start.
-    prepared: [bool; 4],
+    /// The record table keys, read.
+    specs: [TableSpec; 4],
+    /// Tables created (if absent) and checked since start, by kind and
+    /// template expansion (empty for a fixed name); at most [`MAX_TABLES`].
+    tables: HashMap<(Table, String), Arc<Dest>>,
 }
 
 impl PostgresSink {
@@ -533,16 +619,152 @@ impl PostgresSink {
         Ok(client)
     }
 
-    /// Creates `table` if absent and checks that every column this sink
-    /// writes is there with its type; the error names table and column.
-    async fn prepare(&self, client: &Client, table: Table) -> Result<()> {
-        let name = table.name(&self.cfg);
+    /// The table `r` goes to, created (if absent) and checked on its
+    /// first use since start.
+    async fn destination(&mut self, client: &mut Client, r: &Delivered) -> Result<Arc<Dest>> {
+        let table = Table::of(&r.body);
+        let spec = &self.specs[table as usize];
+        let raw = match spec {
+            TableSpec::Fixed(_) => String::new(),
+            TableSpec::Template { table: t, .. } => t.render(r, |v, out| out.push_str(v)),
+        };
+        let key = (table, raw);
+        if let Some(d) = self.tables.get(&key) {
+            return Ok(d.clone());
+        }
+        let dest = match spec {
+            TableSpec::Fixed(text) => {
+                let dest = Dest::fixed(text);
+                client
+                    .batch_execute(&table.ddl(text))
+                    .await
+                    .map_err(|e| describe(&e, &format!("{} {text}: creating it", table.key())))?;
+                dest
+            }
+            TableSpec::Template { schema, .. } => {
+                let schema = schema.as_ref().map(|s| s.to_ascii_lowercase());
+                self.resolve(client, table, schema, &key.1).await?
+            }
+        };
+        self.prepare(client, table, &dest).await?;
+        if self.tables.len() >= MAX_TABLES {
+            tracing::debug!(sink = %self.name, "postgres: {MAX_TABLES} tables remembered; forgetting them, each is checked again on its next use");
+            self.tables.clear();
+        }
+        let dest = Arc::new(dest);
+        self.tables.insert(key, dest.clone());
+        Ok(dest)
+    }
+
+    /// True when `name` in `schema` is what a fixed table key (of any
+    /// kind, or `cursor_table`) may name.
+    fn fixed_name(&self, schema: &Option<String>, name: &str) -> bool {
+        self.specs
+            .iter()
+            .filter_map(|s| match s {
+                TableSpec::Fixed(t) => Some(t.as_str()),
+                TableSpec::Template { .. } => None,
+            })
+            .chain([self.cfg.cursor_table.as_str()])
+            .any(|t| {
+                let (s, n) = split_table(t);
+                n == name && table_name::same_schema(&s, schema)
+            })
+    }
+
+    /// Picks the table for the template expansion `raw` and creates it if
+    /// absent, under [`NAMES_LOCK`], in one transaction. Each table the
+    /// sink creates carries the comment `weir <kind> for <raw>`, which is
+    /// how a later pick (after a restart too) knows whose it is:
+    /// 1. the clean name (docs/sinks.md), when its comment is ours;
+    /// 2. the hashed name, when its comment is ours;
+    /// 3. the clean name, when no table has it (created, with our
+    ///    comment) or the table there has no comment (made by hand; used
+    ///    as it is) — unless a fixed table key names it;
+    /// 4. the hashed name, likewise;
+    /// 5. else an error naming both.
+    async fn resolve(
+        &self,
+        client: &mut Client,
+        table: Table,
+        schema: Option<String>,
+        raw: &str,
+    ) -> Result<Dest> {
         let key = table.key();
-        client
-            .batch_execute(&table.ddl(name))
+        let mark = format!("weir {} for {raw}", key.trim_end_matches("_table"));
+        let clean = table_name::clean(raw).filter(|c| !self.fixed_name(&schema, c));
+        let hashed = table_name::hashed(raw);
+        debug_assert!(hashed.len() <= MAX_IDENT);
+        let doing = format!("{key}: picking the table for `{raw}`");
+        let tx = client
+            .transaction()
             .await
-            .map_err(|e| describe(&e, &format!("{key} {name}: creating it")))?;
-        let (schema, bare) = split_table(name);
+            .map_err(|e| describe(&e, &doing))?;
+        tx.query("SELECT pg_advisory_xact_lock($1)", &[&NAMES_LOCK])
+            .await
+            .map_err(|e| describe(&e, &doing))?;
+        let names: Vec<&str> = clean
+            .iter()
+            .map(String::as_str)
+            .chain([hashed.as_str()])
+            .collect();
+        let found: HashMap<String, Option<String>> = tx
+            .query(
+                "SELECT c.relname::text, obj_description(c.oid, 'pg_class') FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname::text = coalesce($1::text, current_schema()::text) AND c.relname::text = ANY($2::text[])",
+                &[&schema, &names],
+            )
+            .await
+            .map_err(|e| describe(&e, &doing))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let ours = |n: &str| matches!(found.get(n), Some(Some(m)) if *m == mark);
+        let free = |n: &str| matches!(found.get(n), None | Some(None));
+        let (name, create) = match clean {
+            Some(c) if ours(&c) => (c, false),
+            _ if ours(&hashed) => (hashed, false),
+            Some(c) if free(&c) => {
+                let create = !found.contains_key(&c);
+                (c, create)
+            }
+            _ if free(&hashed) => {
+                let create = !found.contains_key(&hashed);
+                (hashed, create)
+            }
+            clean => {
+                return Err(anyhow!(
+                    "{key}: `{raw}` maps to {} and to {hashed}, and tables of other names hold both (their comments say whose); rename or drop one of them (the name rule is in docs/sinks.md)",
+                    clean.unwrap_or_else(|| "no clean name".into())
+                ))
+            }
+        };
+        let dest = Dest::templated(schema, name);
+        if create {
+            let index = table_name::quote(&table_name::index_name(&dest.name));
+            let sql = format!(
+                "{};\nCOMMENT ON TABLE {} IS {}",
+                table.ddl_named(&dest.sql, &index),
+                dest.sql,
+                table_name::literal(&mark)
+            );
+            tx.batch_execute(&sql)
+                .await
+                .map_err(|e| describe(&e, &format!("{key} {}: creating it", dest.sql)))?;
+            tracing::info!(sink = %self.name, "postgres: {key}: created table {} for `{raw}`", dest.sql);
+        }
+        tx.commit().await.map_err(|e| describe(&e, &doing))?;
+        Ok(dest)
+    }
+
+    /// Checks that every column this sink writes is in `dest` with its
+    /// type (the error names table and column), and makes a points table
+    /// a hypertable when `timescale` says so.
+    async fn prepare(&self, client: &Client, table: Table, dest: &Dest) -> Result<()> {
+        let name = &dest.sql;
+        let key = table.key();
+        let (schema, bare) = (&dest.schema, &dest.name);
         let rows = client
             .query(
                 "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -612,16 +834,18 @@ impl PostgresSink {
 
     /// One transaction: resent records not yet in their table, a COPY per
     /// table, the positions, COMMIT.
-    async fn commit(&self, client: &mut Client, records: &[&Delivered]) -> Result<()> {
+    async fn commit(&self, client: &mut Client, records: &[(&Delivered, Arc<Dest>)]) -> Result<()> {
         let tx = client
             .transaction()
             .await
             .map_err(|e| describe(&e, "BEGIN"))?;
-        let mut rows: [Vec<&Delivered>; 4] = Default::default();
-        for r in records {
+        // Rows per table, in the order the records came.
+        let mut groups: Vec<(Table, Arc<Dest>, Vec<&Delivered>)> = Vec::new();
+        let mut group_of: HashMap<&str, usize> = HashMap::new();
+        for (r, dest) in records {
             let table = Table::of(&r.body);
             if r.resent {
-                let name = table.name(&self.cfg);
+                let name = &dest.sql;
                 let found = tx
                     .query_opt(
                         &format!(
@@ -640,15 +864,17 @@ impl PostgresSink {
                     continue;
                 }
             }
-            rows[table as usize].push(r);
+            let g = *group_of.entry(dest.sql.as_str()).or_insert_with(|| {
+                groups.push((table, dest.clone(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].2.push(r);
         }
+        // Points, messages, logs, bytes, as before templates.
+        groups.sort_by_key(|g| g.0 as usize);
         let now = SystemTime::now();
-        for table in Table::ALL {
-            let rows = &rows[table as usize];
-            if rows.is_empty() {
-                continue;
-            }
-            let name = table.name(&self.cfg);
+        for (table, dest, rows) in &groups {
+            let name = &dest.sql;
             let cols = table.all_columns();
             let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
             let types: Vec<Type> = cols.iter().map(|c| c.2.clone()).collect();
@@ -662,14 +888,15 @@ impl PostgresSink {
                 .map_err(|e| describe(&e, &doing))?;
             let writer = BinaryCopyInWriter::new(sink, &types);
             tokio::pin!(writer);
-            for r in rows {
+            for r in rows.iter() {
                 write_row(writer.as_mut(), r, now)
                     .await
                     .map_err(|e| describe(&e, &doing))?;
             }
             writer.finish().await.map_err(|e| describe(&e, &doing))?;
         }
-        let positions = positions_by_epoch(records);
+        let records: Vec<&Delivered> = records.iter().map(|(r, _)| *r).collect();
+        let positions = positions_by_epoch(&records);
         if !positions.is_empty() {
             let cursor = &self.cfg.cursor_table;
             let streams: Vec<&str> = positions.iter().map(|p| p.stream.as_str()).collect();
@@ -917,20 +1144,16 @@ impl AsyncSink for PostgresSink {
             Some(c) if !c.is_closed() => c,
             _ => self.connect().await?,
         };
+        let mut fresh: Vec<(&Delivered, Arc<Dest>)> = Vec::with_capacity(records.len());
         for r in records {
-            let table = Table::of(&r.body);
-            if !self.prepared[table as usize] {
-                self.prepare(&client, table).await?;
-                self.prepared[table as usize] = true;
+            let dest = self.destination(&mut client, r).await?;
+            if !self.is_stored(r) {
+                fresh.push((r, dest));
             }
         }
-        let fresh: Vec<&Delivered> = records
-            .iter()
-            .copied()
-            .filter(|r| !self.is_stored(r))
-            .collect();
         if !fresh.is_empty() {
             self.commit(&mut client, &fresh).await?;
+            let fresh: Vec<&Delivered> = fresh.iter().map(|(r, _)| *r).collect();
             for p in positions_by_epoch(&fresh) {
                 self.remember(p.stream, p.epoch, p.seq);
             }
@@ -994,6 +1217,54 @@ mod tests {
         assert_eq!(
             redact("postgres://weir:secret@db/plant"),
             "postgres://weir:***@db/plant"
+        );
+    }
+
+    #[test]
+    fn table_templates_are_checked_naming_the_key() {
+        assert!(
+            cfg("points_table = \"weir_{stream}\"").validate().is_ok(),
+            "a fixed name a template could make is settled per name at run"
+        );
+        let all = cfg(
+            "points_table = \"plant.weir_{stream}_{tag}\"\nmessages_table = \"mqtt_{topic}\"\n\
+             logs_table = \"log_{stream}\"\nbytes_table = \"bytes_{stream}\"",
+        );
+        assert!(all.validate().is_ok());
+        assert!(
+            matches!(&all.specs().unwrap()[0], TableSpec::Template { schema: Some(s), .. } if s == "plant")
+        );
+        for (extra, want) in [
+            ("messages_table = \"weir_{tag}\"", "messages_table: `{tag}` in `weir_{tag}` has no value for this kind; use {stream} or {topic}"),
+            ("logs_table = \"log_{topic}\"", "logs_table: `{topic}` in `log_{topic}` has no value for this kind; use {stream}"),
+            ("bytes_table = \"b-{stream}\"", "bytes_table: `b-{stream}` has `-` outside a placeholder"),
+            ("points_table = \"{stream}.t\"", "points_table: `{stream}.t` has a placeholder in its schema part"),
+            (
+                "points_table = \"w_{stream}\"\nlogs_table = \"w_{stream}_logs\"",
+                "logs_table: `w_{stream}_logs` and points_table `w_{stream}` could make the same table name",
+            ),
+            ("cursor_table = \"c_{stream}\"", "cursor_table: `c_{stream}` must be a table name"),
+        ] {
+            let err = cfg(extra).validate().unwrap_err();
+            assert!(err.starts_with(want), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_templated_table_is_quoted_with_its_schema_in_its_ddl() {
+        let d = Dest::templated(Some("plant".into()), "weir_plant_a".into());
+        assert_eq!(d.sql, "\"plant\".\"weir_plant_a\"");
+        let ddl = Table::Logs.ddl_named(&d.sql, "\"weir_plant_a_stream_epoch_seq\"");
+        assert!(
+            ddl.starts_with(
+                "CREATE TABLE IF NOT EXISTS \"plant\".\"weir_plant_a\" (stream text NOT NULL,"
+            ),
+            "{ddl}"
+        );
+        assert!(ddl.ends_with("CREATE INDEX IF NOT EXISTS \"weir_plant_a_stream_epoch_seq\" ON \"plant\".\"weir_plant_a\" (stream, epoch, seq)"), "{ddl}");
+        assert_eq!(
+            Table::Points.ddl("weir_points"),
+            Table::Points.ddl_named("weir_points", "weir_points_stream_epoch_seq")
         );
     }
 
