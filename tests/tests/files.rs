@@ -693,9 +693,42 @@ struct LostFile {
     inbox: PathBuf,
     sha: String,
     kept: PathBuf,
+    /// The receiver's management address (`metrics.listen`): its status page.
+    status: u16,
     _receiver: Proc,
     sender: Proc,
     _link: Proc,
+}
+
+/// The receiver's status page (`/` at `metrics.listen`).
+fn status_page(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let mut page = String::new();
+    let _ = c.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let _ = c.read_to_string(&mut page);
+    page
+}
+
+/// `weir-receiver gaps` with `args`: its standard output.
+fn receiver_gaps(s: &Scratch, args: &[&str]) -> String {
+    let out = Command::new(bin("weir-receiver"))
+        .args([
+            "gaps",
+            "--config",
+            s.join("receiver.toml").to_str().unwrap(),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn lose_a_file(name: &str) -> LostFile {
@@ -703,15 +736,18 @@ fn lose_a_file(name: &str) -> LostFile {
     let (outbox, inbox) = (s.join("outbox"), s.join("inbox"));
     std::fs::create_dir_all(&outbox).unwrap();
     let (sender_port, receiver_port) = (free_udp_port(), free_udp_port());
+    let status = free_tcp_port();
+    let rcfg = receiver_config(&s, receiver_port, &inbox);
+    let text = std::fs::read_to_string(&rcfg).unwrap().replace(
+        "log_interval_s = 1\n",
+        &format!("log_interval_s = 1\nlisten = \"127.0.0.1:{status}\"\n"),
+    );
+    std::fs::write(&rcfg, text).unwrap();
     let receiver = Proc::spawn(
         &s,
         "receiver",
         "weir-receiver",
-        &[
-            "run",
-            "--config",
-            receiver_config(&s, receiver_port, &inbox).to_str().unwrap(),
-        ],
+        &["run", "--config", rcfg.to_str().unwrap()],
     );
     let lossy = linksim(
         &s,
@@ -790,6 +826,7 @@ fn lose_a_file(name: &str) -> LostFile {
         inbox,
         sha,
         kept,
+        status,
         _receiver: receiver,
         sender,
         _link: link,
@@ -845,15 +882,7 @@ fn resend_by_file_name_sends_the_parts_the_spool_still_holds_and_the_receiver_co
     assert!(stdout.contains("every part is in the spool"), "{stdout}");
     assert_completed_once(&lost);
     // The stream's gaps were filled by the resent records: none is open.
-    let out = Command::new(bin("weir-receiver"))
-        .args([
-            "gaps",
-            "--config",
-            lost.s.join("receiver.toml").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let gaps = String::from_utf8_lossy(&out.stdout);
+    let gaps = receiver_gaps(&lost.s, &[]);
     assert!(gaps.contains("no open gaps"), "{gaps}");
     assert!(lost.sender.stop(Duration::from_secs(20)));
 }
@@ -861,6 +890,19 @@ fn resend_by_file_name_sends_the_parts_the_spool_still_holds_and_the_receiver_co
 #[test]
 fn resend_by_file_name_sends_from_the_sent_dir_and_names_where_it_looked_once_the_file_is_gone() {
     let mut lost = lose_a_file("files-resend-disk");
+    // The records the lossy link took are open gaps, on the status page too.
+    let audit = lost.s.join("audit.jsonl");
+    let lost_gaps = gaps(&audit, "outbox");
+    assert!(
+        !lost_gaps.is_empty(),
+        "the audit log names the stream's gaps"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || status_page(lost.status)
+            .contains("<table id=\"open-gaps\">")),
+        "the status page lists no open gap: {}",
+        status_page(lost.status)
+    );
     // A name the source never sent is refused, naming its history.
     let out = resend_file(&lost.scfg, &["--file", "nothing.bin"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -887,6 +929,66 @@ fn resend_by_file_name_sends_from_the_sent_dir_and_names_where_it_looked_once_th
     assert!(
         log.contains("sending a file again on an operator's request"),
         "{log}"
+    );
+    // The copy from disk came under new sequence numbers, so no resend
+    // recovered the original records: the gaps they left are resolved by
+    // the file, not deleted. The audit says by what and when, `gaps` no
+    // longer lists them as open, `gaps --all` does with the resolution, and
+    // the status page (the decoder's open gaps) drops them.
+    let mut resolved = Vec::new();
+    assert!(wait_until(Duration::from_secs(5), || {
+        resolved = json_lines(&audit)
+            .into_iter()
+            .filter(|e| e["event"] == "gap-resolved")
+            .collect();
+        !resolved.is_empty()
+    }));
+    for r in &resolved {
+        assert_eq!(
+            (&r["stream"], &r["file"]),
+            (
+                &serde_json::json!("outbox"),
+                &serde_json::json!("report.bin")
+            ),
+            "{r}"
+        );
+        assert!(
+            r["resolution"]
+                .as_str()
+                .unwrap()
+                .starts_with("resolved by resend of report.bin at 20"),
+            "{r}"
+        );
+    }
+    for (from, to, _) in &lost_gaps {
+        assert!(
+            resolved
+                .iter()
+                .any(|r| r["from"].as_u64().unwrap() <= *from && *to <= r["to"].as_u64().unwrap()),
+            "gap {from}..={to} is outside every resolved range: {resolved:?}"
+        );
+    }
+    let open = receiver_gaps(&lost.s, &[]);
+    assert!(
+        open.starts_with("no open gaps\n")
+            && open.contains("resolved gaps")
+            && open.contains("--all lists them"),
+        "{open}"
+    );
+    let all = receiver_gaps(&lost.s, &["--all"]);
+    let rows: Vec<&str> = all.lines().filter(|l| l.starts_with("outbox ")).collect();
+    assert!(!rows.is_empty(), "{all}");
+    assert!(
+        rows.iter()
+            .all(|l| l.contains("resolved by resend of report.bin at 20")),
+        "{all}"
+    );
+    assert!(all.contains("\n0 open gaps, 0 records\n"), "{all}");
+    assert!(
+        wait_until(Duration::from_secs(10), || status_page(lost.status)
+            .contains("none: no gap is waiting for a resend")),
+        "the status page still lists open gaps: {}",
+        status_page(lost.status)
     );
     // Gone from disk: the error names every place it looked.
     std::fs::remove_file(&sent).unwrap();
