@@ -669,9 +669,11 @@ const HUGE_RATE: &str = "400Mbit";
 ///   byte (twice the data rate to disk) behind a socket buffer capped by
 ///   `net.core.rmem_max` (4 MiB here), and a stall of its threads longer
 ///   than the buffer holds loses a run of datagrams no FEC repairs. On
-///   this 2-core machine, shared with other builds (load 5), 500 and
-///   600 Mbit/s lost such a run in every try (at 68 MB to 2 GB in); 400
-///   did not. MTU 9000 was no better (more loss, RSS near the bound).
+///   this 2-core machine, shared with other builds (load 3 to 6), 500 and
+///   600 Mbit/s lost such a run in each of four tries, 400 in two of
+///   eight (700 and 1200 passed once each at lower load): 400 keeps loss
+///   rare and the test near 70 s. MTU 9000 was no better (more loss, RSS
+///   near the bound).
 /// - The file is fsynced before the transfer starts (see below).
 /// - It runs alone (`.config/nextest.toml`), as the FEC burst tests do:
 ///   an end-to-end test beside it takes the CPU the receiver's socket
