@@ -1625,6 +1625,40 @@ impl Decoder {
         self.remember_open_gap(&name, from, to);
     }
 
+    /// Forgets the stream's open gaps within `from..=to` (a gap partly in
+    /// it keeps the rest): what those records carried arrived another way
+    /// (a `files` sink completed their file from a resend under new
+    /// sequence numbers), so no resend needs to fill them. Returns the
+    /// records no longer open. A resent record in the range is then a
+    /// duplicate (`resent_duplicate`), as for a gap already recovered.
+    pub fn resolve_open_gaps(&mut self, stream: &str, from: u64, to: u64) -> u64 {
+        let Some(gaps) = self.open_gaps.get_mut(stream) else {
+            return 0;
+        };
+        let mut resolved = 0u64;
+        let mut kept = Vec::with_capacity(gaps.len() + 1);
+        for &(f, t) in gaps.iter() {
+            if t < from || f > to {
+                kept.push((f, t));
+                continue;
+            }
+            let (cut_from, cut_to) = (f.max(from), t.min(to));
+            resolved = resolved.saturating_add(cut_to - cut_from + 1);
+            if f < cut_from {
+                kept.push((f, cut_from - 1));
+            }
+            if cut_to < t {
+                kept.push((cut_to + 1, t));
+            }
+        }
+        while kept.len() > MAX_OPEN_GAPS {
+            kept.remove(0);
+            self.stats.open_gaps_forgotten += 1;
+        }
+        *gaps = kept;
+        resolved
+    }
+
     /// The gaps a resend can still fill, per stream (at most
     /// `MAX_OPEN_GAPS` each, oldest first): (stream, from, to).
     pub fn open_gaps(&self) -> impl Iterator<Item = (&str, u64, u64)> + '_ {
@@ -2206,5 +2240,31 @@ mod tests {
         });
         assert_eq!(stats.window_jumps, 1);
         assert_eq!(seqs, (0..3000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn resolving_open_gaps_forgets_only_the_range_given_and_splits_a_gap_it_cuts() {
+        let mut dec = Decoder::new(DecoderConfig::default(), Verifier::disabled());
+        dec.restore_open_gap("s", 10, 19);
+        dec.restore_open_gap("s", 30, 39);
+        dec.restore_open_gap("t", 10, 19);
+        assert_eq!(dec.resolve_open_gaps("s", 15, 32), 8);
+        assert_eq!(dec.resolve_open_gaps("nothing", 0, u64::MAX), 0);
+        let mut open: Vec<_> = dec
+            .open_gaps()
+            .map(|(s, f, t)| (s.to_string(), f, t))
+            .collect();
+        open.sort();
+        assert_eq!(
+            open,
+            [
+                ("s".to_string(), 10, 14),
+                ("s".to_string(), 33, 39),
+                ("t".to_string(), 10, 19)
+            ]
+        );
+        assert_eq!(dec.resolve_open_gaps("s", 12, 12), 1);
+        assert_eq!(dec.resolve_open_gaps("s", 0, u64::MAX), 11);
+        assert_eq!(dec.open_gaps().filter(|g| g.0 == "s").count(), 0);
     }
 }

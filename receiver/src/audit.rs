@@ -230,7 +230,7 @@ fn hash_range(file: &File, start: u64, end: u64) -> io::Result<String> {
 
 /// Events sinks hand to the audit log, which the journal thread owns and
 /// writes ([`drain_sink_events`], each loop): a `files` sink's line per
-/// file. Bounded: a sink that finds it full logs the event as an ERROR
+/// file, and its `gap-resolved` lines. Bounded: a sink that finds it full logs the event as an ERROR
 /// instead (the journal thread drains it within milliseconds, so only a
 /// stalled receiver fills it).
 const SINK_EVENTS: usize = 4096;
@@ -264,11 +264,13 @@ pub fn sink_event(event: &str, fields: Value) {
     }
 }
 
-/// Writes the events sinks queued (journal thread).
-pub fn drain_sink_events(log: &mut AuditLog) {
+/// Writes the events sinks queued (journal thread), showing each to
+/// `written` once it is in the log.
+pub fn drain_sink_events(log: &mut AuditLog, mut written: impl FnMut(&str, &Value)) {
     let rx = sink_events().1.lock().unwrap_or_else(|p| p.into_inner());
     while let Ok((event, fields)) = rx.try_recv() {
-        log.write(&event, fields);
+        log.write(&event, fields.clone());
+        written(&event, &fields);
     }
 }
 

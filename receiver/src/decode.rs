@@ -41,13 +41,23 @@ pub struct Chunk {
     pub events: Vec<Event>,
 }
 
+/// Gap resolutions waiting for the decode thread, at most: it takes them
+/// every loop (at least every `IDLE_WAIT`), and each is one file a resend
+/// completed, so only a stalled decode thread fills it. Past it a
+/// resolution is logged and applies at the next start instead (from the
+/// audit log); the gap stays in the status board's list until then.
+const MAX_RESOLUTIONS: usize = 1024;
+
 /// The decoder's counters as last copied by the decode thread: the journal
 /// thread reads them for the metrics file, the status board and its log
-/// lines. Final once the decode thread has ended.
+/// lines. Final once the decode thread has ended. The one thing going the
+/// other way: ranges of open gaps the journal thread wrote a `gap-resolved`
+/// audit line for, which the decode thread has the decoder forget.
 #[derive(Default)]
 pub struct StatsView {
     stats: Mutex<DecoderStats>,
     gaps: Mutex<OpenGaps>,
+    resolutions: Mutex<Vec<(String, u64, u64)>>,
 }
 
 /// The decoder's open gaps as last copied: at most
@@ -67,6 +77,22 @@ impl StatsView {
     /// The open gaps a resend can still fill, as of the last copy.
     pub fn open_gaps(&self) -> OpenGaps {
         self.gaps.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks the decode thread to forget the stream's open gaps within
+    /// `from..=to` ([`Decoder::resolve_open_gaps`]); false if
+    /// [`MAX_RESOLUTIONS`] already wait.
+    pub fn resolve_gaps(&self, stream: &str, from: u64, to: u64) -> bool {
+        let mut r = self.resolutions.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= MAX_RESOLUTIONS {
+            return false;
+        }
+        r.push((stream.to_string(), from, to));
+        true
+    }
+
+    fn take_resolutions(&self) -> Vec<(String, u64, u64)> {
+        std::mem::take(&mut *self.resolutions.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn set(&self, decoder: &Decoder) {
@@ -158,6 +184,11 @@ pub fn run(
         if decoder.poll_timeout().is_some_and(|d| d <= t) {
             decoder.handle_timeout(t);
         }
+        let resolutions = stats.take_resolutions();
+        for (stream, from, to) in &resolutions {
+            let records = decoder.resolve_open_gaps(stream, *from, *to);
+            tracing::debug!(stream = %stream, from, to, records, "open gaps resolved (a file completed by a resend)");
+        }
         let mut open = true;
         while let Some(ev) = decoder.poll_event() {
             if !outbox.push(ev) {
@@ -169,7 +200,11 @@ pub fn run(
         // thread groups records for its fsync, not this one.
         open = open && outbox.flush();
         beat.touch();
-        if disconnected || !open || last_stats.elapsed() >= STATS_INTERVAL {
+        if disconnected
+            || !open
+            || !resolutions.is_empty()
+            || last_stats.elapsed() >= STATS_INTERVAL
+        {
             last_stats = Instant::now();
             stats.set(&decoder);
         }

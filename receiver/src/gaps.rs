@@ -5,6 +5,13 @@
 //! at each `sequence-reset` (the sender lost its sequence state: a new epoch), so a recovery only
 //! applies to gaps reported since the last reset of its stream: before that
 //! the same numbers named other records.
+//!
+//! A `gap-resolved` event (a `files` sink completed a file whose transfer
+//! had lost those records, from a resend under new sequence numbers)
+//! closes the open gaps it covers the same way, but they are not
+//! forgotten: the records of the original stream really were lost, so they
+//! are kept as resolved, with the resolution (`resolved by resend of FILE
+//! at TIME`), and `gaps --all` lists them.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -31,6 +38,15 @@ impl OpenGap {
     }
 }
 
+/// A gap (or a piece of one) whose records are not needed any more: what
+/// they carried arrived another way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedGap {
+    pub gap: OpenGap,
+    /// As the `gap-resolved` event says: `resolved by resend of FILE at TIME`.
+    pub resolution: String,
+}
+
 /// The open gaps of every stream, built by applying audit events in order.
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -42,8 +58,11 @@ struct StreamGaps {
     /// Gaps from before the stream's last `sequence-reset`: no recovery
     /// can name them any more.
     earlier: Vec<OpenGap>,
-    /// Gaps since the last reset, which `recovered` events apply to.
+    /// Gaps since the last reset, which `recovered` and `gap-resolved`
+    /// events apply to.
     current: Vec<OpenGap>,
+    /// Pieces of gaps closed by `gap-resolved` events.
+    resolved: Vec<ResolvedGap>,
 }
 
 fn field<'a>(event: &'a Value, key: &str) -> Result<&'a Value, String> {
@@ -72,12 +91,18 @@ fn range(event: &Value) -> Result<(u64, u64), String> {
     Ok((from, to))
 }
 
-/// `gap` minus `from..=to`: zero, one or two pieces.
-fn subtract(gap: OpenGap, from: u64, to: u64, out: &mut Vec<OpenGap>) {
+/// `gap` minus `from..=to`: zero, one or two pieces; the piece taken out,
+/// if any.
+fn subtract(gap: OpenGap, from: u64, to: u64, out: &mut Vec<OpenGap>) -> Option<OpenGap> {
     if to < gap.from || from > gap.to {
         out.push(gap);
-        return;
+        return None;
     }
+    let taken = OpenGap {
+        from: gap.from.max(from),
+        to: gap.to.min(to),
+        ..gap.clone()
+    };
     if gap.from < from {
         out.push(OpenGap {
             to: from - 1,
@@ -90,12 +115,13 @@ fn subtract(gap: OpenGap, from: u64, to: u64, out: &mut Vec<OpenGap>) {
             ..gap
         });
     }
+    Some(taken)
 }
 
 impl Ledger {
-    /// Applies one audit line. Events other than `gap`, `recovered` and
-    /// `sequence-reset` are ignored; a malformed one of those is an error,
-    /// because skipping it could hide a loss.
+    /// Applies one audit line. Events other than `gap`, `recovered`,
+    /// `gap-resolved` and `sequence-reset` are ignored; a malformed one of
+    /// those is an error, because skipping it could hide a loss.
     pub fn apply(&mut self, event: &Value) -> Result<(), String> {
         match event.get("event").and_then(Value::as_str) {
             Some("gap") => {
@@ -124,6 +150,23 @@ impl Ledger {
                     s.current = open;
                 }
             }
+            Some("gap-resolved") => {
+                let (from, to) = range(event)?;
+                let stream = str_field(event, "stream")?;
+                let resolution = str_field(event, "resolution")?;
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    let mut open = Vec::with_capacity(s.current.len() + 1);
+                    for gap in s.current.drain(..) {
+                        if let Some(gap) = subtract(gap, from, to, &mut open) {
+                            s.resolved.push(ResolvedGap {
+                                gap,
+                                resolution: resolution.clone(),
+                            });
+                        }
+                    }
+                    s.current = open;
+                }
+            }
             Some("sequence-reset") => {
                 let stream = str_field(event, "stream")?;
                 if let Some(s) = self.streams.get_mut(&stream) {
@@ -146,22 +189,43 @@ impl Ledger {
         all.sort_by(|a, b| (&a.stream, a.from, &a.at, a.to).cmp(&(&b.stream, b.from, &b.at, b.to)));
         all
     }
+
+    /// Gaps closed by `gap-resolved` events, sorted as [`Self::open_gaps`].
+    pub fn resolved_gaps(&self) -> Vec<ResolvedGap> {
+        let mut all: Vec<ResolvedGap> = self
+            .streams
+            .values()
+            .flat_map(|s| s.resolved.iter().cloned())
+            .collect();
+        all.sort_by(|a, b| {
+            let (a, b) = (&a.gap, &b.gap);
+            (&a.stream, a.from, &a.at, a.to).cmp(&(&b.stream, b.from, &b.at, b.to))
+        });
+        all
+    }
 }
 
 /// The open gaps of an audit log, and whether it ended in a partial line
 /// (which is skipped: the receiver may be writing it right now).
-pub fn scan(mut reader: impl BufRead) -> Result<(Vec<OpenGap>, bool)> {
+pub fn scan(reader: impl BufRead) -> Result<(Vec<OpenGap>, bool)> {
+    let (ledger, torn) = scan_ledger(reader)?;
+    Ok((ledger.open_gaps(), torn))
+}
+
+/// The ledger of an audit log (open and resolved gaps), and whether it
+/// ended in a partial line.
+pub fn scan_ledger(mut reader: impl BufRead) -> Result<(Ledger, bool)> {
     let mut ledger = Ledger::default();
     let mut buf = Vec::new();
     let mut line_no = 0u64;
     loop {
         buf.clear();
         if reader.read_until(b'\n', &mut buf)? == 0 {
-            return Ok((ledger.open_gaps(), false));
+            return Ok((ledger, false));
         }
         line_no += 1;
         if buf.last() != Some(&b'\n') {
-            return Ok((ledger.open_gaps(), true));
+            return Ok((ledger, true));
         }
         let event: Value = serde_json::from_slice(&buf[..buf.len() - 1])
             .map_err(|e| anyhow::anyhow!("line {line_no}: not JSON ({e})"))?;
@@ -172,13 +236,14 @@ pub fn scan(mut reader: impl BufRead) -> Result<(Vec<OpenGap>, bool)> {
     }
 }
 
-/// `weir-receiver gaps --config FILE [--json]`.
-pub fn print_open_gaps(config: &Path, as_json: bool) -> Result<()> {
+/// `weir-receiver gaps --config FILE [--json] [--all]`: the open gaps;
+/// with `all`, the resolved ones too (each with its resolution).
+pub fn print_open_gaps(config: &Path, as_json: bool, all: bool) -> Result<()> {
     let loaded = crate::config::load(config)?;
     let path = &loaded.config.audit.path;
     let file = std::fs::File::open(path)
         .with_context(|| format!("audit.path: cannot open {}", path.display()))?;
-    let (gaps, torn) = scan(std::io::BufReader::new(file))
+    let (ledger, torn) = scan_ledger(std::io::BufReader::new(file))
         .with_context(|| format!("reading audit log {}", path.display()))?;
     if torn {
         eprintln!(
@@ -186,30 +251,48 @@ pub fn print_open_gaps(config: &Path, as_json: bool) -> Result<()> {
             path.display()
         );
     }
+    let (gaps, resolved) = (ledger.open_gaps(), ledger.resolved_gaps());
     let text = if as_json {
         if gaps.is_empty() {
             eprintln!("weir-receiver: no open gaps");
         }
-        gaps.iter()
-            .map(|g| {
-                json!({ "stream": g.stream, "from": g.from, "to": g.to, "records": g.records(), "cause": g.cause, "at": g.at })
-                    .to_string()
-                    + "\n"
-            })
-            .collect()
+        let line = |g: &OpenGap, resolution: Option<&str>| {
+            let mut v = json!({ "stream": g.stream, "from": g.from, "to": g.to, "records": g.records(), "cause": g.cause, "at": g.at });
+            if all {
+                v["resolved"] = json!(resolution);
+            }
+            v.to_string() + "\n"
+        };
+        let mut out: String = gaps.iter().map(|g| line(g, None)).collect();
+        if all {
+            out.extend(resolved.iter().map(|r| line(&r.gap, Some(&r.resolution))));
+        }
+        out
     } else {
-        table(&gaps)
+        table(&gaps, &resolved, all)
     };
     // A closed pipe (`| head`) is not an error worth a panic.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
     Ok(())
 }
 
-fn table(gaps: &[OpenGap]) -> String {
-    if gaps.is_empty() {
-        return "no open gaps\n".into();
+/// The open gaps as a table; with `all`, the resolved ones too, in a
+/// RESOLVED column (`open` for the others). Without it, a last line counts
+/// the resolved ones left out.
+fn table(gaps: &[OpenGap], resolved: &[ResolvedGap], all: bool) -> String {
+    let resolved_records: u64 = resolved.iter().map(|r| r.gap.records()).sum();
+    let left_out = if resolved.is_empty() || all {
+        String::new()
+    } else {
+        format!(
+            "{} resolved gaps ({resolved_records} records, completed by a file resend) not listed; --all lists them\n",
+            resolved.len()
+        )
+    };
+    if gaps.is_empty() && (resolved.is_empty() || !all) {
+        return format!("no open gaps\n{left_out}");
     }
-    let header = [
+    let mut header = vec![
         "STREAM",
         "FROM",
         "TO",
@@ -217,27 +300,42 @@ fn table(gaps: &[OpenGap]) -> String {
         "CAUSE",
         "FIRST REPORTED AT",
     ];
-    let rows: Vec<[String; 6]> = gaps
-        .iter()
-        .map(|g| {
-            [
-                g.stream.clone(),
-                g.from.to_string(),
-                g.to.to_string(),
-                g.records().to_string(),
-                g.cause.clone(),
-                g.at.clone(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
+    if all {
+        header.push("RESOLVED");
+    }
+    let row = |g: &OpenGap, resolution: &str| {
+        let mut cells = vec![
+            g.stream.clone(),
+            g.from.to_string(),
+            g.to.to_string(),
+            g.records().to_string(),
+            g.cause.clone(),
+            g.at.clone(),
+        ];
+        if all {
+            cells.push(resolution.to_string());
+        }
+        cells
+    };
+    let mut rows: Vec<(&OpenGap, Vec<String>)> = gaps.iter().map(|g| (g, row(g, "open"))).collect();
+    if all {
+        rows.extend(
+            resolved
+                .iter()
+                .map(|r| (&r.gap, row(&r.gap, &r.resolution))),
+        );
+        rows.sort_by(|(a, _), (b, _)| {
+            (&a.stream, a.from, &a.at, a.to).cmp(&(&b.stream, b.from, &b.at, b.to))
+        });
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for (_, cells) in &rows {
+        for (w, cell) in widths.iter_mut().zip(cells) {
             *w = (*w).max(cell.len());
         }
     }
     let mut out = String::new();
-    let mut push_row = |cells: [&str; 6]| {
+    let mut push_row = |cells: &[&str]| {
         let mut line = String::new();
         for (i, cell) in cells.iter().enumerate() {
             // Numbers right-aligned, text left-aligned.
@@ -252,12 +350,19 @@ fn table(gaps: &[OpenGap]) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     };
-    push_row(header);
-    for row in &rows {
-        push_row(row.each_ref().map(String::as_str));
+    push_row(&header);
+    for (_, cells) in &rows {
+        push_row(&cells.iter().map(String::as_str).collect::<Vec<_>>());
     }
     let total: u64 = gaps.iter().map(OpenGap::records).sum();
     out.push_str(&format!("{} open gaps, {total} records\n", gaps.len()));
+    if all && !resolved.is_empty() {
+        out.push_str(&format!(
+            "{} resolved gaps, {resolved_records} records\n",
+            resolved.len()
+        ));
+    }
+    out.push_str(&left_out);
     out
 }
 
@@ -437,12 +542,101 @@ mod tests {
             },
         ];
         assert_eq!(
-            table(&gaps),
+            table(&gaps, &[], false),
             "STREAM       FROM      TO  RECORDS  CAUSE          FIRST REPORTED AT\n\
              plant/gen      10      11        2  link-loss      2026-01-01T00:00:00Z\n\
              x          100000  100000        1  receiver-down  2026-01-01T00:00:01Z\n\
              2 open gaps, 3 records\n"
         );
-        assert_eq!(table(&[]), "no open gaps\n");
+        assert_eq!(table(&[], &[], false), "no open gaps\n");
+    }
+
+    fn resolved_by(stream: &str, from: u64, to: u64, file: &str) -> Value {
+        json!({ "event": "gap-resolved", "stream": stream, "from": from, "to": to, "file": file,
+                "resolution": format!("resolved by resend of {file} at t8"), "at": "t8" })
+    }
+
+    #[test]
+    fn a_gap_resolved_by_a_file_resend_is_no_longer_open_but_is_kept_as_resolved_with_its_resolution(
+    ) {
+        let mut ledger = Ledger::default();
+        for e in [
+            gap("a", 10, 19, "t1"),
+            gap("a", 30, 39, "t2"),
+            gap("b", 10, 19, "t3"),
+            // The file's transfer held records 15..=32 of stream a.
+            resolved_by("a", 15, 32, "report.bin"),
+            // Nothing open there: nothing resolved.
+            resolved_by("c", 0, 9, "other.bin"),
+        ] {
+            ledger.apply(&e).unwrap();
+        }
+        let open: Vec<_> = ledger
+            .open_gaps()
+            .into_iter()
+            .map(|g| (g.stream, g.from, g.to))
+            .collect();
+        assert_eq!(open, [r("a", 10, 14), r("a", 33, 39), r("b", 10, 19)]);
+        let resolved = ledger.resolved_gaps();
+        assert_eq!(
+            resolved
+                .iter()
+                .map(|x| (
+                    x.gap.from,
+                    x.gap.to,
+                    x.gap.at.as_str(),
+                    x.resolution.as_str()
+                ))
+                .collect::<Vec<_>>(),
+            [
+                (15, 19, "t1", "resolved by resend of report.bin at t8"),
+                (30, 32, "t2", "resolved by resend of report.bin at t8")
+            ]
+        );
+        // A later recovery of a resolved range changes nothing.
+        ledger.apply(&recovered("a", 15, 19)).unwrap();
+        assert_eq!(ledger.resolved_gaps().len(), 2);
+        assert_eq!(
+            ledger.apply(
+                &json!({ "event": "gap-resolved", "stream": "a", "from": 1, "to": 2, "at": "t" })
+            ),
+            Err("lacks `resolution`".into())
+        );
+    }
+
+    #[test]
+    fn the_table_leaves_resolved_gaps_out_unless_asked_and_then_names_their_resolution() {
+        let mut ledger = Ledger::default();
+        for e in [
+            gap("a", 10, 19, "t1"),
+            gap("a", 30, 39, "t2"),
+            resolved_by("a", 0, 25, "report.bin"),
+        ] {
+            ledger.apply(&e).unwrap();
+        }
+        let (open, resolved) = (ledger.open_gaps(), ledger.resolved_gaps());
+        assert_eq!(
+            table(&open, &resolved, false),
+            "STREAM  FROM  TO  RECORDS  CAUSE      FIRST REPORTED AT\n\
+             a         30  39       10  link-loss  t2\n\
+             1 open gaps, 10 records\n\
+             1 resolved gaps (10 records, completed by a file resend) not listed; --all lists them\n"
+        );
+        assert_eq!(
+            table(&open, &resolved, true),
+            "STREAM  FROM  TO  RECORDS  CAUSE      FIRST REPORTED AT  RESOLVED\n\
+             a         10  19       10  link-loss  t1                 resolved by resend of report.bin at t8\n\
+             a         30  39       10  link-loss  t2                 open\n\
+             1 open gaps, 10 records\n\
+             1 resolved gaps, 10 records\n"
+        );
+        ledger
+            .apply(&resolved_by("a", 30, 39, "second.bin"))
+            .unwrap();
+        let (open, resolved) = (ledger.open_gaps(), ledger.resolved_gaps());
+        assert_eq!(
+            table(&open, &resolved, false),
+            "no open gaps\n2 resolved gaps (20 records, completed by a file resend) not listed; --all lists them\n"
+        );
     }
 }

@@ -86,10 +86,13 @@ enum Command {
     /// An open gap is a `gap` range minus the parts that later `recovered`
     /// events of the same stream cover (a recovery after a stream's
     /// `sequence-reset` does not apply to gaps before it: the numbers
-    /// restarted). Sorted by stream, then first sequence number. Exits 0
-    /// whether or not gaps are open; prints `no open gaps` when none are.
-    /// A relative `audit.path` is taken from the current directory, as by
-    /// `run`. The chain is not checked here: use `audit verify`.
+    /// restarted), and minus those `gap-resolved` events close (a `files`
+    /// sink completed the file whose transfer lost them, from a resend):
+    /// those are resolved, not open, and listed only with `--all`. Sorted
+    /// by stream, then first sequence number. Exits 0 whether or not gaps
+    /// are open; prints `no open gaps` when none are. A relative
+    /// `audit.path` is taken from the current directory, as by `run`. The
+    /// chain is not checked here: use `audit verify`.
     Gaps {
         /// The receiver's configuration file; its `[audit] path` is read.
         #[arg(long, short)]
@@ -98,6 +101,11 @@ enum Command {
         /// {"stream","from","to","records","cause","at"}; nothing when none.
         #[arg(long)]
         json: bool,
+        /// List resolved gaps too, each with its resolution (`resolved by
+        /// resend of FILE at TIME`; `open` for the others; in JSON a
+        /// `resolved` key, null for open gaps).
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -157,7 +165,7 @@ fn main() {
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
-        Command::Gaps { config, json } => gaps::print_open_gaps(&config, json),
+        Command::Gaps { config, json, all } => gaps::print_open_gaps(&config, json, all),
         Command::Status { config } => status::print_status(&config),
     };
     if let Err(e) = result {

@@ -431,7 +431,7 @@ impl Pipeline {
                     }
                 }
             }
-            crate::audit::drain_sink_events(&mut self.audit);
+            self.drain_sink_events();
             if self.journal.sync_due() || disconnected || records.len() >= 65_536 {
                 let result = if disconnected {
                     self.journal.sync()
@@ -531,10 +531,34 @@ impl Pipeline {
         self.publish(unrouted_records.total, &watch);
         self.write_metrics(&unrouted_records, &watch);
         self.log_status(&mut logged_rebuilt);
-        crate::audit::drain_sink_events(&mut self.audit);
+        self.drain_sink_events();
         self.audit.write("receiver-stop", json!({}));
         self.audit.sync();
         self.failure
+    }
+
+    /// Writes the audit lines sinks queued; a `gap-resolved` line (a
+    /// `files` sink completed a file from a resend) also has the decoder
+    /// forget those open gaps, so the status board and a later resend no
+    /// longer count them as open.
+    fn drain_sink_events(&mut self) {
+        let stats = self.decoder_stats.clone();
+        crate::audit::drain_sink_events(&mut self.audit, |event, fields| {
+            if event != "gap-resolved" {
+                return;
+            }
+            let (Some(stream), Some(from), Some(to)) = (
+                fields["stream"].as_str(),
+                fields["from"].as_u64(),
+                fields["to"].as_u64(),
+            ) else {
+                return;
+            };
+            tracing::info!(stream, from, to, file = %fields["file"], "gaps resolved: the file their records carried was completed by a resend");
+            if !stats.resolve_gaps(stream, from, to) {
+                tracing::warn!(stream, from, to, "gaps resolved, but the decode thread has not taken the earlier resolutions yet; the status board lists these as open until the next start");
+            }
+        });
     }
 
     /// A fatal error of `thread`: logged as an ERROR naming the thread and

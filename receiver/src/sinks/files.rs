@@ -25,6 +25,13 @@
 //!   missing byte ranges, the missing sequence numbers between the parts
 //!   seen, and why. If the missing parts arrive later (`weir-sender resend`
 //!   of the stream's gap), the transfer is picked up again and completed.
+//!   A new copy under new sequence numbers (a resend from disk, a restarted
+//!   sender) is judged at its own last part.
+//! - **Resolved gaps.** A file completed after it was given up for lost
+//!   records gets a `gap-resolved` audit line per lost copy: the sequence
+//!   range that copy took on its stream, and `resolved by resend of PATH at
+//!   TIME`. The stream's gaps in that range are then resolved, not deleted
+//!   (`weir-receiver gaps --all`), and the decoder forgets them as open.
 //! - **Refused.** A part whose path is absolute, has `..`, `.` or empty
 //!   components, starts a component with `.weir-`, begins with
 //!   `incomplete/`, or whose bytes lie past its size, and any record that is
@@ -164,11 +171,66 @@ struct Transfer {
     /// wrong, nobody knows which, so only a whole new copy completes it.
     #[serde(default)]
     mismatch: bool,
+    /// The length of a part that is not the last: the source cuts every
+    /// part but the last to its `chunk_size`.
+    #[serde(default)]
+    chunk: Option<u64>,
+    /// The part with the lowest sequence number since this copy started
+    /// (or was picked up again): (seq, offset).
+    #[serde(default)]
+    lowest: Option<(u64, u64)>,
+    /// The part with the highest: (seq, offset, length).
+    #[serde(default)]
+    highest: Option<(u64, u64, u64)>,
+    /// The sequence numbers, `[first, last + 1)`, the copies given up as
+    /// incomplete took on the stream: the records lost among them are what
+    /// completing the file later resolves (`gap-resolved`).
+    #[serde(default)]
+    lost: Ranges,
 }
 
 impl Transfer {
     fn id(&self) -> String {
         format!("{:016x}", self.transfer)
+    }
+
+    fn note_part(&mut self, seq: u64, p: &FilePart) {
+        let len = p.data.len() as u64;
+        if p.sha256.is_none() && len > 0 && self.chunk.is_none() {
+            self.chunk = Some(len);
+        }
+        if self.lowest.is_none_or(|(s, _)| seq < s) {
+            self.lowest = Some((seq, p.offset));
+        }
+        if self.highest.is_none_or(|(s, _, _)| seq > s) {
+            self.highest = Some((seq, p.offset, len));
+        }
+    }
+
+    /// The sequence numbers this copy took on its stream, `[first, last +
+    /// 1)`: those of the lowest and highest parts seen, widened by the
+    /// parts their offsets say came before and after them (lost ones too:
+    /// a `files` source sends one file at a time, every part but the last
+    /// `chunk` bytes), and ending before `next`, the first part of the
+    /// transfer the stream went on to, when that is what ended it.
+    fn span(&self, next: Option<u64>) -> Option<(u64, u64)> {
+        let (lo_seq, lo_offset) = self.lowest?;
+        let (hi_seq, hi_offset, hi_len) = self.highest?;
+        let (first, last) = match self.chunk {
+            Some(c) => {
+                let after = self.size.saturating_sub(hi_offset.saturating_add(hi_len));
+                (
+                    lo_seq.saturating_sub(lo_offset / c),
+                    hi_seq.saturating_add(after.div_ceil(c)),
+                )
+            }
+            None => (lo_seq, hi_seq),
+        };
+        let last = match next {
+            Some(n) if n > hi_seq => last.min(n - 1),
+            _ => last,
+        };
+        Some((first, last.saturating_add(1)))
     }
 }
 
@@ -312,6 +374,10 @@ impl FilesSink {
             seqs: Ranges::default(),
             data: data.to_string_lossy().into_owned(),
             mismatch: false,
+            chunk: None,
+            lowest: None,
+            highest: None,
+            lost: Ranges::default(),
         };
         // Created (empty) now, and its directory entry made durable, so a
         // restart finds it where the resume state says.
@@ -333,6 +399,7 @@ impl FilesSink {
                     self.give_up(
                         prev,
                         "the stream went on to another file before this one's last part arrived",
+                        Some(r.seq),
                     )?;
                 }
             }
@@ -355,6 +422,12 @@ impl FilesSink {
                         t.have = Ranges::default();
                         t.sha256 = None; // the new copy's last part brings it
                         t.mismatch = false;
+                    } else if !r.resent {
+                        // A new copy (a resend from disk, or a restarted
+                        // sender's), whole and in order: judged when its
+                        // last part arrives, not at each part before it
+                        // while the bytes it brings later are missing.
+                        t.sha256 = None;
                     }
                     self.open.insert(t.transfer, t);
                 }
@@ -381,6 +454,7 @@ impl FilesSink {
         let t = self.open.get_mut(&p.transfer).expect("open");
         t.have.add(p.offset, p.offset + p.data.len() as u64);
         t.seqs.add(r.seq, r.seq.saturating_add(1));
+        t.note_part(r.seq, p);
         if let Some(sha) = &p.sha256 {
             t.sha256 = Some(hex(sha));
         }
@@ -392,10 +466,14 @@ impl FilesSink {
             if t.have.covers(0, t.size) {
                 self.complete(p.transfer)?;
             } else if t.have.0.len() > MAX_RANGES || !r.resent {
-                self.give_up(p.transfer, "bytes are missing (records lost on the link)")?;
+                self.give_up(
+                    p.transfer,
+                    "bytes are missing (records lost on the link)",
+                    None,
+                )?;
             }
         } else if t.have.0.len() > MAX_RANGES {
-            self.give_up(p.transfer, "shredded into too many pieces by loss")?;
+            self.give_up(p.transfer, "shredded into too many pieces by loss", None)?;
         }
         Ok(())
     }
@@ -426,6 +504,7 @@ impl FilesSink {
             return self.give_up(
                 transfer,
                 &format!("SHA-256 mismatch: content hashes to {got}"),
+                None,
             );
         }
         let from = self.dir.join(&t.data);
@@ -472,12 +551,39 @@ impl FilesSink {
             json!({ "sink": self.name, "stream": t.stream, "path": t.path, "written": written,
                     "size": t.size, "sha256": got, "transfer": t.id(), "complete": true }),
         );
+        self.resolve_lost(&t);
         Ok(())
     }
 
+    /// A file given up as incomplete is complete now (from a resend, or a
+    /// restarted sender's new copy): the records its lost copies took are
+    /// no longer needed. Each range gets a `gap-resolved` line, which
+    /// marks the stream's gaps within it resolved, not deleted: the
+    /// records of the original stream were lost, the file is whole.
+    fn resolve_lost(&self, t: &Transfer) {
+        if t.lost.0.is_empty() {
+            return;
+        }
+        let resolution = format!(
+            "resolved by resend of {} at {}",
+            t.path,
+            crate::audit::now_rfc3339()
+        );
+        for &(from, end) in &t.lost.0 {
+            tracing::info!(sink = %self.name, stream = %t.stream, file = %t.path, transfer = t.id(), from, to = end - 1,
+                "files sink: the file is complete; the gaps its transfer left in the stream are resolved");
+            (self.audit)(
+                "gap-resolved",
+                json!({ "sink": self.name, "stream": t.stream, "from": from, "to": end - 1,
+                        "file": t.path, "transfer": t.id(), "resolution": resolution }),
+            );
+        }
+    }
+
     /// The transfer cannot complete now: its data goes under
-    /// `incomplete/`, the audit log names what is missing.
-    fn give_up(&mut self, transfer: u64, why: &str) -> Result<(), SinkError> {
+    /// `incomplete/`, the audit log names what is missing. `next`: the
+    /// sequence number of the part of another transfer that ended it.
+    fn give_up(&mut self, transfer: u64, why: &str, next: Option<u64>) -> Result<(), SinkError> {
         let Some(mut t) = self.open.remove(&transfer) else {
             return Ok(());
         };
@@ -502,10 +608,13 @@ impl FilesSink {
         }
         t.data = kept.to_string_lossy().into_owned();
         let missing = t.have.missing(0, t.size);
-        let (first_seq, last_seq) = (
+        // This copy's sequence numbers; without one (no part seen since it
+        // was picked up), those between the first and last part ever seen.
+        let span = t.span(next);
+        let (first_seq, last_seq) = span.unwrap_or((
             t.seqs.0.first().map_or(0, |r| r.0),
             t.seqs.0.last().map_or(0, |r| r.1),
-        );
+        ));
         let missing_seqs: Vec<(u64, u64)> = t
             .seqs
             .missing(first_seq, last_seq)
@@ -513,6 +622,14 @@ impl FilesSink {
             .map(|(s, e)| (s, e - 1))
             .collect();
         let missing_bytes: u64 = missing.iter().map(|(s, e)| e - s).sum();
+        if let Some((first, end)) = span.filter(|_| !missing.is_empty() || !missing_seqs.is_empty())
+        {
+            // Records were lost (not just a checksum refused): completing
+            // the file later resolves the gaps among these.
+            t.lost.add(first, end);
+        }
+        // A copy picked up again later is measured afresh.
+        (t.lowest, t.highest) = (None, None);
         tracing::warn!(sink = %self.name, stream = %t.stream, file = %t.path, transfer = t.id(), missing_bytes,
             missing = ?missing, last_part_seen = t.sha256.is_some(), kept = %t.data,
             "files sink: file incomplete ({why}); not put in place, its data kept for a resend");
@@ -522,6 +639,7 @@ impl FilesSink {
                     "sha256": t.sha256, "transfer": t.id(), "complete": false, "reason": why,
                     "missing_bytes": ranges_json(&missing),
                     "missing_seqs": missing_seqs.iter().map(|(s, e)| json!([s, e])).collect::<Vec<_>>(),
+                    "seqs": span.map(|(s, e)| json!([s, e - 1])),
                     "last_part_seen": t.sha256.is_some(), "kept": t.data }),
         );
         if self.incomplete.len() >= MAX_INCOMPLETE {
@@ -628,6 +746,7 @@ impl Sink for FilesSink {
                         json!({ "sink": self.name, "stream": t.stream, "path": t.path,
                                 "size": t.size, "sha256": t.sha256, "transfer": t.id(), "complete": true }),
                     );
+                    self.resolve_lost(&t);
                     self.remember_done(t.transfer);
                 }
                 Ok(_) => {
@@ -833,7 +952,111 @@ mod tests {
         assert_eq!(listing(&dir), ["x.csv"]);
         assert_eq!(std::fs::read(dir.join("x.csv")).unwrap(), content);
         assert!(!kept.exists());
-        assert_eq!(events.lock().unwrap()[0].1["complete"], true);
+        let ev = events.lock().unwrap();
+        assert_eq!(ev[0].1["complete"], true);
+        // The transfer took seqs 10..=12: gaps among them are resolved.
+        assert_eq!(ev[1].0, "gap-resolved");
+        assert_eq!(
+            (&ev[1].1["stream"], &ev[1].1["from"], &ev[1].1["to"]),
+            (&json!("outbox"), &json!(10), &json!(12))
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_completed_by_a_new_copy_resolves_the_seqs_its_lost_copy_took_first_and_last_parts_included(
+    ) {
+        let dir = scratch("resolve");
+        let (mut s, events) = sink(&dir);
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        let ps = parts(3, "x.bin", &content, 1000);
+        // Seqs 100..=109; the first, a middle and the last part lost, then
+        // the next file (seq 110) ends the transfer.
+        let mut live: Vec<Delivered> = ps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| ![0, 4, 9].contains(i))
+            .map(|(i, p)| delivered(100 + i as u64, p, false))
+            .collect();
+        live.push(delivered(110, &parts(4, "next.bin", b"n", 1000)[0], false));
+        write(&mut s, &live).unwrap();
+        assert_eq!(listing(&dir), ["next.bin"]);
+        {
+            let ev = events.lock().unwrap();
+            assert_eq!(ev[0].1["path"], "x.bin");
+            assert_eq!(ev[0].1["complete"], false);
+            assert_eq!(ev[0].1["seqs"], json!([100, 109]));
+            assert_eq!(
+                ev[0].1["missing_seqs"],
+                json!([[100, 100], [104, 104], [109, 109]])
+            );
+            assert_eq!(ev.len(), 2, "{ev:?}");
+        }
+        // The whole file again under new seqs (a resend from disk).
+        let again: Vec<Delivered> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| delivered(200 + i as u64, p, false))
+            .collect();
+        write(&mut s, &again).unwrap();
+        assert_eq!(std::fs::read(dir.join("x.bin")).unwrap(), content);
+        let ev = events.lock().unwrap();
+        assert_eq!(
+            (ev[2].1["path"].clone(), ev[2].1["complete"].clone()),
+            (json!("x.bin"), json!(true))
+        );
+        assert_eq!(ev[3].0, "gap-resolved");
+        let r = &ev[3].1;
+        assert_eq!(
+            (&r["from"], &r["to"], &r["file"]),
+            (&json!(100), &json!(109), &json!("x.bin"))
+        );
+        assert!(
+            r["resolution"]
+                .as_str()
+                .unwrap()
+                .starts_with("resolved by resend of x.bin at 20"),
+            "{r}"
+        );
+        assert_eq!(ev.len(), 4, "one resolution, none for next.bin: {ev:?}");
+        drop(ev);
+        // The last part seen (it brought the checksum), the first lost: the
+        // new copy is judged at its own last part, not at each part.
+        let ys = parts(5, "y.bin", &content[..5000], 1000);
+        let first: Vec<Delivered> = ys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| ![0, 2].contains(i))
+            .map(|(i, p)| delivered(300 + i as u64, p, false))
+            .collect();
+        write(&mut s, &first).unwrap();
+        let again: Vec<Delivered> = ys
+            .iter()
+            .enumerate()
+            .map(|(i, p)| delivered(400 + i as u64, p, false))
+            .collect();
+        write(&mut s, &again).unwrap();
+        assert_eq!(std::fs::read(dir.join("y.bin")).unwrap(), &content[..5000]);
+        let ev = events.lock().unwrap();
+        let lines: Vec<_> = ev[4..]
+            .iter()
+            .map(|(e, f)| {
+                (
+                    e.as_str(),
+                    f["complete"].clone(),
+                    f["from"].clone(),
+                    f["to"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                ("file", json!(false), Value::Null, Value::Null),
+                ("file", json!(true), Value::Null, Value::Null),
+                ("gap-resolved", Value::Null, json!(300), json!(304)),
+            ]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
