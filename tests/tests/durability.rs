@@ -59,27 +59,10 @@ fn run_sender(s: &Scratch, log: &str, cfg: &Path) -> Proc {
 }
 
 fn linksim(s: &Scratch, log: &str, listen: u16, target: u16, seed: u64, loss: f64) -> Proc {
-    Proc::spawn(
-        s,
-        log,
-        "weir-linksim",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{listen}"),
-            "--target",
-            &format!("127.0.0.1:{target}"),
-            "--seed",
-            &seed.to_string(),
-            "--loss",
-            &loss.to_string(),
-            "--stats-file",
-            s.join(&format!("{log}.json")).to_str().unwrap(),
-        ],
-    )
-}
-
-fn log_text(s: &Scratch, log: &str) -> String {
-    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
+    Linksim::new(s, listen, target, seed, loss)
+        .name(log)
+        .stats_file()
+        .spawn()
 }
 
 /// Waits until the receiver's `records` counter has not moved for

@@ -21,27 +21,10 @@ impl Link {
 
     /// linksim from the sender's destination to the receiver's listen port.
     fn linksim(&self, s: &Scratch, seed: u64, loss: f64, burst_start: f64, burst_len: u32) -> Proc {
-        Proc::spawn(
-            s,
-            "linksim",
-            "weir-linksim",
-            &[
-                "--listen",
-                &format!("127.0.0.1:{}", self.sender_port),
-                "--target",
-                &format!("127.0.0.1:{}", self.receiver_port),
-                "--seed",
-                &seed.to_string(),
-                "--loss",
-                &loss.to_string(),
-                "--burst-start",
-                &burst_start.to_string(),
-                "--burst-len",
-                &burst_len.to_string(),
-                "--stats-file",
-                s.join("linksim.json").to_str().unwrap(),
-            ],
-        )
+        Linksim::new(s, self.sender_port, self.receiver_port, seed, loss)
+            .bursts(&burst_start.to_string(), &burst_len.to_string())
+            .stats_file()
+            .spawn()
     }
 }
 

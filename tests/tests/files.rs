@@ -18,27 +18,11 @@ use sha2::{Digest, Sha256};
 
 fn linksim(s: &Scratch, name: &str, from: u16, to: u16, seed: u64, loss: f64, burst: bool) -> Proc {
     let (start, len) = if burst { ("0.0005", "10") } else { ("0", "0") };
-    Proc::spawn(
-        s,
-        name,
-        "weir-linksim",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{from}"),
-            "--target",
-            &format!("127.0.0.1:{to}"),
-            "--seed",
-            &seed.to_string(),
-            "--loss",
-            &loss.to_string(),
-            "--burst-start",
-            start,
-            "--burst-len",
-            len,
-            "--stats-file",
-            s.join(&format!("{name}.json")).to_str().unwrap(),
-        ],
-    )
+    Linksim::new(s, from, to, seed, loss)
+        .name(name)
+        .bursts(start, len)
+        .stats_file()
+        .spawn()
 }
 
 fn receiver_config(s: &Scratch, port: u16, inbox: &Path) -> PathBuf {

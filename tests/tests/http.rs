@@ -172,25 +172,9 @@ fn batches_arrive_exactly_once_after_503s_and_records_refused_with_400_go_to_the
         "weir-receiver",
         &["run", "--config", rcfg.to_str().unwrap()],
     );
-    let _linksim = Proc::spawn(
-        &s,
-        "linksim",
-        "weir-linksim",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{sender_port}"),
-            "--target",
-            &format!("127.0.0.1:{receiver_port}"),
-            "--seed",
-            "12",
-            "--loss",
-            "0.02",
-            "--burst-start",
-            "0",
-            "--burst-len",
-            "0",
-        ],
-    );
+    let _linksim = Linksim::new(&s, sender_port, receiver_port, 12, 0.02)
+        .no_bursts()
+        .spawn();
     let total = 100_000u64;
     let scfg = s.write(
         "sender.toml",
@@ -704,25 +688,9 @@ fn spawn_receiver(s: &Scratch, log: &str, cfg: &std::path::Path) -> Proc {
 /// weir-linksim from `sender_port` to `receiver_port`, dropping 2% of the
 /// datagrams.
 fn lossy_link(s: &Scratch, sender_port: u16, receiver_port: u16) -> Proc {
-    Proc::spawn(
-        s,
-        "linksim",
-        "weir-linksim",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{sender_port}"),
-            "--target",
-            &format!("127.0.0.1:{receiver_port}"),
-            "--seed",
-            "13",
-            "--loss",
-            "0.02",
-            "--burst-start",
-            "0",
-            "--burst-len",
-            "0",
-        ],
-    )
+    Linksim::new(s, sender_port, receiver_port, 13, 0.02)
+        .no_bursts()
+        .spawn()
 }
 
 /// A sender whose generator `gen` sends `count` points at `rate` a second,

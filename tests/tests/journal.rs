@@ -86,10 +86,6 @@ fn run_sender(s: &Scratch, cfg: &Path) -> Proc {
     )
 }
 
-fn log_text(s: &Scratch, log: &str) -> String {
-    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
-}
-
 fn metric(metrics: &Path, key: &str) -> Option<u64> {
     read_json(metrics)[key].as_u64()
 }

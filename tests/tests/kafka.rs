@@ -206,25 +206,9 @@ impl Link {
     }
 
     fn linksim(&self, s: &Scratch, loss: f64) -> Proc {
-        Proc::spawn(
-            s,
-            "linksim",
-            "weir-linksim",
-            &[
-                "--listen",
-                &format!("127.0.0.1:{}", self.sender_port),
-                "--target",
-                &format!("127.0.0.1:{}", self.receiver_port),
-                "--seed",
-                "12",
-                "--loss",
-                &loss.to_string(),
-                "--burst-start",
-                "0",
-                "--burst-len",
-                "0",
-            ],
-        )
+        Linksim::new(s, self.sender_port, self.receiver_port, 12, loss)
+            .no_bursts()
+            .spawn()
     }
 }
 
@@ -264,10 +248,6 @@ fn receiver(s: &Scratch, log: &str, cfg: &Path) -> Proc {
         "weir-receiver",
         &["run", "--config", cfg.to_str().unwrap()],
     )
-}
-
-fn log_text(s: &Scratch, log: &str) -> String {
-    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
 }
 
 fn sink_metric(s: &Scratch, key: &str) -> Option<u64> {

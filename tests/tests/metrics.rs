@@ -123,23 +123,9 @@ fn start(name: &str, approval: impl FnOnce(&str) -> String) -> Run {
         "weir-receiver",
         &["run", "--config", rcfg.to_str().unwrap()],
     );
-    let linksim = Proc::spawn(
-        &s,
-        "linksim",
-        "weir-linksim",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{sender_port}"),
-            "--target",
-            &format!("127.0.0.1:{receiver_port}"),
-            "--seed",
-            "11",
-            "--loss",
-            "0.02",
-            "--stats-file",
-            s.join("linksim.json").to_str().unwrap(),
-        ],
-    );
+    let linksim = Linksim::new(&s, sender_port, receiver_port, 11, 0.02)
+        .stats_file()
+        .spawn();
     assert!(
         wait_until(Duration::from_secs(10), || !scrape(receiver_metrics)
             .is_empty()),

@@ -77,27 +77,10 @@ impl Link {
     }
 
     fn linksim(&self, s: &Scratch, loss: f64) -> Proc {
-        Proc::spawn(
-            s,
-            "linksim",
-            "weir-linksim",
-            &[
-                "--listen",
-                &format!("127.0.0.1:{}", self.sender_port),
-                "--target",
-                &format!("127.0.0.1:{}", self.receiver_port),
-                "--seed",
-                "10",
-                "--loss",
-                &loss.to_string(),
-                "--burst-start",
-                "0",
-                "--burst-len",
-                "0",
-                "--stats-file",
-                s.join("linksim.json").to_str().unwrap(),
-            ],
-        )
+        Linksim::new(s, self.sender_port, self.receiver_port, 10, loss)
+            .no_bursts()
+            .stats_file()
+            .spawn()
     }
 }
 

@@ -157,25 +157,9 @@ impl Link {
     }
 
     fn linksim(&self, s: &Scratch, loss: f64) -> Proc {
-        Proc::spawn(
-            s,
-            "linksim",
-            "weir-linksim",
-            &[
-                "--listen",
-                &format!("127.0.0.1:{}", self.sender_port),
-                "--target",
-                &format!("127.0.0.1:{}", self.receiver_port),
-                "--seed",
-                "11",
-                "--loss",
-                &loss.to_string(),
-                "--burst-start",
-                "0",
-                "--burst-len",
-                "0",
-            ],
-        )
+        Linksim::new(s, self.sender_port, self.receiver_port, 11, loss)
+            .no_bursts()
+            .spawn()
     }
 }
 
@@ -220,10 +204,6 @@ fn nats_sink(url: &str, subject: &str, stream: &str, extra: &str) -> String {
     format!(
         "[[sinks]]\nname = \"js\"\ntype = \"nats\"\nurl = \"nats://{url}\"\nsubject = \"{subject}\"\nstream = \"{stream}\"\n{extra}\n"
     )
-}
-
-fn log_text(s: &Scratch, log: &str) -> String {
-    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
 }
 
 /// Waits until the stream holds `total` messages, or its count has not

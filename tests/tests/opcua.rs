@@ -134,25 +134,9 @@ fn pair(s: &Scratch, sources: &str) -> Pair {
         "weir-receiver",
         &["run", "--config", path.to_str().unwrap()],
     );
-    let linksim = Proc::spawn(
-        s,
-        "linksim",
-        "weir-linksim",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{sender_port}"),
-            "--target",
-            &format!("127.0.0.1:{receiver_port}"),
-            "--seed",
-            "13",
-            "--loss",
-            "0.02",
-            "--burst-start",
-            "0",
-            "--burst-len",
-            "0",
-        ],
-    );
+    let linksim = Linksim::new(s, sender_port, receiver_port, 13, 0.02)
+        .no_bursts()
+        .spawn();
     let cfg = format!(
         "{}[link]\ndestination = \"127.0.0.1:{sender_port}\"\nrate = \"50Mbit\"\n[metrics]\npath = \"{d}/sender-metrics.json\"\nlog_interval_s = 1\n[spool]\npath = \"{d}/spool\"\n{sources}",
         sender_auth(s),

@@ -118,27 +118,10 @@ impl Link {
     }
 
     fn linksim(&self, s: &Scratch, loss: f64) -> Proc {
-        Proc::spawn(
-            s,
-            "linksim",
-            "weir-linksim",
-            &[
-                "--listen",
-                &format!("127.0.0.1:{}", self.sender_port),
-                "--target",
-                &format!("127.0.0.1:{}", self.receiver_port),
-                "--seed",
-                "11",
-                "--loss",
-                &loss.to_string(),
-                "--burst-start",
-                "0",
-                "--burst-len",
-                "0",
-                "--stats-file",
-                s.join("linksim.json").to_str().unwrap(),
-            ],
-        )
+        Linksim::new(s, self.sender_port, self.receiver_port, 11, loss)
+            .no_bursts()
+            .stats_file()
+            .spawn()
     }
 }
 
@@ -175,10 +158,6 @@ fn receiver(s: &Scratch, log: &str, port: u16, sinks: &str) -> Proc {
 
 fn generator(name: &str, rate: u64, count: u64) -> String {
     format!("[[sources]]\nname = \"{name}\"\ntype = \"generator\"\ntags = 100\nrate = {rate}\ncount = {count}\n")
-}
-
-fn log_text(s: &Scratch, log: &str) -> String {
-    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
 }
 
 fn metric(s: &Scratch, key: &str) -> Option<u64> {

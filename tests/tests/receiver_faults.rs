@@ -75,10 +75,6 @@ fn run(s: &Scratch, log: &str, program: &str, cfg: &Path) -> Proc {
     Proc::spawn(s, log, program, &["run", "--config", cfg.to_str().unwrap()])
 }
 
-fn log_text(s: &Scratch, log: &str) -> String {
-    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
-}
-
 fn metric(metrics: &Path, key: &str) -> Option<u64> {
     read_json(metrics)[key].as_u64()
 }

@@ -78,10 +78,6 @@ fn run(s: &Scratch, log: &str, program: &str, cfg: &Path) -> Proc {
     Proc::spawn(s, log, program, &["run", "--config", cfg.to_str().unwrap()])
 }
 
-fn log_text(s: &Scratch, log: &str) -> String {
-    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
-}
-
 /// The exit status, once the process has ended within `limit`.
 fn exit_status(p: &mut Proc, limit: Duration) -> Option<ExitStatus> {
     let start = Instant::now();

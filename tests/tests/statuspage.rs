@@ -205,21 +205,7 @@ fn the_status_page_in_headless_chromium_shows_the_runs_streams_sender_and_link()
         "weir-receiver",
         &["run", "--config", rcfg.to_str().unwrap()],
     );
-    let mut linksim = Proc::spawn(
-        &s,
-        "linksim",
-        "weir-linksim",
-        &[
-            "--listen",
-            &format!("127.0.0.1:{sender_port}"),
-            "--target",
-            &format!("127.0.0.1:{receiver_port}"),
-            "--seed",
-            "7",
-            "--loss",
-            "0.02",
-        ],
-    );
+    let mut linksim = Linksim::new(&s, sender_port, receiver_port, 7, 0.02).spawn();
     assert!(
         wait_until(Duration::from_secs(10), || !scrape(metrics).is_empty()),
         "the receiver serves nothing on metrics.listen"

@@ -27,23 +27,9 @@ impl Link {
     }
 
     fn linksim(&self, s: &Scratch, seed: u64, loss: f64) -> Proc {
-        Proc::spawn(
-            s,
-            "linksim",
-            "weir-linksim",
-            &[
-                "--listen",
-                &format!("127.0.0.1:{}", self.sender_port),
-                "--target",
-                &format!("127.0.0.1:{}", self.receiver_port),
-                "--seed",
-                &seed.to_string(),
-                "--loss",
-                &loss.to_string(),
-                "--stats-file",
-                s.join("linksim.json").to_str().unwrap(),
-            ],
-        )
+        Linksim::new(s, self.sender_port, self.receiver_port, seed, loss)
+            .stats_file()
+            .spawn()
     }
 }
 

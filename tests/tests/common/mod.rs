@@ -390,3 +390,67 @@ impl Drop for TcpProxy {
         self.stop();
     }
 }
+
+/// What a process spawned as `log` wrote to its log so far ("" if none).
+pub fn log_text(s: &Scratch, log: &str) -> String {
+    std::fs::read_to_string(s.join(&format!("{log}.log"))).unwrap_or_default()
+}
+
+/// weir-linksim on loopback from `from` to `to` with a seeded random
+/// `loss`, and linksim's default bursts unless told otherwise.
+pub struct Linksim<'a> {
+    s: &'a Scratch,
+    name: String,
+    args: Vec<String>,
+}
+
+impl<'a> Linksim<'a> {
+    pub fn new(s: &'a Scratch, from: u16, to: u16, seed: u64, loss: f64) -> Self {
+        let args = [
+            "--listen".to_string(),
+            format!("127.0.0.1:{from}"),
+            "--target".to_string(),
+            format!("127.0.0.1:{to}"),
+            "--seed".to_string(),
+            seed.to_string(),
+            "--loss".to_string(),
+            loss.to_string(),
+        ];
+        Linksim {
+            s,
+            name: "linksim".into(),
+            args: args.into(),
+        }
+    }
+
+    /// Its log is NAME.log (and its stats NAME.json); `linksim` by default.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Bursts starting with probability `start` per datagram, `len` long.
+    pub fn bursts(mut self, start: &str, len: &str) -> Self {
+        self.args
+            .extend(["--burst-start", start, "--burst-len", len].map(String::from));
+        self
+    }
+
+    /// Random loss only.
+    pub fn no_bursts(self) -> Self {
+        self.bursts("0", "0")
+    }
+
+    /// Writes its counts to NAME.json in the scratch directory.
+    pub fn stats_file(mut self) -> Self {
+        let path = self.s.join(&format!("{}.json", self.name));
+        self.args
+            .extend(["--stats-file".into(), path.display().to_string()]);
+        self
+    }
+
+    pub fn spawn(self) -> Proc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Proc::spawn(self.s, &self.name, "weir-linksim", &args)
+    }
+}
