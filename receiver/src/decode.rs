@@ -32,6 +32,46 @@ pub const CHUNK_BYTES: u64 = 1 << 20;
 /// The longest the decode thread sleeps with nothing arriving; the
 /// decoder's own timers wake it earlier.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// The most one turn of the decode loop advances the decoder's clock. A
+/// turn takes at most `IDLE_WAIT` plus the work of one batch, so only a
+/// stall (the thread, or the whole machine, not running for a while)
+/// reaches it: a stall then counts as this much, not as its length. A
+/// frozen machine would otherwise wake to find every block in flight
+/// "outwaited" by `block_timeout` and give it up before the shards still
+/// in the socket, or not yet sent by a sender frozen with it, are read.
+const STALL_STEP: Duration = Duration::from_millis(100);
+/// Receive batches handled in one turn before the decoder's timers are
+/// looked at: what already waits in the channel is read first.
+const DRAIN_BATCHES: usize = 16;
+
+/// The decoder's clock: real time, except that a stall counts as at most
+/// `STALL_STEP` (see there).
+struct Clock {
+    last: Instant,
+    now: Nanos,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            last: Instant::now(),
+            now: 0,
+        }
+    }
+
+    /// What `tick` would return now, without moving the clock.
+    fn peek(&self) -> Nanos {
+        self.now + self.last.elapsed().min(STALL_STEP).as_nanos() as Nanos
+    }
+
+    fn tick(&mut self) -> Nanos {
+        let at = Instant::now();
+        self.now += at.duration_since(self.last).min(STALL_STEP).as_nanos() as Nanos;
+        self.last = at;
+        self.now
+    }
+}
+
 /// How often the decoder's counters are copied for the journal thread
 /// (which publishes them every 250 ms).
 const STATS_INTERVAL: Duration = Duration::from_millis(50);
@@ -155,8 +195,7 @@ pub fn run(
     out: Arc<SyncSender<Input>>,
     stats: Arc<StatsView>,
 ) {
-    let origin = Instant::now();
-    let now = || origin.elapsed().as_nanos() as Nanos;
+    let mut clock = Clock::new();
     let beat = weir_ops::notify::watchdog().beat("weir-decode");
     let mut outbox = Outbox {
         tx: out,
@@ -166,21 +205,29 @@ pub fn run(
     let mut last_stats = Instant::now();
     loop {
         let wait = decoder.poll_timeout().map_or(IDLE_WAIT, |d| {
-            Duration::from_nanos(d.saturating_sub(now())).min(IDLE_WAIT)
+            Duration::from_nanos(d.saturating_sub(clock.peek())).min(IDLE_WAIT)
         });
+        let mut handle = |mut batch: RecvBatch, t: Nanos| {
+            for d in batch.datagrams_mut() {
+                decoder.handle_datagram(t, d);
+            }
+            let _ = free.try_send(batch);
+        };
         let disconnected = match batches.recv_timeout(wait) {
-            Ok(mut batch) => {
-                let t = now();
-                for d in batch.datagrams_mut() {
-                    decoder.handle_datagram(t, d);
+            Ok(batch) => {
+                handle(batch, clock.tick());
+                // Shards already received are read before any block is
+                // given up for want of them.
+                for _ in 1..DRAIN_BATCHES {
+                    let Ok(batch) = batches.try_recv() else { break };
+                    handle(batch, clock.tick());
                 }
-                let _ = free.try_send(batch);
                 false
             }
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => true,
         };
-        let t = now();
+        let t = clock.tick();
         if decoder.poll_timeout().is_some_and(|d| d <= t) {
             decoder.handle_timeout(t);
         }
@@ -219,6 +266,20 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_moves_the_decoders_clock_by_one_stall_step_and_normal_turns_by_their_length() {
+        let mut clock = Clock::new();
+        std::thread::sleep(STALL_STEP * 3);
+        assert_eq!(clock.peek(), STALL_STEP.as_nanos() as Nanos);
+        assert_eq!(clock.tick(), STALL_STEP.as_nanos() as Nanos);
+        std::thread::sleep(Duration::from_millis(5));
+        let t = clock.tick() - STALL_STEP.as_nanos() as Nanos;
+        assert!(
+            (5_000_000..=STALL_STEP.as_nanos() as Nanos).contains(&t),
+            "a 5 ms turn moved the clock by {t} ns"
+        );
+    }
     use weir_protocol::{
         Chunk as BytesChunk, EncoderConfig, Point, Record, RecordBody, Signer, Value,
     };
