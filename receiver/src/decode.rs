@@ -33,7 +33,8 @@ pub const CHUNK_BYTES: u64 = 1 << 20;
 /// decoder's own timers wake it earlier.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// The most one turn of the decode loop advances the decoder's clock. A
-/// turn takes at most `IDLE_WAIT` plus the work of one batch, so only a
+/// turn takes at most `IDLE_WAIT` plus the work of `DRAIN_BATCHES`
+/// batches (milliseconds), so only a
 /// stall (the thread, or the whole machine, not running for a while)
 /// reaches it: a stall then counts as this much, not as its length. A
 /// frozen machine would otherwise wake to find every block in flight
