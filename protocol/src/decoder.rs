@@ -293,7 +293,9 @@ pub struct DecoderStats {
     pub datagrams: u64,
     pub shards_accepted: u64,
     /// Shards that arrived after their block was rebuilt but while it still
-    /// waited for an earlier block (also unneeded parity, usually).
+    /// waited for an earlier block (also unneeded parity, usually). Counted
+    /// on the header's word, before the CRC and tag (`handle_datagram`):
+    /// a corrupted or forged frame naming such a block lands here too.
     pub surplus_shards: u64,
     pub control_frames: u64,
     pub rejected_truncated: u64,
@@ -319,7 +321,9 @@ pub struct DecoderStats {
     /// Shards of blocks older than the window (already delivered or given
     /// up), and control frames older than the control window. Most are
     /// parity that was not needed: a block is delivered as soon as k shards
-    /// are in. Replays of old frames land here too.
+    /// are in. Replays of old frames land here too. Data frames of the live
+    /// session are counted here on the header's word, before the CRC and
+    /// tag, so corrupted or forged ones naming an old block land here too.
     pub stale: u64,
     /// A (block, shard) or control frame of the session seen before: the
     /// link duplicated it, or someone replays it.
@@ -701,6 +705,22 @@ impl Decoder {
     /// so the caller's buffer holds unspecified bytes afterwards.
     pub fn handle_datagram(&mut self, now: Nanos, datagram: &mut [u8]) {
         self.stats.datagrams += 1;
+        // Unneeded parity (most of it arrives after its block was rebuilt)
+        // is dropped on its header's word, before the CRC and the tag: it
+        // could change nothing even if genuine, so checking it would only
+        // cost a pass over its bytes and a decryption (`peek_block`).
+        if let Some((session, block)) = FrameHeader::peek_block(datagram) {
+            if let Some(live) = self.session.as_ref().filter(|s| s.id == session) {
+                if block < live.base {
+                    self.stats.stale += 1;
+                    return;
+                }
+                if live.pending.get(&block).is_some_and(|b| b.decoded) {
+                    self.stats.surplus_shards += 1;
+                    return;
+                }
+            }
+        }
         // The only place datagrams from the link are parsed: CRC and tag
         // are checked here, before any state below is touched.
         let (header, shard) = match FrameHeader::parse(datagram, &mut self.verifier) {
@@ -2213,6 +2233,69 @@ mod tests {
             frames.len() as u64
         );
         assert!(after.replayed > before.replayed, "heartbeats are replays");
+        assert_eq!(delivered_seqs(&mut dec), (0..3000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn unneeded_parity_is_dropped_on_its_header_before_crc_and_tag_and_other_frames_are_still_checked(
+    ) {
+        let frames = frames_of(42, 0..3000);
+        let data = |f: &Vec<u8>| FrameHeader::peek_block(f).is_some();
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
+        for f in &frames {
+            dec.handle_datagram(0, &mut f.to_vec());
+        }
+        dec.handle_timeout(NANOS_PER_SEC);
+        let delivered = dec.stats().clone();
+        assert!(delivered.records == 3000 && delivered.stale > 0);
+        // A frame of a delivered block with its CRC and tag destroyed: it
+        // could change nothing, and is counted stale without being read.
+        let mut old = frames.iter().find(|f| data(f)).unwrap().clone();
+        let end = old.len();
+        old[end - 20..].fill(0xA5);
+        dec.handle_datagram(2 * NANOS_PER_SEC, &mut old);
+        let s = dec.stats().clone();
+        assert_eq!(s.stale, delivered.stale + 1);
+        assert_eq!((s.rejected_crc, s.rejected_bad_tag), (0, 0));
+        // The same damage to a block not yet seen is checked and rejected,
+        // and so is a heartbeat, which is never judged by its header.
+        let mut fresh = forged(42, 10_000, 4, 2, 0, &[7; 64]);
+        let end = fresh.len();
+        fresh[end - 4..].fill(0xA5);
+        dec.handle_datagram(2 * NANOS_PER_SEC, &mut fresh);
+        let mut heartbeat = frames.iter().find(|f| !data(f)).unwrap().clone();
+        let end = heartbeat.len();
+        heartbeat[end - 4..].fill(0xA5);
+        dec.handle_datagram(2 * NANOS_PER_SEC, &mut heartbeat);
+        assert_eq!(dec.stats().rejected_crc, 2);
+        assert_eq!(delivered_seqs(&mut dec), (0..3000).collect::<Vec<_>>());
+    }
+
+    /// A block rebuilt while an earlier one is missing: its late shards are
+    /// surplus, counted on their header's word; the block is still
+    /// delivered once the earlier one is in.
+    #[test]
+    fn late_shards_of_a_rebuilt_block_waiting_for_an_earlier_one_are_surplus_and_unread() {
+        let frames = frames_of(42, 0..3000);
+        let block_of = |f: &Vec<u8>| FrameHeader::peek_block(f).map(|(_, b)| b);
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
+        // Everything but block 0, then block 0.
+        let (zero, rest): (Vec<_>, Vec<_>) = frames.iter().partition(|f| block_of(f) == Some(0));
+        assert!(!zero.is_empty() && rest.iter().any(|f| block_of(f) == Some(1)));
+        for f in &rest {
+            dec.handle_datagram(0, &mut f.to_vec());
+        }
+        let before = dec.stats().clone();
+        let mut late = rest.iter().find(|f| block_of(f) == Some(1)).unwrap().to_vec();
+        let end = late.len();
+        late[end - 4..].fill(0xA5);
+        dec.handle_datagram(0, &mut late);
+        assert_eq!(dec.stats().surplus_shards, before.surplus_shards + 1);
+        assert_eq!(dec.stats().rejected_crc, 0);
+        for f in &zero {
+            dec.handle_datagram(0, &mut f.to_vec());
+        }
+        dec.handle_timeout(NANOS_PER_SEC);
         assert_eq!(delivered_seqs(&mut dec), (0..3000).collect::<Vec<_>>());
     }
 
