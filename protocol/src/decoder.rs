@@ -3,11 +3,27 @@
 //! Shards are collected per block; a block with k of its k + m shards is
 //! rebuilt and its records are released strictly in block order, so every
 //! stream keeps its order. A block still incomplete when a later block has
-//! waited `block_timeout` (the wait limit) and it has itself had no shard
+//! waited `block_timeout` (the wait limit, on the wait clock below) and it has itself had no shard
 //! for as long, or when it falls `max_blocks_in_flight` behind the newest,
 //! is given up. Losses are then found by sequence number: a record
 //! whose sequence jumps, or a heartbeat naming a later last sequence once
 //! every block it covers is resolved, yields a [`Gap`] with the exact range.
+//!
+//! # The wait clock
+//! The wait limit is measured on a clock that counts a silence of the link
+//! (no datagram at all) as at most [`SILENCE_STEP`] (or twice the mean gap
+//! between shards), unless the silence lasts longer than twice the
+//! sender's heartbeat interval ([`Decoder::silence_max`], at least
+//! [`SILENCE_MAX_MIN`]): then it counts in full. A block waiting for its
+//! last shards is given up because the link went on without them, not
+//! because nothing came: a sender that froze for a second (a paused VM, a
+//! stalled machine) between a later block's last shard and this block's
+//! parity, or a receiver that froze with those shards in its socket
+//! buffer, would otherwise find the block "outwaited" and lose it with
+//! every shard on its way. A sender that is gone for good still has its
+//! incomplete blocks given up, once its silence is longer than that bound.
+//! Any datagram moves the clock (even one that fails its checks), so
+//! flooding the link can only make it run like real time.
 //!
 //! # Hostile numbers
 //! Every number taken from a frame, a record or a restored cursor is
@@ -103,6 +119,13 @@ pub const OLDER_SESSION_SILENCE_MAX: Nanos = 600 * crate::NANOS_PER_SEC;
 /// Heartbeat gap assumed until a session has shown two heartbeats: the
 /// sender's default `heartbeat.interval`.
 const DEFAULT_HEARTBEAT_GAP: Nanos = crate::NANOS_PER_SEC;
+/// The most a silence of the link (no datagram at all) counts toward the
+/// wait limit, unless it lasts longer than [`Decoder::silence_max`]; twice
+/// the mean gap between shards if that is longer. See "The wait clock" in
+/// the module documentation.
+pub const SILENCE_STEP: Nanos = 20 * crate::NANOS_PER_MILLI;
+/// The least silence that counts in full (see [`SILENCE_STEP`]).
+pub const SILENCE_MAX_MIN: Nanos = crate::NANOS_PER_SEC;
 /// Control frames remembered below the newest control sequence, to reject
 /// replayed heartbeats.
 const CONTROL_WINDOW: u64 = 64;
@@ -483,12 +506,14 @@ struct PendingBlock {
     buf: Vec<u8>,
     present: Vec<bool>,
     count: usize,
-    /// When k shards were in and the block was rebuilt.
+    /// When k shards were in and the block was rebuilt, on the wait clock
+    /// (module documentation).
     decoded_at: Option<Nanos>,
-    /// When the block's last shard was accepted: a block is not given up
-    /// by the timeout while its own shards keep arriving (see
-    /// `handle_timeout`).
+    /// When the block's last shard was accepted, in real time and on the
+    /// wait clock: a block is not given up by the timeout while its own
+    /// shards keep arriving (see `handle_timeout`).
     last_shard_at: Nanos,
+    last_shard_wait: Nanos,
     decoded: bool,
 }
 
@@ -616,6 +641,10 @@ pub struct Decoder {
     last_shard_at: Option<Nanos>,
     /// Moving mean of the time between accepted shards, in nanoseconds.
     interarrival: f64,
+    /// The wait clock (module documentation) at the last datagram, and
+    /// that datagram's real time; None before the first.
+    wait_now: Nanos,
+    wait_last: Option<Nanos>,
     /// Buffers of delivered blocks, reused for new ones (bounded).
     spare_buffers: Vec<Vec<u8>>,
     stats: DecoderStats,
@@ -651,6 +680,8 @@ impl Decoder {
             spare_buffers: Vec::new(),
             last_shard_at: None,
             interarrival: 0.0,
+            wait_now: 0,
+            wait_last: None,
             stats: DecoderStats::default(),
         }
     }
@@ -705,6 +736,8 @@ impl Decoder {
     /// so the caller's buffer holds unspecified bytes afterwards.
     pub fn handle_datagram(&mut self, now: Nanos, datagram: &mut [u8]) {
         self.stats.datagrams += 1;
+        self.wait_now = self.wait_time(now);
+        self.wait_last = Some(now.max(self.wait_last.unwrap_or(0)));
         // Unneeded parity (most of it arrives after its block was rebuilt)
         // is dropped on its header's word, before the CRC and the tag: it
         // could change nothing even if genuine, so checking it would only
@@ -1109,6 +1142,9 @@ impl Decoder {
     }
 
     fn handle_shard(&mut self, now: Nanos, h: &FrameHeader, shard: &[u8]) {
+        // Block timing is on the wait clock; liveness and the shard gap
+        // on real time.
+        let wait_now = self.wait_now;
         let max_in_flight = self.cfg.max_blocks_in_flight as u64;
         let slide = self.slide();
         let session = self.session.as_mut().expect("session started");
@@ -1144,6 +1180,7 @@ impl Decoder {
                 count: 0,
                 decoded_at: None,
                 last_shard_at: now,
+                last_shard_wait: wait_now,
                 decoded: false,
             });
         if block.k != k
@@ -1169,6 +1206,7 @@ impl Decoder {
         block.buf[index * shard_len..(index + 1) * shard_len].copy_from_slice(shard);
         block.count += 1;
         block.last_shard_at = block.last_shard_at.max(now);
+        block.last_shard_wait = block.last_shard_wait.max(wait_now);
         session.newest = session.newest.max(h.block);
         self.stats.shards_accepted += 1;
         // Mean gap between shards (idle periods capped), for `wait_limit`.
@@ -1190,7 +1228,7 @@ impl Decoder {
         {
             Some(rebuilt) => {
                 block.decoded = true;
-                block.decoded_at = Some(now);
+                block.decoded_at = Some(wait_now);
                 block.buf.truncate(block.data_len);
                 self.stats.note_decoded(rebuilt, m);
             }
@@ -1274,31 +1312,80 @@ impl Decoder {
     pub fn poll_timeout(&self) -> Option<Nanos> {
         let blocks = self.session.as_ref().and_then(|session| {
             let after = session.base.saturating_add(1);
-            let later = session
+            let limit = self.wait_limit();
+            // A base block whose shards are still arriving is not given up
+            // before it has had none for the wait limit (`handle_timeout`).
+            let base = session.pending.get(&session.base).filter(|b| !b.decoded);
+            // A later block complete for the wait limit, on the wait clock.
+            let witness = session
                 .pending
                 .range(after..)
-                .filter_map(|(_, b)| b.decoded_at);
-            let checks = session
+                .filter_map(|(_, b)| b.decoded_at)
+                .min()
+                .map(|t| {
+                    let quiet = base.map_or(0, |b| b.last_shard_wait);
+                    self.real_time_of(t.max(quiet).saturating_add(limit))
+                });
+            // A heartbeat vouching for the base, the wait limit ago.
+            let vouched = session
                 .checks
                 .iter()
                 .filter(|c| c.0 > session.base)
-                .map(|c| c.1);
-            // A base block whose shards are still arriving is not given up
-            // before it has had none for the wait limit (`handle_timeout`).
-            let base_quiet = session
-                .pending
-                .get(&session.base)
-                .filter(|b| !b.decoded)
-                .map_or(0, |b| b.last_shard_at);
-            later
-                .chain(checks)
+                .map(|c| c.1)
                 .min()
-                .map(|t| t.max(base_quiet).saturating_add(self.wait_limit()))
+                .map(|t| {
+                    let quiet = base.map_or(0, |b| b.last_shard_at);
+                    t.max(quiet).saturating_add(limit)
+                });
+            witness.into_iter().chain(vouched).min()
         });
         [blocks, self.takeover_at(), self.jump_at()]
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// The wait clock at real time `now`: the last datagram's, plus the
+    /// silence since then as it counts (module documentation).
+    fn wait_time(&self, now: Nanos) -> Nanos {
+        let Some(last) = self.wait_last else {
+            return self.wait_now;
+        };
+        let silence = now.saturating_sub(last);
+        let counted = if silence > self.silence_max() {
+            silence
+        } else {
+            silence.min(self.silence_step())
+        };
+        self.wait_now.saturating_add(counted)
+    }
+
+    /// The earliest real time at which the wait clock reaches `due`
+    /// (the inverse of [`Decoder::wait_time`]) if no datagram comes.
+    fn real_time_of(&self, due: Nanos) -> Nanos {
+        let last = self.wait_last.unwrap_or(0);
+        let need = due.saturating_sub(self.wait_now);
+        if need <= self.silence_step() {
+            last.saturating_add(need)
+        } else {
+            last.saturating_add(need.max(self.silence_max().saturating_add(1)))
+        }
+    }
+
+    /// The most a silence counts before it is longer than `silence_max`.
+    fn silence_step(&self) -> Nanos {
+        SILENCE_STEP.max((2.0 * self.interarrival) as Nanos)
+    }
+
+    /// A silence longer than this counts in full: twice the live sender's
+    /// heartbeat interval, at least [`SILENCE_MAX_MIN`] and at most
+    /// [`TAKEOVER_SILENCE_MAX`]. A live sender is never silent that long.
+    pub fn silence_max(&self) -> Nanos {
+        self.session
+            .as_ref()
+            .map_or(DEFAULT_HEARTBEAT_GAP, |s| s.heartbeat_gap)
+            .saturating_mul(2)
+            .clamp(SILENCE_MAX_MIN, TAKEOVER_SILENCE_MAX)
     }
 
     /// How long a missing block is waited for once a later block is
@@ -1323,43 +1410,59 @@ impl Decoder {
             };
             let base = session.base;
             let limit = self.wait_limit();
-            let timed_out = |t: Nanos| now >= t.saturating_add(limit);
-            // The furthest block complete for a while, or heartbeat that
-            // announced every block below its next_block was sent before it:
-            // everything below it that is not decoded is given up, in one step.
+            let wait_now = self.wait_time(now);
+            // Two routes, each with its own clock. A later block complete
+            // for the wait limit on the wait clock (a silence of the link
+            // counts little: the missing shards may be behind it). Or a
+            // heartbeat, which the sender sends only once every scheduled
+            // shard of the blocks below its next_block is out, received the
+            // wait limit ago in real time (nothing of those blocks is still
+            // on its way but reordered shards). Everything below the
+            // furthest of these that is not decoded is given up, in one step.
+            let waited = |t: Nanos| wait_now >= t.saturating_add(limit);
+            let real = |t: Nanos| now >= t.saturating_add(limit);
             let witness = session
                 .pending
                 .range(base.saturating_add(1)..)
-                .filter(|(_, b)| b.decoded_at.is_some_and(timed_out))
+                .filter(|(_, b)| b.decoded_at.is_some_and(waited))
                 .map(|(k, _)| *k)
                 .next_back();
             let vouched = session
                 .checks
                 .iter()
-                .filter(|c| c.0 > base && timed_out(c.1))
+                .filter(|c| c.0 > base && real(c.1))
                 .map(|c| c.0)
                 .max();
             let blocked = !session.pending.get(&base).is_some_and(|b| b.decoded);
-            let Some(until) = witness.max(vouched).filter(|_| blocked) else {
+            if !blocked {
                 return;
-            };
+            }
             // Invariant: a block is given up by the timeout only once it has
             // had no shard for the wait limit, measured from its own last
-            // shard. A short final interleave group completes its small last
-            // block long before its round-robin neighbours, whose shards are
-            // still arriving; they must not become link loss. Each of a
-            // block's k + m shards is accepted once, so a block holds the
-            // base back for at most (k + m) x the wait limit, and the window
+            // shard (on the clock of the route). A short final interleave
+            // group completes its small last block long before its
+            // round-robin neighbours, whose shards are still arriving; they
+            // must not become link loss. Each of a block's k + m shards is
+            // accepted once, so a block holds the base back for at most
+            // (k + m) x the wait limit, and the window
             // (`max_blocks_in_flight`) still bounds what is pending.
-            let arriving = session
-                .pending
-                .range(base..until)
-                .find(|(_, b)| !b.decoded && !timed_out(b.last_shard_at))
-                .map(|(k, _)| *k);
-            let through = match arriving {
-                Some(first) if first <= base => return,
-                Some(first) => first - 1,
-                None => until.saturating_sub(1),
+            let through = |until: Option<u64>, quiet: &dyn Fn(&PendingBlock) -> bool| {
+                let until = until?;
+                let arriving = session
+                    .pending
+                    .range(base..until)
+                    .find(|(_, b)| !b.decoded && !quiet(b))
+                    .map(|(k, _)| *k);
+                match arriving {
+                    Some(first) if first <= base => None,
+                    Some(first) => Some(first - 1),
+                    None => Some(until.saturating_sub(1)),
+                }
+            };
+            let through = through(witness, &|b| waited(b.last_shard_wait))
+                .max(through(vouched, &|b| real(b.last_shard_at)));
+            let Some(through) = through else {
+                return;
             };
             self.give_up_through(through);
         }
@@ -2276,17 +2379,23 @@ mod tests {
     /// delivered once the earlier one is in.
     #[test]
     fn late_shards_of_a_rebuilt_block_waiting_for_an_earlier_one_are_surplus_and_unread() {
-        let frames = frames_of(42, 0..3000);
+        let frames = frames_of(42, 0..20_000);
         let block_of = |f: &Vec<u8>| FrameHeader::peek_block(f).map(|(_, b)| b);
         let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
-        // Everything but block 0, then block 0.
-        let (zero, rest): (Vec<_>, Vec<_>) = frames.iter().partition(|f| block_of(f) == Some(0));
-        assert!(!zero.is_empty() && rest.iter().any(|f| block_of(f) == Some(1)));
+        // Everything but the first block, then the first block.
+        let first = frames.iter().find_map(block_of).unwrap();
+        let (zero, rest): (Vec<_>, Vec<_>) =
+            frames.iter().partition(|f| block_of(f) == Some(first));
+        assert!(!zero.is_empty() && rest.iter().any(|f| block_of(f) == Some(first + 1)));
         for f in &rest {
             dec.handle_datagram(0, &mut f.to_vec());
         }
         let before = dec.stats().clone();
-        let mut late = rest.iter().find(|f| block_of(f) == Some(1)).unwrap().to_vec();
+        let mut late = rest
+            .iter()
+            .find(|f| block_of(f) == Some(first + 1))
+            .unwrap()
+            .to_vec();
         let end = late.len();
         late[end - 4..].fill(0xA5);
         dec.handle_datagram(0, &mut late);
@@ -2296,7 +2405,93 @@ mod tests {
             dec.handle_datagram(0, &mut f.to_vec());
         }
         dec.handle_timeout(NANOS_PER_SEC);
-        assert_eq!(delivered_seqs(&mut dec), (0..3000).collect::<Vec<_>>());
+        assert_eq!(delivered_seqs(&mut dec), (0..20_000).collect::<Vec<_>>());
+    }
+
+    /// The frames of 20,000 records with the first block's parity held
+    /// back and one of its data shards lost: the rest goes in at a frame a
+    /// microsecond, so later blocks are rebuilt while the first one waits
+    /// for its parity. Returns the decoder, the held parity and the time.
+    fn first_block_waiting_for_its_parity() -> (Decoder, Vec<Vec<u8>>, Nanos) {
+        let frames = frames_of(42, 0..20_000);
+        let block_of = |f: &Vec<u8>| FrameHeader::peek_block(f).map(|(_, b)| b);
+        let index_of = |f: &Vec<u8>| u16::from_be_bytes([f[24], f[25]]);
+        let k_of = |f: &Vec<u8>| u16::from_be_bytes([f[26], f[27]]);
+        let first = frames.iter().find_map(block_of).unwrap();
+        let of_first = |f: &Vec<u8>| block_of(f) == Some(first);
+        let parity: Vec<Vec<u8>> = frames
+            .iter()
+            .filter(|f| of_first(f) && index_of(f) >= k_of(f))
+            .cloned()
+            .collect();
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
+        let mut now = 0;
+        for f in frames
+            .iter()
+            .filter(|f| !of_first(f) || (index_of(f) != 0 && index_of(f) < k_of(f)))
+        {
+            dec.handle_datagram(now, &mut f.to_vec());
+            now += 1_000;
+        }
+        assert!(!parity.is_empty());
+        assert!(dec.stats().blocks_decoded > 0, "later blocks are rebuilt");
+        assert_eq!(
+            delivered_seqs(&mut dec),
+            Vec::<u64>::new(),
+            "they wait for the first"
+        );
+        (dec, parity, now)
+    }
+
+    /// Runs the decoder's timers every 20 ms (as the decode thread does)
+    /// from `from` for `silence`, with no datagram.
+    fn silence(dec: &mut Decoder, from: Nanos, silence: Nanos) -> Nanos {
+        let step = 20 * crate::NANOS_PER_MILLI;
+        let mut now = from;
+        while now < from + silence {
+            now += step;
+            dec.handle_timeout(now);
+        }
+        now
+    }
+
+    #[test]
+    fn a_block_whose_parity_comes_after_the_link_froze_for_a_second_and_a_half_is_rebuilt() {
+        let (mut dec, parity, now) = first_block_waiting_for_its_parity();
+        // The sender (or this receiver, with the parity in its socket)
+        // freezes for 1.5 s: five times the wait limit of real time.
+        let now = silence(&mut dec, now, 1_500 * crate::NANOS_PER_MILLI);
+        assert_eq!(
+            dec.stats().blocks_lost + dec.stats().gaps,
+            0,
+            "nothing given up"
+        );
+        for f in &parity {
+            dec.handle_datagram(now, &mut f.to_vec());
+        }
+        dec.handle_timeout(now + NANOS_PER_SEC);
+        assert_eq!(delivered_seqs(&mut dec), (0..20_000).collect::<Vec<_>>());
+        assert_eq!((dec.stats().blocks_lost, dec.stats().gaps), (0, 0));
+        assert_eq!(dec.stats().blocks_repaired, 1);
+    }
+
+    #[test]
+    fn a_sender_gone_for_good_has_its_incomplete_block_given_up_once_silent_past_the_bound() {
+        let (mut dec, _parity, now) = first_block_waiting_for_its_parity();
+        let bound = dec.silence_max();
+        assert_eq!(bound, 2 * NANOS_PER_SEC, "twice the default heartbeat gap");
+        let then = silence(&mut dec, now, bound - 20 * crate::NANOS_PER_MILLI);
+        assert_eq!(dec.stats().blocks_lost, 0, "not within the bound");
+        // Past the bound the silence counts in full: the wait limit is long
+        // gone, and the block is given up; the records after it go on.
+        let due = dec.poll_timeout().expect("a block waits on time");
+        assert!(due > then && due <= now + bound + DecoderConfig::default().block_timeout);
+        silence(&mut dec, then, due - then);
+        assert_eq!(dec.stats().blocks_lost, 1);
+        let seqs = delivered_seqs(&mut dec);
+        assert!(!seqs.is_empty() && seqs.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(*seqs.last().unwrap(), 19_999);
+        assert!(dec.stats().gaps > 0);
     }
 
     #[test]

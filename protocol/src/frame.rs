@@ -187,9 +187,8 @@ impl FrameHeader {
         {
             return None;
         }
-        let be64 = |at: usize| {
-            u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"))
-        };
+        let be64 =
+            |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
         Some((be64(8), be64(16)))
     }
 

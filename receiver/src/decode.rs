@@ -40,6 +40,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// frozen machine would otherwise wake to find every block in flight
 /// "outwaited" by `block_timeout` and give it up before the shards still
 /// in the socket, or not yet sent by a sender frozen with it, are read.
+/// (The decoder's own wait clock then counts the silence that follows as
+/// at most `SILENCE_STEP`, 20 ms, see "The wait clock" in
+/// `protocol/src/decoder.rs`;
+/// this bound still holds for the heartbeat route and session takeover.)
 const STALL_STEP: Duration = Duration::from_millis(100);
 /// Receive batches handled in one turn before the decoder's timers are
 /// looked at: what already waits in the channel is read first.
