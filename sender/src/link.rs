@@ -102,6 +102,16 @@ pub struct LinkParams {
     pub repeats: HashMap<String, (u32, Duration)>,
 }
 
+/// Heartbeats a sender whose sources all finished sends after its last
+/// frame, `FINAL_HEARTBEAT_SPACING` apart, before it exits. The last
+/// heartbeat is the only word the receiver gets of records lost at the end
+/// of a transfer (the tail: no later record shows the jump); a single one
+/// sent right behind a burst can be lost with it in an overflowing socket
+/// buffer, and the tail loss would then go unnamed until the sender runs
+/// again. Three, spread over 200 ms, outlast such a burst.
+const FINAL_HEARTBEATS: u32 = 3;
+const FINAL_HEARTBEAT_SPACING: Duration = Duration::from_millis(100);
+
 /// Bytes of record copies waiting to be repeated; past this a copy is
 /// skipped and counted (the original was sent).
 const REPEAT_LIMIT: usize = 64 << 20;
@@ -198,6 +208,8 @@ pub fn run(
     let mut repeats: VecDeque<(Instant, u32, Entry)> = VecDeque::new();
     let mut repeat_bytes: usize = 0;
     let mut last_resend_poll = Instant::now();
+    // Drain mode: (final heartbeats still to send, when the next goes).
+    let mut final_beats: Option<(u32, Instant)> = None;
     let mut last_publish = Instant::now();
     let mut flushed = false;
     let mut send_errors_logged = Instant::now() - Duration::from_secs(60);
@@ -356,7 +368,19 @@ pub fn run(
         if let Some(index) = sent {
             spool.lock().mark_sent(index);
         }
-        if flushed && enc.is_idle() && carry.is_empty() {
+        if flushed && enc.is_idle() && carry.is_empty() && mode == DRAIN {
+            // After everything else, spare parity included (the flush's
+            // heartbeat may have gone before that).
+            let (left, at) = final_beats.get_or_insert((FINAL_HEARTBEATS, Instant::now()));
+            if *left > 0 && Instant::now() >= *at {
+                enc.heartbeat_now(now());
+                *left -= 1;
+                *at = Instant::now() + FINAL_HEARTBEAT_SPACING;
+            }
+        }
+        let beats_left = final_beats.is_some_and(|(left, _)| left > 0)
+            || (mode == DRAIN && final_beats.is_none());
+        if flushed && enc.is_idle() && carry.is_empty() && !beats_left {
             publish(&mut enc, &counters);
             // The final state save happens in main, after the sync thread stops.
             tracing::info!("link drained; sender stopping (unsent records stay in the spool)");
@@ -417,6 +441,9 @@ pub fn run(
             });
             let wait = repeats.front().map_or(wait, |(due, _, _)| {
                 wait.min(due.saturating_duration_since(Instant::now()))
+            });
+            let wait = final_beats.map_or(wait, |(_, at)| {
+                wait.min(at.saturating_duration_since(Instant::now()))
             });
             if !wait.is_zero() {
                 spool.wait(wait.min(Duration::from_millis(50)));

@@ -500,3 +500,63 @@ fn processes_frozen_for_a_second_and_a_half_lose_no_record() {
         "the 2% loss needed no FEC: {m}"
     );
 }
+
+/// A sender whose sources all finished ends with three heartbeats, about
+/// 100 ms apart, after its last record: the last heartbeat is the only
+/// word of records lost at the very end of a transfer, and one sent right
+/// behind a burst can be lost with it in an overflowing socket buffer.
+#[test]
+fn a_sender_whose_sources_finished_ends_with_three_spaced_heartbeats() {
+    let s = Scratch::new("final-beats");
+    let link = Link::new();
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", link.sender_port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(
+            &s,
+            &link,
+            "100Mbit",
+            "[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 10\nrate = 100000\ncount = 2000\n",
+        ),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    // (arrival, is a control frame) of every datagram until the sender exits.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 2048];
+    while sender.is_running() || seen.is_empty() {
+        if let Ok(n) = socket.recv(&mut buf) {
+            const FLAG_CONTROL: u8 = 0x01;
+            seen.push((
+                std::time::Instant::now(),
+                n > 3 && buf[3] & FLAG_CONTROL != 0,
+            ));
+        }
+    }
+    while let Ok(n) = socket.recv(&mut buf) {
+        seen.push((std::time::Instant::now(), n > 3 && buf[3] & 0x01 != 0));
+    }
+    assert!(sender.wait(Duration::from_secs(10)));
+    let last_data = seen.iter().rposition(|(_, control)| !control).unwrap();
+    let beats: Vec<_> = seen[last_data + 1..].iter().map(|(at, _)| *at).collect();
+    assert!(
+        beats.len() >= 3,
+        "heartbeats after the last record: {}",
+        beats.len()
+    );
+    let last3 = &beats[beats.len() - 3..];
+    for pair in last3.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(80),
+            "final heartbeats {gap:?} apart"
+        );
+    }
+}
