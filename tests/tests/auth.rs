@@ -309,18 +309,36 @@ fn forged_frames_with_a_valid_crc_are_counted_and_do_not_disturb_delivery() {
         sender.wait(Duration::from_secs(60)),
         "the sender did not finish"
     );
+    // A data frame naming a block already rebuilt or delivered is dropped
+    // on its header's word (counted `stale`), but for one in 16 checked
+    // anyway (protocol/src/decoder.rs, `SPOT_CHECK`): blocks 0, 1, 5 and
+    // 1000 may be done by the time a round arrives. Heartbeats and the
+    // blocks no sender reaches are always checked.
+    let always_checked = |f: &&Vec<u8>| {
+        f[3] & FLAG_CONTROL != 0 || u64::from_be_bytes(f[16..24].try_into().unwrap()) >= 1 << 40
+    };
+    let checked = |v: &Vec<Vec<u8>>| (rounds * v.iter().filter(always_checked).count()) as u64;
+    let n = |v: &Vec<Vec<u8>>| (rounds * v.len()) as u64;
     assert!(wait_until(Duration::from_secs(10), || {
         metric(&metrics, "records") >= total
-            && metric(&metrics, "rejected_unauthenticated")
-                >= (rounds * unauthenticated.len()) as u64
+            && metric(&metrics, "rejected_unauthenticated") >= checked(&unauthenticated)
     }));
     assert!(receiver.stop(Duration::from_secs(20)));
     assert_complete_in_order(&written_seqs(&s.join("out"), "gen"), total);
     let m = read_json(&metrics);
-    let n = |v: &Vec<Vec<u8>>| (rounds * v.len()) as u64;
-    assert_eq!(m["rejected_unknown_key"], n(&unknown_key), "{m}");
-    assert_eq!(m["rejected_bad_tag"], n(&bad_tag), "{m}");
-    assert_eq!(m["rejected_unauthenticated"], n(&unauthenticated), "{m}");
+    for (reason, frames) in [
+        ("rejected_unknown_key", &unknown_key),
+        ("rejected_bad_tag", &bad_tag),
+        ("rejected_unauthenticated", &unauthenticated),
+    ] {
+        let counted = m[reason].as_u64().unwrap();
+        assert!(
+            (checked(frames)..=n(frames)).contains(&counted),
+            "{reason}: {counted} not within {}..={}: {m}",
+            checked(frames),
+            n(frames)
+        );
+    }
     assert_eq!(m["gaps"], 0, "{m}");
     let audit = json_lines(&s.join("audit.jsonl"));
     assert_eq!(
