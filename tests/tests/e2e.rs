@@ -55,6 +55,79 @@ fn sender_config(s: &Scratch, link: &Link, rate: &str, sources: &str) -> String 
     )
 }
 
+/// A receiver with a file sink into `out`, weir-linksim between the two
+/// with `(seed, loss, burst_start, burst_len)`, and a sender with one
+/// generator source `plant/gen` of `tags` tags at `rate` points/s for
+/// `count` points, paced at `link_rate`.
+struct GeneratorRun {
+    receiver: Proc,
+    linksim: Proc,
+    sender: Proc,
+    out: std::path::PathBuf,
+    count: u64,
+}
+
+impl GeneratorRun {
+    fn start(
+        s: &Scratch,
+        link_rate: &str,
+        impairment: (u64, f64, f64, u32),
+        (tags, rate, count): (u32, u32, u64),
+    ) -> GeneratorRun {
+        let link = Link::new();
+        let out = s.join("out");
+        let rcfg = s.write(
+            "receiver.toml",
+            &receiver_config(s, &link, &file_sink(&out)),
+        );
+        let receiver = Proc::spawn(
+            s,
+            "receiver",
+            "weir-receiver",
+            &["run", "--config", rcfg.to_str().unwrap()],
+        );
+        let (seed, loss, burst_start, burst_len) = impairment;
+        let linksim = link.linksim(s, seed, loss, burst_start, burst_len);
+        let scfg = s.write(
+            "sender.toml",
+            &sender_config(s, &link, link_rate, &format!("[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = {tags}\nrate = {rate}\ncount = {count}\n")),
+        );
+        let sender = Proc::spawn(
+            s,
+            "sender",
+            "weir-sender",
+            &["run", "--config", scfg.to_str().unwrap()],
+        );
+        GeneratorRun {
+            receiver,
+            linksim,
+            sender,
+            out,
+            count,
+        }
+    }
+
+    /// Waits for the sender to finish its count and the receiver to have
+    /// every record (up to `settle`), stops the receiver, checks that the
+    /// file sink wrote every point once and in order; returns the
+    /// receiver's metrics.
+    fn finish(&mut self, s: &Scratch, settle: Duration) -> serde_json::Value {
+        assert!(
+            self.sender.wait(Duration::from_secs(60)),
+            "the sender did not finish its count and exit cleanly"
+        );
+        let metrics = s.join("receiver-metrics.json");
+        wait_until(settle, || {
+            read_json(&metrics)["records"].as_u64() == Some(self.count)
+        });
+        assert!(self.receiver.stop(Duration::from_secs(20)));
+        let gaps = gaps(&s.join("audit.jsonl"), "plant/gen");
+        assert!(gaps.is_empty(), "records lost: {gaps:?}");
+        assert_complete_in_order(&written_seqs(&self.out, "plant_gen"), self.count);
+        read_json(&metrics)
+    }
+}
+
 #[test]
 fn a_200mb_tcp_stream_arrives_byte_identical_through_3pct_loss() {
     let s = Scratch::new("tcp200");
@@ -138,42 +211,14 @@ fn a_200mb_tcp_stream_arrives_byte_identical_through_3pct_loss() {
 #[test]
 fn generator_points_arrive_complete_in_the_file_sink_through_2pct_loss_with_bursts() {
     let s = Scratch::new("points");
-    let link = Link::new();
-    let out = s.join("out");
-    let rcfg = s.write(
-        "receiver.toml",
-        &receiver_config(&s, &link, &file_sink(&out)),
-    );
-    let mut receiver = Proc::spawn(
+    let mut run = GeneratorRun::start(
         &s,
-        "receiver",
-        "weir-receiver",
-        &["run", "--config", rcfg.to_str().unwrap()],
+        "500Mbit",
+        (7, 0.02, 0.0005, 10),
+        (100, 150_000, 300_000),
     );
-    let _linksim = link.linksim(&s, 7, 0.02, 0.0005, 10);
-    let total = 300_000u64;
-    let scfg = s.write(
-        "sender.toml",
-        &sender_config(&s, &link, "500Mbit", &format!("[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 100\nrate = 150000\ncount = {total}\n")),
-    );
-    let mut sender = Proc::spawn(
-        &s,
-        "sender",
-        "weir-sender",
-        &["run", "--config", scfg.to_str().unwrap()],
-    );
-    assert!(
-        sender.wait(Duration::from_secs(60)),
-        "the sender did not finish its count and exit cleanly"
-    );
-    let metrics = s.join("receiver-metrics.json");
-    wait_until(Duration::from_secs(10), || {
-        read_json(&metrics)["records"].as_u64() == Some(total)
-    });
-    assert!(receiver.stop(Duration::from_secs(20)));
-    let seqs = written_seqs(&out, "plant_gen");
-    assert_complete_in_order(&seqs, total);
-    let m = read_json(&metrics);
+    let m = run.finish(&s, Duration::from_secs(10));
+    let out = run.out.clone();
     assert!(
         m["blocks_repaired"].as_u64().unwrap() > 0,
         "FEC repaired nothing: {m}"
@@ -195,7 +240,6 @@ fn generator_points_arrive_complete_in_the_file_sink_through_2pct_loss_with_burs
         m["shards_rebuilt_max"].as_u64().unwrap() > 0 && pct > 0 && pct <= 100,
         "no repair margin shown under loss: {m}"
     );
-    assert!(gaps(&s.join("audit.jsonl"), "plant/gen").is_empty());
     let first = &json_lines(&out.join("plant_gen.000001.jsonl"))[0];
     for key in ["stream", "seq", "kind", "ts", "tag", "value", "quality"] {
         assert!(
@@ -442,30 +486,7 @@ fn a_repeated_stream_sends_every_record_twice_and_sinks_see_each_once() {
 #[test]
 fn processes_frozen_for_a_second_and_a_half_lose_no_record() {
     let s = Scratch::new("freeze");
-    let link = Link::new();
-    let out = s.join("out");
-    let rcfg = s.write(
-        "receiver.toml",
-        &receiver_config(&s, &link, &file_sink(&out)),
-    );
-    let mut receiver = Proc::spawn(
-        &s,
-        "receiver",
-        "weir-receiver",
-        &["run", "--config", rcfg.to_str().unwrap()],
-    );
-    let linksim = link.linksim(&s, 11, 0.05, 0.001, 4);
-    let total = 30_000u64;
-    let scfg = s.write(
-        "sender.toml",
-        &sender_config(&s, &link, "8Mbit", &format!("[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 50\nrate = 2000\ncount = {total}\n")),
-    );
-    let mut sender = Proc::spawn(
-        &s,
-        "sender",
-        "weir-sender",
-        &["run", "--config", scfg.to_str().unwrap()],
-    );
+    let mut run = GeneratorRun::start(&s, "8Mbit", (11, 0.05, 0.001, 4), (50, 2000, 30_000));
     let freeze = |procs: &[&Proc]| {
         for p in procs {
             p.signal("STOP");
@@ -478,26 +499,14 @@ fn processes_frozen_for_a_second_and_a_half_lose_no_record() {
     };
     std::thread::sleep(Duration::from_secs(2));
     for _ in 0..8 {
-        freeze(&[&sender]);
+        freeze(&[&run.sender]);
     }
-    freeze(&[&receiver]);
-    freeze(&[&sender, &linksim, &receiver]);
-    assert!(
-        sender.wait(Duration::from_secs(60)),
-        "the sender did not finish its count and exit cleanly"
-    );
-    let metrics = s.join("receiver-metrics.json");
-    wait_until(Duration::from_secs(15), || {
-        read_json(&metrics)["records"].as_u64() == Some(total)
-    });
-    assert!(receiver.stop(Duration::from_secs(20)));
-    let gaps = gaps(&s.join("audit.jsonl"), "plant/gen");
-    assert!(gaps.is_empty(), "records lost to a freeze: {gaps:?}");
-    assert_complete_in_order(&written_seqs(&out, "plant_gen"), total);
-    let m = read_json(&metrics);
+    freeze(&[&run.receiver]);
+    freeze(&[&run.sender, &run.linksim, &run.receiver]);
+    let m = run.finish(&s, Duration::from_secs(15));
     assert!(
         m["blocks_repaired"].as_u64().unwrap() > 0,
-        "the 2% loss needed no FEC: {m}"
+        "the 5% loss needed no FEC: {m}"
     );
 }
 
