@@ -757,7 +757,7 @@ impl Decoder {
             if let Some(live) = self
                 .session
                 .as_ref()
-                .filter(|s| s.id == session && self.peeked % SPOT_CHECK != 0)
+                .filter(|s| s.id == session && !self.peeked.is_multiple_of(SPOT_CHECK))
             {
                 if block < live.base {
                     self.stats.stale += 1;
