@@ -378,8 +378,8 @@ pub fn run(
                 *at = Instant::now() + FINAL_HEARTBEAT_SPACING;
             }
         }
-        let beats_left = final_beats.is_some_and(|(left, _)| left > 0)
-            || (mode == DRAIN && final_beats.is_none());
+        // Only while draining: a SIGTERM in between stops at once.
+        let beats_left = mode == DRAIN && final_beats.is_none_or(|(left, _)| left > 0);
         if flushed && enc.is_idle() && carry.is_empty() && !beats_left {
             publish(&mut enc, &counters);
             // The final state save happens in main, after the sync thread stops.

@@ -569,3 +569,61 @@ fn a_sender_whose_sources_finished_ends_with_three_spaced_heartbeats() {
         );
     }
 }
+
+/// A SIGTERM while those final heartbeats go out stops the sender at once,
+/// like a SIGTERM at any other point of the drain.
+#[test]
+fn a_sigterm_during_the_final_heartbeats_stops_the_sender_at_once() {
+    let s = Scratch::new("final-beats-term");
+    let link = Link::new();
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", link.sender_port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(
+            &s,
+            &link,
+            "100Mbit",
+            "[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 10\nrate = 100000\ncount = 2000\n",
+        ),
+    );
+    let mut sender = Proc::spawn(
+        &s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    // The final heartbeats are the only datagrams with quiet around them:
+    // a heartbeat followed by 50 ms of nothing, once every source has
+    // finished, is one of them (the first goes as soon as all else is out).
+    let mut buf = [0u8; 2048];
+    let mut last: Option<(std::time::Instant, bool)> = None;
+    let start = std::time::Instant::now();
+    let in_final_beats = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no final heartbeats seen"
+        );
+        match socket.recv(&mut buf) {
+            Ok(n) => last = Some((std::time::Instant::now(), n > 3 && buf[3] & 0x01 != 0)),
+            Err(_) => {
+                if let Some((at, true)) = last {
+                    if at.elapsed() >= Duration::from_millis(50)
+                        && log_text(&s, "sender").contains("every source has finished")
+                    {
+                        break true;
+                    }
+                }
+            }
+        }
+    };
+    assert!(in_final_beats);
+    let signalled = std::time::Instant::now();
+    assert!(
+        sender.stop(Duration::from_secs(5)),
+        "the sender did not stop on SIGTERM during its final heartbeats"
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(2));
+}
