@@ -510,6 +510,30 @@ fn processes_frozen_for_a_second_and_a_half_lose_no_record() {
     );
 }
 
+/// A sender of 2000 generator points sending straight to a socket of the
+/// test's (reads time out after `read_timeout`): no receiver, no linksim.
+fn finite_sender_into_a_socket(s: &Scratch, read_timeout: Duration) -> (std::net::UdpSocket, Proc) {
+    let link = Link::new();
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", link.sender_port)).unwrap();
+    socket.set_read_timeout(Some(read_timeout)).unwrap();
+    let scfg = s.write(
+        "sender.toml",
+        &sender_config(
+            s,
+            &link,
+            "100Mbit",
+            "[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 10\nrate = 100000\ncount = 2000\n",
+        ),
+    );
+    let sender = Proc::spawn(
+        s,
+        "sender",
+        "weir-sender",
+        &["run", "--config", scfg.to_str().unwrap()],
+    );
+    (socket, sender)
+}
+
 /// A sender whose sources all finished ends with three heartbeats, about
 /// 100 ms apart, after its last record: the last heartbeat is the only
 /// word of records lost at the very end of a transfer, and one sent right
@@ -517,26 +541,7 @@ fn processes_frozen_for_a_second_and_a_half_lose_no_record() {
 #[test]
 fn a_sender_whose_sources_finished_ends_with_three_spaced_heartbeats() {
     let s = Scratch::new("final-beats");
-    let link = Link::new();
-    let socket = std::net::UdpSocket::bind(("127.0.0.1", link.sender_port)).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let scfg = s.write(
-        "sender.toml",
-        &sender_config(
-            &s,
-            &link,
-            "100Mbit",
-            "[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 10\nrate = 100000\ncount = 2000\n",
-        ),
-    );
-    let mut sender = Proc::spawn(
-        &s,
-        "sender",
-        "weir-sender",
-        &["run", "--config", scfg.to_str().unwrap()],
-    );
+    let (socket, mut sender) = finite_sender_into_a_socket(&s, Duration::from_millis(200));
     // (arrival, is a control frame) of every datagram until the sender exits.
     let mut seen = Vec::new();
     let mut buf = [0u8; 2048];
@@ -575,26 +580,7 @@ fn a_sender_whose_sources_finished_ends_with_three_spaced_heartbeats() {
 #[test]
 fn a_sigterm_during_the_final_heartbeats_stops_the_sender_at_once() {
     let s = Scratch::new("final-beats-term");
-    let link = Link::new();
-    let socket = std::net::UdpSocket::bind(("127.0.0.1", link.sender_port)).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
-    let scfg = s.write(
-        "sender.toml",
-        &sender_config(
-            &s,
-            &link,
-            "100Mbit",
-            "[[sources]]\nname = \"plant/gen\"\ntype = \"generator\"\ntags = 10\nrate = 100000\ncount = 2000\n",
-        ),
-    );
-    let mut sender = Proc::spawn(
-        &s,
-        "sender",
-        "weir-sender",
-        &["run", "--config", scfg.to_str().unwrap()],
-    );
+    let (socket, mut sender) = finite_sender_into_a_socket(&s, Duration::from_millis(20));
     // The final heartbeats are the only datagrams with quiet around them:
     // a heartbeat followed by 50 ms of nothing, once every source has
     // finished, is one of them (the first goes as soon as all else is out).
