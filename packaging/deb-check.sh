@@ -23,6 +23,10 @@ for side in sender receiver; do
   check "$side: unit" "[ -f '$root/lib/systemd/system/weir-$side.service' ] || [ -f '$root/usr/lib/systemd/system/weir-$side.service' ]"
   check "$side: example configuration" "[ -f '$root/etc/weir/$side.toml' ]"
   check "$side: docs" "[ -f '$root/usr/share/doc/weir-$side/docs/audit.md' ]"
+  if [ "$side" = receiver ]; then
+    check "receiver: sysctl.d lets the socket have the default recv_buffer (64 MiB)" \
+      "grep -qx 'net.core.rmem_max = 67108864' '$root/usr/lib/sysctl.d/60-weir-receiver.conf'"
+  fi
   ctl="$scratch/$side-control"; dpkg -e "$deb" "$ctl"
   check "$side: postinst creates the weir-$side user" "grep -q 'adduser --system --group' '$ctl/postinst' && grep -q 'weir-$side' '$ctl/postinst'"
   check "$side: conffile" "grep -qx '/etc/weir/$side.toml' '$ctl/conffiles'"

@@ -408,9 +408,9 @@ impl Encoder {
     pub fn push(&mut self, now: Nanos, record: &Record) {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let bytes = postcard::to_extend(record, scratch).expect("postcard into a Vec cannot fail");
-        self.push_record_bytes(now, record.stream, record.seq, record.resent, &bytes);
-        self.scratch = bytes;
+        crate::record::encode_into(record, &mut scratch);
+        self.push_record_bytes(now, record.stream, record.seq, record.resent, &scratch);
+        self.scratch = scratch;
     }
 
     /// As [`Self::push`], for a body already serialized (postcard, as

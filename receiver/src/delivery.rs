@@ -101,6 +101,10 @@ const RETRY_START: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Cursor saves are at most this frequent (each is an fsync).
 const CURSOR_INTERVAL: Duration = Duration::from_millis(100);
+/// Most records a sink writes at once from batches that queued up while it
+/// wrote the last: as many as the journal thread puts in one batch, so a
+/// write is never much larger than a batch can be anyway.
+const GROUP_RECORDS: usize = 65_536;
 
 pub struct SinkThread {
     pub shared: Arc<SinkShared>,
@@ -273,6 +277,31 @@ impl Positions {
     }
 }
 
+/// Whether this sink's `streams` globs take a stream, per stream name.
+/// Records come in runs of one stream (one `Arc` per stream from the
+/// decoder), so the last answer is kept to skip hashing the name.
+#[derive(Default)]
+struct Routed {
+    map: HashMap<Arc<str>, bool>,
+    last: Option<(Arc<str>, bool)>,
+}
+
+impl Routed {
+    fn get(&mut self, stream: &Arc<str>, routes: &GlobSet) -> bool {
+        if let Some((s, taken)) = &self.last {
+            if Arc::ptr_eq(s, stream) {
+                return *taken;
+            }
+        }
+        let taken = *self
+            .map
+            .entry(stream.clone())
+            .or_insert_with(|| routes.is_match(&**stream));
+        self.last = Some((stream.clone(), taken));
+        taken
+    }
+}
+
 /// Waits out a retry's backoff; false when `abort` ends the wait (shutdown
 /// gave up on the sink).
 fn back_off(delay: &mut Duration, abort: &AtomicBool) -> bool {
@@ -300,12 +329,13 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
         dead_letter_path,
     } = t;
     let name = shared.name.clone();
-    let mut routed: HashMap<Arc<str>, bool> = HashMap::new();
+    let mut routed = Routed::default();
     let mut positions = Positions::default();
     let mut stored_loaded = false;
-    // The last batch written, offered again after a failure of a sink that
-    // cannot know what its destination kept (`Sink::unconfirmed_loss`).
-    let mut previous: Option<Arc<Vec<Delivered>>> = None;
+    // The last batches written together, offered again after a failure of
+    // a sink that cannot know what its destination kept
+    // (`Sink::unconfirmed_loss`).
+    let mut previous: Vec<Arc<Vec<Delivered>>> = Vec::new();
     let mut last_end = 0;
     let mut last_save = Instant::now() - CURSOR_INTERVAL;
     let mut unsaved: Option<u64> = None;
@@ -322,18 +352,33 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-        shared
-            .in_flight_bytes
-            .fetch_sub(batch.bytes, Ordering::Relaxed);
-        // Batches come in journal order; a jump forward is an overflow skip.
-        debug_assert!(
-            batch.start >= last_end && batch.start <= batch.end,
-            "batch {}..{} after {last_end}",
-            batch.start,
-            batch.end
-        );
-        last_end = batch.end;
+        // Under load batches queue up while the sink writes: they are
+        // written together, one write and one confirmation (one fsync for
+        // the file sink) for all, instead of one each.
+        let mut group = vec![batch];
+        let mut group_records = group[0].records.len();
+        while group_records < GROUP_RECORDS {
+            match batches.try_recv() {
+                Ok(b) => {
+                    group_records += b.records.len();
+                    group.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        for b in &group {
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            shared.in_flight_bytes.fetch_sub(b.bytes, Ordering::Relaxed);
+            // Batches come in journal order; a jump forward is an overflow skip.
+            debug_assert!(
+                b.start >= last_end && b.start <= b.end,
+                "batch {}..{} after {last_end}",
+                b.start,
+                b.end
+            );
+            last_end = b.end;
+        }
+        let end = last_end;
         // A transactional destination says what it holds, once, before the
         // first write: retried like a write while it is unreachable.
         let mut delay = RETRY_START;
@@ -357,15 +402,10 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
             }
         }
         let mut replays = 0u64;
-        let mut pending: Vec<&Delivered> = batch
-            .records
+        let mut pending: Vec<&Delivered> = group
             .iter()
-            .filter(|r| {
-                kinds.contains(&r.body)
-                    && *routed
-                        .entry(r.stream.clone())
-                        .or_insert_with(|| routes.is_match(&*r.stream))
-            })
+            .flat_map(|b| b.records.iter())
+            .filter(|r| kinds.contains(&r.body) && routed.get(&r.stream, &routes))
             .filter(|r| {
                 let replay = positions.is_replay(r);
                 replays += replay as u64;
@@ -417,13 +457,11 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
             shared.stats.errors.fetch_add(1, Ordering::Relaxed);
             if sink.unconfirmed_loss() && !replayed {
                 replayed = true;
-                if let Some(prev) = &previous {
-                    let mut again: Vec<&Delivered> = prev
+                if !previous.is_empty() {
+                    let mut again: Vec<&Delivered> = previous
                         .iter()
-                        .filter(|r| {
-                            kinds.contains(&r.body)
-                                && routed.get(&r.stream).copied().unwrap_or(false)
-                        })
+                        .flat_map(|b| b.iter())
+                        .filter(|r| kinds.contains(&r.body) && routed.get(&r.stream, &routes))
                         .collect();
                     again.append(&mut pending);
                     pending = again;
@@ -444,12 +482,15 @@ fn sink_loop(t: SinkThread, save: impl Fn(u64, Value)) {
             .stats
             .records
             .fetch_add(confirmed_records, Ordering::Relaxed);
-        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-        shared.confirmed.store(batch.end, Ordering::Release);
-        previous = Some(batch.records.clone());
-        unsaved = Some(batch.end);
+        shared
+            .stats
+            .batches
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        shared.confirmed.store(end, Ordering::Release);
+        previous = group.into_iter().map(|b| b.records).collect();
+        unsaved = Some(end);
         if last_save.elapsed() >= CURSOR_INTERVAL {
-            save(batch.end, sink.resume_state());
+            save(end, sink.resume_state());
             unsaved = None;
             last_save = Instant::now();
         }
@@ -606,6 +647,8 @@ mod tests {
         script: VecDeque<Step>,
         transactional: bool,
         loses_unconfirmed: bool,
+        /// When set, the first write says it started and waits to be released.
+        hold: Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
     }
 
     impl FakeSink {
@@ -615,6 +658,7 @@ mod tests {
                 script: script.iter().copied().collect(),
                 transactional: false,
                 loses_unconfirmed: false,
+                hold: None,
             }
         }
     }
@@ -625,6 +669,10 @@ mod tests {
 
     impl Sink for FakeSink {
         fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+            if let Some((started, release)) = self.hold.take() {
+                started.send(()).unwrap();
+                release.recv().unwrap();
+            }
             let mut seen = self.seen.lock().unwrap();
             seen.calls
                 .push((Instant::now(), records.iter().map(|r| key(r)).collect()));
@@ -847,6 +895,7 @@ mod tests {
         run.send(0, batch(0, 5));
         run.send(10, batch(5, 8));
         run.finish();
+        let first_run_calls = seen.lock().unwrap().calls.len();
         // A crash lost the cursor saves: the journal replays from 0, and
         // more records follow.
         let mut sink = FakeSink::new(&seen, &[]);
@@ -871,8 +920,10 @@ mod tests {
         }
         assert_eq!(shared.stats.duplicates.load(Ordering::Relaxed), 16);
         // The second run was never offered a record the destination held.
-        let last_calls: Vec<&(String, u64, u64)> =
-            seen.calls[2..].iter().flat_map(|c| c.1.iter()).collect();
+        let last_calls: Vec<&(String, u64, u64)> = seen.calls[first_run_calls..]
+            .iter()
+            .flat_map(|c| c.1.iter())
+            .collect();
         assert!(last_calls.iter().all(|k| k.2 >= 8), "{last_calls:?}");
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -972,6 +1023,8 @@ mod tests {
         sink.loses_unconfirmed = true;
         let run = Running::start(&dir, sink, "*", 0);
         run.send(0, (0..3).map(|i| rec("a", 1, i)).collect());
+        // Confirmed before the next is sent, so the two are not written together.
+        run.wait_confirmed(3);
         run.send(3, (3..5).map(|i| rec("a", 1, i)).collect());
         run.finish();
         let seen = seen.lock().unwrap();
@@ -981,6 +1034,42 @@ mod tests {
             .map(|c| c.1.iter().map(|k| k.2).collect())
             .collect();
         assert_eq!(offered, [vec![0, 1, 2], vec![3, 4], vec![0, 1, 2, 3, 4]]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    #[test]
+    fn batches_that_queue_while_a_sink_writes_are_written_together_and_confirmed_at_the_last_end() {
+        let dir = scratch("group");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let mut sink = FakeSink::new(&seen, &[]);
+        sink.hold = Some((started_tx, release_rx));
+        let run = Running::start(&dir, sink, "*", 0);
+        run.send(0, vec![rec("a", 1, 0)]);
+        started.recv().unwrap();
+        // Three batches queue while the first write is held.
+        run.send(1, vec![rec("a", 1, 1), rec("a", 1, 2)]);
+        run.send(3, vec![rec("b", 1, 0)]);
+        run.send(4, vec![rec("a", 1, 3)]);
+        release.send(()).unwrap();
+        run.wait_confirmed(5);
+        let shared = run.finish();
+        let seen = seen.lock().unwrap();
+        let offered: Vec<Vec<(String, u64)>> = seen
+            .calls
+            .iter()
+            .map(|c| c.1.iter().map(|k| (k.0.clone(), k.2)).collect())
+            .collect();
+        let a = |seq| ("a".to_string(), seq);
+        assert_eq!(
+            offered,
+            [vec![a(0)], vec![a(1), a(2), ("b".to_string(), 0), a(3)]],
+            "the queued batches went in one write, in journal order"
+        );
+        assert_eq!(shared.confirmed.load(Ordering::Acquire), 5);
+        assert_eq!(shared.stats.batches.load(Ordering::Relaxed), 4);
+        assert_eq!(shared.stats.records.load(Ordering::Relaxed), 5);
+        assert_eq!(shared.in_flight.load(Ordering::Relaxed), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -90,13 +90,16 @@ impl Entry {
                 resent,
                 body,
             } => {
-                let name = names
-                    .entry(stream.clone())
-                    .or_insert_with(|| Arc::from(stream.as_str()))
-                    .clone();
+                // One `Arc` per name read back, not one allocation per record.
+                let mut shared = |name: String| {
+                    names
+                        .entry(name)
+                        .or_insert_with_key(|n| Arc::from(n.as_str()))
+                        .clone()
+                };
                 Some(Delivered {
-                    stream: name,
-                    source_type: Arc::from(source_type.as_str()),
+                    stream: shared(stream),
+                    source_type: shared(source_type),
                     session,
                     epoch,
                     seq,
@@ -479,19 +482,28 @@ impl Journal {
         self.settings.max_bytes
     }
 
-    fn append(&mut self, entry: &EntryRef<'_>, stream: &str, position: Position) -> Result<u64> {
+    /// Appends `entry` and moves `stream`'s position with `update` (one
+    /// lookup of the stream per entry).
+    fn append(
+        &mut self,
+        entry: &EntryRef<'_>,
+        stream: &str,
+        update: impl FnOnce(&mut Position),
+    ) -> Result<u64> {
         let mut payload = std::mem::take(&mut self.scratch);
         payload.clear();
-        let payload = postcard::to_extend(entry, payload).expect("postcard into Vec");
+        weir_protocol::record::encode_into(entry, &mut payload);
         let appended = self.log.append(&payload);
         self.scratch = payload;
         let (index, size, full) = appended?;
         self.appended_bytes += size;
         self.unsynced_bytes += size;
         match self.positions.get_mut(stream) {
-            Some(p) => *p = position,
+            Some(p) => update(p),
             None => {
-                self.positions.insert(stream.to_string(), position);
+                let mut p = Position::default();
+                update(&mut p);
+                self.positions.insert(stream.to_string(), p);
             }
         }
         if full {
@@ -510,22 +522,19 @@ impl Journal {
             resent: r.resent,
             body: &r.body,
         };
-        let previous = self.positions.get(&*r.stream).copied().unwrap_or_default();
-        // A resent record fills an old gap: the stream's position stays.
-        let last = if r.resent && previous.epoch == Some(r.epoch) {
-            previous.last
-        } else {
-            Some(r.seq)
-        };
-        self.append(
-            &entry,
-            &r.stream,
-            Position {
+        self.append(&entry, &r.stream, |p| {
+            // A resent record fills an old gap: the stream's position stays.
+            let last = if r.resent && p.epoch == Some(r.epoch) {
+                p.last
+            } else {
+                Some(r.seq)
+            };
+            *p = Position {
                 session: Some(r.session),
                 epoch: Some(r.epoch),
                 last,
-            },
-        )
+            };
+        })
     }
 
     pub fn append_gap(
@@ -543,15 +552,13 @@ impl Journal {
             from,
             to,
         };
-        self.append(
-            &entry,
-            stream,
-            Position {
+        self.append(&entry, stream, |p| {
+            *p = Position {
                 session: Some(session),
                 epoch: Some(epoch),
                 last: Some(to),
-            },
-        )
+            }
+        })
     }
 
     fn rotate(&mut self) -> Result<()> {

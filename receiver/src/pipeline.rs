@@ -442,10 +442,13 @@ impl Pipeline {
                     Ok(end) if end > pending_start => {
                         // Sinks get these once the fsync is done.
                         let appended = self.journal.appended_bytes();
+                        // The next batch is about as large as this one:
+                        // reserved once instead of grown by doubling.
+                        let next = Vec::with_capacity(records.len());
                         awaiting.push_back((
                             pending_start,
                             end,
-                            Arc::new(std::mem::take(&mut records)),
+                            Arc::new(std::mem::replace(&mut records, next)),
                             appended - pending_bytes,
                         ));
                         pending_start = end;

@@ -74,8 +74,9 @@ pub struct LinkSocket {
 }
 
 impl LinkSocket {
-    /// Binds `listen` and asks for `recv_buffer` bytes of socket buffer,
-    /// warning with the sysctl to raise when the kernel grants less.
+    /// Binds `listen` and asks for `recv_buffer` bytes of socket buffer
+    /// (forced past `net.core.rmem_max` when the process may), warning
+    /// with the sysctl to raise when the kernel grants less.
     pub fn open(listen: SocketAddr, recv_buffer: usize, mtu: usize) -> Result<Self> {
         let socket = std::net::UdpSocket::bind(listen)
             .with_context(|| format!("link.listen: cannot bind {listen}"))?;
@@ -85,7 +86,22 @@ impl LinkSocket {
             tracing::warn!("link.recv_buffer: could not set SO_RCVBUF to {recv_buffer}: {e}");
         }
         // Linux reports double the usable size it grants.
-        let granted = sock.recv_buffer_size().unwrap_or(0) / 2;
+        let mut granted = sock.recv_buffer_size().unwrap_or(0) / 2;
+        if granted < recv_buffer {
+            // `net.core.rmem_max` capped it. A process with CAP_NET_ADMIN
+            // (root, or a unit that grants it) may go past the cap with
+            // SO_RCVBUFFORCE; any other gets EPERM and keeps what it has.
+            if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, recv_buffer).is_ok()
+            {
+                granted = sock.recv_buffer_size().unwrap_or(0) / 2;
+                tracing::info!(
+                    requested = recv_buffer,
+                    granted,
+                    "link.recv_buffer: set past net.core.rmem_max with SO_RCVBUFFORCE \
+                     (this process has CAP_NET_ADMIN)"
+                );
+            }
+        }
         if granted < recv_buffer {
             tracing::warn!(
                 requested = recv_buffer,

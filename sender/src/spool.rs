@@ -566,8 +566,7 @@ impl Spool {
         let mut result = Ok(());
         for body in bodies {
             payload.clear();
-            payload = postcard::to_extend(&EntryRef { stream, seq, body }, payload)
-                .expect("postcard into Vec");
+            weir_protocol::record::encode_into(&EntryRef { stream, seq, body }, &mut payload);
             // A large record (a stream chunk) goes to the OS at once, so a
             // crash of this process cannot lose it; small ones when the sync
             // thread, woken by the append, starts the fsync that covers them.

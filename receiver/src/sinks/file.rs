@@ -341,45 +341,62 @@ impl FileSink {
     }
 
     fn write_records(&mut self, records: &[&Delivered]) -> Result<(), SinkError> {
-        for (at, r) in records.iter().enumerate() {
-            let raw = matches!(r.body, RecordBody::Bytes(_));
-            self.line.clear();
-            match &r.body {
-                RecordBody::Bytes(c) => self.line.extend_from_slice(&c.data),
-                _ => {
-                    json_line::write_record(&mut self.line, r);
-                    self.line.push(b'\n');
+        // Records come in runs of one stream: the file is looked up once
+        // per run (and again after a rotation), not once per record.
+        let mut at = 0;
+        while at < records.len() {
+            let first = records[at];
+            let raw = matches!(first.body, RecordBody::Bytes(_));
+            let run_end = records[at..]
+                .iter()
+                .position(|r| {
+                    !(Arc::ptr_eq(&r.stream, &first.stream) || r.stream == first.stream)
+                        || matches!(r.body, RecordBody::Bytes(_)) != raw
+                })
+                .map_or(records.len(), |n| at + n);
+            let key = (first.stream.clone(), raw);
+            while at < run_end {
+                if !self.files.contains_key(&key) {
+                    self.open(&key.0, raw)?;
+                }
+                let f = self.files.get_mut(&key).expect("opened");
+                let mut full = false;
+                while at < run_end {
+                    let r = records[at];
+                    self.line.clear();
+                    match &r.body {
+                        RecordBody::Bytes(c) => self.line.extend_from_slice(&c.data),
+                        _ => {
+                            json_line::write_record(&mut self.line, r);
+                            self.line.push(b'\n');
+                        }
+                    }
+                    let len = self.line.len() as u64;
+                    if len > self.max_line {
+                        return Err(SinkError::Reject {
+                            at,
+                            reason: format!(
+                                "record is {len} bytes, over max_line_bytes ({})",
+                                self.max_line
+                            ),
+                        });
+                    }
+                    if f.size > 0 && f.size + len > self.max_bytes {
+                        full = true;
+                        break;
+                    }
+                    f.writer
+                        .write_all(&self.line)
+                        .with_context(|| format!("writing {}", f.name))?;
+                    f.size += len;
+                    f.dirty = true;
+                    at += 1;
+                }
+                if full {
+                    // The record at `at` starts the stream's next file.
+                    self.rotate(&key.0, raw)?;
                 }
             }
-            if self.line.len() as u64 > self.max_line {
-                return Err(SinkError::Reject {
-                    at,
-                    reason: format!(
-                        "record is {} bytes, over max_line_bytes ({})",
-                        self.line.len(),
-                        self.max_line
-                    ),
-                });
-            }
-            let full = self
-                .files
-                .get(&(r.stream.clone(), raw))
-                .is_some_and(|f| f.size > 0 && f.size + self.line.len() as u64 > self.max_bytes);
-            if full {
-                self.rotate(&r.stream, raw)?;
-            }
-            if !self.files.contains_key(&(r.stream.clone(), raw)) {
-                self.open(&r.stream, raw)?;
-            }
-            let f = self
-                .files
-                .get_mut(&(r.stream.clone(), raw))
-                .expect("opened");
-            f.writer
-                .write_all(&self.line)
-                .with_context(|| format!("writing {}", f.name))?;
-            f.size += self.line.len() as u64;
-            f.dirty = true;
         }
         Ok(())
     }
@@ -522,15 +539,20 @@ mod tests {
     }
 
     fn seqs(dir: &std::path::Path) -> Vec<u64> {
+        seqs_of(dir, "plant_a")
+    }
+
+    /// The `seq` of every line in the `.jsonl` files of `stem`, in file order.
+    fn seqs_of(dir: &std::path::Path, stem: &str) -> Vec<u64> {
         let mut out = Vec::new();
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        names.sort_by_key(|n| number_of(n, "plant_a", "jsonl"));
+        names.sort_by_key(|n| number_of(n, stem, "jsonl"));
         for n in names
             .iter()
-            .filter(|n| n.starts_with("plant_a") && n.ends_with(".jsonl"))
+            .filter(|n| n.starts_with(stem) && n.ends_with(".jsonl"))
         {
             out.extend(
                 std::fs::read_to_string(dir.join(n))
@@ -577,6 +599,52 @@ mod tests {
             "4 KiB files: the points took several"
         );
         assert_eq!(seqs(&dir), (0..100).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn interleaved_streams_and_kinds_in_one_write_each_go_to_their_own_file_in_order() {
+        let dir = scratch("interleaved");
+        let mut sink = FileSink::new(&config(&dir, "1KiB"), "f").unwrap();
+        let chunk = |seq: u64| {
+            rec(
+                "plant/a",
+                seq,
+                RecordBody::Bytes(Chunk {
+                    data: vec![b'0' + seq as u8],
+                    end: false,
+                }),
+            )
+        };
+        let other = |seq: u64| {
+            let mut r = point(seq);
+            r.stream = Arc::from("plant/b");
+            r
+        };
+        // Runs of one stream, a stream's points and bytes in turn, and
+        // 1 KiB files, so the runs also cross file rotations.
+        let mut records = Vec::new();
+        for seq in 0..60 {
+            records.push(point(seq));
+            if seq % 3 == 0 {
+                records.push(other(seq));
+                records.push(chunk(seq % 10));
+            }
+        }
+        let refs: Vec<&Delivered> = records.iter().collect();
+        assert_eq!(sink.write(&refs).unwrap(), refs.len());
+        assert_eq!(seqs(&dir), (0..60).collect::<Vec<_>>());
+        assert!(
+            dir.join("plant_a.000003.jsonl").exists(),
+            "rotated within runs"
+        );
+        assert_eq!(
+            seqs_of(&dir, "plant_b"),
+            (0..60).step_by(3).collect::<Vec<_>>()
+        );
+        let raw = std::fs::read(dir.join("plant_a.000001.bin")).unwrap();
+        let want: Vec<u8> = (0..60).step_by(3).map(|s| b'0' + (s % 10) as u8).collect();
+        assert_eq!(raw, want);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
