@@ -103,8 +103,10 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const CURSOR_INTERVAL: Duration = Duration::from_millis(100);
 /// Most records a sink writes at once from batches that queued up while it
 /// wrote the last: as many as the journal thread puts in one batch, so a
-/// write is never much larger than a batch can be anyway.
-const GROUP_RECORDS: usize = 65_536;
+/// write is never much larger than a batch can be anyway. (The batches are
+/// in memory already, bounded by `SINK_QUEUE_BYTES`: this bounds the size
+/// of a write, not memory.)
+const GROUP_RECORDS: usize = crate::pipeline::BATCH_RECORDS;
 
 pub struct SinkThread {
     pub shared: Arc<SinkShared>,

@@ -118,6 +118,9 @@ pub struct Pipeline {
 /// other sample goes, so a long lag is still measured, more coarsely.
 const DURABLE_SAMPLES: usize = 4096;
 
+/// Most records in one journaled batch for the sinks: an fsync is requested
+/// when this many wait, whatever `fsync_bytes` says.
+pub const BATCH_RECORDS: usize = 65_536;
 /// Batches queued per sink before it counts as behind (each holds at most
 /// `journal.fsync_bytes` of records).
 pub const SINK_QUEUE: usize = 32;
@@ -432,7 +435,7 @@ impl Pipeline {
                 }
             }
             self.drain_sink_events();
-            if self.journal.sync_due() || disconnected || records.len() >= 65_536 {
+            if self.journal.sync_due() || disconnected || records.len() >= BATCH_RECORDS {
                 let result = if disconnected {
                     self.journal.sync()
                 } else {
@@ -442,13 +445,10 @@ impl Pipeline {
                     Ok(end) if end > pending_start => {
                         // Sinks get these once the fsync is done.
                         let appended = self.journal.appended_bytes();
-                        // The next batch is about as large as this one:
-                        // reserved once instead of grown by doubling.
-                        let next = Vec::with_capacity(records.len());
                         awaiting.push_back((
                             pending_start,
                             end,
-                            Arc::new(std::mem::replace(&mut records, next)),
+                            Arc::new(std::mem::take(&mut records)),
                             appended - pending_bytes,
                         ));
                         pending_start = end;
