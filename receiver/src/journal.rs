@@ -613,7 +613,7 @@ impl Journal {
     /// Reads entries `from..` (at most `max`, never past the durable index).
     #[cfg(test)]
     pub fn read(&mut self, from: u64, max: usize) -> Result<Vec<(u64, Entry)>> {
-        Ok(self.read_with(&mut None, from, max, u64::MAX)?.0)
+        Ok(self.read_with(&mut None, from, max, u64::MAX, u64::MAX)?.0)
     }
 
     /// Bytes ever appended to the journal by this process.
@@ -623,17 +623,21 @@ impl Journal {
 
     /// As `read`, continuing from a kept position when it fits, and
     /// stopping before an entry that would take the batch past `max_bytes`
-    /// of journal bytes (one entry is always taken). Corrupt entries are
-    /// skipped (see `take_corruption`). Returns the entries and their bytes.
+    /// of journal bytes (one entry is always taken), and before `until`
+    /// (the durable index at most: a sink's catch-up stops where the
+    /// records it would read next are on their way to it in memory).
+    /// Corrupt entries are skipped (see `take_corruption`). Returns the
+    /// entries and their bytes.
     pub fn read_with(
         &mut self,
         reader: &mut Option<Reader>,
         from: u64,
         max: usize,
         max_bytes: u64,
+        until: u64,
     ) -> Result<(Vec<(u64, Entry)>, u64)> {
-        let durable = self.durable_index();
-        self.read_until(reader, from, max, max_bytes, durable)
+        let until = until.min(self.durable_index());
+        self.read_until(reader, from, max, max_bytes, until)
     }
 
     fn read_until(
@@ -969,7 +973,9 @@ mod tests {
         let seg = j.log.segments().back().unwrap().path.clone();
         // Entry 401 is b/200: a byte inside its payload.
         flip(&seg, offsets(&seg)[401] + 12);
-        let (got, _) = j.read_with(&mut None, 0, usize::MAX, u64::MAX).unwrap();
+        let (got, _) = j
+            .read_with(&mut None, 0, usize::MAX, u64::MAX, u64::MAX)
+            .unwrap();
         assert_eq!(got.len(), 1999, "every entry but the corrupt one");
         assert!(got.iter().all(|(i, _)| *i != 401));
         let found = j.take_corruption();
@@ -981,7 +987,7 @@ mod tests {
         // A reader that only skips past it (from beyond it) checks its CRC too.
         drop(j);
         let mut j = Journal::open(settings(&dir, 64 << 20)).unwrap();
-        let (got, _) = j.read_with(&mut None, 500, 10, u64::MAX).unwrap();
+        let (got, _) = j.read_with(&mut None, 500, 10, u64::MAX, u64::MAX).unwrap();
         assert_eq!(got.first().map(|e| e.0), Some(500));
         assert_eq!(
             j.take_corruption().len(),
@@ -1002,7 +1008,9 @@ mod tests {
         let seg = j.log.segments().back().unwrap().path.clone();
         // The length field of entry 300: skipping by it leads nowhere.
         flip(&seg, offsets(&seg)[300] + 2);
-        let (got, _) = j.read_with(&mut None, 0, usize::MAX, u64::MAX).unwrap();
+        let (got, _) = j
+            .read_with(&mut None, 0, usize::MAX, u64::MAX, u64::MAX)
+            .unwrap();
         assert_eq!(
             seqs(&got),
             (0..1000).filter(|s| *s != 300).collect::<Vec<_>>()
@@ -1016,7 +1024,9 @@ mod tests {
         // New entries after the damage keep their indexes.
         j.append_record(&rec("a", 1000)).unwrap();
         j.sync().unwrap();
-        let (got, _) = j.read_with(&mut None, 1000, 10, u64::MAX).unwrap();
+        let (got, _) = j
+            .read_with(&mut None, 1000, 10, u64::MAX, u64::MAX)
+            .unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, 1000);
         assert_eq!(seqs(&got), vec![1000]);
@@ -1037,7 +1047,9 @@ mod tests {
         // between them go with them, and the gap names all of it.
         flip(&seg, at[30_000] + 2);
         flip(&seg, at[60_000] + 2);
-        let (got, _) = j.read_with(&mut None, 0, usize::MAX, u64::MAX).unwrap();
+        let (got, _) = j
+            .read_with(&mut None, 0, usize::MAX, u64::MAX, u64::MAX)
+            .unwrap();
         let found = j.take_corruption();
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!((found[0].from, found[0].to), (30_000, 60_001));
@@ -1076,7 +1088,9 @@ mod tests {
         let found = j.take_corruption();
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!((found[0].from, found[0].to), (first + 100, first + 103));
-        let (got, _) = j.read_with(&mut None, first, usize::MAX, u64::MAX).unwrap();
+        let (got, _) = j
+            .read_with(&mut None, first, usize::MAX, u64::MAX, u64::MAX)
+            .unwrap();
         let want: Vec<u64> = (0..20_000).filter(|s| !(100..103).contains(s)).collect();
         assert_eq!(seqs(&got), want);
         assert_eq!(j.scan_oldest(first).unwrap().len() as u64, end - first - 3);
@@ -1105,7 +1119,9 @@ mod tests {
         let bound = crate::pipeline::CATCH_UP_BYTES;
         let (mut reader, mut from, mut batches) = (None, 0u64, 0);
         while from < 200 {
-            let (got, bytes) = j.read_with(&mut reader, from, 1024, bound).unwrap();
+            let (got, bytes) = j
+                .read_with(&mut reader, from, 1024, bound, u64::MAX)
+                .unwrap();
             assert!(!got.is_empty());
             assert!(bytes <= bound, "a batch of {bytes} bytes, over {bound}");
             assert_eq!(got[0].0, from, "batches follow each other exactly");
@@ -1114,7 +1130,7 @@ mod tests {
         }
         assert!(batches >= 200 * (64 << 10) / bound, "{batches} batches");
         // A record larger than the bound still goes, alone.
-        let (got, bytes) = j.read_with(&mut None, 0, 1024, 1000).unwrap();
+        let (got, bytes) = j.read_with(&mut None, 0, 1024, 1000, u64::MAX).unwrap();
         assert_eq!(got.len(), 1);
         assert!(bytes > 64 << 10);
         std::fs::remove_dir_all(dir).unwrap();

@@ -467,7 +467,17 @@ impl Pipeline {
                 self.fail("weir-journal-sync", anyhow::anyhow!(f));
             }
             self.check_sink_threads();
-            self.catch_up(4);
+            // A sink that fell behind catches up from the journal only to
+            // where the records still in memory here begin (the first batch
+            // awaiting its fsync, or the records not yet in a batch): the
+            // durable index also moves past those (a segment's rotation
+            // fsyncs mid-batch, and the fsync thread moves it meanwhile),
+            // and a read past a batch's start would leave that batch, and
+            // every later one, to reach the sink only from the journal
+            // (read back, checked and decoded again) until a read happened
+            // to end on a batch's start.
+            let in_memory = awaiting.front().map_or(pending_start, |a| a.0);
+            self.catch_up(4, durable.min(in_memory));
             self.enforce_bound();
             self.report_corruption();
             if disconnected || self.failure.is_some() {
@@ -508,7 +518,7 @@ impl Pipeline {
             && Instant::now() < deadline
         {
             self.check_sink_threads();
-            self.catch_up(usize::MAX);
+            self.catch_up(usize::MAX, self.journal.durable_index());
             self.report_corruption();
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -644,9 +654,12 @@ impl Pipeline {
     }
 
     /// Serves sinks that fell behind from the journal, `rounds` batches each,
-    /// each at most `CATCH_UP_BATCH` entries and `CATCH_UP_BYTES`.
-    fn catch_up(&mut self, rounds: usize) {
-        let durable = self.journal.durable_index();
+    /// each at most `CATCH_UP_BATCH` entries and `CATCH_UP_BYTES`, up to
+    /// `until` (at most the durable index; while running, where the
+    /// records still held in memory begin, so a sink that catches up lands
+    /// on the start of the next batch dispatched).
+    fn catch_up(&mut self, rounds: usize, until: u64) {
+        let durable = until.min(self.journal.durable_index());
         let mut names: HashMap<String, Arc<str>> = HashMap::new();
         for i in 0..self.sinks.len() {
             for _ in 0..rounds {
@@ -660,6 +673,7 @@ impl Pipeline {
                     from,
                     CATCH_UP_BATCH,
                     CATCH_UP_BYTES,
+                    durable,
                 ) {
                     Ok(e) => e,
                     Err(e) => {
@@ -1215,10 +1229,14 @@ mod tests {
         assert_eq!(batch_weight(1 << 20, &chunks), 1 << 20);
     }
 
-    #[test]
-    fn a_sink_thread_that_dies_stops_the_receiver_naming_the_thread_and_the_cause() {
-        let dir = std::env::temp_dir().join(format!("weir-pipeline-dies-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+    /// A pipeline over a journal in `dir` with one sink `name`, whose
+    /// queue is `tx` and whose thread is `thread`.
+    fn pipeline(
+        dir: &std::path::Path,
+        name: &str,
+        tx: SyncSender<Batch>,
+        thread: std::thread::JoinHandle<()>,
+    ) -> Pipeline {
         let journal = Journal::open(crate::journal::Settings {
             path: dir.join("journal"),
             max_bytes: 1 << 20,
@@ -1226,19 +1244,13 @@ mod tests {
             fsync_interval: Duration::from_millis(5),
         })
         .unwrap();
-        let shared = Arc::new(SinkShared::new("files", 0));
-        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::spawn(|| panic!("disk on fire"));
-        while !thread.is_finished() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let mut p = Pipeline {
+        Pipeline {
             decoder_stats: Default::default(),
             auth: serde_json::json!("disabled"),
             audit: AuditLog::open(&dir.join("audit.jsonl")).unwrap(),
             journal,
             sinks: vec![SinkHandle {
-                shared,
+                shared: Arc::new(SinkShared::new(name, 0)),
                 tx,
                 routes: crate::sinks::matcher(&["*".into()]).unwrap(),
                 kinds: Kinds::ALL,
@@ -1259,13 +1271,62 @@ mod tests {
             stream_counts: HashMap::new(),
             gap_counts: HashMap::new(),
             durable_times: VecDeque::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_sink_thread_that_dies_stops_the_receiver_naming_the_thread_and_the_cause() {
+        let dir = std::env::temp_dir().join(format!("weir-pipeline-dies-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::spawn(|| panic!("disk on fire"));
+        while !thread.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut p = pipeline(&dir, "files", tx, thread);
         p.check_sink_threads();
         let failure = p.failure.expect("a dead sink thread is fatal");
         assert!(
             failure.contains("sink-files") && failure.contains("panicked: disk on fire"),
             "{failure}"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sink_catching_up_from_the_journal_stops_where_the_records_in_memory_begin() {
+        // 300 durable entries; the ones from 200 on are (as in the journal
+        // thread after a segment's rotation fsynced them mid-batch) still
+        // in a batch on its way to the sinks in memory.
+        let dir = std::env::temp_dir().join(format!("weir-pipeline-until-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (tx, rx) = std::sync::mpsc::sync_channel(SINK_QUEUE);
+        let mut p = pipeline(&dir, "files", tx, std::thread::spawn(|| {}));
+        let chunk = |seq| Delivered {
+            seq,
+            ..delivered(RecordBody::Bytes(weir_protocol::Chunk {
+                data: vec![7; 100],
+                end: false,
+            }))
+        };
+        for seq in 0..300 {
+            p.journal.append_record(&chunk(seq)).unwrap();
+        }
+        assert_eq!(p.journal.sync().unwrap(), 300);
+        p.catch_up(usize::MAX, 200);
+        assert_eq!(p.sinks[0].dispatched, 200, "the catch-up ends at 200");
+        let mut seqs = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            assert_eq!(b.start, seqs.len() as u64);
+            seqs.extend(b.records.iter().map(|r| r.seq));
+            assert_eq!(b.end, seqs.len() as u64);
+        }
+        assert_eq!(seqs, (0..200).collect::<Vec<u64>>());
+        // The batch in memory then goes to the sink as it is.
+        let rest: Vec<Delivered> = (200..300).map(chunk).collect();
+        p.dispatch(Arc::new(rest), 200, 300, 10_000);
+        let b = rx.try_recv().expect("the batch in memory was dispatched");
+        assert_eq!((b.start, b.end, b.records.len()), (200, 300, 100));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
