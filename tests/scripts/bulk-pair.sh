@@ -1,0 +1,76 @@
+#!/bin/bash
+# One bulk run as weir-bench's bulk row makes it, with the binaries of one
+# directory, for before/after comparisons of two builds (docs/performance.md):
+#   weir-tcpfeed -> weir-sender (tcp source, spool on disk) -> UDP, RS 32+8,
+#   MTU 1500, authenticated -> weir-receiver (journal on disk, tcp sink) ->
+#   weir-tcpsink. Prints goodput, CPU s/GB per side (/proc/PID/stat) and
+#   peak RSS. With a third argument `p`, records each side with perf
+#   (PG: perf's call-graph flags, default -g) into $D/sender.perf, receiver.perf.
+# usage: bulk-pair.sh BIN_DIR BYTES [p]   env RATE (default 4Gbit), D (scratch dir)
+# Ports 47001-47003 on 127.0.0.1 must be free.
+set -e
+B=$1; BYTES=$2; P=$3; RATE=${RATE:-4Gbit}; PG=${PG:--g}
+D=${D:-/var/tmp/weir-bulk-pair}; rm -rf $D; mkdir -p $D/store
+$B/weir-sender keygen --out $D/link.key >/dev/null 2>&1 || true
+SRC=47001; DST=47002; LINK=47003
+cat > $D/receiver.toml <<T
+[auth]
+key_files = ["$D/link.key"]
+[link]
+listen = "127.0.0.1:$LINK"
+mtu = 1500
+[audit]
+path = "$D/audit.jsonl"
+[journal]
+path = "$D/store/journal"
+[metrics]
+path = "$D/receiver.json"
+log_interval_s = 0
+[[sinks]]
+name = "replay"
+type = "tcp"
+connect = "127.0.0.1:$DST"
+T
+cat > $D/sender.toml <<T
+[auth]
+key_file = "$D/link.key"
+[link]
+destination = "127.0.0.1:$LINK"
+rate = "$RATE"
+mtu = 1500
+[fec]
+data_shards = 32
+parity_shards = 8
+[spool]
+path = "$D/store/spool"
+[metrics]
+path = "$D/sender.json"
+log_interval_s = 0
+[[sources]]
+name = "raw"
+type = "tcp"
+listen = "127.0.0.1:$SRC"
+T
+$B/weir-tcpsink --no-hash --listen 127.0.0.1:$DST --expect-bytes $BYTES --timeout 600 --idle-timeout 10 --report $D/sink.json >/dev/null 2>$D/sink.log &
+SINK=$!
+$B/weir-receiver run --config $D/receiver.toml 2>$D/receiver.log & RP=$!
+$B/weir-sender run --config $D/sender.toml 2>$D/sender.log & SP=$!
+sleep 1
+if [ "$P" = p ]; then
+  perf record -F 499 $PG -o $D/sender.perf -p $SP 2>/dev/null & PS=$!
+  perf record -F 499 $PG -o $D/receiver.perf -p $RP 2>/dev/null & PR=$!
+fi
+T0=$(date +%s.%N)
+$B/weir-tcpfeed --no-hash --connect 127.0.0.1:$SRC --bytes $BYTES > $D/feed.json
+wait $SINK || true
+T1=$(date +%s.%N)
+cpu() { awk '{print ($14+$15)/100}' /proc/$1/stat; }
+CS=$(cpu $SP); CR=$(cpu $RP)
+if [ "$P" = p ]; then kill -INT $PS $PR; wait $PS $PR 2>/dev/null || true; fi
+HS=$(grep VmHWM /proc/$SP/status | awk '{print $2}'); HR=$(grep VmHWM /proc/$RP/status | awk '{print $2}')
+kill $SP $RP; wait $SP $RP 2>/dev/null || true
+python3 - <<PY
+b=$BYTES/1e9; el=$T1-$T0
+print(f"elapsed {el:.2f}s goodput {b*1000/el:.0f} MB/s sender {($CS)/b:.2f} s/GB receiver {($CR)/b:.2f} s/GB  rss {$HS//1024}/{$HR//1024} MiB")
+PY
+cat $D/sink.json | head -c 300; echo
