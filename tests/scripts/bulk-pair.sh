@@ -51,6 +51,8 @@ name = "raw"
 type = "tcp"
 listen = "127.0.0.1:$SRC"
 T
+# Whatever stops the script (a failed feed under set -e) stops the pair too.
+trap 'kill $SINK $RP $SP ${PS:-} ${PR:-} 2>/dev/null || true' EXIT
 $B/weir-tcpsink --no-hash --listen 127.0.0.1:$DST --expect-bytes $BYTES --timeout 600 --idle-timeout 10 --report $D/sink.json >/dev/null 2>$D/sink.log &
 SINK=$!
 $B/weir-receiver run --config $D/receiver.toml 2>$D/receiver.log & RP=$!
