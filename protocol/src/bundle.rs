@@ -148,12 +148,45 @@ impl<'a> Iterator for Entries<'a> {
 
 /// Appends one entry. `total` is only used for FIRST.
 pub fn put_entry(out: &mut Vec<u8>, tag: u8, total: u32, bytes: &[u8]) {
-    out.push(tag);
-    if tag == TAG_FIRST {
-        put_varint(out, total);
+    Pieces(bytes, &[]).put_entry(out, tag, total);
+}
+
+/// A record's bytes held in two pieces (a head written apart and a body
+/// as it was stored), packed as one run of bytes without first joining
+/// them in a buffer of their own.
+#[derive(Debug, Clone, Copy)]
+pub struct Pieces<'a>(pub &'a [u8], pub &'a [u8]);
+
+impl<'a> Pieces<'a> {
+    pub fn len(&self) -> usize {
+        self.0.len() + self.1.len()
     }
-    put_varint(out, bytes.len() as u32);
-    out.extend_from_slice(bytes);
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `n` bytes and the rest. Panics if `n > self.len()`.
+    pub fn split_at(self, n: usize) -> (Pieces<'a>, Pieces<'a>) {
+        if n <= self.0.len() {
+            let (a, b) = self.0.split_at(n);
+            (Pieces(a, &[]), Pieces(b, self.1))
+        } else {
+            let (a, b) = self.1.split_at(n - self.0.len());
+            (Pieces(self.0, a), Pieces(b, &[]))
+        }
+    }
+
+    /// As [`put_entry`], with these bytes as the entry's payload.
+    pub fn put_entry(self, out: &mut Vec<u8>, tag: u8, total: u32) {
+        out.push(tag);
+        if tag == TAG_FIRST {
+            put_varint(out, total);
+        }
+        put_varint(out, self.len() as u32);
+        out.extend_from_slice(self.0);
+        out.extend_from_slice(self.1);
+    }
 }
 
 /// Bytes `put_entry` writes for an entry of `len` payload bytes.
@@ -170,6 +203,27 @@ pub fn entry_len(tag: u8, total: u32, len: usize) -> usize {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn pieces_split_anywhere_pack_the_same_bytes_as_the_joined_slice(
+            head in proptest::collection::vec(any::<u8>(), 0..40),
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+            cut in any::<proptest::sample::Index>(),
+            tag in prop_oneof![Just(TAG_FIRST), Just(TAG_MIDDLE), Just(TAG_LAST)],
+        ) {
+            let joined = [head.as_slice(), body.as_slice()].concat();
+            let n = cut.index(joined.len() + 1);
+            let (a, b) = Pieces(&head, &body).split_at(n);
+            prop_assert_eq!(a.len() + b.len(), joined.len());
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            put_entry(&mut want, tag, 7, &joined[..n]);
+            put_entry(&mut want, tag, 7, &joined[n..]);
+            a.put_entry(&mut got, tag, 7);
+            b.put_entry(&mut got, tag, 7);
+            prop_assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn entries_round_trip() {

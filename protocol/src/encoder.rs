@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 
 use crate::auth::Signer;
 use crate::bundle::{
-    self, entry_len, put_entry, MAX_ENTRY_HEADER, TAG_FIRST, TAG_GAP_NOTICE, TAG_LAST, TAG_MIDDLE,
+    self, entry_len, put_entry, Pieces, MAX_ENTRY_HEADER, TAG_FIRST, TAG_GAP_NOTICE, TAG_LAST, TAG_MIDDLE,
     TAG_RECORD, TAG_STREAM_INFO,
 };
 use crate::config::EncoderConfig;
@@ -409,7 +409,8 @@ impl Encoder {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         crate::record::encode_into(record, &mut scratch);
-        self.push_record_bytes(now, record.stream, record.seq, record.resent, &scratch);
+        let bytes = Pieces(&scratch, &[]);
+        self.push_record_bytes(now, record.stream, record.seq, record.resent, bytes);
         self.scratch = scratch;
     }
 
@@ -426,12 +427,13 @@ impl Encoder {
         body: &[u8],
     ) {
         debug_assert!(crate::record::RecordBodyRef::parse(body).is_ok());
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        crate::record::put_record_head(&mut scratch, stream, seq, resent);
-        scratch.extend_from_slice(body);
-        self.push_record_bytes(now, stream, seq, resent, &scratch);
-        self.scratch = scratch;
+        // Only the head is written apart; the body is copied once, into
+        // the block.
+        let mut head = std::mem::take(&mut self.scratch);
+        head.clear();
+        crate::record::put_record_head(&mut head, stream, seq, resent);
+        self.push_record_bytes(now, stream, seq, resent, Pieces(&head, body));
+        self.scratch = head;
     }
 
     fn push_record_bytes(
@@ -440,7 +442,7 @@ impl Encoder {
         id: StreamId,
         seq: u64,
         resent: bool,
-        record_bytes: &[u8],
+        record_bytes: Pieces<'_>,
     ) {
         self.start.get_or_insert(now);
         let stream = &mut self.streams[id as usize];
@@ -517,10 +519,10 @@ impl Encoder {
         self.cfg.block_capacity() - self.open.len()
     }
 
-    fn pack(&mut self, stream: StreamId, bytes: &[u8]) {
+    fn pack(&mut self, stream: StreamId, bytes: Pieces<'_>) {
         self.ensure_stream_info(stream);
         if entry_len(TAG_RECORD, 0, bytes.len()) <= self.room() {
-            put_entry(&mut self.open, TAG_RECORD, 0, bytes);
+            bytes.put_entry(&mut self.open, TAG_RECORD, 0);
             if self.room() < MAX_ENTRY_HEADER + 1 {
                 self.seal(false);
             }
@@ -534,21 +536,22 @@ impl Encoder {
         let total = bytes.len() as u32;
         let first =
             self.room() - (1 + bundle::varint_len(total) + bundle::varint_len(self.room() as u32));
-        put_entry(&mut self.open, TAG_FIRST, total, &bytes[..first]);
+        let (piece, mut rest) = bytes.split_at(first);
+        piece.put_entry(&mut self.open, TAG_FIRST, total);
         self.seal(false);
-        let mut rest = &bytes[first..];
         loop {
             if entry_len(TAG_LAST, 0, rest.len()) <= self.room() {
-                put_entry(&mut self.open, TAG_LAST, 0, rest);
+                rest.put_entry(&mut self.open, TAG_LAST, 0);
                 if self.room() < MAX_ENTRY_HEADER + 1 {
                     self.seal(false);
                 }
                 return;
             }
-            let piece = self.room() - (1 + bundle::varint_len(self.room() as u32));
-            put_entry(&mut self.open, TAG_MIDDLE, 0, &rest[..piece]);
+            let (piece, after) =
+                rest.split_at(self.room() - (1 + bundle::varint_len(self.room() as u32)));
+            piece.put_entry(&mut self.open, TAG_MIDDLE, 0);
             self.seal(false);
-            rest = &rest[piece..];
+            rest = after;
         }
     }
 

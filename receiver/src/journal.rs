@@ -203,7 +203,6 @@ pub struct Journal {
     /// After a torn-tail repair: the positions and durable index the state
     /// file had, for when every sink is known to have written the lost entries.
     repaired: Option<(BTreeMap<String, Position>, u64)>,
-    scratch: Vec<u8>,
     /// Bytes ever appended (for exact byte sizes of dispatched batches).
     appended_bytes: u64,
     /// Corrupt ranges found and not yet taken by the pipeline.
@@ -422,7 +421,6 @@ impl Journal {
             last_sync: Instant::now(),
             positions: state.streams,
             repaired: repaired.then_some((saved_positions, saved_durable)),
-            scratch: Vec::new(),
             appended_bytes: 0,
             corrupt,
         })
@@ -490,12 +488,9 @@ impl Journal {
         stream: &str,
         update: impl FnOnce(&mut Position),
     ) -> Result<u64> {
-        let mut payload = std::mem::take(&mut self.scratch);
-        payload.clear();
-        weir_protocol::record::encode_into(entry, &mut payload);
-        let appended = self.log.append(&payload);
-        self.scratch = payload;
-        let (index, size, full) = appended?;
+        let (index, size, full) = self
+            .log
+            .append_with(|b| weir_protocol::record::encode_into(entry, b))?;
         self.appended_bytes += size;
         self.unsynced_bytes += size;
         match self.positions.get_mut(stream) {

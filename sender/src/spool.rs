@@ -203,7 +203,6 @@ pub struct Spool {
     /// The sync thread should end (`SharedSpool::stop_sync`).
     sync_stop: bool,
     counters: Arc<Counters>,
-    scratch: Vec<u8>,
 }
 
 /// The leading fields of an entry (same encoding as `Entry`), enough to
@@ -529,7 +528,6 @@ impl Spool {
             sync_wake: Arc::new(std::sync::Condvar::new()),
             sync_stop: false,
             counters,
-            scratch: Vec::new(),
         };
         spool.save_state()?;
         Ok(spool)
@@ -562,22 +560,23 @@ impl Spool {
     pub fn append_batch(&mut self, stream: &str, bodies: &[RecordBody]) -> Result<u64> {
         let first = self.stream(stream).next_seq;
         let mut seq = first;
-        let mut payload = std::mem::take(&mut self.scratch);
         let mut result = Ok(());
         for body in bodies {
-            payload.clear();
-            weir_protocol::record::encode_into(&EntryRef { stream, seq, body }, &mut payload);
-            // A large record (a stream chunk) goes to the OS at once, so a
-            // crash of this process cannot lose it; small ones when the sync
-            // thread, woken by the append, starts the fsync that covers them.
-            let big = payload.len() >= 8192;
-            let (size, full) = match self.log.append(&payload) {
+            let entry = EntryRef { stream, seq, body };
+            let appended = self
+                .log
+                .append_with(|b| weir_protocol::record::encode_into(&entry, b));
+            let (size, full) = match appended {
                 Ok((_, size, full)) => (size, full),
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             };
+            // A large record (a stream chunk) goes to the OS at once, so a
+            // crash of this process cannot lose it; small ones when the sync
+            // thread, woken by the append, starts the fsync that covers them.
+            let big = size >= 8192;
             seq += 1;
             self.unsent_bytes += size;
             if big {
@@ -593,7 +592,6 @@ impl Spool {
                 }
             }
         }
-        self.scratch = payload;
         // Whatever was written is numbered, even if a later write failed.
         self.streams
             .get_mut(stream)

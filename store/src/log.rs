@@ -7,14 +7,14 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 
-use crate::frame::{write_entry, ENTRY_HEADER, MAX_ENTRY};
+use crate::frame::{ENTRY_HEADER, MAX_ENTRY};
 use crate::segment::{
     check_header, create_segment, list_segments, map_segment, segment_path, walk, Header, Hole,
     Rules, Torn, Walked, HEADER_LEN, MAX_INDEX,
@@ -221,10 +221,83 @@ impl Cursor {
     }
 }
 
+/// The newest segment's file and the entries appended to it that are not
+/// yet written to the OS. An entry is framed in place here (its owner
+/// encodes the payload straight into the buffer), so its bytes are copied
+/// once on their way to the file, not into a scratch buffer and then into
+/// a `BufWriter`.
+struct Appender {
+    file: File,
+    buf: Vec<u8>,
+    /// Buffered bytes that make a write to the OS.
+    limit: usize,
+}
+
+impl Appender {
+    fn new(file: File, limit: usize) -> Self {
+        Appender {
+            file,
+            buf: Vec::with_capacity(limit),
+            limit,
+        }
+    }
+
+    /// Frames the payload `encode` appends; returns the entry's bytes.
+    fn append_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<u64> {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; ENTRY_HEADER]);
+        encode(&mut self.buf);
+        let len = self.buf.len() - at - ENTRY_HEADER;
+        if len == 0 || len > MAX_ENTRY {
+            self.buf.truncate(at);
+            bail!("an entry of {len} bytes cannot be stored (1 to {MAX_ENTRY} bytes)");
+        }
+        let crc = crc32fast::hash(&self.buf[at + ENTRY_HEADER..]);
+        self.buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        self.buf[at + 4..at + ENTRY_HEADER].copy_from_slice(&crc.to_le_bytes());
+        if self.buf.len() >= self.limit {
+            self.flush()?;
+        }
+        Ok((ENTRY_HEADER + len) as u64)
+    }
+
+    /// Writes the buffered entries to the OS. What a failed write did not
+    /// take stays buffered, ahead of later entries.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut done = 0;
+        let result = loop {
+            if done == self.buf.len() {
+                break Ok(());
+            }
+            match self.file.write(&self.buf[done..]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.buf.drain(..done);
+        // One very large entry must not keep its buffer for the log's life.
+        if self.buf.is_empty() && self.buf.capacity() > 2 * self.limit {
+            self.buf = Vec::with_capacity(self.limit);
+        }
+        result
+    }
+}
+
+impl Drop for Appender {
+    /// As a `BufWriter` does: what was appended reaches the OS when the
+    /// log is dropped, if it can (errors here have no one to go to; a
+    /// later open finds a torn tail and cuts it).
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
 pub struct Log {
     settings: Settings,
     segments: VecDeque<Segment>,
-    writer: BufWriter<File>,
+    writer: Appender,
     next_index: u64,
     total_bytes: u64,
     /// Closed segments whose final fsync is still to run.
@@ -365,7 +438,7 @@ impl Log {
             .open(active)
             .with_context(|| format!("{key}: opening {}", active.display()))?;
         let total_bytes = segments.iter().map(|s| s.bytes).sum();
-        let writer = BufWriter::with_capacity(settings.write_buffer, file);
+        let writer = Appender::new(file, settings.write_buffer);
         Ok((
             Log {
                 settings,
@@ -410,7 +483,14 @@ impl Log {
     /// Appends one entry; returns its index, its framed size, and whether
     /// the segment is now full (the caller rotates: `rotate`).
     pub fn append(&mut self, payload: &[u8]) -> Result<(u64, u64, bool)> {
-        let size = write_entry(&mut self.writer, payload).with_context(|| {
+        self.append_with(|b| b.extend_from_slice(payload))
+    }
+
+    /// As `append`, for the payload `encode` appends to the buffer it is
+    /// given (its owner serializes straight into the log's write buffer;
+    /// `encode` must only append, and at least one byte).
+    pub fn append_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(u64, u64, bool)> {
+        let size = self.writer.append_with(encode).with_context(|| {
             format!(
                 "{}: cannot write to {}",
                 self.settings.what,
@@ -447,18 +527,17 @@ impl Log {
         if self.segments.back().is_some_and(|s| s.count == 0) {
             return Ok(());
         }
+        // The old segment's entries go to the OS first: a failure leaves
+        // the log as it was.
+        self.flush()?;
+        let retired = self.writer.file.try_clone().with_context(|| {
+            format!("{}: duplicating a segment handle", self.settings.what)
+        })?;
         let path = segment_path(&self.settings.dir, self.next_index);
         let file = create_segment(&path)?;
-        let old = std::mem::replace(
-            &mut self.writer,
-            BufWriter::with_capacity(self.settings.write_buffer, file),
-        );
-        let what = self.settings.what;
-        self.retired.push(
-            old.into_inner()
-                .map_err(|e| e.into_error())
-                .with_context(|| format!("{what}: writing a segment"))?,
-        );
+        // The old appender holds nothing now: dropping it writes nothing.
+        self.writer = Appender::new(file, self.settings.write_buffer);
+        self.retired.push(retired);
         self.touch();
         self.total_bytes += HEADER_LEN;
         self.segments.push_back(Segment {
@@ -481,7 +560,7 @@ impl Log {
         let mut files: Vec<File> = self.retired.drain(..).collect();
         files.push(
             self.writer
-                .get_ref()
+                .file
                 .try_clone()
                 .with_context(|| format!("{}: duplicating a segment handle", self.settings.what))?,
         );
@@ -1102,6 +1181,38 @@ mod tests {
             }
         }
         assert_eq!(seen, (0..250).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn entries_encoded_in_the_write_buffer_read_back_and_an_empty_one_is_refused_without_a_trace() {
+        let dir = scratch("in-place");
+        let (mut log, _) = open(&dir, 64 << 20, OpenRules::default());
+        // Small entries that stay buffered, one larger than the buffer, and
+        // the buffer's limit crossed in the middle of an entry.
+        let sizes = [10usize, 4000, 9000, 100, 4090, 1];
+        let mut want = Vec::new();
+        for (n, &size) in sizes.iter().enumerate() {
+            let p = payload(n as u64, size);
+            let (i, framed, _) = log.append_with(|b| b.extend_from_slice(&p)).unwrap();
+            assert_eq!((i, framed), (n as u64, (ENTRY_HEADER + p.len()) as u64));
+            want.push((i, p));
+            if n == 2 {
+                let e = log.append_with(|_| {}).unwrap_err();
+                assert!(format!("{e:#}").contains("0 bytes cannot be stored"), "{e:#}");
+            }
+        }
+        assert_eq!(read_all(&mut log), want);
+        assert_counts_match_the_disk(&mut log, &want);
+        // Still buffered when the log is dropped: written then, as a
+        // `BufWriter` would.
+        let p = payload(6, 20);
+        log.append_with(|b| b.extend_from_slice(&p)).unwrap();
+        want.push((6, p));
+        drop(log);
+        let (mut log, opened) = open(&dir, 64 << 20, OpenRules::default());
+        assert!(opened.repair.is_none());
+        assert_eq!(read_all(&mut log), want);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -4,7 +4,7 @@
 #   weir-tcpfeed -> weir-sender (tcp source, spool on disk) -> UDP, RS 32+8,
 #   MTU 1500, authenticated -> weir-receiver (journal on disk, tcp sink) ->
 #   weir-tcpsink. Prints goodput, CPU s/GB per side (/proc/PID/stat) and
-#   peak RSS. With a third argument `p`, records each side with perf
+#   peak RSS, and each side's CPU by thread. With a third argument `p`, records each side with perf
 #   (PG: perf's call-graph flags, default -g) into $D/sender.perf, receiver.perf.
 # usage: bulk-pair.sh BIN_DIR BYTES [p]   env RATE (default 4Gbit), D (scratch dir)
 # Ports 47001-47003 on 127.0.0.1 must be free.
@@ -68,6 +68,16 @@ wait $SINK || true
 T1=$(date +%s.%N)
 cpu() { awk '{print ($14+$15)/100}' /proc/$1/stat; }
 CS=$(cpu $SP); CR=$(cpu $RP)
+# Each side's CPU by thread name (threads of one name summed), user and
+# system apart, in s/GB: which stage costs what, kernel work included.
+threads() {
+  for t in /proc/$1/task/*; do
+    echo "$(tr ' ' _ < $t/comm) $(sed 's/.*) //' $t/stat | awk '{print $12, $13}')"
+  done | awk -v gb=$(python3 -c "print($BYTES/1e9)") -v side=$2 \
+    '{u[$1]+=$2; s[$1]+=$3} END {printf "%s by thread (user+sys s/GB):", side;
+      for (n in u) if (u[n]+s[n] > 0) printf " %s %.2f+%.2f", n, u[n]/100/gb, s[n]/100/gb; print ""}'
+}
+TS=$(threads $SP sender); TR=$(threads $RP receiver)
 if [ "$P" = p ]; then kill -INT $PS $PR; wait $PS $PR 2>/dev/null || true; fi
 HS=$(grep VmHWM /proc/$SP/status | awk '{print $2}'); HR=$(grep VmHWM /proc/$RP/status | awk '{print $2}')
 kill $SP $RP; wait $SP $RP 2>/dev/null || true
@@ -75,4 +85,5 @@ python3 - <<PY
 b=$BYTES/1e9; el=$T1-$T0
 print(f"elapsed {el:.2f}s goodput {b*1000/el:.0f} MB/s sender {($CS)/b:.2f} s/GB receiver {($CR)/b:.2f} s/GB  rss {$HS//1024}/{$HR//1024} MiB")
 PY
+echo "$TS"; echo "$TR"
 cat $D/sink.json | head -c 300; echo
