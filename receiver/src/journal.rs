@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 use weir_protocol::decoder::{Delivered, StreamPosition};
 use weir_protocol::RecordBody;
 use weir_store::frame::ENTRY_HEADER;
-use weir_store::{Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Syncer, Unreadable, Walked};
+use weir_store::{
+    Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Syncer, Unreadable, Walked, GROUP_BYTES,
+};
 
 // An entry is read, handed on and dropped; a `Gap` the size of a `Record`
 // costs nothing that boxing the body would save.
@@ -562,16 +564,29 @@ impl Journal {
     }
 
     /// True when entries wait for an fsync that should be requested now:
-    /// at once when no fsync is running (group commit: entries appended
-    /// while one runs wait for it and are all covered by the next), or,
-    /// while one runs, once `fsync_bytes` were appended or `fsync_ms`
-    /// passed since the last request (the next job is then queued behind
-    /// it, which bounds a batch handed to the sinks).
+    /// at once when no fsync is running and fewer than [`GROUP_BYTES`]
+    /// wait (a trickle: group commit, and latency is what counts), else
+    /// once `fsync_bytes` were appended or `fsync_ms` passed since the
+    /// last request. More than `GROUP_BYTES` waiting means the journal is
+    /// under load (they came in while the last fsync ran): the next fsync
+    /// then covers more, and fewer of them run (each also rewrites
+    /// `state.json`); while one runs, the next job is queued behind it on
+    /// the same bounds, which also bound a batch handed to the sinks.
     pub fn sync_due(&self) -> bool {
         self.syncer.requested() != self.log.next_index()
-            && (self.syncer.idle()
+            && ((self.syncer.idle() && self.unsynced_bytes < GROUP_BYTES)
                 || self.unsynced_bytes >= self.settings.fsync_bytes
                 || self.last_sync.elapsed() >= self.settings.fsync_interval)
+    }
+
+    /// While entries wait for an fsync: how long until `sync_due` holds by
+    /// time alone (the journal thread sleeps no longer than this).
+    pub fn sync_wait(&self) -> Option<Duration> {
+        (self.syncer.requested() != self.log.next_index()).then(|| {
+            self.settings
+                .fsync_interval
+                .saturating_sub(self.last_sync.elapsed())
+        })
     }
 
     /// Writes buffered entries to the OS and hands their fsync to the
@@ -883,6 +898,52 @@ mod tests {
         let d = std::env::temp_dir().join(format!("weir-journal-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn an_fsync_is_due_at_once_for_a_trickle_and_under_load_waits_for_fsync_bytes_or_fsync_ms() {
+        let dir = scratch("group");
+        let mut settings = settings(&dir, 64 << 20);
+        settings.fsync_interval = Duration::from_secs(3600);
+        let mut j = Journal::open(settings).unwrap();
+        let big = |seq| Delivered {
+            body: RecordBody::Bytes(weir_protocol::Chunk {
+                data: vec![7; 16 << 10],
+                end: false,
+            }),
+            ..rec("a", seq)
+        };
+        // A trickle: due at once.
+        j.append_record(&rec("a", 0)).unwrap();
+        assert!(j.sync_due());
+        j.sync().unwrap();
+        assert!(!j.sync_due());
+        assert_eq!(j.sync_wait(), None);
+        // More than GROUP_BYTES waiting (under load): held until
+        // fsync_bytes (1 MiB here) wait...
+        let mut seq = 1;
+        while j.unsynced_bytes < GROUP_BYTES {
+            j.append_record(&big(seq)).unwrap();
+            seq += 1;
+        }
+        assert!(!j.sync_due());
+        assert!(j.sync_wait().is_some_and(|w| w > Duration::from_secs(3000)));
+        while j.unsynced_bytes < 1 << 20 {
+            j.append_record(&big(seq)).unwrap();
+            seq += 1;
+        }
+        assert!(j.sync_due());
+        j.sync().unwrap();
+        // ...or fsync_ms passed since the last request.
+        j.settings.fsync_interval = Duration::from_millis(1);
+        while j.unsynced_bytes < GROUP_BYTES {
+            j.append_record(&big(seq)).unwrap();
+            seq += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(j.sync_due());
+        assert_eq!(j.sync_wait(), Some(Duration::ZERO));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -346,7 +346,10 @@ impl Pipeline {
         let mut logged_rebuilt = self.decoder_stats.get().rebuilt_per_block;
         loop {
             // Sleep until events, an fsync, or the periodic work is due.
-            let (events, disconnected) = match inputs.recv_timeout(IDLE_WAIT) {
+            // Entries waiting for a group commit under load are due by
+            // `fsync_ms` even if nothing more arrives.
+            let wait = self.journal.sync_wait().map_or(IDLE_WAIT, |w| w.min(IDLE_WAIT));
+            let (events, disconnected) = match inputs.recv_timeout(wait) {
                 Ok(Input::Decoded(chunk)) => (chunk.events, false),
                 Ok(Input::Durable) | Err(RecvTimeoutError::Timeout) => (Vec::new(), false),
                 Err(RecvTimeoutError::Disconnected) => (Vec::new(), true),

@@ -452,6 +452,7 @@ fn validate(config: SenderConfig) -> Result<Loaded> {
         max_bytes: spool_bytes,
         max_age,
         fsync_interval: std::time::Duration::from_millis(c.spool.fsync_ms),
+        fsync_bytes,
     };
     let send_buffer = parse_size(&c.link.send_buffer)
         .map_err(|e| anyhow::anyhow!("link.send_buffer: {e}"))? as usize;

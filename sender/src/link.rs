@@ -613,6 +613,7 @@ mod tests {
             max_bytes: 64 << 20,
             max_age: std::time::Duration::from_secs(3600),
             fsync_interval: std::time::Duration::from_millis(10),
+            fsync_bytes: 4 << 20,
         };
         let mut spool = crate::spool::Spool::open(settings, Arc::default()).unwrap();
         let body = weir_protocol::RecordBody::Bytes(weir_protocol::Chunk {

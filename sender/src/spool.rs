@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use weir_protocol::{NoticeCause, RecordBody, RecordBodyRef};
 use weir_store::frame::ENTRY_HEADER;
-use weir_store::{segment, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Walked};
+use weir_store::{segment, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Walked, GROUP_BYTES};
 
 use crate::fatal::Fatal;
 use crate::metrics::Counters;
@@ -155,8 +155,12 @@ pub struct Settings {
     pub path: PathBuf,
     pub max_bytes: u64,
     pub max_age: Duration,
-    /// `spool.fsync_ms`: the longest the idle sync thread sleeps.
+    /// `spool.fsync_ms`: the longest the idle sync thread sleeps, and
+    /// under load the longest an fsync waits for more entries.
     pub fsync_interval: Duration,
+    /// `spool.fsync_bytes`: under load, an fsync starts once this much was
+    /// appended, if `fsync_ms` has not passed first.
+    pub fsync_bytes: u64,
 }
 
 impl Settings {
@@ -195,6 +199,13 @@ pub struct Spool {
     /// A segment was closed or the link is draining: the sync thread
     /// should sync now.
     sync_wanted: bool,
+    /// Framed bytes appended since the last fsync job was prepared.
+    unsynced_bytes: u64,
+    /// When the last fsync job was prepared.
+    last_sync: Instant,
+    /// The sync thread sleeps with entries waiting, gathering a group under
+    /// load (`sync_due`): appends wake it only once `fsync_bytes` wait.
+    group_wait: bool,
     /// The sync thread waits for work on `sync_wake`: an append or a moved
     /// sent position must wake it (only then, so appends cost no wake-up
     /// while it is busy).
@@ -524,6 +535,9 @@ impl Spool {
             state_dirty: true,
             last_state_save: Instant::now(),
             sync_wanted: false,
+            unsynced_bytes: 0,
+            last_sync: Instant::now(),
+            group_wait: false,
             sync_idle: false,
             sync_wake: Arc::new(std::sync::Condvar::new()),
             sync_stop: false,
@@ -579,6 +593,7 @@ impl Spool {
             let big = size >= 8192;
             seq += 1;
             self.unsent_bytes += size;
+            self.unsynced_bytes += size;
             if big {
                 if let Err(e) = self.log.flush() {
                     result = Err(e);
@@ -607,8 +622,13 @@ impl Spool {
         Ok(seq.saturating_sub(1))
     }
 
-    /// Wakes the sync thread if it waits for work (see `sync_idle`).
+    /// Wakes the sync thread if it waits for work (see `sync_idle`); while
+    /// it gathers a group under load, only once the group is full (its
+    /// timeout covers `fsync_ms` and a moved sent position's save).
     fn wake_sync(&mut self) {
+        if self.group_wait && self.unsynced_bytes < self.settings.fsync_bytes {
+            return;
+        }
         if std::mem::take(&mut self.sync_idle) {
             self.sync_wake.notify_one();
         }
@@ -621,14 +641,26 @@ impl Spool {
         Ok(())
     }
 
-    /// True when an fsync (and state save) should run now: at once for
-    /// anything appended and not yet fsynced (only the sync thread runs
-    /// them, one at a time, so this is the group commit's "none running"),
-    /// and within `STATE_INTERVAL` for a moved sent position.
+    /// True when an fsync (and state save) should run now. Only the sync
+    /// thread runs them, one at a time, so when it asks none is running:
+    /// entries appended and not yet fsynced are due at once while fewer
+    /// than [`GROUP_BYTES`] wait (a trickle: latency counts); more waiting
+    /// means they came in while the last fsync ran (under load), and they
+    /// are due once `fsync_bytes` wait or `fsync_ms` passed since the last
+    /// fsync started, so fewer, larger fsyncs run. A moved sent position
+    /// is due within `STATE_INTERVAL`.
     fn sync_due(&self) -> bool {
         self.sync_wanted
-            || self.durable_index != self.log.next_index()
+            || (self.durable_index != self.log.next_index()
+                && (self.unsynced_bytes < GROUP_BYTES
+                    || self.unsynced_bytes >= self.settings.fsync_bytes
+                    || self.last_sync.elapsed() >= self.settings.fsync_interval))
             || (self.state_dirty && self.last_state_save.elapsed() >= STATE_INTERVAL)
+    }
+
+    /// Entries wait for an fsync that `sync_due` holds back (a group under load).
+    fn gathering(&self) -> bool {
+        self.durable_index != self.log.next_index() && !self.sync_due()
     }
 
     /// How long the idle sync thread may sleep: until a moved sent
@@ -636,10 +668,20 @@ impl Spool {
     /// segments, which appends also do; appends and a moved sent position
     /// wake it earlier).
     fn sync_idle_wait(&self) -> Duration {
-        if self.state_dirty {
+        let wait = if self.state_dirty {
             STATE_INTERVAL.saturating_sub(self.last_state_save.elapsed())
         } else {
             self.settings.fsync_interval
+        };
+        if self.durable_index != self.log.next_index() {
+            // A group gathering under load is due by `fsync_ms`.
+            let group = self
+                .settings
+                .fsync_interval
+                .saturating_sub(self.last_sync.elapsed());
+            wait.min(group)
+        } else {
+            wait
         }
     }
 
@@ -654,6 +696,8 @@ impl Spool {
             sent_index: self.sent_index,
         };
         self.sync_wanted = false;
+        self.unsynced_bytes = 0;
+        self.last_sync = Instant::now();
         Ok(SpoolSync {
             job: SyncJob {
                 files,
@@ -1064,6 +1108,7 @@ impl SharedSpool {
                 // Checked and waited on under the lock: an append after
                 // the check sees `sync_idle` and wakes this thread.
                 spool.sync_idle = !failed;
+                spool.group_wait = !failed && spool.gathering();
                 let wait = if failed {
                     spool.settings.fsync_interval
                 } else {
@@ -1075,6 +1120,7 @@ impl SharedSpool {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
                 spool.sync_idle = false;
+                spool.group_wait = false;
             }
             if let Err(e) = spool.log.flush() {
                 self.fail(e);
@@ -1142,6 +1188,7 @@ mod tests {
             max_bytes,
             max_age: Duration::from_secs(3600),
             fsync_interval: Duration::from_millis(10),
+            fsync_bytes: 4 << 20,
         }
     }
 
@@ -1150,6 +1197,41 @@ mod tests {
             data: vec![7; n],
             end: false,
         })
+    }
+
+    #[test]
+    fn an_fsync_is_due_at_once_for_a_trickle_and_under_load_waits_for_fsync_bytes_or_fsync_ms() {
+        let dir = scratch("group");
+        let mut settings = settings(&dir, 64 << 20);
+        settings.fsync_interval = Duration::from_secs(3600);
+        settings.fsync_bytes = 1 << 20;
+        let mut s = Spool::open(settings, Arc::default()).unwrap();
+        s.sync().unwrap();
+        // A trickle: due at once.
+        s.append("a", &body(10)).unwrap();
+        assert!(s.sync_due());
+        s.sync().unwrap();
+        assert!(!s.sync_due());
+        // More than GROUP_BYTES waiting (under load): held until
+        // fsync_bytes wait...
+        while s.unsynced_bytes < GROUP_BYTES {
+            s.append("a", &body(16 << 10)).unwrap();
+        }
+        assert!(!s.sync_due() && s.gathering());
+        while s.unsynced_bytes < 1 << 20 {
+            s.append("a", &body(16 << 10)).unwrap();
+        }
+        assert!(s.sync_due());
+        s.sync().unwrap();
+        // ...or fsync_ms passed since the last fsync started.
+        s.settings.fsync_interval = Duration::from_millis(1);
+        while s.unsynced_bytes < GROUP_BYTES {
+            s.append("a", &body(16 << 10)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(s.sync_due());
+        assert_eq!(s.sync_idle_wait(), Duration::ZERO);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn scratch(name: &str) -> PathBuf {

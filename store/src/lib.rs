@@ -18,4 +18,4 @@ pub mod sync;
 
 pub use log::{Cursor, Log, OpenRules, Opened, ReadEnd, Segment, Settings, Step, Unreadable};
 pub use segment::{Hole, Torn, Walked, HEADER_LEN};
-pub use sync::{read_if_present, write_atomically, SyncJob, Syncer, Waker};
+pub use sync::{read_if_present, write_atomically, SyncJob, Syncer, Waker, GROUP_BYTES};

@@ -12,6 +12,17 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 
+/// The group commit's sign of load. When an fsync finishes and fewer bytes
+/// than this wait for the next, they are a trickle: the next fsync starts
+/// at once, for latency. More waiting means they arrived while the last
+/// fsync ran: the log is under load, and the next fsync waits for its
+/// owner's `fsync_bytes` or `fsync_ms` since the last one started, so each
+/// covers more and fewer run (an fsync and its state file cost the same
+/// CPU whatever they cover). 64 KiB: records of a few hundred bytes at
+/// thousands a second stay well below it during a millisecond fsync; a
+/// bulk stream of hundreds of MB/s passes it.
+pub const GROUP_BYTES: u64 = 64 << 10;
+
 /// Temp file, fsync, rename.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");

@@ -618,6 +618,7 @@ mod tests {
             max_bytes: 64 << 20,
             max_age: Duration::from_secs(3600),
             fsync_interval: Duration::from_millis(10),
+            fsync_bytes: 4 << 20,
         };
         let spool = crate::spool::SharedSpool::new(
             crate::spool::Spool::open(settings, counters.clone()).unwrap(),
