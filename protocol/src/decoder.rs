@@ -1977,10 +1977,8 @@ mod tests {
             ..records[1].clone()
         });
         let frames = |encoded: bool| {
-            let mut enc = crate::Encoder::new(
-                EncoderConfig::new(9),
-                crate::Signer::Key(test_key()),
-            );
+            let mut enc =
+                crate::Encoder::new(EncoderConfig::new(9), crate::Signer::Key(test_key()));
             enc.add_stream("s", "tcp", 0, 7);
             enc.handle_timeout(0);
             for r in &records {

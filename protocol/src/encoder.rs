@@ -17,8 +17,8 @@ use std::collections::VecDeque;
 
 use crate::auth::Signer;
 use crate::bundle::{
-    self, entry_len, put_entry, Pieces, MAX_ENTRY_HEADER, TAG_FIRST, TAG_GAP_NOTICE, TAG_LAST, TAG_MIDDLE,
-    TAG_RECORD, TAG_STREAM_INFO,
+    self, entry_len, put_entry, Pieces, MAX_ENTRY_HEADER, TAG_FIRST, TAG_GAP_NOTICE, TAG_LAST,
+    TAG_MIDDLE, TAG_RECORD, TAG_STREAM_INFO,
 };
 use crate::config::EncoderConfig;
 use crate::control::{Control, Heartbeat, StreamStatus};

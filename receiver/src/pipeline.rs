@@ -348,7 +348,10 @@ impl Pipeline {
             // Sleep until events, an fsync, or the periodic work is due.
             // Entries waiting for a group commit under load are due by
             // `fsync_ms` even if nothing more arrives.
-            let wait = self.journal.sync_wait().map_or(IDLE_WAIT, |w| w.min(IDLE_WAIT));
+            let wait = self
+                .journal
+                .sync_wait()
+                .map_or(IDLE_WAIT, |w| w.min(IDLE_WAIT));
             let (events, disconnected) = match inputs.recv_timeout(wait) {
                 Ok(Input::Decoded(chunk)) => (chunk.events, false),
                 Ok(Input::Durable) | Err(RecvTimeoutError::Timeout) => (Vec::new(), false),

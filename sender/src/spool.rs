@@ -618,17 +618,16 @@ impl Spool {
         }
         result?;
         self.enforce_bounds()?;
-        self.wake_sync();
+        // While the sync thread gathers a group under load, appends wake it
+        // only once the group is full (its timeout covers `fsync_ms`).
+        if !self.group_wait || self.unsynced_bytes >= self.settings.fsync_bytes {
+            self.wake_sync();
+        }
         Ok(seq.saturating_sub(1))
     }
 
-    /// Wakes the sync thread if it waits for work (see `sync_idle`); while
-    /// it gathers a group under load, only once the group is full (its
-    /// timeout covers `fsync_ms` and a moved sent position's save).
+    /// Wakes the sync thread if it waits for work (see `sync_idle`).
     fn wake_sync(&mut self) {
-        if self.group_wait && self.unsynced_bytes < self.settings.fsync_bytes {
-            return;
-        }
         if std::mem::take(&mut self.sync_idle) {
             self.sync_wake.notify_one();
         }

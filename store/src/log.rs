@@ -243,7 +243,12 @@ impl Appender {
     }
 
     /// Frames the payload `encode` appends; returns the entry's bytes.
+    /// A full buffer goes to the OS first, so an error leaves the entry
+    /// out (never in the buffer, to be written later, but uncounted).
     fn append_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<u64> {
+        if self.buf.len() >= self.limit {
+            self.flush()?;
+        }
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0; ENTRY_HEADER]);
         encode(&mut self.buf);
@@ -255,9 +260,6 @@ impl Appender {
         let crc = crc32fast::hash(&self.buf[at + ENTRY_HEADER..]);
         self.buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
         self.buf[at + 4..at + ENTRY_HEADER].copy_from_slice(&crc.to_le_bytes());
-        if self.buf.len() >= self.limit {
-            self.flush()?;
-        }
         Ok((ENTRY_HEADER + len) as u64)
     }
 
@@ -530,9 +532,11 @@ impl Log {
         // The old segment's entries go to the OS first: a failure leaves
         // the log as it was.
         self.flush()?;
-        let retired = self.writer.file.try_clone().with_context(|| {
-            format!("{}: duplicating a segment handle", self.settings.what)
-        })?;
+        let retired = self
+            .writer
+            .file
+            .try_clone()
+            .with_context(|| format!("{}: duplicating a segment handle", self.settings.what))?;
         let path = segment_path(&self.settings.dir, self.next_index);
         let file = create_segment(&path)?;
         // The old appender holds nothing now: dropping it writes nothing.
@@ -1199,7 +1203,10 @@ mod tests {
             want.push((i, p));
             if n == 2 {
                 let e = log.append_with(|_| {}).unwrap_err();
-                assert!(format!("{e:#}").contains("0 bytes cannot be stored"), "{e:#}");
+                assert!(
+                    format!("{e:#}").contains("0 bytes cannot be stored"),
+                    "{e:#}"
+                );
             }
         }
         assert_eq!(read_all(&mut log), want);
