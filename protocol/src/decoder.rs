@@ -1943,6 +1943,11 @@ mod tests {
                 },
             );
         }
+        drain(&mut enc)
+    }
+
+    /// Flushes `enc` and returns every frame it then sends.
+    fn drain(enc: &mut crate::Encoder) -> Vec<Vec<u8>> {
         enc.flush(0);
         let mut buf = vec![0; enc.max_frame_len()];
         let mut frames = Vec::new();
@@ -1989,13 +1994,7 @@ mod tests {
                     enc.push(0, r);
                 }
             }
-            enc.flush(0);
-            let mut buf = vec![0; enc.max_frame_len()];
-            let mut out = Vec::new();
-            while let Some(n) = enc.poll_frame(0, &mut buf) {
-                out.push(buf[..n].to_vec());
-            }
-            out
+            drain(&mut enc)
         };
         let stored = frames(true);
         assert_eq!(stored, frames(false));

@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ use weir_protocol::decoder::{Delivered, StreamPosition};
 use weir_protocol::RecordBody;
 use weir_store::frame::ENTRY_HEADER;
 use weir_store::{
-    Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Syncer, Unreadable, Walked, GROUP_BYTES,
+    GroupCommit, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Syncer, Unreadable, Walked,
 };
 
 // An entry is read, handed on and dropped; a `Gap` the size of a `Record`
@@ -199,8 +199,7 @@ pub struct Journal {
     log: Log,
     /// The fsync thread: the durable index, failure and fsync count.
     syncer: Syncer,
-    unsynced_bytes: u64,
-    last_sync: Instant,
+    group: GroupCommit,
     positions: BTreeMap<String, Position>,
     /// After a torn-tail repair: the positions and durable index the state
     /// file had, for when every sink is known to have written the lost entries.
@@ -419,8 +418,7 @@ impl Journal {
             settings,
             log,
             syncer,
-            unsynced_bytes: 0,
-            last_sync: Instant::now(),
+            group: GroupCommit::default(),
             positions: state.streams,
             repaired: repaired.then_some((saved_positions, saved_durable)),
             appended_bytes: 0,
@@ -494,7 +492,7 @@ impl Journal {
             .log
             .append_with(|b| weir_protocol::record::encode_into(entry, b))?;
         self.appended_bytes += size;
-        self.unsynced_bytes += size;
+        self.group.appended(size);
         match self.positions.get_mut(stream) {
             Some(p) => update(p),
             None => {
@@ -563,30 +561,24 @@ impl Journal {
         self.log.rotate()
     }
 
-    /// True when entries wait for an fsync that should be requested now:
-    /// at once when no fsync is running and fewer than [`GROUP_BYTES`]
-    /// wait (a trickle: group commit, and latency is what counts), else
-    /// once `fsync_bytes` were appended or `fsync_ms` passed since the
-    /// last request. More than `GROUP_BYTES` waiting means the journal is
-    /// under load (they came in while the last fsync ran): the next fsync
-    /// then covers more, and fewer of them run (each also rewrites
-    /// `state.json`); while one runs, the next job is queued behind it on
-    /// the same bounds, which also bound a batch handed to the sinks.
+    /// True when entries wait for an fsync that should be requested now
+    /// ([`GroupCommit::due`]); while one runs, the next job is queued
+    /// behind it at `fsync_bytes` or `fsync_ms`, which also bound a batch
+    /// handed to the sinks.
     pub fn sync_due(&self) -> bool {
         self.syncer.requested() != self.log.next_index()
-            && ((self.syncer.idle() && self.unsynced_bytes < GROUP_BYTES)
-                || self.unsynced_bytes >= self.settings.fsync_bytes
-                || self.last_sync.elapsed() >= self.settings.fsync_interval)
+            && self.group.due(
+                self.syncer.idle(),
+                self.settings.fsync_bytes,
+                self.settings.fsync_interval,
+            )
     }
 
     /// While entries wait for an fsync: how long until `sync_due` holds by
     /// time alone (the journal thread sleeps no longer than this).
     pub fn sync_wait(&self) -> Option<Duration> {
-        (self.syncer.requested() != self.log.next_index()).then(|| {
-            self.settings
-                .fsync_interval
-                .saturating_sub(self.last_sync.elapsed())
-        })
+        (self.syncer.requested() != self.log.next_index())
+            .then(|| self.group.wait(self.settings.fsync_interval))
     }
 
     /// Writes buffered entries to the OS and hands their fsync to the
@@ -608,8 +600,7 @@ impl Journal {
             state: Some((self.settings.path.join("state.json"), state)),
             what: "journal",
         })?;
-        self.unsynced_bytes = 0;
-        self.last_sync = Instant::now();
+        self.group.requested();
         Ok(next)
     }
 
@@ -866,6 +857,7 @@ pub fn load_sink_cursor(path: &Path) -> Result<Option<SinkCursor>> {
 mod tests {
     use super::*;
     use weir_protocol::{Point, Value};
+    use weir_store::GROUP_BYTES;
 
     fn settings(dir: &Path, max: u64) -> Settings {
         Settings {
@@ -922,13 +914,13 @@ mod tests {
         // More than GROUP_BYTES waiting (under load): held until
         // fsync_bytes (1 MiB here) wait...
         let mut seq = 1;
-        while j.unsynced_bytes < GROUP_BYTES {
+        while j.group.unsynced() < GROUP_BYTES {
             j.append_record(&big(seq)).unwrap();
             seq += 1;
         }
         assert!(!j.sync_due());
         assert!(j.sync_wait().is_some_and(|w| w > Duration::from_secs(3000)));
-        while j.unsynced_bytes < 1 << 20 {
+        while j.group.unsynced() < 1 << 20 {
             j.append_record(&big(seq)).unwrap();
             seq += 1;
         }
@@ -936,7 +928,7 @@ mod tests {
         j.sync().unwrap();
         // ...or fsync_ms passed since the last request.
         j.settings.fsync_interval = Duration::from_millis(1);
-        while j.unsynced_bytes < GROUP_BYTES {
+        while j.group.unsynced() < GROUP_BYTES {
             j.append_record(&big(seq)).unwrap();
             seq += 1;
         }

@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use weir_protocol::{NoticeCause, RecordBody, RecordBodyRef};
 use weir_store::frame::ENTRY_HEADER;
-use weir_store::{segment, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Walked, GROUP_BYTES};
+use weir_store::{segment, GroupCommit, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Walked};
 
 use crate::fatal::Fatal;
 use crate::metrics::Counters;
@@ -199,10 +199,8 @@ pub struct Spool {
     /// A segment was closed or the link is draining: the sync thread
     /// should sync now.
     sync_wanted: bool,
-    /// Framed bytes appended since the last fsync job was prepared.
-    unsynced_bytes: u64,
-    /// When the last fsync job was prepared.
-    last_sync: Instant,
+    /// Bytes appended since the last fsync job was prepared, and when.
+    group: GroupCommit,
     /// The sync thread sleeps with entries waiting, gathering a group under
     /// load (`sync_due`): appends wake it only once `fsync_bytes` wait.
     group_wait: bool,
@@ -535,8 +533,7 @@ impl Spool {
             state_dirty: true,
             last_state_save: Instant::now(),
             sync_wanted: false,
-            unsynced_bytes: 0,
-            last_sync: Instant::now(),
+            group: GroupCommit::default(),
             group_wait: false,
             sync_idle: false,
             sync_wake: Arc::new(std::sync::Condvar::new()),
@@ -593,7 +590,7 @@ impl Spool {
             let big = size >= 8192;
             seq += 1;
             self.unsent_bytes += size;
-            self.unsynced_bytes += size;
+            self.group.appended(size);
             if big {
                 if let Err(e) = self.log.flush() {
                     result = Err(e);
@@ -620,7 +617,7 @@ impl Spool {
         self.enforce_bounds()?;
         // While the sync thread gathers a group under load, appends wake it
         // only once the group is full (its timeout covers `fsync_ms`).
-        if !self.group_wait || self.unsynced_bytes >= self.settings.fsync_bytes {
+        if !self.group_wait || self.group.unsynced() >= self.settings.fsync_bytes {
             self.wake_sync();
         }
         Ok(seq.saturating_sub(1))
@@ -640,20 +637,18 @@ impl Spool {
         Ok(())
     }
 
-    /// True when an fsync (and state save) should run now. Only the sync
-    /// thread runs them, one at a time, so when it asks none is running:
-    /// entries appended and not yet fsynced are due at once while fewer
-    /// than [`GROUP_BYTES`] wait (a trickle: latency counts); more waiting
-    /// means they came in while the last fsync ran (under load), and they
-    /// are due once `fsync_bytes` wait or `fsync_ms` passed since the last
-    /// fsync started, so fewer, larger fsyncs run. A moved sent position
-    /// is due within `STATE_INTERVAL`.
+    /// True when an fsync (and state save) should run now: for entries
+    /// appended and not yet fsynced, by [`GroupCommit::due`] (only the sync
+    /// thread runs fsyncs, one at a time, so when it asks none is running);
+    /// for a moved sent position, within `STATE_INTERVAL`.
     fn sync_due(&self) -> bool {
         self.sync_wanted
             || (self.durable_index != self.log.next_index()
-                && (self.unsynced_bytes < GROUP_BYTES
-                    || self.unsynced_bytes >= self.settings.fsync_bytes
-                    || self.last_sync.elapsed() >= self.settings.fsync_interval))
+                && self.group.due(
+                    true,
+                    self.settings.fsync_bytes,
+                    self.settings.fsync_interval,
+                ))
             || (self.state_dirty && self.last_state_save.elapsed() >= STATE_INTERVAL)
     }
 
@@ -674,11 +669,7 @@ impl Spool {
         };
         if self.durable_index != self.log.next_index() {
             // A group gathering under load is due by `fsync_ms`.
-            let group = self
-                .settings
-                .fsync_interval
-                .saturating_sub(self.last_sync.elapsed());
-            wait.min(group)
+            wait.min(self.group.wait(self.settings.fsync_interval))
         } else {
             wait
         }
@@ -695,8 +686,7 @@ impl Spool {
             sent_index: self.sent_index,
         };
         self.sync_wanted = false;
-        self.unsynced_bytes = 0;
-        self.last_sync = Instant::now();
+        self.group.requested();
         Ok(SpoolSync {
             job: SyncJob {
                 files,
@@ -1180,6 +1170,7 @@ mod tests {
     use super::*;
     use std::fs::OpenOptions;
     use weir_protocol::Chunk;
+    use weir_store::GROUP_BYTES;
 
     fn settings(dir: &Path, max_bytes: u64) -> Settings {
         Settings {
@@ -1213,18 +1204,18 @@ mod tests {
         assert!(!s.sync_due());
         // More than GROUP_BYTES waiting (under load): held until
         // fsync_bytes wait...
-        while s.unsynced_bytes < GROUP_BYTES {
+        while s.group.unsynced() < GROUP_BYTES {
             s.append("a", &body(16 << 10)).unwrap();
         }
         assert!(!s.sync_due() && s.gathering());
-        while s.unsynced_bytes < 1 << 20 {
+        while s.group.unsynced() < 1 << 20 {
             s.append("a", &body(16 << 10)).unwrap();
         }
         assert!(s.sync_due());
         s.sync().unwrap();
         // ...or fsync_ms passed since the last fsync started.
         s.settings.fsync_interval = Duration::from_millis(1);
-        while s.unsynced_bytes < GROUP_BYTES {
+        while s.group.unsynced() < GROUP_BYTES {
             s.append("a", &body(16 << 10)).unwrap();
         }
         std::thread::sleep(Duration::from_millis(2));

@@ -9,19 +9,68 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-/// The group commit's sign of load. When an fsync finishes and fewer bytes
-/// than this wait for the next, they are a trickle: the next fsync starts
-/// at once, for latency. More waiting means they arrived while the last
-/// fsync ran: the log is under load, and the next fsync waits for its
-/// owner's `fsync_bytes` or `fsync_ms` since the last one started, so each
-/// covers more and fewer run (an fsync and its state file cost the same
-/// CPU whatever they cover). 64 KiB: records of a few hundred bytes at
-/// thousands a second stay well below it during a millisecond fsync; a
-/// bulk stream of hundreds of MB/s passes it.
+/// The group commit's sign of load (see [`GroupCommit`]). 64 KiB: records
+/// of a few hundred bytes at thousands a second stay well below it during
+/// a millisecond fsync; a bulk stream of hundreds of MB/s passes it.
 pub const GROUP_BYTES: u64 = 64 << 10;
+
+/// When a log's next fsync is due, for the spool and the journal alike.
+/// With no fsync running and fewer than [`GROUP_BYTES`] waiting, the
+/// entries are a trickle: the next fsync is due at once, for latency. More
+/// waiting means they arrived while the last fsync ran: the log is under
+/// load, and the next fsync waits for the owner's `fsync_bytes` or
+/// `fsync_ms` since the last one was requested, so each covers more and
+/// fewer run (measured in docs/performance.md: an fsync and its state file
+/// cost about the same CPU whatever they cover).
+#[derive(Debug)]
+pub struct GroupCommit {
+    /// Framed bytes appended since the last request.
+    unsynced: u64,
+    /// When the last fsync was requested.
+    last: Instant,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        GroupCommit {
+            unsynced: 0,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl GroupCommit {
+    pub fn appended(&mut self, bytes: u64) {
+        self.unsynced += bytes;
+    }
+
+    /// An fsync covering everything appended so far was requested.
+    pub fn requested(&mut self) {
+        self.unsynced = 0;
+        self.last = Instant::now();
+    }
+
+    pub fn unsynced(&self) -> u64 {
+        self.unsynced
+    }
+
+    /// With entries waiting: whether their fsync is due now. `idle`: no
+    /// fsync is running.
+    pub fn due(&self, idle: bool, fsync_bytes: u64, fsync_interval: Duration) -> bool {
+        (idle && self.unsynced < GROUP_BYTES)
+            || self.unsynced >= fsync_bytes
+            || self.last.elapsed() >= fsync_interval
+    }
+
+    /// With entries waiting: how long until `due` holds by time alone.
+    pub fn wait(&self, fsync_interval: Duration) -> Duration {
+        fsync_interval.saturating_sub(self.last.elapsed())
+    }
+}
 
 /// Temp file, fsync, rename.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
