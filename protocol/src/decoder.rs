@@ -660,6 +660,18 @@ pub struct Decoder {
 /// Block buffers kept for reuse by the decoder.
 const SPARE_BUFFERS: usize = 32;
 
+/// A buffer of `len` bytes for a new block: a delivered block's if one is
+/// spare, with its old bytes left in place (zeroing every block's buffer
+/// took about 3% of the receiver's CPU in a bulk run). No old byte is
+/// read: a block is unpacked only once each of its data shards was
+/// received into its slot or rebuilt there (`Fec::reconstruct` writes
+/// every missing data shard whole), and only its first `data_len` bytes.
+fn block_buffer(spare: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
+    let mut buf = spare.pop().unwrap_or_default();
+    buf.resize(len, 0);
+    buf
+}
+
 impl Decoder {
     /// `verifier` holds the keys frames must be tagged with (or says
     /// authentication is disabled); no datagram reaches any state before
@@ -1182,6 +1194,7 @@ impl Decoder {
         }
         let session = self.session.as_mut().expect("session started");
         let (k, m, shard_len) = (h.k as usize, h.m as usize, h.shard_len as usize);
+        let spare = &mut self.spare_buffers;
         let block = session
             .pending
             .entry(h.block)
@@ -1190,7 +1203,7 @@ impl Decoder {
                 m,
                 shard_len,
                 data_len: h.data_len as usize,
-                buf: vec![0; (k + m) * shard_len],
+                buf: block_buffer(spare, (k + m) * shard_len),
                 present: vec![false; k + m],
                 count: 0,
                 decoded_at: None,
@@ -1244,7 +1257,6 @@ impl Decoder {
             Some(rebuilt) => {
                 block.decoded = true;
                 block.decoded_at = Some(wait_now);
-                block.buf.truncate(block.data_len);
                 self.stats.note_decoded(rebuilt, m);
             }
             None => {
@@ -1268,7 +1280,7 @@ impl Decoder {
                 Some(b) if b.decoded => {
                     let block = session.pending.remove(&base).expect("present");
                     session.base = base.saturating_add(1);
-                    self.unpack_block(base, &block.buf);
+                    self.unpack_block(base, &block.buf[..block.data_len]);
                     self.recycle(block.buf);
                 }
                 _ => break,
@@ -1292,7 +1304,7 @@ impl Decoder {
             match session.pending.remove(&base) {
                 Some(b) if b.decoded => {
                     session.base = base.saturating_add(1);
-                    self.unpack_block(base, &b.buf);
+                    self.unpack_block(base, &b.buf[..b.data_len]);
                     self.recycle(b.buf);
                     continue;
                 }
@@ -1562,9 +1574,10 @@ impl Decoder {
         }
     }
 
-    fn recycle(&mut self, mut buf: Vec<u8>) {
+    /// Keeps a delivered block's buffer, bytes and all, for a later block
+    /// ([`block_buffer`]).
+    fn recycle(&mut self, buf: Vec<u8>) {
         if self.spare_buffers.len() < SPARE_BUFFERS {
-            buf.clear();
             self.spare_buffers.push(buf);
         }
     }
@@ -2015,6 +2028,61 @@ mod tests {
             .map(|r| (r.seq, r.body.clone()))
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// Blocks decoded into the buffers of delivered blocks (which keep
+    /// their bytes) come out with their own bytes only: each block loses
+    /// its first two data shards, so they are rebuilt over an earlier
+    /// block's bytes, and the blocks' data lengths differ.
+    #[test]
+    fn a_block_rebuilt_in_a_reused_buffer_delivers_its_own_bytes() {
+        let records: Vec<Record> = (0..40u64)
+            .map(|seq| Record {
+                stream: 0,
+                seq,
+                resent: false,
+                body: RecordBody::Bytes(crate::Chunk {
+                    data: (0..20_000 + 3_000 * (seq as usize % 7))
+                        .map(|b| (b as u64 * 31 + seq * 7) as u8)
+                        .collect(),
+                    end: false,
+                }),
+            })
+            .collect();
+        let mut enc = crate::Encoder::new(EncoderConfig::new(9), crate::Signer::Key(test_key()));
+        enc.add_stream("s", "tcp", 0, 7);
+        enc.handle_timeout(0);
+        for r in &records {
+            enc.push(0, r);
+            // Short blocks too: some blocks are flushed before they fill.
+            if r.seq % 5 == 4 {
+                enc.flush(0);
+            }
+        }
+        let frames = drain(&mut enc);
+        let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
+        let mut blocks = std::collections::BTreeSet::new();
+        for f in &frames {
+            if let Some((_, block)) = FrameHeader::peek_block(f) {
+                blocks.insert(block);
+                if u16::from_be_bytes([f[24], f[25]]) < 2 {
+                    continue;
+                }
+            }
+            dec.handle_datagram(0, &mut f.clone());
+        }
+        let mut got = Vec::new();
+        while let Some(ev) = dec.poll_event() {
+            match ev {
+                Event::Record(r) => got.push((r.seq, r.body.clone())),
+                Event::Gap(g) => panic!("gap {g:?}"),
+                _ => {}
+            }
+        }
+        assert!(blocks.len() >= 10, "{} blocks", blocks.len());
+        let want: Vec<_> = records.iter().map(|r| (r.seq, r.body.clone())).collect();
+        assert_eq!(got, want);
+        assert_eq!(dec.stats().blocks_repaired, blocks.len() as u64);
     }
 
     proptest! {

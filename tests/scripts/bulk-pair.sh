@@ -6,7 +6,8 @@
 #   weir-tcpsink. Prints goodput, CPU s/GB per side (/proc/PID/stat) and
 #   peak RSS, and each side's CPU by thread. With a third argument `p`, records each side with perf
 #   (PG: perf's call-graph flags, default -g) into $D/sender.perf, receiver.perf.
-# usage: bulk-pair.sh BIN_DIR BYTES [p]   env RATE (default 4Gbit), D (scratch dir)
+# usage: bulk-pair.sh BIN_DIR BYTES [p]   env RATE (default 4Gbit), D (scratch dir),
+#   CHUNK (the tcp source's chunk_size; default: the source's default)
 # Ports 47001-47003 on 127.0.0.1 must be free.
 set -e
 B=$1; BYTES=$2; P=$3; RATE=${RATE:-4Gbit}; PG=${PG:--g}
@@ -50,6 +51,7 @@ log_interval_s = 0
 name = "raw"
 type = "tcp"
 listen = "127.0.0.1:$SRC"
+${CHUNK:+chunk_size = '$CHUNK'}
 T
 # Whatever stops the script (a failed feed under set -e) stops the pair too.
 trap 'kill $SINK $RP $SP ${PS:-} ${PR:-} 2>/dev/null || true' EXIT

@@ -4,7 +4,7 @@
 //! `end` arrives). Records of other kinds are written as JSON lines.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,11 @@ impl SinkBuilder for Config {
         Ok(())
     }
 }
+
+/// Byte chunks of at least this many bytes are written to the socket from
+/// the records themselves (`TcpSink::write_run`); smaller ones and JSON
+/// lines gather in the 1 MiB write buffer.
+const DIRECT_WRITE: usize = 16 << 10;
 
 pub struct TcpSink {
     connect: SocketAddr,
@@ -96,7 +101,19 @@ impl Sink for TcpSink {
     /// Confirmed once flushed to the kernel: plain TCP has no end-to-end
     /// acknowledgement (see `unconfirmed_loss`).
     fn write(&mut self, records: &[&Delivered]) -> Result<usize, SinkError> {
+        // Large chunks of one stream and session that follow each other
+        // go out together straight from the records (`write_run`).
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_of: Option<&Delivered> = None;
         for r in records {
+            let big = matches!(&r.body, RecordBody::Bytes(c) if c.data.len() >= DIRECT_WRITE);
+            let joins =
+                big && run_of.is_some_and(|p| p.stream == r.stream && p.session == r.session);
+            if !joins {
+                if let Some(p) = run_of.take() {
+                    self.write_run(p, &mut run)?;
+                }
+            }
             // A new sender session cannot continue a connection the old one
             // left open (the sender restarted mid-stream): close it first.
             if self
@@ -114,6 +131,14 @@ impl Sink for TcpSink {
             let result = match &r.body {
                 RecordBody::Bytes(c) => {
                     let result = if c.data.is_empty() {
+                        Ok(())
+                    } else if big {
+                        run.push(&c.data);
+                        run_of = Some(r);
+                        if c.end {
+                            run_of = None;
+                            self.write_run(r, &mut run)?;
+                        }
                         Ok(())
                     } else {
                         self.conn(&r.stream).and_then(|w| Ok(w.write_all(&c.data)?))
@@ -143,6 +168,9 @@ impl Sink for TcpSink {
                 return Err(SinkError::retry(e));
             }
         }
+        if let Some(p) = run_of {
+            self.write_run(p, &mut run)?;
+        }
         self.flush()?;
         Ok(records.len())
     }
@@ -155,6 +183,34 @@ impl Sink for TcpSink {
 }
 
 impl TcpSink {
+    /// Writes `run`, large chunks of `r`'s stream, to its connection in
+    /// as few `writev` calls as the kernel takes, after whatever the
+    /// connection's buffer holds: the chunks are not copied (into the
+    /// buffer, they took about 3% of the receiver's CPU in a bulk run).
+    fn write_run(&mut self, r: &Delivered, run: &mut Vec<&[u8]>) -> Result<(), SinkError> {
+        let result = self.conn(&r.stream).and_then(|w| {
+            w.flush()?;
+            let mut slices: Vec<IoSlice<'_>> = run.iter().map(|b| IoSlice::new(b)).collect();
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                match w.get_mut().write_vectored(rest) {
+                    Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                    Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        });
+        run.clear();
+        if let Err(e) = result {
+            // Drop the broken connection; the retry opens a new one.
+            self.conns.remove(&r.stream);
+            return Err(SinkError::retry(e));
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<()> {
         let mut failed = None;
         self.conns.retain(|stream, w| match w.flush() {
@@ -170,5 +226,67 @@ impl TcpSink {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::dest_template::tests::{point, record};
+    use std::io::Read;
+    use weir_protocol::Chunk;
+
+    fn bytes(data: Vec<u8>, end: bool) -> Delivered {
+        record(RecordBody::Bytes(Chunk { data, end }))
+    }
+
+    /// Small chunks and JSON lines go through the write buffer, large
+    /// chunks (one, or several in a row) straight from the records; the
+    /// server still reads every byte in record order, and the stream's end
+    /// closes the connection.
+    #[test]
+    fn buffered_and_directly_written_chunks_reach_the_server_in_record_order() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let connect = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).unwrap();
+            got
+        });
+        let pattern = |n: usize, k: u8| {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(k))
+                .collect::<Vec<u8>>()
+        };
+        let line = record(point("t"));
+        let records = [
+            bytes(pattern(100, 3), false),
+            bytes(pattern(DIRECT_WRITE, 5), false),
+            bytes(pattern(10, 7), false),
+            line.clone(),
+            bytes(pattern(300_000, 11), false),
+            bytes(pattern(DIRECT_WRITE + 5, 19), false),
+            bytes(pattern(DIRECT_WRITE - 1, 13), false),
+            bytes(pattern(70_000, 17), true),
+        ];
+        let mut want = Vec::new();
+        for r in &records {
+            match &r.body {
+                RecordBody::Bytes(c) => want.extend_from_slice(&c.data),
+                _ => {
+                    json_line::write_record(&mut want, r);
+                    want.push(b'\n');
+                }
+            }
+        }
+        let mut sink = TcpSink::new(&Config { connect });
+        let refs: Vec<&Delivered> = records.iter().collect();
+        // In each write, buffered bytes come before a direct write.
+        assert_eq!(sink.write(&refs[..3]).unwrap(), 3);
+        assert_eq!(sink.write(&refs[3..]).unwrap(), 5);
+        let got = server.join().unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the server read the records' bytes in order");
     }
 }
