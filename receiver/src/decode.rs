@@ -212,20 +212,30 @@ pub fn run(
         let wait = decoder.poll_timeout().map_or(IDLE_WAIT, |d| {
             Duration::from_nanos(d.saturating_sub(clock.peek())).min(IDLE_WAIT)
         });
-        let mut handle = |mut batch: RecvBatch, t: Nanos| {
+        let mut open = true;
+        // The records a receive batch released go on (and wait for room in
+        // the journal thread's queue) before the next batch is decoded: the
+        // decoder holds one batch's records at most. A 2 MiB batch of small
+        // points unpacks to some 15 MB of records in memory; the sixteen
+        // batches of one turn, decoded before any went on, held 176 MiB.
+        let mut handle = |mut batch: RecvBatch, t: Nanos, open: &mut bool| {
             for d in batch.datagrams_mut() {
                 decoder.handle_datagram(t, d);
             }
             let _ = free.try_send(batch);
+            while *open {
+                let Some(ev) = decoder.poll_event() else { break };
+                *open = outbox.push(ev);
+            }
         };
         let disconnected = match batches.recv_timeout(wait) {
             Ok(batch) => {
-                handle(batch, clock.tick());
+                handle(batch, clock.tick(), &mut open);
                 // Shards already received are read before any block is
                 // given up for want of them.
                 for _ in 1..DRAIN_BATCHES {
                     let Ok(batch) = batches.try_recv() else { break };
-                    handle(batch, clock.tick());
+                    handle(batch, clock.tick(), &mut open);
                 }
                 false
             }
@@ -241,12 +251,9 @@ pub fn run(
             let records = decoder.resolve_open_gaps(stream, *from, *to);
             tracing::debug!(stream = %stream, from, to, records, "open gaps resolved (a file completed by a resend)");
         }
-        let mut open = true;
-        while let Some(ev) = decoder.poll_event() {
-            if !outbox.push(ev) {
-                open = false;
-                break;
-            }
+        while open {
+            let Some(ev) = decoder.poll_event() else { break };
+            open = outbox.push(ev);
         }
         // What one receive batch released goes on at once: the journal
         // thread groups records for its fsync, not this one.
@@ -350,24 +357,8 @@ mod tests {
     #[test]
     fn the_decode_thread_hands_every_record_on_in_order_then_closes_its_output_when_the_socket_thread_hangs_up(
     ) {
-        let mut enc = weir_protocol::Encoder::new(EncoderConfig::new(7), Signer::Disabled);
-        let stream = enc.add_stream("plant", "generator", 0, 1);
         let total = 20_000u64;
-        for seq in 0..total {
-            enc.push(
-                0,
-                &Record {
-                    stream,
-                    seq,
-                    resent: false,
-                    body: point(seq),
-                },
-            );
-        }
-        enc.flush(0);
-        let mut buf = vec![0; enc.max_frame_len()];
-        let frames: Vec<Vec<u8>> =
-            std::iter::from_fn(|| enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())).collect();
+        let frames = frames(&mut encoder(), 0..total);
         let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel(RECV_BATCHES);
         let (free_tx, _free_rx) = std::sync::mpsc::sync_channel(RECV_BATCHES);
         let (out_tx, out_rx) = std::sync::mpsc::sync_channel(DECODED_QUEUE);
@@ -405,4 +396,68 @@ mod tests {
 
     /// Receive batches in flight in the test (as `RECV_POOL` in main.rs).
     const RECV_BATCHES: usize = 16;
+
+    fn encoder() -> weir_protocol::Encoder {
+        let mut enc = weir_protocol::Encoder::new(EncoderConfig::new(7), Signer::Disabled);
+        enc.add_stream("plant", "generator", 0, 1);
+        enc
+    }
+
+    /// The frames that carry points `seqs` of the encoder's stream 0.
+    fn frames(enc: &mut weir_protocol::Encoder, seqs: std::ops::Range<u64>) -> Vec<Vec<u8>> {
+        for seq in seqs {
+            let record = Record {
+                stream: 0,
+                seq,
+                resent: false,
+                body: point(seq),
+            };
+            enc.push(0, &record);
+        }
+        enc.flush(0);
+        let mut buf = vec![0; enc.max_frame_len()];
+        std::iter::from_fn(|| enc.poll_frame(0, &mut buf).map(|n| buf[..n].to_vec())).collect()
+    }
+
+    /// With the journal thread not taking chunks, the decode thread waits
+    /// with the records of the receive batch it decoded and leaves the next
+    /// batch unread, so the decoder never holds more than one batch's
+    /// records; once chunks are taken every record goes on, in order.
+    #[test]
+    fn the_decode_thread_hands_a_batchs_records_on_before_it_decodes_the_next_batch() {
+        let mut enc = encoder();
+        // Each batch releases more than a chunk of records.
+        let per_batch = 2 * CHUNK_EVENTS as u64;
+        let first = frames(&mut enc, 0..per_batch);
+        let second = frames(&mut enc, per_batch..2 * per_batch);
+        let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel(RECV_BATCHES);
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel(RECV_BATCHES);
+        // No room at all: a chunk goes only when the test takes it.
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel(0);
+        batch_tx.send(RecvBatch::from_datagrams(&first)).unwrap();
+        batch_tx.send(RecvBatch::from_datagrams(&second)).unwrap();
+        drop(batch_tx);
+        let thread = std::thread::spawn(move || {
+            let decoder = Decoder::new(Default::default(), weir_protocol::Verifier::disabled());
+            run(decoder, batch_rx, free_tx, Arc::new(out_tx), Default::default())
+        });
+        let done = free_rx.recv_timeout(Duration::from_secs(10));
+        assert!(done.is_ok(), "the first batch was decoded and given back");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            free_rx.try_recv().is_err(),
+            "the second batch stays unread while the first batch's records wait"
+        );
+        let seqs: Vec<u64> = chunks(&out_rx)
+            .iter()
+            .flatten()
+            .filter_map(|e| match e {
+                Event::Record(r) => Some(r.seq),
+                _ => None,
+            })
+            .collect();
+        thread.join().unwrap();
+        assert_eq!(seqs, (0..2 * per_batch).collect::<Vec<_>>());
+        assert!(free_rx.try_recv().is_ok(), "then the second batch was decoded");
+    }
 }

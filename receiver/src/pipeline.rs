@@ -449,12 +449,18 @@ impl Pipeline {
                 };
                 match result {
                     Ok(end) if end > pending_start => {
-                        // Sinks get these once the fsync is done.
+                        // Sinks get these once the fsync is done. The batch
+                        // gives back what its growth reserved beyond its
+                        // records (up to as much again; the allocator
+                        // shrinks in place), so what the sinks' queues hold
+                        // is what `batch_weight` counts.
                         let appended = self.journal.appended_bytes();
+                        let mut batch = std::mem::take(&mut records);
+                        batch.shrink_to_fit();
                         awaiting.push_back((
                             pending_start,
                             end,
-                            Arc::new(std::mem::take(&mut records)),
+                            Arc::new(batch),
                             appended - pending_bytes,
                         ));
                         pending_start = end;
