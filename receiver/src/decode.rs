@@ -224,7 +224,9 @@ pub fn run(
             }
             let _ = free.try_send(batch);
             while *open {
-                let Some(ev) = decoder.poll_event() else { break };
+                let Some(ev) = decoder.poll_event() else {
+                    break;
+                };
                 *open = outbox.push(ev);
             }
         };
@@ -252,7 +254,9 @@ pub fn run(
             tracing::debug!(stream = %stream, from, to, records, "open gaps resolved (a file completed by a resend)");
         }
         while open {
-            let Some(ev) = decoder.poll_event() else { break };
+            let Some(ev) = decoder.poll_event() else {
+                break;
+            };
             open = outbox.push(ev);
         }
         // What one receive batch released goes on at once: the journal
@@ -439,7 +443,13 @@ mod tests {
         drop(batch_tx);
         let thread = std::thread::spawn(move || {
             let decoder = Decoder::new(Default::default(), weir_protocol::Verifier::disabled());
-            run(decoder, batch_rx, free_tx, Arc::new(out_tx), Default::default())
+            run(
+                decoder,
+                batch_rx,
+                free_tx,
+                Arc::new(out_tx),
+                Default::default(),
+            )
         });
         let done = free_rx.recv_timeout(Duration::from_secs(10));
         assert!(done.is_ok(), "the first batch was decoded and given back");
@@ -458,6 +468,9 @@ mod tests {
             .collect();
         thread.join().unwrap();
         assert_eq!(seqs, (0..2 * per_batch).collect::<Vec<_>>());
-        assert!(free_rx.try_recv().is_ok(), "then the second batch was decoded");
+        assert!(
+            free_rx.try_recv().is_ok(),
+            "then the second batch was decoded"
+        );
     }
 }
