@@ -332,6 +332,18 @@ mod tests {
         out
     }
 
+    /// The sequence numbers of the records in `chunks`, in order.
+    fn record_seqs(chunks: &[Vec<Event>]) -> Vec<u64> {
+        chunks
+            .iter()
+            .flatten()
+            .filter_map(|e| match e {
+                Event::Record(r) => Some(r.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn a_chunk_holds_at_most_chunk_events_events_or_chunk_bytes_of_records_plus_one() {
         let (tx, rx) = std::sync::mpsc::sync_channel(64);
@@ -382,15 +394,7 @@ mod tests {
         feeder.join().unwrap();
         thread.join().unwrap();
         assert!(got.iter().all(|c| c.len() <= CHUNK_EVENTS));
-        let seqs: Vec<u64> = got
-            .iter()
-            .flatten()
-            .filter_map(|e| match e {
-                Event::Record(r) => Some(r.seq),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(seqs, (0..total).collect::<Vec<_>>());
+        assert_eq!(record_seqs(&got), (0..total).collect::<Vec<_>>());
         assert_eq!(
             stats.get().records,
             total,
@@ -458,14 +462,7 @@ mod tests {
             free_rx.try_recv().is_err(),
             "the second batch stays unread while the first batch's records wait"
         );
-        let seqs: Vec<u64> = chunks(&out_rx)
-            .iter()
-            .flatten()
-            .filter_map(|e| match e {
-                Event::Record(r) => Some(r.seq),
-                _ => None,
-            })
-            .collect();
+        let seqs = record_seqs(&chunks(&out_rx));
         thread.join().unwrap();
         assert_eq!(seqs, (0..2 * per_batch).collect::<Vec<_>>());
         assert!(
