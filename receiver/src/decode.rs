@@ -216,8 +216,9 @@ pub fn run(
         // The records a receive batch released go on (and wait for room in
         // the journal thread's queue) before the next batch is decoded: the
         // decoder holds one batch's records at most. A 2 MiB batch of small
-        // points unpacks to some 15 MB of records in memory; the sixteen
-        // batches of one turn, decoded before any went on, held 176 MiB.
+        // points unpacks to an estimated 15 MB of records; decoding the
+        // sixteen batches of one turn before any went on let the receiver's
+        // records reach 176 MiB (docs/performance.md).
         let mut handle = |mut batch: RecvBatch, t: Nanos, open: &mut bool| {
             for d in batch.datagrams_mut() {
                 decoder.handle_datagram(t, d);

@@ -451,9 +451,9 @@ impl Pipeline {
                     Ok(end) if end > pending_start => {
                         // Sinks get these once the fsync is done. The batch
                         // gives back what its growth reserved beyond its
-                        // records (up to as much again; the allocator
-                        // shrinks in place), so what the sinks' queues hold
-                        // is what `batch_weight` counts.
+                        // records (up to as much again, one shrinking
+                        // realloc), so what the sinks' queues hold is what
+                        // `batch_weight` counts.
                         let appended = self.journal.appended_bytes();
                         let mut batch = std::mem::take(&mut records);
                         batch.shrink_to_fit();

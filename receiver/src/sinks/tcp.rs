@@ -259,12 +259,11 @@ mod tests {
                 .map(|i| (i as u8).wrapping_mul(k))
                 .collect::<Vec<u8>>()
         };
-        let line = record(point("t"));
         let records = [
             bytes(pattern(100, 3), false),
             bytes(pattern(DIRECT_WRITE, 5), false),
             bytes(pattern(10, 7), false),
-            line.clone(),
+            record(point("t")),
             bytes(pattern(300_000, 11), false),
             bytes(pattern(DIRECT_WRITE + 5, 19), false),
             bytes(pattern(DIRECT_WRITE - 1, 13), false),
