@@ -2033,7 +2033,8 @@ mod tests {
     /// Blocks decoded into the buffers of delivered blocks (which keep
     /// their bytes) come out with their own bytes only: each block loses
     /// its first two data shards, so they are rebuilt over an earlier
-    /// block's bytes, and the blocks' data lengths differ.
+    /// block's bytes, and the blocks' data lengths differ. The frames go in
+    /// block by block, so each block finds the last one's buffer spare.
     #[test]
     fn a_block_rebuilt_in_a_reused_buffer_delivers_its_own_bytes() {
         let records: Vec<Record> = (0..40u64)
@@ -2059,12 +2060,17 @@ mod tests {
                 enc.flush(0);
             }
         }
-        let frames = drain(&mut enc);
+        let mut frames = drain(&mut enc);
+        // Interleaved, every block would be pending before the first is
+        // delivered and none would find a buffer spare: one block at a
+        // time (control frames last).
+        frames.sort_by_key(|f| FrameHeader::peek_block(f).map_or(u64::MAX, |(_, b)| b));
         let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
         let mut blocks = std::collections::BTreeSet::new();
         for f in &frames {
             if let Some((_, block)) = FrameHeader::peek_block(f) {
                 blocks.insert(block);
+                // The shard's index, bytes 24..26 of the header.
                 if u16::from_be_bytes([f[24], f[25]]) < 2 {
                     continue;
                 }
@@ -2080,6 +2086,8 @@ mod tests {
             }
         }
         assert!(blocks.len() >= 10, "{} blocks", blocks.len());
+        // Had each block taken a new buffer, all of theirs would be spare.
+        assert_eq!(dec.spare_buffers.len(), 1, "one buffer went round");
         let want: Vec<_> = records.iter().map(|r| (r.seq, r.body.clone())).collect();
         assert_eq!(got, want);
         assert_eq!(dec.stats().blocks_repaired, blocks.len() as u64);
