@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR
 CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: all build demo test test-services ci fmt-check clippy bench fec-table fuzz clean deb deb-check sbom deny
+.PHONY: all build demo test test-services ci fmt-check clippy bench floor fec-table fuzz clean deb deb-check sbom deny
 
 all: build
 
@@ -62,6 +62,14 @@ ci: fmt-check clippy test
 BENCH_FLAGS ?=
 bench: build
 	$(BIN)/weir-bench $(BENCH_FLAGS)
+
+## What the bulk path's unavoidable work costs here (not a test): TCP in
+## and out, log write + fsync + read back, UDP GSO/GRO, frame sealing,
+## opening and RS parity, in CPU s/GB per side beside issue 9's budget
+## (docs/performance.md, "The floor"). FLOOR_FLAGS adds e.g. "--bytes 2G".
+FLOOR_FLAGS ?=
+floor: build
+	$(BIN)/weir-floor $(FLOOR_FLAGS)
 
 ## The FEC tolerance table of docs/wire-format.md, from the seeded
 ## simulation: 10,000,000 records per row, at 1 Gbit/s and at 200 Mbit/s

@@ -33,7 +33,8 @@ use weir_protocol::decoder::{Delivered, StreamPosition};
 use weir_protocol::RecordBody;
 use weir_store::frame::ENTRY_HEADER;
 use weir_store::{
-    GroupCommit, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Syncer, Unreadable, Walked,
+    FsyncTimes, GroupCommit, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Syncer, Unreadable,
+    Walked,
 };
 
 // An entry is read, handed on and dropped; a `Gap` the size of a `Record`
@@ -199,6 +200,8 @@ pub struct Journal {
     log: Log,
     /// The fsync thread: the durable index, failure and fsync count.
     syncer: Syncer,
+    /// How long the fsync jobs took (the metrics' `journal_fsync_max_us`).
+    fsync_times: Arc<FsyncTimes>,
     group: GroupCommit,
     positions: BTreeMap<String, Position>,
     /// After a torn-tail repair: the positions and durable index the state
@@ -418,6 +421,7 @@ impl Journal {
             settings,
             log,
             syncer,
+            fsync_times: Arc::default(),
             group: GroupCommit::default(),
             positions: state.streams,
             repaired: repaired.then_some((saved_positions, saved_durable)),
@@ -457,6 +461,11 @@ impl Journal {
     /// Fsyncs done since the journal opened (each a group commit).
     pub fn fsyncs(&self) -> u64 {
         self.syncer.fsyncs()
+    }
+
+    /// How long those fsyncs took (the longest, the slow ones).
+    pub fn fsync_times(&self) -> &FsyncTimes {
+        &self.fsync_times
     }
 
     /// Sets what the fsync thread calls after each fsync (and failure),
@@ -599,6 +608,7 @@ impl Journal {
             up_to: next,
             state: Some((self.settings.path.join("state.json"), state)),
             what: "journal",
+            times: self.fsync_times.clone(),
         })?;
         self.group.requested();
         Ok(next)

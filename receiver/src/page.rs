@@ -342,8 +342,13 @@ pub fn render(board: &Board) -> String {
     o.push_str("</table>\n<p class=\"muted\">journal: ");
     let _ = writeln!(
         o,
-        "{} bytes, {} fsyncs, {} corrupt entries skipped; audit write errors: {}</p>\n</body></html>",
-        s.journal_bytes, s.journal_fsyncs, s.journal_corrupt_entries, s.audit_errors
+        "{} bytes, {} fsyncs (longest {} ms, {} slow), {} corrupt entries skipped; audit write errors: {}</p>\n</body></html>",
+        s.journal_bytes,
+        s.journal_fsyncs,
+        s.journal_fsync_max_us / 1000,
+        s.journal_slow_fsyncs,
+        s.journal_corrupt_entries,
+        s.audit_errors
     );
     o
 }

@@ -952,6 +952,8 @@ impl Pipeline {
             silent: watch.lost_since.is_some(),
         };
         let (journal_bytes, journal_fsyncs) = (self.journal.total_bytes(), self.journal.fsyncs());
+        let fsync_times = self.journal.fsync_times();
+        let (fsync_max_us, slow_fsyncs) = (fsync_times.max_us(), fsync_times.slow());
         let (corrupt, compaction, audit) = (
             self.corrupt_entries,
             self.compaction_errors,
@@ -964,6 +966,8 @@ impl Pipeline {
             s.gaps = gaps;
             s.journal_bytes = journal_bytes;
             s.journal_fsyncs = journal_fsyncs;
+            s.journal_fsync_max_us = fsync_max_us;
+            s.journal_slow_fsyncs = slow_fsyncs;
             s.journal_corrupt_entries = corrupt;
             s.journal_compaction_errors = compaction;
             s.audit_errors = audit;
@@ -990,6 +994,9 @@ impl Pipeline {
         m.push(("records_unrouted".into(), unrouted.total));
         m.push(("journal_bytes".into(), self.journal.total_bytes()));
         m.push(("journal_fsyncs".into(), self.journal.fsyncs()));
+        let fsync_times = self.journal.fsync_times();
+        m.push(("journal_fsync_max_us".into(), fsync_times.max_us()));
+        m.push(("journal_slow_fsyncs".into(), fsync_times.slow()));
         m.push(("journal_corrupt_entries".into(), self.corrupt_entries));
         m.push(("audit_errors".into(), self.audit.errors));
         m.push(("journal_compaction_errors".into(), self.compaction_errors));

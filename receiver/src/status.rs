@@ -52,6 +52,10 @@ pub struct Snapshot {
     pub gaps: BTreeMap<String, (u64, u64)>,
     pub journal_bytes: u64,
     pub journal_fsyncs: u64,
+    /// The longest journal fsync job since start, in microseconds.
+    pub journal_fsync_max_us: u64,
+    /// Journal fsync jobs of `weir_store::SLOW_FSYNC` or more.
+    pub journal_slow_fsyncs: u64,
     pub journal_corrupt_entries: u64,
     pub journal_compaction_errors: u64,
     pub audit_errors: u64,
@@ -352,6 +356,19 @@ impl prometheus_client::collector::Collector for Prometheus {
             "receiver_journal_fsyncs",
             "journal fsyncs",
             s.journal_fsyncs,
+        )?;
+        out.gauge(
+            "receiver_journal_fsync_max_seconds",
+            "the longest journal fsync (segments and state file) since start",
+            s.journal_fsync_max_us as f64 / 1e6,
+        )?;
+        out.counter(
+            "receiver_journal_slow_fsyncs",
+            &format!(
+                "journal fsyncs that took {} ms or more (logged, at most one warning a minute)",
+                weir_store::SLOW_FSYNC.as_millis()
+            ),
+            s.journal_slow_fsyncs,
         )?;
         out.counter(
             "receiver_journal_corrupt_entries",

@@ -581,9 +581,15 @@ fn publish(enc: &mut Encoder, counters: &Counters) {
     enc.set_counters(heartbeat_counters(counters.snapshot()));
 }
 
+/// Counters of the sender's own disk, kept out of heartbeats (the metrics
+/// file and Prometheus have them): a heartbeat has room for 32, which the
+/// rest and the sources' nonzero ones need more.
+const LOCAL_COUNTERS: [&str; 2] = ["spool_fsync_max_us", "spool_slow_fsyncs"];
+
 /// Heartbeats carry at most 32 counters: the sender's own (records,
-/// spool, link) always, then those of source components (`mqtt_`,
-/// `modbus_`, `opcua_`) that are not zero, in their order.
+/// spool, link) always, except [`LOCAL_COUNTERS`], then those of source
+/// components (`mqtt_`, `modbus_`, `opcua_`) that are not zero, in their
+/// order.
 fn heartbeat_counters(all: Vec<(String, u64)>) -> Vec<(String, u64)> {
     const MAX: usize = 32;
     let component = |name: &str| {
@@ -591,7 +597,10 @@ fn heartbeat_counters(all: Vec<(String, u64)>) -> Vec<(String, u64)> {
             .iter()
             .any(|p| name.starts_with(p))
     };
-    let (components, own): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| component(n));
+    let (components, own): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .filter(|(n, _)| !LOCAL_COUNTERS.contains(&n.as_str()))
+        .partition(|(n, _)| component(n));
     let mut out = own;
     let room = MAX.saturating_sub(out.len());
     out.extend(components.into_iter().filter(|(_, v)| *v != 0).take(room));
@@ -667,10 +676,15 @@ mod tests {
                 !["mqtt_", "modbus_", "opcua_"]
                     .iter()
                     .any(|p| n.starts_with(p))
+                    && !super::LOCAL_COUNTERS.contains(&n.as_str())
             })
             .count();
         let mut hb = heartbeat_counters(all.clone());
         assert_eq!(hb.len(), own, "zero component counters are left out");
+        assert!(
+            !hb.iter().any(|(n, _)| n == "spool_fsync_max_us"),
+            "the spool's fsync times stay local"
+        );
         assert!(
             hb.len() <= 32,
             "the sender's own counters alone fit a heartbeat"

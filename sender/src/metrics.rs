@@ -36,6 +36,8 @@ counters! {
     spool_dropped_records: "records deleted unsent with the oldest spool segment (spool.max_bytes or max_age); announced as gaps",
     spool_bytes: "bytes the spool holds (sent and unsent)",
     spool_fsyncs: "spool fsyncs (group commits: each covers every record appended before it started, and saves state)",
+    spool_fsync_max_us: "the longest spool fsync (segments and state file) since start, in microseconds",
+    spool_slow_fsyncs: "spool fsyncs that took weir_store::SLOW_FSYNC (100 ms) or more; logged, at most one warning a minute",
     spool_damaged_records: "records lost with a damaged spool tail after a crash; announced as gaps",
     spool_corrupt_records: "records in corrupt stretches in the middle of spool segments (or that did not decode); skipped and announced as sender-spool-corrupt gaps",
     gap_notices_sent: "dropped ranges announced to the receiver",
@@ -186,10 +188,15 @@ impl prometheus_client::collector::Collector for Prometheus {
         out.build_info("sender", env!("CARGO_PKG_VERSION"))?;
         for (field, doc, v) in self.counters.described() {
             match field {
-                // A peak in microseconds: a gauge in seconds.
+                // Peaks in microseconds: gauges in seconds.
                 "max_spread_us" => out.gauge(
                     "sender_max_spread_seconds",
                     "widest spread in time given to one block's shards since start (at most fec.max_spread_ms)",
+                    v as f64 / 1e6,
+                )?,
+                "spool_fsync_max_us" => out.gauge(
+                    "sender_spool_fsync_max_seconds",
+                    "the longest spool fsync (segments and state file) since start",
                     v as f64 / 1e6,
                 )?,
                 _ => match prometheus_name(field) {

@@ -30,7 +30,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use weir_protocol::{NoticeCause, RecordBody, RecordBodyRef};
 use weir_store::frame::ENTRY_HEADER;
-use weir_store::{segment, GroupCommit, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Walked};
+use weir_store::{
+    segment, FsyncTimes, GroupCommit, Hole, Log, OpenRules, ReadEnd, Step, SyncJob, Walked,
+};
 
 use crate::fatal::Fatal;
 use crate::metrics::Counters;
@@ -201,6 +203,8 @@ pub struct Spool {
     sync_wanted: bool,
     /// Bytes appended since the last fsync job was prepared, and when.
     group: GroupCommit,
+    /// How long the fsync jobs took (`spool_fsync_max_us`, `spool_slow_fsyncs`).
+    fsync_times: Arc<FsyncTimes>,
     /// The sync thread sleeps with entries waiting, gathering a group under
     /// load (`sync_due`): appends wake it only once `fsync_bytes` wait.
     group_wait: bool,
@@ -534,6 +538,7 @@ impl Spool {
             last_state_save: Instant::now(),
             sync_wanted: false,
             group: GroupCommit::default(),
+            fsync_times: Arc::default(),
             group_wait: false,
             sync_idle: false,
             sync_wake: Arc::new(std::sync::Condvar::new()),
@@ -696,6 +701,7 @@ impl Spool {
                     serde_json::to_vec_pretty(&state).expect("json"),
                 )),
                 what: "spool",
+                times: self.fsync_times.clone(),
             },
             sent: self.sent_index,
         })
@@ -711,6 +717,12 @@ impl Spool {
             .spool_bytes
             .store(self.log.total_bytes(), Ordering::Relaxed);
         Counters::add(&self.counters.spool_fsyncs, 1);
+        self.counters
+            .spool_fsync_max_us
+            .store(self.fsync_times.max_us(), Ordering::Relaxed);
+        self.counters
+            .spool_slow_fsyncs
+            .store(self.fsync_times.slow(), Ordering::Relaxed);
     }
 
     /// Fsyncs everything appended and saves state, holding the spool

@@ -19,5 +19,6 @@ pub mod sync;
 pub use log::{Cursor, Log, OpenRules, Opened, ReadEnd, Segment, Settings, Step, Unreadable};
 pub use segment::{Hole, Torn, Walked, HEADER_LEN};
 pub use sync::{
-    read_if_present, write_atomically, GroupCommit, SyncJob, Syncer, Waker, GROUP_BYTES,
+    read_if_present, write_atomically, FsyncTimes, GroupCommit, SyncJob, Syncer, Waker,
+    GROUP_BYTES, SLOW_FSYNC,
 };

@@ -771,7 +771,7 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::{SyncJob, Syncer};
+    use crate::sync::{FsyncTimes, SyncJob, Syncer};
     use proptest::prelude::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
@@ -1273,6 +1273,7 @@ mod tests {
             w.fetch_add(1, Ordering::Relaxed);
         }));
         assert!(syncer.idle());
+        let times = Arc::new(FsyncTimes::default());
         for round in 1..=5u64 {
             for _ in 0..50 {
                 append(&mut log, 30);
@@ -1285,6 +1286,7 @@ mod tests {
                     up_to,
                     state: Some((state.clone(), format!("{round}").into_bytes())),
                     what: "test",
+                    times: times.clone(),
                 })
                 .unwrap();
             assert_eq!(syncer.requested(), up_to);
@@ -1297,6 +1299,7 @@ mod tests {
             );
         }
         assert_eq!(syncer.fsyncs(), 5);
+        assert!(times.max_us() > 0, "each job's duration is recorded");
         // The waker runs after waiters are notified: give it a moment.
         let t = std::time::Instant::now();
         while woken.load(Ordering::Relaxed) < 5 && t.elapsed().as_secs() < 10 {

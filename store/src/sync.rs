@@ -94,6 +94,67 @@ pub fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>> {
     }
 }
 
+/// An fsync job (its segments and state file together) that takes at
+/// least this long is counted as slow and logged: every record waiting to
+/// be sent (spool) or handed to a sink (journal) waited that long for the
+/// disk.
+pub const SLOW_FSYNC: Duration = Duration::from_millis(100);
+
+/// At most one slow-fsync warning per log in this long; the warning
+/// counts those it stood for.
+const SLOW_FSYNC_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a log's fsync jobs took: the longest since start and how many
+/// were slow ([`SLOW_FSYNC`]). Shared by the log's owner (which publishes
+/// them) and whatever runs its jobs.
+#[derive(Debug, Default)]
+pub struct FsyncTimes {
+    max_us: AtomicU64,
+    slow: AtomicU64,
+    /// When the last warning was logged, and the slow fsyncs since that
+    /// no warning has named.
+    warned: Mutex<(Option<Instant>, u64)>,
+}
+
+impl FsyncTimes {
+    /// Records one job's duration; a slow one is logged (rate-limited).
+    pub fn record(&self, what: &str, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+        if took < SLOW_FSYNC {
+            return;
+        }
+        let total = self.slow.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        warned.1 += 1;
+        if warned
+            .0
+            .is_some_and(|at| at.elapsed() < SLOW_FSYNC_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            "{what}: an fsync took {} ms; {} fsync(s) of {} ms or more since the last such \
+             warning, {total} since start. Records wait for it: check the disk under the \
+             {what} (its other writers, its health) or move the {what} to a faster one",
+            took.as_millis(),
+            warned.1,
+            SLOW_FSYNC.as_millis(),
+        );
+        *warned = (Some(Instant::now()), 0);
+    }
+
+    /// The longest fsync job since start, in microseconds.
+    pub fn max_us(&self) -> u64 {
+        self.max_us.load(Ordering::Relaxed)
+    }
+
+    /// Fsync jobs since start that took [`SLOW_FSYNC`] or more.
+    pub fn slow(&self) -> u64 {
+        self.slow.load(Ordering::Relaxed)
+    }
+}
+
 /// One fsync: the segments to fsync, the position every entry below which
 /// they make durable, and the state file to save after them.
 pub struct SyncJob {
@@ -102,10 +163,13 @@ pub struct SyncJob {
     pub state: Option<(PathBuf, Vec<u8>)>,
     /// Names the log in errors (`spool`, `journal`).
     pub what: &'static str,
+    /// Where the job's duration is recorded when it succeeds.
+    pub times: Arc<FsyncTimes>,
 }
 
 impl SyncJob {
     pub fn run(&self) -> Result<()> {
+        let started = Instant::now();
         for f in &self.files {
             f.sync_data()
                 .with_context(|| format!("{}: fsync of a segment", self.what))?;
@@ -113,6 +177,7 @@ impl SyncJob {
         if let Some((path, bytes)) = &self.state {
             write_atomically(path, bytes)?;
         }
+        self.times.record(self.what, started.elapsed());
         Ok(())
     }
 }
@@ -269,5 +334,30 @@ impl Syncer {
                 .unwrap_or_else(|p| p.into_inner());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_times_keep_the_longest_and_count_the_slow_ones_warning_once_a_minute() {
+        let times = FsyncTimes::default();
+        times.record("test", Duration::from_millis(5));
+        assert_eq!((times.max_us(), times.slow()), (5_000, 0));
+        times.record("test", SLOW_FSYNC + Duration::from_millis(50));
+        assert_eq!((times.max_us(), times.slow()), (150_000, 1));
+        let first_warning = times.warned.lock().unwrap().0;
+        assert!(first_warning.is_some(), "the first slow fsync is logged");
+        times.record("test", SLOW_FSYNC);
+        times.record("test", Duration::from_millis(1));
+        assert_eq!((times.max_us(), times.slow()), (150_000, 2));
+        let warned = *times.warned.lock().unwrap();
+        assert_eq!(
+            warned,
+            (first_warning, 1),
+            "a second slow fsync within a minute waits for the next warning"
+        );
     }
 }

@@ -409,6 +409,11 @@ pub struct Latency {
     pub unparsed: u64,
     #[serde(flatten)]
     pub summary: LatencySummary,
+    /// The longest spool and journal fsync of the run (the metrics'
+    /// `spool_fsync_max_us`, `journal_fsync_max_us`), in ms: a record
+    /// waits for the fsync that covers it on each side.
+    pub spool_fsync_max_ms: f64,
+    pub journal_fsync_max_ms: f64,
     #[serde(flatten)]
     pub rss: PeakRss,
     #[serde(flatten)]
@@ -718,6 +723,15 @@ impl Report {
             ("latency p99".into(), num(l.summary.p99_ms, 1), "ms"),
             ("latency max".into(), num(l.summary.max_ms, 1), "ms"),
             (
+                "latency run: longest fsync, spool / journal".into(),
+                format!(
+                    "{} / {}",
+                    num(l.spool_fsync_max_ms, 1),
+                    num(l.journal_fsync_max_ms, 1)
+                ),
+                "ms",
+            ),
+            (
                 "latency samples, gaps".into(),
                 format!("{}, {}", l.summary.samples, l.gaps.gaps),
                 "records",
@@ -964,7 +978,14 @@ mod tests {
         ] {
             assert!(v["bulk"].get(key).is_some(), "missing bulk.{key}");
         }
-        for key in ["p50_ms", "p99_ms", "max_ms", "samples"] {
+        for key in [
+            "p50_ms",
+            "p99_ms",
+            "max_ms",
+            "samples",
+            "spool_fsync_max_ms",
+            "journal_fsync_max_ms",
+        ] {
             assert!(v["latency"].get(key).is_some(), "missing latency.{key}");
         }
         for key in ["commit", "date", "cpu_model", "nproc"] {

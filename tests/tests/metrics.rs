@@ -228,6 +228,10 @@ fn both_sides_serve_prometheus_text_whose_counters_match_the_run() {
     );
     assert!(get(&sm, "weir_sender_blocks_sent_total") > 0.0);
     assert!(get(&sm, "weir_sender_spool_bytes") > 0.0);
+    // The spool fsynced what it took, so its longest fsync is known; a
+    // slow one (100 ms or more) is counted, not expected.
+    assert!(get(&sm, "weir_sender_spool_fsync_max_seconds") > 0.0);
+    assert!(get(&sm, "weir_sender_spool_slow_fsyncs_total") >= 0.0);
     let config = format!("weir_sender_config{{config_hash=\"{}\",session=", run.hash);
     assert!(
         sm.keys().any(|k| k.starts_with(&config)),
@@ -301,6 +305,8 @@ fn both_sides_serve_prometheus_text_whose_counters_match_the_run() {
         0.0
     );
     assert!(get(&r, "weir_receiver_journal_bytes") > 0.0);
+    assert!(get(&r, "weir_receiver_journal_fsync_max_seconds") > 0.0);
+    assert!(get(&r, "weir_receiver_journal_slow_fsyncs_total") >= 0.0);
     let age = get(&r, "weir_receiver_heartbeat_age_seconds");
     assert!(
         (1.5..10.0).contains(&age),

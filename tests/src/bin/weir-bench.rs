@@ -783,8 +783,13 @@ fn latency_run(args: &Args, report: &mut Report) -> Result<Latency> {
         &dir,
     )?;
     let (_, _, rss) = pair.usage()?;
-    std::thread::sleep(Duration::from_millis(300)); // audit sync
+    std::thread::sleep(Duration::from_millis(1100)); // audit sync, one more metrics snapshot
     let sink = read_json(&dir.join("sink.json"));
+    let fsync_max_ms = |file: &str, key: &str| {
+        read_json(&dir.join(file))[key]
+            .as_f64()
+            .map_or(f64::NAN, |us| us / 1000.0)
+    };
     let summary: LatencySummary = serde_json::from_value(sink["latency"].clone())
         .with_context(|| format!("no latency in {}", dir.join("sink.json").display()))?;
     let r = Latency {
@@ -794,15 +799,19 @@ fn latency_run(args: &Args, report: &mut Report) -> Result<Latency> {
             .unwrap_or(0.0),
         unparsed: sink["latency_unparsed"].as_u64().unwrap_or(0),
         summary,
+        spool_fsync_max_ms: fsync_max_ms("sender.json", "spool_fsync_max_us"),
+        journal_fsync_max_ms: fsync_max_ms("receiver.json", "journal_fsync_max_us"),
         rss,
         gaps: audit_gaps(&dir)?,
     };
     println!(
-        "  {} samples: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; unparsed {}, gaps {}",
+        "  {} samples: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; longest fsync: spool {:.1} ms, journal {:.1} ms; unparsed {}, gaps {}",
         r.summary.samples,
         r.summary.p50_ms,
         r.summary.p99_ms,
         r.summary.max_ms,
+        r.spool_fsync_max_ms,
+        r.journal_fsync_max_ms,
         r.unparsed,
         r.gaps.gaps
     );
