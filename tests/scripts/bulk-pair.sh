@@ -4,7 +4,7 @@
 #   weir-tcpfeed -> weir-sender (tcp source, spool on disk) -> UDP, RS 32+8,
 #   MTU 1500, authenticated -> weir-receiver (journal on disk, tcp sink) ->
 #   weir-tcpsink. Prints goodput, CPU s/GB per side (/proc/PID/stat) and
-#   peak RSS, and each side's CPU by thread. With a third argument `p`, records each side with perf
+#   peak RSS, and each side's CPU and minor page faults by thread. With a third argument `p`, records each side with perf
 #   (PG: perf's call-graph flags, default -g) into $D/sender.perf, receiver.perf.
 # usage: bulk-pair.sh BIN_DIR BYTES [p]   env RATE (default 4Gbit), D (scratch dir),
 #   CHUNK (the tcp source's chunk_size; default: the source's default)
@@ -74,10 +74,10 @@ CS=$(cpu $SP); CR=$(cpu $RP)
 # system apart, in s/GB: which stage costs what, kernel work included.
 threads() {
   for t in /proc/$1/task/*; do
-    echo "$(tr ' ' _ < $t/comm) $(sed 's/.*) //' $t/stat | awk '{print $12, $13}')"
+    echo "$(tr ' ' _ < $t/comm) $(sed 's/.*) //' $t/stat | awk '{print $12, $13, $8}')"
   done | awk -v gb=$(python3 -c "print($BYTES/1e9)") -v side=$2 \
-    '{u[$1]+=$2; s[$1]+=$3} END {printf "%s by thread (user+sys s/GB):", side;
-      for (n in u) if (u[n]+s[n] > 0) printf " %s %.2f+%.2f", n, u[n]/100/gb, s[n]/100/gb; print ""}'
+    '{u[$1]+=$2; s[$1]+=$3; f[$1]+=$4} END {printf "%s by thread (user+sys s/GB, minor page faults per GB):", side;
+      for (n in u) if (u[n]+s[n] > 0) printf " %s %.2f+%.2f %.0fk", n, u[n]/100/gb, s[n]/100/gb, f[n]/gb/1000; print ""}'
 }
 TS=$(threads $SP sender); TR=$(threads $RP receiver)
 if [ "$P" = p ]; then kill -INT $PS $PR; wait $PS $PR 2>/dev/null || true; fi
