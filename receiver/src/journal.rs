@@ -430,12 +430,20 @@ impl Journal {
         })
     }
 
-    /// After a torn-tail repair, if every sink had confirmed everything the
-    /// state file counted, the lost entries were written everywhere: go back
-    /// to the state's positions so they are not reported as gaps.
+    /// After a torn-tail repair that cut entries the state file counted
+    /// (the disk lost fsynced data), if every sink had confirmed everything
+    /// the state file counted, the lost entries were written everywhere: go
+    /// back to the state's positions so they are not reported as gaps. A
+    /// repair that cut only entries after the state's durable index (a
+    /// crash with them in the page cache, the last one torn) keeps the
+    /// positions rebuilt from the surviving entries: those entries are
+    /// still to be handed to the sinks, and going back would report them as
+    /// a gap as well.
     pub fn settle_repair(&mut self, confirmed_by_all: u64) {
         if let Some((positions, durable)) = self.repaired.take() {
-            if confirmed_by_all >= durable {
+            if self.log.next_index() >= durable {
+                tracing::info!("journal: the torn tail held only entries the state file had not counted; positions rebuilt from the entries that survive");
+            } else if confirmed_by_all >= durable {
                 tracing::info!("journal: the entries lost with the torn tail had been written by every sink; positions kept");
                 self.positions = positions;
             } else {
@@ -973,6 +981,64 @@ mod tests {
         let mut j = Journal::open(settings(&dir, 64 << 20)).unwrap();
         assert_eq!(j.read(0, usize::MAX).unwrap().len(), 101);
         assert_eq!(j.positions()["a"].last, Some(109));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A kill -9 leaves entries after the state's durable index in the
+    /// page cache, the last one torn. The sinks had written everything the
+    /// state counted, but the surviving entries after it are still to be
+    /// written: the positions must stay at them, or the decoder reports
+    /// them as a gap too (a record both written and in a gap). Only when
+    /// the cut reaches below the durable index do the state's positions
+    /// come back.
+    #[test]
+    fn a_torn_tail_past_the_durable_index_keeps_the_positions_of_the_entries_that_survive() {
+        let dir = scratch("torn-past-durable");
+        let mut j = Journal::open(settings(&dir, 64 << 20)).unwrap();
+        for seq in 0..100 {
+            j.append_record(&rec("a", seq)).unwrap();
+        }
+        j.sync().unwrap();
+        for seq in 100..150 {
+            j.append_record(&rec("a", seq)).unwrap();
+        }
+        j.log.flush().unwrap();
+        let seg = j.log.segments().back().unwrap().path.clone();
+        drop(j);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let torn = |len: u64| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&seg)
+                .unwrap()
+                .set_len(len)
+                .unwrap()
+        };
+        torn(len - 5);
+        let mut j = Journal::open(settings(&dir, 64 << 20)).unwrap();
+        assert_eq!(j.read(0, usize::MAX).unwrap().len(), 149);
+        // Every sink had confirmed the 100 entries the state counted.
+        j.settle_repair(100);
+        assert_eq!(j.positions()["a"].last, Some(148));
+        j.append_record(&rec("a", 149)).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        // Now the state counts 150 entries; cut into them.
+        let offsets = offsets(&seg);
+        torn(offsets[140] + 3);
+        let mut j = Journal::open(settings(&dir, 64 << 20)).unwrap();
+        assert_eq!(j.read(0, usize::MAX).unwrap().len(), 140);
+        assert_eq!(
+            j.positions()["a"].last,
+            Some(139),
+            "rebuilt from what survives"
+        );
+        j.settle_repair(150);
+        assert_eq!(
+            j.positions()["a"].last,
+            Some(149),
+            "the sinks had written the lost entries: the state's positions"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
