@@ -133,8 +133,11 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     Ok((value, thread_cpu_seconds()? - before))
 }
 
+/// `len` bytes of the test pattern.
 fn filled(len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len.max(weir_tests::pattern::CHUNK)];
+    // The pattern fills whole CHUNKs: room for the last one.
+    let chunk = weir_tests::pattern::CHUNK;
+    let mut buf = vec![0u8; len.div_ceil(chunk).max(1) * chunk];
     let mut at = 0;
     let mut pattern = Pattern::new(9, len as u64);
     while at < len {
@@ -470,5 +473,10 @@ mod tests {
         };
         assert_eq!(shape.frames(), 1800);
         frames(&shape).expect("every sealed frame opens");
+        // Lengths that are not a whole number of pattern chunks (RS 64+16
+        // blocks, a 100 KB --chunk) are filled too.
+        for len in [80 * 1408, 100_000, 1] {
+            assert_eq!(filled(len).len(), len);
+        }
     }
 }
