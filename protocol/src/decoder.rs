@@ -523,8 +523,49 @@ struct PendingBlock {
 
 struct Partial {
     block: u64,
+    /// Bytes `buf` holds once every piece is in.
     total: usize,
     buf: Vec<u8>,
+    /// A `Bytes` record whose head fit its first piece: the head, parsed,
+    /// while `buf` gathers only the data and the `end` byte after it, so the
+    /// data becomes the record's own buffer without another copy.
+    bytes_head: Option<BytesHead>,
+}
+
+/// The fields of a `Bytes` record before its data (see [`bytes_head`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BytesHead {
+    stream: StreamId,
+    seq: u64,
+    resent: bool,
+}
+
+/// The index postcard writes for [`RecordBody::Bytes`] (its place among
+/// the variants).
+const BYTES_VARIANT: u32 = 3;
+
+/// If the first `piece` of a record of `total` bytes holds the whole head
+/// of a `Bytes` record (stream, seq, resent, the variant, the data's
+/// length) and the lengths add up to `total` with one `end` byte after the
+/// data: the head and the offset its data starts at. Any other record
+/// (another kind, a head cut by the piece's end, lengths that disagree)
+/// is gathered whole and decoded by postcard as before.
+fn bytes_head(piece: &[u8], total: usize) -> Option<(BytesHead, usize)> {
+    // Postcard writes a record as these fields in this order: u32 and u64
+    // as varints, the bool as one byte, the variant index as a varint u32,
+    // and a byte string's length as a varint usize (u64 here).
+    let ((stream, seq, resent, variant, len), rest) =
+        postcard::take_from_bytes::<(u32, u64, bool, u32, u64)>(piece).ok()?;
+    let at = piece.len() - rest.len();
+    let whole = usize::try_from(len).ok()?.checked_add(at)?.checked_add(1)?;
+    (variant == BYTES_VARIANT && whole == total).then_some((
+        BytesHead {
+            stream,
+            seq,
+            resent,
+        },
+        at,
+    ))
 }
 
 struct StreamMeta {
@@ -1535,12 +1576,18 @@ impl Decoder {
                         self.stats.oversized_records += 1;
                         continue;
                     }
-                    let mut buf = Vec::with_capacity(total as usize);
-                    buf.extend_from_slice(piece);
+                    let total = total as usize;
+                    let (bytes_head, at) = match bytes_head(piece, total) {
+                        Some((head, at)) => (Some(head), at),
+                        None => (None, 0),
+                    };
+                    let mut buf = Vec::with_capacity(total - at);
+                    buf.extend_from_slice(&piece[at..]);
                     self.session_mut().partial = Some(Partial {
                         block: number,
-                        total: total as usize,
+                        total: total - at,
                         buf,
+                        bytes_head,
                     });
                 }
                 Entry::Middle(piece) | Entry::Last(piece) => {
@@ -1566,8 +1613,11 @@ impl Decoder {
                     partial.buf.extend_from_slice(piece);
                     partial.block = number;
                     if last {
-                        let whole = session.partial.take().expect("checked above").buf;
-                        self.handle_record(&whole);
+                        let whole = session.partial.take().expect("checked above");
+                        match whole.bytes_head {
+                            Some(head) => self.handle_bytes_record(head, whole.buf),
+                            None => self.handle_record(&whole.buf),
+                        }
                     }
                 }
             }
@@ -1593,13 +1643,32 @@ impl Decoder {
     }
 
     fn handle_record(&mut self, bytes: &[u8]) {
-        let record: Record = match postcard::from_bytes(bytes) {
-            Ok(r) => r,
-            Err(_) => {
+        match postcard::from_bytes(bytes) {
+            Ok(record) => self.handle_decoded(record),
+            Err(_) => self.stats.bad_entries += 1,
+        }
+    }
+
+    /// A gathered `Bytes` record: `data` holds its data and then its `end`
+    /// byte, which postcard would accept only as 0 or 1.
+    fn handle_bytes_record(&mut self, head: BytesHead, mut data: Vec<u8>) {
+        let end = match data.pop() {
+            Some(0) => false,
+            Some(1) => true,
+            _ => {
                 self.stats.bad_entries += 1;
                 return;
             }
         };
+        self.handle_decoded(Record {
+            stream: head.stream,
+            seq: head.seq,
+            resent: head.resent,
+            body: RecordBody::Bytes(crate::record::Chunk { data, end }),
+        });
+    }
+
+    fn handle_decoded(&mut self, record: Record) {
         if record.seq > MAX_SEQ {
             self.stats.bad_entries += 1;
             return;
@@ -2094,6 +2163,53 @@ mod tests {
     }
 
     proptest! {
+        /// The head of a `Bytes` record read from its first piece, cut
+        /// anywhere, is the head postcard decodes, and the data starts
+        /// where it says; a piece cut inside the head leaves the record to
+        /// postcard, and no other kind is taken for `Bytes`.
+        #[test]
+        fn a_bytes_records_head_read_from_its_first_piece_is_the_one_postcard_decodes(
+            stream in any::<u32>(),
+            seq in any::<u64>(),
+            resent in any::<bool>(),
+            data in proptest::collection::vec(any::<u8>(), 0..3000),
+            end in any::<bool>(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let record = Record {
+                stream,
+                seq,
+                resent,
+                body: RecordBody::Bytes(crate::Chunk { data: data.clone(), end }),
+            };
+            let bytes = postcard::to_allocvec(&record).unwrap();
+            let head_len = bytes.len() - data.len() - 1;
+            let piece = cut.index(bytes.len()) + 1;
+            match bytes_head(&bytes[..piece], bytes.len()) {
+                Some((head, at)) => {
+                    prop_assert_eq!(head, BytesHead { stream, seq, resent });
+                    prop_assert_eq!(at, head_len);
+                    prop_assert_eq!(&bytes[at..bytes.len() - 1], &data[..]);
+                }
+                None => prop_assert!(piece < head_len, "a whole head is read"),
+            }
+            let point = Record {
+                stream,
+                seq,
+                resent,
+                body: RecordBody::Point(Point {
+                    tag: "t".repeat(data.len()),
+                    ts_ns: 1,
+                    value: Value::F64(2.5),
+                    quality: 0,
+                    status: None,
+                }),
+            };
+            let bytes = postcard::to_allocvec(&point).unwrap();
+            let piece = cut.index(bytes.len()) + 1;
+            prop_assert_eq!(bytes_head(&bytes[..piece], bytes.len()), None);
+        }
+
         #[test]
         fn decoder_survives_arbitrary_datagrams(datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 0..40)) {
             let mut dec = Decoder::new(DecoderConfig::default(), test_verifier());
