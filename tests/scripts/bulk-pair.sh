@@ -14,45 +14,11 @@ B=$1; BYTES=$2; P=$3; RATE=${RATE:-4Gbit}; PG=${PG:--g}
 D=${D:-/var/tmp/weir-bulk-pair}; rm -rf $D; mkdir -p $D/store
 $B/weir-sender keygen --out $D/link.key >/dev/null 2>&1 || true
 SRC=47001; DST=47002; LINK=47003
-cat > $D/receiver.toml <<T
-[auth]
-key_files = ["$D/link.key"]
-[link]
-listen = "127.0.0.1:$LINK"
-mtu = 1500
-[audit]
-path = "$D/audit.jsonl"
-[journal]
-path = "$D/store/journal"
-[metrics]
-path = "$D/receiver.json"
-log_interval_s = 0
-[[sinks]]
-name = "replay"
-type = "tcp"
-connect = "127.0.0.1:$DST"
-T
-cat > $D/sender.toml <<T
-[auth]
-key_file = "$D/link.key"
-[link]
-destination = "127.0.0.1:$LINK"
-rate = "$RATE"
-mtu = 1500
-[fec]
-data_shards = 32
-parity_shards = 8
-[spool]
-path = "$D/store/spool"
-[metrics]
-path = "$D/sender.json"
-log_interval_s = 0
-[[sources]]
-name = "raw"
-type = "tcp"
-listen = "127.0.0.1:$SRC"
-${CHUNK:+chunk_size = '$CHUNK'}
-T
+. "$(dirname "$0")/pair-configs.sh"
+LINK_EXTRA="mtu = 1500"
+SENDER_EXTRA=$'[fec]\ndata_shards = 32\nparity_shards = 8'
+SOURCE_EXTRA="${CHUNK:+chunk_size = '$CHUNK'}"
+write_pair_configs
 # Whatever stops the script (a failed feed under set -e) stops the pair too.
 trap 'kill $SINK $RP $SP ${PS:-} ${PR:-} 2>/dev/null || true' EXIT
 $B/weir-tcpsink --no-hash --listen 127.0.0.1:$DST --expect-bytes $BYTES --timeout 600 --idle-timeout 10 --report $D/sink.json >/dev/null 2>$D/sink.log &

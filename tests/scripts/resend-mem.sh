@@ -10,46 +10,16 @@
 set -e
 B=$1; BYTES=${2:-536870912}; D=${D:-/var/tmp/weir-resend-mem}; rm -rf $D; mkdir -p $D/store
 $B/weir-sender keygen --out $D/link.key >/dev/null 2>&1
-cat > $D/receiver.toml <<T
-[auth]
-key_files = ["$D/link.key"]
-[link]
-listen = "127.0.0.1:47103"
-[audit]
-path = "$D/audit.jsonl"
-[journal]
-path = "$D/store/journal"
-[metrics]
-path = "$D/receiver.json"
-log_interval_s = 0
-[[sinks]]
-name = "replay"
-type = "tcp"
-connect = "127.0.0.1:47102"
-T
-cat > $D/sender.toml <<T
-[auth]
-key_file = "$D/link.key"
-[link]
-destination = "127.0.0.1:47103"
-rate = "2Gbit"
-[spool]
-path = "$D/store/spool"
-max_bytes = "4GiB"
-[metrics]
-path = "$D/sender.json"
-log_interval_s = 0
-[[sources]]
-name = "raw"
-type = "tcp"
-listen = "127.0.0.1:47101"
-T
+SRC=47101; DST=47102; LINK=47103; RATE=2Gbit
+. "$(dirname "$0")/pair-configs.sh"
+SPOOL_EXTRA='max_bytes = "4GiB"'
+write_pair_configs
 trap 'kill $SINK $RP $SP 2>/dev/null || true' EXIT
-$B/weir-tcpsink --no-hash --listen 127.0.0.1:47102 --expect-bytes $((BYTES*2)) --timeout 600 --idle-timeout 30 --report $D/sink.json >/dev/null 2>$D/sink.log & SINK=$!
+$B/weir-tcpsink --no-hash --listen 127.0.0.1:$DST --expect-bytes $((BYTES*2)) --timeout 600 --idle-timeout 30 --report $D/sink.json >/dev/null 2>$D/sink.log & SINK=$!
 $B/weir-receiver run --config $D/receiver.toml 2>$D/receiver.log & RP=$!
 $B/weir-sender run --config $D/sender.toml 2>$D/sender.log & SP=$!
 sleep 1
-$B/weir-tcpfeed --no-hash --connect 127.0.0.1:47101 --bytes $BYTES > /dev/null
+$B/weir-tcpfeed --no-hash --connect 127.0.0.1:$SRC --bytes $BYTES > /dev/null
 rss() { awk '/VmRSS|VmHWM/ {printf "%s %d MiB  ", $1, $2/1024}' /proc/$SP/status; echo; }
 for i in $(seq 1 60); do
   sent=$(python3 -c "import json;print(json.load(open('$D/sender.json')).get('records_sent',0), json.load(open('$D/sender.json')).get('records_in',0))" 2>/dev/null || echo "0 1")
