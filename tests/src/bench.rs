@@ -411,9 +411,12 @@ pub struct Latency {
     pub summary: LatencySummary,
     /// The longest spool and journal fsync of the run (the metrics'
     /// `spool_fsync_max_us`, `journal_fsync_max_us`), in ms: a record
-    /// waits for the fsync that covers it on each side.
-    pub spool_fsync_max_ms: f64,
-    pub journal_fsync_max_ms: f64,
+    /// waits for the fsync that covers it on each side. `None` (`null`)
+    /// when a metrics file was not read, and in files of earlier builds.
+    #[serde(default)]
+    pub spool_fsync_max_ms: Option<f64>,
+    #[serde(default)]
+    pub journal_fsync_max_ms: Option<f64>,
     #[serde(flatten)]
     pub rss: PeakRss,
     #[serde(flatten)]
@@ -726,8 +729,8 @@ impl Report {
                 "latency run: longest fsync, spool / journal".into(),
                 format!(
                     "{} / {}",
-                    num(l.spool_fsync_max_ms, 1),
-                    num(l.journal_fsync_max_ms, 1)
+                    num(l.spool_fsync_max_ms.unwrap_or(f64::NAN), 1),
+                    num(l.journal_fsync_max_ms.unwrap_or(f64::NAN), 1)
                 ),
                 "ms",
             ),
@@ -1132,5 +1135,23 @@ mod tests {
             old.ran("core") && !old.ran("mqtt"),
             "a schema 1 file ran core"
         );
+    }
+
+    #[test]
+    fn a_latency_row_without_fsync_times_reads_back_as_unknown() {
+        let mut v = serde_json::to_value(Latency::default()).unwrap();
+        let row = v.as_object_mut().unwrap();
+        row.remove("spool_fsync_max_ms");
+        row.remove("journal_fsync_max_ms");
+        let earlier: Latency = serde_json::from_value(v).unwrap();
+        assert_eq!(earlier.spool_fsync_max_ms, None);
+        assert_eq!(earlier.journal_fsync_max_ms, None);
+        let measured = Latency {
+            spool_fsync_max_ms: Some(4.4),
+            ..Latency::default()
+        };
+        let back: Latency =
+            serde_json::from_value(serde_json::to_value(&measured).unwrap()).unwrap();
+        assert_eq!(back, measured);
     }
 }

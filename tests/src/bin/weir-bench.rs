@@ -788,7 +788,7 @@ fn latency_run(args: &Args, report: &mut Report) -> Result<Latency> {
     let fsync_max_ms = |file: &str, key: &str| {
         read_json(&dir.join(file))[key]
             .as_f64()
-            .map_or(f64::NAN, |us| us / 1000.0)
+            .map(|us| us / 1000.0)
     };
     let summary: LatencySummary = serde_json::from_value(sink["latency"].clone())
         .with_context(|| format!("no latency in {}", dir.join("sink.json").display()))?;
@@ -810,8 +810,8 @@ fn latency_run(args: &Args, report: &mut Report) -> Result<Latency> {
         r.summary.p50_ms,
         r.summary.p99_ms,
         r.summary.max_ms,
-        r.spool_fsync_max_ms,
-        r.journal_fsync_max_ms,
+        r.spool_fsync_max_ms.unwrap_or(f64::NAN),
+        r.journal_fsync_max_ms.unwrap_or(f64::NAN),
         r.unparsed,
         r.gaps.gaps
     );

@@ -147,6 +147,17 @@ fn filled(len: usize) -> Vec<u8> {
     buf
 }
 
+/// Reads `from` to its end through `buf`; the bytes read.
+fn read_to_end(from: &mut impl Read, buf: &mut [u8], what: &str) -> Result<u64> {
+    let mut got = 0u64;
+    loop {
+        match from.read(buf).context(what.to_string())? {
+            0 => return Ok(got),
+            n => got += n as u64,
+        }
+    }
+}
+
 /// (reader's CPU s, writer's CPU s) for `bytes` over one loopback connection.
 fn tcp(bytes: u64, chunk: usize) -> Result<(f64, f64)> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback TCP port")?;
@@ -154,16 +165,7 @@ fn tcp(bytes: u64, chunk: usize) -> Result<(f64, f64)> {
     let reader = std::thread::spawn(move || -> Result<(u64, f64)> {
         let (mut stream, _) = listener.accept().context("accepting the TCP connection")?;
         let mut buf = vec![0u8; chunk];
-        timed(|| {
-            let mut got = 0u64;
-            loop {
-                let n = stream.read(&mut buf).context("reading TCP")?;
-                if n == 0 {
-                    return Ok(got);
-                }
-                got += n as u64;
-            }
-        })
+        timed(|| read_to_end(&mut stream, &mut buf, "reading TCP"))
     });
     let data = filled(chunk);
     let mut stream = TcpStream::connect(addr).context("connecting over loopback")?;
@@ -215,16 +217,7 @@ fn log_file(dir: &Path, bytes: u64, chunk: usize, fsync_bytes: u64) -> Result<(f
     drop(file);
     let mut file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; READ_BACK];
-    let (got, read) = timed(|| {
-        let mut got = 0u64;
-        loop {
-            let n = file.read(&mut buf).context("reading the log file back")?;
-            if n == 0 {
-                return Ok(got);
-            }
-            got += n as u64;
-        }
-    })?;
+    let (got, read) = timed(|| read_to_end(&mut file, &mut buf, "reading the log file back"))?;
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     if got != bytes {
         bail!("read back {got} of {bytes} bytes");
